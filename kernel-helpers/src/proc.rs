@@ -1,0 +1,101 @@
+//! Per-process state readable from outside without stopping the process:
+//! resource limits (`prlimit`) and the robust futex list (`get_robust_list`).
+
+use std::io;
+
+use libc::pid_t;
+
+use crate::last_os_error;
+
+/// Number of resource limits Linux defines (`RLIMIT_NLIMITS`).
+pub const RLIMIT_COUNT: u32 = 16;
+
+/// Errors of these calls.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    /// `prlimit` failed.
+    #[error("prlimit({resource}) on process {pid} failed: {source}")]
+    Prlimit {
+        /// The process.
+        pid: pid_t,
+        /// RLIMIT_* number.
+        resource: u32,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// `get_robust_list` failed.
+    #[error("get_robust_list on process {pid} failed: {source}")]
+    RobustList {
+        /// The process.
+        pid: pid_t,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// `prlimit(pid, resource, NULL, &old)`: (soft, hard).
+pub fn rlimit(pid: pid_t, resource: u32) -> Result<(u64, u64), ProcError> {
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: new_limit is NULL (read only); old points to a writable rlimit64.
+    let r = unsafe {
+        libc::prlimit64(
+            pid,
+            resource as libc::__rlimit_resource_t,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    if r != 0 {
+        return Err(ProcError::Prlimit {
+            pid,
+            resource,
+            source: last_os_error(),
+        });
+    }
+    Ok((old.rlim_cur, old.rlim_max))
+}
+
+/// `get_robust_list(pid)`: (head address, length). The caller must be allowed
+/// to ptrace `pid`.
+pub fn robust_list(pid: pid_t) -> Result<(u64, u64), ProcError> {
+    let mut head: u64 = 0;
+    let mut len: libc::size_t = 0;
+    // SAFETY: both out-pointers point to writable locals of the sizes the
+    // syscall writes (a pointer and a size_t).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            pid,
+            &mut head as *mut u64,
+            &mut len as *mut libc::size_t,
+        )
+    };
+    if r != 0 {
+        return Err(ProcError::RobustList {
+            pid,
+            source: last_os_error(),
+        });
+    }
+    Ok((head, len as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_limits_and_robust_list() {
+        // SAFETY: getpid never fails.
+        let me = unsafe { libc::getpid() };
+        let (soft, hard) = rlimit(me, libc::RLIMIT_NOFILE).unwrap();
+        assert!(soft <= hard);
+        let (head, len) = robust_list(0).unwrap();
+        // glibc registers a robust list for every thread.
+        assert_ne!(head, 0);
+        assert!(len > 0);
+        let _ = me;
+    }
+}

@@ -1,0 +1,827 @@
+//! Capture: turn a running, single-threaded process into a seed image.
+//!
+//! The parent is stopped only long enough to make a copy-on-write clone of
+//! itself: forkd seizes it, reads its CPU state, injects one `clone()` (with
+//! exit signal 0, so the parent is never sent a `SIGCHLD` for it), puts its
+//! registers back and lets it run. Everything else — page classification,
+//! reading memory, signal handlers, fds — is read from the frozen clone
+//! while the parent runs on. The clone is then killed, and its zombie reaped
+//! by injecting one `wait4()` into the parent (a second, equally short stop).
+//!
+//! Syscalls are injected by pointing `rip` at a `syscall` instruction inside
+//! the process's own `[vdso]`: no code is ever written into the target.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use kernel_helpers::mem::{self, MemError, ProcMem, RemoteRange};
+use kernel_helpers::pagemap::{Pagemap, PagemapError};
+use kernel_helpers::proc::{self as kproc, ProcError, RLIMIT_COUNT};
+use kernel_helpers::ptrace::{self, PtraceError, Stop, Tracee};
+use libc::pid_t;
+use sha2::{Digest, Sha256};
+use tracing::{debug, info, info_span, warn};
+
+use crate::classify::{build_runs, classify_page, is_zero_page, PageClass};
+use crate::fileid::{self, hex};
+use crate::image::{
+    self, CaptureStats, Credentials, Descriptor, FileRef, ImageError, Registers, Rseq, SigAction,
+    SigAltStack, SourceInfo, Vma, VmaKind, FORMAT_VERSION,
+};
+use crate::procfs::{self, MapsEntry, ProcfsError};
+use crate::PAGE_SIZE;
+
+/// `PR_GET_TID_ADDRESS`.
+const PR_GET_TID_ADDRESS: u64 = 40;
+
+/// Errors of capture. Each says which process and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// No such process.
+    #[error("process {0} does not exist")]
+    NoSuchProcess(pid_t),
+    /// The process is a zombie: it has exited and has no memory left.
+    #[error("process {0} is a zombie (it has exited and is waiting to be reaped); there is nothing to capture")]
+    Zombie(pid_t),
+    /// Non-cooperative capture of several threads is not supported.
+    #[error("process {pid} has {threads} threads; only single-threaded processes can be captured from outside (use the cooperative checkpoint API, which captures the calling thread like fork())")]
+    MultiThreaded {
+        /// The process.
+        pid: pid_t,
+        /// Its thread count.
+        threads: u32,
+    },
+    /// ptrace was refused.
+    #[error("not permitted to capture process {pid}: {detail} (run forkd as root or with CAP_SYS_PTRACE)")]
+    NotPermitted {
+        /// The process.
+        pid: pid_t,
+        /// What the kernel said.
+        detail: String,
+    },
+    /// The process exited while it was being captured.
+    #[error("process {pid} exited during capture ({detail}); nothing was written")]
+    Exited {
+        /// The process.
+        pid: pid_t,
+        /// How.
+        detail: String,
+    },
+    /// The process has no `[vdso]` to borrow a `syscall` instruction from.
+    #[error("process {0} has no [vdso] mapping (booted with vdso=0?); capture needs it to run syscalls inside the process")]
+    NoVdso(pid_t),
+    /// A mapping that cannot be captured.
+    #[error(
+        "process {pid}: cannot capture the mapping {start:#x}-{end:#x} of {path} (device memory)"
+    )]
+    Unsupported {
+        /// The process.
+        pid: pid_t,
+        /// Mapping start.
+        start: u64,
+        /// Mapping end.
+        end: u64,
+        /// Its path.
+        path: String,
+    },
+    /// A syscall run inside the process failed.
+    #[error("process {pid}: injected {what} failed: {source}")]
+    Injected {
+        /// The process.
+        pid: pid_t,
+        /// Which syscall.
+        what: &'static str,
+        /// errno.
+        source: std::io::Error,
+    },
+    /// Reading procfs failed.
+    #[error(transparent)]
+    Procfs(#[from] ProcfsError),
+    /// A ptrace operation failed.
+    #[error(transparent)]
+    Ptrace(PtraceError),
+    /// Reading memory failed.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// Reading the pagemap failed.
+    #[error(transparent)]
+    Pagemap(#[from] PagemapError),
+    /// prlimit or get_robust_list failed.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// Writing the image failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+impl CaptureError {
+    fn from_ptrace(pid: pid_t, e: PtraceError) -> CaptureError {
+        match e {
+            PtraceError::NoSuchProcess { pid } => CaptureError::NoSuchProcess(pid),
+            PtraceError::NotPermitted { pid, source } => CaptureError::NotPermitted {
+                pid,
+                detail: source.to_string(),
+            },
+            PtraceError::Gone { how, .. } => CaptureError::Exited { pid, detail: how },
+            other => CaptureError::Ptrace(other),
+        }
+    }
+}
+
+/// Points in a capture where a test can interfere (e.g. kill the target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapturePoint {
+    /// The parent is stopped; nothing has been injected yet.
+    ParentStopped,
+    /// The clone exists and is stopped; the parent runs again.
+    CloneStopped,
+}
+
+/// Options of a capture.
+#[derive(Default)]
+pub struct CaptureOptions {
+    /// fsync the image before the descriptor is renamed into place.
+    pub durable: bool,
+    /// Called at each [`CapturePoint`] (for fault-injection tests).
+    pub hook: Option<Box<dyn Fn(CapturePoint) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for CaptureOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptureOptions")
+            .field("durable", &self.durable)
+            .field("hook", &self.hook.is_some())
+            .finish()
+    }
+}
+
+/// Capture process `pid` into an image directory `out`. Returns the descriptor written.
+pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descriptor, CaptureError> {
+    let span = info_span!("capture", pid);
+    let _g = span.enter();
+    let t0 = Instant::now();
+    precheck(pid)?;
+
+    // Find a `syscall` instruction in the parent's vDSO, and hash the vDSO,
+    // before stopping anything.
+    let pmaps = procfs::maps(pid)?;
+    let vdso = pmaps
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .ok_or(CaptureError::NoVdso(pid))?;
+    let mut vdso_bytes = vec![0u8; (vdso.end - vdso.start) as usize];
+    mem::read_ranges(
+        pid,
+        &[RemoteRange {
+            addr: vdso.start,
+            len: vdso_bytes.len(),
+        }],
+        &mut vdso_bytes,
+    )
+    .map_err(|e| gone_or(pid, e.into()))?;
+    let insn = vdso_bytes
+        .windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .map(|o| vdso.start + o as u64)
+        .ok_or(CaptureError::NoVdso(pid))?;
+    let vdso_hash = hex(&Sha256::digest(&vdso_bytes));
+
+    let frozen = freeze(pid, insn, opts)?;
+    let clone_pid = frozen.clone.pid();
+    if let Some(h) = &opts.hook {
+        h(CapturePoint::CloneStopped);
+    }
+
+    let result = read_clone(pid, frozen, insn, vdso_hash);
+    // Whatever happened, the clone is dead now (its Tracee was dropped):
+    // reap its zombie in the parent.
+    let reap_pause_ns = reap_clone(pid, clone_pid, insn);
+    let (mut desc, pages) = result?;
+    desc.stats.reap_pause_ns = reap_pause_ns;
+    desc.stats.capture_ns = t0.elapsed().as_nanos() as u64;
+    image::write(out, &desc, &pages, opts.durable)?;
+    desc.stats.capture_ns = t0.elapsed().as_nanos() as u64;
+    info!(
+        vmas = desc.vmas.len(),
+        pages_stored = desc.pages_stored,
+        pause_us = desc.stats.pause_ns / 1000,
+        capture_ms = desc.stats.capture_ns / 1_000_000,
+        "captured"
+    );
+    Ok(desc)
+}
+
+/// Refuse what cannot be captured before touching the process.
+fn precheck(pid: pid_t) -> Result<(), CaptureError> {
+    let (state, _) = procfs::stat(pid).map_err(|e| match e {
+        ProcfsError::NoSuchProcess(p) => CaptureError::NoSuchProcess(p),
+        other => other.into(),
+    })?;
+    if state == 'Z' || state == 'X' {
+        return Err(CaptureError::Zombie(pid));
+    }
+    let st = procfs::status(pid).map_err(|e| match e {
+        ProcfsError::NoSuchProcess(p) => CaptureError::NoSuchProcess(p),
+        other => other.into(),
+    })?;
+    if st.threads > 1 {
+        return Err(CaptureError::MultiThreaded {
+            pid,
+            threads: st.threads,
+        });
+    }
+    Ok(())
+}
+
+/// A read of the parent failed: if the parent is gone, say so.
+fn gone_or(pid: pid_t, e: CaptureError) -> CaptureError {
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        CaptureError::Exited {
+            pid,
+            detail: "it no longer exists".into(),
+        }
+    } else {
+        e
+    }
+}
+
+/// What the pause produced.
+struct Frozen {
+    clone: Tracee,
+    regs: libc::user_regs_struct,
+    xstate: Vec<u8>,
+    sigmask: u64,
+    rseq: Option<Rseq>,
+    robust_list: (u64, u64),
+    clear_child_tid: u64,
+    pause_ns: u64,
+}
+
+/// Stop the parent, take its CPU state, inject the clone, let it go.
+fn freeze(pid: pid_t, insn: u64, opts: &CaptureOptions) -> Result<Frozen, CaptureError> {
+    let pt = |e| CaptureError::from_ptrace(pid, e);
+    let t = Instant::now();
+    let mut parent = Tracee::seize(pid).map_err(pt)?;
+    parent.interrupt().map_err(pt)?;
+    if let Some(h) = &opts.hook {
+        h(CapturePoint::ParentStopped);
+    }
+    let regs = parent.regs().map_err(pt)?;
+    // From here on the parent's registers are ours to change; put them back
+    // on every path, success or not.
+    let inner = freeze_stopped(&mut parent, pid, insn, &regs);
+    let resume = resume_regs(&regs);
+    let restored = parent.set_regs(&resume).and_then(|()| parent.detach());
+    let pause_ns = t.elapsed().as_nanos() as u64;
+    let mut frozen = inner?;
+    restored.map_err(pt)?;
+    frozen.pause_ns = pause_ns;
+    debug!(
+        pause_us = pause_ns / 1000,
+        clone = frozen.clone.pid(),
+        "parent resumed"
+    );
+    Ok(frozen)
+}
+
+fn freeze_stopped(
+    parent: &mut Tracee,
+    pid: pid_t,
+    insn: u64,
+    regs: &libc::user_regs_struct,
+) -> Result<Frozen, CaptureError> {
+    let pt = |e| CaptureError::from_ptrace(pid, e);
+    // A thread may have been created between the precheck and the stop.
+    let st = procfs::status(pid)?;
+    if st.threads > 1 {
+        return Err(CaptureError::MultiThreaded {
+            pid,
+            threads: st.threads,
+        });
+    }
+    let xstate = parent.xstate().map_err(pt)?;
+    let sigmask = parent.sigmask().map_err(pt)?;
+    let rseq = match parent.rseq_config() {
+        Ok(c) if c.rseq_abi_pointer != 0 => Some(Rseq {
+            ptr: c.rseq_abi_pointer,
+            len: c.rseq_abi_size,
+            signature: c.signature,
+            flags: c.flags,
+        }),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(error = %e, "rseq configuration unavailable; recording none");
+            None
+        }
+    };
+    let robust_list = kproc::robust_list(pid)?;
+
+    // The clone: flags 0 means a plain fork whose exit signal is 0.
+    let r = parent
+        .inject_syscall(insn, regs, libc::SYS_clone, [0; 6])
+        .map_err(pt)?;
+    let child = match (r.result(), r.new_child) {
+        (Ok(_), Some(c)) => c,
+        (Ok(c), None) => c as pid_t,
+        (Err(source), _) => {
+            return Err(CaptureError::Injected {
+                pid,
+                what: "clone()",
+                source,
+            })
+        }
+    };
+    let mut clone = Tracee::adopt(child);
+    clone.kill_on_drop();
+    wait_initial_stop(child).map_err(|e| CaptureError::from_ptrace(child, e))?;
+    clone
+        .set_exit_kill()
+        .map_err(|e| CaptureError::from_ptrace(child, e))?;
+
+    // clear_child_tid is not inherited by a fork child: ask the parent,
+    // borrowing the word at its stack pointer (saved and put back).
+    let scratch = regs.rsp & !7;
+    let saved = parent.peek(scratch).map_err(pt)?;
+    let r = parent
+        .inject_syscall(
+            insn,
+            regs,
+            libc::SYS_prctl,
+            [PR_GET_TID_ADDRESS, scratch, 0, 0, 0, 0],
+        )
+        .map_err(pt)?;
+    let clear_child_tid = match r.result() {
+        Ok(_) => parent.peek(scratch).map_err(pt)?,
+        Err(e) => {
+            warn!(error = %e, "PR_GET_TID_ADDRESS failed; recording clear_child_tid 0");
+            0
+        }
+    };
+    parent.poke(scratch, saved).map_err(pt)?;
+
+    Ok(Frozen {
+        clone,
+        regs: *regs,
+        xstate,
+        sigmask,
+        rseq,
+        robust_list,
+        clear_child_tid,
+        pause_ns: 0,
+    })
+}
+
+/// The clone starts in a `PTRACE_EVENT_STOP`; anything else is an error (it
+/// must never run).
+fn wait_initial_stop(child: pid_t) -> Result<(), PtraceError> {
+    match ptrace::wait(child).map_err(|source| PtraceError::Request {
+        request: "waitpid",
+        pid: child,
+        source,
+    })? {
+        Stop::Event { event, .. } if event == libc::PTRACE_EVENT_STOP => Ok(()),
+        Stop::Signal(libc::SIGSTOP) => Ok(()),
+        s @ (Stop::Exited(_) | Stop::Killed(_)) => Err(PtraceError::Gone {
+            pid: child,
+            how: format!("{s:?}"),
+        }),
+        s => Err(PtraceError::UnexpectedStop {
+            pid: child,
+            during: "waiting for the clone",
+            status: s.raw(),
+        }),
+    }
+}
+
+/// The registers the parent resumes with: its own, with an interrupted
+/// syscall set up to restart as the kernel would have done.
+fn resume_regs(regs: &libc::user_regs_struct) -> libc::user_regs_struct {
+    let r = Registers::from(regs).restarted();
+    let mut out = *regs;
+    out.rax = r.rax;
+    out.rip = r.rip;
+    out
+}
+
+/// Reap the dead clone's zombie inside the parent with an injected `wait4`.
+fn reap_clone(pid: pid_t, clone_pid: pid_t, insn: u64) -> u64 {
+    let t = Instant::now();
+    let run = || -> Result<(), PtraceError> {
+        let mut p = Tracee::seize(pid)?;
+        p.interrupt()?;
+        let regs = p.regs()?;
+        let r = p.inject_syscall(
+            insn,
+            &regs,
+            libc::SYS_wait4,
+            [
+                clone_pid as u64,
+                0,
+                (libc::WNOHANG | libc::__WALL) as u64,
+                0,
+                0,
+                0,
+            ],
+        );
+        p.set_regs(&resume_regs(&regs))?;
+        p.detach()?;
+        match r?.result() {
+            Ok(got) if got == clone_pid as u64 => {}
+            other => warn!(
+                clone_pid,
+                ?other,
+                "the clone's zombie was not reaped in the parent"
+            ),
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => {}
+        Err(PtraceError::NoSuchProcess { .. } | PtraceError::Gone { .. }) => {
+            debug!("parent gone; its children were reparented and the clone's zombie with them")
+        }
+        Err(e) => warn!(error = %e, "could not reap the clone in the parent"),
+    }
+    t.elapsed().as_nanos() as u64
+}
+
+/// One mapping being captured.
+struct Planned {
+    entry: MapsEntry,
+    kind: VmaKind,
+    file: Option<u32>,
+    classes: Vec<PageClass>,
+    /// Read its pages through /proc/PID/mem (no PROT_READ).
+    via_proc_mem: bool,
+}
+
+/// Read everything but the CPU state from the frozen clone.
+fn read_clone(
+    parent_pid: pid_t,
+    frozen: Frozen,
+    insn: u64,
+    vdso_hash: String,
+) -> Result<(Descriptor, Vec<u8>), CaptureError> {
+    let mut clone = frozen.clone;
+    let cpid = clone.pid();
+    let maps = procfs::maps(cpid)?;
+    let pagemap = Pagemap::open(cpid)?;
+    // Shared memory pages are not in a fork child's page tables until it
+    // touches them: ask the parent's pagemap which of them exist.
+    let parent_pagemap = Pagemap::open(parent_pid).ok();
+
+    let mut files: Vec<FileRef> = Vec::new();
+    let mut file_index: HashMap<String, Option<u32>> = HashMap::new();
+    let mut planned = Vec::with_capacity(maps.len());
+    let mut stats = CaptureStats::default();
+    for m in maps {
+        if m.path == "[vsyscall]" {
+            continue; // fixed by the kernel in every process
+        }
+        let (kind, file, store_all) = kind_of(parent_pid, &m, &mut files, &mut file_index)?;
+        let pages = ((m.end - m.start) / PAGE_SIZE) as usize;
+        let classes = if kind.is_kernel_provided() {
+            Vec::new()
+        } else if kind == VmaKind::FileShared {
+            vec![PageClass::FromFile; pages]
+        } else {
+            let entries = match (kind, &parent_pagemap) {
+                (VmaKind::Shmem, Some(pp)) => pp
+                    .entries(m.start, m.end)
+                    .or_else(|_| pagemap.entries(m.start, m.end))?,
+                _ => pagemap.entries(m.start, m.end)?,
+            };
+            entries
+                .iter()
+                .map(|&e| {
+                    if e & kernel_helpers::pagemap::PM_PRESENT != 0 {
+                        stats.pages_present += 1;
+                    }
+                    if e & kernel_helpers::pagemap::PM_SWAPPED != 0 {
+                        stats.pages_swapped += 1;
+                    }
+                    classify_page(kind, e, store_all)
+                })
+                .collect()
+        };
+        let via_proc_mem = m.prot & libc::PROT_READ as u32 == 0;
+        planned.push(Planned {
+            entry: m,
+            kind,
+            file,
+            classes,
+            via_proc_mem,
+        });
+    }
+
+    // Read every page to store, in mapping order, into one buffer.
+    let store_count: usize = planned
+        .iter()
+        .map(|p| p.classes.iter().filter(|c| **c == PageClass::Store).count())
+        .sum();
+    let mut buf = vec![0u8; store_count * PAGE_SIZE as usize];
+    let mut at = 0usize;
+    let proc_mem = ProcMem::open(cpid)?;
+    for p in &planned {
+        let mut ranges: Vec<RemoteRange> = Vec::new();
+        for (i, c) in p.classes.iter().enumerate() {
+            if *c != PageClass::Store {
+                continue;
+            }
+            let addr = p.entry.start + i as u64 * PAGE_SIZE;
+            match ranges.last_mut() {
+                Some(r) if r.addr + r.len as u64 == addr => r.len += PAGE_SIZE as usize,
+                _ => ranges.push(RemoteRange {
+                    addr,
+                    len: PAGE_SIZE as usize,
+                }),
+            }
+        }
+        let len: usize = ranges.iter().map(|r| r.len).sum();
+        let dst = &mut buf[at..at + len];
+        if p.via_proc_mem {
+            let mut o = 0;
+            for r in &ranges {
+                proc_mem.read_exact_at(r.addr, &mut dst[o..o + r.len])?;
+                o += r.len;
+            }
+        } else {
+            mem::read_ranges(cpid, &ranges, dst)?;
+        }
+        at += len;
+    }
+
+    // Drop all-zero pages from the store (they read as zeros anyway) and
+    // compact the rest in place.
+    let zero: Vec<bool> = buf
+        .chunks_exact(PAGE_SIZE as usize)
+        .map(is_zero_page)
+        .collect();
+    let mut w = 0usize;
+    for (r, z) in zero.iter().enumerate() {
+        if !z {
+            if w != r {
+                let ps = PAGE_SIZE as usize;
+                buf.copy_within(r * ps..(r + 1) * ps, w * ps);
+            }
+            w += 1;
+        }
+    }
+    buf.truncate(w * PAGE_SIZE as usize);
+    stats.pages_zero = zero.iter().filter(|z| **z).count() as u64;
+
+    let mut next_offset = 0u64;
+    let mut zero_base = 0usize;
+    let mut vmas = Vec::with_capacity(planned.len());
+    for p in planned {
+        let n_store = p.classes.iter().filter(|c| **c == PageClass::Store).count();
+        let runs = build_runs(&p.classes, |i| zero[zero_base + i], &mut next_offset);
+        zero_base += n_store;
+        stats.pages_from_file += p
+            .classes
+            .iter()
+            .filter(|c| **c == PageClass::FromFile)
+            .count() as u64;
+        vmas.push(Vma {
+            start: p.entry.start,
+            end: p.entry.end,
+            prot: p.entry.prot,
+            shared: p.entry.shared,
+            kind: p.kind,
+            path: p.entry.path,
+            file: p.file,
+            file_offset: p.entry.offset,
+            runs,
+        });
+    }
+    let pages_stored = next_offset / PAGE_SIZE;
+
+    // Process state the clone inherited from the parent.
+    let base = clone
+        .regs()
+        .map_err(|e| CaptureError::from_ptrace(cpid, e))?;
+    let ptc = |e| CaptureError::from_ptrace(cpid, e);
+    let scratch = inject_ok(
+        &mut clone,
+        insn,
+        &base,
+        libc::SYS_mmap,
+        [
+            0,
+            PAGE_SIZE,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+        "mmap(scratch)",
+    )?;
+    let mut sigactions = Vec::with_capacity(64);
+    for sig in 1..=64u64 {
+        match clone
+            .inject_syscall(
+                insn,
+                &base,
+                libc::SYS_rt_sigaction,
+                [sig, 0, scratch, 8, 0, 0],
+            )
+            .map_err(ptc)?
+            .result()
+        {
+            Ok(_) => {
+                let w: Vec<u64> = (0..4)
+                    .map(|i| clone.peek(scratch + i * 8))
+                    .collect::<Result<_, _>>()
+                    .map_err(ptc)?;
+                sigactions.push(SigAction {
+                    signo: sig as u32,
+                    handler: w[0],
+                    flags: w[1],
+                    restorer: w[2],
+                    mask: w[3],
+                });
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(source) => {
+                return Err(CaptureError::Injected {
+                    pid: parent_pid,
+                    what: "rt_sigaction()",
+                    source,
+                })
+            }
+        }
+    }
+    inject_ok(
+        &mut clone,
+        insn,
+        &base,
+        libc::SYS_sigaltstack,
+        [0, scratch, 0, 0, 0, 0],
+        "sigaltstack()",
+    )?;
+    let ss = [
+        clone.peek(scratch).map_err(ptc)?,
+        clone.peek(scratch + 8).map_err(ptc)?,
+        clone.peek(scratch + 16).map_err(ptc)?,
+    ];
+    let sigaltstack = SigAltStack {
+        sp: ss[0],
+        flags: ss[1] as u32,
+        size: ss[2],
+    };
+    let brk = inject_ok(&mut clone, insn, &base, libc::SYS_brk, [0; 6], "brk(0)")?;
+
+    let (_, mut mm) = procfs::stat(cpid)?;
+    mm.brk = brk;
+    let status = procfs::status(cpid)?;
+    let rlimits = (0..RLIMIT_COUNT)
+        .map(|r| kproc::rlimit(cpid, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let desc = Descriptor {
+        format_version: FORMAT_VERSION,
+        source: SourceInfo {
+            pid: parent_pid,
+            hostname: read_trim("/proc/sys/kernel/hostname"),
+            kernel: read_trim("/proc/sys/kernel/osrelease"),
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        },
+        threads: 1,
+        registers: Registers::from(&frozen.regs),
+        xstate: frozen.xstate,
+        sigmask: frozen.sigmask,
+        sigactions,
+        sigaltstack,
+        rseq: frozen.rseq,
+        robust_list: frozen.robust_list,
+        clear_child_tid: frozen.clear_child_tid,
+        mm,
+        auxv: procfs::auxv(cpid)?,
+        exe: procfs::link(cpid, "exe")?,
+        personality: procfs::personality(cpid)?,
+        comm: procfs::comm(cpid)?,
+        rlimits,
+        umask: status.umask,
+        cwd: procfs::link(cpid, "cwd")?,
+        creds: Credentials {
+            uid: status.uid,
+            gid: status.gid,
+            groups: status.groups,
+        },
+        fds: procfs::fds(cpid)?,
+        files,
+        vmas,
+        vdso_hash,
+        pages_stored,
+        image_bytes: pages_stored * PAGE_SIZE,
+        stats: CaptureStats {
+            pause_ns: frozen.pause_ns,
+            ..stats
+        },
+    };
+    // Kill the clone now (Drop of `clone`), before the caller reaps it.
+    clone.kill().map_err(ptc)?;
+    Ok((desc, buf))
+}
+
+fn inject_ok(
+    t: &mut Tracee,
+    insn: u64,
+    base: &libc::user_regs_struct,
+    nr: i64,
+    args: [u64; 6],
+    what: &'static str,
+) -> Result<u64, CaptureError> {
+    let pid = t.pid();
+    t.inject_syscall(insn, base, nr, args)
+        .map_err(|e| CaptureError::from_ptrace(pid, e))?
+        .result()
+        .map_err(|source| CaptureError::Injected { pid, what, source })
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Decide what a mapping is, identifying its file if it has one.
+/// Returns (kind, file index, store every page).
+fn kind_of(
+    pid: pid_t,
+    m: &MapsEntry,
+    files: &mut Vec<FileRef>,
+    index: &mut HashMap<String, Option<u32>>,
+) -> Result<(VmaKind, Option<u32>, bool), CaptureError> {
+    let anon_kind = if m.shared {
+        VmaKind::Shmem
+    } else {
+        VmaKind::Anon
+    };
+    let p = m.path.as_str();
+    let simple = match p {
+        "[vdso]" => Some(VmaKind::Vdso),
+        "[vvar]" => Some(VmaKind::Vvar),
+        "[vvar_vclock]" => Some(VmaKind::VvarVclock),
+        "[heap]" => Some(VmaKind::Heap),
+        "[stack]" => Some(VmaKind::Stack),
+        "" => Some(anon_kind),
+        _ if p.starts_with('[') => Some(anon_kind),
+        _ => None,
+    };
+    if let Some(k) = simple {
+        return Ok((k, None, false));
+    }
+    if p.starts_with("/dev/zero") {
+        return Ok((anon_kind, None, false));
+    }
+    // Contents that exist only in this process's memory: store them.
+    if p.ends_with(" (deleted)")
+        || p.starts_with("/memfd:")
+        || p.starts_with("/SYSV")
+        || p.starts_with("/dev/shm/")
+        || m.inode == 0
+    {
+        return Ok((anon_kind, None, !m.shared));
+    }
+    if p.starts_with("/dev/") {
+        return Err(CaptureError::Unsupported {
+            pid,
+            start: m.start,
+            end: m.end,
+            path: m.path.clone(),
+        });
+    }
+    let idx = match index.get(p) {
+        Some(i) => *i,
+        None => {
+            let i = match fileid::identify(p) {
+                Ok(r) => {
+                    files.push(r);
+                    Some((files.len() - 1) as u32)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot identify a mapped file; its pages will be stored");
+                    None
+                }
+            };
+            index.insert(p.to_string(), i);
+            i
+        }
+    };
+    match idx {
+        Some(i) => Ok((
+            if m.shared {
+                VmaKind::FileShared
+            } else {
+                VmaKind::FilePrivate
+            },
+            Some(i),
+            false,
+        )),
+        None => Ok((anon_kind, None, !m.shared)),
+    }
+}

@@ -1,0 +1,387 @@
+//! The seed descriptor: everything about a captured process except its page
+//! contents, which live in the page store.
+
+use serde::{Deserialize, Serialize};
+
+use crate::procfs::{FdEntry, MmFields};
+
+/// The descriptor format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A captured process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Descriptor {
+    /// Always [`FORMAT_VERSION`] for descriptors this build writes.
+    pub format_version: u32,
+    /// Where and when the seed was taken.
+    pub source: SourceInfo,
+    /// Number of threads captured (1: only single-threaded capture exists).
+    pub threads: u32,
+    /// General-purpose registers, as `PTRACE_GETREGS` reported them.
+    pub registers: Registers,
+    /// The full XSAVE area (`PTRACE_GETREGSET NT_X86_XSTATE`).
+    pub xstate: Vec<u8>,
+    /// Blocked signals.
+    pub sigmask: u64,
+    /// Disposition of every signal 1..=64.
+    pub sigactions: Vec<SigAction>,
+    /// The alternate signal stack.
+    pub sigaltstack: SigAltStack,
+    /// The rseq registration, if any.
+    pub rseq: Option<Rseq>,
+    /// The robust futex list head and length.
+    pub robust_list: (u64, u64),
+    /// `clear_child_tid` (`set_tid_address`).
+    pub clear_child_tid: u64,
+    /// mm fields for `PR_SET_MM_MAP`.
+    pub mm: MmFields,
+    /// The auxiliary vector as (type, value) words.
+    pub auxv: Vec<u64>,
+    /// Path of the executable (`/proc/PID/exe`).
+    pub exe: String,
+    /// `personality(2)` flags.
+    pub personality: u32,
+    /// Thread name.
+    pub comm: String,
+    /// Resource limits, indexed by `RLIMIT_*`: (soft, hard).
+    pub rlimits: Vec<(u64, u64)>,
+    /// File-creation mask.
+    pub umask: u32,
+    /// Working directory.
+    pub cwd: String,
+    /// Credentials.
+    pub creds: Credentials,
+    /// Open file descriptors.
+    pub fds: Vec<FdEntry>,
+    /// Files that file-backed mappings refer to, with their identity.
+    pub files: Vec<FileRef>,
+    /// Every mapping, in address order, with the source of each page.
+    pub vmas: Vec<Vma>,
+    /// SHA-256 of the parent's `[vdso]` (hex).
+    pub vdso_hash: String,
+    /// Pages in the page store.
+    pub pages_stored: u64,
+    /// Size of the page store in bytes (`pages_stored * 4096`).
+    pub image_bytes: u64,
+    /// Figures about the capture itself.
+    pub stats: CaptureStats,
+}
+
+/// Where and when a seed was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    /// The parent's pid on its node.
+    pub pid: i32,
+    /// Node host name.
+    pub hostname: String,
+    /// Kernel release of the node (`uname -r`).
+    pub kernel: String,
+    /// Unix time of the capture, milliseconds.
+    pub created_unix_ms: u64,
+}
+
+/// x86_64 general-purpose registers in `user_regs_struct` order.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registers {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub orig_rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub eflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+}
+
+impl From<&libc::user_regs_struct> for Registers {
+    fn from(r: &libc::user_regs_struct) -> Self {
+        Registers {
+            r15: r.r15,
+            r14: r.r14,
+            r13: r.r13,
+            r12: r.r12,
+            rbp: r.rbp,
+            rbx: r.rbx,
+            r11: r.r11,
+            r10: r.r10,
+            r9: r.r9,
+            r8: r.r8,
+            rax: r.rax,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            orig_rax: r.orig_rax,
+            rip: r.rip,
+            cs: r.cs,
+            eflags: r.eflags,
+            rsp: r.rsp,
+            ss: r.ss,
+            fs_base: r.fs_base,
+            gs_base: r.gs_base,
+            ds: r.ds,
+            es: r.es,
+            fs: r.fs,
+            gs: r.gs,
+        }
+    }
+}
+
+/// Kernel syscall-restart codes that can sit in `rax` of a process stopped
+/// inside a blocking syscall.
+pub mod restart {
+    /// `-ERESTARTSYS`.
+    pub const ERESTARTSYS: i64 = -512;
+    /// `-ERESTARTNOINTR`.
+    pub const ERESTARTNOINTR: i64 = -513;
+    /// `-ERESTARTNOHAND`.
+    pub const ERESTARTNOHAND: i64 = -514;
+    /// `-ERESTART_RESTARTBLOCK`.
+    pub const ERESTART_RESTARTBLOCK: i64 = -516;
+    /// `__NR_restart_syscall`.
+    pub const NR_RESTART_SYSCALL: u64 = 219;
+}
+
+impl Registers {
+    /// The registers to resume with when no signal handler runs: a syscall
+    /// interrupted with a restart code is set up to run again, exactly as the
+    /// kernel does on the way back to user space.
+    pub fn restarted(&self) -> Registers {
+        let mut r = *self;
+        if (self.orig_rax as i64) >= 0 {
+            match self.rax as i64 {
+                restart::ERESTARTSYS | restart::ERESTARTNOINTR | restart::ERESTARTNOHAND => {
+                    r.rax = self.orig_rax;
+                    r.rip -= 2;
+                }
+                restart::ERESTART_RESTARTBLOCK => {
+                    r.rax = restart::NR_RESTART_SYSCALL;
+                    r.rip -= 2;
+                }
+                _ => {}
+            }
+        }
+        r
+    }
+
+    /// The syscall the process was blocked in, if `rax` holds a restart code.
+    pub fn interrupted_syscall(&self) -> Option<u64> {
+        let rax = self.rax as i64;
+        ((self.orig_rax as i64) >= 0 && (-516..=-512).contains(&rax) && rax != -515)
+            .then_some(self.orig_rax)
+    }
+}
+
+/// One signal's disposition (the kernel's `struct sigaction` for x86_64).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    /// Signal number.
+    pub signo: u32,
+    /// Handler address, or 0 (`SIG_DFL`) / 1 (`SIG_IGN`).
+    pub handler: u64,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// `sa_restorer`.
+    pub restorer: u64,
+    /// Signals blocked while the handler runs.
+    pub mask: u64,
+}
+
+/// `stack_t` of `sigaltstack(2)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAltStack {
+    /// Stack base.
+    pub sp: u64,
+    /// `SS_*` flags.
+    pub flags: u32,
+    /// Stack size.
+    pub size: u64,
+}
+
+/// rseq registration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    /// Address of `struct rseq`.
+    pub ptr: u64,
+    /// Its size.
+    pub len: u32,
+    /// Abort signature.
+    pub signature: u32,
+    /// Flags.
+    pub flags: u32,
+}
+
+/// Credentials.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// Real, effective, saved, filesystem uid.
+    pub uid: [u32; 4],
+    /// Real, effective, saved, filesystem gid.
+    pub gid: [u32; 4],
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+/// A file that mappings are backed by, and how to tell it is the same file on
+/// another node: size, modification time, and an ELF build-id or a SHA-256 of
+/// its content (see `docs/DECISIONS.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// Absolute path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// GNU build-id of an ELF file, hex.
+    pub build_id: Option<String>,
+    /// SHA-256 of the content, hex (files without a build-id).
+    pub content_sha256: Option<String>,
+}
+
+/// What a mapping is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmaKind {
+    /// Private anonymous memory.
+    Anon,
+    /// The `brk` heap.
+    Heap,
+    /// The main thread's stack.
+    Stack,
+    /// A private mapping of a file that can be identified on another node.
+    FilePrivate,
+    /// A shared mapping of a file that can be identified on another node.
+    FileShared,
+    /// Shared memory whose content lives only in the parent (shared
+    /// anonymous, memfd, SysV shm, deleted files): every page is stored.
+    Shmem,
+    /// `[vdso]`.
+    Vdso,
+    /// `[vvar]`.
+    Vvar,
+    /// `[vvar_vclock]` (Linux 6.15+).
+    VvarVclock,
+}
+
+impl VmaKind {
+    /// The kernel provides this mapping's content; no pages are stored.
+    pub fn is_kernel_provided(self) -> bool {
+        matches!(self, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock)
+    }
+
+    /// The mapping's pages may come from a file.
+    pub fn is_file_backed(self) -> bool {
+        matches!(self, VmaKind::FilePrivate | VmaKind::FileShared)
+    }
+
+    /// Name used in human and JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmaKind::Anon => "anon",
+            VmaKind::Heap => "heap",
+            VmaKind::Stack => "stack",
+            VmaKind::FilePrivate => "file_private",
+            VmaKind::FileShared => "file_shared",
+            VmaKind::Shmem => "shmem",
+            VmaKind::Vdso => "vdso",
+            VmaKind::Vvar => "vvar",
+            VmaKind::VvarVclock => "vvar_vclock",
+        }
+    }
+}
+
+/// One mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vma {
+    /// Start address (page aligned).
+    pub start: u64,
+    /// End address, exclusive (page aligned).
+    pub end: u64,
+    /// `PROT_*` bits.
+    pub prot: u32,
+    /// `MAP_SHARED` rather than `MAP_PRIVATE`.
+    pub shared: bool,
+    /// What it is.
+    pub kind: VmaKind,
+    /// Path or pseudo-name as `/proc/PID/maps` showed it (empty: anonymous).
+    pub path: String,
+    /// Index into [`Descriptor::files`] for file-backed kinds.
+    pub file: Option<u32>,
+    /// File offset of `start`.
+    pub file_offset: u64,
+    /// Where every page comes from, as runs covering `[start, end)` in order.
+    /// Empty for kernel-provided mappings.
+    pub runs: Vec<PageRun>,
+}
+
+impl Vma {
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        (self.end - self.start) / crate::PAGE_SIZE
+    }
+}
+
+/// A run of consecutive pages of one VMA with the same kind of source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    /// Index of the first page within the VMA.
+    pub first: u64,
+    /// Number of pages.
+    pub count: u64,
+    /// Their source.
+    pub state: PageState,
+}
+
+/// Where a page's content comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PageState {
+    /// Stored in the page store; page `i` of the run is at `offset + i * 4096`.
+    Stored {
+        /// Byte offset of the run's first page in the page store.
+        offset: u64,
+    },
+    /// Reads as zeros.
+    Zero,
+    /// Read from the VMA's file at `file_offset + page index * 4096`.
+    FromFile,
+}
+
+/// Figures about a capture.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureStats {
+    /// How long the parent was stopped for the copy-on-write clone, ns.
+    pub pause_ns: u64,
+    /// How long the parent was stopped again to reap the clone, ns.
+    pub reap_pause_ns: u64,
+    /// Whole capture, from the first look at the process to the image on disk, ns.
+    pub capture_ns: u64,
+    /// Pages present in RAM at capture.
+    pub pages_present: u64,
+    /// Pages swapped out at capture (stored, after being read back).
+    pub pages_swapped: u64,
+    /// Present pages found to be all zeros (recorded as zero, not stored).
+    pub pages_zero: u64,
+    /// Pages left to come from their file.
+    pub pages_from_file: u64,
+}

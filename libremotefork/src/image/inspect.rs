@@ -1,0 +1,166 @@
+//! The human and JSON forms of a descriptor shown by `forkd inspect`.
+//!
+//! The JSON form is a contract: fields are only ever added. Addresses are
+//! numbers; `prot` is the `/proc/PID/maps` permission string.
+
+use std::fmt::Write;
+
+use serde_json::{json, Value};
+
+use super::{Descriptor, PageState};
+use crate::procfs::perms_string;
+
+/// The stable, machine-readable form.
+pub fn to_json(d: &Descriptor, image_dir: Option<&str>) -> Value {
+    let vmas: Vec<Value> = d
+        .vmas
+        .iter()
+        .map(|v| {
+            let (mut stored, mut zero, mut file) = (0u64, 0u64, 0u64);
+            for r in &v.runs {
+                match r.state {
+                    PageState::Stored { .. } => stored += r.count,
+                    PageState::Zero => zero += r.count,
+                    PageState::FromFile => file += r.count,
+                }
+            }
+            json!({
+                "start": v.start,
+                "end": v.end,
+                "prot": perms_string(v.prot, v.shared),
+                "kind": v.kind.name(),
+                "path": v.path,
+                "file_offset": v.file_offset,
+                "pages_stored": stored,
+                "pages_zero": zero,
+                "pages_from_file": file,
+            })
+        })
+        .collect();
+    let r = &d.registers;
+    json!({
+        "format_version": d.format_version,
+        "image_dir": image_dir,
+        "source": { "pid": d.source.pid, "hostname": d.source.hostname, "kernel": d.source.kernel, "created_unix_ms": d.source.created_unix_ms },
+        "threads": d.threads,
+        "exe": d.exe,
+        "comm": d.comm,
+        "cwd": d.cwd,
+        "registers": {
+            "rip": r.rip, "rsp": r.rsp, "rbp": r.rbp, "rax": r.rax, "rbx": r.rbx, "rcx": r.rcx, "rdx": r.rdx,
+            "rsi": r.rsi, "rdi": r.rdi, "r8": r.r8, "r9": r.r9, "r10": r.r10, "r11": r.r11, "r12": r.r12,
+            "r13": r.r13, "r14": r.r14, "r15": r.r15, "orig_rax": r.orig_rax, "eflags": r.eflags,
+            "cs": r.cs, "ss": r.ss, "ds": r.ds, "es": r.es, "fs": r.fs, "gs": r.gs,
+            "fs_base": r.fs_base, "gs_base": r.gs_base,
+        },
+        "interrupted_syscall": r.interrupted_syscall(),
+        "xstate_bytes": d.xstate.len(),
+        "sigmask": d.sigmask,
+        "sigactions": d.sigactions.iter().filter(|s| s.handler != 0 || s.flags != 0).map(|s| json!({
+            "signo": s.signo, "handler": s.handler, "flags": s.flags, "restorer": s.restorer, "mask": s.mask,
+        })).collect::<Vec<_>>(),
+        "sigaltstack": { "sp": d.sigaltstack.sp, "flags": d.sigaltstack.flags, "size": d.sigaltstack.size },
+        "rseq": d.rseq.map(|x| json!({ "ptr": x.ptr, "len": x.len, "signature": x.signature, "flags": x.flags })),
+        "robust_list": { "head": d.robust_list.0, "len": d.robust_list.1 },
+        "clear_child_tid": d.clear_child_tid,
+        "mm": serde_json::to_value(d.mm).unwrap_or(Value::Null),
+        "auxv_words": d.auxv.len(),
+        "personality": d.personality,
+        "rlimits": d.rlimits.iter().map(|(s, h)| json!([s, h])).collect::<Vec<_>>(),
+        "umask": d.umask,
+        "creds": { "uid": d.creds.uid, "gid": d.creds.gid, "groups": d.creds.groups },
+        "fds": serde_json::to_value(&d.fds).unwrap_or(Value::Null),
+        "files": serde_json::to_value(&d.files).unwrap_or(Value::Null),
+        "vmas": vmas,
+        "vdso_hash": d.vdso_hash,
+        "pages_stored": d.pages_stored,
+        "image_bytes": d.image_bytes,
+        "stats": serde_json::to_value(d.stats).unwrap_or(Value::Null),
+    })
+}
+
+/// The human form.
+pub fn to_text(d: &Descriptor) -> String {
+    let mut s = String::new();
+    let r = &d.registers;
+    let _ = writeln!(
+        s,
+        "seed format v{}  taken from pid {} on {} (kernel {})",
+        d.format_version, d.source.pid, d.source.hostname, d.source.kernel
+    );
+    let _ = writeln!(
+        s,
+        "exe {}  comm {:?}  cwd {}  threads {}",
+        d.exe, d.comm, d.cwd, d.threads
+    );
+    let _ = writeln!(
+        s,
+        "rip {:#x}  rsp {:#x}  fs_base {:#x}  xstate {} bytes",
+        r.rip,
+        r.rsp,
+        r.fs_base,
+        d.xstate.len()
+    );
+    if let Some(nr) = r.interrupted_syscall() {
+        let _ = writeln!(s, "stopped inside syscall {nr} (restarts on resume)");
+    }
+    let handlers = d.sigactions.iter().filter(|a| a.handler > 1).count();
+    let _ = writeln!(
+        s,
+        "signals: {handlers} handlers, mask {:#x}; rseq {}",
+        d.sigmask,
+        d.rseq
+            .map(|x| format!("{:#x}", x.ptr))
+            .unwrap_or_else(|| "none".into())
+    );
+    let _ = writeln!(
+        s,
+        "uid {:?} gid {:?} umask {:03o}  fds {}",
+        d.creds.uid,
+        d.creds.gid,
+        d.umask,
+        d.fds.len()
+    );
+    let _ = writeln!(
+        s,
+        "pages stored {} ({} bytes)  vdso {}",
+        d.pages_stored,
+        d.image_bytes,
+        &d.vdso_hash[..d.vdso_hash.len().min(16)]
+    );
+    let _ = writeln!(
+        s,
+        "pause {} us (+{} us reaping)  capture {} ms",
+        d.stats.pause_ns / 1000,
+        d.stats.reap_pause_ns / 1000,
+        d.stats.capture_ns / 1_000_000
+    );
+    let _ = writeln!(s, "{} mappings:", d.vmas.len());
+    for v in &d.vmas {
+        let stored: u64 = v
+            .runs
+            .iter()
+            .filter(|r| matches!(r.state, PageState::Stored { .. }))
+            .map(|r| r.count)
+            .sum();
+        let _ = writeln!(
+            s,
+            "  {:012x}-{:012x} {} {:<12} {:>7} pages {:>7} stored  {}",
+            v.start,
+            v.end,
+            perms_string(v.prot, v.shared),
+            v.kind.name(),
+            v.pages(),
+            stored,
+            v.path
+        );
+    }
+    for f in &d.fds {
+        let _ = writeln!(
+            s,
+            "  fd {:>3} {:?} {} (flags {:o}, offset {})",
+            f.fd, f.kind, f.path, f.flags, f.offset
+        );
+    }
+    s
+}

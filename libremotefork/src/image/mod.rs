@@ -1,0 +1,391 @@
+//! The seed image: a directory holding `descriptor.bin` (a versioned,
+//! checksummed, postcard-encoded [`Descriptor`]) and `pages.img` (every
+//! stored page, page aligned, addressed by byte offset).
+//!
+//! Layout of `descriptor.bin` (all integers little-endian):
+//!
+//! | bytes  | field                                   |
+//! |--------|-----------------------------------------|
+//! | 0..8   | magic `RFSEED\0\0`                      |
+//! | 8..12  | format version (u32)                    |
+//! | 12..16 | flags (u32, 0)                          |
+//! | 16..24 | body length (u64)                       |
+//! | 24..56 | SHA-256 of the body                     |
+//! | 56..   | body: postcard encoding of `Descriptor` |
+//!
+//! Decoding is bounded: the body length is checked against the file and a
+//! hard limit before anything is allocated, the checksum before the body is
+//! parsed, and every offset and range after.
+
+mod descriptor;
+pub mod inspect;
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use descriptor::*;
+
+use crate::PAGE_SIZE;
+
+/// Magic at the start of `descriptor.bin`.
+pub const MAGIC: [u8; 8] = *b"RFSEED\0\0";
+/// Size of the fixed header before the body.
+pub const HEADER_LEN: usize = 56;
+/// Largest descriptor body accepted (a process with a million mappings fits).
+pub const MAX_BODY_LEN: u64 = 256 << 20;
+/// Name of the descriptor file in an image directory.
+pub const DESCRIPTOR_FILE: &str = "descriptor.bin";
+/// Name of the page store in an image directory.
+pub const PAGES_FILE: &str = "pages.img";
+
+/// Errors reading, writing or validating a seed image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// An I/O error on an image file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The descriptor is shorter than its header or its declared body.
+    #[error("descriptor is truncated: {have} bytes, need {need}")]
+    Truncated {
+        /// Bytes present.
+        have: u64,
+        /// Bytes needed.
+        need: u64,
+    },
+    /// Not a seed descriptor.
+    #[error("not a remotefork seed descriptor (magic {found:02x?}, expected {MAGIC:02x?})")]
+    BadMagic {
+        /// The first eight bytes found.
+        found: [u8; 8],
+    },
+    /// A format version this build does not know.
+    #[error("unknown seed format version {found} (this build reads version {FORMAT_VERSION})")]
+    UnknownVersion {
+        /// The version in the file.
+        found: u32,
+    },
+    /// The declared body is larger than the limit.
+    #[error("descriptor body of {len} bytes exceeds the limit of {MAX_BODY_LEN} bytes")]
+    TooLarge {
+        /// Declared length.
+        len: u64,
+    },
+    /// The descriptor has trailing bytes after its body.
+    #[error("descriptor has {extra} unexpected bytes after its body")]
+    TrailingBytes {
+        /// How many.
+        extra: u64,
+    },
+    /// The body does not match its checksum.
+    #[error("descriptor checksum mismatch: the file is corrupt")]
+    Checksum,
+    /// The body does not decode.
+    #[error("descriptor body does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+    /// The descriptor decodes but is inconsistent.
+    #[error("descriptor is inconsistent: {0}")]
+    Invalid(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Encode a descriptor with its header.
+pub fn encode(desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
+    let body = postcard::to_allocvec(desc)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&desc.format_version.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(&body));
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decode and validate a descriptor. `image_len`, when known, is the size of
+/// the page store, and every stored page must lie inside it.
+pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageError> {
+    let have = bytes.len() as u64;
+    if bytes.len() < HEADER_LEN {
+        // Say what is wrong with the part that is there before saying it is short.
+        if bytes.len() >= 8 && bytes[..8] != MAGIC {
+            return Err(ImageError::BadMagic {
+                found: first8(bytes),
+            });
+        }
+        return Err(ImageError::Truncated {
+            have,
+            need: HEADER_LEN as u64,
+        });
+    }
+    if bytes[..8] != MAGIC {
+        return Err(ImageError::BadMagic {
+            found: first8(bytes),
+        });
+    }
+    let version = u32::from_le_bytes(le4(&bytes[8..12]));
+    if version != FORMAT_VERSION {
+        return Err(ImageError::UnknownVersion { found: version });
+    }
+    let body_len = u64::from_le_bytes(le8(&bytes[16..24]));
+    if body_len > MAX_BODY_LEN {
+        return Err(ImageError::TooLarge { len: body_len });
+    }
+    let need = HEADER_LEN as u64 + body_len;
+    if have < need {
+        return Err(ImageError::Truncated { have, need });
+    }
+    if have > need {
+        return Err(ImageError::TrailingBytes { extra: have - need });
+    }
+    let body = &bytes[HEADER_LEN..];
+    if Sha256::digest(body).as_slice() != &bytes[24..56] {
+        return Err(ImageError::Checksum);
+    }
+    let desc: Descriptor = postcard::from_bytes(body)?;
+    validate(&desc, image_len)?;
+    Ok(desc)
+}
+
+fn first8(b: &[u8]) -> [u8; 8] {
+    let mut m = [0u8; 8];
+    let n = b.len().min(8);
+    m[..n].copy_from_slice(&b[..n]);
+    m
+}
+
+fn le4(b: &[u8]) -> [u8; 4] {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(b);
+    a
+}
+
+fn le8(b: &[u8]) -> [u8; 8] {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    a
+}
+
+/// Check a descriptor's internal consistency (and, when given, against the
+/// page store's size). Everything restore relies on is checked here.
+pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError> {
+    let bad = |s: String| Err(ImageError::Invalid(s));
+    if d.format_version != FORMAT_VERSION {
+        return Err(ImageError::UnknownVersion {
+            found: d.format_version,
+        });
+    }
+    if d.threads != 1 {
+        return bad(format!(
+            "{} threads; only single-threaded seeds exist",
+            d.threads
+        ));
+    }
+    if d.image_bytes != d.pages_stored.saturating_mul(PAGE_SIZE) {
+        return bad(format!(
+            "image_bytes {} is not pages_stored {} x 4096",
+            d.image_bytes, d.pages_stored
+        ));
+    }
+    if let Some(len) = image_len {
+        if len != d.image_bytes {
+            return bad(format!(
+                "page store is {len} bytes, descriptor says {}",
+                d.image_bytes
+            ));
+        }
+    }
+    if d.sigactions.len() > 64 || d.rlimits.len() > 64 || d.auxv.len() > 4096 {
+        return bad("too many sigactions, rlimits or auxv words".into());
+    }
+    let mut prev_end = 0u64;
+    let mut stored = 0u64;
+    for (i, v) in d.vmas.iter().enumerate() {
+        let name = || format!("vma #{i} {:#x}-{:#x}", v.start, v.end);
+        if v.start % PAGE_SIZE != 0 || v.end % PAGE_SIZE != 0 || v.start >= v.end {
+            return bad(format!("{}: not a page-aligned, non-empty range", name()));
+        }
+        if v.start < prev_end {
+            return bad(format!("{}: overlaps or is out of order", name()));
+        }
+        prev_end = v.end;
+        match (v.kind.is_file_backed(), v.file) {
+            (true, Some(f)) if (f as usize) < d.files.len() => {}
+            (true, _) => {
+                return bad(format!(
+                    "{}: file-backed without a valid file index",
+                    name()
+                ))
+            }
+            (false, Some(_)) => {
+                return bad(format!(
+                    "{}: has a file index but is not file-backed",
+                    name()
+                ))
+            }
+            (false, None) => {}
+        }
+        if v.kind.is_kernel_provided() {
+            if !v.runs.is_empty() {
+                return bad(format!(
+                    "{}: kernel-provided mapping with page runs",
+                    name()
+                ));
+            }
+            continue;
+        }
+        let mut next = 0u64;
+        for r in &v.runs {
+            if r.first != next || r.count == 0 {
+                return bad(format!("{}: page runs do not cover it in order", name()));
+            }
+            next = r
+                .first
+                .checked_add(r.count)
+                .ok_or_else(|| ImageError::Invalid(format!("{}: run overflows", name())))?;
+            match r.state {
+                PageState::Stored { offset } => {
+                    let len = r.count.checked_mul(PAGE_SIZE);
+                    let end = len.and_then(|l| offset.checked_add(l));
+                    match end {
+                        Some(end) if offset % PAGE_SIZE == 0 && end <= d.image_bytes => {}
+                        _ => {
+                            return bad(format!(
+                                "{}: stored pages at offset {offset:#x} (+{} pages) outside the {}-byte page store",
+                                name(),
+                                r.count,
+                                d.image_bytes
+                            ))
+                        }
+                    }
+                    stored += r.count;
+                }
+                PageState::FromFile if !v.kind.is_file_backed() => {
+                    return bad(format!(
+                        "{}: from-file pages in a mapping without a file",
+                        name()
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if next != v.pages() {
+            return bad(format!(
+                "{}: page runs cover {next} of {} pages",
+                name(),
+                v.pages()
+            ));
+        }
+    }
+    if stored != d.pages_stored {
+        return bad(format!(
+            "runs store {stored} pages, descriptor says {}",
+            d.pages_stored
+        ));
+    }
+    Ok(())
+}
+
+/// A seed image on disk, opened and validated.
+#[derive(Debug)]
+pub struct SeedImage {
+    dir: PathBuf,
+    descriptor: Descriptor,
+    pages: File,
+}
+
+impl SeedImage {
+    /// Open the image in `dir`, validating the descriptor against the page store.
+    pub fn open(dir: &Path) -> Result<SeedImage, ImageError> {
+        let dpath = dir.join(DESCRIPTOR_FILE);
+        let ppath = dir.join(PAGES_FILE);
+        let bytes = read_bounded(&dpath)?;
+        let pages = File::open(&ppath).map_err(io_err(&ppath))?;
+        let len = pages.metadata().map_err(io_err(&ppath))?.len();
+        let descriptor = decode(&bytes, Some(len))?;
+        Ok(SeedImage {
+            dir: dir.to_path_buf(),
+            descriptor,
+            pages,
+        })
+    }
+
+    /// The image directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The descriptor.
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.descriptor
+    }
+
+    /// Read `dst.len()` bytes of the page store at `offset`.
+    pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<(), ImageError> {
+        self.pages
+            .read_exact_at(dst, offset)
+            .map_err(io_err(&self.dir.join(PAGES_FILE)))
+    }
+}
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    if len > HEADER_LEN as u64 + MAX_BODY_LEN {
+        return Err(ImageError::TooLarge { len });
+    }
+    fs::read(path).map_err(io_err(path))
+}
+
+/// Write an image directory: the page store, then the descriptor through a
+/// temporary file and a rename, so a reader never sees a descriptor whose
+/// pages are not all there. With `durable`, both are fsynced first.
+pub fn write(dir: &Path, desc: &Descriptor, pages: &[u8], durable: bool) -> Result<(), ImageError> {
+    validate(desc, Some(pages.len() as u64))?;
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let ppath = dir.join(PAGES_FILE);
+    let dpath = dir.join(DESCRIPTOR_FILE);
+    let tmp = dir.join(format!("{DESCRIPTOR_FILE}.tmp"));
+    // Remove an old descriptor first: from here on the directory holds no
+    // valid image until the rename below.
+    match fs::remove_file(&dpath) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&dpath)(e)),
+    }
+    let mut pf = File::create(&ppath).map_err(io_err(&ppath))?;
+    pf.write_all(pages).map_err(io_err(&ppath))?;
+    if durable {
+        pf.sync_all().map_err(io_err(&ppath))?;
+    }
+    let bytes = encode(desc)?;
+    let mut df = File::create(&tmp).map_err(io_err(&tmp))?;
+    df.write_all(&bytes).map_err(io_err(&tmp))?;
+    if durable {
+        df.sync_all().map_err(io_err(&tmp))?;
+    }
+    fs::rename(&tmp, &dpath).map_err(io_err(&dpath))?;
+    if durable {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,13 @@
+//! remotefork: capture a warm process into a *seed* and start children from it.
+//!
+//! The modules follow the data flow of the design:
+//! [`procfs`] reads what the kernel shows of a process, [`capture`] freezes a
+//! copy-on-write clone of it and writes a [`image`] (descriptor + page store).
+
+pub mod capture;
+pub mod classify;
+pub mod fileid;
+pub mod image;
+pub mod procfs;
+
+pub use kernel_helpers::PAGE_SIZE;
