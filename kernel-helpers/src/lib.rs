@@ -5,6 +5,7 @@
 //! what to capture and in which order; these functions only make the calls
 //! and turn their results into typed values and errors.
 
+pub mod mapping;
 pub mod mem;
 pub mod pagemap;
 pub mod proc;

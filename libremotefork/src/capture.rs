@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use kernel_helpers::mapping::Mapping;
 use kernel_helpers::mem::{self, MemError, ProcMem, RemoteRange};
 use kernel_helpers::pagemap::{Pagemap, PagemapError};
 use kernel_helpers::proc::{self as kproc, ProcError, RLIMIT_COUNT};
@@ -26,11 +27,14 @@ use tracing::{debug, info, info_span, warn};
 use crate::classify::{build_runs, classify_page, is_zero_page, PageClass};
 use crate::fileid::{self, hex};
 use crate::image::{
-    self, CaptureStats, Credentials, Descriptor, FileRef, ImageError, Registers, Rseq, SigAction,
-    SigAltStack, SourceInfo, Vma, VmaKind, FORMAT_VERSION,
+    CaptureStats, Credentials, Descriptor, FileRef, ImageError, ImageWriter, Registers, Rseq,
+    SigAction, SigAltStack, SourceInfo, Vma, VmaKind, FORMAT_VERSION,
 };
 use crate::procfs::{self, MapsEntry, ProcfsError};
 use crate::PAGE_SIZE;
+
+/// Pages read per `process_vm_readv` batch and written per `write`.
+const CHUNK_PAGES: usize = 512;
 
 /// `PR_GET_TID_ADDRESS`.
 const PR_GET_TID_ADDRESS: u64 = 40;
@@ -193,14 +197,18 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
         h(CapturePoint::CloneStopped);
     }
 
-    let result = read_clone(pid, frozen, insn, vdso_hash);
+    let result = read_clone(pid, frozen, insn, vdso_hash, out);
     // Whatever happened, the clone is dead now (its Tracee was dropped):
     // reap its zombie in the parent.
     let reap_pause_ns = reap_clone(pid, clone_pid, insn);
-    let (mut desc, pages) = result?;
+    let (mut desc, writer) = result?;
     desc.stats.reap_pause_ns = reap_pause_ns;
     desc.stats.capture_ns = t0.elapsed().as_nanos() as u64;
-    image::write(out, &desc, &pages, opts.durable)?;
+    debug!(
+        us = t0.elapsed().as_micros() as u64,
+        "captured; writing image"
+    );
+    writer.finish(&desc, opts.durable)?;
     desc.stats.capture_ns = t0.elapsed().as_nanos() as u64;
     info!(
         vmas = desc.vmas.len(),
@@ -462,7 +470,9 @@ fn read_clone(
     frozen: Frozen,
     insn: u64,
     vdso_hash: String,
-) -> Result<(Descriptor, Vec<u8>), CaptureError> {
+    out: &Path,
+) -> Result<(Descriptor, ImageWriter), CaptureError> {
+    let t = Instant::now();
     let mut clone = frozen.clone;
     let cpid = clone.pid();
     let maps = procfs::maps(cpid)?;
@@ -515,61 +525,50 @@ fn read_clone(
         });
     }
 
-    // Read every page to store, in mapping order, into one buffer.
-    let store_count: usize = planned
-        .iter()
-        .map(|p| p.classes.iter().filter(|c| **c == PageClass::Store).count())
-        .sum();
-    let mut buf = vec![0u8; store_count * PAGE_SIZE as usize];
-    let mut at = 0usize;
+    debug!(us = t.elapsed().as_micros() as u64, "classified pages");
+    // Stream every page to store, in mapping order, through a small reused
+    // buffer into the page store; all-zero pages are left out (they read as
+    // zeros anyway) and only noted.
+    let mut writer = ImageWriter::create(out)?;
     let proc_mem = ProcMem::open(cpid)?;
+    let mut chunk =
+        Mapping::anonymous(CHUNK_PAGES * PAGE_SIZE as usize, true).map_err(|source| {
+            CaptureError::Mem(MemError::Read {
+                pid: cpid,
+                addr: 0,
+                len: 0,
+                source,
+            })
+        })?;
+    let mut zero: Vec<bool> = Vec::new();
+    let mut pending: Vec<(u64, bool)> = Vec::with_capacity(CHUNK_PAGES);
     for p in &planned {
-        let mut ranges: Vec<RemoteRange> = Vec::new();
         for (i, c) in p.classes.iter().enumerate() {
-            if *c != PageClass::Store {
-                continue;
+            if *c == PageClass::Store {
+                pending.push((p.entry.start + i as u64 * PAGE_SIZE, p.via_proc_mem));
+                if pending.len() == CHUNK_PAGES {
+                    flush_chunk(
+                        cpid,
+                        &proc_mem,
+                        &mut pending,
+                        chunk.as_mut_slice(),
+                        &mut zero,
+                        &mut writer,
+                    )?;
+                }
             }
-            let addr = p.entry.start + i as u64 * PAGE_SIZE;
-            match ranges.last_mut() {
-                Some(r) if r.addr + r.len as u64 == addr => r.len += PAGE_SIZE as usize,
-                _ => ranges.push(RemoteRange {
-                    addr,
-                    len: PAGE_SIZE as usize,
-                }),
-            }
-        }
-        let len: usize = ranges.iter().map(|r| r.len).sum();
-        let dst = &mut buf[at..at + len];
-        if p.via_proc_mem {
-            let mut o = 0;
-            for r in &ranges {
-                proc_mem.read_exact_at(r.addr, &mut dst[o..o + r.len])?;
-                o += r.len;
-            }
-        } else {
-            mem::read_ranges(cpid, &ranges, dst)?;
-        }
-        at += len;
-    }
-
-    // Drop all-zero pages from the store (they read as zeros anyway) and
-    // compact the rest in place.
-    let zero: Vec<bool> = buf
-        .chunks_exact(PAGE_SIZE as usize)
-        .map(is_zero_page)
-        .collect();
-    let mut w = 0usize;
-    for (r, z) in zero.iter().enumerate() {
-        if !z {
-            if w != r {
-                let ps = PAGE_SIZE as usize;
-                buf.copy_within(r * ps..(r + 1) * ps, w * ps);
-            }
-            w += 1;
         }
     }
-    buf.truncate(w * PAGE_SIZE as usize);
+    flush_chunk(
+        cpid,
+        &proc_mem,
+        &mut pending,
+        chunk.as_mut_slice(),
+        &mut zero,
+        &mut writer,
+    )?;
     stats.pages_zero = zero.iter().filter(|z| **z).count() as u64;
+    debug!(us = t.elapsed().as_micros() as u64, "read and wrote pages");
 
     let mut next_offset = 0u64;
     let mut zero_base = 0usize;
@@ -597,6 +596,7 @@ fn read_clone(
     }
     let pages_stored = next_offset / PAGE_SIZE;
 
+    debug!(us = t.elapsed().as_micros() as u64, "built runs");
     // Process state the clone inherited from the parent.
     let base = clone
         .regs()
@@ -672,6 +672,10 @@ fn read_clone(
     };
     let brk = inject_ok(&mut clone, insn, &base, libc::SYS_brk, [0; 6], "brk(0)")?;
 
+    debug!(
+        us = t.elapsed().as_micros() as u64,
+        "injected state queries"
+    );
     let (_, mut mm) = procfs::stat(cpid)?;
     mm.brk = brk;
     let status = procfs::status(cpid)?;
@@ -724,7 +728,66 @@ fn read_clone(
     };
     // Kill the clone now (Drop of `clone`), before the caller reaps it.
     clone.kill().map_err(ptc)?;
-    Ok((desc, buf))
+    Ok((desc, writer))
+}
+
+/// Read the `pending` pages of the clone into `buf`, append the non-zero
+/// ones to the image, note which were zero, and empty `pending`.
+fn flush_chunk(
+    cpid: pid_t,
+    proc_mem: &ProcMem,
+    pending: &mut Vec<(u64, bool)>,
+    buf: &mut [u8],
+    zero: &mut Vec<bool>,
+    writer: &mut ImageWriter,
+) -> Result<(), CaptureError> {
+    let ps = PAGE_SIZE as usize;
+    let mut ranges: Vec<RemoteRange> = Vec::new();
+    let mut at = 0usize;
+    for &(addr, via_proc_mem) in pending.iter() {
+        if via_proc_mem {
+            proc_mem.read_exact_at(addr, &mut buf[at..at + ps])?;
+        } else {
+            match ranges.last_mut() {
+                Some(r) if r.addr + r.len as u64 == addr => r.len += ps,
+                _ => ranges.push(RemoteRange { addr, len: ps }),
+            }
+        }
+        at += ps;
+    }
+    // Pages read through /proc/PID/mem were put in place already; gather the
+    // process_vm_readv ones into a dense buffer and scatter them back.
+    if !ranges.is_empty() {
+        let n: usize = ranges.iter().map(|r| r.len).sum();
+        if n == at {
+            mem::read_ranges(cpid, &ranges, &mut buf[..n])?;
+        } else {
+            let mut tmp = vec![0u8; n];
+            mem::read_ranges(cpid, &ranges, &mut tmp)?;
+            let mut src = 0usize;
+            for (i, &(_, via_proc_mem)) in pending.iter().enumerate() {
+                if !via_proc_mem {
+                    buf[i * ps..(i + 1) * ps].copy_from_slice(&tmp[src..src + ps]);
+                    src += ps;
+                }
+            }
+        }
+    }
+    // Compact: non-zero pages move to the front, then one write.
+    let mut w = 0usize;
+    for i in 0..pending.len() {
+        let z = is_zero_page(&buf[i * ps..(i + 1) * ps]);
+        zero.push(z);
+        if !z {
+            if w != i {
+                buf.copy_within(i * ps..(i + 1) * ps, w * ps);
+            }
+            w += 1;
+        }
+    }
+    writer.append(&buf[..w * ps])?;
+    pending.clear();
+    Ok(())
 }
 
 fn inject_ok(

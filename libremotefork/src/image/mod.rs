@@ -351,40 +351,83 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, ImageError> {
     fs::read(path).map_err(io_err(path))
 }
 
-/// Write an image directory: the page store, then the descriptor through a
-/// temporary file and a rename, so a reader never sees a descriptor whose
-/// pages are not all there. With `durable`, both are fsynced first.
+/// Writes an image directory incrementally: pages are appended as capture
+/// reads them, and the descriptor is written last, through a temporary file
+/// and a rename, so a reader never sees a descriptor whose pages are not all
+/// there.
+#[derive(Debug)]
+pub struct ImageWriter {
+    dir: PathBuf,
+    pages: File,
+    written: u64,
+}
+
+impl ImageWriter {
+    /// Start an image in `dir` (created if missing). Any image already there
+    /// stops being valid at once: its descriptor is removed first.
+    pub fn create(dir: &Path) -> Result<ImageWriter, ImageError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let dpath = dir.join(DESCRIPTOR_FILE);
+        match fs::remove_file(&dpath) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&dpath)(e)),
+        }
+        let ppath = dir.join(PAGES_FILE);
+        let pages = File::create(&ppath).map_err(io_err(&ppath))?;
+        Ok(ImageWriter {
+            dir: dir.to_path_buf(),
+            pages,
+            written: 0,
+        })
+    }
+
+    /// Append whole pages to the page store.
+    pub fn append(&mut self, pages: &[u8]) -> Result<(), ImageError> {
+        debug_assert_eq!(pages.len() as u64 % PAGE_SIZE, 0);
+        let ppath = self.dir.join(PAGES_FILE);
+        self.pages.write_all(pages).map_err(io_err(&ppath))?;
+        self.written += pages.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes appended so far (the next page's offset).
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Validate `desc` against the pages written and write it. With
+    /// `durable`, everything is fsynced before the rename makes it visible.
+    pub fn finish(self, desc: &Descriptor, durable: bool) -> Result<(), ImageError> {
+        validate(desc, Some(self.written))?;
+        let ppath = self.dir.join(PAGES_FILE);
+        let dpath = self.dir.join(DESCRIPTOR_FILE);
+        let tmp = self.dir.join(format!("{DESCRIPTOR_FILE}.tmp"));
+        if durable {
+            self.pages.sync_all().map_err(io_err(&ppath))?;
+        }
+        let bytes = encode(desc)?;
+        let mut df = File::create(&tmp).map_err(io_err(&tmp))?;
+        df.write_all(&bytes).map_err(io_err(&tmp))?;
+        if durable {
+            df.sync_all().map_err(io_err(&tmp))?;
+        }
+        fs::rename(&tmp, &dpath).map_err(io_err(&dpath))?;
+        if durable {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&self.dir))?;
+        }
+        Ok(())
+    }
+}
+
+/// Write a whole image directory at once (see [`ImageWriter`]).
 pub fn write(dir: &Path, desc: &Descriptor, pages: &[u8], durable: bool) -> Result<(), ImageError> {
     validate(desc, Some(pages.len() as u64))?;
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let ppath = dir.join(PAGES_FILE);
-    let dpath = dir.join(DESCRIPTOR_FILE);
-    let tmp = dir.join(format!("{DESCRIPTOR_FILE}.tmp"));
-    // Remove an old descriptor first: from here on the directory holds no
-    // valid image until the rename below.
-    match fs::remove_file(&dpath) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(&dpath)(e)),
-    }
-    let mut pf = File::create(&ppath).map_err(io_err(&ppath))?;
-    pf.write_all(pages).map_err(io_err(&ppath))?;
-    if durable {
-        pf.sync_all().map_err(io_err(&ppath))?;
-    }
-    let bytes = encode(desc)?;
-    let mut df = File::create(&tmp).map_err(io_err(&tmp))?;
-    df.write_all(&bytes).map_err(io_err(&tmp))?;
-    if durable {
-        df.sync_all().map_err(io_err(&tmp))?;
-    }
-    fs::rename(&tmp, &dpath).map_err(io_err(&dpath))?;
-    if durable {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
-    }
-    Ok(())
+    let mut w = ImageWriter::create(dir)?;
+    w.append(pages)?;
+    w.finish(desc, durable)
 }
 
 #[cfg(test)]

@@ -1,0 +1,123 @@
+//! Owned memory mappings (`mmap`/`munmap`).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use crate::last_os_error;
+
+/// An owned mapping, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is exclusively owned memory; moving it to another
+// thread moves the only handle to it.
+unsafe impl Send for Mapping {}
+// SAFETY: shared references only allow reads through `as_slice`.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Private anonymous read-write memory, optionally prefaulted
+    /// (`MAP_POPULATE`) so that filling it takes no page faults.
+    pub fn anonymous(len: usize, populate: bool) -> io::Result<Mapping> {
+        Self::map(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | pop(populate),
+            -1,
+        )
+    }
+
+    /// A shared read-write mapping of the first `len` bytes of `file`.
+    pub fn file_shared(file: &File, len: usize, populate: bool) -> io::Result<Mapping> {
+        Self::map(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | pop(populate),
+            file.as_raw_fd(),
+        )
+    }
+
+    /// A read-only shared mapping of the first `len` bytes of `file`.
+    pub fn file_readonly(file: &File, len: usize) -> io::Result<Mapping> {
+        Self::map(len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd())
+    }
+
+    fn map(len: usize, prot: i32, flags: i32, fd: i32) -> io::Result<Mapping> {
+        if len == 0 {
+            return Ok(Mapping {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+            });
+        }
+        // SAFETY: a fresh mapping at a kernel-chosen address (no MAP_FIXED),
+        // so no existing memory is affected.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(last_os_error());
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    /// The mapped bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is mapped readable for the lifetime of self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The mapped bytes, writable. Panics-free; writing to a read-only
+    /// mapping is prevented by only creating those through `file_readonly`
+    /// and never handing out `&mut` to them.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr..ptr+len is mapped for the lifetime of self and `&mut
+        // self` guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Is it empty?
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        // SAFETY: ptr/len describe a mapping this value owns; no references
+        // into it outlive `self`.
+        let r = unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        debug_assert_eq!(r, 0, "munmap failed: {}", last_os_error());
+    }
+}
+
+fn pop(populate: bool) -> i32 {
+    if populate {
+        libc::MAP_POPULATE
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_is_zeroed_and_writable() {
+        let mut m = Mapping::anonymous(8192, true).unwrap();
+        assert!(m.as_slice().iter().all(|b| *b == 0));
+        m.as_mut_slice()[8191] = 9;
+        assert_eq!(m.as_slice()[8191], 9);
+        assert!(Mapping::anonymous(0, false).unwrap().is_empty());
+    }
+}
