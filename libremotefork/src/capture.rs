@@ -101,7 +101,7 @@ pub enum CaptureError {
     },
     /// Reading procfs failed.
     #[error(transparent)]
-    Procfs(#[from] ProcfsError),
+    Procfs(ProcfsError),
     /// A ptrace operation failed.
     #[error(transparent)]
     Ptrace(PtraceError),
@@ -117,6 +117,19 @@ pub enum CaptureError {
     /// Writing the image failed.
     #[error(transparent)]
     Image(#[from] ImageError),
+}
+
+impl From<ProcfsError> for CaptureError {
+    fn from(e: ProcfsError) -> Self {
+        match e {
+            ProcfsError::NoSuchProcess(p) => CaptureError::NoSuchProcess(p),
+            ProcfsError::NotPermitted { pid, path } => CaptureError::NotPermitted {
+                pid,
+                detail: format!("reading {path} was refused"),
+            },
+            other => CaptureError::Procfs(other),
+        }
+    }
 }
 
 impl CaptureError {
@@ -222,17 +235,11 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
 
 /// Refuse what cannot be captured before touching the process.
 fn precheck(pid: pid_t) -> Result<(), CaptureError> {
-    let (state, _) = procfs::stat(pid).map_err(|e| match e {
-        ProcfsError::NoSuchProcess(p) => CaptureError::NoSuchProcess(p),
-        other => other.into(),
-    })?;
+    let (state, _) = procfs::stat(pid)?;
     if state == 'Z' || state == 'X' {
         return Err(CaptureError::Zombie(pid));
     }
-    let st = procfs::status(pid).map_err(|e| match e {
-        ProcfsError::NoSuchProcess(p) => CaptureError::NoSuchProcess(p),
-        other => other.into(),
-    })?;
+    let st = procfs::status(pid)?;
     if st.threads > 1 {
         return Err(CaptureError::MultiThreaded {
             pid,

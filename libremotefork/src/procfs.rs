@@ -15,6 +15,14 @@ pub enum ProcfsError {
     /// The process does not exist.
     #[error("process {0} does not exist")]
     NoSuchProcess(pid_t),
+    /// Reading the process's files was refused.
+    #[error("not permitted to read {path}")]
+    NotPermitted {
+        /// The process.
+        pid: pid_t,
+        /// The file.
+        path: String,
+    },
     /// A file could not be read.
     #[error("reading {path} failed: {source}")]
     Read {
@@ -41,6 +49,8 @@ fn read_string(pid: pid_t, name: &str) -> Result<String, ProcfsError> {
 fn map_read_err(pid: pid_t, path: String, source: io::Error) -> ProcfsError {
     if source.kind() == io::ErrorKind::NotFound || source.raw_os_error() == Some(libc::ESRCH) {
         ProcfsError::NoSuchProcess(pid)
+    } else if source.kind() == io::ErrorKind::PermissionDenied {
+        ProcfsError::NotPermitted { pid, path }
     } else {
         ProcfsError::Read { path, source }
     }
