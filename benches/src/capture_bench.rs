@@ -39,11 +39,16 @@ struct Args {
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args { iterations: 10, json: None };
+    let mut a = Args {
+        iterations: 10,
+        json: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--iterations" => a.iterations = it.next().context("--iterations needs a value")?.parse()?,
+            "--iterations" => {
+                a.iterations = it.next().context("--iterations needs a value")?.parse()?
+            }
             "--json" => a.json = Some(it.next().context("--json needs a file")?.into()),
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown argument {other:?} (use --iterations N, --json FILE)"),
@@ -53,7 +58,9 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 fn python() -> anyhow::Result<String> {
-    let out = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output()?;
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()?;
     Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
@@ -98,7 +105,12 @@ fn main() -> anyhow::Result<()> {
     if !line.starts_with("ready") {
         bail!("warm Python did not start (is boto3 installed?): {line:?}");
     }
-    let rss_kb: u64 = line.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0);
+    let rss_kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
 
     let dir = std::env::temp_dir().join(format!("rf-capture-bench-{}", std::process::id()));
     let (mut pause, mut reap, mut total, mut stored) = (vec![], vec![], vec![], 0u64);
@@ -117,15 +129,26 @@ fn main() -> anyhow::Result<()> {
         writeln!(stdin, "fork")?;
         line.clear();
         stdout.read_line(&mut line)?;
-        fork.push(line.trim().parse::<u64>().with_context(|| format!("fork timing {line:?}"))?);
+        fork.push(
+            line.trim()
+                .parse::<u64>()
+                .with_context(|| format!("fork timing {line:?}"))?,
+        );
     }
     writeln!(stdin, "quit")?;
     child.wait()?;
 
     let cmd = "cargo run --release -p remotefork-benches --bin capture-bench";
     println!("# {cmd} -- --iterations {}", args.iterations);
-    println!("# warm Python (boto3 S3 client), RSS {:.1} MiB, image {:.1} MiB", rss_kb as f64 / 1024.0, stored as f64 / (1 << 20) as f64);
-    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "metric (ms)", "median", "p90", "min", "max");
+    println!(
+        "# warm Python (boto3 S3 client), RSS {:.1} MiB, image {:.1} MiB",
+        rss_kb as f64 / 1024.0,
+        stored as f64 / (1 << 20) as f64
+    );
+    println!(
+        "{:<34} {:>9} {:>9} {:>9} {:>9}",
+        "metric (ms)", "median", "p90", "min", "max"
+    );
     let rows = [
         ("parent pause (clone)", summary(pause.clone())),
         ("parent pause (reap clone)", summary(reap.clone())),
