@@ -3,6 +3,8 @@
 //! Today: `forkd snapshot` captures a running process into a seed image and
 //! `forkd inspect` shows one. Restore and the daemon follow.
 
+mod restore_cmd;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,6 +42,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start children from a seed image on this node.
+    ///
+    /// With one child, it gets this command's stdin/stdout/stderr and the
+    /// command exits with the child's status. With --count N, stdin is read
+    /// once and given to every child, and their outputs are printed child by
+    /// child, in order.
+    Restore {
+        /// The image directory.
+        dir: PathBuf,
+        /// Write every stored page before the child runs (the only mode so far).
+        #[arg(long)]
+        eager: bool,
+        /// How many children to start.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Print the children's pids and return without waiting.
+        #[arg(long)]
+        detach: bool,
+        /// With --count, write each child's stdout to DIR/child-I.out instead.
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+        /// Print a JSON report (on stderr for a single child whose stdout is the terminal's).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a seed image's descriptor.
     Inspect {
         /// The image directory.
@@ -59,7 +86,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("forkd: {e:#}");
             ExitCode::FAILURE
@@ -67,8 +94,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Restore {
+            dir,
+            eager: _,
+            count,
+            detach,
+            output_dir,
+            json,
+        } => {
+            return restore_cmd::run(&dir, count, detach, output_dir.as_deref(), json);
+        }
         Command::Snapshot {
             pid,
             out,
@@ -122,5 +159,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,8 @@
 //! what to capture and in which order; these functions only make the calls
 //! and turn their results into typed values and errors.
 
+pub mod executor;
+pub mod husk;
 pub mod mapping;
 pub mod mem;
 pub mod pagemap;

@@ -16,8 +16,8 @@ const IOV_MAX: usize = 1024;
 /// Errors reading another process's memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemError {
-    /// A read failed part way.
-    #[error("reading {len} bytes at {addr:#x} of process {pid} failed: {source}")]
+    /// A read or write failed part way.
+    #[error("accessing {len} bytes at {addr:#x} of process {pid} failed: {source}")]
     Read {
         /// The process.
         pid: pid_t,
@@ -110,6 +110,73 @@ pub fn read_ranges(pid: pid_t, ranges: &[RemoteRange], dst: &mut [u8]) -> Result
     Ok(())
 }
 
+/// Write local buffers to remote ranges with `process_vm_writev`, pairing
+/// `local[i]` with `remote[i]` (equal lengths), in `IOV_MAX` batches.
+pub fn write_ranges(pid: pid_t, local: &[&[u8]], remote: &[RemoteRange]) -> Result<(), MemError> {
+    if local.len() != remote.len() {
+        return Err(MemError::BufferSize {
+            have: local.len(),
+            need: remote.len(),
+        });
+    }
+    for (l, r) in local.chunks(IOV_MAX).zip(remote.chunks(IOV_MAX)) {
+        let total: usize = l.iter().map(|b| b.len()).sum();
+        let liov: Vec<libc::iovec> = l
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let riov: Vec<libc::iovec> = r
+            .iter()
+            .map(|x| libc::iovec {
+                iov_base: x.addr as *mut libc::c_void,
+                iov_len: x.len,
+            })
+            .collect();
+        // SAFETY: the local iovecs describe live, readable slices (the kernel
+        // only reads them); the remote ones are addresses in the other process.
+        let n = unsafe {
+            libc::process_vm_writev(
+                pid,
+                liov.as_ptr(),
+                liov.len() as libc::c_ulong,
+                riov.as_ptr(),
+                riov.len() as libc::c_ulong,
+                0,
+            )
+        };
+        if n < 0 || n as usize != total {
+            // Find the range that failed to name it.
+            let source = if n < 0 {
+                last_os_error()
+            } else {
+                io::Error::from(io::ErrorKind::WriteZero)
+            };
+            let mut done = n.max(0) as usize;
+            let mut at = r[0];
+            for x in r {
+                if done < x.len {
+                    at = RemoteRange {
+                        addr: x.addr + done as u64,
+                        len: x.len - done,
+                    };
+                    break;
+                }
+                done -= x.len;
+            }
+            return Err(MemError::Read {
+                pid,
+                addr: at.addr,
+                len: at.len,
+                source,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// `/proc/PID/mem`, which (unlike `process_vm_readv`) can read pages of
 /// mappings without `PROT_READ`.
 #[derive(Debug)]
@@ -128,6 +195,34 @@ impl ProcMem {
             source,
         })?;
         Ok(ProcMem { pid, file })
+    }
+
+    /// Open `/proc/PID/mem` for reading and writing. Writes go through
+    /// `FOLL_FORCE`, so they reach private mappings without `PROT_WRITE`.
+    pub fn open_rw(pid: pid_t) -> Result<ProcMem, MemError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .map_err(|source| MemError::Read {
+                pid,
+                addr: 0,
+                len: 0,
+                source,
+            })?;
+        Ok(ProcMem { pid, file })
+    }
+
+    /// Write all of `src` at `addr`.
+    pub fn write_all_at(&self, addr: u64, src: &[u8]) -> Result<(), MemError> {
+        self.file
+            .write_all_at(src, addr)
+            .map_err(|source| MemError::Read {
+                pid: self.pid,
+                addr,
+                len: src.len(),
+                source,
+            })
     }
 
     /// Read exactly `dst.len()` bytes at `addr`.

@@ -564,6 +564,31 @@ impl Tracee {
         })
     }
 
+    /// Set `regs`, continue, and wait until the tracee stops with `SIGTRAP`
+    /// (an `int3`); other signals are held for re-sending at detach.
+    /// Returns the registers at the trap.
+    pub fn run_until_trap(
+        &mut self,
+        regs: &user_regs_struct,
+    ) -> Result<user_regs_struct, PtraceError> {
+        self.set_regs(regs)?;
+        loop {
+            self.resume(libc::PTRACE_CONT, "CONT")?;
+            match self.wait_alive()? {
+                Stop::Signal(libc::SIGTRAP) => return self.regs(),
+                Stop::Signal(sig) => self.stashed_signals.push(sig),
+                Stop::Syscall | Stop::Event { .. } => {}
+                s => {
+                    return Err(PtraceError::UnexpectedStop {
+                        pid: self.pid,
+                        during: "running injected code",
+                        status: s.raw(),
+                    })
+                }
+            }
+        }
+    }
+
     /// Read one word of the tracee's memory (`PTRACE_PEEKDATA`).
     pub fn peek(&self, addr: u64) -> Result<u64, PtraceError> {
         // SAFETY: errno is thread-local; clearing it lets us tell a -1 word from an error.

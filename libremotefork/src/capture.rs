@@ -27,7 +27,7 @@ use tracing::{debug, info, info_span, warn};
 use crate::classify::{build_runs, classify_page, is_zero_page, PageClass};
 use crate::fileid::{self, hex};
 use crate::image::{
-    CaptureStats, Credentials, Descriptor, FileRef, ImageError, ImageWriter, Registers, Rseq,
+    self, CaptureStats, Credentials, Descriptor, FileRef, ImageError, ImageWriter, Registers, Rseq,
     SigAction, SigAltStack, SourceInfo, Vma, VmaKind, FORMAT_VERSION,
 };
 use crate::procfs::{self, MapsEntry, ProcfsError};
@@ -221,6 +221,7 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
         us = t0.elapsed().as_micros() as u64,
         "captured; writing image"
     );
+    keep_file_copies(out, &desc.files);
     writer.finish(&desc, opts.durable)?;
     desc.stats.capture_ns = t0.elapsed().as_nanos() as u64;
     info!(
@@ -736,6 +737,30 @@ fn read_clone(
     // Kill the clone now (Drop of `clone`), before the caller reaps it.
     clone.kill().map_err(ptc)?;
     Ok((desc, writer))
+}
+
+/// Keep a copy of every mapped file in the image, so children can still be
+/// started when a node's copy is missing or changed (a package upgrade, a
+/// rebuilt library). A hard link when the file is on the same filesystem
+/// (free, and it keeps the old inode alive across replace-by-rename), a copy
+/// otherwise. Copies are shared by key, so each file is kept once.
+fn keep_file_copies(out: &Path, files: &[FileRef]) {
+    let dir = out.join(image::FILES_DIR);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        warn!(error = %e, "cannot keep copies of mapped files; children will need the node's own files");
+        return;
+    }
+    for f in files {
+        let dest = dir.join(fileid::store_key(f));
+        if dest.exists() {
+            continue;
+        }
+        let kept = std::fs::hard_link(&f.path, &dest)
+            .or_else(|_| std::fs::copy(&f.path, &dest).map(|_| ()));
+        if let Err(e) = kept {
+            warn!(file = %f.path, error = %e, "cannot keep a copy of a mapped file");
+        }
+    }
 }
 
 /// Read the `pending` pages of the clone into `buf`, append the non-zero

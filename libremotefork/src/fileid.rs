@@ -59,15 +59,33 @@ pub fn identify(path: &str) -> Result<FileRef, FileIdError> {
     })
 }
 
-/// Does the file at `r.path` on this node have the identity recorded in `r`?
-pub fn matches(r: &FileRef) -> Result<bool, FileIdError> {
-    if !Path::new(&r.path).exists() {
+/// The name a seed keeps its copy of a file under: its build-id or content hash.
+pub fn store_key(r: &FileRef) -> String {
+    match (&r.build_id, &r.content_sha256) {
+        (Some(b), _) => format!("b-{b}"),
+        (None, Some(h)) => format!("h-{h}"),
+        (None, None) => format!("s-{}-{}", r.size, r.mtime_ns),
+    }
+}
+
+/// Does the file at `path` have the identity recorded in `r` (ignoring its
+/// path and mtime)?
+pub fn matches_at(r: &FileRef, path: &Path) -> Result<bool, FileIdError> {
+    let Some(p) = path.to_str() else {
+        return Ok(false);
+    };
+    if !path.exists() {
         return Ok(false);
     }
-    let here = identify(&r.path)?;
+    let here = identify(p)?;
     Ok(here.size == r.size
         && here.build_id == r.build_id
         && (r.build_id.is_some() || here.content_sha256 == r.content_sha256))
+}
+
+/// Does the file at `r.path` on this node have the identity recorded in `r`?
+pub fn matches(r: &FileRef) -> Result<bool, FileIdError> {
+    matches_at(r, Path::new(&r.path))
 }
 
 fn sha256_file(f: &File) -> io::Result<String> {

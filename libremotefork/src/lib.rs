@@ -9,5 +9,6 @@ pub mod classify;
 pub mod fileid;
 pub mod image;
 pub mod procfs;
+pub mod restore;
 
 pub use kernel_helpers::PAGE_SIZE;

@@ -147,6 +147,43 @@ impl From<&libc::user_regs_struct> for Registers {
     }
 }
 
+impl Registers {
+    /// As a `user_regs_struct` for `PTRACE_SETREGS`.
+    pub fn to_user_regs(&self) -> libc::user_regs_struct {
+        // SAFETY: user_regs_struct is plain old data; all-zero is valid and
+        // every field is overwritten below.
+        let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+        r.r15 = self.r15;
+        r.r14 = self.r14;
+        r.r13 = self.r13;
+        r.r12 = self.r12;
+        r.rbp = self.rbp;
+        r.rbx = self.rbx;
+        r.r11 = self.r11;
+        r.r10 = self.r10;
+        r.r9 = self.r9;
+        r.r8 = self.r8;
+        r.rax = self.rax;
+        r.rcx = self.rcx;
+        r.rdx = self.rdx;
+        r.rsi = self.rsi;
+        r.rdi = self.rdi;
+        r.orig_rax = self.orig_rax;
+        r.rip = self.rip;
+        r.cs = self.cs;
+        r.eflags = self.eflags;
+        r.rsp = self.rsp;
+        r.ss = self.ss;
+        r.fs_base = self.fs_base;
+        r.gs_base = self.gs_base;
+        r.ds = self.ds;
+        r.es = self.es;
+        r.fs = self.fs;
+        r.gs = self.gs;
+        r
+    }
+}
+
 /// Kernel syscall-restart codes that can sit in `rax` of a process stopped
 /// inside a blocking syscall.
 pub mod restart {

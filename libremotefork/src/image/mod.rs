@@ -39,6 +39,9 @@ pub const HEADER_LEN: usize = 56;
 pub const MAX_BODY_LEN: u64 = 256 << 20;
 /// Name of the descriptor file in an image directory.
 pub const DESCRIPTOR_FILE: &str = "descriptor.bin";
+/// Directory in an image holding the seed's copies of mapped files, named by
+/// [`crate::fileid::store_key`].
+pub const FILES_DIR: &str = "files";
 /// Name of the page store in an image directory.
 pub const PAGES_FILE: &str = "pages.img";
 
@@ -431,4 +434,4 @@ pub fn write(dir: &Path, desc: &Descriptor, pages: &[u8], durable: bool) -> Resu
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,0 +1,486 @@
+//! Restore: start a new running process from a seed image, on this node.
+//!
+//! A [`Restorer`] checks once what every child of an image needs (the vDSO
+//! matches, the files resolve, the privileges are there) and builds nothing
+//! that can half-exist. [`Restorer::spawn`] then, per child:
+//!
+//! 1. starts a husk under ptrace, stopped at its exec;
+//! 2. builds the [`plan::RestorePlan`] for that husk and maps the executor
+//!    area into it with one injected `mmap`;
+//! 3. runs the map phase in one go, writes every stored page (eager), runs
+//!    the state phase in one go;
+//! 4. unmaps the executor with one injected `munmap`, sets the registers
+//!    (an interrupted syscall set to restart), XSAVE state and signal mask,
+//!    and detaches.
+//!
+//! On any error the husk is killed and reaped: no half-built child remains.
+
+pub mod plan;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Instant;
+
+use kernel_helpers::husk::{self, HuskError};
+use kernel_helpers::mapping::Mapping;
+use kernel_helpers::mem::{self, MemError, ProcMem, RemoteRange};
+use kernel_helpers::ptrace::{PtraceError, Tracee};
+use kernel_helpers::{executor, PAGE_SIZE};
+use sha2::{Digest, Sha256};
+use tracing::{debug, info_span, warn};
+
+use crate::fileid::{self, hex, FileIdError};
+use crate::image::{Descriptor, ImageError, PageState, SeedImage, VmaKind, FILES_DIR, PAGES_FILE};
+use crate::procfs::{self, ProcfsError};
+use plan::{Backing, HuskLayout, PlanError, ResolvedFile, RestorePlan};
+
+/// `CAP_SETGID`, `CAP_SETUID`, `CAP_SYS_ADMIN`, `CAP_CHECKPOINT_RESTORE`.
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_CHECKPOINT_RESTORE: u32 = 40;
+
+/// Errors of restore. Each names what failed and on which object.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The node's vDSO differs from the seed's.
+    #[error("this node's vDSO differs from the seed's (seed {seed}, here {here}): the kernels differ; restore it on a node running the seed's kernel")]
+    VdsoMismatch {
+        /// The seed's hash.
+        seed: String,
+        /// This node's.
+        here: String,
+    },
+    /// Restore lacks a privilege it needs.
+    #[error("not permitted to restore: {0}")]
+    NotPermitted(String),
+    /// The CPU's XSAVE layout differs.
+    #[error(
+        "this CPU's XSAVE area is {here} bytes, the seed's is {seed}: the CPUs differ in features"
+    )]
+    XstateMismatch {
+        /// The seed's size.
+        seed: usize,
+        /// This CPU's.
+        here: usize,
+    },
+    /// A step run inside the husk failed.
+    #[error("restore step failed in the child: {what}: {detail}")]
+    Step {
+        /// The step.
+        what: String,
+        /// Its error.
+        detail: String,
+    },
+    /// Planning failed.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The husk could not be started.
+    #[error(transparent)]
+    Husk(#[from] HuskError),
+    /// A ptrace operation failed.
+    #[error(transparent)]
+    Ptrace(#[from] PtraceError),
+    /// Writing the child's memory failed.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// The image could not be read.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// procfs could not be read.
+    #[error(transparent)]
+    Procfs(#[from] ProcfsError),
+    /// A file could not be identified.
+    #[error(transparent)]
+    FileId(#[from] FileIdError),
+    /// An I/O error.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// A child that was started.
+#[derive(Debug, Clone)]
+pub struct Child {
+    /// Its pid.
+    pub pid: i32,
+    /// Steps that did not fully succeed and things the user should know.
+    pub notes: Vec<String>,
+    /// From starting the husk to the child running, in ns.
+    pub restore_ns: u64,
+    /// Pages written into it.
+    pub pages_written: u64,
+}
+
+/// Everything needed to start children from one image.
+#[derive(Debug)]
+pub struct Restorer {
+    image: SeedImage,
+    resolved: Vec<ResolvedFile>,
+    pages: Mapping,
+    /// Offset of a `syscall` instruction inside the vDSO.
+    vdso_syscall_offset: u64,
+    notes: Vec<String>,
+}
+
+impl Restorer {
+    /// Check that children of `image` can be started here.
+    pub fn new(image: SeedImage) -> Result<Restorer, RestoreError> {
+        let d = image.descriptor();
+        let (here_hash, vdso_syscall_offset) = own_vdso()?;
+        if here_hash != d.vdso_hash {
+            return Err(RestoreError::VdsoMismatch {
+                seed: d.vdso_hash.clone(),
+                here: here_hash,
+            });
+        }
+        check_privileges(d)?;
+        let mut notes = Vec::new();
+        let resolved = resolve_files(image.dir(), d, &mut notes)?;
+        let ppath = image.dir().join(PAGES_FILE);
+        let f = std::fs::File::open(&ppath).map_err(|source| RestoreError::Io {
+            what: format!("opening {}", ppath.display()),
+            source,
+        })?;
+        let pages = Mapping::file_readonly(&f, d.image_bytes as usize).map_err(|source| {
+            RestoreError::Io {
+                what: format!("mapping {}", ppath.display()),
+                source,
+            }
+        })?;
+        Ok(Restorer {
+            image,
+            resolved,
+            pages,
+            vdso_syscall_offset,
+            notes,
+        })
+    }
+
+    /// The image.
+    pub fn image(&self) -> &SeedImage {
+        &self.image
+    }
+
+    /// Start one child with the given stdio. It runs when this returns.
+    pub fn spawn(&self, stdin: Stdio, stdout: Stdio, stderr: Stdio) -> Result<Child, RestoreError> {
+        let d = self.image.descriptor();
+        let span = info_span!("restore", seed_pid = d.source.pid);
+        let _g = span.enter();
+        let t0 = Instant::now();
+        let mut husk = husk::spawn(stdin, stdout, stderr)?;
+        let pid = husk.pid();
+        let layout = HuskLayout {
+            maps: procfs::maps(pid)?
+                .into_iter()
+                .filter(|m| m.path != "[vsyscall]")
+                .collect(),
+        };
+        let plan = plan::build(d, &layout, &self.resolved)?;
+        let base_regs = husk.regs()?;
+        let here_xstate = husk.xstate()?.len();
+        if here_xstate != d.xstate.len() {
+            return Err(RestoreError::XstateMismatch {
+                seed: d.xstate.len(),
+                here: here_xstate,
+            });
+        }
+        let husk_vdso = layout
+            .maps
+            .iter()
+            .find(|m| m.path == "[vdso]")
+            .ok_or_else(|| RestoreError::Step {
+                what: "finding the husk's vDSO".into(),
+                detail: "none mapped".into(),
+            })?;
+        let insn = husk_vdso.start + self.vdso_syscall_offset;
+
+        // The executor area.
+        let blob = plan.blob();
+        let len = plan.area_len();
+        let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+        let r = husk.inject_syscall(
+            insn,
+            &base_regs,
+            libc::SYS_mmap,
+            [plan.base, len, prot, flags, u64::MAX, 0],
+        )?;
+        if r.ret as u64 != plan.base {
+            return Err(RestoreError::Step {
+                what: format!("mapping the executor at {:#x}", plan.base),
+                detail: errno_text(r.ret),
+            });
+        }
+        mem::write_ranges(
+            pid,
+            &[&blob.bytes],
+            &[RemoteRange {
+                addr: plan.base,
+                len: blob.bytes.len(),
+            }],
+        )?;
+
+        run_phase(
+            &mut husk,
+            &plan,
+            &base_regs,
+            blob.code,
+            blob.map_table,
+            false,
+        )?;
+        let pages_written = self.write_pages(pid, &plan)?;
+        debug!(
+            us = t0.elapsed().as_micros() as u64,
+            pages_written, "memory in place"
+        );
+        run_phase(
+            &mut husk,
+            &plan,
+            &base_regs,
+            blob.code,
+            blob.state_table,
+            true,
+        )?;
+
+        let mut notes = self.notes.clone();
+        notes.extend(plan.notes.iter().cloned());
+        for s in &plan.soft_steps {
+            let mut w = [0u8; 8];
+            mem::read_ranges(
+                pid,
+                &[RemoteRange {
+                    addr: blob.data + s.result_at as u64,
+                    len: 8,
+                }],
+                &mut w,
+            )?;
+            let ret = i64::from_le_bytes(w);
+            if (-4095..0).contains(&ret) {
+                notes.push(format!(
+                    "{} failed in the child: {}",
+                    s.what,
+                    errno_text(ret)
+                ));
+            }
+        }
+
+        // Remove the executor, then become the parent.
+        let child_vdso = d
+            .vmas
+            .iter()
+            .find(|v| v.kind == VmaKind::Vdso)
+            .map(|v| v.start)
+            .ok_or_else(|| RestoreError::Step {
+                what: "finding the seed's vDSO".into(),
+                detail: "none recorded".into(),
+            })?;
+        let r = husk.inject_syscall(
+            child_vdso + self.vdso_syscall_offset,
+            &base_regs,
+            libc::SYS_munmap,
+            [plan.base, len, 0, 0, 0, 0],
+        )?;
+        if r.ret != 0 {
+            return Err(RestoreError::Step {
+                what: "unmapping the executor".into(),
+                detail: errno_text(r.ret),
+            });
+        }
+        let regs = d.registers.restarted().to_user_regs();
+        husk.set_regs(&regs)?;
+        husk.set_xstate(&d.xstate)?;
+        husk.set_sigmask(d.sigmask)?;
+        husk.detach()?;
+        let restore_ns = t0.elapsed().as_nanos() as u64;
+        debug!(pid, us = restore_ns / 1000, "child running");
+        Ok(Child {
+            pid,
+            notes,
+            restore_ns,
+            pages_written,
+        })
+    }
+
+    /// Eager mode: write every stored page into the child.
+    fn write_pages(&self, pid: i32, plan: &RestorePlan) -> Result<u64, RestoreError> {
+        let d = self.image.descriptor();
+        let store = self.pages.as_slice();
+        let mut local: Vec<&[u8]> = Vec::new();
+        let mut remote: Vec<RemoteRange> = Vec::new();
+        let mut proc_mem: Option<ProcMem> = None;
+        let mut written = 0u64;
+        for (vma, b) in d.vmas.iter().zip(&plan.backing) {
+            if *b == Backing::Kernel {
+                continue;
+            }
+            let writable = vma.prot & libc::PROT_WRITE as u32 != 0;
+            for run in &vma.runs {
+                let PageState::Stored { offset } = run.state else {
+                    continue;
+                };
+                let len = (run.count * PAGE_SIZE) as usize;
+                let src = &store[offset as usize..offset as usize + len];
+                let addr = vma.start + run.first * PAGE_SIZE;
+                written += run.count;
+                if writable {
+                    local.push(src);
+                    remote.push(RemoteRange { addr, len });
+                } else {
+                    // Not writable by the process: /proc/PID/mem writes
+                    // through FOLL_FORCE, as a debugger's would.
+                    if proc_mem.is_none() {
+                        proc_mem = Some(ProcMem::open_rw(pid)?);
+                    }
+                    if let Some(pm) = &proc_mem {
+                        pm.write_all_at(addr, src)?;
+                    }
+                }
+            }
+        }
+        mem::write_ranges(pid, &local, &remote)?;
+        Ok(written)
+    }
+}
+
+fn run_phase(
+    husk: &mut Tracee,
+    plan: &RestorePlan,
+    base: &libc::user_regs_struct,
+    code: u64,
+    (table, count): (u64, u64),
+    state_phase: bool,
+) -> Result<(), RestoreError> {
+    if count == 0 {
+        return Ok(());
+    }
+    let regs = executor::start_regs(base, code, table, count);
+    let at_trap = husk.run_until_trap(&regs)?;
+    match executor::outcome(&at_trap) {
+        executor::Outcome::Done => Ok(()),
+        executor::Outcome::Failed { index, result } => {
+            let what = plan.describe(state_phase, index).to_string();
+            let ops = if state_phase {
+                &plan.state_ops
+            } else {
+                &plan.map_ops
+            };
+            let detail = match ops.get(index as usize).and_then(|o| o.expect) {
+                Some(want) if !(-4095..0).contains(&result) => {
+                    format!("returned {result:#x}, expected {want:#x}")
+                }
+                _ => errno_text(result),
+            };
+            Err(RestoreError::Step { what, detail })
+        }
+    }
+}
+
+fn errno_text(ret: i64) -> String {
+    if (-4095..0).contains(&ret) {
+        format!("{}", std::io::Error::from_raw_os_error(-ret as i32))
+    } else {
+        format!("returned {ret:#x}")
+    }
+}
+
+/// Hash of this process's `[vdso]` and the offset of a `syscall` in it.
+fn own_vdso() -> Result<(String, u64), RestoreError> {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let maps = procfs::maps(me)?;
+    let v = maps
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .ok_or_else(|| RestoreError::Step {
+            what: "finding this node's vDSO".into(),
+            detail: "forkd has no [vdso]".into(),
+        })?;
+    let mut bytes = vec![0u8; (v.end - v.start) as usize];
+    mem::read_ranges(
+        me,
+        &[RemoteRange {
+            addr: v.start,
+            len: bytes.len(),
+        }],
+        &mut bytes,
+    )?;
+    let off = bytes
+        .windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .ok_or_else(|| RestoreError::Step {
+            what: "finding a syscall in the vDSO".into(),
+            detail: "none".into(),
+        })?;
+    Ok((hex(&Sha256::digest(&bytes)), off as u64))
+}
+
+fn has_cap(capeff: u64, cap: u32) -> bool {
+    capeff & (1 << cap) != 0
+}
+
+/// Refuse up front, with a clear reason, what the state phase would fail at.
+fn check_privileges(d: &Descriptor) -> Result<(), RestoreError> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(|source| RestoreError::Io {
+            what: "reading /proc/self/status".into(),
+            source,
+        })?;
+    let capeff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    if !has_cap(capeff, CAP_CHECKPOINT_RESTORE) && !has_cap(capeff, CAP_SYS_ADMIN) {
+        return Err(RestoreError::NotPermitted(
+            "setting the child's memory layout and executable (PR_SET_MM_MAP) needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN; run forkd as root".into(),
+        ));
+    }
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    if d.creds.uid.iter().any(|u| *u != uid) && !has_cap(capeff, CAP_SETUID) {
+        return Err(RestoreError::NotPermitted(format!(
+            "the seed runs as uid {:?} and switching to it needs CAP_SETUID",
+            d.creds.uid
+        )));
+    }
+    if d.creds.gid.iter().any(|g| *g != gid) && !has_cap(capeff, CAP_SETGID) {
+        return Err(RestoreError::NotPermitted(format!(
+            "the seed runs as gid {:?} and switching to it needs CAP_SETGID",
+            d.creds.gid
+        )));
+    }
+    Ok(())
+}
+
+/// How every file of the seed resolves here: the node's own copy if it is the
+/// same file, else the seed's kept copy if that is intact, else unavailable.
+fn resolve_files(
+    dir: &Path,
+    d: &Descriptor,
+    notes: &mut Vec<String>,
+) -> Result<Vec<ResolvedFile>, RestoreError> {
+    let mut out = Vec::with_capacity(d.files.len());
+    for f in &d.files {
+        if fileid::matches(f)? {
+            out.push(ResolvedFile::Local(f.path.clone()));
+            continue;
+        }
+        let copy: PathBuf = dir.join(FILES_DIR).join(fileid::store_key(f));
+        if fileid::matches_at(f, &copy)? {
+            warn!(file = %f.path, "missing or changed on this node; using the seed's copy");
+            out.push(ResolvedFile::SeedCopy(copy.to_string_lossy().into_owned()));
+        } else {
+            notes.push(format!(
+                "{} is missing or changed here and the seed has no intact copy",
+                f.path
+            ));
+            out.push(ResolvedFile::Unavailable);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,997 @@
+//! The restore plan: which syscalls the executor runs inside the husk, in
+//! what order, with what arguments. Pure: built from a descriptor, the husk's
+//! layout and the files resolved on this node, and unit-tested without any
+//! process.
+//!
+//! Two tables run in the husk, with forkd filling memory between them:
+//!
+//! - **map** (phase A): unmap the husk's own mappings, move its
+//!   `[vvar]`/`[vvar_vclock]`/`[vdso]` block to the parent's address, and map
+//!   every parent mapping at its address with `MAP_FIXED_NOREPLACE`
+//!   (anonymous, shared anonymous, or the file when it can be used).
+//! - **state** (phase B): `PR_SET_MM_MAP`, signal handlers, sigaltstack,
+//!   rseq, robust list, `clear_child_tid`, personality, comm, umask, cwd,
+//!   rlimits, file descriptors, and credentials last.
+//!
+//! Then forkd unmaps the executor with one injected `munmap` and sets the
+//! registers, so no restore code stays in the child.
+
+use kernel_helpers::executor::{self, Entry};
+
+use crate::image::{Descriptor, PageState, VmaKind};
+use crate::procfs::{FdKind, MapsEntry};
+use crate::PAGE_SIZE;
+
+/// Highest user-space address + 1 on x86_64 with 4-level page tables.
+pub const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+/// Lowest address mmap may use (`vm.mmap_min_addr`).
+const MMAP_MIN: u64 = 0x10000;
+/// Where the search for free space for the executor starts.
+const SEARCH_FROM: u64 = 0x1_0000_0000;
+/// Highest file descriptor number restore recreates.
+pub const MAX_FD: i32 = 4096;
+/// `PR_SET_MM`, `PR_SET_MM_MAP`, `PR_SET_NAME`.
+const PR_SET_MM: u64 = 35;
+const PR_SET_MM_MAP: u64 = 14;
+const PR_SET_NAME: u64 = 15;
+/// Size of `struct prctl_mm_map`.
+const PRCTL_MM_MAP_SIZE: usize = 104;
+
+/// Errors building a plan. Nothing has been started when one is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A mapping cannot be placed in this address space.
+    #[error("mapping {start:#x}-{end:#x} ({path}) lies outside the user address space (ends at {TASK_SIZE:#x}); cannot restore it")]
+    OutsideUserSpace {
+        /// Start.
+        start: u64,
+        /// End.
+        end: u64,
+        /// Path.
+        path: String,
+    },
+    /// The husk's vDSO block does not look like the parent's.
+    #[error("the vDSO block here ({here}) differs in layout from the seed's ({seed}); this node's kernel differs")]
+    VdsoLayout {
+        /// This node's block.
+        here: String,
+        /// The seed's block.
+        seed: String,
+    },
+    /// No free address range for the executor.
+    #[error("no free address range of {0} bytes for the restore executor outside the seed's and the husk's mappings")]
+    NoRoom(u64),
+    /// A file needed by a mapping is not available.
+    #[error("{path} is needed by mapping {start:#x}-{end:#x} but is missing or differs on this node, and the seed has no copy of it")]
+    FileUnavailable {
+        /// The file.
+        path: String,
+        /// Mapping start.
+        start: u64,
+        /// Mapping end.
+        end: u64,
+    },
+    /// Too many file descriptors.
+    #[error("file descriptor {0} is above the highest restore recreates ({MAX_FD})")]
+    FdTooHigh(i32),
+}
+
+/// An argument of a planned syscall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arg {
+    /// A plain value.
+    Val(u64),
+    /// The address of `len` bytes at `offset` in the plan's data area.
+    Data(usize),
+    /// The previous syscall's result.
+    Prev,
+    /// The last result saved with `save`.
+    Saved,
+}
+
+/// One planned syscall.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    /// Syscall number.
+    pub nr: i64,
+    /// Arguments.
+    pub args: [Arg; 6],
+    /// Keep going if it fails.
+    pub ignore_error: bool,
+    /// Save its result for later `Arg::Saved`.
+    pub save: bool,
+    /// Store its result at this data offset.
+    pub store: Option<usize>,
+    /// It must return exactly this.
+    pub expect: Option<u64>,
+    /// What it does, for error messages.
+    pub what: String,
+}
+
+impl Op {
+    fn new(nr: i64, args: [Arg; 6], what: impl Into<String>) -> Op {
+        Op {
+            nr,
+            args,
+            ignore_error: false,
+            save: false,
+            store: None,
+            expect: None,
+            what: what.into(),
+        }
+    }
+    fn expect(mut self, v: u64) -> Op {
+        self.expect = Some(v);
+        self
+    }
+    fn save(mut self) -> Op {
+        self.save = true;
+        self
+    }
+    fn soft(mut self, store: usize) -> Op {
+        self.ignore_error = true;
+        self.store = Some(store);
+        self
+    }
+}
+
+fn v(x: u64) -> Arg {
+    Arg::Val(x)
+}
+
+/// How the pages of one mapping get filled after the map phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Anonymous (private or shared) memory: stored pages are written in,
+    /// the rest stays zero.
+    Anonymous,
+    /// The file at this index of [`RestorePlan::file_paths`] is mapped;
+    /// from-file pages come from it, stored pages are written over it.
+    File(usize),
+    /// Provided by the kernel (vDSO block).
+    Kernel,
+}
+
+/// A file mapping's file as resolved on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResolvedFile {
+    /// The file at its original path has the recorded identity.
+    Local(String),
+    /// The original differs or is missing; this copy from the seed matches.
+    SeedCopy(String),
+    /// Neither is available.
+    Unavailable,
+}
+
+/// A soft step whose failure is reported, not fatal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SoftStep {
+    /// Data offset of its stored result.
+    pub result_at: usize,
+    /// What it does.
+    pub what: String,
+}
+
+/// A complete plan for one child.
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    /// Where the executor area goes.
+    pub base: u64,
+    /// The map phase.
+    pub map_ops: Vec<Op>,
+    /// The state phase.
+    pub state_ops: Vec<Op>,
+    /// Bytes referenced by `Arg::Data`.
+    pub data: Vec<u8>,
+    /// Per descriptor VMA: how its pages get filled.
+    pub backing: Vec<Backing>,
+    /// Paths actually mapped, indexed by `Backing::File`.
+    pub file_paths: Vec<String>,
+    /// Steps whose failure is only reported (rlimits, cwd).
+    pub soft_steps: Vec<SoftStep>,
+    /// Things the user should know (files served from the seed, fds replaced).
+    pub notes: Vec<String>,
+}
+
+/// The layout of the executor area, once the plan is finished.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    /// Bytes to write at `base`.
+    pub bytes: Vec<u8>,
+    /// Address of the code.
+    pub code: u64,
+    /// Address and entry count of the map phase table.
+    pub map_table: (u64, u64),
+    /// Address and entry count of the state phase table.
+    pub state_table: (u64, u64),
+    /// Address of the data area.
+    pub data: u64,
+}
+
+impl RestorePlan {
+    /// Bytes the executor area needs (page aligned).
+    pub fn area_len(&self) -> u64 {
+        let n = self.map_ops.len() + self.state_ops.len();
+        let len = align8(executor::CODE.len()) + n * executor::ENTRY_SIZE + self.data.len();
+        (len as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE
+    }
+
+    /// Lay the executor area out at `self.base`.
+    pub fn blob(&self) -> Blob {
+        let code_len = align8(executor::CODE.len());
+        let map_at = self.base + code_len as u64;
+        let state_at = map_at + (self.map_ops.len() * executor::ENTRY_SIZE) as u64;
+        let data_at = state_at + (self.state_ops.len() * executor::ENTRY_SIZE) as u64;
+        let mut bytes = executor::CODE.to_vec();
+        bytes.resize(code_len, 0xcc);
+        for op in self.map_ops.iter().chain(&self.state_ops) {
+            encode_op(op, data_at).encode(&mut bytes);
+        }
+        bytes.extend_from_slice(&self.data);
+        Blob {
+            bytes,
+            code: self.base,
+            map_table: (map_at, self.map_ops.len() as u64),
+            state_table: (state_at, self.state_ops.len() as u64),
+            data: data_at,
+        }
+    }
+
+    /// Describe entry `index` of a phase for an error message.
+    pub fn describe(&self, state_phase: bool, index: u64) -> &str {
+        let ops = if state_phase {
+            &self.state_ops
+        } else {
+            &self.map_ops
+        };
+        ops.get(index as usize)
+            .map(|o| o.what.as_str())
+            .unwrap_or("(unknown step)")
+    }
+}
+
+fn align8(n: usize) -> usize {
+    n.div_ceil(8) * 8
+}
+
+fn encode_op(op: &Op, data_at: u64) -> Entry {
+    let mut e = Entry {
+        nr: op.nr as u64,
+        ..Default::default()
+    };
+    for (i, a) in op.args.iter().enumerate() {
+        match *a {
+            Arg::Val(x) => e.args[i] = x,
+            Arg::Data(off) => e.args[i] = data_at + off as u64,
+            Arg::Prev => e.flags |= executor::prev_to_arg(i as u32),
+            Arg::Saved => e.flags |= executor::saved_to_arg(i as u32),
+        }
+    }
+    if op.ignore_error {
+        e.flags |= executor::IGNORE_ERROR;
+    }
+    if op.save {
+        e.flags |= executor::SAVE;
+    }
+    if let Some(off) = op.store {
+        e.flags |= executor::STORE;
+        e.extra = data_at + off as u64;
+    }
+    if let Some(x) = op.expect {
+        e.flags |= executor::EXPECT;
+        e.extra = x;
+    }
+    e
+}
+
+/// Data area under construction.
+#[derive(Default)]
+struct Data(Vec<u8>);
+
+impl Data {
+    fn bytes(&mut self, b: &[u8]) -> usize {
+        let at = align8(self.0.len());
+        self.0.resize(at, 0);
+        self.0.extend_from_slice(b);
+        at
+    }
+    fn cstr(&mut self, s: &str) -> usize {
+        let mut b = s.as_bytes().to_vec();
+        b.push(0);
+        self.bytes(&b)
+    }
+    fn words(&mut self, w: &[u64]) -> usize {
+        let b: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.bytes(&b)
+    }
+    fn slot(&mut self) -> usize {
+        self.words(&[0])
+    }
+}
+
+/// The parts of the husk's layout the plan needs.
+#[derive(Debug, Clone)]
+pub struct HuskLayout {
+    /// Its mappings (from `/proc/PID/maps`).
+    pub maps: Vec<MapsEntry>,
+}
+
+/// Build the plan. `files[i]` is how `desc.files[i]` resolved on this node.
+pub fn build(
+    desc: &Descriptor,
+    husk: &HuskLayout,
+    files: &[ResolvedFile],
+) -> Result<RestorePlan, PlanError> {
+    let mut notes = Vec::new();
+    for v in &desc.vmas {
+        if v.end > TASK_SIZE || v.start < MMAP_MIN {
+            return Err(PlanError::OutsideUserSpace {
+                start: v.start,
+                end: v.end,
+                path: v.path.clone(),
+            });
+        }
+    }
+
+    // Decide every mapping's backing first: it decides what the map phase does.
+    let mut backing = Vec::with_capacity(desc.vmas.len());
+    let mut file_paths: Vec<String> = Vec::new();
+    for v in &desc.vmas {
+        let b = if v.kind.is_kernel_provided() {
+            Backing::Kernel
+        } else if let Some(fi) = v.file {
+            let needs_file = v.runs.iter().any(|r| r.state == PageState::FromFile);
+            match files.get(fi as usize) {
+                Some(ResolvedFile::Local(p)) => Backing::File(intern(&mut file_paths, p)),
+                Some(ResolvedFile::SeedCopy(p)) => {
+                    let orig = &desc.files[fi as usize].path;
+                    let note = format!("{orig} is missing or differs on this node; serving its pages from the seed's copy");
+                    if !notes.contains(&note) {
+                        notes.push(note);
+                    }
+                    Backing::File(intern(&mut file_paths, p))
+                }
+                _ if !needs_file && v.kind == VmaKind::FilePrivate => Backing::Anonymous,
+                _ => {
+                    return Err(PlanError::FileUnavailable {
+                        path: desc.files[fi as usize].path.clone(),
+                        start: v.start,
+                        end: v.end,
+                    })
+                }
+            }
+        } else {
+            Backing::Anonymous
+        };
+        backing.push(b);
+    }
+
+    let mut data = Data::default();
+    let mut map_ops = Vec::new();
+    let (vdso_here, vdso_seed) = vdso_blocks(husk, desc)?;
+
+    // Room for the executor: free in both layouts, and a second range to
+    // park the vDSO block in if its old and new places overlap.
+    let occupied: Vec<(u64, u64)> = desc
+        .vmas
+        .iter()
+        .map(|v| (v.start, v.end))
+        .chain(husk.maps.iter().map(|m| (m.start, m.end)))
+        .collect();
+
+    // 1. Unmap the husk (all but its vDSO block; the executor area is not
+    //    mapped yet when the husk layout was read).
+    for m in &husk.maps {
+        if is_vdso_block(&m.path) || m.path == "[vsyscall]" {
+            continue;
+        }
+        map_ops.push(Op::new(
+            libc::SYS_munmap,
+            [v(m.start), v(m.end - m.start), v(0), v(0), v(0), v(0)],
+            format!("munmap husk {:#x}-{:#x} {}", m.start, m.end, m.path),
+        ));
+    }
+
+    // 2. Move the vDSO block to the parent's address, keeping its shape.
+    let mut moves: Vec<(u64, u64, u64, String)> = Vec::new(); // (from, len, to, name)
+    if let (Some(h), Some(s)) = (&vdso_here, &vdso_seed) {
+        let delta_needed = h[0].0 != s[0].0;
+        if delta_needed {
+            let (h_lo, h_hi) = (h[0].0, h.last().map(|x| x.1).unwrap_or(0));
+            let (s_lo, s_hi) = (s[0].0, s.last().map(|x| x.1).unwrap_or(0));
+            let overlap = h_lo < s_hi && s_lo < h_hi;
+            if overlap {
+                let park = find_free(&occupied, h_hi - h_lo, &[])?;
+                for (a, b, name) in h {
+                    moves.push((*a, b - a, park + (a - h_lo), name.clone()));
+                }
+                for (a, b, name) in h {
+                    moves.push((park + (a - h_lo), b - a, s_lo + (a - h_lo), name.clone()));
+                }
+            } else {
+                for (a, b, name) in h {
+                    moves.push((*a, b - a, s_lo + (a - h_lo), name.clone()));
+                }
+            }
+        }
+    }
+    for (from, len, to, name) in moves {
+        map_ops.push(
+            Op::new(
+                libc::SYS_mremap,
+                [
+                    v(from),
+                    v(len),
+                    v(len),
+                    v((libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64),
+                    v(to),
+                    v(0),
+                ],
+                format!("mremap {name} {from:#x} -> {to:#x}"),
+            )
+            .expect(to),
+        );
+    }
+
+    // 3. Map every parent mapping at its address.
+    for (vma, b) in desc.vmas.iter().zip(&backing) {
+        let len = vma.end - vma.start;
+        let what = format!(
+            "map {:#x}-{:#x} {} {}",
+            vma.start,
+            vma.end,
+            vma.kind.name(),
+            vma.path
+        );
+        match b {
+            Backing::Kernel => {}
+            Backing::Anonymous => {
+                let mut flags = libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+                flags |= if vma.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+                if vma.kind == VmaKind::Stack {
+                    flags |= libc::MAP_GROWSDOWN;
+                }
+                map_ops.push(
+                    Op::new(
+                        libc::SYS_mmap,
+                        [
+                            v(vma.start),
+                            v(len),
+                            v(vma.prot as u64),
+                            v(flags as u64),
+                            v(u64::MAX),
+                            v(0),
+                        ],
+                        what,
+                    )
+                    .expect(vma.start),
+                );
+            }
+            Backing::File(i) => {
+                let path = data.cstr(&file_paths[*i]);
+                let writable_shared = vma.shared && vma.prot & libc::PROT_WRITE as u32 != 0;
+                let oflags = if writable_shared {
+                    libc::O_RDWR
+                } else {
+                    libc::O_RDONLY
+                } | libc::O_CLOEXEC;
+                map_ops.push(
+                    Op::new(
+                        libc::SYS_open,
+                        [Arg::Data(path), v(oflags as u64), v(0), v(0), v(0), v(0)],
+                        format!("open {}", file_paths[*i]),
+                    )
+                    .save(),
+                );
+                let mut flags = libc::MAP_FIXED_NOREPLACE;
+                flags |= if vma.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+                map_ops.push(
+                    Op::new(
+                        libc::SYS_mmap,
+                        [
+                            v(vma.start),
+                            v(len),
+                            v(vma.prot as u64),
+                            v(flags as u64),
+                            Arg::Saved,
+                            v(vma.file_offset),
+                        ],
+                        what,
+                    )
+                    .expect(vma.start),
+                );
+                map_ops.push(Op::new(
+                    libc::SYS_close,
+                    [Arg::Saved, v(0), v(0), v(0), v(0), v(0)],
+                    format!("close {}", file_paths[*i]),
+                ));
+            }
+        }
+    }
+
+    // The executor area must avoid everything, and the park range if used.
+    let area_guess = 0u64; // filled below once the size is known
+    let _ = area_guess;
+
+    let mut state_ops = Vec::new();
+    let mut soft_steps = Vec::new();
+
+    // 4. Only stdio is inherited from the spawner: close anything else the
+    //    husk was given, so the parent's descriptors get their own numbers.
+    state_ops.push(Op::new(
+        libc::SYS_close_range,
+        [v(3), v(u32::MAX as u64), v(0), v(0), v(0), v(0)],
+        "close_range(3, ~0)",
+    ));
+
+    // mm fields, auxv and exe (PR_SET_MM_MAP).
+    let auxv_at = data.words(&desc.auxv);
+    let mm = &desc.mm;
+    let mut mm_map = Vec::with_capacity(PRCTL_MM_MAP_SIZE + 8);
+    for w in [
+        mm.start_code,
+        mm.end_code,
+        mm.start_data,
+        mm.end_data,
+        mm.start_brk,
+        mm.brk,
+        mm.start_stack,
+        mm.arg_start,
+        mm.arg_end,
+        mm.env_start,
+        mm.env_end,
+    ] {
+        mm_map.extend_from_slice(&w.to_le_bytes());
+    }
+    mm_map.extend_from_slice(&0u64.to_le_bytes()); // auxv pointer, patched below
+    mm_map.extend_from_slice(&((desc.auxv.len() * 8) as u32).to_le_bytes());
+    mm_map.extend_from_slice(&u32::MAX.to_le_bytes()); // exe_fd: -1 = keep
+    mm_map.extend_from_slice(&[0u8; 8]); // room for the 8-byte STORE of exe_fd
+    let mm_at = data.bytes(&mm_map);
+    let exe_usable = files_find(desc, files, &desc.exe);
+    if let Some(exe) = &exe_usable {
+        let exe_at = data.cstr(exe);
+        state_ops.push(
+            Op {
+                store: Some(mm_at + 100),
+                ..Op::new(
+                    libc::SYS_open,
+                    [
+                        Arg::Data(exe_at),
+                        v((libc::O_RDONLY | libc::O_CLOEXEC) as u64),
+                        v(0),
+                        v(0),
+                        v(0),
+                        v(0),
+                    ],
+                    format!("open exe {exe}"),
+                )
+            }
+            .save(),
+        );
+    } else {
+        notes.push(format!(
+            "the executable {} is not available here; /proc/PID/exe of the child shows the husk",
+            desc.exe
+        ));
+    }
+    state_ops.push(Op::new(
+        libc::SYS_prctl,
+        [
+            v(PR_SET_MM),
+            v(PR_SET_MM_MAP),
+            Arg::Data(mm_at),
+            v(PRCTL_MM_MAP_SIZE as u64),
+            v(0),
+            v(0),
+        ],
+        "prctl(PR_SET_MM_MAP)",
+    ));
+    if exe_usable.is_some() {
+        state_ops.push(Op::new(
+            libc::SYS_close,
+            [Arg::Saved, v(0), v(0), v(0), v(0), v(0)],
+            "close exe",
+        ));
+    }
+
+    // 5. Signal handlers, alternate stack, rseq, robust list, tid address.
+    for sa in &desc.sigactions {
+        if sa.signo == libc::SIGKILL as u32 || sa.signo == libc::SIGSTOP as u32 {
+            continue;
+        }
+        if sa.handler == 0 && sa.flags == 0 && sa.mask == 0 {
+            continue; // the husk's default already
+        }
+        let act = data.words(&[sa.handler, sa.flags, sa.restorer, sa.mask]);
+        state_ops.push(Op::new(
+            libc::SYS_rt_sigaction,
+            [v(sa.signo as u64), Arg::Data(act), v(0), v(8), v(0), v(0)],
+            format!("rt_sigaction({})", sa.signo),
+        ));
+    }
+    let ss = &desc.sigaltstack;
+    if ss.flags & libc::SS_DISABLE as u32 == 0 && ss.size > 0 {
+        let flags = (ss.flags & !(libc::SS_ONSTACK as u32)) as u64;
+        let at = data.words(&[ss.sp, flags, ss.size]);
+        state_ops.push(Op::new(
+            libc::SYS_sigaltstack,
+            [Arg::Data(at), v(0), v(0), v(0), v(0), v(0)],
+            "sigaltstack",
+        ));
+    }
+    if let Some(r) = desc.rseq {
+        state_ops.push(
+            Op::new(
+                libc::SYS_rseq,
+                [
+                    v(r.ptr),
+                    v(r.len as u64),
+                    v(0),
+                    v(r.signature as u64),
+                    v(0),
+                    v(0),
+                ],
+                format!("rseq({:#x})", r.ptr),
+            )
+            .expect(0),
+        );
+    }
+    if desc.robust_list.0 != 0 {
+        state_ops.push(Op::new(
+            libc::SYS_set_robust_list,
+            [
+                v(desc.robust_list.0),
+                v(desc.robust_list.1),
+                v(0),
+                v(0),
+                v(0),
+                v(0),
+            ],
+            "set_robust_list",
+        ));
+    }
+    state_ops.push(Op::new(
+        libc::SYS_set_tid_address,
+        [v(desc.clear_child_tid), v(0), v(0), v(0), v(0), v(0)],
+        "set_tid_address",
+    ));
+
+    // 6. personality, comm, umask, cwd, rlimits.
+    state_ops.push(Op::new(
+        libc::SYS_personality,
+        [v(desc.personality as u64), v(0), v(0), v(0), v(0), v(0)],
+        "personality",
+    ));
+    let comm = data.cstr(&desc.comm);
+    state_ops.push(Op::new(
+        libc::SYS_prctl,
+        [v(PR_SET_NAME), Arg::Data(comm), v(0), v(0), v(0), v(0)],
+        "prctl(PR_SET_NAME)",
+    ));
+    state_ops.push(Op::new(
+        libc::SYS_umask,
+        [v(desc.umask as u64), v(0), v(0), v(0), v(0), v(0)],
+        "umask",
+    ));
+    let cwd = data.cstr(&desc.cwd);
+    let slot = data.slot();
+    state_ops.push(
+        Op::new(
+            libc::SYS_chdir,
+            [Arg::Data(cwd), v(0), v(0), v(0), v(0), v(0)],
+            "chdir",
+        )
+        .soft(slot),
+    );
+    soft_steps.push(SoftStep {
+        result_at: slot,
+        what: format!("chdir({})", desc.cwd),
+    });
+    for (res, (soft, hard)) in desc.rlimits.iter().enumerate() {
+        let lim = data.words(&[*soft, *hard]);
+        let slot = data.slot();
+        state_ops.push(
+            Op::new(
+                libc::SYS_prlimit64,
+                [v(0), v(res as u64), Arg::Data(lim), v(0), v(0), v(0)],
+                format!("prlimit({res})"),
+            )
+            .soft(slot),
+        );
+        soft_steps.push(SoftStep {
+            result_at: slot,
+            what: format!("setting resource limit {res} to ({soft}, {hard})"),
+        });
+    }
+
+    // 7. File descriptors. open() returns the lowest free number, so
+    //    numbers are filled in ascending order, gaps with placeholders that
+    //    are closed afterwards; EXPECT checks every number.
+    let max_fd = desc.fds.iter().map(|f| f.fd).max().unwrap_or(2);
+    if max_fd > MAX_FD {
+        return Err(PlanError::FdTooHigh(max_fd));
+    }
+    let devnull = data.cstr("/dev/null");
+    let mut gaps = Vec::new();
+    for n in 3..=max_fd {
+        let f = desc.fds.iter().find(|f| f.fd == n);
+        let reopen = f.filter(|f| {
+            matches!(
+                f.kind,
+                FdKind::Regular | FdKind::Directory | FdKind::CharDevice
+            ) && std::path::Path::new(&f.path).exists()
+        });
+        match (f, reopen) {
+            (Some(f), Some(_)) => {
+                let keep = libc::O_ACCMODE
+                    | libc::O_APPEND
+                    | libc::O_NONBLOCK
+                    | libc::O_CLOEXEC
+                    | libc::O_DIRECTORY
+                    | libc::O_NOATIME
+                    | libc::O_SYNC
+                    | libc::O_DSYNC
+                    | libc::O_LARGEFILE;
+                let p = data.cstr(&f.path);
+                state_ops.push(
+                    Op::new(
+                        libc::SYS_open,
+                        [
+                            Arg::Data(p),
+                            v((f.flags as i32 & keep) as u64),
+                            v(0),
+                            v(0),
+                            v(0),
+                            v(0),
+                        ],
+                        format!("reopen fd {n} {}", f.path),
+                    )
+                    .expect(n as u64),
+                );
+                if f.kind == FdKind::Regular && f.offset > 0 {
+                    let slot = data.slot();
+                    state_ops.push(
+                        Op::new(
+                            libc::SYS_lseek,
+                            [
+                                v(n as u64),
+                                v(f.offset),
+                                v(libc::SEEK_SET as u64),
+                                v(0),
+                                v(0),
+                                v(0),
+                            ],
+                            format!("lseek fd {n}"),
+                        )
+                        .soft(slot),
+                    );
+                    soft_steps.push(SoftStep {
+                        result_at: slot,
+                        what: format!("restoring the offset of fd {n}"),
+                    });
+                }
+            }
+            (Some(f), None) => {
+                let cloexec = if f.flags as i32 & libc::O_CLOEXEC != 0 {
+                    libc::O_CLOEXEC
+                } else {
+                    0
+                };
+                state_ops.push(
+                    Op::new(
+                        libc::SYS_open,
+                        [
+                            Arg::Data(devnull),
+                            v((libc::O_RDWR | cloexec) as u64),
+                            v(0),
+                            v(0),
+                            v(0),
+                            v(0),
+                        ],
+                        format!("placeholder for fd {n}"),
+                    )
+                    .expect(n as u64),
+                );
+                notes.push(format!(
+                    "fd {n} ({:?} {}) cannot be recreated; it is /dev/null in the child",
+                    f.kind, f.path
+                ));
+            }
+            (None, _) => {
+                state_ops.push(
+                    Op::new(
+                        libc::SYS_open,
+                        [
+                            Arg::Data(devnull),
+                            v(libc::O_RDONLY as u64),
+                            v(0),
+                            v(0),
+                            v(0),
+                            v(0),
+                        ],
+                        format!("gap filler fd {n}"),
+                    )
+                    .expect(n as u64),
+                );
+                gaps.push(n);
+            }
+        }
+    }
+    for n in gaps {
+        state_ops.push(Op::new(
+            libc::SYS_close,
+            [v(n as u64), v(0), v(0), v(0), v(0), v(0)],
+            format!("close gap filler fd {n}"),
+        ));
+    }
+
+    // 8. Credentials, last: after them the child may no longer be allowed
+    //    the steps above.
+    let c = &desc.creds;
+    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
+    let g_at = data.bytes(&groups);
+    state_ops.push(Op::new(
+        libc::SYS_setgroups,
+        [
+            v(c.groups.len() as u64),
+            Arg::Data(g_at),
+            v(0),
+            v(0),
+            v(0),
+            v(0),
+        ],
+        "setgroups",
+    ));
+    state_ops.push(Op::new(
+        libc::SYS_setresgid,
+        [
+            v(c.gid[0] as u64),
+            v(c.gid[1] as u64),
+            v(c.gid[2] as u64),
+            v(0),
+            v(0),
+            v(0),
+        ],
+        "setresgid",
+    ));
+    state_ops.push(Op::new(
+        libc::SYS_setresuid,
+        [
+            v(c.uid[0] as u64),
+            v(c.uid[1] as u64),
+            v(c.uid[2] as u64),
+            v(0),
+            v(0),
+            v(0),
+        ],
+        "setresuid",
+    ));
+
+    // Patch the auxv pointer into the prctl_mm_map once the data area is final.
+    let mut plan = RestorePlan {
+        base: 0,
+        map_ops,
+        state_ops,
+        data: data.0,
+        backing,
+        file_paths,
+        soft_steps,
+        notes,
+    };
+    let len = plan.area_len() + PAGE_SIZE;
+    // Avoid the vDSO park range too: it is occupied while the map phase runs.
+    let park: Vec<(u64, u64)> = plan
+        .map_ops
+        .iter()
+        .filter(|o| o.nr == libc::SYS_mremap)
+        .filter_map(|o| match (o.args[4], o.args[1]) {
+            (Arg::Val(to), Arg::Val(l)) => Some((to, to + l)),
+            _ => None,
+        })
+        .collect();
+    plan.base = find_free(&occupied, len, &park)?;
+    let data_at = plan.blob().data;
+    let auxv_addr = data_at + auxv_at as u64;
+    plan.data[mm_at + 88..mm_at + 96].copy_from_slice(&auxv_addr.to_le_bytes());
+    Ok(plan)
+}
+
+fn intern(v: &mut Vec<String>, s: &str) -> usize {
+    match v.iter().position(|x| x == s) {
+        Some(i) => i,
+        None => {
+            v.push(s.to_string());
+            v.len() - 1
+        }
+    }
+}
+
+/// The executable's usable path: the original if it resolved locally, the
+/// seed's copy otherwise, or nothing.
+fn files_find(desc: &Descriptor, files: &[ResolvedFile], exe: &str) -> Option<String> {
+    let i = desc.files.iter().position(|f| f.path == exe)?;
+    match files.get(i)? {
+        ResolvedFile::Local(p) | ResolvedFile::SeedCopy(p) => Some(p.clone()),
+        ResolvedFile::Unavailable => None,
+    }
+}
+
+fn is_vdso_block(path: &str) -> bool {
+    matches!(path, "[vdso]" | "[vvar]" | "[vvar_vclock]")
+}
+
+type Block = Vec<(u64, u64, String)>;
+
+/// The husk's and the seed's vDSO blocks, which must have the same shape.
+fn vdso_blocks(
+    husk: &HuskLayout,
+    desc: &Descriptor,
+) -> Result<(Option<Block>, Option<Block>), PlanError> {
+    let here: Block = husk
+        .maps
+        .iter()
+        .filter(|m| is_vdso_block(&m.path))
+        .map(|m| (m.start, m.end, m.path.clone()))
+        .collect();
+    let seed: Block = desc
+        .vmas
+        .iter()
+        .filter(|v| v.kind.is_kernel_provided())
+        .map(|v| (v.start, v.end, v.path.clone()))
+        .collect();
+    let shape = |b: &Block| -> Vec<(u64, u64, String)> {
+        let base = b.first().map(|x| x.0).unwrap_or(0);
+        b.iter()
+            .map(|(s, e, n)| (s - base, e - s, n.clone()))
+            .collect()
+    };
+    let fmt = |b: &Block| {
+        b.iter()
+            .map(|(s, e, n)| format!("{n} {}K", (e - s) / 1024))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if shape(&here) != shape(&seed) {
+        return Err(PlanError::VdsoLayout {
+            here: fmt(&here),
+            seed: fmt(&seed),
+        });
+    }
+    if here.is_empty() {
+        return Ok((None, None));
+    }
+    Ok((Some(here), Some(seed)))
+}
+
+/// Lowest page-aligned address from `SEARCH_FROM` with `len` bytes free of
+/// every range in `occupied` and `also`.
+fn find_free(occupied: &[(u64, u64)], len: u64, also: &[(u64, u64)]) -> Result<u64, PlanError> {
+    let mut ranges: Vec<(u64, u64)> = occupied.iter().chain(also).copied().collect();
+    ranges.sort_unstable();
+    let mut at = SEARCH_FROM;
+    for (s, e) in ranges {
+        if e <= at {
+            continue;
+        }
+        if s >= at + len {
+            break;
+        }
+        at = e.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    }
+    if at + len > TASK_SIZE {
+        return Err(PlanError::NoRoom(len));
+    }
+    Ok(at)
+}
+
+#[cfg(test)]
+mod tests;

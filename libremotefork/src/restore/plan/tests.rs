@@ -1,0 +1,287 @@
+use super::*;
+use crate::image::tests::sample;
+use crate::procfs::FdEntry;
+
+fn husk(vdso_at: u64) -> HuskLayout {
+    let m = |s: u64, e: u64, p: &str| MapsEntry {
+        start: s,
+        end: e,
+        prot: 5,
+        shared: false,
+        offset: 0,
+        dev: "00:00".into(),
+        inode: 0,
+        path: p.into(),
+    };
+    HuskLayout {
+        maps: vec![
+            m(0x5f00_0000_0000, 0x5f00_0000_2000, "/tmp/rf-husk"),
+            m(vdso_at, vdso_at + 0x2000, "[vdso]"),
+            m(0x7fff_f7fd_0000, 0x7fff_f7ff_0000, "[stack]"),
+        ],
+    }
+}
+
+fn local() -> Vec<ResolvedFile> {
+    vec![ResolvedFile::Local("/bin/x".into())]
+}
+
+#[test]
+fn unmaps_the_husk_then_moves_the_vdso_then_maps_everything() {
+    let d = sample();
+    let p = build(&d, &husk(0x7fff_f000_0000), &local()).unwrap();
+    let names: Vec<&str> = p.map_ops.iter().map(|o| o.what.as_str()).collect();
+    assert!(
+        names[0].starts_with("munmap husk 0x5f0000000000"),
+        "{names:?}"
+    );
+    assert!(
+        names[1].starts_with("munmap husk 0x7ffff7fd0000"),
+        "{names:?}"
+    );
+    assert!(
+        names[2].starts_with("mremap [vdso] 0x7ffff0000000 -> 0x7fff0000"),
+        "{names:?}"
+    );
+    // The file mapping: open, mmap from the saved fd, close.
+    assert!(names[3].starts_with("open /bin/x"));
+    assert_eq!(p.map_ops[4].args[4], Arg::Saved);
+    assert_eq!(p.map_ops[4].expect, Some(0x400000));
+    assert!(names[5].starts_with("close"));
+    // The anonymous mapping, fixed and never replacing anything.
+    let anon = &p.map_ops[6];
+    assert_eq!(anon.nr, libc::SYS_mmap);
+    assert_eq!(anon.args[0], Arg::Val(0x600000));
+    assert_eq!(
+        anon.args[3],
+        Arg::Val((libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64)
+    );
+    assert_eq!(anon.expect, Some(0x600000));
+    assert_eq!(p.map_ops.len(), 7);
+    assert_eq!(
+        p.backing,
+        vec![Backing::File(0), Backing::Anonymous, Backing::Kernel]
+    );
+}
+
+#[test]
+fn an_overlapping_vdso_block_is_parked_first() {
+    let d = sample();
+    // The husk's vDSO sits one page below the seed's: the ranges overlap.
+    let p = build(&d, &husk(0x7fff_0000 - 0x1000), &local()).unwrap();
+    let moves: Vec<&Op> = p
+        .map_ops
+        .iter()
+        .filter(|o| o.nr == libc::SYS_mremap)
+        .collect();
+    assert_eq!(moves.len(), 2);
+    let park = match moves[0].args[4] {
+        Arg::Val(x) => x,
+        _ => panic!(),
+    };
+    assert_eq!(moves[1].args[0], Arg::Val(park));
+    assert_eq!(moves[1].args[4], Arg::Val(0x7fff_0000));
+    // The executor area does not overlap the parked block.
+    assert!(p.base >= park + 0x2000 || p.base + p.area_len() <= park);
+}
+
+#[test]
+fn refuses_a_different_vdso_shape() {
+    let d = sample();
+    let mut h = husk(0x7fff_f000_0000);
+    h.maps[1].end += 0x1000;
+    assert!(matches!(
+        build(&d, &h, &local()),
+        Err(PlanError::VdsoLayout { .. })
+    ));
+}
+
+#[test]
+fn missing_files_fall_back_to_the_seed_copy_or_refuse() {
+    let d = sample();
+    let p = build(
+        &d,
+        &husk(0x7fff_f000_0000),
+        &[ResolvedFile::SeedCopy("/seed/files/abcd".into())],
+    )
+    .unwrap();
+    assert_eq!(p.file_paths, vec!["/seed/files/abcd".to_string()]);
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.contains("/bin/x is missing or differs")),
+        "{:?}",
+        p.notes
+    );
+    let e = build(&d, &husk(0x7fff_f000_0000), &[ResolvedFile::Unavailable]).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("/bin/x is needed by mapping 0x400000-0x402000"),
+        "{e}"
+    );
+    // Without from-file pages the file is not needed: anonymous memory will do.
+    let mut d2 = sample();
+    d2.vmas[0].runs = vec![crate::image::PageRun {
+        first: 0,
+        count: 2,
+        state: PageState::Zero,
+    }];
+    d2.pages_stored = 2;
+    d2.image_bytes = 2 * 4096;
+    let p = build(&d2, &husk(0x7fff_f000_0000), &[ResolvedFile::Unavailable]).unwrap();
+    assert_eq!(p.backing[0], Backing::Anonymous);
+}
+
+#[test]
+fn executor_area_avoids_every_mapping_and_auxv_is_patched() {
+    let d = sample();
+    let h = husk(0x7fff_f000_0000);
+    let p = build(&d, &h, &local()).unwrap();
+    let end = p.base + p.area_len();
+    for (s, e) in d
+        .vmas
+        .iter()
+        .map(|v| (v.start, v.end))
+        .chain(h.maps.iter().map(|m| (m.start, m.end)))
+    {
+        assert!(
+            end <= s || p.base >= e,
+            "executor {:#x}-{end:#x} overlaps {s:#x}-{e:#x}",
+            p.base
+        );
+    }
+    let blob = p.blob();
+    assert_eq!(blob.code, p.base);
+    assert!(blob.bytes.len() as u64 <= p.area_len());
+    // The PR_SET_MM_MAP struct points at the auxv words in the data area.
+    let prctl = p
+        .state_ops
+        .iter()
+        .find(|o| o.what == "prctl(PR_SET_MM_MAP)")
+        .unwrap();
+    let mm_at = match prctl.args[2] {
+        Arg::Data(o) => o,
+        _ => panic!(),
+    };
+    let auxv_ptr = u64::from_le_bytes(p.data[mm_at + 88..mm_at + 96].try_into().unwrap());
+    let auxv_off = (auxv_ptr - blob.data) as usize;
+    assert_eq!(&p.data[auxv_off..auxv_off + 8], &6u64.to_le_bytes());
+    assert_eq!(
+        u32::from_le_bytes(p.data[mm_at + 96..mm_at + 100].try_into().unwrap()),
+        32
+    );
+}
+
+#[test]
+fn fds_are_filled_in_order_with_placeholders_and_gaps() {
+    let mut d = sample();
+    d.fds = vec![
+        FdEntry {
+            fd: 0,
+            kind: FdKind::Pipe,
+            path: "pipe:[1]".into(),
+            flags: 0,
+            offset: 0,
+        },
+        FdEntry {
+            fd: 4,
+            kind: FdKind::Regular,
+            path: "/etc/hostname".into(),
+            flags: libc::O_RDONLY as u32,
+            offset: 3,
+        },
+        FdEntry {
+            fd: 6,
+            kind: FdKind::Socket,
+            path: "socket:[9]".into(),
+            flags: libc::O_CLOEXEC as u32,
+            offset: 0,
+        },
+    ];
+    let p = build(&d, &husk(0x7fff_f000_0000), &local()).unwrap();
+    let fd_ops: Vec<(&str, Option<u64>)> = p
+        .state_ops
+        .iter()
+        .filter(|o| o.what.contains("fd "))
+        .map(|o| (o.what.as_str(), o.expect))
+        .collect();
+    assert_eq!(
+        fd_ops,
+        vec![
+            ("gap filler fd 3", Some(3)),
+            ("reopen fd 4 /etc/hostname", Some(4)),
+            ("lseek fd 4", None),
+            ("gap filler fd 5", Some(5)),
+            ("placeholder for fd 6", Some(6)),
+            ("close gap filler fd 3", None),
+            ("close gap filler fd 5", None),
+        ]
+    );
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.contains("fd 6 (Socket socket:[9])")),
+        "{:?}",
+        p.notes
+    );
+    d.fds.push(FdEntry {
+        fd: 100_000,
+        kind: FdKind::Regular,
+        path: "/x".into(),
+        flags: 0,
+        offset: 0,
+    });
+    assert!(matches!(
+        build(&d, &husk(0x7fff_f000_0000), &local()),
+        Err(PlanError::FdTooHigh(100_000))
+    ));
+}
+
+#[test]
+fn state_phase_restores_handlers_rseq_and_ends_with_credentials() {
+    let d = sample();
+    let p = build(&d, &husk(0x7fff_f000_0000), &local()).unwrap();
+    let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
+    assert!(names.contains(&"rt_sigaction(10)"));
+    assert!(names.contains(&"rseq(0x7000)"));
+    assert!(names.contains(&"set_robust_list"));
+    assert!(names.contains(&"set_tid_address"));
+    assert_eq!(
+        &names[names.len() - 3..],
+        &["setgroups", "setresgid", "setresuid"]
+    );
+    assert_eq!(p.soft_steps.len(), 1 + 16);
+}
+
+#[test]
+fn refuses_mappings_outside_user_space() {
+    let mut d = sample();
+    d.vmas[1].start = TASK_SIZE;
+    d.vmas[1].end = TASK_SIZE + 0x4000;
+    let e = build(&d, &husk(0x7fff_f000_0000), &local()).unwrap_err();
+    assert!(
+        e.to_string().contains("outside the user address space"),
+        "{e}"
+    );
+}
+
+#[test]
+fn blob_entries_carry_the_flags() {
+    let d = sample();
+    let p = build(&d, &husk(0x7fff_f000_0000), &local()).unwrap();
+    let blob = p.blob();
+    let entry = |i: usize| {
+        let off = (blob.map_table.0 - blob.code) as usize + i * executor::ENTRY_SIZE;
+        let w = |k: usize| {
+            u64::from_le_bytes(blob.bytes[off + 8 * k..off + 8 * k + 8].try_into().unwrap())
+        };
+        (w(0), w(7), w(8))
+    };
+    // Entry 4 is the file mmap: fd from the saved result, EXPECT its address.
+    let (nr, flags, extra) = entry(4);
+    assert_eq!(nr, libc::SYS_mmap as u64);
+    assert_eq!(flags, executor::saved_to_arg(4) | executor::EXPECT);
+    assert_eq!(extra, 0x400000);
+    let (_, flags, _) = entry(3);
+    assert_eq!(flags, executor::SAVE);
+}
