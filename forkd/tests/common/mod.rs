@@ -154,12 +154,23 @@ pub fn run_forkd(args: &[&str]) -> (i32, String, String) {
 /// Wait until `pid` is asleep inside read(2) (syscall 0), so its registers
 /// and memory are stable.
 pub fn wait_blocked_in_read(pid: i32) {
-    for _ in 0..2000 {
+    assert!(
+        blocked_in_read(pid),
+        "process {pid} never blocked in read(2)"
+    );
+}
+
+/// Wait up to 10 s for `pid` to be asleep inside read(2); false if it
+/// exits or never does.
+pub fn blocked_in_read(pid: i32) -> bool {
+    for _ in 0..10_000 {
         let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
-        if state(pid) == Some('S') && sc.starts_with("0 ") {
-            return;
+        match state(pid) {
+            Some('S') if sc.starts_with("0 ") => return true,
+            None | Some('Z') => return false,
+            _ => {}
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    panic!("process {pid} never blocked in read(2)");
+    false
 }

@@ -3,7 +3,11 @@
  * of that state and its addresses, then blocks in read(0). On "go" it
  * prints the checksum again (and what the handler saw) and exits 0. */
 #define _GNU_SOURCE
+#include <errno.h>
+#include <stddef.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +24,31 @@ static unsigned char *big;
 static uint64_t *heap;
 
 static void on_usr1(int sig) { got_signal = sig; }
+
+/* glibc registers rseq for every thread; registering the same area again
+ * fails with EBUSY exactly when a registration is in place. */
+extern const ptrdiff_t __rseq_offset;
+extern const unsigned int __rseq_size;
+static const char *rseq_state(void) {
+    if (__rseq_size == 0) return "rseq unused";
+    void *area = (char *)__builtin_thread_pointer() + __rseq_offset;
+    long r = syscall(SYS_rseq, area, 32, 0, 0x53053053);
+    if (r == -1 && errno == EBUSY) return "rseq registered";
+    if (r == 0) return "rseq WAS NOT REGISTERED";
+    return "rseq error";
+}
+
+/* A calloc after a free must give zeros. */
+static const char *calloc_state(void) {
+    unsigned char *p = malloc(48 * 1024);
+    memset(p, 0xab, 48 * 1024);
+    free(p);
+    unsigned char *q = calloc(48 * 1024, 1);
+    for (int i = 0; i < 48 * 1024; i++)
+        if (q[i]) return "calloc NOT ZERO";
+    free(q);
+    return "calloc ok";
+}
 
 static uint64_t fnv(const void *p, size_t n, uint64_t h) {
     const unsigned char *b = p;
@@ -74,5 +103,7 @@ int main(void) {
     printf("got %s", buf);
     printf("ymm15 %s\n", memcmp(pattern, after, sizeof pattern) == 0 ? "intact" : "CLOBBERED");
     printf("checksum %016llx signal %d\n", (unsigned long long)checksum(), (int)got_signal);
+    int cpu = sched_getcpu();
+    printf("cpu %s %s %s\n", cpu >= 0 && cpu < 4096 ? "ok" : "BAD", rseq_state(), calloc_state());
     return 0;
 }

@@ -1,0 +1,512 @@
+//! Eager restore of real programs on this node, checked by their output.
+//!
+//! Run as root. Each test captures a real target, kills it, restores it with
+//! `forkd restore`, and checks output that would differ if anything were
+//! restored wrong.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::*;
+use remotefork::image::{self, SeedImage};
+use serde_json::Value;
+
+/// Capture `cmd` once it is blocked reading stdin, then kill it.
+/// Returns the image dir and the target's ready line.
+fn seed_of(cmd: Command, name: &str) -> (PathBuf, String) {
+    let (target, ready) = Target::start(cmd);
+    let pid = target.pid();
+    wait_blocked_in_read(pid);
+    let out = scratch(name).join("seed");
+    let (code, _, stderr) = run_forkd(&[
+        "snapshot",
+        "--pid",
+        &pid.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "snapshot failed: {stderr}");
+    drop(target); // kills the original
+    (out, ready)
+}
+
+/// What one `forkd restore` run produced.
+struct Restored {
+    stdout: String,
+    stderr: String,
+    code: Option<i32>,
+    child: i32,
+}
+
+/// `forkd restore DIR ARGS`, with `before_input(child_pid)` run once the
+/// restored child is blocked reading its stdin, then `input` given to it.
+fn restore_and_talk(
+    dir: &Path,
+    args: &[&str],
+    input: &str,
+    before_input: impl FnOnce(i32),
+) -> Restored {
+    let mut p = forkd()
+        .arg("restore")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fpid = p.id() as i32;
+    let mut child = 0;
+    for _ in 0..5000 {
+        if let Some(c) = children(fpid).first() {
+            child = *c;
+            break;
+        }
+        if state(fpid).is_none() || p.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    if child != 0 && blocked_in_read(child) {
+        before_input(child);
+    }
+    let mut stdin = p.stdin.take().unwrap();
+    let _ = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    let mut stdout = String::new();
+    p.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let mut stderr = String::new();
+    p.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let code = p.wait().unwrap().code();
+    Restored {
+        stdout,
+        stderr,
+        code,
+        child,
+    }
+}
+
+/// Husks whose parent is gone: a leak if any appear.
+fn orphan_husks() -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let ppid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .map(|s| s.trim().to_string());
+        if comm.trim() == "rf-husk"
+            && (ppid.as_deref() == Some("1") || ppid.as_deref() == Some("0"))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn c_program_restores_with_its_state_registers_and_handler() {
+    if !require_root("c_program_restores_with_its_state_registers_and_handler") {
+        return;
+    }
+    if !has_avx2() {
+        println!(
+            "SKIPPED: c_program_restores_with_its_state_registers_and_handler: CPU has no AVX2"
+        );
+        return;
+    }
+    let (dir, ready) = seed_of(Command::new(c_program("capture_target")), "c-restore");
+    let checksum = ready.split_whitespace().nth(1).unwrap().to_string();
+
+    // Plain restore: exactly what the original would have printed.
+    let r = restore_and_talk(&dir, &[], "go\n", |_| {});
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(
+        r.stdout,
+        format!("got go\nymm15 intact\nchecksum {checksum} signal 0\ncpu ok rseq registered calloc ok\n"),
+        "stderr: {}",
+        r.stderr
+    );
+
+    // A signal to the restored child runs the restored handler, and the
+    // interrupted read restarts (SA_RESTART).
+    let r = restore_and_talk(&dir, &[], "go\n", |child| {
+        // SAFETY: plain kill(2).
+        assert_eq!(unsafe { libc::kill(child, libc::SIGUSR1) }, 0);
+    });
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(
+        r.stdout
+            .contains(&format!("checksum {checksum} signal {}", libc::SIGUSR1)),
+        "{}",
+        r.stdout
+    );
+    assert!(r.child > 0);
+}
+
+#[test]
+fn rust_program_restores() {
+    if !require_root("rust_program_restores") {
+        return;
+    }
+    // cargo test builds the examples next to the test binaries' directory.
+    let exe = std::env::current_exe().unwrap();
+    let prog = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/rust_target");
+    assert!(prog.exists(), "{} not built", prog.display());
+    let (dir, ready) = seed_of(Command::new(&prog), "rust-restore");
+    let checksum = ready.split_whitespace().nth(1).unwrap().to_string();
+    let r = restore_and_talk(&dir, &[], "hello\n", |child| {
+        // SAFETY: plain kill(2).
+        assert_eq!(unsafe { libc::kill(child, libc::SIGUSR1) }, 0);
+    });
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let want = format!(
+        "got hello\nchecksum {checksum} signal {}\npid {}\n",
+        libc::SIGUSR1,
+        r.child
+    );
+    assert_eq!(r.stdout, want);
+}
+
+const PY_SERVER: &str = r#"
+import sys, os, json
+try:
+    import boto3
+    client = boto3.client('s3', region_name='us-east-1')
+    region, endpoint = client.meta.region_name, client.meta.endpoint_url
+except ImportError:
+    region, endpoint = 'no-boto3', None
+state = {'requests': 0, 'squares': [i * i for i in range(10000)]}
+print('ready', os.getpid(), region, flush=True)
+for line in sys.stdin:
+    state['requests'] += 1
+    print(json.dumps({'got': line.strip(), 'pid': os.getpid(), 'requests': state['requests'],
+                      'sum': sum(state['squares']), 'region': region, 'endpoint': endpoint}), flush=True)
+"#;
+
+#[test]
+fn python_with_boto3_restores_and_answers() {
+    if !require_root("python_with_boto3_restores_and_answers") {
+        return;
+    }
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", PY_SERVER]);
+    let (dir, ready) = seed_of(cmd, "py-restore");
+    let region = ready.split_whitespace().nth(2).unwrap().to_string();
+    let r = restore_and_talk(&dir, &["--json"], "hello\n", |_| {});
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["got"], "hello");
+    assert_eq!(
+        v["pid"], r.child,
+        "os.getpid() must return the child's own pid"
+    );
+    assert_eq!(v["requests"], 1);
+    assert_eq!(v["sum"], (0..10000u64).map(|i| i * i).sum::<u64>());
+    assert_eq!(v["region"].as_str().unwrap(), region);
+    if region != "no-boto3" {
+        assert_eq!(v["endpoint"], "https://s3.amazonaws.com");
+    }
+    // The report (on stderr for a single child) says what happened.
+    let report: Value = serde_json::from_str(r.stderr.lines().last().unwrap()).unwrap();
+    assert_eq!(report["pid"], r.child);
+    assert_eq!(report["status"]["exit_code"], 0);
+    assert!(report["pages_written"].as_u64().unwrap() > 1000);
+}
+
+#[test]
+fn twenty_children_from_one_image_are_correct_and_independent() {
+    if !require_root("twenty_children_from_one_image_are_correct_and_independent") {
+        return;
+    }
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", PY_SERVER]);
+    let (dir, _) = seed_of(cmd, "py-count");
+    let out = forkd()
+        .arg("restore")
+        .arg(&dir)
+        .args(["--count", "20", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = out.stdin.as_ref().unwrap();
+    stdin.write_all(b"a\nb\n").unwrap();
+    let out = out.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kids = v["children"].as_array().unwrap();
+    assert_eq!(kids.len(), 20);
+    assert_eq!(v["failed"], 0);
+    let mut pids = std::collections::HashSet::new();
+    for k in kids {
+        let lines: Vec<Value> = k["stdout"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{k}");
+        // Each child counts only its own requests: no child sees another's writes.
+        assert_eq!(lines[0]["requests"], 1);
+        assert_eq!(lines[1]["requests"], 2);
+        assert_eq!(lines[1]["got"], "b");
+        assert_eq!(lines[0]["pid"], k["pid"]);
+        assert!(pids.insert(k["pid"].as_i64().unwrap()));
+    }
+    // Written to files instead, one per child, in order.
+    let od = scratch("count-files");
+    let mut p = forkd()
+        .arg("restore")
+        .arg(&dir)
+        .args(["--count", "3", "--output-dir", od.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(b"x\n").unwrap();
+    assert!(p.wait().unwrap().success());
+    for i in 0..3 {
+        let s = std::fs::read_to_string(od.join(format!("child-{i}.out"))).unwrap();
+        assert!(s.contains("\"got\": \"x\""), "{s}");
+    }
+}
+
+#[test]
+fn detach_prints_pids_and_returns() {
+    if !require_root("detach_prints_pids_and_returns") {
+        return;
+    }
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", PY_SERVER]);
+    let (dir, _) = seed_of(cmd, "py-detach");
+    let mut p = forkd()
+        .arg("restore")
+        .arg(&dir)
+        .arg("--detach")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(p.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let pid: i32 = line.trim().parse().unwrap();
+    // (Child::wait would close our end of the child's stdin: keep it.)
+    let mut stdin = p.stdin.take().unwrap();
+    assert!(
+        p.wait().unwrap().success(),
+        "forkd restore --detach returns at once"
+    );
+    // The child runs on its own, reading the stdin it was given.
+    wait_blocked_in_read(pid);
+    stdin.write_all(b"ping\n").unwrap();
+    drop(stdin);
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let v: Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["pid"], pid);
+    assert_eq!(v["got"], "ping");
+}
+
+#[test]
+fn a_changed_or_missing_library_is_served_from_the_seed() {
+    if !require_root("a_changed_or_missing_library_is_served_from_the_seed") {
+        return;
+    }
+    let work = scratch("libfixture");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs");
+    let lib = work.join("libfixture.so");
+    let build_lib = |value: i32| {
+        let tmp = work.join("libfixture.so.new");
+        let st = Command::new("cc")
+            .args([
+                "-shared",
+                "-fPIC",
+                &format!("-DFIXTURE_VALUE={value}"),
+                "-o",
+            ])
+            .arg(&tmp)
+            .arg(src.join("libfixture.c"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // Replace by rename, as installers and linkers do.
+        std::fs::rename(&tmp, &lib).unwrap();
+    };
+    build_lib(41);
+    let user = work.join("lib_user");
+    let st = Command::new("cc")
+        .arg("-o")
+        .arg(&user)
+        .arg(src.join("lib_user.c"))
+        .arg(format!("-L{}", work.display()))
+        .arg("-lfixture")
+        .arg(format!("-Wl,-rpath,{}", work.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (dir, ready) = seed_of(Command::new(&user), "libfixture-seed");
+    assert_eq!(ready.trim(), "ready 41");
+
+    // Changed: the node's library now answers 99; the child must still run
+    // the seed's (41), and say so.
+    build_lib(99);
+    let r = restore_and_talk(&dir, &[], "go\n", |_| {});
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.stdout, "fixture 41\n");
+    assert!(
+        r.stderr.contains(&format!(
+            "{} is missing or differs on this node",
+            lib.display()
+        )),
+        "{}",
+        r.stderr
+    );
+
+    // Missing altogether.
+    std::fs::remove_file(&lib).unwrap();
+    let r = restore_and_talk(&dir, &[], "go\n", |_| {});
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.stdout, "fixture 41\n");
+
+    // And without the seed's copy: a clear error, nothing left running.
+    std::fs::remove_dir_all(dir.join("files")).unwrap();
+    let r = restore_and_talk(&dir, &[], "go\n", |_| {});
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr
+            .contains(&format!("{} is needed by mapping", lib.display())),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(orphan_husks(), Vec::<i32>::new());
+}
+
+#[test]
+fn a_seed_covering_the_husks_own_address_restores() {
+    if !require_root("a_seed_covering_the_husks_own_address_restores") {
+        return;
+    }
+    let (dir, _) = seed_of(Command::new(c_program("husk_range")), "husk-range");
+    let r = restore_and_talk(&dir, &[], "go\n", |_| {});
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.stdout, "husk range ok\n");
+}
+
+/// Rewrite an image's descriptor with `f` applied.
+fn tamper(dir: &Path, name: &str, f: impl FnOnce(&mut image::Descriptor)) -> PathBuf {
+    let img = SeedImage::open(dir).unwrap();
+    let mut d = img.descriptor().clone();
+    f(&mut d);
+    let out = scratch(name).join("seed");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(dir.join("pages.img"), out.join("pages.img")).unwrap();
+    std::fs::write(out.join("descriptor.bin"), image::encode(&d).unwrap()).unwrap();
+    out
+}
+
+#[test]
+fn a_different_vdso_is_refused_before_anything_starts() {
+    if !require_root("a_different_vdso_is_refused_before_anything_starts") {
+        return;
+    }
+    let mut cmd = Command::new(python());
+    cmd.args([
+        "-c",
+        "import sys; print('ready', flush=True); sys.stdin.readline(); print('ran')",
+    ]);
+    let (dir, _) = seed_of(cmd, "vdso");
+    let bad = tamper(&dir, "vdso-bad", |d| d.vdso_hash = "ab".repeat(32));
+    let r = restore_and_talk(&bad, &[], "x\n", |_| {});
+    assert_eq!(r.code, Some(1));
+    assert_eq!(r.child, 0, "no child may be started");
+    assert!(
+        r.stderr.contains("vDSO differs from the seed's"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stdout.contains("ran"));
+
+    // A mapping where no process can have one: refused, nothing left behind.
+    let bad = tamper(&dir, "vdso-range", |d| {
+        let v = d
+            .vmas
+            .iter_mut()
+            .find(|v| v.kind == image::VmaKind::Anon)
+            .unwrap();
+        let pages = v.pages();
+        v.start = 0x7fff_ffff_f000 - 0x1000;
+        v.end = v.start + pages * 4096;
+        d.vmas.sort_by_key(|v| v.start);
+    });
+    let r = restore_and_talk(&bad, &[], "x\n", |_| {});
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr.contains("outside the user address space") || r.stderr.contains("inconsistent"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(orphan_husks(), Vec::<i32>::new());
+}
+
+#[test]
+fn restore_without_privileges_is_refused_clearly() {
+    if !require_root("restore_without_privileges_is_refused_clearly") {
+        return;
+    }
+    let mut cmd = Command::new(python());
+    cmd.args([
+        "-c",
+        "import sys; print('ready', flush=True); sys.stdin.readline()",
+    ]);
+    let (dir, _) = seed_of(cmd, "noperm-restore");
+    // Let 'nobody' read the image, so privileges are what stops it.
+    let mut p = dir.clone();
+    while p.pop() && p.starts_with(env!("CARGO_TARGET_TMPDIR")) {
+        let _ = std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    }
+    for f in ["descriptor.bin", "pages.img"] {
+        std::fs::set_permissions(
+            dir.join(f),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
+    }
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    use std::os::unix::process::CommandExt;
+    let o = forkd()
+        .arg("restore")
+        .arg(&dir)
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not permitted to restore") || stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+    assert_eq!(orphan_husks(), Vec::<i32>::new());
+}
