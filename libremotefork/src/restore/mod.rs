@@ -180,6 +180,7 @@ impl Restorer {
                 .filter(|m| m.path != "[vsyscall]")
                 .collect(),
         };
+        debug!(us = t0.elapsed().as_micros() as u64, "husk stopped at exec");
         let plan = plan::build(d, &layout, &self.resolved)?;
         let base_regs = husk.regs()?;
         let here_xstate = husk.xstate()?.len();
@@ -233,6 +234,7 @@ impl Restorer {
             blob.map_table,
             false,
         )?;
+        debug!(us = t0.elapsed().as_micros() as u64, "mappings in place");
         let pages_written = self.write_pages(pid, &plan)?;
         debug!(
             us = t0.elapsed().as_micros() as u64,
@@ -247,6 +249,10 @@ impl Restorer {
             true,
         )?;
 
+        debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "process state in place"
+        );
         let mut notes = self.notes.clone();
         notes.extend(plan.notes.iter().cloned());
         for s in &plan.soft_steps {
@@ -342,7 +348,30 @@ impl Restorer {
                 }
             }
         }
-        mem::write_ranges(pid, &local, &remote)?;
+        // Two writers: most of the cost is the child's page faults, which
+        // the kernel serves in parallel for different ranges.
+        let total: usize = remote.iter().map(|r| r.len).sum();
+        let mut split = 0;
+        let mut acc = 0;
+        while split < remote.len() && acc < total / 2 {
+            acc += remote[split].len;
+            split += 1;
+        }
+        let (l1, l2) = local.split_at(split);
+        let (r1, r2) = remote.split_at(split);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| mem::write_ranges(pid, l2, r2));
+            let a = mem::write_ranges(pid, l1, r1);
+            let b = h.join().unwrap_or_else(|_| {
+                Err(MemError::Read {
+                    pid,
+                    addr: 0,
+                    len: 0,
+                    source: std::io::Error::other("page writer thread panicked"),
+                })
+            });
+            a.and(b)
+        })?;
         Ok(written)
     }
 }

@@ -1,0 +1,278 @@
+//! Restore benchmark: time until a child answers its first request, for the
+//! warm boto3 Python, three ways in one run: cold start (exec until it
+//! answers), local `os.fork()` of the warm process (the child answers), and
+//! eager restore from a seed of it.
+//!
+//! Run: `cargo run --release -p remotefork-benches --bin restore-bench -- [--iterations N] [--cold N] [--json FILE]`
+//! (as root).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use remotefork::capture::{capture, CaptureOptions};
+use remotefork::image::SeedImage;
+use remotefork::restore::Restorer;
+use serde_json::json;
+
+/// The function: a warm Python that answers one JSON line per request line.
+/// `fork REQ` makes it fork a child that answers REQ instead.
+const SERVER: &str = r#"
+import os, sys, json
+import boto3
+client = boto3.client('s3', region_name='us-east-1')
+def answer(req):
+    return json.dumps({'req': req, 'pid': os.getpid(), 'region': client.meta.region_name})
+print('ready', flush=True)
+for line in sys.stdin:
+    line = line.strip()
+    if line.startswith('fork '):
+        pid = os.fork()
+        if pid == 0:
+            sys.stdout.write(answer(line[5:]) + '\n')
+            sys.stdout.flush()
+            os._exit(0)
+        os.waitpid(pid, 0)
+    elif line == 'quit':
+        break
+    else:
+        print(answer(line), flush=True)
+"#;
+
+struct Args {
+    iterations: usize,
+    cold: usize,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        iterations: 20,
+        cold: 5,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--iterations" => {
+                a.iterations = it.next().context("--iterations needs a value")?.parse()?
+            }
+            "--cold" => a.cold = it.next().context("--cold needs a value")?.parse()?,
+            "--json" => a.json = Some(it.next().context("--json needs a file")?.into()),
+            "--bench" => {}
+            other => {
+                bail!("unknown argument {other:?} (use --iterations N, --cold N, --json FILE)")
+            }
+        }
+    }
+    Ok(a)
+}
+
+fn python() -> anyhow::Result<String> {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+fn wait_blocked_in_read(pid: i32) -> anyhow::Result<()> {
+    for _ in 0..5000 {
+        if std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+            .unwrap_or_default()
+            .starts_with("0 ")
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    bail!("process {pid} never blocked in read")
+}
+
+fn median_ms(mut ns: Vec<u64>) -> f64 {
+    ns.sort_unstable();
+    ns[ns.len() / 2] as f64 / 1e6
+}
+
+fn p90_ms(mut ns: Vec<u64>) -> f64 {
+    ns.sort_unstable();
+    ns[((ns.len() - 1) as f64 * 0.9).round() as usize] as f64 / 1e6
+}
+
+fn check_answer(line: &str, req: &str) -> anyhow::Result<()> {
+    let v: serde_json::Value =
+        serde_json::from_str(line.trim()).with_context(|| format!("bad answer {line:?}"))?;
+    if v["req"] != req || v["region"] != "us-east-1" {
+        bail!("wrong answer {line:?} to {req:?}");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: restore-bench needs root (ptrace)");
+        return Ok(());
+    }
+    let py = python()?;
+
+    // Cold start: exec until the first answer.
+    let mut cold = Vec::new();
+    for i in 0..args.cold {
+        let t = Instant::now();
+        let mut c = Command::new(&py)
+            .args(["-c", SERVER])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let req = format!("cold-{i}");
+        writeln!(c.stdin.as_mut().context("stdin")?, "{req}")?;
+        let mut out = BufReader::new(c.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?; // ready
+        line.clear();
+        out.read_line(&mut line)?;
+        cold.push(t.elapsed().as_nanos() as u64);
+        check_answer(&line, &req)?;
+        drop(c.stdin.take());
+        c.wait()?;
+    }
+
+    // The warm parent.
+    let mut parent = Command::new(&py)
+        .args(["-c", SERVER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let ppid = parent.id() as i32;
+    let mut pin = parent.stdin.take().context("stdin")?;
+    let mut pout = BufReader::new(parent.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    pout.read_line(&mut line)?;
+
+    // Local fork: the forked child answers.
+    let mut fork = Vec::new();
+    for i in 0..args.iterations {
+        let req = format!("fork-{i}");
+        let t = Instant::now();
+        writeln!(pin, "fork {req}")?;
+        line.clear();
+        pout.read_line(&mut line)?;
+        fork.push(t.elapsed().as_nanos() as u64);
+        check_answer(&line, &req)?;
+    }
+
+    // Eager restore from a seed of the warm parent.
+    wait_blocked_in_read(ppid)?;
+    let dir = std::env::temp_dir().join(format!("rf-restore-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let desc = capture(ppid, &dir, &CaptureOptions::default())?;
+    writeln!(pin, "quit")?;
+    parent.wait()?;
+    let t = Instant::now();
+    let restorer = Restorer::new(SeedImage::open(&dir)?)?;
+    let setup_ns = t.elapsed().as_nanos() as u64;
+    let mut eager = Vec::new();
+    let mut restore_only = Vec::new();
+    for i in 0..args.iterations {
+        let req = format!("restore-{i}");
+        let (in_r, mut in_w) = std::io::pipe()?;
+        let (out_r, out_w) = std::io::pipe()?;
+        writeln!(in_w, "{req}")?;
+        drop(in_w);
+        let t = Instant::now();
+        let child = restorer.spawn(Stdio::from(in_r), Stdio::from(out_w), Stdio::inherit())?;
+        let mut out = BufReader::new(out_r);
+        line.clear();
+        out.read_line(&mut line)?;
+        eager.push(t.elapsed().as_nanos() as u64);
+        restore_only.push(child.restore_ns);
+        check_answer(&line, &req)?;
+        let v: serde_json::Value = serde_json::from_str(line.trim())?;
+        if v["pid"] != child.pid {
+            bail!(
+                "restored child reports pid {} but is {}",
+                v["pid"],
+                child.pid
+            );
+        }
+        kernel_helpers_wait(child.pid)?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (c, f, e) = (
+        median_ms(cold.clone()),
+        median_ms(fork.clone()),
+        median_ms(eager.clone()),
+    );
+    let cmd = "cargo run --release -p remotefork-benches --bin restore-bench";
+    println!(
+        "# {cmd} -- --iterations {} --cold {}",
+        args.iterations, args.cold
+    );
+    println!(
+        "# warm Python (boto3 S3 client); seed: {} mappings, {:.1} MiB stored",
+        desc.vmas.len(),
+        desc.image_bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "{:<46} {:>9} {:>9}",
+        "time to first answer (ms)", "median", "p90"
+    );
+    println!(
+        "{:<46} {:>9.2} {:>9.2}",
+        format!("cold start (exec), n={}", args.cold),
+        c,
+        p90_ms(cold.clone())
+    );
+    println!(
+        "{:<46} {:>9.2} {:>9.2}",
+        format!("local os.fork() of the warm process, n={}", args.iterations),
+        f,
+        p90_ms(fork.clone())
+    );
+    println!(
+        "{:<46} {:>9.2} {:>9.2}",
+        format!("eager restore from the seed, n={}", args.iterations),
+        e,
+        p90_ms(eager.clone())
+    );
+    println!(
+        "{:<46} {:>9.2} {:>9.2}",
+        "  of which restore until running",
+        median_ms(restore_only.clone()),
+        p90_ms(restore_only.clone())
+    );
+    println!(
+        "{:<46} {:>9.2}",
+        "  one-time setup per image (checks, mmap)",
+        setup_ns as f64 / 1e6
+    );
+    println!("ratios: cold start / eager restore = {:.1}x faster (goal >= 20x); eager restore / local fork = {:.2}", c / e, e / f);
+    if let Some(path) = args.json {
+        let v = json!({
+            "command": cmd,
+            "cold_start_ns": cold, "local_fork_ns": fork, "eager_restore_ns": eager,
+            "restore_until_running_ns": restore_only, "setup_ns": setup_ns,
+            "image_bytes": desc.image_bytes, "vmas": desc.vmas.len(),
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+/// Reap a restored child (it is our child: the husk was forked here).
+fn kernel_helpers_wait(pid: i32) -> anyhow::Result<()> {
+    loop {
+        let mut status = 0;
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if r == pid
+            || (r == -1 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR))
+        {
+            return Ok(());
+        }
+    }
+}
