@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use remotefork::capture::{capture, CaptureOptions};
 use remotefork::image::SeedImage;
-use remotefork::restore::Restorer;
+use remotefork::pager::Prefetch;
+use remotefork::restore::{Restorer, SpawnOptions};
 use serde_json::json;
 
 /// The function: a warm Python that answers one JSON line per request line.
@@ -183,7 +184,15 @@ fn main() -> anyhow::Result<()> {
         writeln!(in_w, "{req}")?;
         drop(in_w);
         let t = Instant::now();
-        let child = restorer.spawn(Stdio::from(in_r), Stdio::from(out_w), Stdio::inherit())?;
+        let child = restorer.spawn(
+            Stdio::from(in_r),
+            Stdio::from(out_w),
+            Stdio::inherit(),
+            &SpawnOptions {
+                lazy: false,
+                prefetch: Prefetch::Off,
+            },
+        )?;
         let mut out = BufReader::new(out_r);
         line.clear();
         out.read_line(&mut line)?;

@@ -51,13 +51,20 @@ enum Command {
     Restore {
         /// The image directory.
         dir: PathBuf,
-        /// Write every stored page before the child runs (the only mode so far).
-        #[arg(long)]
+        /// Write every stored page before the child runs.
+        #[arg(long, conflicts_with = "lazy")]
         eager: bool,
+        /// Serve anonymous memory on demand through userfaultfd (the default).
+        #[arg(long)]
+        lazy: bool,
+        /// Lazy mode: what a fault pulls in besides its page.
+        #[arg(long, default_value = "window", value_parser = ["off", "window", "recorded"])]
+        prefetch: String,
         /// How many children to start.
         #[arg(long, default_value_t = 1)]
         count: usize,
-        /// Print the children's pids and return without waiting.
+        /// Print the children's pids and return without waiting (implies
+        /// --eager: nothing would be left to serve a lazy child's faults).
         #[arg(long)]
         detach: bool,
         /// With --count, write each child's stdout to DIR/child-I.out instead.
@@ -98,13 +105,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Restore {
             dir,
-            eager: _,
+            eager,
+            lazy: _,
+            prefetch,
             count,
             detach,
             output_dir,
             json,
         } => {
-            return restore_cmd::run(&dir, count, detach, output_dir.as_deref(), json);
+            let opts = remotefork::restore::SpawnOptions {
+                lazy: !eager,
+                prefetch: prefetch.parse().map_err(anyhow::Error::msg)?,
+            };
+            return restore_cmd::run(&dir, opts, count, detach, output_dir.as_deref(), json);
         }
         Command::Snapshot {
             pid,

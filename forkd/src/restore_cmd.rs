@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use remotefork::image::SeedImage;
-use remotefork::restore::{Child, Restorer};
+use remotefork::restore::{Child, Restorer, SpawnOptions};
 use serde_json::json;
 
 /// How a child ended.
@@ -46,6 +46,49 @@ fn wait_child(pid: i32) -> anyhow::Result<Ended> {
     }
 }
 
+/// The pager's figures for a child, once it has let go of it.
+fn child_report(c: &Child, ended: &Ended) -> serde_json::Value {
+    let mut v = json!({
+        "pid": c.pid,
+        "time_to_running_ms": c.restore_ns as f64 / 1e6,
+        "pages_written": c.pages_written,
+        "notes": c.notes,
+        "status": ended.json(),
+    });
+    if let Some(s) = &c.stats {
+        for _ in 0..200 {
+            if s.finished.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        v["faults"] = json!(g(&s.faults));
+        v["pages_installed"] = json!(g(&s.pages_installed));
+        v["pages_fetched"] = json!(g(&s.pages_fetched));
+        v["pages_from_cache"] = json!(g(&s.pages_from_cache));
+        v["zero_pages"] = json!(g(&s.zero_pages));
+        v["prefetched"] = json!(g(&s.prefetched));
+        v["events"] = json!(g(&s.events));
+        v["killed_reason"] = json!(s.killed_reason());
+    }
+    v
+}
+
+fn report_kill(c: &Child) {
+    if let Some(r) = c.stats.as_ref().and_then(|s| {
+        for _ in 0..200 {
+            if s.finished.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        s.killed_reason()
+    }) {
+        eprintln!("forkd: child {} was killed: {r}", c.pid);
+    }
+}
+
 fn warn_notes(child: &Child) {
     for n in &child.notes {
         eprintln!("forkd: warning: child {}: {n}", child.pid);
@@ -54,6 +97,7 @@ fn warn_notes(child: &Child) {
 
 pub fn run(
     dir: &Path,
+    opts: SpawnOptions,
     count: usize,
     detach: bool,
     output_dir: Option<&Path>,
@@ -67,10 +111,16 @@ pub fn run(
         Restorer::new(image).with_context(|| format!("cannot restore {}", dir.display()))?;
 
     if detach {
+        // A detached child outlives this command, and with it the pager a
+        // lazy child would need: detached children are restored eagerly.
+        let opts = SpawnOptions {
+            lazy: false,
+            ..opts
+        };
         let mut pids = Vec::new();
         for _ in 0..count {
             let c = restorer
-                .spawn(Stdio::inherit(), Stdio::inherit(), Stdio::inherit())
+                .spawn(Stdio::inherit(), Stdio::inherit(), Stdio::inherit(), &opts)
                 .context("restore failed")?;
             warn_notes(&c);
             pids.push(c.pid);
@@ -89,14 +139,15 @@ pub fn run(
 
     if count == 1 {
         let c = restorer
-            .spawn(Stdio::inherit(), Stdio::inherit(), Stdio::inherit())
+            .spawn(Stdio::inherit(), Stdio::inherit(), Stdio::inherit(), &opts)
             .context("restore failed")?;
         warn_notes(&c);
         let ended = wait_child(c.pid)?;
+        if !ended.ok() {
+            report_kill(&c);
+        }
         if json {
-            let mut v = json!({ "pid": c.pid, "restore_ms": c.restore_ns as f64 / 1e6, "pages_written": c.pages_written, "notes": c.notes });
-            v["status"] = ended.json();
-            eprintln!("{v}");
+            eprintln!("{}", child_report(&c, &ended));
         }
         return Ok(ExitCode::from(ended.exit_code()));
     }
@@ -111,7 +162,12 @@ pub fn run(
         let (in_r, mut in_w) = std::io::pipe().context("creating a pipe")?;
         let (out_r, out_w) = std::io::pipe().context("creating a pipe")?;
         let c = restorer
-            .spawn(Stdio::from(in_r), Stdio::from(out_w), Stdio::inherit())
+            .spawn(
+                Stdio::from(in_r),
+                Stdio::from(out_w),
+                Stdio::inherit(),
+                &opts,
+            )
             .with_context(|| format!("restoring child {i} failed"))?;
         warn_notes(&c);
         let data = input.clone();
@@ -137,6 +193,7 @@ pub fn run(
         if !ended.ok() {
             failed += 1;
             eprintln!("forkd: child {i} (pid {}) failed: {}", c.pid, ended.json());
+            report_kill(&c);
         }
         if let Some(d) = output_dir {
             std::fs::create_dir_all(d)?;
@@ -144,8 +201,8 @@ pub fn run(
         } else if !json {
             stdout.write_all(&out)?;
         }
-        let mut v = json!({ "index": i, "pid": c.pid, "restore_ms": c.restore_ns as f64 / 1e6, "pages_written": c.pages_written });
-        v["status"] = ended.json();
+        let mut v = child_report(&c, &ended);
+        v["index"] = json!(i);
         if json && output_dir.is_none() {
             v["stdout"] = json!(String::from_utf8_lossy(&out));
         }

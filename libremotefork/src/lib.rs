@@ -8,6 +8,7 @@ pub mod capture;
 pub mod classify;
 pub mod fileid;
 pub mod image;
+pub mod pager;
 pub mod procfs;
 pub mod restore;
 

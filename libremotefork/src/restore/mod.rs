@@ -31,7 +31,15 @@ use tracing::{debug, info_span, warn};
 
 use crate::fileid::{self, hex, FileIdError};
 use crate::image::{Descriptor, ImageError, PageState, SeedImage, VmaKind, FILES_DIR, PAGES_FILE};
+use crate::pager::source::{LocalSource, SeedCache};
+use crate::pager::table::{PageTable, Slot};
+use crate::pager::{ChildStats, LazyChild, Pager, Prefetch, SeedPages};
 use crate::procfs::{self, ProcfsError};
+use kernel_helpers::uffd::{self, Uffd, UffdError};
+use std::sync::Arc;
+
+/// File in an image directory holding the recorded working set.
+pub const WORKING_SET_FILE: &str = "workingset.bin";
 use plan::{Backing, HuskLayout, PlanError, ResolvedFile, RestorePlan};
 
 /// `CAP_SETGID`, `CAP_SETUID`, `CAP_SYS_ADMIN`, `CAP_CHECKPOINT_RESTORE`.
@@ -90,6 +98,9 @@ pub enum RestoreError {
     /// procfs could not be read.
     #[error(transparent)]
     Procfs(#[from] ProcfsError),
+    /// userfaultfd setup failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
     /// A file could not be identified.
     #[error(transparent)]
     FileId(#[from] FileIdError),
@@ -112,8 +123,28 @@ pub struct Child {
     pub notes: Vec<String>,
     /// From starting the husk to the child running, in ns.
     pub restore_ns: u64,
-    /// Pages written into it.
+    /// Pages written into it before it ran.
     pub pages_written: u64,
+    /// The pager's statistics for it (lazy children).
+    pub stats: Option<Arc<ChildStats>>,
+}
+
+/// How to start a child.
+#[derive(Debug, Clone, Copy)]
+pub struct SpawnOptions {
+    /// Serve anonymous memory on demand through userfaultfd (else write it all first).
+    pub lazy: bool,
+    /// Prefetch mode for lazy children.
+    pub prefetch: Prefetch,
+}
+
+impl Default for SpawnOptions {
+    fn default() -> Self {
+        SpawnOptions {
+            lazy: true,
+            prefetch: Prefetch::Window,
+        }
+    }
 }
 
 /// Everything needed to start children from one image.
@@ -125,6 +156,9 @@ pub struct Restorer {
     /// Offset of a `syscall` instruction inside the vDSO.
     vdso_syscall_offset: u64,
     notes: Vec<String>,
+    seed: Arc<SeedPages>,
+    pager: Pager,
+    uffd_features: u64,
 }
 
 impl Restorer {
@@ -152,12 +186,44 @@ impl Restorer {
                 source,
             }
         })?;
+        let source =
+            LocalSource::open(&ppath, d.image_bytes).map_err(|source| RestoreError::Io {
+                what: format!("opening {}", ppath.display()),
+                source,
+            })?;
+        let cache = SeedCache::new(Box::new(source)).map_err(|source| RestoreError::Io {
+            what: "reserving the seed cache".into(),
+            source,
+        })?;
+        let seed = Arc::new(SeedPages::new(
+            cache,
+            Some(image.dir().join(WORKING_SET_FILE)),
+        ));
+        let pager = Pager::new(2).map_err(|source| RestoreError::Io {
+            what: "starting the pager".into(),
+            source,
+        })?;
+        let have = Uffd::available_features()?;
+        let need = uffd::FEATURE_EVENT_FORK
+            | uffd::FEATURE_EVENT_REMAP
+            | uffd::FEATURE_EVENT_REMOVE
+            | uffd::FEATURE_EVENT_UNMAP;
+        if have & need != need {
+            return Err(RestoreError::Uffd(UffdError::Features {
+                missing: need & !have,
+                have,
+            }));
+        }
+        let uffd_features = need | (have & (uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_POISON));
         Ok(Restorer {
             image,
             resolved,
             pages,
             vdso_syscall_offset,
             notes,
+            seed,
+            pager,
+            uffd_features,
         })
     }
 
@@ -166,8 +232,19 @@ impl Restorer {
         &self.image
     }
 
+    /// This seed's pages on this node (cache, working set, metrics).
+    pub fn seed_pages(&self) -> &Arc<SeedPages> {
+        &self.seed
+    }
+
     /// Start one child with the given stdio. It runs when this returns.
-    pub fn spawn(&self, stdin: Stdio, stdout: Stdio, stderr: Stdio) -> Result<Child, RestoreError> {
+    pub fn spawn(
+        &self,
+        stdin: Stdio,
+        stdout: Stdio,
+        stderr: Stdio,
+        opts: &SpawnOptions,
+    ) -> Result<Child, RestoreError> {
         let d = self.image.descriptor();
         let span = info_span!("restore", seed_pid = d.source.pid);
         let _g = span.enter();
@@ -181,7 +258,7 @@ impl Restorer {
                 .collect(),
         };
         debug!(us = t0.elapsed().as_micros() as u64, "husk stopped at exec");
-        let plan = plan::build(d, &layout, &self.resolved)?;
+        let plan = plan::build(d, &layout, &self.resolved, opts.lazy)?;
         let base_regs = husk.regs()?;
         let here_xstate = husk.xstate()?.len();
         if here_xstate != d.xstate.len() {
@@ -255,6 +332,21 @@ impl Restorer {
         );
         let mut notes = self.notes.clone();
         notes.extend(plan.notes.iter().cloned());
+        let uffd_fd = match plan.uffd_slot {
+            Some(slot) => {
+                let mut w = [0u8; 8];
+                mem::read_ranges(
+                    pid,
+                    &[RemoteRange {
+                        addr: blob.data + slot as u64,
+                        len: 8,
+                    }],
+                    &mut w,
+                )?;
+                Some(i64::from_le_bytes(w))
+            }
+            None => None,
+        };
         for s in &plan.soft_steps {
             let mut w = [0u8; 8];
             mem::read_ranges(
@@ -297,6 +389,10 @@ impl Restorer {
                 detail: errno_text(r.ret),
             });
         }
+        let stats = match uffd_fd {
+            Some(fd) => Some(self.start_paging(pid, &plan, fd, opts)?),
+            None => None,
+        };
         let regs = d.registers.restarted().to_user_regs();
         husk.set_regs(&regs)?;
         husk.set_xstate(&d.xstate)?;
@@ -309,7 +405,60 @@ impl Restorer {
             notes,
             restore_ns,
             pages_written,
+            stats,
         })
+    }
+
+    /// Take the child's userfaultfd, register its lazy mappings and hand it
+    /// to the pager. Called before the child runs.
+    fn start_paging(
+        &self,
+        pid: i32,
+        plan: &RestorePlan,
+        fd: i64,
+        opts: &SpawnOptions,
+    ) -> Result<Arc<ChildStats>, RestoreError> {
+        let d = self.image.descriptor();
+        if !(0..=i32::MAX as i64).contains(&fd) {
+            return Err(RestoreError::Step {
+                what: "creating the child's userfaultfd".into(),
+                detail: errno_text(fd),
+            });
+        }
+        let uffd = Uffd::take_from(pid, fd as i32)?;
+        uffd.api(self.uffd_features)?;
+        let mut table = PageTable::default();
+        for (vma, lazy) in d.vmas.iter().zip(&plan.lazy) {
+            if !lazy {
+                continue;
+            }
+            uffd.register(vma.start, vma.end - vma.start)?;
+            let mut slots = Vec::with_capacity(vma.pages() as usize);
+            for r in &vma.runs {
+                for i in 0..r.count {
+                    slots.push(match r.state {
+                        PageState::Stored { offset } => Slot::Stored(offset + i * PAGE_SIZE),
+                        _ => Slot::Zero,
+                    });
+                }
+            }
+            table.insert(vma.start, slots);
+        }
+        let pidfd = uffd::pidfd_open(pid).map_err(|source| RestoreError::Io {
+            what: format!("pidfd_open({pid})"),
+            source,
+        })?;
+        let stats = Arc::new(ChildStats::default());
+        self.pager.add(LazyChild {
+            pid: Some(pid),
+            uffd,
+            pidfd: Some(pidfd),
+            table,
+            seed: self.seed.clone(),
+            prefetch: opts.prefetch,
+            stats: stats.clone(),
+        });
+        Ok(stats)
     }
 
     /// Eager mode: write every stored page into the child.
@@ -320,8 +469,8 @@ impl Restorer {
         let mut remote: Vec<RemoteRange> = Vec::new();
         let mut proc_mem: Option<ProcMem> = None;
         let mut written = 0u64;
-        for (vma, b) in d.vmas.iter().zip(&plan.backing) {
-            if *b == Backing::Kernel {
+        for ((vma, b), lazy) in d.vmas.iter().zip(&plan.backing).zip(&plan.lazy) {
+            if *b == Backing::Kernel || *lazy {
                 continue;
             }
             let writable = vma.prot & libc::PROT_WRITE as u32 != 0;

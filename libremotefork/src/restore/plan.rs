@@ -191,6 +191,10 @@ pub struct RestorePlan {
     pub soft_steps: Vec<SoftStep>,
     /// Things the user should know (files served from the seed, fds replaced).
     pub notes: Vec<String>,
+    /// Per descriptor VMA: served lazily through userfaultfd.
+    pub lazy: Vec<bool>,
+    /// Data offset where the child's userfaultfd number is stored (lazy plans).
+    pub uffd_slot: Option<usize>,
 }
 
 /// The layout of the executor area, once the plan is finished.
@@ -321,6 +325,7 @@ pub fn build(
     desc: &Descriptor,
     husk: &HuskLayout,
     files: &[ResolvedFile],
+    lazy: bool,
 ) -> Result<RestorePlan, PlanError> {
     let mut notes = Vec::new();
     for v in &desc.vmas {
@@ -834,6 +839,72 @@ pub fn build(
         ));
     }
 
+    // Lazy plans: the child's userfaultfd, made in the child and moved to a
+    //    high number (close-on-exec) that forkd takes with pidfd_getfd. The
+    //    child keeps its copy: if forkd dies, faults then wait (and the
+    //    parent-death signal below ends the child) instead of reading zeros.
+    let lazy_vmas: Vec<bool> = desc
+        .vmas
+        .iter()
+        .zip(&backing)
+        .map(|(v, b)| {
+            lazy && *b == Backing::Anonymous
+                && matches!(
+                    v.kind,
+                    VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::Shmem
+                )
+                && v.runs
+                    .iter()
+                    .any(|r| matches!(r.state, PageState::Stored { .. }))
+        })
+        .collect();
+    let mut uffd_slot = None;
+    if lazy {
+        let nofile_soft = desc
+            .rlimits
+            .get(libc::RLIMIT_NOFILE as usize)
+            .map(|l| l.0)
+            .unwrap_or(1024);
+        let target = ((max_fd + 1) as u64).max(nofile_soft.min(1024).saturating_sub(24));
+        let slot = data.slot();
+        state_ops.push(
+            Op::new(
+                libc::SYS_userfaultfd,
+                [
+                    v((libc::O_CLOEXEC | libc::O_NONBLOCK) as u64),
+                    v(0),
+                    v(0),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                "userfaultfd()",
+            )
+            .save(),
+        );
+        state_ops.push(Op {
+            store: Some(slot),
+            ..Op::new(
+                libc::SYS_fcntl,
+                [
+                    Arg::Saved,
+                    v(libc::F_DUPFD_CLOEXEC as u64),
+                    v(target),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                "move the userfaultfd up",
+            )
+        });
+        state_ops.push(Op::new(
+            libc::SYS_close,
+            [Arg::Saved, v(0), v(0), v(0), v(0), v(0)],
+            "close the first userfaultfd number",
+        ));
+        uffd_slot = Some(slot);
+    }
+
     // 8. Credentials, last: after them the child may no longer be allowed
     //    the steps above.
     let c = &desc.creds;
@@ -875,6 +946,22 @@ pub fn build(
         ],
         "setresuid",
     ));
+    if lazy {
+        // A child whose pager is gone must die, not run on: set after the
+        // credential change, which clears it.
+        state_ops.push(Op::new(
+            libc::SYS_prctl,
+            [
+                v(libc::PR_SET_PDEATHSIG as u64),
+                v(libc::SIGKILL as u64),
+                v(0),
+                v(0),
+                v(0),
+                v(0),
+            ],
+            "prctl(PR_SET_PDEATHSIG)",
+        ));
+    }
 
     // Patch the auxv pointer into the prctl_mm_map once the data area is final.
     let mut plan = RestorePlan {
@@ -886,6 +973,8 @@ pub fn build(
         file_paths,
         soft_steps,
         notes,
+        lazy: lazy_vmas,
+        uffd_slot,
     };
     let len = plan.area_len() + PAGE_SIZE;
     // Avoid the vDSO park range too: it is occupied while the map phase runs.

@@ -29,7 +29,7 @@ fn local() -> Vec<ResolvedFile> {
 #[test]
 fn unmaps_the_husk_then_moves_the_vdso_then_maps_everything() {
     let d = sample();
-    let p = build(&d, &husk(0x7fff_f000_0000), &local()).unwrap();
+    let p = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     let names: Vec<&str> = p.map_ops.iter().map(|o| o.what.as_str()).collect();
     assert!(
         names[0].starts_with("munmap husk 0x5f0000000000"),
@@ -68,7 +68,7 @@ fn unmaps_the_husk_then_moves_the_vdso_then_maps_everything() {
 fn an_overlapping_vdso_block_is_parked_first() {
     let d = sample();
     // The husk's vDSO sits one page below the seed's: the ranges overlap.
-    let p = build(&d, &husk(0x7fff_0000 - 0x1000), &local()).unwrap();
+    let p = build(&d, &husk(0x7fff_0000 - 0x1000), &local(), false).unwrap();
     let moves: Vec<&Op> = p
         .map_ops
         .iter()
@@ -91,7 +91,7 @@ fn refuses_a_different_vdso_shape() {
     let mut h = husk(0x7fff_f000_0000);
     h.maps[1].end += 0x1000;
     assert!(matches!(
-        build(&d, &h, &local()),
+        build(&d, &h, &local(), false),
         Err(PlanError::VdsoLayout { .. })
     ));
 }
@@ -103,6 +103,7 @@ fn missing_files_fall_back_to_the_seed_copy_or_refuse() {
         &d,
         &husk(0x7fff_f000_0000),
         &[ResolvedFile::SeedCopy("/seed/files/abcd".into())],
+        false,
     )
     .unwrap();
     assert_eq!(p.file_paths, vec!["/seed/files/abcd".to_string()]);
@@ -113,7 +114,13 @@ fn missing_files_fall_back_to_the_seed_copy_or_refuse() {
         "{:?}",
         p.notes
     );
-    let e = build(&d, &husk(0x7fff_f000_0000), &[ResolvedFile::Unavailable]).unwrap_err();
+    let e = build(
+        &d,
+        &husk(0x7fff_f000_0000),
+        &[ResolvedFile::Unavailable],
+        false,
+    )
+    .unwrap_err();
     assert!(
         e.to_string()
             .contains("/bin/x is needed by mapping 0x400000-0x402000"),
@@ -128,7 +135,13 @@ fn missing_files_fall_back_to_the_seed_copy_or_refuse() {
     }];
     d2.pages_stored = 2;
     d2.image_bytes = 2 * 4096;
-    let p = build(&d2, &husk(0x7fff_f000_0000), &[ResolvedFile::Unavailable]).unwrap();
+    let p = build(
+        &d2,
+        &husk(0x7fff_f000_0000),
+        &[ResolvedFile::Unavailable],
+        false,
+    )
+    .unwrap();
     assert_eq!(p.backing[0], Backing::Anonymous);
 }
 
@@ -136,7 +149,7 @@ fn missing_files_fall_back_to_the_seed_copy_or_refuse() {
 fn executor_area_avoids_every_mapping_and_auxv_is_patched() {
     let d = sample();
     let h = husk(0x7fff_f000_0000);
-    let p = build(&d, &h, &local()).unwrap();
+    let p = build(&d, &h, &local(), false).unwrap();
     let end = p.base + p.area_len();
     for (s, e) in d
         .vmas
@@ -198,7 +211,7 @@ fn fds_are_filled_in_order_with_placeholders_and_gaps() {
             offset: 0,
         },
     ];
-    let p = build(&d, &husk(0x7fff_f000_0000), &local()).unwrap();
+    let p = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     let fd_ops: Vec<(&str, Option<u64>)> = p
         .state_ops
         .iter()
@@ -232,7 +245,7 @@ fn fds_are_filled_in_order_with_placeholders_and_gaps() {
         offset: 0,
     });
     assert!(matches!(
-        build(&d, &husk(0x7fff_f000_0000), &local()),
+        build(&d, &husk(0x7fff_f000_0000), &local(), false),
         Err(PlanError::FdTooHigh(100_000))
     ));
 }
@@ -240,7 +253,7 @@ fn fds_are_filled_in_order_with_placeholders_and_gaps() {
 #[test]
 fn state_phase_restores_handlers_rseq_and_ends_with_credentials() {
     let d = sample();
-    let p = build(&d, &husk(0x7fff_f000_0000), &local()).unwrap();
+    let p = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
     assert!(names.contains(&"rt_sigaction(10)"));
     assert!(names.contains(&"rseq(0x7000)"));
@@ -258,7 +271,7 @@ fn refuses_mappings_outside_user_space() {
     let mut d = sample();
     d.vmas[1].start = TASK_SIZE;
     d.vmas[1].end = TASK_SIZE + 0x4000;
-    let e = build(&d, &husk(0x7fff_f000_0000), &local()).unwrap_err();
+    let e = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap_err();
     assert!(
         e.to_string().contains("outside the user address space"),
         "{e}"
@@ -268,7 +281,7 @@ fn refuses_mappings_outside_user_space() {
 #[test]
 fn blob_entries_carry_the_flags() {
     let d = sample();
-    let p = build(&d, &husk(0x7fff_f000_0000), &local()).unwrap();
+    let p = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     let blob = p.blob();
     let entry = |i: usize| {
         let off = (blob.map_table.0 - blob.code) as usize + i * executor::ENTRY_SIZE;
@@ -284,4 +297,21 @@ fn blob_entries_carry_the_flags() {
     assert_eq!(extra, 0x400000);
     let (_, flags, _) = entry(3);
     assert_eq!(flags, executor::SAVE);
+}
+
+#[test]
+fn lazy_plans_make_a_userfaultfd_and_a_parent_death_signal() {
+    let d = sample();
+    let p = build(&d, &husk(0x7fff_f000_0000), &local(), true).unwrap();
+    // Only the anonymous mapping with stored pages is served lazily.
+    assert_eq!(p.lazy, vec![false, true, false]);
+    let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
+    let u = names.iter().position(|n| *n == "userfaultfd()").unwrap();
+    assert_eq!(names[u + 1], "move the userfaultfd up");
+    assert_eq!(p.state_ops[u + 1].store, p.uffd_slot);
+    assert_eq!(names.last(), Some(&"prctl(PR_SET_PDEATHSIG)"));
+    assert!(names.iter().position(|n| *n == "setresuid").unwrap() > u);
+    let eager = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
+    assert_eq!(eager.uffd_slot, None);
+    assert!(!eager.state_ops.iter().any(|o| o.what == "userfaultfd()"));
 }

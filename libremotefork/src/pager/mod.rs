@@ -1,0 +1,590 @@
+//! The pager: serves lazily restored children's page faults.
+//!
+//! A small pool of threads, each with one epoll over many children's
+//! userfaultfds (and their pidfds, to notice exits). Each child has a
+//! [`table::PageTable`] keyed by its current addresses. A fault on a stored
+//! page is served from the node-local [`source::SeedCache`] (fetching from
+//! the [`source::PageSource`] on a miss), with a prefetch window or the
+//! seed's recorded working set; a fault on a zero page gets
+//! `UFFDIO_ZEROPAGE`. `EVENT_REMOVE`, `EVENT_UNMAP`, `EVENT_REMAP` and
+//! `EVENT_FORK` keep the table true to the child's address space.
+//!
+//! A child is never left running on wrong memory: a page that cannot be
+//! fetched gets the child killed (`SIGKILL`, or `SIGBUS` via `UFFDIO_POISON`
+//! for a forked grandchild whose pid the event does not give), and the
+//! reason is kept in its [`ChildStats`].
+
+pub mod source;
+pub mod table;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kernel_helpers::uffd::{self, Epoll, FillError, Msg, Uffd};
+use tracing::{debug, warn};
+
+use crate::PAGE_SIZE;
+use source::SeedCache;
+use table::{Origin, PageTable, Slot};
+
+/// Pages copied per fault in window mode (the fault plus the next ones).
+pub const WINDOW_PAGES: usize = 16;
+
+/// How faults pull in more than the faulting page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Only the faulting page.
+    Off,
+    /// The faulting page and up to [`WINDOW_PAGES`] - 1 following stored pages.
+    Window,
+    /// At the first fault, every page of the seed's recorded working set;
+    /// then as `Window`.
+    Recorded,
+}
+
+impl std::str::FromStr for Prefetch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(Prefetch::Off),
+            "window" => Ok(Prefetch::Window),
+            "recorded" => Ok(Prefetch::Recorded),
+            other => Err(format!(
+                "unknown prefetch mode {other:?} (off, window, recorded)"
+            )),
+        }
+    }
+}
+
+/// Metrics of one seed on this node.
+#[derive(Debug, Default)]
+pub struct SeedMetrics {
+    /// Faults served.
+    pub faults: AtomicU64,
+    /// Pages installed into children.
+    pub pages_installed: AtomicU64,
+    /// Fault service time histogram: bucket `i` counts faults of < 2^i µs.
+    pub fault_latency_us_log2: [AtomicU64; 24],
+}
+
+/// One seed's pages on this node, shared by all its children.
+#[derive(Debug)]
+pub struct SeedPages {
+    /// The node-local cache in front of the seed's page source.
+    pub cache: SeedCache,
+    working_set: Mutex<Option<Arc<Vec<u64>>>>,
+    working_set_file: Option<PathBuf>,
+    /// Metrics.
+    pub metrics: SeedMetrics,
+}
+
+impl SeedPages {
+    /// A seed served from `cache`, its working set kept in `working_set_file`.
+    pub fn new(cache: SeedCache, working_set_file: Option<PathBuf>) -> SeedPages {
+        let ws = working_set_file
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|b| {
+                Arc::new(
+                    b.chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect::<Vec<u64>>(),
+                )
+            });
+        SeedPages {
+            cache,
+            working_set: Mutex::new(ws),
+            working_set_file,
+            metrics: SeedMetrics::default(),
+        }
+    }
+
+    /// The recorded working set (page addresses in first-touch order), if any.
+    pub fn working_set(&self) -> Option<Arc<Vec<u64>>> {
+        self.working_set.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn record_working_set(&self, pages: Vec<u64>) {
+        let Ok(mut g) = self.working_set.lock() else {
+            return;
+        };
+        if g.is_some() || pages.is_empty() {
+            return;
+        }
+        if let Some(p) = &self.working_set_file {
+            let bytes: Vec<u8> = pages.iter().flat_map(|a| a.to_le_bytes()).collect();
+            let tmp = p.with_extension("tmp");
+            if std::fs::write(&tmp, bytes)
+                .and_then(|()| std::fs::rename(&tmp, p))
+                .is_err()
+            {
+                warn!(file = %p.display(), "cannot save the recorded working set");
+            }
+        }
+        debug!(pages = pages.len(), "working set recorded");
+        *g = Some(Arc::new(pages));
+    }
+}
+
+/// What the pager did for one child.
+#[derive(Debug, Default)]
+pub struct ChildStats {
+    /// Page faults served.
+    pub faults: AtomicU64,
+    /// Pages installed (faulted, in windows, or from the working set).
+    pub pages_installed: AtomicU64,
+    /// Of those, pages fetched from the source (cache misses).
+    pub pages_fetched: AtomicU64,
+    /// Of those, pages served from the node-local cache.
+    pub pages_from_cache: AtomicU64,
+    /// Zero pages installed.
+    pub zero_pages: AtomicU64,
+    /// Pages installed from the recorded working set at the first fault.
+    pub prefetched: AtomicU64,
+    /// Address-space events handled (fork, remap, remove, unmap).
+    pub events: AtomicU64,
+    /// Set when the child was killed because a page could not be served.
+    pub killed: Mutex<Option<String>>,
+    /// The child has exited and the pager let go of it.
+    pub finished: AtomicBool,
+}
+
+impl ChildStats {
+    /// The reason the child was killed, if it was.
+    pub fn killed_reason(&self) -> Option<String> {
+        self.killed.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+/// A child handed to the pager.
+pub struct LazyChild {
+    /// Its pid (None for a forked grandchild).
+    pub pid: Option<i32>,
+    /// Its userfaultfd, set up and registered.
+    pub uffd: Uffd,
+    /// Its pidfd, to notice its exit.
+    pub pidfd: Option<OwnedFd>,
+    /// Its pages.
+    pub table: PageTable,
+    /// Its seed.
+    pub seed: Arc<SeedPages>,
+    /// Prefetch mode.
+    pub prefetch: Prefetch,
+    /// Shared statistics.
+    pub stats: Arc<ChildStats>,
+}
+
+struct ChildState {
+    c: LazyChild,
+    first_fault_done: bool,
+    touched: Vec<u64>,
+    touched_set: HashSet<u64>,
+    record: bool,
+}
+
+enum Served {
+    Done,
+    Again,
+    Failed(String),
+}
+
+/// The pool of pager threads.
+pub struct Pager {
+    workers: Vec<(Sender<LazyChild>, Mutex<std::io::PipeWriter>)>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Pager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pager")
+            .field("threads", &self.workers.len())
+            .finish()
+    }
+}
+
+const WAKE_TOKEN: u64 = u64::MAX;
+
+impl Pager {
+    /// Start `threads` pager threads.
+    pub fn new(threads: usize) -> std::io::Result<Pager> {
+        let mut workers = Vec::new();
+        for i in 0..threads.max(1) {
+            let (tx, rx) = channel::<LazyChild>();
+            let (wake_r, wake_w) = std::io::pipe()?;
+            let epoll = Epoll::new()?;
+            epoll.add(wake_r.as_raw_fd(), WAKE_TOKEN)?;
+            std::thread::Builder::new()
+                .name(format!("pager-{i}"))
+                .spawn(move || worker(epoll, rx, wake_r))?;
+            workers.push((tx, Mutex::new(wake_w)));
+        }
+        Ok(Pager {
+            workers,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Serve `child` from now on.
+    pub fn add(&self, child: LazyChild) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let (tx, wake) = &self.workers[i];
+        if tx.send(child).is_ok() {
+            if let Ok(mut w) = wake.lock() {
+                let _ = w.write_all(&[1]);
+            }
+        }
+    }
+}
+
+fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) {
+    let mut children: HashMap<u64, ChildState> = HashMap::new();
+    let mut next_id: u64 = 0;
+    let mut ready = Vec::new();
+    loop {
+        ready.clear();
+        if let Err(e) = epoll.wait(1000, &mut ready) {
+            warn!(error = %e, "pager epoll failed");
+            return;
+        }
+        for &(token, _hup) in &ready {
+            if token == WAKE_TOKEN {
+                let mut b = [0u8; 64];
+                let _ = wake.read(&mut b);
+                while let Ok(c) = rx.try_recv() {
+                    add_child(&epoll, &mut children, &mut next_id, c);
+                }
+                continue;
+            }
+            let id = token >> 1;
+            if token & 1 == 1 {
+                // The child exited.
+                if let Some(st) = children.remove(&id) {
+                    finish(&epoll, st);
+                }
+                continue;
+            }
+            let mut forks = Vec::new();
+            let outcome = match children.get_mut(&id) {
+                Some(st) => service(st, &mut forks),
+                None => Ok(()),
+            };
+            for f in forks {
+                add_child(&epoll, &mut children, &mut next_id, f);
+            }
+            if let Err(reason) = outcome {
+                if let Some(st) = children.remove(&id) {
+                    finish(&epoll, st);
+                    debug!(reason, "stopped serving a child");
+                }
+            }
+        }
+    }
+}
+
+fn add_child(
+    epoll: &Epoll,
+    children: &mut HashMap<u64, ChildState>,
+    next_id: &mut u64,
+    c: LazyChild,
+) {
+    let id = *next_id;
+    *next_id += 1;
+    if let Err(e) = epoll.add(c.uffd.raw(), id << 1) {
+        fail(&c, None, &format!("cannot watch its userfaultfd: {e}"));
+        return;
+    }
+    if let Some(p) = &c.pidfd {
+        if let Err(e) = epoll.add(p.as_raw_fd(), (id << 1) | 1) {
+            warn!(error = %e, "cannot watch a child's exit");
+        }
+    }
+    let record = c.seed.working_set().is_none() && c.pid.is_some();
+    children.insert(
+        id,
+        ChildState {
+            c,
+            first_fault_done: false,
+            touched: Vec::new(),
+            touched_set: HashSet::new(),
+            record,
+        },
+    );
+}
+
+fn finish(epoll: &Epoll, st: ChildState) {
+    epoll.remove(st.c.uffd.raw());
+    if let Some(p) = &st.c.pidfd {
+        epoll.remove(p.as_raw_fd());
+    }
+    if st.record && st.c.stats.killed_reason().is_none() {
+        st.c.seed.record_working_set(st.touched);
+    }
+    st.c.stats.finished.store(true, Ordering::Release);
+}
+
+/// Kill a child whose memory cannot be served, and say why.
+fn fail(c: &LazyChild, page: Option<u64>, reason: &str) {
+    warn!(pid = ?c.pid, reason, "killing a child that cannot be served");
+    if let Ok(mut k) = c.stats.killed.lock() {
+        if k.is_none() {
+            *k = Some(reason.to_string());
+        }
+    }
+    match (c.pid, page) {
+        (Some(pid), _) => {
+            let _ = uffd::kill(pid, libc::SIGKILL);
+        }
+        // A grandchild: no pid, but a poisoned page raises SIGBUS in it.
+        (None, Some(p)) => {
+            let _ = c.uffd.poison(p, PAGE_SIZE);
+        }
+        (None, None) => {}
+    }
+}
+
+/// Read and handle everything pending on one child's userfaultfd.
+fn service(st: &mut ChildState, forks: &mut Vec<LazyChild>) -> Result<(), String> {
+    let mut msgs = Vec::new();
+    let mut retry: Vec<u64> = Vec::new();
+    let mut spins = 0u32;
+    loop {
+        msgs.clear();
+        let n =
+            st.c.uffd
+                .read_msgs(&mut msgs)
+                .map_err(|e| format!("reading its userfaultfd: {e}"))?;
+        if n == 0 && retry.is_empty() {
+            return Ok(());
+        }
+        let mut faults = std::mem::take(&mut retry);
+        for m in &msgs {
+            match *m {
+                Msg::PageFault { address, .. } => faults.push(address),
+                Msg::Remove { start, end } => {
+                    st.c.table.remove(start, end);
+                    st.c.stats.events.fetch_add(1, Ordering::Relaxed);
+                }
+                Msg::Unmap { start, end } => {
+                    st.c.table.unmap(start, end);
+                    st.c.stats.events.fetch_add(1, Ordering::Relaxed);
+                }
+                Msg::Remap { from, to, len } => {
+                    st.c.table.remap(from, to, len);
+                    st.c.stats.events.fetch_add(1, Ordering::Relaxed);
+                }
+                Msg::Fork { ufd } => {
+                    st.c.stats.events.fetch_add(1, Ordering::Relaxed);
+                    // SAFETY: the kernel installed `ufd` in our fd table for us.
+                    let fd = unsafe { OwnedFd::from_raw_fd(ufd as RawFd) };
+                    set_nonblocking(&fd);
+                    forks.push(LazyChild {
+                        pid: None,
+                        uffd: Uffd::from_owned(fd),
+                        pidfd: None,
+                        table: st.c.table.clone(),
+                        seed: st.c.seed.clone(),
+                        prefetch: st.c.prefetch,
+                        stats: Arc::new(ChildStats::default()),
+                    });
+                }
+                Msg::Unknown(t) => warn!(event = t, "unknown userfaultfd event"),
+            }
+        }
+        for addr in faults {
+            let t = Instant::now();
+            match serve(st, addr) {
+                Served::Done => {
+                    let us = t.elapsed().as_micros() as u64;
+                    let b = (64 - us.leading_zeros()).min(23) as usize;
+                    st.c.seed.metrics.fault_latency_us_log2[b].fetch_add(1, Ordering::Relaxed);
+                    st.c.seed.metrics.faults.fetch_add(1, Ordering::Relaxed);
+                    st.c.stats.faults.fetch_add(1, Ordering::Relaxed);
+                }
+                Served::Again => retry.push(addr),
+                Served::Failed(reason) => {
+                    fail(&st.c, Some(addr & !(PAGE_SIZE - 1)), &reason);
+                    return Err(reason);
+                }
+            }
+        }
+        if !retry.is_empty() {
+            spins += 1;
+            if spins > 10_000 {
+                let reason =
+                    "the address space kept changing; gave up after 10000 retries".to_string();
+                fail(&st.c, Some(retry[0] & !(PAGE_SIZE - 1)), &reason);
+                return Err(reason);
+            }
+            if msgs.is_empty() {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+/// Install pages `run` = (address, store offset) contiguous in address.
+fn install(st: &mut ChildState, run: &[(u64, u64)], wake: bool) -> Result<Served, String> {
+    let offsets: Vec<u64> = run.iter().map(|r| r.1).collect();
+    let fetched =
+        st.c.seed
+            .cache
+            .ensure(&offsets)
+            .map_err(|e| e.to_string())?;
+    st.c.stats
+        .pages_fetched
+        .fetch_add(fetched, Ordering::Relaxed);
+    st.c.stats
+        .pages_from_cache
+        .fetch_add(run.len() as u64 - fetched, Ordering::Relaxed);
+    let contiguous = offsets.windows(2).all(|w| w[1] == w[0] + PAGE_SIZE);
+    let assembled;
+    let src: &[u8] = if contiguous {
+        let first = st.c.seed.cache.page(offsets[0]).as_ptr();
+        // SAFETY: the pages at consecutive offsets are consecutive bytes of
+        // the cache mapping, all ensured present above.
+        unsafe { std::slice::from_raw_parts(first, offsets.len() * PAGE_SIZE as usize) }
+    } else {
+        assembled = offsets
+            .iter()
+            .flat_map(|o| st.c.seed.cache.page(*o).iter().copied())
+            .collect::<Vec<u8>>();
+        &assembled
+    };
+    match st.c.uffd.copy(run[0].0, src, wake) {
+        Ok(()) => {}
+        Err(FillError::Exists) => {
+            // Some page of the run is already there: go page by page.
+            for (i, (addr, _)) in run.iter().enumerate() {
+                let p = &src[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
+                match st.c.uffd.copy(*addr, p, wake) {
+                    Ok(()) | Err(FillError::Exists) | Err(FillError::Gone) => {}
+                    Err(FillError::Again { .. }) => return Ok(Served::Again),
+                    Err(FillError::Other(e)) => {
+                        return Err(format!("UFFDIO_COPY at {addr:#x}: {e}"))
+                    }
+                }
+            }
+            if wake {
+                let _ = st.c.uffd.wake(run[0].0, PAGE_SIZE);
+            }
+        }
+        Err(FillError::Again { done }) => {
+            // Part went in: mark those, retry the rest after the events.
+            let n = (done / PAGE_SIZE) as usize;
+            for (addr, off) in &run[..n.min(run.len())] {
+                st.c.table.set(*addr, Slot::Done(Origin::Stored(*off)));
+            }
+            return Ok(Served::Again);
+        }
+        Err(FillError::Gone) => return Ok(Served::Done),
+        Err(FillError::Other(e)) => return Err(format!("UFFDIO_COPY at {:#x}: {e}", run[0].0)),
+    }
+    for (addr, off) in run {
+        st.c.table.set(*addr, Slot::Done(Origin::Stored(*off)));
+        if st.record && st.touched_set.insert(*addr) {
+            st.touched.push(*addr);
+        }
+    }
+    st.c.stats
+        .pages_installed
+        .fetch_add(run.len() as u64, Ordering::Relaxed);
+    st.c.seed
+        .metrics
+        .pages_installed
+        .fetch_add(run.len() as u64, Ordering::Relaxed);
+    Ok(Served::Done)
+}
+
+/// Install the seed's recorded working set in bulk (no wake: the faulting
+/// thread is woken by the fault's own service).
+fn install_working_set(st: &mut ChildState) -> Result<(), String> {
+    let Some(ws) = st.c.seed.working_set() else {
+        return Ok(());
+    };
+    let mut pages: Vec<(u64, u64)> = ws
+        .iter()
+        .filter_map(|a| match st.c.table.get(*a) {
+            Some(Slot::Stored(o)) => Some((*a, o)),
+            _ => None,
+        })
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    let mut i = 0;
+    let mut n = 0u64;
+    while i < pages.len() {
+        let mut j = i + 1;
+        while j < pages.len() && pages[j].0 == pages[j - 1].0 + PAGE_SIZE && j - i < 512 {
+            j += 1;
+        }
+        match install(st, &pages[i..j], false)? {
+            Served::Done => n += (j - i) as u64,
+            _ => break, // events pending: the rest comes by faults
+        }
+        i = j;
+    }
+    st.c.stats.prefetched.fetch_add(n, Ordering::Relaxed);
+    Ok(())
+}
+
+fn serve(st: &mut ChildState, addr: u64) -> Served {
+    let page = addr & !(PAGE_SIZE - 1);
+    if st.c.prefetch == Prefetch::Recorded && !st.first_fault_done {
+        st.first_fault_done = true;
+        if let Err(e) = install_working_set(st) {
+            return Served::Failed(format!("fetching the working set: {e}"));
+        }
+    }
+    let window = if st.c.prefetch == Prefetch::Off {
+        1
+    } else {
+        WINDOW_PAGES
+    };
+    let r = match st.c.table.get(page) {
+        None => Err(format!(
+            "fault at {page:#x}, an address the seed does not cover"
+        )),
+        Some(Slot::Stored(_)) => {
+            let run = st.c.table.stored_run(page, window);
+            install(st, &run, true)
+        }
+        Some(Slot::Done(Origin::Stored(off))) => {
+            // Installed before but missing again without a remove event:
+            // put the same page back rather than let the thread spin.
+            install(st, &[(page, off)], true)
+        }
+        Some(Slot::Zero) | Some(Slot::Done(Origin::Zero)) => {
+            match st.c.uffd.zero(page, PAGE_SIZE, true) {
+                Ok(()) | Err(FillError::Gone) => {
+                    st.c.table.set(page, Slot::Done(Origin::Zero));
+                    st.c.stats.zero_pages.fetch_add(1, Ordering::Relaxed);
+                    Ok(Served::Done)
+                }
+                Err(FillError::Exists) => {
+                    let _ = st.c.uffd.wake(page, PAGE_SIZE);
+                    Ok(Served::Done)
+                }
+                Err(FillError::Again { .. }) => Ok(Served::Again),
+                Err(FillError::Other(e)) => Err(format!("UFFDIO_ZEROPAGE at {page:#x}: {e}")),
+            }
+        }
+    };
+    match r {
+        Ok(s) => s,
+        Err(reason) => Served::Failed(reason),
+    }
+}
