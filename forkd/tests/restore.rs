@@ -6,118 +6,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::*;
 use remotefork::image::{self, SeedImage};
 use serde_json::Value;
-
-/// Capture `cmd` once it is blocked reading stdin, then kill it.
-/// Returns the image dir and the target's ready line.
-fn seed_of(cmd: Command, name: &str) -> (PathBuf, String) {
-    let (target, ready) = Target::start(cmd);
-    let pid = target.pid();
-    wait_blocked_in_read(pid);
-    let out = scratch(name).join("seed");
-    let (code, _, stderr) = run_forkd(&[
-        "snapshot",
-        "--pid",
-        &pid.to_string(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "snapshot failed: {stderr}");
-    drop(target); // kills the original
-    (out, ready)
-}
-
-/// What one `forkd restore` run produced.
-struct Restored {
-    stdout: String,
-    stderr: String,
-    code: Option<i32>,
-    child: i32,
-}
-
-/// `forkd restore DIR ARGS`, with `before_input(child_pid)` run once the
-/// restored child is blocked reading its stdin, then `input` given to it.
-fn restore_and_talk(
-    dir: &Path,
-    args: &[&str],
-    input: &str,
-    before_input: impl FnOnce(i32),
-) -> Restored {
-    let mut p = forkd()
-        .arg("restore")
-        .arg(dir)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let fpid = p.id() as i32;
-    let mut child = 0;
-    for _ in 0..5000 {
-        if let Some(c) = children(fpid).first() {
-            child = *c;
-            break;
-        }
-        if state(fpid).is_none() || p.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    if child != 0 && blocked_in_read(child) {
-        before_input(child);
-    }
-    let mut stdin = p.stdin.take().unwrap();
-    let _ = stdin.write_all(input.as_bytes());
-    drop(stdin);
-    let mut stdout = String::new();
-    p.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    let mut stderr = String::new();
-    p.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let code = p.wait().unwrap().code();
-    Restored {
-        stdout,
-        stderr,
-        code,
-        child,
-    }
-}
-
-/// Husks whose parent is gone: a leak if any appear.
-fn orphan_husks() -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let ppid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("PPid:"))
-            .map(|s| s.trim().to_string());
-        if comm.trim() == "rf-husk"
-            && (ppid.as_deref() == Some("1") || ppid.as_deref() == Some("0"))
-        {
-            out.push(pid);
-        }
-    }
-    out
-}
 
 #[test]
 fn c_program_restores_with_its_state_registers_and_handler() {

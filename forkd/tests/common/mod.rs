@@ -2,7 +2,7 @@
 //! the C test programs, starting targets and talking to them.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
@@ -79,12 +79,22 @@ pub struct Target {
 impl Target {
     /// Start `cmd` and wait for its first line, which must start with `ready`.
     pub fn start(mut cmd: Command) -> (Target, String) {
-        let mut child = cmd
-            .stdin(Stdio::piped())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::inherit());
+        // ETXTBSY: a program just built can still be open for writing in a
+        // process another test thread forked at that moment; retry briefly.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Ok(c) => break c,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("starting {cmd:?}: {e}"),
+            }
+        };
         let stdin = child.stdin.take();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
@@ -173,4 +183,109 @@ pub fn blocked_in_read(pid: i32) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     false
+}
+
+/// Capture `cmd` once it is blocked reading stdin, then kill it.
+/// Returns the image dir and the target's ready line.
+pub fn seed_of(cmd: Command, name: &str) -> (PathBuf, String) {
+    let (target, ready) = Target::start(cmd);
+    let pid = target.pid();
+    wait_blocked_in_read(pid);
+    let out = scratch(name).join("seed");
+    let (code, _, stderr) = run_forkd(&[
+        "snapshot",
+        "--pid",
+        &pid.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "snapshot failed: {stderr}");
+    drop(target); // kills the original
+    (out, ready)
+}
+
+/// What one `forkd restore` run produced.
+pub struct Restored {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: Option<i32>,
+    pub child: i32,
+}
+
+/// `forkd restore DIR ARGS`, with `before_input(child_pid)` run once the
+/// restored child is blocked reading its stdin, then `input` given to it.
+pub fn restore_and_talk(
+    dir: &Path,
+    args: &[&str],
+    input: &str,
+    before_input: impl FnOnce(i32),
+) -> Restored {
+    let mut p = forkd()
+        .arg("restore")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fpid = p.id() as i32;
+    let mut child = 0;
+    for _ in 0..5000 {
+        if let Some(c) = children(fpid).first() {
+            child = *c;
+            break;
+        }
+        if state(fpid).is_none() || p.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    if child != 0 && blocked_in_read(child) {
+        before_input(child);
+    }
+    let mut stdin = p.stdin.take().unwrap();
+    let _ = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    let mut stdout = String::new();
+    p.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let mut stderr = String::new();
+    p.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let code = p.wait().unwrap().code();
+    Restored {
+        stdout,
+        stderr,
+        code,
+        child,
+    }
+}
+
+/// Husks whose parent is gone: a leak if any appear.
+pub fn orphan_husks() -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let ppid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .map(|s| s.trim().to_string());
+        if comm.trim() == "rf-husk"
+            && (ppid.as_deref() == Some("1") || ppid.as_deref() == Some("0"))
+        {
+            out.push(pid);
+        }
+    }
+    out
 }

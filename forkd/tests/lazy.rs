@@ -1,0 +1,251 @@
+//! Lazy restore: the pager's memory semantics, fault handling, scale and the
+//! child's death when its memory cannot be served. Run as root.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// Capture the semantics program in `mode`, restore it lazily with
+/// `prefetch`, and return (its result line, the report).
+fn semantics(mode: &str, prefetch: &str) -> (String, Value) {
+    let mut cmd = Command::new(c_program("semantics"));
+    cmd.arg(mode);
+    let (dir, _) = seed_of(cmd, &format!("sem-{mode}-{prefetch}"));
+    let r = restore_and_talk(
+        &dir,
+        &["--lazy", "--prefetch", prefetch, "--json"],
+        "go\n",
+        |_| {},
+    );
+    assert_eq!(r.code, Some(0), "{mode}/{prefetch}: stderr {}", r.stderr);
+    let report: Value = serde_json::from_str(r.stderr.lines().last().unwrap()).unwrap();
+    (r.stdout.trim().to_string(), report)
+}
+
+fn check(mode: &str, min_events: u64) {
+    for prefetch in ["off", "window"] {
+        let (line, report) = semantics(mode, prefetch);
+        assert!(
+            line.starts_with(&format!("{mode} ok")),
+            "{mode}/{prefetch}: {line}"
+        );
+        assert!(report["faults"].as_u64().unwrap() > 0, "{report}");
+        assert!(
+            report["events"].as_u64().unwrap() >= min_events,
+            "{mode}/{prefetch}: {report}"
+        );
+        assert_eq!(report["killed_reason"], Value::Null);
+    }
+}
+
+#[test]
+fn absent_pages_read_as_zeros() {
+    if require_root("absent_pages_read_as_zeros") {
+        check("absent", 0);
+    }
+}
+
+#[test]
+fn dontneed_gives_zeros_never_parent_data() {
+    if require_root("dontneed_gives_zeros_never_parent_data") {
+        check("dontneed", 1);
+    }
+}
+
+#[test]
+fn mremap_moves_a_64_mib_buffer_with_its_pages() {
+    if require_root("mremap_moves_a_64_mib_buffer_with_its_pages") {
+        check("mremap", 1);
+    }
+}
+
+#[test]
+fn munmap_forgets_the_range() {
+    if require_root("munmap_forgets_the_range") {
+        check("munmap", 1);
+    }
+}
+
+#[test]
+fn a_forked_grandchild_sees_the_parents_memory() {
+    if require_root("a_forked_grandchild_sees_the_parents_memory") {
+        check("fork", 1);
+    }
+}
+
+#[test]
+fn two_threads_faulting_the_same_pages() {
+    if require_root("two_threads_faulting_the_same_pages") {
+        check("threads", 0);
+    }
+}
+
+#[test]
+fn recorded_working_set_cuts_faults() {
+    if !require_root("recorded_working_set_cuts_faults") {
+        return;
+    }
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", "import sys, json\nd = {i: str(i) * 20 for i in range(100000)}\nprint('ready', flush=True)\nsys.stdin.readline()\nprint(json.dumps({'n': len(d), 'x': d[99999]}))"]);
+    let (dir, _) = seed_of(cmd, "ws");
+    let run = |prefetch: &str| {
+        let r = restore_and_talk(&dir, &["--prefetch", prefetch, "--json"], "go\n", |_| {});
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        let out: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(out["n"], 100000);
+        assert_eq!(out["x"], "99999".repeat(20));
+        serde_json::from_str::<Value>(r.stderr.lines().last().unwrap()).unwrap()
+    };
+    let off = run("off");
+    // The first recorded run records (it runs like window), the next uses it.
+    let _ = run("recorded");
+    assert!(dir.join("workingset.bin").exists());
+    let rec = run("recorded");
+    let (f_off, f_rec) = (
+        off["faults"].as_u64().unwrap(),
+        rec["faults"].as_u64().unwrap(),
+    );
+    assert!(rec["prefetched"].as_u64().unwrap() > 0, "{rec}");
+    assert!(
+        f_rec * 10 <= f_off,
+        "recorded {f_rec} faults vs {f_off} with prefetch off: not 90% fewer"
+    );
+}
+
+#[test]
+fn a_hundred_lazy_children_from_one_seed() {
+    if !require_root("a_hundred_lazy_children_from_one_seed") {
+        return;
+    }
+    let script = r#"
+import sys, os, json
+try:
+    import boto3
+    client = boto3.client('s3', region_name='us-east-1')
+    region = client.meta.region_name
+except ImportError:
+    region = 'no-boto3'
+print('ready', flush=True)
+line = sys.stdin.readline()
+print(json.dumps({'got': line.strip(), 'pid': os.getpid(), 'region': region}), flush=True)
+"#;
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", script]);
+    let (dir, _) = seed_of(cmd, "hundred");
+    let p = forkd()
+        .arg("restore")
+        .arg(&dir)
+        .args(["--count", "100", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.as_ref().unwrap().write_all(b"req\n").unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kids = v["children"].as_array().unwrap();
+    assert_eq!(kids.len(), 100);
+    let mut fetched = 0;
+    let mut from_cache = 0;
+    for k in kids {
+        let a: Value = serde_json::from_str(k["stdout"].as_str().unwrap().trim()).unwrap();
+        assert_eq!(a["got"], "req");
+        assert_eq!(a["pid"], k["pid"]);
+        fetched += k["pages_fetched"].as_u64().unwrap();
+        from_cache += k["pages_from_cache"].as_u64().unwrap();
+    }
+    // The node-local cache: later children are served without fetching again.
+    assert!(
+        from_cache > 10 * fetched,
+        "fetched {fetched}, from cache {from_cache}"
+    );
+}
+
+/// The slow program touches 4000 pages over about 4 s.
+fn slow_seed(name: &str) -> std::path::PathBuf {
+    let mut cmd = Command::new(c_program("semantics"));
+    cmd.arg("slow");
+    seed_of(cmd, name).0
+}
+
+#[test]
+fn killing_the_pager_kills_the_child_no_wrong_output() {
+    if !require_root("killing_the_pager_kills_the_child_no_wrong_output") {
+        return;
+    }
+    let dir = slow_seed("kill-pager");
+    let mut p = forkd()
+        .arg("restore")
+        .arg(&dir)
+        .args(["--prefetch", "off"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fpid = p.id() as i32;
+    let mut child = 0;
+    for _ in 0..5000 {
+        if let Some(c) = children(fpid).first() {
+            child = *c;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(child > 0 && blocked_in_read(child));
+    p.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The pager (forkd) dies mid-paging.
+    p.kill().unwrap();
+    let out = p.wait_with_output().unwrap();
+    let t = Instant::now();
+    while matches!(state(child), Some(c) if c != 'Z') {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "child {child} still running without its pager"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("slow"),
+        "the child must not finish on wrong memory"
+    );
+}
+
+#[test]
+fn a_failing_page_source_kills_the_child_with_a_reason() {
+    if !require_root("a_failing_page_source_kills_the_child_with_a_reason") {
+        return;
+    }
+    let dir = slow_seed("bad-source");
+    let pages = dir.join("pages.img");
+    let r = restore_and_talk(&dir, &["--prefetch", "off", "--json"], "go\n", |_| {
+        // The image loses its pages while the child runs.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pages)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    });
+    assert_eq!(
+        r.code,
+        Some(128 + libc::SIGKILL),
+        "stdout {} stderr {}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(!r.stdout.contains("slow"), "{}", r.stdout);
+    assert!(r.stderr.contains("was killed: reading"), "{}", r.stderr);
+    let report: Value = serde_json::from_str(r.stderr.lines().last().unwrap()).unwrap();
+    assert!(
+        report["killed_reason"].as_str().unwrap().contains("local:"),
+        "{report}"
+    );
+}
