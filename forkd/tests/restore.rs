@@ -38,6 +38,17 @@ fn c_program_restores_with_its_state_registers_and_handler() {
         r.stderr
     );
 
+    // The same, eagerly restored (every page written before it runs).
+    let r = restore_and_talk(&dir, &["--eager"], "go\n", |_| {});
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(
+        r.stdout.contains(&format!(
+            "checksum {checksum} signal 0\ncpu ok rseq registered calloc ok"
+        )),
+        "{}",
+        r.stdout
+    );
+
     // A signal to the restored child runs the restored handler, and the
     // interrupted read restarts (SA_RESTART).
     let r = restore_and_talk(&dir, &[], "go\n", |child| {
@@ -122,6 +133,12 @@ fn python_with_boto3_restores_and_answers() {
     if region != "no-boto3" {
         assert_eq!(v["endpoint"], "https://s3.amazonaws.com");
     }
+    // Eagerly restored, the same answer.
+    let e = restore_and_talk(&dir, &["--eager"], "hello\n", |_| {});
+    assert_eq!(e.code, Some(0), "stderr: {}", e.stderr);
+    let ev: Value = serde_json::from_str(e.stdout.trim()).unwrap();
+    assert_eq!(ev["sum"], v["sum"]);
+    assert_eq!(ev["pid"], e.child);
     // The report (on stderr for a single child) says what happened.
     let report: Value = serde_json::from_str(r.stderr.lines().last().unwrap()).unwrap();
     assert_eq!(report["pid"], r.child);

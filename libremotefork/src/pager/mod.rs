@@ -183,6 +183,8 @@ pub struct LazyChild {
 struct ChildState {
     c: LazyChild,
     first_fault_done: bool,
+    /// Working-set runs still to install, in recorded order.
+    ws_queue: std::collections::VecDeque<Vec<(u64, u64)>>,
     touched: Vec<u64>,
     touched_set: HashSet<u64>,
     record: bool,
@@ -248,7 +250,8 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
     let mut ready = Vec::new();
     loop {
         ready.clear();
-        if let Err(e) = epoll.wait(1000, &mut ready) {
+        let busy = children.values().any(|c| !c.ws_queue.is_empty());
+        if let Err(e) = epoll.wait(if busy { 0 } else { 1000 }, &mut ready) {
             warn!(error = %e, "pager epoll failed");
             return;
         }
@@ -284,6 +287,19 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
                 }
             }
         }
+        // Between faults: the next piece of each child's working set.
+        let mut failed = Vec::new();
+        for (id, st) in children.iter_mut().filter(|(_, c)| !c.ws_queue.is_empty()) {
+            if let Err(reason) = install_queued(st, 64) {
+                fail(&st.c, None, &format!("fetching the working set: {reason}"));
+                failed.push(*id);
+            }
+        }
+        for id in failed {
+            if let Some(st) = children.remove(&id) {
+                finish(&epoll, st);
+            }
+        }
     }
 }
 
@@ -310,6 +326,7 @@ fn add_child(
         ChildState {
             c,
             first_fault_done: false,
+            ws_queue: Default::default(),
             touched: Vec::new(),
             touched_set: HashSet::new(),
             record,
@@ -509,35 +526,66 @@ fn install(st: &mut ChildState, run: &[(u64, u64)], wake: bool) -> Result<Served
     Ok(Served::Done)
 }
 
-/// Install the seed's recorded working set in bulk (no wake: the faulting
-/// thread is woken by the fault's own service).
-fn install_working_set(st: &mut ChildState) -> Result<(), String> {
+/// Queue the seed's recorded working set for installation, as runs of
+/// address-contiguous pages in recorded (first-touch) order. The pager
+/// installs them between faults, so the first fault is not held up by the
+/// whole set and the earliest-needed pages go in first.
+fn queue_working_set(st: &mut ChildState) {
     let Some(ws) = st.c.seed.working_set() else {
-        return Ok(());
+        return;
     };
-    let mut pages: Vec<(u64, u64)> = ws
-        .iter()
-        .filter_map(|a| match st.c.table.get(*a) {
-            Some(Slot::Stored(o)) => Some((*a, o)),
-            _ => None,
-        })
-        .collect();
-    pages.sort_unstable();
-    pages.dedup();
-    let mut i = 0;
-    let mut n = 0u64;
-    while i < pages.len() {
-        let mut j = i + 1;
-        while j < pages.len() && pages[j].0 == pages[j - 1].0 + PAGE_SIZE && j - i < 512 {
-            j += 1;
+    let mut run: Vec<(u64, u64)> = Vec::new();
+    let mut seen = HashSet::new();
+    for a in ws.iter() {
+        let Some(Slot::Stored(o)) = st.c.table.get(*a) else {
+            continue;
+        };
+        if !seen.insert(*a) {
+            continue;
         }
-        match install(st, &pages[i..j], false)? {
-            Served::Done => n += (j - i) as u64,
-            _ => break, // events pending: the rest comes by faults
+        let extends = run.last().is_some_and(|l| l.0 + PAGE_SIZE == *a) && run.len() < 256;
+        if !extends && !run.is_empty() {
+            st.ws_queue.push_back(std::mem::take(&mut run));
         }
-        i = j;
+        run.push((*a, o));
     }
-    st.c.stats.prefetched.fetch_add(n, Ordering::Relaxed);
+    if !run.is_empty() {
+        st.ws_queue.push_back(run);
+    }
+}
+
+/// Install up to `budget` pages of the queued working set.
+fn install_queued(st: &mut ChildState, mut budget: usize) -> Result<(), String> {
+    while budget > 0 {
+        let Some(run) = st.ws_queue.pop_front() else {
+            return Ok(());
+        };
+        // Pages faulted in meanwhile are skipped.
+        let still: Vec<(u64, u64)> = run
+            .into_iter()
+            .filter(|(a, _)| matches!(st.c.table.get(*a), Some(Slot::Stored(_))))
+            .collect();
+        if still.is_empty() {
+            continue;
+        }
+        // Split at holes left by pages installed meanwhile.
+        let mut start = 0;
+        for i in 1..=still.len() {
+            if i == still.len() || still[i].0 != still[i - 1].0 + PAGE_SIZE {
+                match install(st, &still[start..i], false)? {
+                    Served::Done => {
+                        st.c.stats
+                            .prefetched
+                            .fetch_add((i - start) as u64, Ordering::Relaxed);
+                    }
+                    // Events pending: drop the rest of this run; faults bring it.
+                    _ => return Ok(()),
+                }
+                start = i;
+            }
+        }
+        budget = budget.saturating_sub(still.len());
+    }
     Ok(())
 }
 
@@ -545,9 +593,7 @@ fn serve(st: &mut ChildState, addr: u64) -> Served {
     let page = addr & !(PAGE_SIZE - 1);
     if st.c.prefetch == Prefetch::Recorded && !st.first_fault_done {
         st.first_fault_done = true;
-        if let Err(e) = install_working_set(st) {
-            return Served::Failed(format!("fetching the working set: {e}"));
-        }
+        queue_working_set(st);
     }
     let window = if st.c.prefetch == Prefetch::Off {
         1

@@ -469,11 +469,17 @@ impl Restorer {
         let mut remote: Vec<RemoteRange> = Vec::new();
         let mut proc_mem: Option<ProcMem> = None;
         let mut written = 0u64;
-        for ((vma, b), lazy) in d.vmas.iter().zip(&plan.backing).zip(&plan.lazy) {
+        for (((vma, b), lazy), wf) in d
+            .vmas
+            .iter()
+            .zip(&plan.backing)
+            .zip(&plan.lazy)
+            .zip(&plan.write_first)
+        {
             if *b == Backing::Kernel || *lazy {
                 continue;
             }
-            let writable = vma.prot & libc::PROT_WRITE as u32 != 0;
+            let writable = vma.prot & libc::PROT_WRITE as u32 != 0 || *wf;
             for run in &vma.runs {
                 let PageState::Stored { offset } = run.state else {
                     continue;
@@ -500,6 +506,11 @@ impl Restorer {
         // Two writers: most of the cost is the child's page faults, which
         // the kernel serves in parallel for different ranges.
         let total: usize = remote.iter().map(|r| r.len).sum();
+        if total < 4 << 20 {
+            // Not worth a second thread.
+            mem::write_ranges(pid, &local, &remote)?;
+            return Ok(written);
+        }
         let mut split = 0;
         let mut acc = 0;
         while split < remote.len() && acc < total / 2 {

@@ -195,6 +195,8 @@ pub struct RestorePlan {
     pub lazy: Vec<bool>,
     /// Data offset where the child's userfaultfd number is stored (lazy plans).
     pub uffd_slot: Option<usize>,
+    /// Per descriptor VMA: mapped writable until the state phase.
+    pub write_first: Vec<bool>,
 }
 
 /// The layout of the executor area, once the plan is finished.
@@ -438,9 +440,29 @@ pub fn build(
         );
     }
 
+    // Stored pages go into mappings the process itself may not write (RELRO
+    // pages, read-only data it wrote before an mprotect): map those
+    // writable first, so forkd can fill them with one process_vm_writev,
+    // and give them their own protection at the start of the state phase.
+    let write_first: Vec<bool> = desc
+        .vmas
+        .iter()
+        .map(|v| {
+            v.prot & libc::PROT_WRITE as u32 == 0
+                && !v.kind.is_kernel_provided()
+                && v.runs
+                    .iter()
+                    .any(|r| matches!(r.state, PageState::Stored { .. }))
+        })
+        .collect();
     // 3. Map every parent mapping at its address.
-    for (vma, b) in desc.vmas.iter().zip(&backing) {
+    for ((vma, b), wf) in desc.vmas.iter().zip(&backing).zip(&write_first) {
         let len = vma.end - vma.start;
+        let map_prot = if *wf {
+            vma.prot | libc::PROT_WRITE as u32
+        } else {
+            vma.prot
+        };
         let what = format!(
             "map {:#x}-{:#x} {} {}",
             vma.start,
@@ -466,7 +488,7 @@ pub fn build(
                         [
                             v(vma.start),
                             v(len),
-                            v(vma.prot as u64),
+                            v(map_prot as u64),
                             v(flags as u64),
                             v(u64::MAX),
                             v(0),
@@ -504,7 +526,7 @@ pub fn build(
                         [
                             v(vma.start),
                             v(len),
-                            v(vma.prot as u64),
+                            v(map_prot as u64),
                             v(flags as u64),
                             Arg::Saved,
                             v(vma.file_offset),
@@ -536,6 +558,22 @@ pub fn build(
         [v(3), v(u32::MAX as u64), v(0), v(0), v(0), v(0)],
         "close_range(3, ~0)",
     ));
+    for (vma, wf) in desc.vmas.iter().zip(&write_first) {
+        if *wf {
+            state_ops.push(Op::new(
+                libc::SYS_mprotect,
+                [
+                    v(vma.start),
+                    v(vma.end - vma.start),
+                    v(vma.prot as u64),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                format!("mprotect {:#x}-{:#x} {}", vma.start, vma.end, vma.path),
+            ));
+        }
+    }
 
     // mm fields, auxv and exe (PR_SET_MM_MAP).
     let auxv_at = data.words(&desc.auxv);
@@ -975,6 +1013,7 @@ pub fn build(
         notes,
         lazy: lazy_vmas,
         uffd_slot,
+        write_first,
     };
     let len = plan.area_len() + PAGE_SIZE;
     // Avoid the vDSO park range too: it is occupied while the map phase runs.
