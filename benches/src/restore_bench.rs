@@ -318,8 +318,8 @@ fn main() -> anyhow::Result<()> {
     );
     let cmd = "cargo run --release -p remotefork-benches --bin restore-bench";
     println!(
-        "# {cmd} -- --iterations {} --cold {}",
-        args.iterations, args.cold
+        "# {cmd} -- --iterations {} --cold {} --children {}",
+        args.iterations, args.cold, args.children
     );
     println!(
         "# warm Python (boto3 S3 client); seed: {} mappings, {:.1} MiB stored",
