@@ -235,6 +235,7 @@ fn main() -> anyhow::Result<()> {
             &SpawnOptions {
                 lazy: false,
                 prefetch: Prefetch::Off,
+                share: true,
             },
             &format!("eager-{i}"),
             &mut line,
@@ -253,6 +254,7 @@ fn main() -> anyhow::Result<()> {
                 &SpawnOptions {
                     lazy: true,
                     prefetch,
+                    share: true,
                 },
                 "record",
                 &mut line,
@@ -264,6 +266,7 @@ fn main() -> anyhow::Result<()> {
                 &SpawnOptions {
                     lazy: true,
                     prefetch,
+                    share: true,
                 },
                 &format!("lazy-{name}-{i}"),
                 &mut line,
@@ -289,6 +292,7 @@ fn main() -> anyhow::Result<()> {
             &SpawnOptions {
                 lazy: true,
                 prefetch: Prefetch::Recorded,
+                share: true,
             },
         )?;
         let mut out = BufReader::new(out_r);

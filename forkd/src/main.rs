@@ -57,6 +57,10 @@ enum Command {
         /// Serve anonymous memory on demand through userfaultfd (the default).
         #[arg(long)]
         lazy: bool,
+        /// Lazy mode: give each child copies of its pages instead of mapping
+        /// the node's seed cache shared (copy-on-write) between children.
+        #[arg(long)]
+        no_share: bool,
         /// Lazy mode: what a fault pulls in besides its page.
         #[arg(long, default_value = "window", value_parser = ["off", "window", "recorded"])]
         prefetch: String,
@@ -107,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             eager,
             lazy: _,
+            no_share,
             prefetch,
             count,
             detach,
@@ -116,6 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let opts = remotefork::restore::SpawnOptions {
                 lazy: !eager,
                 prefetch: prefetch.parse().map_err(anyhow::Error::msg)?,
+                share: !no_share,
             };
             return restore_cmd::run(&dir, opts, count, detach, output_dir.as_deref(), json);
         }

@@ -12,24 +12,25 @@ use serde_json::Value;
 
 /// Capture the semantics program in `mode`, restore it lazily with
 /// `prefetch`, and return (its result line, the report).
-fn semantics(mode: &str, prefetch: &str) -> (String, Value) {
+fn semantics(mode: &str, prefetch: &str, share: bool) -> (String, Value) {
     let mut cmd = Command::new(c_program("semantics"));
     cmd.arg(mode);
-    let (dir, _) = seed_of(cmd, &format!("sem-{mode}-{prefetch}"));
-    let r = restore_and_talk(
-        &dir,
-        &["--lazy", "--prefetch", prefetch, "--json"],
-        "go\n",
-        |_| {},
-    );
+    let (dir, _) = seed_of(cmd, &format!("sem-{mode}-{prefetch}-{share}"));
+    let mut args = vec!["--lazy", "--prefetch", prefetch, "--json"];
+    if !share {
+        args.push("--no-share");
+    }
+    let r = restore_and_talk(&dir, &args, "go\n", |_| {});
     assert_eq!(r.code, Some(0), "{mode}/{prefetch}: stderr {}", r.stderr);
     let report: Value = serde_json::from_str(r.stderr.lines().last().unwrap()).unwrap();
     (r.stdout.trim().to_string(), report)
 }
 
 fn check(mode: &str, min_events: u64) {
-    for prefetch in ["off", "window"] {
-        let (line, report) = semantics(mode, prefetch);
+    // Shared cache (UFFDIO_CONTINUE) with and without prefetch, and private
+    // copies (UFFDIO_COPY).
+    for (prefetch, share) in [("off", true), ("window", true), ("off", false)] {
+        let (line, report) = semantics(mode, prefetch, share);
         assert!(
             line.starts_with(&format!("{mode} ok")),
             "{mode}/{prefetch}: {line}"

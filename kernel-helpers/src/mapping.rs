@@ -6,6 +6,25 @@ use std::os::fd::AsRawFd;
 
 use crate::last_os_error;
 
+/// A memfd of `size` bytes (sparse until written), close-on-exec.
+pub fn memfd(name: &str, size: u64) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let cname =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: cname is a valid NUL-terminated string.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on a descriptor we own.
+    if unsafe { libc::ftruncate(fd, size as libc::off_t) } != 0 {
+        return Err(last_os_error());
+    }
+    Ok(owned)
+}
+
 /// An owned mapping, unmapped on drop.
 #[derive(Debug)]
 pub struct Mapping {
@@ -38,6 +57,16 @@ impl Mapping {
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED | pop(populate),
             file.as_raw_fd(),
+        )
+    }
+
+    /// A shared read-write mapping of the first `len` bytes of `fd`.
+    pub fn fd_shared(fd: &impl AsRawFd, len: usize) -> io::Result<Mapping> {
+        Self::map(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
         )
     }
 

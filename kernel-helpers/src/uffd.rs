@@ -20,6 +20,7 @@ const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
 const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
 const UFFDIO_POISON: libc::c_ulong = 0xc020_aa08;
+const UFFDIO_CONTINUE: libc::c_ulong = 0xc020_aa07;
 
 /// `UFFD_FEATURE_EVENT_FORK`.
 pub const FEATURE_EVENT_FORK: u64 = 1 << 1;
@@ -31,10 +32,14 @@ pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 /// `UFFD_FEATURE_EVENT_UNMAP`.
 pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+/// `UFFD_FEATURE_MINOR_SHMEM` (Linux 5.14).
+pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 /// `UFFD_FEATURE_POISON` (Linux 6.6).
 pub const FEATURE_POISON: u64 = 1 << 14;
 /// `UFFDIO_REGISTER_MODE_MISSING`.
 const REGISTER_MODE_MISSING: u64 = 1;
+/// `UFFDIO_REGISTER_MODE_MINOR`.
+const REGISTER_MODE_MINOR: u64 = 4;
 /// `UFFDIO_COPY_MODE_DONTWAKE`.
 const COPY_MODE_DONTWAKE: u64 = 1;
 
@@ -309,6 +314,32 @@ impl Uffd {
             ioctls: 0,
         };
         self.ioctl("UFFDIO_REGISTER", UFFDIO_REGISTER, &mut r)
+    }
+
+    /// Register `[start, start+len)` of a shmem mapping for missing and
+    /// minor faults (a page present in the page cache but not mapped).
+    pub fn register_minor(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut r = RegisterArg {
+            range: Range { start, len },
+            mode: REGISTER_MODE_MISSING | REGISTER_MODE_MINOR,
+            ioctls: 0,
+        };
+        self.ioctl("UFFDIO_REGISTER", UFFDIO_REGISTER, &mut r)
+    }
+
+    /// `UFFDIO_CONTINUE`: map the page-cache pages already behind
+    /// `[dst, dst+len)` (read-only in a private mapping: writes copy).
+    pub fn continue_range(&self, dst: u64, len: u64, wake: bool) -> Result<(), FillError> {
+        let mut z = ZeroArg {
+            range: Range { start: dst, len },
+            mode: if wake { 0 } else { COPY_MODE_DONTWAKE },
+            zeropage: 0,
+        };
+        // SAFETY: struct uffdio_continue has the layout of uffdio_zeropage
+        // (range, mode, result), and UFFDIO_CONTINUE_MODE_DONTWAKE is 1.
+        let r =
+            unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut z as *mut ZeroArg) };
+        fill_result(r, z.zeropage)
     }
 
     /// Unregister a range.

@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 
 use crate::PAGE_SIZE;
 use source::SeedCache;
-use table::{Origin, PageTable, Slot};
+use table::{Fill, Origin, PageRef, PageTable, Slot};
 
 /// Pages copied per fault in window mode (the fault plus the next ones).
 pub const WINDOW_PAGES: usize = 16;
@@ -184,7 +184,7 @@ struct ChildState {
     c: LazyChild,
     first_fault_done: bool,
     /// Working-set runs still to install, in recorded order.
-    ws_queue: std::collections::VecDeque<Vec<(u64, u64)>>,
+    ws_queue: std::collections::VecDeque<Vec<(u64, PageRef)>>,
     touched: Vec<u64>,
     touched_set: HashSet<u64>,
     record: bool,
@@ -453,46 +453,50 @@ fn set_nonblocking(fd: &OwnedFd) {
     }
 }
 
-/// Install pages `run` = (address, store offset) contiguous in address.
-fn install(st: &mut ChildState, run: &[(u64, u64)], wake: bool) -> Result<Served, String> {
-    let offsets: Vec<u64> = run.iter().map(|r| r.1).collect();
-    let fetched =
-        st.c.seed
-            .cache
-            .ensure(&offsets)
-            .map_err(|e| e.to_string())?;
+/// Install pages `run` = (address, page), consecutive in address within
+/// one region, from the node-local cache (fetching what it lacks).
+fn install(st: &mut ChildState, run: &[(u64, PageRef)], wake: bool) -> Result<Served, String> {
+    let refs: Vec<PageRef> = run.iter().map(|r| r.1).collect();
+    let fetched = st.c.seed.cache.ensure(&refs).map_err(|e| e.to_string())?;
     st.c.stats
         .pages_fetched
         .fetch_add(fetched, Ordering::Relaxed);
     st.c.stats
         .pages_from_cache
         .fetch_add(run.len() as u64 - fetched, Ordering::Relaxed);
-    let contiguous = offsets.windows(2).all(|w| w[1] == w[0] + PAGE_SIZE);
-    let assembled;
-    let src: &[u8] = if contiguous {
-        let first = st.c.seed.cache.page(offsets[0]).as_ptr();
-        // SAFETY: the pages at consecutive offsets are consecutive bytes of
-        // the cache mapping, all ensured present above.
-        unsafe { std::slice::from_raw_parts(first, offsets.len() * PAGE_SIZE as usize) }
+    let fill = st.c.table.fill(run[0].0).unwrap_or(Fill::Copy);
+    let contiguous = refs
+        .windows(2)
+        .all(|w| w[1].cache == w[0].cache + PAGE_SIZE);
+    let len = run.len() as u64 * PAGE_SIZE;
+    let whole = if !contiguous {
+        Err(FillError::Exists) // go page by page below
     } else {
-        assembled = offsets
-            .iter()
-            .flat_map(|o| st.c.seed.cache.page(*o).iter().copied())
-            .collect::<Vec<u8>>();
-        &assembled
+        match fill {
+            Fill::Continue => st.c.uffd.continue_range(run[0].0, len, wake),
+            Fill::Copy => {
+                let first = st.c.seed.cache.page(refs[0].cache).as_ptr();
+                // SAFETY: consecutive cache offsets are consecutive bytes of
+                // the cache mapping, all ensured present above.
+                let src = unsafe { std::slice::from_raw_parts(first, len as usize) };
+                st.c.uffd.copy(run[0].0, src, wake)
+            }
+        }
     };
-    match st.c.uffd.copy(run[0].0, src, wake) {
+    match whole {
         Ok(()) => {}
         Err(FillError::Exists) => {
-            // Some page of the run is already there: go page by page.
-            for (i, (addr, _)) in run.iter().enumerate() {
-                let p = &src[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
-                match st.c.uffd.copy(*addr, p, wake) {
+            // Some page is already there (or the run is not contiguous in
+            // the cache): page by page, then wake the first.
+            for (addr, r) in run {
+                let one = match fill {
+                    Fill::Continue => st.c.uffd.continue_range(*addr, PAGE_SIZE, wake),
+                    Fill::Copy => st.c.uffd.copy(*addr, st.c.seed.cache.page(r.cache), wake),
+                };
+                match one {
                     Ok(()) | Err(FillError::Exists) | Err(FillError::Gone) => {}
                     Err(FillError::Again { .. }) => return Ok(Served::Again),
-                    Err(FillError::Other(e)) => {
-                        return Err(format!("UFFDIO_COPY at {addr:#x}: {e}"))
-                    }
+                    Err(FillError::Other(e)) => return Err(format!("filling {addr:#x}: {e}")),
                 }
             }
             if wake {
@@ -502,16 +506,16 @@ fn install(st: &mut ChildState, run: &[(u64, u64)], wake: bool) -> Result<Served
         Err(FillError::Again { done }) => {
             // Part went in: mark those, retry the rest after the events.
             let n = (done / PAGE_SIZE) as usize;
-            for (addr, off) in &run[..n.min(run.len())] {
-                st.c.table.set(*addr, Slot::Done(Origin::Stored(*off)));
+            for (addr, r) in &run[..n.min(run.len())] {
+                st.c.table.set(*addr, Slot::Done(Origin::Stored(*r)));
             }
             return Ok(Served::Again);
         }
         Err(FillError::Gone) => return Ok(Served::Done),
-        Err(FillError::Other(e)) => return Err(format!("UFFDIO_COPY at {:#x}: {e}", run[0].0)),
+        Err(FillError::Other(e)) => return Err(format!("filling {:#x}: {e}", run[0].0)),
     }
-    for (addr, off) in run {
-        st.c.table.set(*addr, Slot::Done(Origin::Stored(*off)));
+    for (addr, r) in run {
+        st.c.table.set(*addr, Slot::Done(Origin::Stored(*r)));
         if st.record && st.touched_set.insert(*addr) {
             st.touched.push(*addr);
         }
@@ -534,7 +538,7 @@ fn queue_working_set(st: &mut ChildState) {
     let Some(ws) = st.c.seed.working_set() else {
         return;
     };
-    let mut run: Vec<(u64, u64)> = Vec::new();
+    let mut run: Vec<(u64, PageRef)> = Vec::new();
     let mut seen = HashSet::new();
     for a in ws.iter() {
         let Some(Slot::Stored(o)) = st.c.table.get(*a) else {
@@ -543,7 +547,11 @@ fn queue_working_set(st: &mut ChildState) {
         if !seen.insert(*a) {
             continue;
         }
-        let extends = run.last().is_some_and(|l| l.0 + PAGE_SIZE == *a) && run.len() < 256;
+        let extends = run.last().is_some_and(|l| {
+            l.0 + PAGE_SIZE == *a
+                && l.1.cache + PAGE_SIZE == o.cache
+                && st.c.table.fill(l.0) == st.c.table.fill(*a)
+        }) && run.len() < 256;
         if !extends && !run.is_empty() {
             st.ws_queue.push_back(std::mem::take(&mut run));
         }
@@ -561,7 +569,7 @@ fn install_queued(st: &mut ChildState, mut budget: usize) -> Result<(), String> 
             return Ok(());
         };
         // Pages faulted in meanwhile are skipped.
-        let still: Vec<(u64, u64)> = run
+        let still: Vec<(u64, PageRef)> = run
             .into_iter()
             .filter(|(a, _)| matches!(st.c.table.get(*a), Some(Slot::Stored(_))))
             .collect();

@@ -100,8 +100,14 @@ impl PageSource for LocalSource {
 
 /// The node-local seed cache: pages fetched once from the source stay here
 /// and serve every later child's faults without another fetch.
+///
+/// It is a memfd laid out like the seed's lazily served address space (each
+/// such mapping at its own offset, sparse where nothing was fetched), so a
+/// child's anonymous mappings can map it privately: pages then stay shared
+/// between all children of the seed until one writes them.
 pub struct SeedCache {
     source: Box<dyn PageSource>,
+    memfd: std::os::fd::OwnedFd,
     mem: Mapping,
     present: Vec<AtomicU64>,
     /// Pages fetched from the source.
@@ -119,14 +125,15 @@ impl std::fmt::Debug for SeedCache {
 }
 
 impl SeedCache {
-    /// A cache over `source`; memory is reserved, not used, until pages arrive.
-    pub fn new(source: Box<dyn PageSource>) -> io::Result<SeedCache> {
-        let size = source.size();
+    /// A cache of `size` bytes over `source`; nothing is used until pages arrive.
+    pub fn new(source: Box<dyn PageSource>, size: u64) -> io::Result<SeedCache> {
+        let memfd = kernel_helpers::mapping::memfd("remotefork-seed-cache", size)?;
+        let mem = Mapping::fd_shared(&memfd, size as usize)?;
         let pages = size / PAGE_SIZE;
-        let mem = Mapping::anonymous(size as usize, false)?;
         let present = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         Ok(SeedCache {
             source,
+            memfd,
             mem,
             present,
             fetched: AtomicU64::new(0),
@@ -139,53 +146,62 @@ impl SeedCache {
         self.source.name()
     }
 
+    /// A path another process (a husk) can open the cache memfd by.
+    pub fn memfd_path(&self) -> String {
+        use std::os::fd::AsRawFd;
+        format!("/proc/{}/fd/{}", std::process::id(), self.memfd.as_raw_fd())
+    }
+
+    /// Size of the cache in bytes.
+    pub fn size(&self) -> u64 {
+        self.mem.len() as u64
+    }
+
     fn is_present(&self, page: u64) -> bool {
         self.present[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
     }
 
-    /// Make the pages at `offsets` present, fetching the missing ones, and
-    /// return how many were fetched. Consecutive misses are fetched in one read.
-    pub fn ensure(&self, offsets: &[u64]) -> Result<u64, SourceError> {
+    /// Make `pages` present in the cache, fetching the missing ones, and
+    /// return how many were fetched. Runs consecutive in both the store and
+    /// the cache are fetched with one read.
+    pub fn ensure(&self, pages: &[crate::pager::table::PageRef]) -> Result<u64, SourceError> {
         let mut fetched = 0;
         let mut i = 0;
-        while i < offsets.len() {
-            let page = offsets[i] / PAGE_SIZE;
-            if self.is_present(page) {
+        while i < pages.len() {
+            if pages[i].cache + PAGE_SIZE > self.size() {
+                return Err(SourceError::OutOfRange {
+                    offset: pages[i].cache,
+                    len: PAGE_SIZE as usize,
+                    size: self.size(),
+                });
+            }
+            if self.is_present(pages[i].cache / PAGE_SIZE) {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 i += 1;
                 continue;
             }
-            // A run of missing pages that are consecutive in the store.
             let mut j = i + 1;
-            while j < offsets.len()
-                && offsets[j] == offsets[j - 1] + PAGE_SIZE
-                && !self.is_present(offsets[j] / PAGE_SIZE)
+            while j < pages.len()
+                && pages[j].image == pages[j - 1].image + PAGE_SIZE
+                && pages[j].cache == pages[j - 1].cache + PAGE_SIZE
+                && pages[j].cache + PAGE_SIZE <= self.size()
+                && !self.is_present(pages[j].cache / PAGE_SIZE)
             {
                 j += 1;
             }
-            let start = offsets[i];
             let len = (j - i) * PAGE_SIZE as usize;
-            if start + len as u64 > self.source.size() {
-                return Err(SourceError::OutOfRange {
-                    offset: start,
-                    len,
-                    size: self.source.size(),
-                });
-            }
-            // SAFETY: the range lies inside the cache mapping (checked just
-            // above). Two threads may fetch the same page at once; both
-            // write the same bytes, and readers only look after the
-            // present bit is set below.
+            let at = pages[i].cache as usize;
+            // SAFETY: [at, at+len) lies inside the cache mapping (checked
+            // above). Two pager threads may fetch the same page at once;
+            // both write the same bytes, and no child maps a page before
+            // its present bit is set below.
             let dst = unsafe {
-                std::slice::from_raw_parts_mut(
-                    self.mem.as_slice().as_ptr().add(start as usize).cast_mut(),
-                    len,
-                )
+                std::slice::from_raw_parts_mut(self.mem.as_slice().as_ptr().add(at).cast_mut(), len)
             };
-            self.source.read(start, dst)?;
-            for off in &offsets[i..j] {
-                let p = off / PAGE_SIZE;
-                self.present[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Release);
+            self.source.read(pages[i].image, dst)?;
+            for p in &pages[i..j] {
+                let n = p.cache / PAGE_SIZE;
+                self.present[(n / 64) as usize].fetch_or(1 << (n % 64), Ordering::Release);
             }
             fetched += (j - i) as u64;
             i = j;
@@ -194,9 +210,9 @@ impl SeedCache {
         Ok(fetched)
     }
 
-    /// The cached bytes of one page (it must have been ensured).
-    pub fn page(&self, offset: u64) -> &[u8] {
-        &self.mem.as_slice()[offset as usize..(offset + PAGE_SIZE) as usize]
+    /// The cached bytes at `cache` offset (the page must have been ensured).
+    pub fn page(&self, cache: u64) -> &[u8] {
+        &self.mem.as_slice()[cache as usize..(cache + PAGE_SIZE) as usize]
     }
 }
 
@@ -207,6 +223,13 @@ mod tests {
     struct Counting(Vec<u8>, std::sync::Mutex<Vec<(u64, usize)>>);
     impl PageSource for Counting {
         fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+            if offset as usize + dst.len() > self.0.len() {
+                return Err(SourceError::OutOfRange {
+                    offset,
+                    len: dst.len(),
+                    size: self.0.len() as u64,
+                });
+            }
             self.1.lock().unwrap().push((offset, dst.len()));
             dst.copy_from_slice(&self.0[offset as usize..offset as usize + dst.len()]);
             Ok(())
@@ -219,19 +242,34 @@ mod tests {
         }
     }
 
+    fn r(image: u64, cache: u64) -> crate::pager::table::PageRef {
+        crate::pager::table::PageRef {
+            image: image * 4096,
+            cache: cache * 4096,
+        }
+    }
+
     #[test]
     fn cache_fetches_once_and_batches_runs() {
         let data: Vec<u8> = (0..8 * 4096).map(|i| (i / 4096) as u8).collect();
         let src = Counting(data, Default::default());
-        let cache = SeedCache::new(Box::new(src)).unwrap();
-        assert_eq!(cache.ensure(&[0, 4096, 8192, 5 * 4096]).unwrap(), 4);
-        assert_eq!(cache.page(8192)[0], 2);
-        assert_eq!(cache.page(5 * 4096)[4095], 5);
+        let cache = SeedCache::new(Box::new(src), 16 * 4096).unwrap();
+        // Pages 0-2 of the store land at cache pages 10-12, page 5 at 3.
+        assert_eq!(
+            cache
+                .ensure(&[r(0, 10), r(1, 11), r(2, 12), r(5, 3)])
+                .unwrap(),
+            4
+        );
+        assert_eq!(cache.page(12 * 4096)[0], 2);
+        assert_eq!(cache.page(3 * 4096)[4095], 5);
         // Again: all hits.
-        assert_eq!(cache.ensure(&[4096, 5 * 4096]).unwrap(), 0);
+        assert_eq!(cache.ensure(&[r(1, 11), r(5, 3)]).unwrap(), 0);
         assert_eq!(cache.hits.load(Ordering::Relaxed), 2);
         assert_eq!(cache.fetched.load(Ordering::Relaxed), 4);
-        assert!(cache.ensure(&[8 * 4096]).is_err(), "outside the store");
+        assert!(cache.ensure(&[r(0, 16)]).is_err(), "outside the cache");
+        assert!(cache.ensure(&[r(8, 0)]).is_err(), "outside the store");
+        assert!(cache.memfd_path().starts_with("/proc/"));
     }
 
     #[test]

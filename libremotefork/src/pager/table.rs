@@ -5,11 +5,31 @@ use std::collections::BTreeMap;
 
 use crate::PAGE_SIZE;
 
+/// Where a stored page lives: in the seed's page store, and in the
+/// node-local cache (whose layout follows the child's address space).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRef {
+    /// Offset in the page store.
+    pub image: u64,
+    /// Offset in the node-local cache.
+    pub cache: u64,
+}
+
+/// How the pages of a region are put into the child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// `UFFDIO_COPY` from the cache: the child gets its own copy.
+    Copy,
+    /// The region maps the cache memfd privately; `UFFDIO_CONTINUE` maps the
+    /// cache's page, shared by every child until one writes it.
+    Continue,
+}
+
 /// The state of one lazily served page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
-    /// Not yet in the child; its content is at this page-store offset.
-    Stored(u64),
+    /// Not yet in the child; its content is stored.
+    Stored(PageRef),
     /// Not yet in the child; it reads as zeros.
     Zero,
     /// Installed in the child (from this origin).
@@ -19,8 +39,8 @@ pub enum Slot {
 /// Where a page that was installed came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// The page store, at this offset.
-    Stored(u64),
+    /// The page store.
+    Stored(PageRef),
     /// Zeros.
     Zero,
 }
@@ -29,6 +49,7 @@ pub enum Origin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Region {
     slots: Vec<Slot>,
+    fill: Fill,
 }
 
 /// All lazily served pages of one child.
@@ -39,10 +60,17 @@ pub struct PageTable {
 
 impl PageTable {
     /// Add a region of pages starting at `start` (page aligned).
-    pub fn insert(&mut self, start: u64, slots: Vec<Slot>) {
+    pub fn insert(&mut self, start: u64, slots: Vec<Slot>, fill: Fill) {
         if !slots.is_empty() {
-            self.regions.insert(start, Region { slots });
+            self.regions.insert(start, Region { slots, fill });
         }
+    }
+
+    /// How the page at `addr` is filled.
+    pub fn fill(&self, addr: u64) -> Option<Fill> {
+        let page = addr & !(PAGE_SIZE - 1);
+        let (start, r) = self.regions.range(..=page).next_back()?;
+        (page < start + r.slots.len() as u64 * PAGE_SIZE).then_some(r.fill)
     }
 
     /// Number of tracked pages.
@@ -69,8 +97,8 @@ impl PageTable {
     }
 
     /// Up to `max` consecutive pages from `addr` (inclusive) that are
-    /// `Stored`, in the same region: (address, offset) pairs.
-    pub fn stored_run(&self, addr: u64, max: usize) -> Vec<(u64, u64)> {
+    /// `Stored`, in the same region: (address, page) pairs.
+    pub fn stored_run(&self, addr: u64, max: usize) -> Vec<(u64, PageRef)> {
         let page = addr & !(PAGE_SIZE - 1);
         let mut out = Vec::new();
         if let Some((start, r)) = self.regions.range(..=page).next_back() {
@@ -96,17 +124,18 @@ impl PageTable {
                 return;
             };
             let tail = r.slots.split_off(((at - start) / PAGE_SIZE) as usize);
-            self.regions.insert(at, Region { slots: tail });
+            let fill = r.fill;
+            self.regions.insert(at, Region { slots: tail, fill });
         }
     }
 
     /// Remove and return the pages of `[start, end)` as (address, slots) regions.
-    fn take(&mut self, start: u64, end: u64) -> Vec<(u64, Vec<Slot>)> {
+    fn take(&mut self, start: u64, end: u64) -> Vec<(u64, Region)> {
         self.split_at(start);
         self.split_at(end);
         let keys: Vec<u64> = self.regions.range(start..end).map(|(k, _)| *k).collect();
         keys.into_iter()
-            .filter_map(|k| self.regions.remove(&k).map(|r| (k, r.slots)))
+            .filter_map(|k| self.regions.remove(&k).map(|r| (k, r)))
             .collect()
     }
 
@@ -118,8 +147,8 @@ impl PageTable {
     /// `madvise(MADV_DONTNEED)`: pages of `[start, end)` read as zeros from
     /// now on, never as the parent's data again.
     pub fn remove(&mut self, start: u64, end: u64) {
-        for (at, slots) in self.take(start, end) {
-            self.insert(at, vec![Slot::Zero; slots.len()]);
+        for (at, r) in self.take(start, end) {
+            self.insert(at, vec![Slot::Zero; r.slots.len()], r.fill);
         }
     }
 
@@ -128,8 +157,8 @@ impl PageTable {
     pub fn remap(&mut self, from: u64, to: u64, len: u64) {
         let moved = self.take(from, from + len);
         self.take(to, to + len);
-        for (at, slots) in moved {
-            self.insert(to + (at - from), slots);
+        for (at, r) in moved {
+            self.insert(to + (at - from), r.slots, r.fill);
         }
     }
 }
@@ -140,16 +169,23 @@ mod tests {
 
     const P: u64 = PAGE_SIZE;
 
+    fn st(image: u64) -> Slot {
+        Slot::Stored(r(image))
+    }
+
+    fn r(image: u64) -> PageRef {
+        PageRef {
+            image,
+            cache: image + 100 * P,
+        }
+    }
+
     fn table() -> PageTable {
         let mut t = PageTable::default();
         t.insert(
             0x10000,
-            vec![
-                Slot::Stored(0),
-                Slot::Stored(P),
-                Slot::Zero,
-                Slot::Stored(2 * P),
-            ],
+            vec![st(0), st(P), Slot::Zero, st(2 * P)],
+            Fill::Continue,
         );
         t
     }
@@ -157,26 +193,26 @@ mod tests {
     #[test]
     fn lookups_and_runs() {
         let t = table();
-        assert_eq!(t.get(0x10000 + 5), Some(Slot::Stored(0)));
+        assert_eq!(t.get(0x10000 + 5), Some(st(0)));
         assert_eq!(t.get(0x10000 + 2 * P), Some(Slot::Zero));
         assert_eq!(t.get(0x10000 + 4 * P), None);
         assert_eq!(t.get(0xf000), None);
         assert_eq!(
             t.stored_run(0x10000, 16),
-            vec![(0x10000, 0), (0x10000 + P, P)]
+            vec![(0x10000, r(0)), (0x10000 + P, r(P))]
         );
-        assert_eq!(t.stored_run(0x10000, 1), vec![(0x10000, 0)]);
+        assert_eq!(t.stored_run(0x10000, 1), vec![(0x10000, r(0))]);
         assert_eq!(t.stored_run(0x10000 + 2 * P, 16), vec![]);
     }
 
     #[test]
     fn dontneed_turns_pages_into_zeros() {
         let mut t = table();
-        t.set(0x10000, Slot::Done(Origin::Stored(0)));
+        t.set(0x10000, Slot::Done(Origin::Stored(r(0))));
         t.remove(0x10000, 0x10000 + 2 * P);
         assert_eq!(t.get(0x10000), Some(Slot::Zero));
         assert_eq!(t.get(0x10000 + P), Some(Slot::Zero));
-        assert_eq!(t.get(0x10000 + 3 * P), Some(Slot::Stored(2 * P)));
+        assert_eq!(t.get(0x10000 + 3 * P), Some(st(2 * P)));
         assert_eq!(t.pages(), 4);
     }
 
@@ -186,14 +222,16 @@ mod tests {
         t.unmap(0x10000 + P, 0x10000 + 2 * P);
         assert_eq!(t.get(0x10000 + P), None);
         assert_eq!(t.pages(), 3);
+        assert_eq!(t.fill(0x10000), Some(Fill::Continue));
+        assert_eq!(t.fill(0x10000 + P), None);
         let mut t = table();
         t.remap(0x10000 + P, 0x900000, 3 * P);
         assert_eq!(t.get(0x10000 + P), None);
-        assert_eq!(t.get(0x900000), Some(Slot::Stored(P)));
-        assert_eq!(t.get(0x900000 + 2 * P), Some(Slot::Stored(2 * P)));
-        assert_eq!(t.get(0x10000), Some(Slot::Stored(0)));
+        assert_eq!(t.get(0x900000), Some(st(P)));
+        assert_eq!(t.get(0x900000 + 2 * P), Some(st(2 * P)));
+        assert_eq!(t.get(0x10000), Some(st(0)));
         // Moving onto tracked pages replaces them.
         t.remap(0x900000, 0x10000, P);
-        assert_eq!(t.get(0x10000), Some(Slot::Stored(P)));
+        assert_eq!(t.get(0x10000), Some(st(P)));
     }
 }

@@ -32,7 +32,7 @@ use tracing::{debug, info_span, warn};
 use crate::fileid::{self, hex, FileIdError};
 use crate::image::{Descriptor, ImageError, PageState, SeedImage, VmaKind, FILES_DIR, PAGES_FILE};
 use crate::pager::source::{LocalSource, SeedCache};
-use crate::pager::table::{PageTable, Slot};
+use crate::pager::table::{Fill, PageRef, PageTable, Slot};
 use crate::pager::{ChildStats, LazyChild, Pager, Prefetch, SeedPages};
 use crate::procfs::{self, ProcfsError};
 use kernel_helpers::uffd::{self, Uffd, UffdError};
@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 /// File in an image directory holding the recorded working set.
 pub const WORKING_SET_FILE: &str = "workingset.bin";
-use plan::{Backing, HuskLayout, PlanError, ResolvedFile, RestorePlan};
+use plan::{Backing, HuskLayout, PlanError, ResolvedFile, RestorePlan, SharedCache};
 
 /// `CAP_SETGID`, `CAP_SETUID`, `CAP_SYS_ADMIN`, `CAP_CHECKPOINT_RESTORE`.
 const CAP_SETGID: u32 = 6;
@@ -136,6 +136,9 @@ pub struct SpawnOptions {
     pub lazy: bool,
     /// Prefetch mode for lazy children.
     pub prefetch: Prefetch,
+    /// Lazy children map the seed's node-local cache privately, so pages
+    /// stay shared between children until written (else each gets copies).
+    pub share: bool,
 }
 
 impl Default for SpawnOptions {
@@ -143,6 +146,7 @@ impl Default for SpawnOptions {
         SpawnOptions {
             lazy: true,
             prefetch: Prefetch::Window,
+            share: true,
         }
     }
 }
@@ -159,6 +163,7 @@ pub struct Restorer {
     seed: Arc<SeedPages>,
     pager: Pager,
     uffd_features: u64,
+    cache_base: Vec<Option<u64>>,
 }
 
 impl Restorer {
@@ -191,10 +196,14 @@ impl Restorer {
                 what: format!("opening {}", ppath.display()),
                 source,
             })?;
-        let cache = SeedCache::new(Box::new(source)).map_err(|source| RestoreError::Io {
-            what: "reserving the seed cache".into(),
-            source,
-        })?;
+        let (cache_base, cache_size) = plan::cache_layout(d);
+        let cache =
+            SeedCache::new(Box::new(source), cache_size.max(PAGE_SIZE)).map_err(|source| {
+                RestoreError::Io {
+                    what: "reserving the seed cache".into(),
+                    source,
+                }
+            })?;
         let seed = Arc::new(SeedPages::new(
             cache,
             Some(image.dir().join(WORKING_SET_FILE)),
@@ -214,7 +223,11 @@ impl Restorer {
                 have,
             }));
         }
-        let uffd_features = need | (have & (uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_POISON));
+        // Sharing the cache needs minor faults on shmem; without them
+        // children get copies (SpawnOptions::share is then ignored).
+        let uffd_features = need
+            | (have
+                & (uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_MINOR_SHMEM | uffd::FEATURE_POISON));
         Ok(Restorer {
             image,
             resolved,
@@ -224,6 +237,7 @@ impl Restorer {
             seed,
             pager,
             uffd_features,
+            cache_base,
         })
     }
 
@@ -258,7 +272,20 @@ impl Restorer {
                 .collect(),
         };
         debug!(us = t0.elapsed().as_micros() as u64, "husk stopped at exec");
-        let plan = plan::build(d, &layout, &self.resolved, opts.lazy)?;
+        let shared = SharedCache {
+            path: self.seed.cache.memfd_path(),
+            base: self.cache_base.clone(),
+        };
+        let can_share = opts.share
+            && self.uffd_features & uffd::FEATURE_MINOR_SHMEM != 0
+            && self.uffd_features & uffd::FEATURE_MISSING_SHMEM != 0;
+        let plan = plan::build(
+            d,
+            &layout,
+            &self.resolved,
+            opts.lazy,
+            can_share.then_some(&shared),
+        )?;
         let base_regs = husk.regs()?;
         let here_xstate = husk.xstate()?.len();
         if here_xstate != d.xstate.len() {
@@ -428,21 +455,37 @@ impl Restorer {
         let uffd = Uffd::take_from(pid, fd as i32)?;
         uffd.api(self.uffd_features)?;
         let mut table = PageTable::default();
-        for (vma, lazy) in d.vmas.iter().zip(&plan.lazy) {
-            if !lazy {
+        for (i, vma) in d.vmas.iter().enumerate() {
+            if !plan.lazy[i] {
                 continue;
             }
-            uffd.register(vma.start, vma.end - vma.start)?;
+            let Some(base) = self.cache_base.get(i).copied().flatten() else {
+                return Err(RestoreError::Step {
+                    what: format!("serving {:#x}-{:#x}", vma.start, vma.end),
+                    detail: "no place in the seed cache".into(),
+                });
+            };
+            let fill = if plan.from_cache[i] {
+                uffd.register_minor(vma.start, vma.end - vma.start)?;
+                Fill::Continue
+            } else {
+                uffd.register(vma.start, vma.end - vma.start)?;
+                Fill::Copy
+            };
             let mut slots = Vec::with_capacity(vma.pages() as usize);
             for r in &vma.runs {
-                for i in 0..r.count {
+                for k in 0..r.count {
+                    let page = r.first + k;
                     slots.push(match r.state {
-                        PageState::Stored { offset } => Slot::Stored(offset + i * PAGE_SIZE),
+                        PageState::Stored { offset } => Slot::Stored(PageRef {
+                            image: offset + k * PAGE_SIZE,
+                            cache: base + page * PAGE_SIZE,
+                        }),
                         _ => Slot::Zero,
                     });
                 }
             }
-            table.insert(vma.start, slots);
+            table.insert(vma.start, slots, fill);
         }
         let pidfd = uffd::pidfd_open(pid).map_err(|source| RestoreError::Io {
             what: format!("pidfd_open({pid})"),

@@ -197,6 +197,55 @@ pub struct RestorePlan {
     pub uffd_slot: Option<usize>,
     /// Per descriptor VMA: mapped writable until the state phase.
     pub write_first: Vec<bool>,
+    /// Per descriptor VMA: mapped from the shared seed cache (filled with
+    /// `UFFDIO_CONTINUE`; pages shared between children until written).
+    pub from_cache: Vec<bool>,
+}
+
+/// The seed's node-local cache as children may map it.
+#[derive(Debug, Clone)]
+pub struct SharedCache {
+    /// A path the husk can open the cache memfd by.
+    pub path: String,
+    /// Per descriptor VMA: its offset in the cache layout, if it has one.
+    pub base: Vec<Option<u64>>,
+}
+
+/// Is this mapping served by the pager in lazy mode (anonymous, with stored pages)?
+pub fn lazy_candidate(v: &crate::image::Vma) -> bool {
+    v.file.is_none()
+        && matches!(
+            v.kind,
+            VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::Shmem
+        )
+        && v.runs
+            .iter()
+            .any(|r| matches!(r.state, PageState::Stored { .. }))
+}
+
+/// Lay out the cache for a descriptor: each lazily served mapping at its own
+/// offset. Returns (per-VMA base, total size).
+pub fn cache_layout(desc: &Descriptor) -> (Vec<Option<u64>>, u64) {
+    let mut at = 0u64;
+    let base = desc
+        .vmas
+        .iter()
+        .map(|v| {
+            lazy_candidate(v).then(|| {
+                let b = at;
+                at += v.end - v.start;
+                b
+            })
+        })
+        .collect();
+    (base, at)
+}
+
+fn vma_index(desc: &Descriptor, vma: &crate::image::Vma) -> usize {
+    desc.vmas
+        .iter()
+        .position(|v| std::ptr::eq(v, vma))
+        .unwrap_or(usize::MAX)
 }
 
 /// The layout of the executor area, once the plan is finished.
@@ -328,6 +377,7 @@ pub fn build(
     husk: &HuskLayout,
     files: &[ResolvedFile],
     lazy: bool,
+    shared_cache: Option<&SharedCache>,
 ) -> Result<RestorePlan, PlanError> {
     let mut notes = Vec::new();
     for v in &desc.vmas {
@@ -373,6 +423,26 @@ pub fn build(
         backing.push(b);
     }
 
+    // Lazy plans serve anonymous memory with stored pages through the
+    // pager; private anonymous mappings (not the stack) are mapped from the
+    // seed's shared cache memfd when there is one, so children share pages.
+    let lazy_vmas: Vec<bool> = desc
+        .vmas
+        .iter()
+        .zip(&backing)
+        .map(|(v, b)| lazy && *b == Backing::Anonymous && lazy_candidate(v))
+        .collect();
+    let continue_vmas: Vec<bool> = desc
+        .vmas
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            lazy_vmas[i]
+                && !v.shared
+                && matches!(v.kind, VmaKind::Anon | VmaKind::Heap)
+                && shared_cache.is_some_and(|c| c.base.get(i).copied().flatten().is_some())
+        })
+        .collect();
     let mut data = Data::default();
     let mut map_ops = Vec::new();
     let (vdso_here, vdso_seed) = vdso_blocks(husk, desc)?;
@@ -472,6 +542,8 @@ pub fn build(
         );
         match b {
             Backing::Kernel => {}
+            // Mapped from the shared cache below.
+            Backing::Anonymous if continue_vmas[vma_index(desc, vma)] => {}
             Backing::Anonymous => {
                 let mut flags = libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
                 flags |= if vma.shared {
@@ -542,6 +614,69 @@ pub fn build(
                 ));
             }
         }
+    }
+
+    // Private anonymous mappings served from the shared cache: its memfd,
+    // opened through forkd's /proc entry, mapped privately at each
+    // mapping's place in the cache layout.
+    if let Some(cache) = shared_cache.filter(|_| continue_vmas.iter().any(|c| *c)) {
+        let path = data.cstr(&cache.path);
+        map_ops.push(
+            Op::new(
+                libc::SYS_open,
+                [
+                    Arg::Data(path),
+                    v((libc::O_RDWR | libc::O_CLOEXEC) as u64),
+                    v(0),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                "open the seed cache",
+            )
+            .save(),
+        );
+        for (i, vma) in desc.vmas.iter().enumerate() {
+            let Some(base) = cache
+                .base
+                .get(i)
+                .copied()
+                .flatten()
+                .filter(|_| continue_vmas[i])
+            else {
+                continue;
+            };
+            let prot = if write_first[i] {
+                vma.prot | libc::PROT_WRITE as u32
+            } else {
+                vma.prot
+            };
+            map_ops.push(
+                Op::new(
+                    libc::SYS_mmap,
+                    [
+                        v(vma.start),
+                        v(vma.end - vma.start),
+                        v(prot as u64),
+                        v((libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE) as u64),
+                        Arg::Saved,
+                        v(base),
+                    ],
+                    format!(
+                        "map {:#x}-{:#x} {} from the seed cache",
+                        vma.start,
+                        vma.end,
+                        vma.kind.name()
+                    ),
+                )
+                .expect(vma.start),
+            );
+        }
+        map_ops.push(Op::new(
+            libc::SYS_close,
+            [Arg::Saved, v(0), v(0), v(0), v(0), v(0)],
+            "close the seed cache",
+        ));
     }
 
     // The executor area must avoid everything, and the park range if used.
@@ -881,21 +1016,6 @@ pub fn build(
     //    high number (close-on-exec) that forkd takes with pidfd_getfd. The
     //    child keeps its copy: if forkd dies, faults then wait (and the
     //    parent-death signal below ends the child) instead of reading zeros.
-    let lazy_vmas: Vec<bool> = desc
-        .vmas
-        .iter()
-        .zip(&backing)
-        .map(|(v, b)| {
-            lazy && *b == Backing::Anonymous
-                && matches!(
-                    v.kind,
-                    VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::Shmem
-                )
-                && v.runs
-                    .iter()
-                    .any(|r| matches!(r.state, PageState::Stored { .. }))
-        })
-        .collect();
     let mut uffd_slot = None;
     if lazy {
         let nofile_soft = desc
@@ -1014,6 +1134,7 @@ pub fn build(
         lazy: lazy_vmas,
         uffd_slot,
         write_first,
+        from_cache: continue_vmas,
     };
     let len = plan.area_len() + PAGE_SIZE;
     // Avoid the vDSO park range too: it is occupied while the map phase runs.

@@ -2,6 +2,15 @@ use super::*;
 use crate::image::tests::sample;
 use crate::procfs::FdEntry;
 
+fn build4(
+    d: &Descriptor,
+    h: &HuskLayout,
+    f: &[ResolvedFile],
+    lazy: bool,
+) -> Result<RestorePlan, PlanError> {
+    build(d, h, f, lazy, None)
+}
+
 fn husk(vdso_at: u64) -> HuskLayout {
     let m = |s: u64, e: u64, p: &str| MapsEntry {
         start: s,
@@ -29,7 +38,7 @@ fn local() -> Vec<ResolvedFile> {
 #[test]
 fn unmaps_the_husk_then_moves_the_vdso_then_maps_everything() {
     let d = sample();
-    let p = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
+    let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     let names: Vec<&str> = p.map_ops.iter().map(|o| o.what.as_str()).collect();
     assert!(
         names[0].starts_with("munmap husk 0x5f0000000000"),
@@ -68,7 +77,7 @@ fn unmaps_the_husk_then_moves_the_vdso_then_maps_everything() {
 fn an_overlapping_vdso_block_is_parked_first() {
     let d = sample();
     // The husk's vDSO sits one page below the seed's: the ranges overlap.
-    let p = build(&d, &husk(0x7fff_0000 - 0x1000), &local(), false).unwrap();
+    let p = build4(&d, &husk(0x7fff_0000 - 0x1000), &local(), false).unwrap();
     let moves: Vec<&Op> = p
         .map_ops
         .iter()
@@ -91,7 +100,7 @@ fn refuses_a_different_vdso_shape() {
     let mut h = husk(0x7fff_f000_0000);
     h.maps[1].end += 0x1000;
     assert!(matches!(
-        build(&d, &h, &local(), false),
+        build4(&d, &h, &local(), false),
         Err(PlanError::VdsoLayout { .. })
     ));
 }
@@ -99,7 +108,7 @@ fn refuses_a_different_vdso_shape() {
 #[test]
 fn missing_files_fall_back_to_the_seed_copy_or_refuse() {
     let d = sample();
-    let p = build(
+    let p = build4(
         &d,
         &husk(0x7fff_f000_0000),
         &[ResolvedFile::SeedCopy("/seed/files/abcd".into())],
@@ -114,7 +123,7 @@ fn missing_files_fall_back_to_the_seed_copy_or_refuse() {
         "{:?}",
         p.notes
     );
-    let e = build(
+    let e = build4(
         &d,
         &husk(0x7fff_f000_0000),
         &[ResolvedFile::Unavailable],
@@ -135,7 +144,7 @@ fn missing_files_fall_back_to_the_seed_copy_or_refuse() {
     }];
     d2.pages_stored = 2;
     d2.image_bytes = 2 * 4096;
-    let p = build(
+    let p = build4(
         &d2,
         &husk(0x7fff_f000_0000),
         &[ResolvedFile::Unavailable],
@@ -149,7 +158,7 @@ fn missing_files_fall_back_to_the_seed_copy_or_refuse() {
 fn executor_area_avoids_every_mapping_and_auxv_is_patched() {
     let d = sample();
     let h = husk(0x7fff_f000_0000);
-    let p = build(&d, &h, &local(), false).unwrap();
+    let p = build4(&d, &h, &local(), false).unwrap();
     let end = p.base + p.area_len();
     for (s, e) in d
         .vmas
@@ -211,7 +220,7 @@ fn fds_are_filled_in_order_with_placeholders_and_gaps() {
             offset: 0,
         },
     ];
-    let p = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
+    let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     let fd_ops: Vec<(&str, Option<u64>)> = p
         .state_ops
         .iter()
@@ -245,7 +254,7 @@ fn fds_are_filled_in_order_with_placeholders_and_gaps() {
         offset: 0,
     });
     assert!(matches!(
-        build(&d, &husk(0x7fff_f000_0000), &local(), false),
+        build4(&d, &husk(0x7fff_f000_0000), &local(), false),
         Err(PlanError::FdTooHigh(100_000))
     ));
 }
@@ -253,7 +262,7 @@ fn fds_are_filled_in_order_with_placeholders_and_gaps() {
 #[test]
 fn state_phase_restores_handlers_rseq_and_ends_with_credentials() {
     let d = sample();
-    let p = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
+    let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
     assert!(names.contains(&"rt_sigaction(10)"));
     assert!(names.contains(&"rseq(0x7000)"));
@@ -271,7 +280,7 @@ fn refuses_mappings_outside_user_space() {
     let mut d = sample();
     d.vmas[1].start = TASK_SIZE;
     d.vmas[1].end = TASK_SIZE + 0x4000;
-    let e = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap_err();
+    let e = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap_err();
     assert!(
         e.to_string().contains("outside the user address space"),
         "{e}"
@@ -281,7 +290,7 @@ fn refuses_mappings_outside_user_space() {
 #[test]
 fn blob_entries_carry_the_flags() {
     let d = sample();
-    let p = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
+    let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     let blob = p.blob();
     let entry = |i: usize| {
         let off = (blob.map_table.0 - blob.code) as usize + i * executor::ENTRY_SIZE;
@@ -302,7 +311,7 @@ fn blob_entries_carry_the_flags() {
 #[test]
 fn lazy_plans_make_a_userfaultfd_and_a_parent_death_signal() {
     let d = sample();
-    let p = build(&d, &husk(0x7fff_f000_0000), &local(), true).unwrap();
+    let p = build4(&d, &husk(0x7fff_f000_0000), &local(), true).unwrap();
     // Only the anonymous mapping with stored pages is served lazily.
     assert_eq!(p.lazy, vec![false, true, false]);
     let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
@@ -311,7 +320,48 @@ fn lazy_plans_make_a_userfaultfd_and_a_parent_death_signal() {
     assert_eq!(p.state_ops[u + 1].store, p.uffd_slot);
     assert_eq!(names.last(), Some(&"prctl(PR_SET_PDEATHSIG)"));
     assert!(names.iter().position(|n| *n == "setresuid").unwrap() > u);
-    let eager = build(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
+    let eager = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     assert_eq!(eager.uffd_slot, None);
     assert!(!eager.state_ops.iter().any(|o| o.what == "userfaultfd()"));
+}
+
+#[test]
+fn shared_cache_plans_map_anonymous_memory_from_the_cache() {
+    let d = sample();
+    let (base, size) = cache_layout(&d);
+    // Only the anonymous mapping with stored pages has a place in the cache.
+    assert_eq!(base, vec![None, Some(0), None]);
+    assert_eq!(size, 0x4000);
+    let cache = SharedCache {
+        path: "/proc/1/fd/9".into(),
+        base,
+    };
+    let p = build(&d, &husk(0x7fff_f000_0000), &local(), true, Some(&cache)).unwrap();
+    assert_eq!(p.from_cache, vec![false, true, false]);
+    let names: Vec<&str> = p.map_ops.iter().map(|o| o.what.as_str()).collect();
+    let open = names
+        .iter()
+        .position(|n| *n == "open the seed cache")
+        .unwrap();
+    assert!(
+        names[open + 1].starts_with("map 0x600000-0x604000 anon from the seed cache"),
+        "{names:?}"
+    );
+    assert_eq!(p.map_ops[open + 1].args[4], Arg::Saved);
+    assert_eq!(
+        p.map_ops[open + 1].args[3],
+        Arg::Val((libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE) as u64)
+    );
+    assert_eq!(names[open + 2], "close the seed cache");
+    // No anonymous mmap of it besides.
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("map 0x600000"))
+            .count(),
+        1
+    );
+    // Eager plans never use the cache.
+    let e = build(&d, &husk(0x7fff_f000_0000), &local(), false, Some(&cache)).unwrap();
+    assert_eq!(e.from_cache, vec![false, false, false]);
 }
