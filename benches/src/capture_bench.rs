@@ -5,12 +5,14 @@
 //! Run: `cargo run --release -p remotefork-benches --bin capture-bench -- [--iterations N] [--json FILE]`
 //! (as root).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use anyhow::{bail, Context};
+use common::{python, wait_blocked_in_read};
 use remotefork::capture::{capture, CaptureOptions};
 use serde_json::json;
 
@@ -55,24 +57,6 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     Ok(a)
-}
-
-fn python() -> anyhow::Result<String> {
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()?;
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
-
-fn wait_blocked_in_read(pid: i32) -> anyhow::Result<()> {
-    for _ in 0..5000 {
-        let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
-        if sc.starts_with("0 ") {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    bail!("python {pid} never blocked in read")
 }
 
 /// (median, p90, min, max) in milliseconds.

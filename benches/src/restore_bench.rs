@@ -6,12 +6,15 @@
 //! Run: `cargo run --release -p remotefork-benches --bin restore-bench -- [--iterations N] [--cold N] [--json FILE]`
 //! (as root).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use common::{python, wait_blocked_in_read};
 use remotefork::capture::{capture, CaptureOptions};
 use remotefork::image::SeedImage;
 use remotefork::pager::Prefetch;
@@ -75,26 +78,6 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     Ok(a)
-}
-
-fn python() -> anyhow::Result<String> {
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()?;
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
-
-fn wait_blocked_in_read(pid: i32) -> anyhow::Result<()> {
-    for _ in 0..5000 {
-        if std::fs::read_to_string(format!("/proc/{pid}/syscall"))
-            .unwrap_or_default()
-            .starts_with("0 ")
-        {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    bail!("process {pid} never blocked in read")
 }
 
 fn median_ms(mut ns: Vec<u64>) -> f64 {

@@ -420,12 +420,7 @@ fn a_target_killed_while_stopped_gives_a_clear_error_and_nothing_is_written() {
     if !require_root("a_target_killed_while_stopped_gives_a_clear_error_and_nothing_is_written") {
         return;
     }
-    let mut cmd = Command::new(python());
-    cmd.args([
-        "-c",
-        "import sys; print('ready', flush=True); sys.stdin.readline()",
-    ]);
-    let (target, _) = Target::start(cmd);
+    let target = idle_python();
     let pid = target.pid();
     let out = scratch("killed").join("seed");
     let opts = CaptureOptions {
@@ -459,12 +454,7 @@ fn a_target_killed_after_the_clone_leaves_no_stray_process() {
     if !require_root("a_target_killed_after_the_clone_leaves_no_stray_process") {
         return;
     }
-    let mut cmd = Command::new(python());
-    cmd.args([
-        "-c",
-        "import sys; print('ready', flush=True); sys.stdin.readline()",
-    ]);
-    let (target, _) = Target::start(cmd);
+    let target = idle_python();
     let pid = target.pid();
     let out = scratch("killed2").join("seed");
     let clone = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

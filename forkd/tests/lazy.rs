@@ -190,15 +190,7 @@ fn killing_the_pager_kills_the_child_no_wrong_output() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let fpid = p.id() as i32;
-    let mut child = 0;
-    for _ in 0..5000 {
-        if let Some(c) = children(fpid).first() {
-            child = *c;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let child = first_child(p.id() as i32);
     assert!(child > 0 && blocked_in_read(child));
     p.stdin.take().unwrap().write_all(b"go\n").unwrap();
     std::thread::sleep(Duration::from_millis(300));

@@ -537,44 +537,15 @@ fn read_clone(
     // Stream every page to store, in mapping order, through a small reused
     // buffer into the page store; all-zero pages are left out (they read as
     // zeros anyway) and only noted.
-    let mut writer = ImageWriter::create(out)?;
-    let proc_mem = ProcMem::open(cpid)?;
-    let mut chunk =
-        Mapping::anonymous(CHUNK_PAGES * PAGE_SIZE as usize, true).map_err(|source| {
-            CaptureError::Mem(MemError::Read {
-                pid: cpid,
-                addr: 0,
-                len: 0,
-                source,
-            })
-        })?;
-    let mut zero: Vec<bool> = Vec::new();
-    let mut pending: Vec<(u64, bool)> = Vec::with_capacity(CHUNK_PAGES);
+    let mut stream = PageStream::new(cpid, ImageWriter::create(out)?)?;
     for p in &planned {
         for (i, c) in p.classes.iter().enumerate() {
             if *c == PageClass::Store {
-                pending.push((p.entry.start + i as u64 * PAGE_SIZE, p.via_proc_mem));
-                if pending.len() == CHUNK_PAGES {
-                    flush_chunk(
-                        cpid,
-                        &proc_mem,
-                        &mut pending,
-                        chunk.as_mut_slice(),
-                        &mut zero,
-                        &mut writer,
-                    )?;
-                }
+                stream.push(p.entry.start + i as u64 * PAGE_SIZE, p.via_proc_mem)?;
             }
         }
     }
-    flush_chunk(
-        cpid,
-        &proc_mem,
-        &mut pending,
-        chunk.as_mut_slice(),
-        &mut zero,
-        &mut writer,
-    )?;
+    let (writer, zero) = stream.finish()?;
     stats.pages_zero = zero.iter().filter(|z| **z).count() as u64;
     debug!(us = t.elapsed().as_micros() as u64, "read and wrote pages");
 
@@ -760,6 +731,68 @@ fn keep_file_copies(out: &Path, files: &[FileRef]) {
         if let Err(e) = kept {
             warn!(file = %f.path, error = %e, "cannot keep a copy of a mapped file");
         }
+    }
+}
+
+/// Streams the pages to store from the clone into the page store, through
+/// one reused buffer of [`CHUNK_PAGES`] pages; all-zero pages are noted and
+/// left out.
+struct PageStream {
+    cpid: pid_t,
+    proc_mem: ProcMem,
+    chunk: Mapping,
+    pending: Vec<(u64, bool)>,
+    zero: Vec<bool>,
+    writer: ImageWriter,
+}
+
+impl PageStream {
+    fn new(cpid: pid_t, writer: ImageWriter) -> Result<PageStream, CaptureError> {
+        // Prefaulted and reused, so filling it takes no page faults.
+        let chunk =
+            Mapping::anonymous(CHUNK_PAGES * PAGE_SIZE as usize, true).map_err(|source| {
+                CaptureError::Mem(MemError::Read {
+                    pid: cpid,
+                    addr: 0,
+                    len: 0,
+                    source,
+                })
+            })?;
+        Ok(PageStream {
+            cpid,
+            proc_mem: ProcMem::open(cpid)?,
+            chunk,
+            pending: Vec::with_capacity(CHUNK_PAGES),
+            zero: Vec::new(),
+            writer,
+        })
+    }
+
+    /// Queue the page at `addr` (read through /proc/PID/mem if `via_proc_mem`).
+    fn push(&mut self, addr: u64, via_proc_mem: bool) -> Result<(), CaptureError> {
+        self.pending.push((addr, via_proc_mem));
+        if self.pending.len() == CHUNK_PAGES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write what is left; return the writer and which pages were zero.
+    fn finish(mut self) -> Result<(ImageWriter, Vec<bool>), CaptureError> {
+        self.flush()?;
+        Ok((self.writer, self.zero))
+    }
+
+    /// Read the pending pages, append the non-zero ones to the image.
+    fn flush(&mut self) -> Result<(), CaptureError> {
+        flush_chunk(
+            self.cpid,
+            &self.proc_mem,
+            &mut self.pending,
+            self.chunk.as_mut_slice(),
+            &mut self.zero,
+            &mut self.writer,
+        )
     }
 }
 

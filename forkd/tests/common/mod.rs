@@ -229,18 +229,7 @@ pub fn restore_and_talk(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let fpid = p.id() as i32;
-    let mut child = 0;
-    for _ in 0..5000 {
-        if let Some(c) = children(fpid).first() {
-            child = *c;
-            break;
-        }
-        if state(fpid).is_none() || p.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    let child = first_child(p.id() as i32);
     if child != 0 && blocked_in_read(child) {
         before_input(child);
     }
@@ -288,4 +277,29 @@ pub fn orphan_husks() -> Vec<i32> {
         }
     }
     out
+}
+
+/// A Python that prints `ready`, then waits for one line of stdin.
+pub fn idle_python() -> Target {
+    let mut cmd = Command::new(python());
+    cmd.args([
+        "-c",
+        "import sys; print('ready', flush=True); sys.stdin.readline()",
+    ]);
+    Target::start(cmd).0
+}
+
+/// The first child of `parent`, waiting up to 5 s; 0 if none appeared or
+/// the parent ended first.
+pub fn first_child(parent: i32) -> i32 {
+    for _ in 0..5000 {
+        if let Some(c) = children(parent).first() {
+            return *c;
+        }
+        if matches!(state(parent), None | Some('Z')) {
+            return 0;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    0
 }
