@@ -78,6 +78,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the node daemon: gRPC on a Unix socket (and TCP with a token).
+    Serve {
+        /// TOML file with any of the options below (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Unix socket [default: /run/forkd/forkd.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Also listen on TCP, HOST:PORT (needs --token-file).
+        #[arg(long)]
+        listen: Option<String>,
+        /// State directory for seed images [default: /var/lib/forkd].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// File holding the bearer token TCP clients must send.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// auto, rdma or tcp [default: auto].
+        #[arg(long)]
+        transport: Option<String>,
+        /// Threads that start children [default: 2].
+        #[arg(long)]
+        spawner_threads: Option<usize>,
+    },
     /// Show a seed image's descriptor.
     Inspect {
         /// The image directory.
@@ -107,6 +131,46 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve {
+            config,
+            socket,
+            listen,
+            state_dir,
+            token_file,
+            transport,
+            spawner_threads,
+        } => {
+            let mut cfg: forkd::daemon::Config = match &config {
+                Some(p) => toml::from_str(
+                    &std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                )
+                .with_context(|| format!("parsing {}", p.display()))?,
+                None => Default::default(),
+            };
+            if let Some(v) = socket {
+                cfg.socket = v;
+            }
+            if listen.is_some() {
+                cfg.listen = listen;
+            }
+            if let Some(v) = state_dir {
+                cfg.state_dir = v;
+            }
+            if token_file.is_some() {
+                cfg.token_file = token_file;
+            }
+            if let Some(v) = transport {
+                cfg.transport = v;
+            }
+            if let Some(v) = spawner_threads {
+                cfg.spawner_threads = v;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(forkd::daemon::serve(cfg))?;
+        }
         Command::Restore {
             dir,
             eager,

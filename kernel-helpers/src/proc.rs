@@ -82,6 +82,44 @@ pub fn robust_list(pid: pid_t) -> Result<(u64, u64), ProcError> {
     Ok((head, len as u64))
 }
 
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal killed it.
+    Killed(i32),
+}
+
+/// Reap the process behind `pidfd` if it has ended (`waitid(P_PIDFD,
+/// WEXITED | WNOHANG)`); `None` while it runs. It must be our child.
+pub fn try_reap(pidfd: std::os::fd::RawFd) -> io::Result<Option<Ended>> {
+    // SAFETY: siginfo_t is plain old data; all-zero is valid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: info is a valid out-pointer; pidfd is a descriptor.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if r != 0 {
+        return Err(last_os_error());
+    }
+    // SAFETY: waitid filled `info` for an ended child, or left si_pid 0.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(if info.si_code == libc::CLD_EXITED {
+        Ended::Exited(status)
+    } else {
+        Ended::Killed(status)
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -620,6 +620,11 @@ fn errno_text(ret: i64) -> String {
     }
 }
 
+/// This node's vDSO hash (what a seed's `vdso_hash` must equal to start here).
+pub fn node_vdso_hash() -> Result<String, RestoreError> {
+    own_vdso().map(|(h, _)| h)
+}
+
 /// Hash of this process's `[vdso]` and the offset of a `syscall` in it.
 fn own_vdso() -> Result<(String, u64), RestoreError> {
     // SAFETY: getpid has no preconditions.

@@ -1,0 +1,60 @@
+//! Connecting to a forkd: `unix:PATH` or `HOST:PORT` (TCP, with a token).
+
+use hyper_util::rt::TokioIo;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pb::forkd_client::ForkdClient;
+
+/// Adds the bearer token to every request.
+#[derive(Clone)]
+pub struct Token(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connected client.
+pub type Client = ForkdClient<InterceptedService<Channel, Token>>;
+
+/// Connect to `addr` (`unix:/path` or `host:port`), sending `token` if given.
+pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> {
+    let channel = if let Some(path) = addr.strip_prefix("unix:") {
+        let path = path.to_string();
+        Endpoint::try_from("http://forkd.local")?
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to forkd at {addr}: {e}"))?
+    } else {
+        let url = if addr.starts_with("http") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        Endpoint::try_from(url)?
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to forkd at {addr}: {e}"))?
+    };
+    let t =
+        match token {
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                anyhow::anyhow!("the token has characters not allowed in a header")
+            })?),
+            None => None,
+        };
+    Ok(ForkdClient::with_interceptor(channel, Token(t)))
+}

@@ -1,0 +1,791 @@
+//! `forkd serve`: the per-node daemon.
+//!
+//! gRPC on a Unix socket (local clients; file permissions are the access
+//! control) and optionally on TCP (other nodes, the gateway; a bearer token
+//! is required, and spawning needs the seed's key). Seeds live in the state
+//! directory and survive restarts; children are started by long-lived
+//! spawner threads and served by each seed's pager.
+
+pub mod registry;
+pub mod spawner;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use remotefork::capture::{capture, CaptureError, CaptureOptions};
+use remotefork::pager::Prefetch;
+use remotefork::restore::SpawnOptions;
+use serde::Deserialize;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::pb::{self, forkd_server::Forkd, forkd_server::ForkdServer};
+use registry::{Registry, SeedMeta};
+use spawner::{Job, Spawner};
+
+/// Daemon configuration: a TOML file, every field also a flag.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Unix socket path.
+    pub socket: PathBuf,
+    /// TCP address to listen on too (`HOST:PORT`), if any.
+    pub listen: Option<String>,
+    /// State directory (seed images).
+    pub state_dir: PathBuf,
+    /// File holding the bearer token required on TCP.
+    pub token_file: Option<PathBuf>,
+    /// `auto`, `rdma` or `tcp`.
+    pub transport: String,
+    /// Spawner threads.
+    pub spawner_threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket: PathBuf::from("/run/forkd/forkd.sock"),
+            listen: None,
+            state_dir: PathBuf::from("/var/lib/forkd"),
+            token_file: None,
+            transport: "auto".into(),
+            spawner_threads: 2,
+        }
+    }
+}
+
+/// Errors starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Configuration problem.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// I/O problem.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The state directory could not be opened.
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// One started child.
+struct InstanceRec {
+    seed_id: String,
+    pid: u32,
+    state: String,
+    labels: HashMap<String, String>,
+    started_unix_ms: u64,
+}
+
+/// Shared daemon state.
+pub struct State {
+    registry: Registry,
+    spawner: Spawner,
+    instances: Mutex<HashMap<String, InstanceRec>>,
+    events: broadcast::Sender<pb::InstanceEvent>,
+    next_instance: AtomicU64,
+    hostname: String,
+    transport: String,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn read_trim(p: &str) -> String {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Marks requests that came over TCP (they must present seed keys).
+#[derive(Clone, Copy)]
+struct Remote;
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct Service {
+    state: Arc<State>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::InstanceEvent, Status>> + Send>>;
+
+fn capture_status(e: &CaptureError) -> Status {
+    match e {
+        CaptureError::NoSuchProcess(_) => Status::not_found(e.to_string()),
+        CaptureError::NotPermitted { .. } => Status::permission_denied(e.to_string()),
+        CaptureError::Zombie(_)
+        | CaptureError::MultiThreaded { .. }
+        | CaptureError::Exited { .. }
+        | CaptureError::NoVdso(_)
+        | CaptureError::Unsupported { .. } => Status::failed_precondition(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+impl Service {
+    fn seed_for(
+        &self,
+        r: Option<&pb::SeedRef>,
+        remote: bool,
+    ) -> Result<Arc<registry::Seed>, Status> {
+        let r = r.ok_or_else(|| Status::invalid_argument("no seed given"))?;
+        if r.id.is_empty() {
+            return Err(Status::invalid_argument("empty seed id"));
+        }
+        let s = self.state.registry.get(&r.id).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown seed {:?} (dropped, or never created on this node)",
+                r.id
+            ))
+        })?;
+        if remote && r.key != s.meta.key {
+            return Err(Status::permission_denied(format!(
+                "wrong key for seed {}",
+                r.id
+            )));
+        }
+        Ok(s)
+    }
+
+    async fn create_from_pid(&self, pid: u32, name: String) -> Result<pb::Seed, Status> {
+        let id = crate::random_hex(8).map_err(|e| Status::internal(e.to_string()))?;
+        let key = crate::random_hex(16).map_err(|e| Status::internal(e.to_string()))?;
+        let dir = self.state.registry.tmp_dir(&id);
+        let span = info_span!("create_seed", seed = %id, pid);
+        let d = tokio::task::spawn_blocking(move || {
+            capture(
+                pid as i32,
+                &dir,
+                &CaptureOptions {
+                    durable: true,
+                    hook: None,
+                },
+            )
+        })
+        .instrument(span)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| capture_status(&e))?;
+        let meta = SeedMeta {
+            id: id.clone(),
+            key,
+            name: if name.is_empty() {
+                format!("pid-{pid}")
+            } else {
+                name
+            },
+            created_unix_ms: now_ms(),
+            source_pid: pid,
+            pause_us: d.stats.pause_ns / 1000,
+            capture_us: d.stats.capture_ns / 1000,
+        };
+        let seed = self
+            .state
+            .registry
+            .commit(meta)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        info!(seed = %id, pid, "seed created");
+        Ok(seed.to_pb(&self.state.hostname, true))
+    }
+
+    async fn create_from_command(
+        &self,
+        c: pb::StartCommand,
+        name: String,
+    ) -> Result<pb::Seed, Status> {
+        if c.argv.is_empty() {
+            return Err(Status::invalid_argument("empty command"));
+        }
+        if c.ready_line.is_empty() {
+            return Err(Status::invalid_argument(
+                "a command needs a ready_line to know when to capture it",
+            ));
+        }
+        let mut cmd = tokio::process::Command::new(&c.argv[0]);
+        cmd.args(&c.argv[1..])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        if !c.cwd.is_empty() {
+            cmd.current_dir(&c.cwd);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Status::invalid_argument(format!("cannot start {:?}: {e}", c.argv[0])))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| Status::internal("the command exited at once"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Status::internal("no stdout"))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let timeout = std::time::Duration::from_millis(if c.ready_timeout_ms == 0 {
+            30_000
+        } else {
+            c.ready_timeout_ms as u64
+        });
+        let ready = tokio::time::timeout(timeout, async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.trim() == c.ready_line.trim() {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        let result = match ready {
+            Ok(true) => {
+                let default = std::path::Path::new(&c.argv[0])
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                self.create_from_pid(pid, if name.is_empty() { default } else { name })
+                    .await
+            }
+            Ok(false) => Err(Status::failed_precondition(format!(
+                "{:?} exited before printing {:?}",
+                c.argv, c.ready_line
+            ))),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "{:?} did not print {:?} within {:?}",
+                c.argv, c.ready_line, timeout
+            ))),
+        };
+        // The seed holds the process now; the original is not needed.
+        let _ = child.kill().await;
+        result
+    }
+}
+
+#[tonic::async_trait]
+impl Forkd for Service {
+    async fn create_seed(
+        &self,
+        req: Request<pb::CreateSeedRequest>,
+    ) -> Result<Response<pb::Seed>, Status> {
+        let r = req.into_inner();
+        match r.source {
+            Some(pb::create_seed_request::Source::Pid(pid)) => {
+                self.create_from_pid(pid, r.name).await.map(Response::new)
+            }
+            Some(pb::create_seed_request::Source::Command(c)) => {
+                self.create_from_command(c, r.name).await.map(Response::new)
+            }
+            None => Err(Status::invalid_argument("give a pid or a command")),
+        }
+    }
+
+    async fn get_seed(&self, req: Request<pb::SeedRef>) -> Result<Response<pb::Seed>, Status> {
+        let remote = req.extensions().get::<Remote>().is_some();
+        let s = self.seed_for(Some(req.get_ref()), remote)?;
+        Ok(Response::new(s.to_pb(&self.state.hostname, !remote)))
+    }
+
+    async fn list_seeds(
+        &self,
+        req: Request<pb::ListSeedsRequest>,
+    ) -> Result<Response<pb::ListSeedsResponse>, Status> {
+        let remote = req.extensions().get::<Remote>().is_some();
+        let seeds = self
+            .state
+            .registry
+            .list()
+            .iter()
+            .map(|s| s.to_pb(&self.state.hostname, !remote))
+            .collect();
+        Ok(Response::new(pb::ListSeedsResponse { seeds }))
+    }
+
+    async fn drop_seed(
+        &self,
+        req: Request<pb::SeedRef>,
+    ) -> Result<Response<pb::DropSeedResponse>, Status> {
+        let remote = req.extensions().get::<Remote>().is_some();
+        let s = self.seed_for(Some(req.get_ref()), remote)?;
+        self.state
+            .registry
+            .drop_seed(&s.meta.id)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        info!(seed = %s.meta.id, "seed dropped");
+        Ok(Response::new(pb::DropSeedResponse {}))
+    }
+
+    type SpawnStream = EventStream;
+
+    async fn spawn(
+        &self,
+        req: Request<pb::SpawnRequest>,
+    ) -> Result<Response<Self::SpawnStream>, Status> {
+        let remote = req.extensions().get::<Remote>().is_some();
+        let r = req.into_inner();
+        let seed = self.seed_for(r.seed.as_ref(), remote)?;
+        let count = if r.count == 0 { 1 } else { r.count };
+        if count > 100_000 {
+            return Err(Status::invalid_argument(format!(
+                "count {count} is more than 100000"
+            )));
+        }
+        let prefetch = match r.prefetch.as_str() {
+            "" => Prefetch::Window,
+            p => p.parse::<Prefetch>().map_err(Status::invalid_argument)?,
+        };
+        let opts = SpawnOptions {
+            lazy: !r.eager,
+            prefetch,
+            share: true,
+        };
+        let st = self.state.clone();
+        let seed2 = seed.clone();
+        let restorer = tokio::task::spawn_blocking(move || seed2.restorer())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "seed {} cannot be restored here: {e}",
+                    seed.meta.id
+                ))
+            })?;
+        let (tx, rx) = mpsc::channel::<Result<pb::InstanceEvent, Status>>(1024);
+        let stdin = Arc::new(r.stdin);
+        let capture_stdout = r.stdout == pb::StdoutMode::Capture as i32;
+        let labels = r.labels;
+        tokio::spawn(async move {
+            let mut waiters = Vec::new();
+            for index in 0..count {
+                let n = st.next_instance.fetch_add(1, Ordering::Relaxed);
+                let iid = format!("{}-{n}", seed.meta.id);
+                let base = pb::InstanceEvent {
+                    instance_id: iid.clone(),
+                    seed_id: seed.meta.id.clone(),
+                    index,
+                    ..Default::default()
+                };
+                let (reply, wait) = oneshot::channel();
+                let t = Instant::now();
+                let job = Job {
+                    restorer: restorer.clone(),
+                    stdin: stdin.clone(),
+                    capture_stdout,
+                    opts,
+                    reply,
+                };
+                let started = match st.spawner.submit(job) {
+                    Ok(()) => wait
+                        .await
+                        .unwrap_or_else(|_| Err("the spawner dropped the job".into())),
+                    Err(e) => Err(e),
+                };
+                let (child, out) = match started {
+                    Ok(x) => x,
+                    Err(reason) => {
+                        let ev = pb::InstanceEvent {
+                            kind: Some(pb::instance_event::Kind::Failed(pb::Failed { reason })),
+                            ..base
+                        };
+                        st.publish(&tx, ev).await;
+                        continue;
+                    }
+                };
+                seed.spawned.fetch_add(1, Ordering::Relaxed);
+                let pid = child.pid as u32;
+                st.instances
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(
+                        iid.clone(),
+                        InstanceRec {
+                            seed_id: seed.meta.id.clone(),
+                            pid,
+                            state: "running".into(),
+                            labels: labels.clone(),
+                            started_unix_ms: now_ms(),
+                        },
+                    );
+                let ev = pb::InstanceEvent {
+                    pid,
+                    kind: Some(pb::instance_event::Kind::Started(pb::Started {})),
+                    ..base.clone()
+                };
+                st.publish(&tx, ev).await;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let ev = pb::InstanceEvent {
+                    pid,
+                    kind: Some(pb::instance_event::Kind::Running(pb::Running {
+                        time_to_running_ms: ms,
+                    })),
+                    ..base.clone()
+                };
+                st.publish(&tx, ev).await;
+                let (st2, tx2) = (st.clone(), tx.clone());
+                waiters.push(tokio::spawn(async move {
+                    st2.watch_exit(child, out, base, pid, tx2).await
+                }));
+            }
+            for w in waiters {
+                let _ = w.await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_instances(
+        &self,
+        req: Request<pb::ListInstancesRequest>,
+    ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let want = req.into_inner().seed_id;
+        let g = self
+            .state
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut instances: Vec<pb::Instance> = g
+            .iter()
+            .filter(|(_, i)| want.is_empty() || i.seed_id == want)
+            .map(|(id, i)| pb::Instance {
+                id: id.clone(),
+                seed_id: i.seed_id.clone(),
+                pid: i.pid,
+                state: i.state.clone(),
+                labels: i.labels.clone(),
+                started_unix_ms: i.started_unix_ms,
+            })
+            .collect();
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(pb::ListInstancesResponse { instances }))
+    }
+
+    async fn kill_instance(
+        &self,
+        req: Request<pb::KillInstanceRequest>,
+    ) -> Result<Response<pb::KillInstanceResponse>, Status> {
+        let id = req.into_inner().instance_id;
+        let pid = {
+            let g = self
+                .state
+                .instances
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let i = g
+                .get(&id)
+                .ok_or_else(|| Status::not_found(format!("unknown instance {id:?}")))?;
+            if i.state != "running" {
+                return Err(Status::failed_precondition(format!(
+                    "instance {id} is not running ({})",
+                    i.state
+                )));
+            }
+            i.pid
+        };
+        kernel_helpers::uffd::kill(pid as i32, libc::SIGKILL)
+            .map_err(|e| Status::internal(format!("killing {id} (pid {pid}): {e}")))?;
+        Ok(Response::new(pb::KillInstanceResponse {}))
+    }
+
+    async fn node_info(
+        &self,
+        _req: Request<pb::NodeInfoRequest>,
+    ) -> Result<Response<pb::NodeInfoResponse>, Status> {
+        let running = self
+            .state
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|i| i.state == "running")
+            .count();
+        let mem = read_trim("/proc/meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024;
+        Ok(Response::new(pb::NodeInfoResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            hostname: self.state.hostname.clone(),
+            kernel: read_trim("/proc/sys/kernel/osrelease"),
+            vdso_hash: remotefork::restore::node_vdso_hash().unwrap_or_default(),
+            transports: transports(&self.state.transport),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            memory_bytes: mem,
+            seeds: self.state.registry.len() as u32,
+            instances_running: running as u32,
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        _req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let rx = self.state.events.subscribe();
+        let s = tokio_stream::wrappers::BroadcastStream::new(rx)
+            .map(|r| r.map_err(|e| Status::data_loss(format!("watcher fell behind: {e}"))));
+        Ok(Response::new(Box::pin(s)))
+    }
+}
+
+/// The transports this node offers, and why not where it does not.
+fn transports(configured: &str) -> Vec<pb::Transport> {
+    let rdma_devs = std::fs::read_dir("/sys/class/infiniband")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    vec![
+        pb::Transport {
+            name: "local".into(),
+            available: true,
+            reason: "seed images on this node".into(),
+        },
+        pb::Transport {
+            name: "tcp".into(),
+            available: false,
+            reason: "the TCP page server is not built yet".into(),
+        },
+        pb::Transport {
+            name: "rdma".into(),
+            available: false,
+            reason: if rdma_devs == 0 {
+                format!("no RDMA device (/sys/class/infiniband is empty or missing); transport {configured:?}")
+            } else {
+                "the RDMA transport is not built yet".into()
+            },
+        },
+    ]
+}
+
+impl State {
+    async fn publish(
+        &self,
+        tx: &mpsc::Sender<Result<pb::InstanceEvent, Status>>,
+        ev: pb::InstanceEvent,
+    ) {
+        let _ = self.events.send(ev.clone());
+        // The client may be gone; children run on regardless.
+        let _ = tx.send(Ok(ev)).await;
+    }
+
+    async fn watch_exit(
+        self: Arc<Self>,
+        child: remotefork::restore::Child,
+        out: Option<std::os::fd::OwnedFd>,
+        base: pb::InstanceEvent,
+        pid: u32,
+        tx: mpsc::Sender<Result<pb::InstanceEvent, Status>>,
+    ) {
+        let reader = out.map(|fd| {
+            tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                let mut v = Vec::new();
+                let _ = std::fs::File::from(fd).read_to_end(&mut v);
+                v
+            })
+        });
+        let ended = match kernel_helpers::uffd::pidfd_open(pid as i32) {
+            Ok(pidfd) => wait_pidfd(pidfd).await,
+            Err(e) => Err(e),
+        };
+        let stdout = match reader {
+            Some(h) => h.await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut ex = pb::Exited {
+            stdout,
+            ..Default::default()
+        };
+        match ended {
+            Ok(kernel_helpers::proc::Ended::Exited(c)) => ex.exit_code = c,
+            Ok(kernel_helpers::proc::Ended::Killed(s)) => ex.signal = s,
+            Err(e) => ex.reason = format!("lost track of the child: {e}"),
+        }
+        if let Some(s) = &child.stats {
+            for _ in 0..200 {
+                if s.finished.load(Ordering::Acquire) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            ex.faults = s.faults.load(Ordering::Relaxed);
+            ex.pages_installed = s.pages_installed.load(Ordering::Relaxed);
+            if let Some(r) = s.killed_reason() {
+                ex.reason = r;
+            }
+        }
+        if let Some(i) = self
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&base.instance_id)
+        {
+            i.state = if ex.signal != 0 {
+                format!("killed by signal {}", ex.signal)
+            } else {
+                format!("exited {}", ex.exit_code)
+            };
+        }
+        let ev = pb::InstanceEvent {
+            pid,
+            kind: Some(pb::instance_event::Kind::Exited(ex)),
+            ..base
+        };
+        self.publish(&tx, ev).await;
+    }
+}
+
+/// Wait for the process behind `pidfd` to end and reap it.
+async fn wait_pidfd(pidfd: std::os::fd::OwnedFd) -> std::io::Result<kernel_helpers::proc::Ended> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same
+    // descriptor until the AsyncFd is dropped.
+    let afd = unsafe { tokio::io::unix::AsyncFd::register(pidfd) }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    loop {
+        let mut g = afd.readable().await?;
+        if let Some(e) = kernel_helpers::proc::try_reap(afd.get_ref().as_raw_fd())? {
+            return Ok(e);
+        }
+        g.clear_ready();
+    }
+}
+
+/// Run the daemon until SIGINT/SIGTERM.
+pub async fn serve(cfg: Config) -> Result<(), ServeError> {
+    if !["auto", "tcp", "rdma"].contains(&cfg.transport.as_str()) {
+        return Err(ServeError::Config(format!(
+            "transport {:?} is not one of auto, rdma, tcp",
+            cfg.transport
+        )));
+    }
+    if cfg.transport == "rdma" {
+        return Err(ServeError::Config(
+            "transport rdma: no RDMA transport in this build yet; use auto or tcp".into(),
+        ));
+    }
+    let token = match &cfg.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|source| ServeError::Io {
+                    what: format!("reading token file {}", p.display()),
+                    source,
+                })?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    if cfg.listen.is_some() && token.as_deref().is_none_or(|t| t.is_empty()) {
+        return Err(ServeError::Config(
+            "--listen needs --token-file with a non-empty token".into(),
+        ));
+    }
+    let registry = Registry::open(&cfg.state_dir)?;
+    let spawner = Spawner::new(cfg.spawner_threads).map_err(|source| ServeError::Io {
+        what: "starting spawner threads".into(),
+        source,
+    })?;
+    let (events, _) = broadcast::channel(65536);
+    let state = Arc::new(State {
+        registry,
+        spawner,
+        instances: Mutex::new(HashMap::new()),
+        events,
+        next_instance: AtomicU64::new(0),
+        hostname: read_trim("/proc/sys/kernel/hostname"),
+        transport: cfg.transport.clone(),
+    });
+    let svc = Service {
+        state: state.clone(),
+    };
+
+    if let Some(dir) = cfg.socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let uds = tokio::net::UnixListener::bind(&cfg.socket).map_err(|source| ServeError::Io {
+        what: format!("binding {}", cfg.socket.display()),
+        source,
+    })?;
+    std::fs::set_permissions(
+        &cfg.socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o660),
+    )
+    .map_err(|source| ServeError::Io {
+        what: format!("chmod {}", cfg.socket.display()),
+        source,
+    })?;
+    info!(socket = %cfg.socket.display(), seeds = state.registry.len(), "forkd serving");
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    let local = tonic::transport::Server::builder()
+        .add_service(ForkdServer::new(svc.clone()))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), shutdown);
+    match (cfg.listen, token) {
+        (Some(addr), Some(token)) => {
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|source| ServeError::Io {
+                    what: format!("binding {addr}"),
+                    source,
+                })?;
+            info!(%addr, "forkd serving on TCP (token required)");
+            let expected = format!("Bearer {token}");
+            let check = move |mut req: Request<()>| -> Result<Request<()>, Status> {
+                match req
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    Some(v) if v == expected => {
+                        req.extensions_mut().insert(Remote);
+                        Ok(req)
+                    }
+                    Some(_) => Err(Status::unauthenticated("wrong token")),
+                    None => Err(Status::unauthenticated(
+                        "a bearer token is required on TCP (authorization: Bearer ...)",
+                    )),
+                }
+            };
+            let remote = tonic::transport::Server::builder()
+                .add_service(ForkdServer::with_interceptor(svc, check))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+            tokio::select! {
+                r = local => r?,
+                r = remote => r?,
+            }
+        }
+        _ => local.await?,
+    }
+    warn!("forkd stopping");
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! The seeds this node holds, kept in the state directory so a restarted
+//! forkd serves them again, and the instances it started.
+//!
+//! Layout: `STATE/seeds/ID/` is a seed image plus `meta.json` (id, key,
+//! name, origin). A seed is captured into `STATE/tmp/ID/`, fsynced, and
+//! renamed into `seeds/` only when complete: a crash mid-capture leaves
+//! only a `tmp/` directory, which the next start removes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use remotefork::image::SeedImage;
+use remotefork::restore::Restorer;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::pb;
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// An I/O error on the state directory.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RegistryError {
+    let what = what.into();
+    move |source| RegistryError::Io { what, source }
+}
+
+/// What is kept next to a seed's image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SeedMeta {
+    /// Seed id.
+    pub id: String,
+    /// 128-bit key, hex.
+    pub key: String,
+    /// Human name.
+    pub name: String,
+    /// Creation time.
+    pub created_unix_ms: u64,
+    /// The captured process's pid.
+    pub source_pid: u32,
+    /// Capture figures.
+    pub pause_us: u64,
+    /// Capture time.
+    pub capture_us: u64,
+}
+
+/// One seed held by this node.
+pub struct Seed {
+    /// Its metadata.
+    pub meta: SeedMeta,
+    /// Its image directory.
+    pub dir: PathBuf,
+    /// Page store size.
+    pub image_bytes: u64,
+    /// Mappings.
+    pub vmas: u32,
+    /// Children started from it.
+    pub spawned: std::sync::atomic::AtomicU64,
+    restorer: Mutex<Option<Arc<Restorer>>>,
+}
+
+impl Seed {
+    /// The seed's restorer, set up on first use and shared by its children
+    /// (it owns the node-local cache and the pager).
+    pub fn restorer(&self) -> Result<Arc<Restorer>, remotefork::restore::RestoreError> {
+        let mut g = self.restorer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = g.as_ref() {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Restorer::new(SeedImage::open(&self.dir)?)?);
+        *g = Some(r.clone());
+        Ok(r)
+    }
+
+    /// The API form.
+    pub fn to_pb(&self, node: &str, with_key: bool) -> pb::Seed {
+        pb::Seed {
+            id: self.meta.id.clone(),
+            key: if with_key {
+                self.meta.key.clone()
+            } else {
+                String::new()
+            },
+            name: self.meta.name.clone(),
+            created_unix_ms: self.meta.created_unix_ms,
+            source_pid: self.meta.source_pid,
+            image_bytes: self.image_bytes,
+            vmas: self.vmas,
+            pause_us: self.meta.pause_us,
+            capture_us: self.meta.capture_us,
+            node: node.to_string(),
+            children_spawned: self.spawned.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+/// The seeds of this node.
+pub struct Registry {
+    state: PathBuf,
+    seeds: Mutex<HashMap<String, Arc<Seed>>>,
+}
+
+impl Registry {
+    /// Open the state directory, dropping half-written seeds and loading
+    /// every complete one.
+    pub fn open(state: &Path) -> Result<Registry, RegistryError> {
+        let seeds_dir = state.join("seeds");
+        let tmp = state.join("tmp");
+        std::fs::create_dir_all(&seeds_dir)
+            .map_err(io(format!("creating {}", seeds_dir.display())))?;
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(format!("clearing {}", tmp.display())))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+        let reg = Registry {
+            state: state.to_path_buf(),
+            seeds: Mutex::new(HashMap::new()),
+        };
+        for e in std::fs::read_dir(&seeds_dir)
+            .map_err(io(format!("reading {}", seeds_dir.display())))?
+            .flatten()
+        {
+            match reg.load(&e.path()) {
+                Ok(s) => {
+                    info!(seed = %s.meta.id, "seed loaded from the state directory");
+                    reg.insert(s);
+                }
+                Err(err) => {
+                    warn!(dir = %e.path().display(), error = %err, "skipping a seed that does not load")
+                }
+            }
+        }
+        Ok(reg)
+    }
+
+    fn load(&self, dir: &Path) -> Result<Seed, String> {
+        let meta: SeedMeta = serde_json::from_slice(
+            &std::fs::read(dir.join("meta.json")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        let img = SeedImage::open(dir).map_err(|e| e.to_string())?;
+        let d = img.descriptor();
+        Ok(Seed {
+            image_bytes: d.image_bytes,
+            vmas: d.vmas.len() as u32,
+            meta,
+            dir: dir.to_path_buf(),
+            spawned: Default::default(),
+            restorer: Mutex::new(None),
+        })
+    }
+
+    /// A fresh directory to capture a new seed into.
+    pub fn tmp_dir(&self, id: &str) -> PathBuf {
+        self.state.join("tmp").join(id)
+    }
+
+    /// Make a captured seed permanent: write its metadata, fsync, rename
+    /// into `seeds/`, and register it.
+    pub fn commit(&self, meta: SeedMeta) -> Result<Arc<Seed>, RegistryError> {
+        let tmp = self.tmp_dir(&meta.id);
+        let m = tmp.join("meta.json");
+        let bytes = serde_json::to_vec_pretty(&meta).map_err(|e| RegistryError::Io {
+            what: "encoding meta.json".into(),
+            source: e.into(),
+        })?;
+        std::fs::write(&m, bytes).map_err(io(format!("writing {}", m.display())))?;
+        std::fs::set_permissions(&m, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(io("chmod meta.json"))?;
+        std::fs::File::open(&m)
+            .and_then(|f| f.sync_all())
+            .map_err(io("fsync meta.json"))?;
+        let dest = self.state.join("seeds").join(&meta.id);
+        std::fs::rename(&tmp, &dest)
+            .map_err(io(format!("renaming {} into place", tmp.display())))?;
+        std::fs::File::open(self.state.join("seeds"))
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync seeds/"))?;
+        let seed = self.load(&dest).map_err(|e| RegistryError::Io {
+            what: format!("loading the new seed {}", meta.id),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(self.insert(seed))
+    }
+
+    fn insert(&self, seed: Seed) -> Arc<Seed> {
+        let s = Arc::new(seed);
+        self.seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(s.meta.id.clone(), s.clone());
+        s
+    }
+
+    /// A seed by id.
+    pub fn get(&self, id: &str) -> Option<Arc<Seed>> {
+        self.seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every seed, oldest first.
+    pub fn list(&self) -> Vec<Arc<Seed>> {
+        let mut v: Vec<_> = self
+            .seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|s| (s.meta.created_unix_ms, s.meta.id.clone()));
+        v
+    }
+
+    /// Forget a seed and delete its image. Children already running keep
+    /// what they hold (their restorer keeps the page store open).
+    pub fn drop_seed(&self, id: &str) -> Result<bool, RegistryError> {
+        let Some(s) = self
+            .seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+        else {
+            return Ok(false);
+        };
+        std::fs::remove_dir_all(&s.dir).map_err(io(format!("removing {}", s.dir.display())))?;
+        Ok(true)
+    }
+
+    /// Number of seeds.
+    pub fn len(&self) -> usize {
+        self.seeds.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// No seeds?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

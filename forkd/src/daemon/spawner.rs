@@ -1,0 +1,86 @@
+//! Spawner threads: long-lived threads that run restores.
+//!
+//! A restore is a run of ptrace calls that must all come from one thread,
+//! and a lazily restored child is set to die with the thread that started
+//! it (`PR_SET_PDEATHSIG` is tied to the parent *thread*). So children are
+//! started by a few threads that live as long as forkd, never by tokio's
+//! blocking pool, whose threads come and go.
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use remotefork::restore::{Child, Restorer, SpawnOptions};
+use tokio::sync::oneshot;
+
+/// One child to start.
+pub struct Job {
+    /// The seed's restorer.
+    pub restorer: Arc<Restorer>,
+    /// Given whole to the child as its stdin.
+    pub stdin: Arc<Vec<u8>>,
+    /// Capture its stdout (else /dev/null).
+    pub capture_stdout: bool,
+    /// How.
+    pub opts: SpawnOptions,
+    /// Where the result goes.
+    pub reply: oneshot::Sender<Result<(Child, Option<OwnedFd>), String>>,
+}
+
+/// The spawner threads.
+pub struct Spawner {
+    tx: Mutex<mpsc::Sender<Job>>,
+}
+
+impl Spawner {
+    /// Start `threads` spawner threads.
+    pub fn new(threads: usize) -> std::io::Result<Spawner> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("spawner-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    let r = run(&job);
+                    let _ = job.reply.send(r);
+                })?;
+        }
+        Ok(Spawner { tx: Mutex::new(tx) })
+    }
+
+    /// Queue a job.
+    pub fn submit(&self, job: Job) -> Result<(), String> {
+        self.tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .map_err(|_| "the spawner threads are gone".to_string())
+    }
+}
+
+fn run(job: &Job) -> Result<(Child, Option<OwnedFd>), String> {
+    let (in_r, mut in_w) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
+    let (stdout, out_r) = if job.capture_stdout {
+        let (r, w) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
+        (Stdio::from(w), Some(OwnedFd::from(r)))
+    } else {
+        (Stdio::null(), None)
+    };
+    let child = job
+        .restorer
+        .spawn(Stdio::from(in_r), stdout, Stdio::null(), &job.opts)
+        .map_err(|e| e.to_string())?;
+    let data = job.stdin.clone();
+    std::thread::spawn(move || {
+        // A child that exits without reading its input gets EPIPE here.
+        let _ = in_w.write_all(&data);
+    });
+    Ok((child, out_r))
+}

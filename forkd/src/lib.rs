@@ -1,0 +1,19 @@
+//! forkd: the per-node daemon (`forkd serve`), its gRPC API and the client
+//! that `forkctl` is built on.
+
+pub mod client;
+pub mod daemon;
+
+/// The generated gRPC types and service (`proto/forkd.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("forkd.v1");
+}
+
+/// Random hex of `bytes` bytes from the kernel's generator.
+pub fn random_hex(bytes: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
