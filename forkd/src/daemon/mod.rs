@@ -786,6 +786,6 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         }
         _ => local.await?,
     }
-    warn!("forkd stopping");
+    info!("forkd stopping");
     Ok(())
 }

@@ -1,0 +1,427 @@
+//! `forkd serve` and `forkctl`, end to end: seeds from a pid and from a
+//! command, 50 children, drop, restart, bad input, TCP with a token, and a
+//! burst of concurrent clients. Run as root.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A running `forkd serve` with its own socket and state directory.
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+    tcp: Option<String>,
+}
+
+impl Daemon {
+    fn start(dir: &Path, tcp: bool) -> Daemon {
+        let mut cmd = forkd();
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(dir.join("sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"));
+        let mut addr = None;
+        if tcp {
+            std::fs::write(dir.join("token"), "s3cret-token\n").unwrap();
+            // A free port: bind, note it, release.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let a = format!("127.0.0.1:{port}");
+            cmd.arg("--listen")
+                .arg(&a)
+                .arg("--token-file")
+                .arg(dir.join("token"));
+            addr = Some(a);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child,
+            dir: dir.to_path_buf(),
+            tcp: addr,
+        };
+        let t = Instant::now();
+        while d.ctl(&["node"]).0 != 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "forkd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn addr(&self) -> String {
+        format!("unix:{}", self.dir.join("sock").display())
+    }
+
+    /// forkctl over the Unix socket: (exit code, stdout, stderr).
+    fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        self.ctl_at(&self.addr(), None, args)
+    }
+
+    fn ctl_at(
+        &self,
+        addr: &str,
+        token_file: Option<&Path>,
+        args: &[&str],
+    ) -> (i32, String, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkctl"));
+        cmd.arg("--addr").arg(addr);
+        if let Some(t) = token_file {
+            cmd.arg("--token-file").arg(t);
+        }
+        let o = cmd.args(args).output().unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    fn stop(mut self) {
+        // SAFETY: plain kill(2) of our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const SERVER: &str = r#"
+import sys, os, json
+state = {'n': 0}
+print('ready', flush=True)
+for line in sys.stdin:
+    state['n'] += 1
+    print(json.dumps({'got': line.strip(), 'pid': os.getpid(), 'n': state['n']}), flush=True)
+"#;
+
+fn spawn_json(d: &Daemon, seed: &str, count: u32, input: &str) -> Value {
+    let f = d.dir.join(format!("in-{seed}-{count}"));
+    std::fs::write(&f, input).unwrap();
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "spawn",
+        seed,
+        "--count",
+        &count.to_string(),
+        "--stdin",
+        f.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "spawn failed: {err} {out}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn check_children(v: &Value, count: usize, input_lines: usize) {
+    let kids = v["children"].as_array().unwrap();
+    assert_eq!(kids.len(), count, "{v}");
+    assert_eq!(v["failed"], 0);
+    for k in kids {
+        assert_eq!(k["exit_code"], 0, "{k}");
+        let lines: Vec<Value> = k["stdout"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), input_lines, "{k}");
+        for (i, l) in lines.iter().enumerate() {
+            assert_eq!(l["pid"], k["pid"]);
+            assert_eq!(l["n"], i + 1, "each child counts only its own requests");
+        }
+    }
+}
+
+#[test]
+fn seeds_spawn_fifty_drop_and_survive_a_restart() {
+    if !require_root("seeds_spawn_fifty_drop_and_survive_a_restart") {
+        return;
+    }
+    let dir = scratch("daemon-main");
+    let d = Daemon::start(&dir, false);
+
+    // A seed from a running process.
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", SERVER]);
+    let (target, _) = Target::start(cmd);
+    wait_blocked_in_read(target.pid());
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--pid",
+        &target.pid().to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seed: Value = serde_json::from_str(&out).unwrap();
+    let id = seed["id"].as_str().unwrap().to_string();
+    assert_eq!(seed["key"].as_str().unwrap().len(), 32, "128-bit key");
+    drop(target);
+
+    let v = spawn_json(&d, &id, 50, "a\nb\n");
+    check_children(&v, 50, 2);
+    let (_, ps, _) = d.ctl(&["--json", "ps", "--seed", &id]);
+    let ps: Value = serde_json::from_str(&ps).unwrap();
+    assert_eq!(ps.as_array().unwrap().len(), 50);
+    assert!(ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["state"] == "exited 0"));
+
+    // A seed from a command and its readiness line.
+    let py = python().to_string();
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        &py,
+        "-c",
+        SERVER,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let cmd_seed: Value = serde_json::from_str(&out).unwrap();
+    let cmd_id = cmd_seed["id"].as_str().unwrap().to_string();
+    check_children(&spawn_json(&d, &cmd_id, 5, "x\n"), 5, 1);
+
+    // Drop the first; spawning from it is refused.
+    let (code, _, _) = d.ctl(&["seed", "drop", &id]);
+    assert_eq!(code, 0);
+    let (code, _, err) = d.ctl(&["spawn", &id]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("unknown seed") && err.contains("NotFound"),
+        "{err}"
+    );
+
+    // Restart: the command seed is still there and still works.
+    d.stop();
+    let d = Daemon::start(&dir, false);
+    let (_, ls, _) = d.ctl(&["--json", "seed", "ls"]);
+    let ls: Value = serde_json::from_str(&ls).unwrap();
+    let ids: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![cmd_id.as_str()]);
+    check_children(&spawn_json(&d, &cmd_id, 3, "y\nz\n"), 3, 2);
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_forkd_keeps_serving() {
+    if !require_root("bad_input_gets_clear_errors_and_forkd_keeps_serving") {
+        return;
+    }
+    let dir = scratch("daemon-bad");
+    let d = Daemon::start(&dir, true);
+    let tcp = d.tcp.clone().unwrap();
+    let token = dir.join("token");
+    let wrong = dir.join("wrong-token");
+    std::fs::write(&wrong, "nope").unwrap();
+
+    let py = python().to_string();
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        &py,
+        "-c",
+        SERVER,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seed: Value = serde_json::from_str(&out).unwrap();
+    let id = seed["id"].as_str().unwrap().to_string();
+
+    // Keep a spawn running while the bad requests come in.
+    let slow_in = dir.join("slow-in");
+    std::fs::write(&slow_in, "q\n".repeat(200)).unwrap();
+    let burst = Command::new(env!("CARGO_BIN_EXE_forkctl"))
+        .args([
+            "--addr",
+            &d.addr(),
+            "--json",
+            "spawn",
+            &id,
+            "--count",
+            "20",
+            "--stdin",
+            slow_in.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // TCP without a token, with a wrong one.
+    let (code, _, err) = d.ctl_at(&tcp, None, &["node"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("bearer token is required") && err.contains("Unauthenticated"),
+        "{err}"
+    );
+    let (code, _, err) = d.ctl_at(&tcp, Some(&wrong), &["node"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("wrong token"), "{err}");
+    // With the token: node info answers during the burst.
+    let (code, out, err) = d.ctl_at(&tcp, Some(&token), &["--json", "node"]);
+    assert_eq!(code, 0, "{err}");
+    let node: Value = serde_json::from_str(&out).unwrap();
+    let rdma = node["transports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "rdma")
+        .unwrap();
+    assert_eq!(rdma["available"], false);
+    assert!(
+        rdma["reason"].as_str().unwrap().contains("no RDMA device"),
+        "{rdma}"
+    );
+    // Over TCP, spawning needs the seed's key.
+    let (code, _, err) = d.ctl_at(&tcp, Some(&token), &["spawn", &id]);
+    assert_eq!(code, 1);
+    assert!(err.contains("wrong key for seed"), "{err}");
+    let (code, r, _) = d.ctl(&["seed", "ref", &id]);
+    assert_eq!(code, 0);
+    let key = r.trim().rsplit_once('#').unwrap().1.to_string();
+    let input = dir.join("one");
+    std::fs::write(&input, "k\n").unwrap();
+    let (code, out, err) = d.ctl_at(
+        &tcp,
+        Some(&token),
+        &[
+            "spawn",
+            &format!("{id}#{key}"),
+            "--stdin",
+            input.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"got\": \"k\""), "{out}");
+    // Unknown seed, bad prefetch mode, uncapturable process.
+    let (code, _, err) = d.ctl(&["spawn", "0123456789abcdef"]);
+    assert!(code == 1 && err.contains("unknown seed"), "{err}");
+    let (code, _, err) = d.ctl(&["spawn", &id, "--prefetch", "sideways"]);
+    assert!(
+        code == 1 && err.contains("unknown prefetch mode") && err.contains("InvalidArgument"),
+        "{err}"
+    );
+    let (mt, _) = Target::start(Command::new(c_program("threaded_target")));
+    let (code, _, err) = d.ctl(&["seed", "create", "--pid", &mt.pid().to_string()]);
+    assert!(
+        code == 1 && err.contains("has 2 threads") && err.contains("FailedPrecondition"),
+        "{err}"
+    );
+    let (code, _, err) = d.ctl(&[
+        "seed",
+        "create",
+        "--ready-line",
+        "never",
+        "--timeout-ms",
+        "300",
+        "--",
+        "sleep",
+        "5",
+    ]);
+    assert!(code == 1 && err.contains("did not print"), "{err}");
+    let (code, _, err) = d.ctl(&["kill", "no-such-instance"]);
+    assert!(code == 1 && err.contains("unknown instance"), "{err}");
+
+    // The burst completed, every child accounted for.
+    let out = burst.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    check_children(&v, 20, 200);
+}
+
+#[test]
+fn twenty_concurrent_clients_lose_no_events() {
+    if !require_root("twenty_concurrent_clients_lose_no_events") {
+        return;
+    }
+    let dir = scratch("daemon-burst");
+    let d = Daemon::start(&dir, false);
+    let py = python().to_string();
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        &py,
+        "-c",
+        SERVER,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let input = dir.join("in");
+    std::fs::write(&input, "r\n").unwrap();
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_forkctl"))
+                .args([
+                    "--addr",
+                    &d.addr(),
+                    "--json",
+                    "spawn",
+                    &id,
+                    "--count",
+                    "3",
+                    "--stdin",
+                    input.to_str().unwrap(),
+                ])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // forkd answers while the burst runs.
+    let t = Instant::now();
+    let (code, _, _) = d.ctl(&["node"]);
+    assert_eq!(code, 0);
+    assert!(t.elapsed() < Duration::from_secs(30));
+    for c in clients {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success());
+        check_children(&serde_json::from_slice(&o.stdout).unwrap(), 3, 1);
+    }
+    let (_, ps, _) = d.ctl(&["--json", "ps"]);
+    let ps: Value = serde_json::from_str(&ps).unwrap();
+    assert_eq!(ps.as_array().unwrap().len(), 60);
+    assert!(
+        ps.as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["state"] == "exited 0"),
+        "{ps}"
+    );
+}
