@@ -4,106 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-/// A running `forkd serve` with its own socket and state directory.
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    tcp: Option<String>,
-}
-
-impl Daemon {
-    fn start(dir: &Path, tcp: bool) -> Daemon {
-        let mut cmd = forkd();
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(dir.join("sock"))
-            .arg("--state-dir")
-            .arg(dir.join("state"));
-        let mut addr = None;
-        if tcp {
-            std::fs::write(dir.join("token"), "s3cret-token\n").unwrap();
-            // A free port: bind, note it, release.
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let a = format!("127.0.0.1:{port}");
-            cmd.arg("--listen")
-                .arg(&a)
-                .arg("--token-file")
-                .arg(dir.join("token"));
-            addr = Some(a);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child,
-            dir: dir.to_path_buf(),
-            tcp: addr,
-        };
-        let t = Instant::now();
-        while d.ctl(&["node"]).0 != 0 {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "forkd did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn addr(&self) -> String {
-        format!("unix:{}", self.dir.join("sock").display())
-    }
-
-    /// forkctl over the Unix socket: (exit code, stdout, stderr).
-    fn ctl(&self, args: &[&str]) -> (i32, String, String) {
-        self.ctl_at(&self.addr(), None, args)
-    }
-
-    fn ctl_at(
-        &self,
-        addr: &str,
-        token_file: Option<&Path>,
-        args: &[&str],
-    ) -> (i32, String, String) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkctl"));
-        cmd.arg("--addr").arg(addr);
-        if let Some(t) = token_file {
-            cmd.arg("--token-file").arg(t);
-        }
-        let o = cmd.args(args).output().unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    }
-
-    fn stop(mut self) {
-        // SAFETY: plain kill(2) of our child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const SERVER: &str = r#"
 import sys, os, json

@@ -82,6 +82,82 @@ pub fn robust_list(pid: pid_t) -> Result<(u64, u64), ProcError> {
     Ok((head, len as u64))
 }
 
+/// Which side of a `fork()` this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    /// The parent; the child's pid.
+    Parent(pid_t),
+    /// The child.
+    Child,
+}
+
+/// `fork()` through libc (so `pthread_atfork` handlers run).
+///
+/// # Safety
+/// In a multi-threaded process the child may only use async-signal-safe
+/// functions until it execs or is replaced; the caller must keep to that.
+pub unsafe fn fork() -> io::Result<Forked> {
+    // SAFETY: the caller upholds the post-fork restrictions.
+    match unsafe { libc::fork() } {
+        -1 => Err(last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid)),
+    }
+}
+
+/// `dup2(old, new)`.
+pub fn dup2(old: std::os::fd::RawFd, new: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: dup2 only manipulates the descriptor table.
+    if unsafe { libc::dup2(old, new) } < 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
+/// Read one line from `fd` a byte at a time (so nothing after the newline
+/// is consumed), up to `max` bytes. `None` on end of file before any byte.
+pub fn read_line_raw(fd: std::os::fd::RawFd, max: usize) -> io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    loop {
+        let mut b = 0u8;
+        // SAFETY: reads at most one byte into `b`.
+        let n = unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) };
+        match n {
+            1 if b == b'\n' => return Ok(Some(line)),
+            1 => {
+                line.push(b);
+                if line.len() >= max {
+                    return Ok(Some(line));
+                }
+            }
+            0 if line.is_empty() => return Ok(None),
+            0 => return Ok(Some(line)),
+            _ => {
+                let e = last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// `_exit(code)`: leave without running atexit handlers or flushing stdio.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// SIGKILL `pid` (our child) and reap it.
+pub fn kill_and_reap(pid: pid_t) {
+    // SAFETY: plain kill(2) and waitpid(2) of our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+    }
+}
+
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {

@@ -6,10 +6,12 @@
 
 pub mod capture;
 pub mod classify;
+pub mod coop;
 pub mod fileid;
 pub mod image;
 pub mod pager;
 pub mod procfs;
 pub mod restore;
 
+pub use coop::{checkpoint, Checkpoint};
 pub use kernel_helpers::PAGE_SIZE;

@@ -54,6 +54,9 @@ enum Cmd {
         /// Labels, KEY=VALUE.
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// For cooperative seeds: what checkpoint() returns as args in each child.
+        #[arg(long, default_value = "")]
+        args: String,
     },
     /// List instances.
     Ps {
@@ -307,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             prefetch,
             eager,
             labels,
+            args,
         } => {
             let (_, r) = parse_ref(&seed);
             let input = match stdin {
@@ -329,6 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 labels,
                 prefetch,
                 eager,
+                args,
             };
             let mut stream = c.spawn(req).await.map_err(status_err)?.into_inner();
             let mut children: std::collections::BTreeMap<u32, Value> = Default::default();

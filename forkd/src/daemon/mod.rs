@@ -47,6 +47,8 @@ pub struct Config {
     pub transport: String,
     /// Spawner threads.
     pub spawner_threads: usize,
+    /// The cooperative API's socket (JSON lines) [default: the socket path + ".coop"].
+    pub coop_socket: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -58,6 +60,7 @@ impl Default for Config {
             token_file: None,
             transport: "auto".into(),
             spawner_threads: 2,
+            coop_socket: None,
         }
     }
 }
@@ -167,7 +170,12 @@ impl Service {
         Ok(s)
     }
 
-    async fn create_from_pid(&self, pid: u32, name: String) -> Result<pb::Seed, Status> {
+    async fn create_from_pid(
+        &self,
+        pid: u32,
+        name: String,
+        cooperative: bool,
+    ) -> Result<pb::Seed, Status> {
         let id = crate::random_hex(8).map_err(|e| Status::internal(e.to_string()))?;
         let key = crate::random_hex(16).map_err(|e| Status::internal(e.to_string()))?;
         let dir = self.state.registry.tmp_dir(&id);
@@ -198,6 +206,7 @@ impl Service {
             source_pid: pid,
             pause_us: d.stats.pause_ns / 1000,
             capture_us: d.stats.capture_ns / 1000,
+            cooperative,
         };
         let seed = self
             .state
@@ -260,7 +269,7 @@ impl Service {
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                self.create_from_pid(pid, if name.is_empty() { default } else { name })
+                self.create_from_pid(pid, if name.is_empty() { default } else { name }, false)
                     .await
             }
             Ok(false) => Err(Status::failed_precondition(format!(
@@ -286,9 +295,10 @@ impl Forkd for Service {
     ) -> Result<Response<pb::Seed>, Status> {
         let r = req.into_inner();
         match r.source {
-            Some(pb::create_seed_request::Source::Pid(pid)) => {
-                self.create_from_pid(pid, r.name).await.map(Response::new)
-            }
+            Some(pb::create_seed_request::Source::Pid(pid)) => self
+                .create_from_pid(pid, r.name, false)
+                .await
+                .map(Response::new),
             Some(pb::create_seed_request::Source::Command(c)) => {
                 self.create_from_command(c, r.name).await.map(Response::new)
             }
@@ -370,6 +380,7 @@ impl Forkd for Service {
         let stdin = Arc::new(r.stdin);
         let capture_stdout = r.stdout == pb::StdoutMode::Capture as i32;
         let labels = r.labels;
+        let args = r.args;
         tokio::spawn(async move {
             let mut waiters = Vec::new();
             for index in 0..count {
@@ -383,9 +394,21 @@ impl Forkd for Service {
                 };
                 let (reply, wait) = oneshot::channel();
                 let t = Instant::now();
+                let stdin = if seed.meta.cooperative {
+                    // checkpoint() in the child reads this first line.
+                    let mut v =
+                        serde_json::json!({ "instance_id": iid, "index": index, "args": args })
+                            .to_string()
+                            .into_bytes();
+                    v.push(b'\n');
+                    v.extend_from_slice(&stdin);
+                    Arc::new(v)
+                } else {
+                    stdin.clone()
+                };
                 let job = Job {
                     restorer: restorer.clone(),
-                    stdin: stdin.clone(),
+                    stdin,
                     capture_stdout,
                     opts,
                     reply,
@@ -654,6 +677,53 @@ impl State {
     }
 }
 
+/// The cooperative socket: one JSON request per line, one answer per line
+/// (see `remotefork::coop`).
+async fn serve_coop(listener: tokio::net::UnixListener, svc: Service) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let answer = match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) if v["op"] == "create_seed" => match v["pid"].as_u64() {
+                        Some(pid) => match svc
+                            .create_from_pid(
+                                pid as u32,
+                                v["name"].as_str().unwrap_or("").to_string(),
+                                true,
+                            )
+                            .await
+                        {
+                            Ok(s) => serde_json::json!({ "ok": true, "id": s.id, "key": s.key }),
+                            Err(e) => serde_json::json!({ "ok": false, "error": e.message() }),
+                        },
+                        None => {
+                            serde_json::json!({ "ok": false, "error": "create_seed needs a pid" })
+                        }
+                    },
+                    Ok(v) => {
+                        serde_json::json!({ "ok": false, "error": format!("unknown op {}", v["op"]) })
+                    }
+                    Err(e) => serde_json::json!({ "ok": false, "error": format!("not JSON: {e}") }),
+                };
+                let mut out = answer.to_string().into_bytes();
+                out.push(b'\n');
+                if tokio::io::AsyncWriteExt::write_all(&mut w, &out)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 /// Wait for the process behind `pidfd` to end and reap it.
 async fn wait_pidfd(pidfd: std::os::fd::OwnedFd) -> std::io::Result<kernel_helpers::proc::Ended> {
     use std::os::fd::AsRawFd;
@@ -738,7 +808,26 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         what: format!("chmod {}", cfg.socket.display()),
         source,
     })?;
-    info!(socket = %cfg.socket.display(), seeds = state.registry.len(), "forkd serving");
+    let coop_path = cfg.coop_socket.clone().unwrap_or_else(|| {
+        let mut p = cfg.socket.clone().into_os_string();
+        p.push(".coop");
+        PathBuf::from(p)
+    });
+    let _ = std::fs::remove_file(&coop_path);
+    let coop = tokio::net::UnixListener::bind(&coop_path).map_err(|source| ServeError::Io {
+        what: format!("binding {}", coop_path.display()),
+        source,
+    })?;
+    std::fs::set_permissions(
+        &coop_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o660),
+    )
+    .map_err(|source| ServeError::Io {
+        what: format!("chmod {}", coop_path.display()),
+        source,
+    })?;
+    tokio::spawn(serve_coop(coop, svc.clone()));
+    info!(socket = %cfg.socket.display(), coop = %coop_path.display(), seeds = state.registry.len(), "forkd serving");
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -52,6 +52,10 @@ pub struct SeedMeta {
     pub pause_us: u64,
     /// Capture time.
     pub capture_us: u64,
+    /// Made by the cooperative `checkpoint()`: each child's stdin starts
+    /// with a line naming it.
+    #[serde(default)]
+    pub cooperative: bool,
 }
 
 /// One seed held by this node.

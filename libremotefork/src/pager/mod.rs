@@ -597,6 +597,25 @@ fn install_queued(st: &mut ChildState, mut budget: usize) -> Result<(), String> 
     Ok(())
 }
 
+/// Install a zero page at `page` (`tracked`: record it in the table).
+fn zero_page(st: &mut ChildState, page: u64, tracked: bool) -> Result<Served, String> {
+    match st.c.uffd.zero(page, PAGE_SIZE, true) {
+        Ok(()) | Err(FillError::Gone) => {
+            if tracked {
+                st.c.table.set(page, Slot::Done(Origin::Zero));
+            }
+            st.c.stats.zero_pages.fetch_add(1, Ordering::Relaxed);
+            Ok(Served::Done)
+        }
+        Err(FillError::Exists) => {
+            let _ = st.c.uffd.wake(page, PAGE_SIZE);
+            Ok(Served::Done)
+        }
+        Err(FillError::Again { .. }) => Ok(Served::Again),
+        Err(FillError::Other(e)) => Err(format!("UFFDIO_ZEROPAGE at {page:#x}: {e}")),
+    }
+}
+
 fn serve(st: &mut ChildState, addr: u64) -> Served {
     let page = addr & !(PAGE_SIZE - 1);
     if st.c.prefetch == Prefetch::Recorded && !st.first_fault_done {
@@ -609,9 +628,10 @@ fn serve(st: &mut ChildState, addr: u64) -> Served {
         WINDOW_PAGES
     };
     let r = match st.c.table.get(page) {
-        None => Err(format!(
-            "fault at {page:#x}, an address the seed does not cover"
-        )),
+        // A page the parent never had in a registered range: the range grew
+        // in place (mremap growing a mapping keeps its registration, and
+        // sends no event). New anonymous memory reads as zeros.
+        None => zero_page(st, page, false),
         Some(Slot::Stored(_)) => {
             let run = st.c.table.stored_run(page, window);
             install(st, &run, true)
@@ -621,21 +641,7 @@ fn serve(st: &mut ChildState, addr: u64) -> Served {
             // put the same page back rather than let the thread spin.
             install(st, &[(page, off)], true)
         }
-        Some(Slot::Zero) | Some(Slot::Done(Origin::Zero)) => {
-            match st.c.uffd.zero(page, PAGE_SIZE, true) {
-                Ok(()) | Err(FillError::Gone) => {
-                    st.c.table.set(page, Slot::Done(Origin::Zero));
-                    st.c.stats.zero_pages.fetch_add(1, Ordering::Relaxed);
-                    Ok(Served::Done)
-                }
-                Err(FillError::Exists) => {
-                    let _ = st.c.uffd.wake(page, PAGE_SIZE);
-                    Ok(Served::Done)
-                }
-                Err(FillError::Again { .. }) => Ok(Served::Again),
-                Err(FillError::Other(e)) => Err(format!("UFFDIO_ZEROPAGE at {page:#x}: {e}")),
-            }
-        }
+        Some(Slot::Zero) | Some(Slot::Done(Origin::Zero)) => zero_page(st, page, true),
     };
     match r {
         Ok(s) => s,

@@ -126,8 +126,10 @@ impl std::fmt::Debug for SeedCache {
 
 impl SeedCache {
     /// A cache of `size` bytes over `source`; nothing is used until pages arrive.
-    pub fn new(source: Box<dyn PageSource>, size: u64) -> io::Result<SeedCache> {
-        let memfd = kernel_helpers::mapping::memfd("remotefork-seed-cache", size)?;
+    /// The memfd is `slack` bytes longer than the cache (sparse, never
+    /// filled): mappings of it that grow in place read zeros there, not `SIGBUS`.
+    pub fn new(source: Box<dyn PageSource>, size: u64, slack: u64) -> io::Result<SeedCache> {
+        let memfd = kernel_helpers::mapping::memfd("remotefork-seed-cache", size + slack)?;
         let mem = Mapping::fd_shared(&memfd, size as usize)?;
         let pages = size / PAGE_SIZE;
         let present = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
@@ -253,7 +255,7 @@ mod tests {
     fn cache_fetches_once_and_batches_runs() {
         let data: Vec<u8> = (0..8 * 4096).map(|i| (i / 4096) as u8).collect();
         let src = Counting(data, Default::default());
-        let cache = SeedCache::new(Box::new(src), 16 * 4096).unwrap();
+        let cache = SeedCache::new(Box::new(src), 16 * 4096, 0).unwrap();
         // Pages 0-2 of the store land at cache pages 10-12, page 5 at 3.
         assert_eq!(
             cache

@@ -38,6 +38,12 @@ use crate::procfs::{self, ProcfsError};
 use kernel_helpers::uffd::{self, Uffd, UffdError};
 use std::sync::Arc;
 
+/// Room past the end of the cache layout. Mappings of the cache can grow
+/// in place (`mremap`); a private file mapping reading past its file's end
+/// would get `SIGBUS` where anonymous memory reads zeros. The memfd is
+/// sparse, so the slack costs nothing.
+const CACHE_SLACK: u64 = 1 << 40;
+
 /// File in an image directory holding the recorded working set.
 pub const WORKING_SET_FILE: &str = "workingset.bin";
 use plan::{Backing, HuskLayout, PlanError, ResolvedFile, RestorePlan, SharedCache};
@@ -197,12 +203,10 @@ impl Restorer {
                 source,
             })?;
         let (cache_base, cache_size) = plan::cache_layout(d);
-        let cache =
-            SeedCache::new(Box::new(source), cache_size.max(PAGE_SIZE)).map_err(|source| {
-                RestoreError::Io {
-                    what: "reserving the seed cache".into(),
-                    source,
-                }
+        let cache = SeedCache::new(Box::new(source), cache_size.max(PAGE_SIZE), CACHE_SLACK)
+            .map_err(|source| RestoreError::Io {
+                what: "reserving the seed cache".into(),
+                source,
             })?;
         let seed = Arc::new(SeedPages::new(
             cache,

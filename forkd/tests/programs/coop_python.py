@@ -1,0 +1,13 @@
+# A function runtime that warms up, checkpoints, and serves: the parent
+# prints its seed id and carries on; each child computes with the warm state.
+import json, sys
+import remotefork
+
+table = {i: i * i for i in range(50000)}   # the "warm" state
+cp = remotefork.checkpoint("coop-python")
+if cp.is_child:
+    print(json.dumps({"child": cp.index, "instance": cp.instance_id, "args": cp.args,
+                      "sum": sum(table.values()), "line": sys.stdin.readline().strip()}), flush=True)
+    sys.exit(0)
+print("parent seed=" + cp.seed_id, flush=True)
+print("parent continues", len(table), flush=True)

@@ -1,0 +1,25 @@
+/* remotefork cooperative API (link with -lremotefork).
+ *
+ * rf_checkpoint() returns twice, like fork(): 0 in the caller, once forkd
+ * has made a seed of it (out->seed_id, out->key); 1 in every child later
+ * started from that seed (out->instance_id, out->index, out->args); -1 on
+ * error (out->error). forkd's cooperative socket comes from
+ * FORKD_COOP_SOCKET, default /run/forkd/forkd.sock.coop. */
+#ifndef REMOTEFORK_H
+#define REMOTEFORK_H
+
+#include <stdint.h>
+
+typedef struct rf_checkpoint {
+    int is_child;
+    char seed_id[64];
+    char key[64];
+    char instance_id[128];
+    uint32_t index;
+    char args[4096];
+    char error[512];
+} rf_checkpoint_t;
+
+int rf_checkpoint(const char *name, rf_checkpoint_t *out);
+
+#endif

@@ -1,0 +1,115 @@
+"""remotefork: the cooperative checkpoint API for Python, in pure Python.
+
+``checkpoint()`` returns twice, like ``os.fork()``: in the caller, once forkd
+has made a seed of it, and in every child later started from that seed::
+
+    import remotefork
+    cp = remotefork.checkpoint("my-function")
+    if cp.is_child:
+        print("I am child", cp.index, "with", cp.args)
+    else:
+        print("seed", cp.seed_id)
+
+The caller forks (so ``os.register_at_fork`` handlers run and the copy has
+one thread); the copy waits reading its stdin while forkd captures it over
+forkd's cooperative Unix socket (one JSON line each way); then the copy is
+removed. A child resumes in that read, and forkd's first stdin line names it.
+The socket is ``FORKD_COOP_SOCKET`` or ``/run/forkd/forkd.sock.coop``.
+"""
+
+import json
+import os
+import socket
+import time
+
+__all__ = ["checkpoint", "Checkpoint", "CheckpointError", "DEFAULT_SOCKET"]
+
+DEFAULT_SOCKET = "/run/forkd/forkd.sock.coop"
+
+
+class CheckpointError(RuntimeError):
+    """forkd could not make a seed of the caller."""
+
+
+class Checkpoint:
+    """What checkpoint() returns: a parent (seed_id, key) or a child
+    (instance_id, index, args)."""
+
+    def __init__(self, is_child, seed_id=None, key=None, instance_id=None, index=None, args=None):
+        self.is_child = is_child
+        self.seed_id = seed_id
+        self.key = key
+        self.instance_id = instance_id
+        self.index = index
+        self.args = args
+
+    def __repr__(self):
+        if self.is_child:
+            return f"Checkpoint(child instance={self.instance_id!r} index={self.index} args={self.args!r})"
+        return f"Checkpoint(parent seed={self.seed_id!r})"
+
+
+def _read_line_fd0(limit=65536):
+    # One byte at a time: nothing after the newline is taken from stdin.
+    line = bytearray()
+    while len(line) < limit:
+        b = os.read(0, 1)
+        if not b:
+            return bytes(line) if line else None
+        if b == b"\n":
+            return bytes(line)
+        line += b
+    return bytes(line)
+
+
+def _wait_reading(pid, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/syscall") as f:
+                fields = f.read().split()
+            if fields[:2] == ["0", "0x0"]:
+                return
+        except OSError:
+            pass
+        time.sleep(0.0002)
+    raise CheckpointError(f"the forked copy (pid {pid}) did not start waiting within {timeout} s")
+
+
+def checkpoint(name="", socket_path=None):
+    """Make the calling process a seed; return a Checkpoint in the caller
+    and in every child started from the seed."""
+    path = socket_path or os.environ.get("FORKD_COOP_SOCKET", DEFAULT_SOCKET)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(r, 0)
+            os.close(r)
+            os.close(w)
+            # Captured here; in children this read returns their first line.
+            line = _read_line_fd0()
+            info = json.loads(line)
+            return Checkpoint(True, instance_id=info["instance_id"], index=info["index"], args=info.get("args", ""))
+        except BaseException:
+            os._exit(113)
+    os.close(r)
+    try:
+        _wait_reading(pid)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(path)
+            s.sendall((json.dumps({"op": "create_seed", "pid": pid, "name": name}) + "\n").encode())
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        reply = json.loads(answer or b"{}")
+        if not reply.get("ok"):
+            raise CheckpointError(reply.get("error", f"forkd answered {answer!r}"))
+        return Checkpoint(False, seed_id=reply["id"], key=reply.get("key"))
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(w)
