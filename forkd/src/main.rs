@@ -101,6 +101,12 @@ enum Command {
         /// Threads that start children [default: 2].
         #[arg(long)]
         spawner_threads: Option<usize>,
+        /// Serve Prometheus metrics on HOST:PORT (GET /metrics).
+        #[arg(long)]
+        metrics: Option<String>,
+        /// The cooperative API's socket [default: the socket path + ".coop"].
+        #[arg(long)]
+        coop_socket: Option<PathBuf>,
     },
     /// Show a seed image's descriptor.
     Inspect {
@@ -139,6 +145,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             token_file,
             transport,
             spawner_threads,
+            metrics,
+            coop_socket,
         } => {
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
@@ -165,6 +173,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(v) = spawner_threads {
                 cfg.spawner_threads = v;
+            }
+            if metrics.is_some() {
+                cfg.metrics = metrics;
+            }
+            if coop_socket.is_some() {
+                cfg.coop_socket = coop_socket;
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

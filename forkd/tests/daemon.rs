@@ -330,3 +330,102 @@ fn twenty_concurrent_clients_lose_no_events() {
         "{ps}"
     );
 }
+
+#[test]
+fn config_file_and_prometheus_metrics() {
+    if !require_root("config_file_and_prometheus_metrics") {
+        return;
+    }
+    let dir = scratch("daemon-config");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.join("forkd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "socket = \"{}\"\nstate_dir = \"{}\"\nmetrics = \"127.0.0.1:{port}\"\nspawner_threads = 1\n",
+            dir.join("sock").display(),
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let mut child = forkd()
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .spawn()
+        .unwrap();
+    let addr = format!("unix:{}", dir.join("sock").display());
+    let ctl = |args: &[&str]| {
+        let o = forkctl()
+            .arg("--addr")
+            .arg(&addr)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let t = Instant::now();
+    while ctl(&["node"]).0 != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "forkd did not come up from its config file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let py = python().to_string();
+    let (code, out, err) = ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        &py,
+        "-c",
+        SERVER,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let input = dir.join("in");
+    std::fs::write(&input, "m\n").unwrap();
+    let (code, _, err) = ctl(&[
+        "spawn",
+        &id,
+        "--count",
+        "2",
+        "--stdin",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    };
+    let m = get("/metrics");
+    assert!(m.starts_with("HTTP/1.1 200 OK"), "{m}");
+    assert!(m.contains("forkd_seeds 1"), "{m}");
+    assert!(m.contains("forkd_spawns_total 2"), "{m}");
+    assert!(
+        m.contains(&format!("forkd_seed_faults_total{{seed=\"{id}\"}}")),
+        "{m}"
+    );
+    assert!(m.contains("forkd_fault_latency_us_bucket"), "{m}");
+    assert!(get("/other").starts_with("HTTP/1.1 404"));
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -73,6 +73,13 @@ fn munmap_forgets_the_range() {
 }
 
 #[test]
+fn a_mapping_grown_in_place_reads_zeros_past_its_old_end() {
+    if require_root("a_mapping_grown_in_place_reads_zeros_past_its_old_end") {
+        check("grow", 0);
+    }
+}
+
+#[test]
 fn a_forked_grandchild_sees_the_parents_memory() {
     if require_root("a_forked_grandchild_sees_the_parents_memory") {
         check("fork", 1);

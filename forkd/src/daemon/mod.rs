@@ -49,6 +49,8 @@ pub struct Config {
     pub spawner_threads: usize,
     /// The cooperative API's socket (JSON lines) [default: the socket path + ".coop"].
     pub coop_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this `HOST:PORT`.
+    pub metrics: Option<String>,
 }
 
 impl Default for Config {
@@ -61,6 +63,7 @@ impl Default for Config {
             transport: "auto".into(),
             spawner_threads: 2,
             coop_socket: None,
+            metrics: None,
         }
     }
 }
@@ -103,6 +106,8 @@ pub struct State {
     instances: Mutex<HashMap<String, InstanceRec>>,
     events: broadcast::Sender<pb::InstanceEvent>,
     next_instance: AtomicU64,
+    spawns: AtomicU64,
+    spawn_failures: AtomicU64,
     hostname: String,
     transport: String,
 }
@@ -422,6 +427,7 @@ impl Forkd for Service {
                 let (child, out) = match started {
                     Ok(x) => x,
                     Err(reason) => {
+                        st.spawn_failures.fetch_add(1, Ordering::Relaxed);
                         let ev = pb::InstanceEvent {
                             kind: Some(pb::instance_event::Kind::Failed(pb::Failed { reason })),
                             ..base
@@ -431,6 +437,7 @@ impl Forkd for Service {
                     }
                 };
                 seed.spawned.fetch_add(1, Ordering::Relaxed);
+                st.spawns.fetch_add(1, Ordering::Relaxed);
                 let pid = child.pid as u32;
                 st.instances
                     .lock()
@@ -677,6 +684,119 @@ impl State {
     }
 }
 
+impl State {
+    /// Prometheus text exposition of this node's figures.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        let running = self
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|i| i.state == "running")
+            .count();
+        let _ = writeln!(
+            o,
+            "# HELP forkd_seeds Seeds held by this node.\n# TYPE forkd_seeds gauge\nforkd_seeds {}",
+            self.registry.len()
+        );
+        let _ = writeln!(o, "# HELP forkd_instances_running Children running.\n# TYPE forkd_instances_running gauge\nforkd_instances_running {running}");
+        let _ = writeln!(o, "# HELP forkd_spawns_total Children started.\n# TYPE forkd_spawns_total counter\nforkd_spawns_total {}", self.spawns.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP forkd_spawn_failures_total Children that could not be started.\n# TYPE forkd_spawn_failures_total counter\nforkd_spawn_failures_total {}", self.spawn_failures.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP forkd_seed_faults_total Page faults served, per seed.\n# TYPE forkd_seed_faults_total counter");
+        let seeds = self.registry.list();
+        let started: Vec<_> = seeds
+            .iter()
+            .filter_map(|s| s.restorer_if_started().map(|r| (s.meta.id.clone(), r)))
+            .collect();
+        for (id, r) in &started {
+            let _ = writeln!(
+                o,
+                "forkd_seed_faults_total{{seed=\"{id}\"}} {}",
+                r.seed_pages().metrics.faults.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(o, "# HELP forkd_seed_pages_installed_total Pages put into children, per seed.\n# TYPE forkd_seed_pages_installed_total counter");
+        for (id, r) in &started {
+            let _ = writeln!(
+                o,
+                "forkd_seed_pages_installed_total{{seed=\"{id}\"}} {}",
+                r.seed_pages()
+                    .metrics
+                    .pages_installed
+                    .load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(o, "# HELP forkd_seed_bytes_fetched_total Bytes fetched from the seed's page source into the node cache.\n# TYPE forkd_seed_bytes_fetched_total counter");
+        for (id, r) in &started {
+            let _ = writeln!(
+                o,
+                "forkd_seed_bytes_fetched_total{{seed=\"{id}\"}} {}",
+                r.seed_pages().cache.fetched.load(Ordering::Relaxed) * 4096
+            );
+        }
+        let _ = writeln!(o, "# HELP forkd_seed_cache_hits_total Pages served from the node cache.\n# TYPE forkd_seed_cache_hits_total counter");
+        for (id, r) in &started {
+            let _ = writeln!(
+                o,
+                "forkd_seed_cache_hits_total{{seed=\"{id}\"}} {}",
+                r.seed_pages().cache.hits.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(o, "# HELP forkd_fault_latency_us Time to serve a page fault.\n# TYPE forkd_fault_latency_us histogram");
+        for (id, r) in &started {
+            let h = &r.seed_pages().metrics.fault_latency_us_log2;
+            let mut cum = 0u64;
+            for (i, b) in h.iter().enumerate() {
+                cum += b.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    o,
+                    "forkd_fault_latency_us_bucket{{seed=\"{id}\",le=\"{}\"}} {cum}",
+                    1u64 << i
+                );
+            }
+            let _ = writeln!(o, "forkd_fault_latency_us_bucket{{seed=\"{id}\",le=\"+Inf\"}} {cum}\nforkd_fault_latency_us_count{{seed=\"{id}\"}} {cum}");
+        }
+        o
+    }
+}
+
+/// Metrics over HTTP: `GET /metrics` answers the Prometheus text format.
+async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<State>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read the request head (bounded), then answer.
+            while n < buf.len() {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf[n..]))
+                    .await
+                {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => return,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if head.starts_with("GET /metrics") {
+                ("200 OK", state.metrics_text())
+            } else {
+                ("404 Not Found", "try GET /metrics\n".to_string())
+            };
+            let resp = format!("HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
 /// The cooperative socket: one JSON request per line, one answer per line
 /// (see `remotefork::coop`).
 async fn serve_coop(listener: tokio::net::UnixListener, svc: Service) {
@@ -782,6 +902,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         instances: Mutex::new(HashMap::new()),
         events,
         next_instance: AtomicU64::new(0),
+        spawns: AtomicU64::new(0),
+        spawn_failures: AtomicU64::new(0),
         hostname: read_trim("/proc/sys/kernel/hostname"),
         transport: cfg.transport.clone(),
     });
@@ -827,6 +949,16 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         source,
     })?;
     tokio::spawn(serve_coop(coop, svc.clone()));
+    if let Some(m) = &cfg.metrics {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .map_err(|source| ServeError::Io {
+                what: format!("binding metrics on {m}"),
+                source,
+            })?;
+        info!(addr = %m, "metrics on /metrics");
+        tokio::spawn(serve_metrics(l, state.clone()));
+    }
     info!(socket = %cfg.socket.display(), coop = %coop_path.display(), seeds = state.registry.len(), "forkd serving");
     let shutdown = async {
         let mut term =

@@ -86,6 +86,14 @@ impl Seed {
         Ok(r)
     }
 
+    /// The restorer, if a child was ever started from this seed.
+    pub fn restorer_if_started(&self) -> Option<Arc<Restorer>> {
+        self.restorer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The API form.
     pub fn to_pb(&self, node: &str, with_key: bool) -> pb::Seed {
         pb::Seed {

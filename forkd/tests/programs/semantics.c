@@ -7,6 +7,7 @@
  *   munmap    a range unmapped and mapped again reads as zeros
  *   fork      a grandchild sees the parent's memory (not zero fill)
  *   threads   two threads faulting the same pages see the same data
+ *   grow      a mapping grown in place with mremap reads zeros past its old end
  *   slow      touch 4000 pages slowly, then print the checksum */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -59,6 +60,11 @@ int main(int argc, char **argv) {
     /* Every page has the pattern, except the last 1024 pages (never touched). */
     size_t touched = BIG / PAGE - 1024;
     for (size_t i = 0; i < touched; i++) memset(buf + i * PAGE, pattern(i), PAGE);
+    /* A 1 MiB mapping with 1 MiB of free space after it, for "grow". */
+    unsigned char *g = mmap(NULL, 2 * MB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (g == MAP_FAILED) return 2;
+    munmap(g + MB, MB);
+    memset(g, 0x5a, MB);
     uint64_t before = checksum(buf, BIG);
     printf("ready %016llx\n", (unsigned long long)before);
     char line[16];
@@ -107,6 +113,12 @@ int main(int argc, char **argv) {
         for (int i = 0; i < 2; i++) pthread_create(&t[i], NULL, toucher, &r[i]);
         for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
         printf("threads %s\n", r[0] == before && r[1] == before ? "ok" : "WRONG");
+    } else if (!strcmp(mode, "grow")) {
+        unsigned char *same = mremap(g, MB, 2 * MB, 0);
+        int ok = same == g;
+        for (size_t i = 0; ok && i < MB; i += 512) ok = g[i] == 0x5a;
+        ok = ok && all_zero(g + MB, MB);
+        printf("grow %s\n", ok ? "ok" : "WRONG");
     } else if (!strcmp(mode, "slow")) {
         uint64_t h = 0;
         for (size_t i = 0; i < 4000; i++) {
