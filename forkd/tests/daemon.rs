@@ -429,3 +429,144 @@ fn config_file_and_prometheus_metrics() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn grpc_api_directly_with_watch_and_malformed_input() {
+    if !require_root("grpc_api_directly_with_watch_and_malformed_input") {
+        return;
+    }
+    use forkd::pb;
+    let dir = scratch("daemon-grpc");
+    let d = Daemon::start(&dir, false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = forkd::client::connect(&d.addr(), None).await.unwrap();
+        let mut watcher = forkd::client::connect(&d.addr(), None).await.unwrap();
+        let mut watch = watcher
+            .watch(pb::WatchRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+
+        // Garbage on the gRPC socket and on the cooperative socket.
+        {
+            use std::io::{Read, Write};
+            let mut s = std::os::unix::net::UnixStream::connect(dir.join("sock")).unwrap();
+            let _ = s.write_all(b"\x00\x01garbage that is not HTTP/2\r\n\r\n");
+            drop(s);
+            let mut s = std::os::unix::net::UnixStream::connect(dir.join("sock.coop")).unwrap();
+            s.write_all(b"{not json\n").unwrap();
+            let mut answer = [0u8; 256];
+            let n = s.read(&mut answer).unwrap();
+            let a = String::from_utf8_lossy(&answer[..n]);
+            assert!(a.contains("\"ok\":false") && a.contains("not JSON"), "{a}");
+        }
+        // Malformed requests get INVALID_ARGUMENT.
+        let e = c
+            .create_seed(pb::CreateSeedRequest {
+                source: None,
+                name: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = c
+            .spawn(pb::SpawnRequest {
+                seed: Some(pb::SeedRef {
+                    id: String::new(),
+                    key: String::new(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+
+        // A seed from a running process, through the API.
+        let mut cmd = Command::new(python());
+        cmd.args(["-c", SERVER]);
+        let (target, _) = Target::start(cmd);
+        wait_blocked_in_read(target.pid());
+        let seed = c
+            .create_seed(pb::CreateSeedRequest {
+                source: Some(pb::create_seed_request::Source::Pid(target.pid() as u32)),
+                name: "api".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        drop(target);
+        assert_eq!(seed.name, "api");
+        let e = c
+            .spawn(pb::SpawnRequest {
+                seed: Some(pb::SeedRef {
+                    id: seed.id.clone(),
+                    key: String::new(),
+                }),
+                count: 200_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+        let req = pb::SpawnRequest {
+            seed: Some(pb::SeedRef {
+                id: seed.id.clone(),
+                key: String::new(),
+            }),
+            count: 4,
+            stdin: b"w\n".to_vec(),
+            ..Default::default()
+        };
+        let mut stream = c.spawn(req).await.unwrap().into_inner();
+        let mut order: std::collections::HashMap<String, Vec<&'static str>> = Default::default();
+        let mut exited = 0;
+        while let Some(ev) = stream.message().await.unwrap() {
+            let k = match ev.kind.unwrap() {
+                pb::instance_event::Kind::Started(_) => "started",
+                pb::instance_event::Kind::Running(_) => "running",
+                pb::instance_event::Kind::Exited(x) => {
+                    assert_eq!(x.exit_code, 0);
+                    let a: Value = serde_json::from_slice(&x.stdout).unwrap();
+                    assert_eq!(a["pid"], ev.pid);
+                    exited += 1;
+                    "exited"
+                }
+                pb::instance_event::Kind::Failed(f) => panic!("{}", f.reason),
+            };
+            order.entry(ev.instance_id).or_default().push(k);
+            if exited == 4 {
+                break;
+            }
+        }
+        assert_eq!(order.len(), 4);
+        assert!(
+            order
+                .values()
+                .all(|v| v == &["started", "running", "exited"]),
+            "{order:?}"
+        );
+        // The watcher saw the same twelve events.
+        let mut seen = 0;
+        while seen < 12 {
+            let ev = tokio::time::timeout(Duration::from_secs(10), watch.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(ev.seed_id, seed.id);
+            seen += 1;
+        }
+        let info = c
+            .node_info(pb::NodeInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.seeds, 1);
+        assert_eq!(info.vdso_hash.len(), 64);
+    });
+}
