@@ -9,6 +9,8 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo build (the C tests link libremotefork.so)"
+cargo build --workspace
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee target/test-output.txt
 # A test that cannot run here prints SKIPPED and is not a pass: list them.

@@ -107,6 +107,15 @@ enum Command {
         /// The cooperative API's socket [default: the socket path + ".coop"].
         #[arg(long)]
         coop_socket: Option<PathBuf>,
+        /// Serve seeds' pages to other nodes on HOST:PORT.
+        #[arg(long)]
+        page_listen: Option<String>,
+        /// Token for calling other nodes [default: --token-file's].
+        #[arg(long)]
+        peer_token_file: Option<PathBuf>,
+        /// Longest a remote page fetch may take before its child is killed, ms [default: 5000].
+        #[arg(long)]
+        page_deadline_ms: Option<u64>,
     },
     /// Show a seed image's descriptor.
     Inspect {
@@ -147,6 +156,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             spawner_threads,
             metrics,
             coop_socket,
+            page_listen,
+            peer_token_file,
+            page_deadline_ms,
         } => {
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
@@ -179,6 +191,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if coop_socket.is_some() {
                 cfg.coop_socket = coop_socket;
+            }
+            if page_listen.is_some() {
+                cfg.page_listen = page_listen;
+            }
+            if peer_token_file.is_some() {
+                cfg.peer_token_file = peer_token_file;
+            }
+            if let Some(v) = page_deadline_ms {
+                cfg.page_deadline_ms = v;
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -106,10 +106,15 @@ enum SeedCmd {
         /// Seed id.
         id: String,
     },
-    /// Print a portable reference (address, id, key) another node's Spawn accepts.
+    /// Print a portable reference (address, id, key) another node's Spawn
+    /// accepts. Ask over the Unix socket (the key is not given out over TCP)
+    /// and name the node's TCP address with --origin.
     Ref {
         /// Seed id.
         id: String,
+        /// The node's gRPC address as other nodes reach it [default: --addr].
+        #[arg(long)]
+        origin: Option<String>,
     },
 }
 
@@ -282,7 +287,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     writeln!(out, "{}", json!({ "dropped": id }))?;
                 }
             }
-            SeedCmd::Ref { id } => {
+            SeedCmd::Ref { id, origin } => {
                 let s = c
                     .get_seed(pb::SeedRef {
                         id,
@@ -291,7 +296,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await
                     .map_err(status_err)?
                     .into_inner();
-                let r = format!("{addr}/{}#{}", s.id, s.key);
+                anyhow::ensure!(
+                    !s.key.is_empty(),
+                    "forkd gave no key: ask over its Unix socket"
+                );
+                let r = format!("{}/{}#{}", origin.unwrap_or(addr.clone()), s.id, s.key);
                 writeln!(
                     out,
                     "{}",
@@ -312,7 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             labels,
             args,
         } => {
-            let (_, r) = parse_ref(&seed);
+            let (origin, r) = parse_ref(&seed);
             let input = match stdin {
                 Some(p) => std::fs::read(&p).with_context(|| format!("reading {p}"))?,
                 None => Vec::new(),
@@ -334,6 +343,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 prefetch,
                 eager,
                 args,
+                origin: origin.unwrap_or_default(),
             };
             let mut stream = c.spawn(req).await.map_err(status_err)?.into_inner();
             let mut children: std::collections::BTreeMap<u32, Value> = Default::default();

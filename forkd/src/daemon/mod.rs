@@ -6,6 +6,7 @@
 //! directory and survive restarts; children are started by long-lived
 //! spawner threads and served by each seed's pager.
 
+pub mod pageserver;
 pub mod registry;
 pub mod spawner;
 
@@ -51,6 +52,14 @@ pub struct Config {
     pub coop_socket: Option<PathBuf>,
     /// Serve Prometheus metrics over HTTP on this `HOST:PORT`.
     pub metrics: Option<String>,
+    /// Serve seeds' pages to other nodes on this `HOST:PORT` (the address
+    /// other nodes are told, so not 0.0.0.0).
+    pub page_listen: Option<String>,
+    /// Token for calling other nodes [default: token_file's].
+    pub peer_token_file: Option<PathBuf>,
+    /// How long a remote page fetch may take, retries included, before the
+    /// child that needs it is killed.
+    pub page_deadline_ms: u64,
 }
 
 impl Default for Config {
@@ -64,6 +73,9 @@ impl Default for Config {
             spawner_threads: 2,
             coop_socket: None,
             metrics: None,
+            page_listen: None,
+            peer_token_file: None,
+            page_deadline_ms: 5000,
         }
     }
 }
@@ -101,13 +113,18 @@ struct InstanceRec {
 
 /// Shared daemon state.
 pub struct State {
-    registry: Registry,
+    registry: Arc<Registry>,
     spawner: Spawner,
     instances: Mutex<HashMap<String, InstanceRec>>,
     events: broadcast::Sender<pb::InstanceEvent>,
     next_instance: AtomicU64,
     spawns: AtomicU64,
     spawn_failures: AtomicU64,
+    remote: Mutex<HashMap<String, Arc<RemoteSeed>>>,
+    remote_dir: PathBuf,
+    page_server: Option<String>,
+    peer_token: Option<String>,
+    page_deadline: std::time::Duration,
     hostname: String,
     transport: String,
 }
@@ -150,7 +167,147 @@ fn capture_status(e: &CaptureError) -> Status {
     }
 }
 
+/// What a spawn starts children from: a seed of this node or of another.
+struct Target {
+    id: String,
+    cooperative: bool,
+    restorer: Arc<remotefork::restore::Restorer>,
+    local: Option<Arc<registry::Seed>>,
+}
+
+/// A seed held by another node, as this node reaches it.
+pub struct RemoteSeed {
+    cooperative: bool,
+    restorer: Arc<remotefork::restore::Restorer>,
+}
+
 impl Service {
+    /// The seed `r` names: this node's, or (with `origin`) another node's,
+    /// whose descriptor is fetched and whose pages come over TCP.
+    async fn target_for(
+        &self,
+        r: Option<&pb::SeedRef>,
+        origin: &str,
+        remote: bool,
+    ) -> Result<Target, Status> {
+        let sr = r.ok_or_else(|| Status::invalid_argument("no seed given"))?;
+        if origin.is_empty() || self.state.registry.get(&sr.id).is_some() {
+            let seed = self.seed_for(r, remote)?;
+            let s2 = seed.clone();
+            let restorer = tokio::task::spawn_blocking(move || s2.restorer())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "seed {} cannot be restored here: {e}",
+                        seed.meta.id
+                    ))
+                })?;
+            return Ok(Target {
+                id: seed.meta.id.clone(),
+                cooperative: seed.meta.cooperative,
+                restorer,
+                local: Some(seed),
+            });
+        }
+        if sr.id.len() != 16 || !sr.id.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a seed id",
+                sr.id
+            )));
+        }
+        let cached = self
+            .state
+            .remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&sr.id)
+            .cloned();
+        let rs = match cached {
+            Some(rs) => rs,
+            None => {
+                let rs = Arc::new(self.fetch_remote(origin, sr).await?);
+                self.state
+                    .remote
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(sr.id.clone(), rs.clone());
+                rs
+            }
+        };
+        Ok(Target {
+            id: sr.id.clone(),
+            cooperative: rs.cooperative,
+            restorer: rs.restorer.clone(),
+            local: None,
+        })
+    }
+
+    async fn fetch_remote(&self, origin: &str, sr: &pb::SeedRef) -> Result<RemoteSeed, Status> {
+        let mut c = crate::client::connect(origin, self.state.peer_token.as_deref())
+            .await
+            .map_err(|e| Status::unavailable(format!("seed {} lives on {origin}: {e}", sr.id)))?;
+        let b = c
+            .fetch_descriptor(sr.clone())
+            .await
+            .map_err(|e| {
+                Status::new(
+                    e.code(),
+                    format!("{origin} refused seed {}: {}", sr.id, e.message()),
+                )
+            })?
+            .into_inner();
+        let dir = self.state.remote_dir.join(&sr.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Status::internal(format!("creating {}: {e}", dir.display())))?;
+        std::fs::write(dir.join(remotefork::image::DESCRIPTOR_FILE), &b.descriptor)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if !b.working_set.is_empty() {
+            // Recorded on the seed's node: this node's first child is fast too.
+            std::fs::write(
+                dir.join(remotefork::restore::WORKING_SET_FILE),
+                &b.working_set,
+            )
+            .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let (id, key, page_server, deadline) = (
+            sr.id.clone(),
+            sr.key.clone(),
+            b.page_server.clone(),
+            self.state.page_deadline,
+        );
+        let restorer = tokio::task::spawn_blocking(
+            move || -> Result<remotefork::restore::Restorer, String> {
+                let image = remotefork::image::SeedImage::open_descriptor(&dir)
+                    .map_err(|e| e.to_string())?;
+                let (src, size) =
+                    remotefork::pager::tcp::TcpSource::connect(&page_server, &id, &key, deadline)
+                        .map_err(|e| e.to_string())?;
+                if size != image.descriptor().image_bytes {
+                    return Err(format!(
+                        "the page server offers {size} bytes, the descriptor says {}",
+                        image.descriptor().image_bytes
+                    ));
+                }
+                remotefork::restore::Restorer::remote(image, Box::new(src))
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| {
+            Status::failed_precondition(format!(
+                "seed {} from {origin} cannot be restored here: {e}",
+                sr.id
+            ))
+        })?;
+        info!(seed = %sr.id, %origin, "remote seed ready");
+        Ok(RemoteSeed {
+            cooperative: b.cooperative,
+            restorer: Arc::new(restorer),
+        })
+    }
+
     fn seed_for(
         &self,
         r: Option<&pb::SeedRef>,
@@ -354,7 +511,7 @@ impl Forkd for Service {
     ) -> Result<Response<Self::SpawnStream>, Status> {
         let remote = req.extensions().get::<Remote>().is_some();
         let r = req.into_inner();
-        let seed = self.seed_for(r.seed.as_ref(), remote)?;
+        let target = self.target_for(r.seed.as_ref(), &r.origin, remote).await?;
         let count = if r.count == 0 { 1 } else { r.count };
         if count > 100_000 {
             return Err(Status::invalid_argument(format!(
@@ -371,16 +528,7 @@ impl Forkd for Service {
             share: true,
         };
         let st = self.state.clone();
-        let seed2 = seed.clone();
-        let restorer = tokio::task::spawn_blocking(move || seed2.restorer())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| {
-                Status::failed_precondition(format!(
-                    "seed {} cannot be restored here: {e}",
-                    seed.meta.id
-                ))
-            })?;
+        let restorer = target.restorer.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::InstanceEvent, Status>>(1024);
         let stdin = Arc::new(r.stdin);
         let capture_stdout = r.stdout == pb::StdoutMode::Capture as i32;
@@ -390,16 +538,16 @@ impl Forkd for Service {
             let mut waiters = Vec::new();
             for index in 0..count {
                 let n = st.next_instance.fetch_add(1, Ordering::Relaxed);
-                let iid = format!("{}-{n}", seed.meta.id);
+                let iid = format!("{}-{n}", target.id);
                 let base = pb::InstanceEvent {
                     instance_id: iid.clone(),
-                    seed_id: seed.meta.id.clone(),
+                    seed_id: target.id.clone(),
                     index,
                     ..Default::default()
                 };
                 let (reply, wait) = oneshot::channel();
                 let t = Instant::now();
-                let stdin = if seed.meta.cooperative {
+                let stdin = if target.cooperative {
                     // checkpoint() in the child reads this first line.
                     let mut v =
                         serde_json::json!({ "instance_id": iid, "index": index, "args": args })
@@ -436,7 +584,9 @@ impl Forkd for Service {
                         continue;
                     }
                 };
-                seed.spawned.fetch_add(1, Ordering::Relaxed);
+                if let Some(s) = &target.local {
+                    s.spawned.fetch_add(1, Ordering::Relaxed);
+                }
                 st.spawns.fetch_add(1, Ordering::Relaxed);
                 let pid = child.pid as u32;
                 st.instances
@@ -445,7 +595,7 @@ impl Forkd for Service {
                     .insert(
                         iid.clone(),
                         InstanceRec {
-                            seed_id: seed.meta.id.clone(),
+                            seed_id: target.id.clone(),
                             pid,
                             state: "running".into(),
                             labels: labels.clone(),
@@ -555,13 +705,37 @@ impl Forkd for Service {
             hostname: self.state.hostname.clone(),
             kernel: read_trim("/proc/sys/kernel/osrelease"),
             vdso_hash: remotefork::restore::node_vdso_hash().unwrap_or_default(),
-            transports: transports(&self.state.transport),
+            transports: transports(&self.state.transport, self.state.page_server.as_deref()),
             cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),
             memory_bytes: mem,
             seeds: self.state.registry.len() as u32,
             instances_running: running as u32,
+        }))
+    }
+
+    async fn fetch_descriptor(
+        &self,
+        req: Request<pb::SeedRef>,
+    ) -> Result<Response<pb::DescriptorBundle>, Status> {
+        // Always keyed: this is what another node pages from.
+        let s = self.seed_for(Some(req.get_ref()), true)?;
+        let descriptor = std::fs::read(s.dir.join(remotefork::image::DESCRIPTOR_FILE))
+            .map_err(|e| Status::internal(format!("reading seed {}: {e}", s.meta.id)))?;
+        let working_set =
+            std::fs::read(s.dir.join(remotefork::restore::WORKING_SET_FILE)).unwrap_or_default();
+        let page_server = self.state.page_server.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "this node runs no page server (start forkd with --page-listen HOST:PORT)",
+            )
+        })?;
+        Ok(Response::new(pb::DescriptorBundle {
+            descriptor,
+            working_set,
+            page_server,
+            image_bytes: s.image_bytes,
+            cooperative: s.meta.cooperative,
         }))
     }
 
@@ -579,7 +753,7 @@ impl Forkd for Service {
 }
 
 /// The transports this node offers, and why not where it does not.
-fn transports(configured: &str) -> Vec<pb::Transport> {
+fn transports(configured: &str, page_server: Option<&str>) -> Vec<pb::Transport> {
     let rdma_devs = std::fs::read_dir("/sys/class/infiniband")
         .map(|d| d.count())
         .unwrap_or(0);
@@ -589,10 +763,17 @@ fn transports(configured: &str) -> Vec<pb::Transport> {
             available: true,
             reason: "seed images on this node".into(),
         },
-        pb::Transport {
-            name: "tcp".into(),
-            available: false,
-            reason: "the TCP page server is not built yet".into(),
+        match page_server {
+            Some(a) => pb::Transport {
+                name: "tcp".into(),
+                available: true,
+                reason: format!("page server on {a}"),
+            },
+            None => pb::Transport {
+                name: "tcp".into(),
+                available: false,
+                reason: "no page server (start forkd with --page-listen HOST:PORT)".into(),
+            },
         },
         pb::Transport {
             name: "rdma".into(),
@@ -890,7 +1071,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             "--listen needs --token-file with a non-empty token".into(),
         ));
     }
-    let registry = Registry::open(&cfg.state_dir)?;
+    let registry = Arc::new(Registry::open(&cfg.state_dir)?);
     let spawner = Spawner::new(cfg.spawner_threads).map_err(|source| ServeError::Io {
         what: "starting spawner threads".into(),
         source,
@@ -904,6 +1085,22 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         next_instance: AtomicU64::new(0),
         spawns: AtomicU64::new(0),
         spawn_failures: AtomicU64::new(0),
+        remote: Mutex::new(HashMap::new()),
+        remote_dir: cfg.state_dir.join("remote"),
+        page_server: cfg.page_listen.clone(),
+        peer_token: match &cfg.peer_token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|source| ServeError::Io {
+                        what: format!("reading {}", p.display()),
+                        source,
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => token.clone(),
+        },
+        page_deadline: std::time::Duration::from_millis(cfg.page_deadline_ms),
         hostname: read_trim("/proc/sys/kernel/hostname"),
         transport: cfg.transport.clone(),
     });
@@ -949,6 +1146,16 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         source,
     })?;
     tokio::spawn(serve_coop(coop, svc.clone()));
+    if let Some(p) = &cfg.page_listen {
+        let l = tokio::net::TcpListener::bind(p)
+            .await
+            .map_err(|source| ServeError::Io {
+                what: format!("binding the page server on {p}"),
+                source,
+            })?;
+        info!(addr = %p, "page server listening");
+        tokio::spawn(pageserver::serve(l, state.registry.clone()));
+    }
     if let Some(m) = &cfg.metrics {
         let l = tokio::net::TcpListener::bind(m)
             .await

@@ -308,7 +308,8 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
 pub struct SeedImage {
     dir: PathBuf,
     descriptor: Descriptor,
-    pages: File,
+    /// The page store; `None` for a descriptor of a seed held elsewhere.
+    pages: Option<File>,
 }
 
 impl SeedImage {
@@ -323,7 +324,20 @@ impl SeedImage {
         Ok(SeedImage {
             dir: dir.to_path_buf(),
             descriptor,
-            pages,
+            pages: Some(pages),
+        })
+    }
+
+    /// Open just the descriptor in `dir` (a seed whose pages are on
+    /// another node): validated on its own terms.
+    pub fn open_descriptor(dir: &Path) -> Result<SeedImage, ImageError> {
+        let dpath = dir.join(DESCRIPTOR_FILE);
+        let bytes = read_bounded(&dpath)?;
+        let descriptor = decode(&bytes, None)?;
+        Ok(SeedImage {
+            dir: dir.to_path_buf(),
+            descriptor,
+            pages: None,
         })
     }
 
@@ -339,9 +353,17 @@ impl SeedImage {
 
     /// Read `dst.len()` bytes of the page store at `offset`.
     pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<(), ImageError> {
-        self.pages
-            .read_exact_at(dst, offset)
-            .map_err(io_err(&self.dir.join(PAGES_FILE)))
+        let path = self.dir.join(PAGES_FILE);
+        match &self.pages {
+            Some(f) => f.read_exact_at(dst, offset).map_err(io_err(&path)),
+            None => Err(ImageError::Io {
+                path,
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "this node holds only the seed's descriptor",
+                ),
+            }),
+        }
     }
 }
 

@@ -16,6 +16,8 @@
 
 pub mod source;
 pub mod table;
+pub mod tcp;
+pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};

@@ -43,6 +43,14 @@ pub enum SourceError {
 pub trait PageSource: Send + Sync {
     /// Fill `dst` with the page store's bytes at `offset`.
     fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), SourceError>;
+    /// Fill each buffer with the bytes at its offset: one round trip where
+    /// the source can batch (the default reads one by one).
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
+        for (o, b) in reqs.iter_mut() {
+            self.read(*o, b)?;
+        }
+        Ok(())
+    }
     /// Size of the page store.
     fn size(&self) -> u64;
     /// A short name for messages and metrics (`local:/path`, `tcp:host`...).
@@ -167,7 +175,8 @@ impl SeedCache {
     /// return how many were fetched. Runs consecutive in both the store and
     /// the cache are fetched with one read.
     pub fn ensure(&self, pages: &[crate::pager::table::PageRef]) -> Result<u64, SourceError> {
-        let mut fetched = 0;
+        // Collect the missing runs, then fetch them all in one batch.
+        let mut runs: Vec<(usize, usize)> = Vec::new();
         let mut i = 0;
         while i < pages.len() {
             if pages[i].cache + PAGE_SIZE > self.size() {
@@ -191,25 +200,46 @@ impl SeedCache {
             {
                 j += 1;
             }
-            let len = (j - i) * PAGE_SIZE as usize;
-            let at = pages[i].cache as usize;
-            // SAFETY: [at, at+len) lies inside the cache mapping (checked
-            // above). Two pager threads may fetch the same page at once;
-            // both write the same bytes, and no child maps a page before
-            // its present bit is set below.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(self.mem.as_slice().as_ptr().add(at).cast_mut(), len)
-            };
-            self.source.read(pages[i].image, dst)?;
+            runs.push((i, j));
+            i = j;
+        }
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        let base = self.mem.as_slice().as_ptr();
+        let mut reqs: Vec<(u64, &mut [u8])> = runs
+            .iter()
+            .map(|&(i, j)| {
+                let len = (j - i) * PAGE_SIZE as usize;
+                // SAFETY: [cache, cache+len) lies inside the cache mapping
+                // (checked above), runs do not overlap, and two pager
+                // threads fetching the same page write the same bytes; no
+                // child maps a page before its present bit is set below.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        base.add(pages[i].cache as usize).cast_mut(),
+                        len,
+                    )
+                };
+                (pages[i].image, dst)
+            })
+            .collect();
+        self.source.read_many(&mut reqs)?;
+        let mut fetched = 0;
+        for &(i, j) in &runs {
             for p in &pages[i..j] {
                 let n = p.cache / PAGE_SIZE;
                 self.present[(n / 64) as usize].fetch_or(1 << (n % 64), Ordering::Release);
             }
             fetched += (j - i) as u64;
-            i = j;
         }
         self.fetched.fetch_add(fetched, Ordering::Relaxed);
         Ok(fetched)
+    }
+
+    /// Read ranges of the page store straight from the source (not cached).
+    pub fn read_through(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
+        self.source.read_many(reqs)
     }
 
     /// The cached bytes at `cache` offset (the page must have been ensured).

@@ -31,7 +31,7 @@ use tracing::{debug, info_span, warn};
 
 use crate::fileid::{self, hex, FileIdError};
 use crate::image::{Descriptor, ImageError, PageState, SeedImage, VmaKind, FILES_DIR, PAGES_FILE};
-use crate::pager::source::{LocalSource, SeedCache};
+use crate::pager::source::{LocalSource, PageSource, SeedCache};
 use crate::pager::table::{Fill, PageRef, PageTable, Slot};
 use crate::pager::{ChildStats, LazyChild, Pager, Prefetch, SeedPages};
 use crate::procfs::{self, ProcfsError};
@@ -162,7 +162,8 @@ impl Default for SpawnOptions {
 pub struct Restorer {
     image: SeedImage,
     resolved: Vec<ResolvedFile>,
-    pages: Mapping,
+    /// The page store mapped, for a local seed.
+    pages: Option<Mapping>,
     /// Offset of a `syscall` instruction inside the vDSO.
     vdso_syscall_offset: u64,
     notes: Vec<String>,
@@ -176,16 +177,6 @@ impl Restorer {
     /// Check that children of `image` can be started here.
     pub fn new(image: SeedImage) -> Result<Restorer, RestoreError> {
         let d = image.descriptor();
-        let (here_hash, vdso_syscall_offset) = own_vdso()?;
-        if here_hash != d.vdso_hash {
-            return Err(RestoreError::VdsoMismatch {
-                seed: d.vdso_hash.clone(),
-                here: here_hash,
-            });
-        }
-        check_privileges(d)?;
-        let mut notes = Vec::new();
-        let resolved = resolve_files(image.dir(), d, &mut notes)?;
         let ppath = image.dir().join(PAGES_FILE);
         let f = std::fs::File::open(&ppath).map_err(|source| RestoreError::Io {
             what: format!("opening {}", ppath.display()),
@@ -202,11 +193,38 @@ impl Restorer {
                 what: format!("opening {}", ppath.display()),
                 source,
             })?;
+        Self::build(image, Some(pages), Box::new(source))
+    }
+
+    /// Children of a seed held by another node: `image` is its descriptor
+    /// (no page store here), `source` reaches its pages.
+    pub fn remote(image: SeedImage, source: Box<dyn PageSource>) -> Result<Restorer, RestoreError> {
+        Self::build(image, None, source)
+    }
+
+    fn build(
+        image: SeedImage,
+        pages: Option<Mapping>,
+        source: Box<dyn PageSource>,
+    ) -> Result<Restorer, RestoreError> {
+        let d = image.descriptor();
+        let (here_hash, vdso_syscall_offset) = own_vdso()?;
+        if here_hash != d.vdso_hash {
+            return Err(RestoreError::VdsoMismatch {
+                seed: d.vdso_hash.clone(),
+                here: here_hash,
+            });
+        }
+        check_privileges(d)?;
+        let mut notes = Vec::new();
+        let resolved = resolve_files(image.dir(), d, &mut notes)?;
         let (cache_base, cache_size) = plan::cache_layout(d);
-        let cache = SeedCache::new(Box::new(source), cache_size.max(PAGE_SIZE), CACHE_SLACK)
-            .map_err(|source| RestoreError::Io {
-                what: "reserving the seed cache".into(),
-                source,
+        let cache =
+            SeedCache::new(source, cache_size.max(PAGE_SIZE), CACHE_SLACK).map_err(|source| {
+                RestoreError::Io {
+                    what: "reserving the seed cache".into(),
+                    source,
+                }
             })?;
         let seed = Arc::new(SeedPages::new(
             cache,
@@ -508,10 +526,62 @@ impl Restorer {
         Ok(stats)
     }
 
+    /// The stored pages the plan writes before the child runs, read from
+    /// the page source into a buffer laid out like the page store (pages not
+    /// needed stay zero).
+    fn fetch_stored(&self, plan: &RestorePlan) -> Result<Vec<u8>, RestoreError> {
+        let d = self.image.descriptor();
+        let mut buf = vec![0u8; d.image_bytes as usize];
+        let mut want: Vec<(u64, usize)> = Vec::new();
+        for ((vma, b), lazy) in d.vmas.iter().zip(&plan.backing).zip(&plan.lazy) {
+            if *b == Backing::Kernel || *lazy {
+                continue;
+            }
+            for run in &vma.runs {
+                if let PageState::Stored { offset } = run.state {
+                    want.push((offset, (run.count * PAGE_SIZE) as usize));
+                }
+            }
+        }
+        want.sort_unstable();
+        let mut reqs: Vec<(u64, &mut [u8])> = Vec::new();
+        let mut rest: &mut [u8] = &mut buf;
+        let mut at = 0u64;
+        for (off, len) in want {
+            if off < at {
+                continue;
+            }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((off - at) as usize);
+            let (mine, tail) = tail.split_at_mut(len);
+            reqs.push((off, mine));
+            rest = tail;
+            at = off + len as u64;
+        }
+        for chunk in reqs.chunks_mut(512) {
+            self.seed
+                .cache
+                .read_through(chunk)
+                .map_err(|e| RestoreError::Step {
+                    what: "fetching stored pages".into(),
+                    detail: e.to_string(),
+                })?;
+        }
+        Ok(buf)
+    }
+
     /// Eager mode: write every stored page into the child.
     fn write_pages(&self, pid: i32, plan: &RestorePlan) -> Result<u64, RestoreError> {
         let d = self.image.descriptor();
-        let store = self.pages.as_slice();
+        // A remote seed's stored pages come through the page source, read
+        // into one buffer first.
+        let fetched: Vec<u8>;
+        let store: &[u8] = match &self.pages {
+            Some(m) => m.as_slice(),
+            None => {
+                fetched = self.fetch_stored(plan)?;
+                &fetched
+            }
+        };
         let mut local: Vec<&[u8]> = Vec::new();
         let mut remote: Vec<RemoteRange> = Vec::new();
         let mut proc_mem: Option<ProcMem> = None;
