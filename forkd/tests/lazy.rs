@@ -249,3 +249,44 @@ fn a_failing_page_source_kills_the_child_with_a_reason() {
         "{report}"
     );
 }
+
+/// glibc keeps the main thread's descriptor (and its rseq area) next to its
+/// TLS; when that page is served lazily, the kernel's own write to the rseq
+/// area during restore must not replace it with zeros. fork() in the child
+/// reads the descriptor's thread lists: it crashed when that page was lost.
+#[test]
+fn python_forks_in_a_lazy_child_with_its_thread_descriptor_intact() {
+    if !require_root("python_forks_in_a_lazy_child_with_its_thread_descriptor_intact") {
+        return;
+    }
+    let script = "import os, sys\nprint('ready', flush=True)\nsys.stdin.readline()\npid = os.fork()\nif pid == 0:\n    print('grandchild ok', flush=True)\n    os._exit(0)\n_, st = os.waitpid(pid, 0)\nprint('status', st, flush=True)\n";
+    let mut cmd = Command::new(python());
+    // A long library path moves ld.so's early allocations, the TLS block
+    // among them, out of ld.so's own pages into anonymous memory.
+    // (The library path cargo gives tests does it; this is the same shape.)
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap().to_path_buf();
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let long = [
+        deps.display().to_string(),
+        deps.parent().unwrap().display().to_string(),
+        format!("{sysroot}/lib/rustlib/x86_64-unknown-linux-gnu/lib"),
+        format!("{sysroot}/lib"),
+    ];
+    cmd.args(["-c", script])
+        .env("LD_LIBRARY_PATH", long.join(":"));
+    let (dir, _) = seed_of(cmd, "py-fork-tls");
+    for args in [
+        &["--lazy"][..],
+        &["--lazy", "--no-share"][..],
+        &["--eager"][..],
+    ] {
+        let r = restore_and_talk(&dir, args, "go\n", |_| {});
+        assert_eq!(r.code, Some(0), "{args:?}: {}", r.stderr);
+        assert_eq!(r.stdout, "grandchild ok\nstatus 0\n", "{args:?}");
+    }
+}

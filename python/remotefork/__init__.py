@@ -73,7 +73,18 @@ def _wait_reading(pid, timeout=5.0):
         except OSError:
             pass
         time.sleep(0.0002)
-    raise CheckpointError(f"the forked copy (pid {pid}) did not start waiting within {timeout} s")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/syscall") as f:
+            where = f.read().strip()
+    except OSError as e:
+        state, where = "gone", str(e)
+    if state == "Z":
+        _, status = os.waitpid(pid, 0)
+        how = f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
+        raise CheckpointError(f"the forked copy (pid {pid}) died before it could be captured ({how})")
+    raise CheckpointError(f"the forked copy (pid {pid}) did not start waiting within {timeout} s (state {state}, syscall {where})")
 
 
 def checkpoint(name="", socket_path=None):
@@ -110,6 +121,9 @@ def checkpoint(name="", socket_path=None):
             raise CheckpointError(reply.get("error", f"forkd answered {answer!r}"))
         return Checkpoint(False, seed_id=reply["id"], key=reply.get("key"))
     finally:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
         os.close(w)

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use super::registry::Registry;
 
 /// Time a client has to finish a frame it started.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a connection may sit idle between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 

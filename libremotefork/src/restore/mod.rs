@@ -32,7 +32,7 @@ use tracing::{debug, info_span, warn};
 use crate::fileid::{self, hex, FileIdError};
 use crate::image::{Descriptor, ImageError, PageState, SeedImage, VmaKind, FILES_DIR, PAGES_FILE};
 use crate::pager::source::{LocalSource, PageSource, SeedCache};
-use crate::pager::table::{Fill, PageRef, PageTable, Slot};
+use crate::pager::table::{Fill, Origin, PageRef, PageTable, Slot};
 use crate::pager::{ChildStats, LazyChild, Pager, Prefetch, SeedPages};
 use crate::procfs::{self, ProcfsError};
 use kernel_helpers::uffd::{self, Uffd, UffdError};
@@ -477,6 +477,7 @@ impl Restorer {
         let uffd = Uffd::take_from(pid, fd as i32)?;
         uffd.api(self.uffd_features)?;
         let mut table = PageTable::default();
+        let early = self.early_pages();
         for (i, vma) in d.vmas.iter().enumerate() {
             if !plan.lazy[i] {
                 continue;
@@ -499,10 +500,18 @@ impl Restorer {
                 for k in 0..r.count {
                     let page = r.first + k;
                     slots.push(match r.state {
-                        PageState::Stored { offset } => Slot::Stored(PageRef {
-                            image: offset + k * PAGE_SIZE,
-                            cache: base + page * PAGE_SIZE,
-                        }),
+                        PageState::Stored { offset } => {
+                            let pr = PageRef {
+                                image: offset + k * PAGE_SIZE,
+                                cache: base + page * PAGE_SIZE,
+                            };
+                            // Written before the child ran (see early_pages).
+                            if clip(vma.start, page, 1, early).is_some() {
+                                Slot::Done(Origin::Stored(pr))
+                            } else {
+                                Slot::Stored(pr)
+                            }
+                        }
                         _ => Slot::Zero,
                     });
                 }
@@ -534,12 +543,22 @@ impl Restorer {
         let mut buf = vec![0u8; d.image_bytes as usize];
         let mut want: Vec<(u64, usize)> = Vec::new();
         for ((vma, b), lazy) in d.vmas.iter().zip(&plan.backing).zip(&plan.lazy) {
-            if *b == Backing::Kernel || *lazy {
+            if *b == Backing::Kernel {
                 continue;
             }
             for run in &vma.runs {
                 if let PageState::Stored { offset } = run.state {
-                    want.push((offset, (run.count * PAGE_SIZE) as usize));
+                    let clipped = if *lazy {
+                        clip(vma.start, run.first, run.count, self.early_pages())
+                    } else {
+                        Some((run.first, run.count))
+                    };
+                    if let Some((first, count)) = clipped {
+                        want.push((
+                            offset + (first - run.first) * PAGE_SIZE,
+                            (count * PAGE_SIZE) as usize,
+                        ));
+                    }
                 }
             }
         }
@@ -569,6 +588,19 @@ impl Restorer {
         Ok(buf)
     }
 
+    /// Pages of lazily served memory that the kernel itself writes during
+    /// the state phase, before the pager is there: registering rseq writes
+    /// its cpu fields. Were they left lazy, the kernel would fault in a zero
+    /// page and the parent's data around them would be lost, so they are
+    /// written with the eager pages.
+    fn early_pages(&self) -> Option<(u64, u64)> {
+        self.image.descriptor().rseq.map(|r| {
+            let start = r.ptr & !(PAGE_SIZE - 1);
+            let end = (r.ptr + r.len as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            (start, end)
+        })
+    }
+
     /// Eager mode: write every stored page into the child.
     fn write_pages(&self, pid: i32, plan: &RestorePlan) -> Result<u64, RestoreError> {
         let d = self.image.descriptor();
@@ -593,7 +625,7 @@ impl Restorer {
             .zip(&plan.lazy)
             .zip(&plan.write_first)
         {
-            if *b == Backing::Kernel || *lazy {
+            if *b == Backing::Kernel {
                 continue;
             }
             let writable = vma.prot & libc::PROT_WRITE as u32 != 0 || *wf;
@@ -601,10 +633,20 @@ impl Restorer {
                 let PageState::Stored { offset } = run.state else {
                     continue;
                 };
-                let len = (run.count * PAGE_SIZE) as usize;
+                // Lazy mappings: only the pages the kernel writes before the
+                // pager takes over (see `early_pages`).
+                let Some((first, count)) = (if *lazy {
+                    clip(vma.start, run.first, run.count, self.early_pages())
+                } else {
+                    Some((run.first, run.count))
+                }) else {
+                    continue;
+                };
+                let offset = offset + (first - run.first) * PAGE_SIZE;
+                let len = (count * PAGE_SIZE) as usize;
                 let src = &store[offset as usize..offset as usize + len];
-                let addr = vma.start + run.first * PAGE_SIZE;
-                written += run.count;
+                let addr = vma.start + first * PAGE_SIZE;
+                written += count;
                 if writable {
                     local.push(src);
                     remote.push(RemoteRange { addr, len });
@@ -651,6 +693,15 @@ impl Restorer {
         })?;
         Ok(written)
     }
+}
+
+/// The part of a run of pages (`first`, `count`, page indexes of the mapping
+/// at `vma_start`) inside `range`, if any.
+fn clip(vma_start: u64, first: u64, count: u64, range: Option<(u64, u64)>) -> Option<(u64, u64)> {
+    let (lo, hi) = range?;
+    let a = (vma_start + first * PAGE_SIZE).max(lo);
+    let b = (vma_start + (first + count) * PAGE_SIZE).min(hi);
+    (a < b).then(|| ((a - vma_start) / PAGE_SIZE, (b - a) / PAGE_SIZE))
 }
 
 fn run_phase(
