@@ -14,6 +14,7 @@ pub fn python() -> anyhow::Result<String> {
 }
 
 /// Wait until `pid` is blocked in read(2), so it is idle and stable.
+#[allow(dead_code)] // not every benchmark needs it
 pub fn wait_blocked_in_read(pid: i32) -> anyhow::Result<()> {
     for _ in 0..5000 {
         if std::fs::read_to_string(format!("/proc/{pid}/syscall"))

@@ -537,6 +537,10 @@ fn grpc_api_directly_with_watch_and_malformed_input() {
                     "exited"
                 }
                 pb::instance_event::Kind::Failed(f) => panic!("{}", f.reason),
+                pb::instance_event::Kind::Output(o) => {
+                    assert!(!o.data.is_empty() && o.since_spawn_ms > 0.0);
+                    continue;
+                }
             };
             order.entry(ev.instance_id).or_default().push(k);
             if exited == 4 {

@@ -375,6 +375,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             failed += 1;
                         }
                     }
+                    Some(pb::instance_event::Kind::Output(o)) => {
+                        e["first_output_ms"] = json!(o.since_spawn_ms);
+                    }
                     Some(pb::instance_event::Kind::Failed(f)) => {
                         failed += 1;
                         exited += 1;

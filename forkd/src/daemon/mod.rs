@@ -619,7 +619,7 @@ impl Forkd for Service {
                 st.publish(&tx, ev).await;
                 let (st2, tx2) = (st.clone(), tx.clone());
                 waiters.push(tokio::spawn(async move {
-                    st2.watch_exit(child, out, base, pid, tx2).await
+                    st2.watch_exit(child, out, base, pid, tx2, t).await
                 }));
             }
             for w in waiters {
@@ -805,15 +805,41 @@ impl State {
         base: pb::InstanceEvent,
         pid: u32,
         tx: mpsc::Sender<Result<pb::InstanceEvent, Status>>,
+        started: Instant,
     ) {
+        let (first_tx, first_rx) = oneshot::channel::<Vec<u8>>();
         let reader = out.map(|fd| {
             tokio::task::spawn_blocking(move || {
                 use std::io::Read;
-                let mut v = Vec::new();
-                let _ = std::fs::File::from(fd).read_to_end(&mut v);
+                let mut f = std::fs::File::from(fd);
+                let mut v = vec![0u8; 64 * 1024];
+                let n = f.read(&mut v).unwrap_or(0);
+                v.truncate(n);
+                let _ = first_tx.send(v.clone());
+                let _ = f.read_to_end(&mut v);
                 v
             })
         });
+        {
+            // The first output, as soon as it comes: the time to first response.
+            let (st, tx, base) = (self.clone(), tx.clone(), base.clone());
+            tokio::spawn(async move {
+                if let Ok(data) = first_rx.await {
+                    if !data.is_empty() {
+                        let since_spawn_ms = started.elapsed().as_secs_f64() * 1e3;
+                        let ev = pb::InstanceEvent {
+                            pid,
+                            kind: Some(pb::instance_event::Kind::Output(pb::Output {
+                                data,
+                                since_spawn_ms,
+                            })),
+                            ..base
+                        };
+                        st.publish(&tx, ev).await;
+                    }
+                }
+            });
+        }
         let ended = match kernel_helpers::uffd::pidfd_open(pid as i32) {
             Ok(pidfd) => wait_pidfd(pidfd).await,
             Err(e) => Err(e),
@@ -887,10 +913,18 @@ impl State {
         let _ = writeln!(o, "# HELP forkd_spawn_failures_total Children that could not be started.\n# TYPE forkd_spawn_failures_total counter\nforkd_spawn_failures_total {}", self.spawn_failures.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP forkd_seed_faults_total Page faults served, per seed.\n# TYPE forkd_seed_faults_total counter");
         let seeds = self.registry.list();
-        let started: Vec<_> = seeds
+        let mut started: Vec<_> = seeds
             .iter()
             .filter_map(|s| s.restorer_if_started().map(|r| (s.meta.id.clone(), r)))
             .collect();
+        // Seeds of other nodes that children here page from.
+        started.extend(
+            self.remote
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(id, rs)| (id.clone(), rs.restorer.clone())),
+        );
         for (id, r) in &started {
             let _ = writeln!(
                 o,
@@ -915,6 +949,14 @@ impl State {
                 o,
                 "forkd_seed_bytes_fetched_total{{seed=\"{id}\"}} {}",
                 r.seed_pages().cache.fetched.load(Ordering::Relaxed) * 4096
+            );
+        }
+        let _ = writeln!(o, "# HELP forkd_seed_fetch_round_trips_total Requests sent to the seed's node for pages.\n# TYPE forkd_seed_fetch_round_trips_total counter");
+        for (id, r) in &started {
+            let _ = writeln!(
+                o,
+                "forkd_seed_fetch_round_trips_total{{seed=\"{id}\"}} {}",
+                r.seed_pages().cache.round_trips()
             );
         }
         let _ = writeln!(o, "# HELP forkd_seed_cache_hits_total Pages served from the node cache.\n# TYPE forkd_seed_cache_hits_total counter");

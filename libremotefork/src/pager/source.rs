@@ -51,6 +51,10 @@ pub trait PageSource: Send + Sync {
         }
         Ok(())
     }
+    /// Requests sent to the seed's node so far (0 for local sources).
+    fn round_trips(&self) -> u64 {
+        0
+    }
     /// Size of the page store.
     fn size(&self) -> u64;
     /// A short name for messages and metrics (`local:/path`, `tcp:host`...).
@@ -235,6 +239,11 @@ impl SeedCache {
         }
         self.fetched.fetch_add(fetched, Ordering::Relaxed);
         Ok(fetched)
+    }
+
+    /// Requests the source has sent to the seed's node.
+    pub fn round_trips(&self) -> u64 {
+        self.source.round_trips()
     }
 
     /// Read ranges of the page store straight from the source (not cached).

@@ -19,6 +19,7 @@ pub struct TcpSource {
     size: u64,
     deadline: Duration,
     conn: Mutex<Option<(TcpStream, u32)>>,
+    requests: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for TcpSource {
@@ -62,6 +63,7 @@ impl TcpSource {
             size: 0,
             deadline,
             conn: Mutex::new(None),
+            requests: Default::default(),
         };
         let (stream, size) = s.open(Instant::now() + deadline)?;
         s.size = size;
@@ -138,6 +140,8 @@ impl TcpSource {
         let first = reqs.first().map(|r| r.0).unwrap_or(0);
         let total: usize = reqs.iter().map(|r| r.1.len()).sum();
         let io = |e: std::io::Error| (true, err(self, first, total, format!("page request: {e}")));
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         s.write_all(&wire::request(id, &ranges)).map_err(io)?;
         let mut h = [0u8; 12];
         s.read_exact(&mut h).map_err(io)?;
@@ -212,6 +216,10 @@ impl PageSource for TcpSource {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn round_trips(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn name(&self) -> String {
