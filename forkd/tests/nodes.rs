@@ -447,13 +447,11 @@ fn a_seed_dropped_mid_paging_serves_nothing_more() {
             .unwrap()
             .success());
     });
-    assert!(
-        v["children"][0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("dropped"),
-        "{v}"
-    );
+    // Refused mid-channel ("was dropped") or at a reconnect ("no seed").
+    for k in v["children"].as_array().unwrap() {
+        let r = k["reason"].as_str().unwrap();
+        assert!(r.contains("dropped") || r.contains("no seed"), "{v}");
+    }
 }
 
 #[test]
