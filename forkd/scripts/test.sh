@@ -12,8 +12,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (the C tests link libremotefork.so)"
 cargo build --workspace
 echo "== cargo test"
-cargo test --workspace 2>&1 | tee target/test-output.txt
-# A test that cannot run here prints SKIPPED and is not a pass: list them.
-skipped=$(grep -c '^SKIPPED:' target/test-output.txt || true)
+# --nocapture: a test that cannot run here says "SKIPPED: <reason>", and
+# that line must be seen; such a test is not counted as passed below.
+cargo test --workspace -- --nocapture 2>&1 | tee target/test-output.txt
+skipped=$(grep -o 'SKIPPED: [^:]*' target/test-output.txt | sort -u | wc -l)
 echo "== skipped (not counted as passed): $skipped"
-grep '^SKIPPED:' target/test-output.txt || true
+grep -o 'SKIPPED: .*' target/test-output.txt | sort -u || true
+passed=$(grep -E '^test result:' target/test-output.txt | awk '{s += $4} END {print s + 0}')
+failed=$(grep -E '^test result:' target/test-output.txt | awk '{s += $6} END {print s + 0}')
+echo "tests: $((passed - skipped)) passed, $failed failed, $skipped skipped"
