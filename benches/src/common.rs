@@ -27,3 +27,30 @@ pub fn wait_blocked_in_read(pid: i32) -> anyhow::Result<()> {
     }
     bail!("process {pid} never blocked in read")
 }
+
+/// The function both restore benchmarks run: a warm Python (boto3 imported,
+/// an S3 client built) answering one JSON line per request line; `fork REQ`
+/// makes it fork a child that answers REQ, and then print `done`; `quit` ends it.
+#[allow(dead_code)] // not every benchmark runs it
+pub const SERVER: &str = r#"
+import os, sys, json
+import boto3
+client = boto3.client('s3', region_name='us-east-1')
+def answer(req):
+    return json.dumps({'req': req, 'pid': os.getpid(), 'region': client.meta.region_name})
+print('ready', flush=True)
+for line in sys.stdin:
+    line = line.strip()
+    if line.startswith('fork '):
+        pid = os.fork()
+        if pid == 0:
+            sys.stdout.write(answer(line[5:]) + '\n')
+            sys.stdout.flush()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print('done', flush=True)
+    elif line == 'quit':
+        break
+    else:
+        print(answer(line), flush=True)
+"#;

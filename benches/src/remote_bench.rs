@@ -17,29 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use common::python;
+use common::{python, SERVER};
 use forkd::pb;
-
-const SERVER: &str = r#"
-import os, sys, json
-import boto3
-client = boto3.client('s3', region_name='us-east-1')
-def answer(req):
-    return json.dumps({'req': req, 'pid': os.getpid(), 'region': client.meta.region_name})
-print('ready', flush=True)
-for line in sys.stdin:
-    line = line.strip()
-    if line.startswith('fork '):
-        pid = os.fork()
-        if pid == 0:
-            sys.stdout.write(answer(line[5:]) + '\n')
-            sys.stdout.flush()
-            os._exit(0)
-        os.waitpid(pid, 0)
-        print('done', flush=True)
-    else:
-        print(answer(line), flush=True)
-"#;
 
 struct Daemon(Child);
 impl Drop for Daemon {

@@ -14,36 +14,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use common::{python, wait_blocked_in_read};
+use common::{python, wait_blocked_in_read, SERVER};
 use remotefork::capture::{capture, CaptureOptions};
 use remotefork::image::SeedImage;
 use remotefork::pager::Prefetch;
 use remotefork::restore::{Restorer, SpawnOptions};
 use serde_json::json;
-
-/// The function: a warm Python that answers one JSON line per request line.
-/// `fork REQ` makes it fork a child that answers REQ instead.
-const SERVER: &str = r#"
-import os, sys, json
-import boto3
-client = boto3.client('s3', region_name='us-east-1')
-def answer(req):
-    return json.dumps({'req': req, 'pid': os.getpid(), 'region': client.meta.region_name})
-print('ready', flush=True)
-for line in sys.stdin:
-    line = line.strip()
-    if line.startswith('fork '):
-        pid = os.fork()
-        if pid == 0:
-            sys.stdout.write(answer(line[5:]) + '\n')
-            sys.stdout.flush()
-            os._exit(0)
-        os.waitpid(pid, 0)
-    elif line == 'quit':
-        break
-    else:
-        print(answer(line), flush=True)
-"#;
 
 /// (prefetch mode, time to first answer, time to running, faults) per child.
 type LazyRow = (&'static str, Vec<u64>, Vec<u64>, Vec<u64>);
@@ -157,6 +133,8 @@ fn main() -> anyhow::Result<()> {
         pout.read_line(&mut line)?;
         fork.push(t.elapsed().as_nanos() as u64);
         check_answer(&line, &req)?;
+        line.clear();
+        pout.read_line(&mut line)?; // "done": the forked child has exited
     }
 
     // Eager restore from a seed of the warm parent.

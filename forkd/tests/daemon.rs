@@ -271,23 +271,7 @@ fn twenty_concurrent_clients_lose_no_events() {
     }
     let dir = scratch("daemon-burst");
     let d = Daemon::start(&dir, false);
-    let py = python().to_string();
-    let (code, out, err) = d.ctl(&[
-        "--json",
-        "seed",
-        "create",
-        "--ready-line",
-        "ready",
-        "--",
-        &py,
-        "-c",
-        SERVER,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = python_seed(|a| d.ctl(a), SERVER);
     let input = dir.join("in");
     std::fs::write(&input, "r\n").unwrap();
     let clients: Vec<_> = (0..20)

@@ -155,26 +155,7 @@ fn remote_fork_to_two_nodes_fifty_children_each() {
         return;
     };
     // The Python (boto3) function, seeded on node 1 from a command.
-    let py = python().to_string();
-    let (code, out, err) = n.ctl(
-        1,
-        &[
-            "--json",
-            "seed",
-            "create",
-            "--ready-line",
-            "ready",
-            "--",
-            &py,
-            "-c",
-            BOTO,
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = python_seed(|a| n.ctl(1, a), BOTO);
     let r = n.seed_ref(1, &id);
     let input = n.input("py-in", "a\nb\n");
     let sum: u64 = (0..20000u64).map(|i| i * i).sum();
@@ -477,26 +458,7 @@ fn a_slow_lossy_link_only_slows_children_down() {
         );
         return;
     }
-    let py = python().to_string();
-    let (code, out, err) = n.ctl(
-        1,
-        &[
-            "--json",
-            "seed",
-            "create",
-            "--ready-line",
-            "ready",
-            "--",
-            &py,
-            "-c",
-            BOTO,
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = python_seed(|a| n.ctl(1, a), BOTO);
     let r = n.seed_ref(1, &id);
     let input = n.input("in", "x\n");
     let (code, v, err) = spawn_on(&n, 2, &r, 3, &input, &[]);

@@ -911,7 +911,6 @@ impl State {
         let _ = writeln!(o, "# HELP forkd_instances_running Children running.\n# TYPE forkd_instances_running gauge\nforkd_instances_running {running}");
         let _ = writeln!(o, "# HELP forkd_spawns_total Children started.\n# TYPE forkd_spawns_total counter\nforkd_spawns_total {}", self.spawns.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP forkd_spawn_failures_total Children that could not be started.\n# TYPE forkd_spawn_failures_total counter\nforkd_spawn_failures_total {}", self.spawn_failures.load(Ordering::Relaxed));
-        let _ = writeln!(o, "# HELP forkd_seed_faults_total Page faults served, per seed.\n# TYPE forkd_seed_faults_total counter");
         let seeds = self.registry.list();
         let mut started: Vec<_> = seeds
             .iter()
@@ -925,47 +924,39 @@ impl State {
                 .iter()
                 .map(|(id, rs)| (id.clone(), rs.restorer.clone())),
         );
-        for (id, r) in &started {
-            let _ = writeln!(
-                o,
-                "forkd_seed_faults_total{{seed=\"{id}\"}} {}",
-                r.seed_pages().metrics.faults.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(o, "# HELP forkd_seed_pages_installed_total Pages put into children, per seed.\n# TYPE forkd_seed_pages_installed_total counter");
-        for (id, r) in &started {
-            let _ = writeln!(
-                o,
-                "forkd_seed_pages_installed_total{{seed=\"{id}\"}} {}",
-                r.seed_pages()
-                    .metrics
-                    .pages_installed
-                    .load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(o, "# HELP forkd_seed_bytes_fetched_total Bytes fetched from the seed's page source into the node cache.\n# TYPE forkd_seed_bytes_fetched_total counter");
-        for (id, r) in &started {
-            let _ = writeln!(
-                o,
-                "forkd_seed_bytes_fetched_total{{seed=\"{id}\"}} {}",
-                r.seed_pages().cache.fetched.load(Ordering::Relaxed) * 4096
-            );
-        }
-        let _ = writeln!(o, "# HELP forkd_seed_fetch_round_trips_total Requests sent to the seed's node for pages.\n# TYPE forkd_seed_fetch_round_trips_total counter");
-        for (id, r) in &started {
-            let _ = writeln!(
-                o,
-                "forkd_seed_fetch_round_trips_total{{seed=\"{id}\"}} {}",
-                r.seed_pages().cache.round_trips()
-            );
-        }
-        let _ = writeln!(o, "# HELP forkd_seed_cache_hits_total Pages served from the node cache.\n# TYPE forkd_seed_cache_hits_total counter");
-        for (id, r) in &started {
-            let _ = writeln!(
-                o,
-                "forkd_seed_cache_hits_total{{seed=\"{id}\"}} {}",
-                r.seed_pages().cache.hits.load(Ordering::Relaxed)
-            );
+        type Get = fn(&remotefork::pager::SeedPages) -> u64;
+        let per_seed: [(&str, &str, Get); 5] = [
+            (
+                "forkd_seed_faults_total",
+                "Page faults served, per seed.",
+                |p| p.metrics.faults.load(Ordering::Relaxed),
+            ),
+            (
+                "forkd_seed_pages_installed_total",
+                "Pages put into children, per seed.",
+                |p| p.metrics.pages_installed.load(Ordering::Relaxed),
+            ),
+            (
+                "forkd_seed_bytes_fetched_total",
+                "Bytes fetched from the seed's page source into the node cache.",
+                |p| p.cache.fetched.load(Ordering::Relaxed) * 4096,
+            ),
+            (
+                "forkd_seed_fetch_round_trips_total",
+                "Requests sent to the seed's node for pages.",
+                |p| p.cache.round_trips(),
+            ),
+            (
+                "forkd_seed_cache_hits_total",
+                "Pages served from the node cache.",
+                |p| p.cache.hits.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, get) in per_seed {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (id, r) in &started {
+                let _ = writeln!(o, "{name}{{seed=\"{id}\"}} {}", get(r.seed_pages()));
+            }
         }
         let _ = writeln!(o, "# HELP forkd_fault_latency_us Time to serve a page fault.\n# TYPE forkd_fault_latency_us histogram");
         for (id, r) in &started {

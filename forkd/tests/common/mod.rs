@@ -403,3 +403,25 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// `forkctl --json seed create --ready-line ready -- python -c SCRIPT`
+/// through `ctl`; returns the new seed's id.
+pub fn python_seed(ctl: impl Fn(&[&str]) -> (i32, String, String), script: &str) -> String {
+    let py = python().to_string();
+    let (code, out, err) = ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        &py,
+        "-c",
+        script,
+    ]);
+    assert_eq!(code, 0, "seed create failed: {err}");
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
