@@ -589,6 +589,7 @@ impl Forkd for Service {
                 }
                 st.spawns.fetch_add(1, Ordering::Relaxed);
                 let pid = child.pid as u32;
+                info!(seed = %target.id, instance = %iid, pid, running_us = child.restore_ns / 1000, "child started");
                 st.instances
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -887,6 +888,9 @@ impl State {
             kind: Some(pb::instance_event::Kind::Exited(ex)),
             ..base
         };
+        if let Some(pb::instance_event::Kind::Exited(x)) = &ev.kind {
+            info!(seed = %ev.seed_id, instance = %ev.instance_id, pid, exit_code = x.exit_code, signal = x.signal, reason = %x.reason, "child ended");
+        }
         self.publish(&tx, ev).await;
     }
 }

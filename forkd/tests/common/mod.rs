@@ -341,6 +341,9 @@ impl Daemon {
                 .arg(dir.join("token"));
             addr = Some(a);
         }
+        if std::env::var_os("FORKD_LOG").is_none() {
+            cmd.env("FORKD_LOG", "warn");
+        }
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
