@@ -526,6 +526,7 @@ pub fn build(
         })
         .collect();
     // 3. Map every parent mapping at its address.
+    let mut open_file: Option<(usize, i32)> = None;
     for ((vma, b), wf) in desc.vmas.iter().zip(&backing).zip(&write_first) {
         let len = vma.end - vma.start;
         let map_prot = if *wf {
@@ -571,21 +572,32 @@ pub fn build(
                 );
             }
             Backing::File(i) => {
-                let path = data.cstr(&file_paths[*i]);
                 let writable_shared = vma.shared && vma.prot & libc::PROT_WRITE as u32 != 0;
                 let oflags = if writable_shared {
                     libc::O_RDWR
                 } else {
                     libc::O_RDONLY
                 } | libc::O_CLOEXEC;
-                map_ops.push(
-                    Op::new(
-                        libc::SYS_open,
-                        [Arg::Data(path), v(oflags as u64), v(0), v(0), v(0), v(0)],
-                        format!("open {}", file_paths[*i]),
-                    )
-                    .save(),
-                );
+                // Consecutive mappings of one file share one open.
+                if open_file != Some((*i, oflags)) {
+                    if let Some((prev, _)) = open_file.take() {
+                        map_ops.push(Op::new(
+                            libc::SYS_close,
+                            [Arg::Saved, v(0), v(0), v(0), v(0), v(0)],
+                            format!("close {}", file_paths[prev]),
+                        ));
+                    }
+                    let path = data.cstr(&file_paths[*i]);
+                    map_ops.push(
+                        Op::new(
+                            libc::SYS_open,
+                            [Arg::Data(path), v(oflags as u64), v(0), v(0), v(0), v(0)],
+                            format!("open {}", file_paths[*i]),
+                        )
+                        .save(),
+                    );
+                    open_file = Some((*i, oflags));
+                }
                 let mut flags = libc::MAP_FIXED_NOREPLACE;
                 flags |= if vma.shared {
                     libc::MAP_SHARED
@@ -607,13 +619,15 @@ pub fn build(
                     )
                     .expect(vma.start),
                 );
-                map_ops.push(Op::new(
-                    libc::SYS_close,
-                    [Arg::Saved, v(0), v(0), v(0), v(0), v(0)],
-                    format!("close {}", file_paths[*i]),
-                ));
             }
         }
+    }
+    if let Some((prev, _)) = open_file.take() {
+        map_ops.push(Op::new(
+            libc::SYS_close,
+            [Arg::Saved, v(0), v(0), v(0), v(0), v(0)],
+            format!("close {}", file_paths[prev]),
+        ));
     }
 
     // Private anonymous mappings served from the shared cache: its memfd,

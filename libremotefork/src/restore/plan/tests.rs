@@ -52,13 +52,13 @@ fn unmaps_the_husk_then_moves_the_vdso_then_maps_everything() {
         names[2].starts_with("mremap [vdso] 0x7ffff0000000 -> 0x7fff0000"),
         "{names:?}"
     );
-    // The file mapping: open, mmap from the saved fd, close.
+    // The file mapping: open, mmap from the saved fd (closed at the end).
     assert!(names[3].starts_with("open /bin/x"));
     assert_eq!(p.map_ops[4].args[4], Arg::Saved);
     assert_eq!(p.map_ops[4].expect, Some(0x400000));
-    assert!(names[5].starts_with("close"));
+    assert!(names[6].starts_with("close /bin/x"), "{names:?}");
     // The anonymous mapping, fixed and never replacing anything.
-    let anon = &p.map_ops[6];
+    let anon = &p.map_ops[5];
     assert_eq!(anon.nr, libc::SYS_mmap);
     assert_eq!(anon.args[0], Arg::Val(0x600000));
     assert_eq!(
@@ -364,4 +364,44 @@ fn shared_cache_plans_map_anonymous_memory_from_the_cache() {
     // Eager plans never use the cache.
     let e = build(&d, &husk(0x7fff_f000_0000), &local(), false, Some(&cache)).unwrap();
     assert_eq!(e.from_cache, vec![false, false, false]);
+}
+
+#[test]
+fn consecutive_mappings_of_one_file_share_one_open() {
+    let mut d = sample();
+    // Split the file mapping in two (as r--p then r-xp of one library).
+    let mut second = d.vmas[0].clone();
+    d.vmas[0].end = 0x401000;
+    d.vmas[0].runs = vec![crate::image::PageRun {
+        first: 0,
+        count: 1,
+        state: PageState::FromFile,
+    }];
+    second.start = 0x401000;
+    second.file_offset = 0x1000;
+    second.runs = vec![crate::image::PageRun {
+        first: 0,
+        count: 1,
+        state: PageState::Stored { offset: 0 },
+    }];
+    d.vmas.insert(1, second);
+    let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
+    let opens = p.map_ops.iter().filter(|o| o.nr == libc::SYS_open).count();
+    let closes = p.map_ops.iter().filter(|o| o.nr == libc::SYS_close).count();
+    assert_eq!(
+        (opens, closes),
+        (1, 1),
+        "{:?}",
+        p.map_ops
+            .iter()
+            .map(|o| o.what.as_str())
+            .collect::<Vec<_>>()
+    );
+    let maps: Vec<_> = p
+        .map_ops
+        .iter()
+        .filter(|o| o.nr == libc::SYS_mmap && o.args[4] == Arg::Saved)
+        .collect();
+    assert_eq!(maps.len(), 2);
+    assert_eq!(maps[1].args[5], Arg::Val(0x1000));
 }
