@@ -176,9 +176,7 @@ fn main() -> anyhow::Result<()> {
             kernel_helpers_wait(child.pid)?;
             let faults = match &child.stats {
                 Some(s) => {
-                    while !s.finished.load(std::sync::atomic::Ordering::Acquire) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+                    s.wait_finished(Duration::from_secs(60));
                     if let Some(r) = s.killed_reason() {
                         bail!("child killed: {r}");
                     }

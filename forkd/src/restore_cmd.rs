@@ -56,12 +56,7 @@ fn child_report(c: &Child, ended: &Ended) -> serde_json::Value {
         "status": ended.json(),
     });
     if let Some(s) = &c.stats {
-        for _ in 0..200 {
-            if s.finished.load(std::sync::atomic::Ordering::Acquire) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        s.wait_finished(std::time::Duration::from_millis(200));
         let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         v["faults"] = json!(g(&s.faults));
         v["pages_installed"] = json!(g(&s.pages_installed));
@@ -77,12 +72,7 @@ fn child_report(c: &Child, ended: &Ended) -> serde_json::Value {
 
 fn report_kill(c: &Child) {
     if let Some(r) = c.stats.as_ref().and_then(|s| {
-        for _ in 0..200 {
-            if s.finished.load(std::sync::atomic::Ordering::Acquire) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        s.wait_finished(std::time::Duration::from_millis(200));
         s.killed_reason()
     }) {
         eprintln!("forkd: child {} was killed: {r}", c.pid);

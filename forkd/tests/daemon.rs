@@ -343,19 +343,7 @@ fn config_file_and_prometheus_metrics() {
         .spawn()
         .unwrap();
     let addr = format!("unix:{}", dir.join("sock").display());
-    let ctl = |args: &[&str]| {
-        let o = forkctl()
-            .arg("--addr")
-            .arg(&addr)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let ctl = |args: &[&str]| run_forkctl(&addr, None, args);
     let t = Instant::now();
     while ctl(&["node"]).0 != 0 {
         assert!(

@@ -59,17 +59,7 @@ impl Nodes {
     }
 
     fn ctl(&self, i: u32, args: &[&str]) -> (i32, String, String) {
-        let o = forkctl()
-            .arg("--addr")
-            .arg(self.sock(i))
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
+        run_forkctl(&self.sock(i), None, args)
     }
 
     /// The portable reference of node i's seed.

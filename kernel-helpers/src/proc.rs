@@ -148,6 +148,15 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// `kill(pid, sig)`.
+pub fn signal(pid: pid_t, sig: i32) -> io::Result<()> {
+    // SAFETY: plain kill(2).
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
 /// SIGKILL `pid` (our child) and reap it.
 pub fn kill_and_reap(pid: pid_t) {
     // SAFETY: plain kill(2) and waitpid(2) of our own child.

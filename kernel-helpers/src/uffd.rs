@@ -531,15 +531,6 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Send `sig` to a process through a pidfd-free `kill`.
-pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
-    // SAFETY: plain kill(2).
-    if unsafe { libc::kill(pid, sig) } != 0 {
-        return Err(last_os_error());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,11 +21,10 @@ use kernel_helpers::pagemap::{Pagemap, PagemapError};
 use kernel_helpers::proc::{self as kproc, ProcError, RLIMIT_COUNT};
 use kernel_helpers::ptrace::{self, PtraceError, Stop, Tracee};
 use libc::pid_t;
-use sha2::{Digest, Sha256};
 use tracing::{debug, info, info_span, warn};
 
 use crate::classify::{build_runs, classify_page, is_zero_page, PageClass};
-use crate::fileid::{self, hex};
+use crate::fileid;
 use crate::image::{
     self, CaptureStats, Credentials, Descriptor, FileRef, ImageError, ImageWriter, Registers, Rseq,
     SigAction, SigAltStack, SourceInfo, Vma, VmaKind, FORMAT_VERSION,
@@ -183,26 +182,11 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
     // Find a `syscall` instruction in the parent's vDSO, and hash the vDSO,
     // before stopping anything.
     let pmaps = procfs::maps(pid)?;
-    let vdso = pmaps
-        .iter()
-        .find(|m| m.path == "[vdso]")
+    let vdso = crate::vdso::probe(pid, &pmaps)
+        .map_err(|e| gone_or(pid, e.into()))?
         .ok_or(CaptureError::NoVdso(pid))?;
-    let mut vdso_bytes = vec![0u8; (vdso.end - vdso.start) as usize];
-    mem::read_ranges(
-        pid,
-        &[RemoteRange {
-            addr: vdso.start,
-            len: vdso_bytes.len(),
-        }],
-        &mut vdso_bytes,
-    )
-    .map_err(|e| gone_or(pid, e.into()))?;
-    let insn = vdso_bytes
-        .windows(2)
-        .position(|w| w == [0x0f, 0x05])
-        .map(|o| vdso.start + o as u64)
-        .ok_or(CaptureError::NoVdso(pid))?;
-    let vdso_hash = hex(&Sha256::digest(&vdso_bytes));
+    let insn = vdso.start + vdso.syscall_offset.ok_or(CaptureError::NoVdso(pid))?;
+    let vdso_hash = vdso.hash;
 
     let frozen = freeze(pid, insn, opts)?;
     let clone_pid = frozen.clone.pid();
@@ -665,8 +649,8 @@ fn read_clone(
         format_version: FORMAT_VERSION,
         source: SourceInfo {
             pid: parent_pid,
-            hostname: read_trim("/proc/sys/kernel/hostname"),
-            kernel: read_trim("/proc/sys/kernel/osrelease"),
+            hostname: procfs::sysctl("kernel/hostname"),
+            kernel: procfs::sysctl("kernel/osrelease"),
             created_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -868,12 +852,6 @@ fn inject_ok(
         .map_err(|e| CaptureError::from_ptrace(pid, e))?
         .result()
         .map_err(|source| CaptureError::Injected { pid, what, source })
-}
-
-fn read_trim(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 /// Decide what a mapping is, identifying its file if it has one.

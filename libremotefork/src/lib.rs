@@ -12,6 +12,7 @@ pub mod image;
 pub mod pager;
 pub mod procfs;
 pub mod restore;
+pub mod vdso;
 
 pub use coop::{checkpoint, Checkpoint};
 pub use kernel_helpers::PAGE_SIZE;

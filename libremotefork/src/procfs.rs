@@ -335,6 +335,14 @@ pub fn link(pid: pid_t, name: &str) -> Result<String, ProcfsError> {
         .map_err(|e| map_read_err(pid, path, e))
 }
 
+/// A node-wide value under `/proc/sys` (`kernel/hostname`), trimmed;
+/// empty if it cannot be read.
+pub fn sysctl(name: &str) -> String {
+    fs::read_to_string(format!("/proc/sys/{name}"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// What kind of object a file descriptor refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

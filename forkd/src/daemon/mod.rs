@@ -136,10 +136,14 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn read_trim(p: &str) -> String {
+/// The first line of a token file, trimmed.
+fn read_token(p: &std::path::Path) -> Result<String, ServeError> {
     std::fs::read_to_string(p)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+        .map(|t| t.trim().to_string())
+        .map_err(|source| ServeError::Io {
+            what: format!("reading token file {}", p.display()),
+            source,
+        })
 }
 
 /// Marks requests that came over TCP (they must present seed keys).
@@ -678,7 +682,7 @@ impl Forkd for Service {
             }
             i.pid
         };
-        kernel_helpers::uffd::kill(pid as i32, libc::SIGKILL)
+        kernel_helpers::proc::signal(pid as i32, libc::SIGKILL)
             .map_err(|e| Status::internal(format!("killing {id} (pid {pid}): {e}")))?;
         Ok(Response::new(pb::KillInstanceResponse {}))
     }
@@ -695,7 +699,8 @@ impl Forkd for Service {
             .values()
             .filter(|i| i.state == "running")
             .count();
-        let mem = read_trim("/proc/meminfo")
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
             .lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
             .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
@@ -704,7 +709,7 @@ impl Forkd for Service {
         Ok(Response::new(pb::NodeInfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             hostname: self.state.hostname.clone(),
-            kernel: read_trim("/proc/sys/kernel/osrelease"),
+            kernel: remotefork::procfs::sysctl("kernel/osrelease"),
             vdso_hash: remotefork::restore::node_vdso_hash().unwrap_or_default(),
             transports: transports(&self.state.transport, self.state.page_server.as_deref()),
             cpus: std::thread::available_parallelism()
@@ -1091,18 +1096,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             "transport rdma: no RDMA transport in this build yet; use auto or tcp".into(),
         ));
     }
-    let token = match &cfg.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|source| ServeError::Io {
-                    what: format!("reading token file {}", p.display()),
-                    source,
-                })?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let token = cfg.token_file.as_deref().map(read_token).transpose()?;
     if cfg.listen.is_some() && token.as_deref().is_none_or(|t| t.is_empty()) {
         return Err(ServeError::Config(
             "--listen needs --token-file with a non-empty token".into(),
@@ -1125,20 +1119,12 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         remote: Mutex::new(HashMap::new()),
         remote_dir: cfg.state_dir.join("remote"),
         page_server: cfg.page_listen.clone(),
-        peer_token: match &cfg.peer_token_file {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|source| ServeError::Io {
-                        what: format!("reading {}", p.display()),
-                        source,
-                    })?
-                    .trim()
-                    .to_string(),
-            ),
+        peer_token: match cfg.peer_token_file.as_deref() {
+            Some(p) => Some(read_token(p)?),
             None => token.clone(),
         },
         page_deadline: std::time::Duration::from_millis(cfg.page_deadline_ms),
-        hostname: read_trim("/proc/sys/kernel/hostname"),
+        hostname: remotefork::procfs::sysctl("kernel/hostname"),
         transport: cfg.transport.clone(),
     });
     let svc = Service {

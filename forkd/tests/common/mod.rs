@@ -84,12 +84,16 @@ impl Target {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         // ETXTBSY: a program just built can still be open for writing in a
-        // process another test thread forked at that moment; retry briefly.
+        // process another test thread forked at that moment; EAGAIN: a
+        // loaded machine. Retry for up to 5 s.
         let mut tries = 0;
         let mut child = loop {
             match cmd.spawn() {
                 Ok(c) => break c,
-                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::ETXTBSY) | Some(libc::EAGAIN))
+                        && tries < 250 =>
+                {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -305,6 +309,21 @@ pub fn first_child(parent: i32) -> i32 {
     0
 }
 
+/// `forkctl --addr ADDR [--token-file F] ARGS`: (exit code, stdout, stderr).
+pub fn run_forkctl(addr: &str, token_file: Option<&Path>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = forkctl();
+    cmd.arg("--addr").arg(addr);
+    if let Some(t) = token_file {
+        cmd.arg("--token-file").arg(t);
+    }
+    let o = cmd.args(args).output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 /// The forkctl binary under test.
 pub fn forkctl() -> Command {
     Command::new(env!("CARGO_BIN_EXE_forkctl"))
@@ -380,17 +399,7 @@ impl Daemon {
         token_file: Option<&Path>,
         args: &[&str],
     ) -> (i32, String, String) {
-        let mut cmd = forkctl();
-        cmd.arg("--addr").arg(addr);
-        if let Some(t) = token_file {
-            cmd.arg("--token-file").arg(t);
-        }
-        let o = cmd.args(args).output().unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
+        run_forkctl(addr, token_file, args)
     }
 
     pub fn stop(mut self) {

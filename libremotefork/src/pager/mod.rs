@@ -28,7 +28,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kernel_helpers::uffd::{self, Epoll, FillError, Msg, Uffd};
+use kernel_helpers::uffd::{Epoll, FillError, Msg, Uffd};
 use tracing::{debug, warn};
 
 use crate::PAGE_SIZE;
@@ -158,6 +158,19 @@ pub struct ChildStats {
 }
 
 impl ChildStats {
+    /// Wait up to `timeout` for the pager to let go of the child (after it
+    /// exits), so the figures are final; false if it has not.
+    pub fn wait_finished(&self, timeout: std::time::Duration) -> bool {
+        let t = Instant::now();
+        while !self.finished.load(Ordering::Acquire) {
+            if t.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+
     /// The reason the child was killed, if it was.
     pub fn killed_reason(&self) -> Option<String> {
         self.killed.lock().ok().and_then(|g| g.clone())
@@ -357,7 +370,7 @@ fn fail(c: &LazyChild, page: Option<u64>, reason: &str) {
     }
     match (c.pid, page) {
         (Some(pid), _) => {
-            let _ = uffd::kill(pid, libc::SIGKILL);
+            let _ = kernel_helpers::proc::signal(pid, libc::SIGKILL);
         }
         // A grandchild: no pid, but a poisoned page raises SIGBUS in it.
         (None, Some(p)) => {

@@ -26,10 +26,9 @@ use kernel_helpers::mapping::Mapping;
 use kernel_helpers::mem::{self, MemError, ProcMem, RemoteRange};
 use kernel_helpers::ptrace::{PtraceError, Tracee};
 use kernel_helpers::{executor, PAGE_SIZE};
-use sha2::{Digest, Sha256};
 use tracing::{debug, info_span, warn};
 
-use crate::fileid::{self, hex, FileIdError};
+use crate::fileid::{self, FileIdError};
 use crate::image::{Descriptor, ImageError, PageState, SeedImage, VmaKind, FILES_DIR, PAGES_FILE};
 use crate::pager::source::{LocalSource, PageSource, SeedCache};
 use crate::pager::table::{Fill, Origin, PageRef, PageTable, Slot};
@@ -754,31 +753,15 @@ pub fn node_vdso_hash() -> Result<String, RestoreError> {
 fn own_vdso() -> Result<(String, u64), RestoreError> {
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
-    let maps = procfs::maps(me)?;
-    let v = maps
-        .iter()
-        .find(|m| m.path == "[vdso]")
-        .ok_or_else(|| RestoreError::Step {
-            what: "finding this node's vDSO".into(),
-            detail: "forkd has no [vdso]".into(),
-        })?;
-    let mut bytes = vec![0u8; (v.end - v.start) as usize];
-    mem::read_ranges(
-        me,
-        &[RemoteRange {
-            addr: v.start,
-            len: bytes.len(),
-        }],
-        &mut bytes,
-    )?;
-    let off = bytes
-        .windows(2)
-        .position(|w| w == [0x0f, 0x05])
-        .ok_or_else(|| RestoreError::Step {
-            what: "finding a syscall in the vDSO".into(),
-            detail: "none".into(),
-        })?;
-    Ok((hex(&Sha256::digest(&bytes)), off as u64))
+    let v = crate::vdso::probe(me, &procfs::maps(me)?)?.ok_or_else(|| RestoreError::Step {
+        what: "finding this node's vDSO".into(),
+        detail: "forkd has no [vdso]".into(),
+    })?;
+    let off = v.syscall_offset.ok_or_else(|| RestoreError::Step {
+        what: "finding a syscall in the vDSO".into(),
+        detail: "none".into(),
+    })?;
+    Ok((v.hash, off))
 }
 
 fn has_cap(capeff: u64, cap: u32) -> bool {

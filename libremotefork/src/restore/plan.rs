@@ -693,10 +693,6 @@ pub fn build(
         ));
     }
 
-    // The executor area must avoid everything, and the park range if used.
-    let area_guess = 0u64; // filled below once the size is known
-    let _ = area_guess;
-
     let mut state_ops = Vec::new();
     let mut soft_steps = Vec::new();
 
