@@ -18,7 +18,7 @@ use common::{python, wait_blocked_in_read, SERVER};
 use remotefork::capture::{capture, CaptureOptions};
 use remotefork::image::SeedImage;
 use remotefork::pager::Prefetch;
-use remotefork::restore::{Restorer, SpawnOptions};
+use remotefork::restore::{Io, Restorer, SpawnOptions};
 use serde_json::json;
 
 /// (prefetch mode, time to first answer, time to running, faults) per child.
@@ -154,12 +154,7 @@ fn main() -> anyhow::Result<()> {
             writeln!(in_w, "{req}")?;
             drop(in_w);
             let t = Instant::now();
-            let child = restorer.spawn(
-                Stdio::from(in_r),
-                Stdio::from(out_w),
-                Stdio::inherit(),
-                opts,
-            )?;
+            let child = restorer.spawn(Io::fd(in_r), Io::fd(out_w), Io::Inherit, opts)?;
             let mut out = BufReader::new(out_r);
             line.clear();
             out.read_line(line)?;
@@ -245,9 +240,9 @@ fn main() -> anyhow::Result<()> {
         let (out_r, out_w) = std::io::pipe()?;
         writeln!(in_w, "mem-{i}")?;
         let child = restorer.spawn(
-            Stdio::from(in_r),
-            Stdio::from(out_w),
-            Stdio::inherit(),
+            Io::fd(in_r),
+            Io::fd(out_w),
+            Io::Inherit,
             &SpawnOptions {
                 lazy: true,
                 prefetch: Prefetch::Recorded,

@@ -2,12 +2,12 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
 use remotefork::image::SeedImage;
-use remotefork::restore::{Child, Restorer, SpawnOptions};
+use remotefork::restore::{Child, Io, Restorer, SpawnOptions};
 use serde_json::json;
 
 /// How a child ended.
@@ -110,7 +110,7 @@ pub fn run(
         let mut pids = Vec::new();
         for _ in 0..count {
             let c = restorer
-                .spawn(Stdio::inherit(), Stdio::inherit(), Stdio::inherit(), &opts)
+                .spawn(Io::Inherit, Io::Inherit, Io::Inherit, &opts)
                 .context("restore failed")?;
             warn_notes(&c);
             pids.push(c.pid);
@@ -129,7 +129,7 @@ pub fn run(
 
     if count == 1 {
         let c = restorer
-            .spawn(Stdio::inherit(), Stdio::inherit(), Stdio::inherit(), &opts)
+            .spawn(Io::Inherit, Io::Inherit, Io::Inherit, &opts)
             .context("restore failed")?;
         warn_notes(&c);
         let ended = wait_child(c.pid)?;
@@ -152,12 +152,7 @@ pub fn run(
         let (in_r, mut in_w) = std::io::pipe().context("creating a pipe")?;
         let (out_r, out_w) = std::io::pipe().context("creating a pipe")?;
         let c = restorer
-            .spawn(
-                Stdio::from(in_r),
-                Stdio::from(out_w),
-                Stdio::inherit(),
-                &opts,
-            )
+            .spawn(Io::fd(in_r), Io::fd(out_w), Io::Inherit, &opts)
             .with_context(|| format!("restoring child {i} failed"))?;
         warn_notes(&c);
         let data = input.clone();

@@ -118,9 +118,15 @@ pub struct State {
     instances: Mutex<HashMap<String, InstanceRec>>,
     events: broadcast::Sender<pb::InstanceEvent>,
     next_instance: AtomicU64,
+    /// Random per daemon start, in every instance id: ids from different
+    /// nodes (or restarts) never collide.
+    instance_tag: String,
     spawns: AtomicU64,
     spawn_failures: AtomicU64,
     remote: Mutex<HashMap<String, Arc<RemoteSeed>>>,
+    /// Held while a remote seed is fetched: concurrent first spawns of one
+    /// seed fetch it once, not over each other's files.
+    remote_fetch: tokio::sync::Mutex<()>,
     remote_dir: PathBuf,
     page_server: Option<String>,
     peer_token: Option<String>,
@@ -230,6 +236,22 @@ impl Service {
         let rs = match cached {
             Some(rs) => rs,
             None => {
+                let _one_at_a_time = self.state.remote_fetch.lock().await;
+                let again = self
+                    .state
+                    .remote
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&sr.id)
+                    .cloned();
+                if let Some(rs) = again {
+                    return Ok(Target {
+                        id: sr.id.clone(),
+                        cooperative: rs.cooperative,
+                        restorer: rs.restorer.clone(),
+                        local: None,
+                    });
+                }
                 let rs = Arc::new(self.fetch_remote(origin, sr).await?);
                 self.state
                     .remote
@@ -540,9 +562,12 @@ impl Forkd for Service {
         let args = r.args;
         tokio::spawn(async move {
             let mut waiters = Vec::new();
+            // Queue every child at once (the spawner threads take them in
+            // order, as fast as they can), then follow each in turn.
+            let mut queued = Vec::with_capacity(count as usize);
             for index in 0..count {
                 let n = st.next_instance.fetch_add(1, Ordering::Relaxed);
-                let iid = format!("{}-{n}", target.id);
+                let iid = format!("{}-{}-{n}", target.id, st.instance_tag);
                 let base = pb::InstanceEvent {
                     instance_id: iid.clone(),
                     seed_id: target.id.clone(),
@@ -570,8 +595,12 @@ impl Forkd for Service {
                     opts,
                     reply,
                 };
-                let started = match st.spawner.submit(job) {
-                    Ok(()) => wait
+                let submitted = st.spawner.submit(job).map(|()| wait);
+                queued.push((iid, base, t, submitted));
+            }
+            for (iid, base, t, submitted) in queued {
+                let started = match submitted {
+                    Ok(wait) => wait
                         .await
                         .unwrap_or_else(|_| Err("the spawner dropped the job".into())),
                     Err(e) => Err(e),
@@ -814,15 +843,20 @@ impl State {
         started: Instant,
     ) {
         let (first_tx, first_rx) = oneshot::channel::<Vec<u8>>();
+        // Read without a thread per child (a blocking reader each would
+        // exhaust tokio's blocking pool at 512 children).
         let reader = out.map(|fd| {
-            tokio::task::spawn_blocking(move || {
-                use std::io::Read;
-                let mut f = std::fs::File::from(fd);
-                let mut v = vec![0u8; 64 * 1024];
-                let n = f.read(&mut v).unwrap_or(0);
-                v.truncate(n);
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut v = Vec::new();
+                let Ok(mut r) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+                    return v;
+                };
+                let mut first = vec![0u8; 64 * 1024];
+                let n = r.read(&mut first).await.unwrap_or(0);
+                v.extend_from_slice(&first[..n]);
                 let _ = first_tx.send(v.clone());
-                let _ = f.read_to_end(&mut v);
+                let _ = r.read_to_end(&mut v).await;
                 v
             })
         });
@@ -1114,9 +1148,14 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         instances: Mutex::new(HashMap::new()),
         events,
         next_instance: AtomicU64::new(0),
+        instance_tag: crate::random_hex(3).map_err(|source| ServeError::Io {
+            what: "reading /dev/urandom".into(),
+            source,
+        })?,
         spawns: AtomicU64::new(0),
         spawn_failures: AtomicU64::new(0),
         remote: Mutex::new(HashMap::new()),
+        remote_fetch: tokio::sync::Mutex::new(()),
         remote_dir: cfg.state_dir.join("remote"),
         page_server: cfg.page_listen.clone(),
         peer_token: match cfg.peer_token_file.as_deref() {

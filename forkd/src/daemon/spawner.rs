@@ -8,11 +8,10 @@
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::process::Stdio;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use remotefork::restore::{Child, Restorer, SpawnOptions};
+use remotefork::restore::{Child, Io, Restorer, SpawnOptions};
 use tokio::sync::oneshot;
 
 /// One child to start.
@@ -69,13 +68,13 @@ fn run(job: &Job) -> Result<(Child, Option<OwnedFd>), String> {
     let (in_r, mut in_w) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
     let (stdout, out_r) = if job.capture_stdout {
         let (r, w) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
-        (Stdio::from(w), Some(OwnedFd::from(r)))
+        (Io::fd(w), Some(OwnedFd::from(r)))
     } else {
-        (Stdio::null(), None)
+        (Io::Null, None)
     };
     let child = job
         .restorer
-        .spawn(Stdio::from(in_r), stdout, Stdio::null(), &job.opts)
+        .spawn(Io::fd(in_r), stdout, Io::Null, &job.opts)
         .map_err(|e| e.to_string())?;
     let data = job.stdin.clone();
     std::thread::spawn(move || {

@@ -18,9 +18,10 @@
 pub mod plan;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Instant;
 
+/// A child's standard stream, for [`Restorer::spawn`].
+pub use kernel_helpers::husk::Io;
 use kernel_helpers::husk::{self, HuskError};
 use kernel_helpers::mapping::Mapping;
 use kernel_helpers::mem::{self, MemError, ProcMem, RemoteRange};
@@ -275,9 +276,9 @@ impl Restorer {
     /// Start one child with the given stdio. It runs when this returns.
     pub fn spawn(
         &self,
-        stdin: Stdio,
-        stdout: Stdio,
-        stderr: Stdio,
+        stdin: husk::Io,
+        stdout: husk::Io,
+        stderr: husk::Io,
         opts: &SpawnOptions,
     ) -> Result<Child, RestoreError> {
         let d = self.image.descriptor();
