@@ -5,14 +5,19 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in build-essential iproute2 procps; do
+# cmake, libclang-dev, clang and pkg-config build the `sideway` verbs
+# bindings (the RDMA transport); libibverbs1 and ibverbs-providers are what
+# it opens at run time (without them forkd runs with RDMA unavailable).
+DEB_PKGS=(build-essential iproute2 procps cmake libclang-dev clang pkg-config
+          libibverbs1 ibverbs-providers)
+for pkg in "${DEB_PKGS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ] || [ "${FORCE_APT:-0}" = 1 ]; then
     echo "deps: installing ${need_apt[*]:-packages}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q build-essential iproute2 procps
+    apt-get install -y -q "${DEB_PKGS[@]}"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

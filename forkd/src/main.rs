@@ -25,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Capture a running single-threaded process into a seed image.
@@ -95,9 +97,13 @@ enum Command {
         /// File holding the bearer token TCP clients must send.
         #[arg(long)]
         token_file: Option<PathBuf>,
-        /// auto, rdma or tcp [default: auto].
+        /// How pages come from other nodes: auto (RDMA where both nodes
+        /// have an active device, else TCP), rdma (required) or tcp [default: auto].
         #[arg(long)]
         transport: Option<String>,
+        /// The RDMA device to use, e.g. rxe0 [default: the first with an active port].
+        #[arg(long)]
+        rdma_device: Option<String>,
         /// Threads that start children [default: 2].
         #[arg(long)]
         spawner_threads: Option<usize>,
@@ -160,6 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             state_dir,
             token_file,
             transport,
+            rdma_device,
             spawner_threads,
             metrics,
             coop_socket,
@@ -189,6 +196,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(v) = transport {
                 cfg.transport = v;
+            }
+            if rdma_device.is_some() {
+                cfg.rdma_device = rdma_device;
             }
             if let Some(v) = spawner_threads {
                 cfg.spawner_threads = v;

@@ -9,6 +9,7 @@
 pub mod pageserver;
 pub mod registry;
 pub mod spawner;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,8 +45,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// File holding the bearer token required on TCP.
     pub token_file: Option<PathBuf>,
-    /// `auto`, `rdma` or `tcp`.
+    /// How pages come from other nodes: `auto` (RDMA where both nodes
+    /// have it, else TCP), `rdma` (required) or `tcp`.
     pub transport: String,
+    /// The RDMA device to use [default: the first with an active port].
+    pub rdma_device: Option<String>,
     /// Spawner threads.
     pub spawner_threads: usize,
     /// The cooperative API's socket (JSON lines) [default: the socket path + ".coop"].
@@ -70,6 +74,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/forkd"),
             token_file: None,
             transport: "auto".into(),
+            rdma_device: None,
             spawner_threads: 2,
             coop_socket: None,
             metrics: None,
@@ -133,6 +138,7 @@ pub struct State {
     page_deadline: std::time::Duration,
     hostname: String,
     transport: String,
+    transports: transport::Transports,
 }
 
 fn now_ms() -> u64 {
@@ -296,27 +302,20 @@ impl Service {
             )
             .map_err(|e| Status::internal(e.to_string()))?;
         }
-        let (id, key, page_server, deadline) = (
-            sr.id.clone(),
-            sr.key.clone(),
-            b.page_server.clone(),
-            self.state.page_deadline,
-        );
+        let (source, via) = self.page_source(origin, sr, &b.page_server).await?;
         let restorer = tokio::task::spawn_blocking(
             move || -> Result<remotefork::restore::Restorer, String> {
                 let image = remotefork::image::SeedImage::open_descriptor(&dir)
                     .map_err(|e| e.to_string())?;
-                let (src, size) =
-                    remotefork::pager::tcp::TcpSource::connect(&page_server, &id, &key, deadline)
-                        .map_err(|e| e.to_string())?;
+                let size = source.size();
                 if size != image.descriptor().image_bytes {
                     return Err(format!(
-                        "the page server offers {size} bytes, the descriptor says {}",
+                        "{} offers {size} bytes, the descriptor says {}",
+                        source.name(),
                         image.descriptor().image_bytes
                     ));
                 }
-                remotefork::restore::Restorer::remote(image, Box::new(src))
-                    .map_err(|e| e.to_string())
+                remotefork::restore::Restorer::remote(image, source).map_err(|e| e.to_string())
             },
         )
         .await
@@ -327,11 +326,71 @@ impl Service {
                 sr.id
             ))
         })?;
-        info!(seed = %sr.id, %origin, "remote seed ready");
+        info!(seed = %sr.id, %origin, transport = via, "remote seed ready");
         Ok(RemoteSeed {
             cooperative: b.cooperative,
             restorer: Arc::new(restorer),
         })
+    }
+
+    /// Where a remote seed's pages come from, per `--transport`: RDMA
+    /// where this node and the seed's node can, else the TCP page server
+    /// `page_server` (auto) or an error (rdma). Counted per transport.
+    async fn page_source(
+        &self,
+        origin: &str,
+        sr: &pb::SeedRef,
+        page_server: &str,
+    ) -> Result<(Box<dyn remotefork::pager::source::PageSource>, &'static str), Status> {
+        let t = &self.state.transports;
+        let deadline = self.state.page_deadline;
+        let rdma = match t.configured() {
+            "tcp" => Err("--transport tcp".to_string()),
+            _ => match t.rdma_usable() {
+                Ok(()) => t
+                    .rdma_source(origin, self.state.peer_token.clone(), sr, deadline)
+                    .await
+                    .map_err(|e| format!("RDMA to {origin}: {e}")),
+                Err(why) => Err(format!("no RDMA on this node: {why}")),
+            },
+        };
+        match rdma {
+            Ok(src) => {
+                return Ok((
+                    Box::new(transport::Counted::new(Box::new(src), t.rdma_bytes.clone())),
+                    "rdma",
+                ))
+            }
+            Err(why) if t.configured() == "rdma" => {
+                return Err(Status::failed_precondition(format!(
+                    "seed {} from {origin}: --transport rdma and {why}",
+                    sr.id
+                )))
+            }
+            Err(why) => {
+                if t.configured() == "auto" {
+                    transport::fell_back(origin, &sr.id, &why);
+                }
+            }
+        }
+        let (id, key, ps) = (sr.id.clone(), sr.key.clone(), page_server.to_string());
+        let src = tokio::task::spawn_blocking(move || {
+            remotefork::pager::tcp::TcpSource::connect(&ps, &id, &key, deadline)
+                .map(|(s, _)| s)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| {
+            Status::failed_precondition(format!(
+                "seed {} from {origin} cannot be paged here: {e}",
+                sr.id
+            ))
+        })?;
+        Ok((
+            Box::new(transport::Counted::new(Box::new(src), t.tcp_bytes.clone())),
+            "tcp",
+        ))
     }
 
     fn seed_for(
@@ -525,6 +584,7 @@ impl Forkd for Service {
             .registry
             .drop_seed(&s.meta.id)
             .map_err(|e| Status::internal(e.to_string()))?;
+        self.state.transports.unexport(&s.meta.id);
         info!(seed = %s.meta.id, "seed dropped");
         Ok(Response::new(pb::DropSeedResponse {}))
     }
@@ -740,13 +800,19 @@ impl Forkd for Service {
             hostname: self.state.hostname.clone(),
             kernel: remotefork::procfs::sysctl("kernel/osrelease"),
             vdso_hash: remotefork::restore::node_vdso_hash().unwrap_or_default(),
-            transports: transports(&self.state.transport, self.state.page_server.as_deref()),
+            transports: self
+                .state
+                .transports
+                .node_info(self.state.page_server.as_deref()),
             cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),
             memory_bytes: mem,
             seeds: self.state.registry.len() as u32,
             instances_running: running as u32,
+            transport: self.state.transport.clone(),
+            transport_selected: self.state.transports.selection().0.into(),
+            transport_reason: self.state.transports.selection().1,
         }))
     }
 
@@ -774,6 +840,24 @@ impl Forkd for Service {
         }))
     }
 
+    async fn open_page_channel(
+        &self,
+        req: Request<pb::OpenPageChannelRequest>,
+    ) -> Result<Response<pb::OpenPageChannelResponse>, Status> {
+        let r = req.into_inner();
+        // Always keyed, as FetchDescriptor: this is what other nodes read.
+        let seed = self.seed_for(r.seed.as_ref(), true)?;
+        let st = self.state.clone();
+        // Registering a seed pins its page store: not on an async thread.
+        tokio::task::spawn_blocking(move || {
+            st.transports
+                .open_page_channel(&seed, st.page_server.as_deref(), &r)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map(Response::new)
+    }
+
     type WatchStream = EventStream;
 
     async fn watch(
@@ -785,41 +869,6 @@ impl Forkd for Service {
             .map(|r| r.map_err(|e| Status::data_loss(format!("watcher fell behind: {e}"))));
         Ok(Response::new(Box::pin(s)))
     }
-}
-
-/// The transports this node offers, and why not where it does not.
-fn transports(configured: &str, page_server: Option<&str>) -> Vec<pb::Transport> {
-    let rdma_devs = std::fs::read_dir("/sys/class/infiniband")
-        .map(|d| d.count())
-        .unwrap_or(0);
-    vec![
-        pb::Transport {
-            name: "local".into(),
-            available: true,
-            reason: "seed images on this node".into(),
-        },
-        match page_server {
-            Some(a) => pb::Transport {
-                name: "tcp".into(),
-                available: true,
-                reason: format!("page server on {a}"),
-            },
-            None => pb::Transport {
-                name: "tcp".into(),
-                available: false,
-                reason: "no page server (start forkd with --page-listen HOST:PORT)".into(),
-            },
-        },
-        pb::Transport {
-            name: "rdma".into(),
-            available: false,
-            reason: if rdma_devs == 0 {
-                format!("no RDMA device (/sys/class/infiniband is empty or missing); transport {configured:?}")
-            } else {
-                "the RDMA transport is not built yet".into()
-            },
-        },
-    ]
 }
 
 impl State {
@@ -954,6 +1003,7 @@ impl State {
         let _ = writeln!(o, "# HELP forkd_instances_running Children running.\n# TYPE forkd_instances_running gauge\nforkd_instances_running {running}");
         let _ = writeln!(o, "# HELP forkd_spawns_total Children started.\n# TYPE forkd_spawns_total counter\nforkd_spawns_total {}", self.spawns.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP forkd_spawn_failures_total Children that could not be started.\n# TYPE forkd_spawn_failures_total counter\nforkd_spawn_failures_total {}", self.spawn_failures.load(Ordering::Relaxed));
+        self.transports.metrics(&mut o);
         let seeds = self.registry.list();
         let mut started: Vec<_> = seeds
             .iter()
@@ -1125,11 +1175,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             cfg.transport
         )));
     }
-    if cfg.transport == "rdma" {
-        return Err(ServeError::Config(
-            "transport rdma: no RDMA transport in this build yet; use auto or tcp".into(),
-        ));
-    }
+    let transports = transport::Transports::init(&cfg.transport, cfg.rdma_device.as_deref())
+        .map_err(|why| ServeError::Config(format!("--transport rdma: {why}")))?;
     let token = cfg.token_file.as_deref().map(read_token).transpose()?;
     if cfg.listen.is_some() && token.as_deref().is_none_or(|t| t.is_empty()) {
         return Err(ServeError::Config(
@@ -1165,6 +1212,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         page_deadline: std::time::Duration::from_millis(cfg.page_deadline_ms),
         hostname: remotefork::procfs::sysctl("kernel/hostname"),
         transport: cfg.transport.clone(),
+        transports,
     });
     let svc = Service {
         state: state.clone(),

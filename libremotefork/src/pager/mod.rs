@@ -14,6 +14,7 @@
 //! for a forked grandchild whose pid the event does not give), and the
 //! reason is kept in its [`ChildStats`].
 
+pub mod rdma;
 pub mod source;
 pub mod table;
 pub mod tcp;

@@ -55,6 +55,17 @@ pub trait PageSource: Send + Sync {
     fn round_trips(&self) -> u64 {
         0
     }
+    /// Told once by [`SeedCache::new`] where most reads will land (the
+    /// cache mapping), so a source that needs to prepare memory for
+    /// reading into it can do so once: the RDMA source registers it with
+    /// the device. Reads may still target other buffers. The default does
+    /// nothing.
+    ///
+    /// # Safety
+    ///
+    /// `base..base+len` must stay mapped and writable for as long as
+    /// `self` lives (the source may let a device write there).
+    unsafe fn attach_destination(&self, _base: *mut u8, _len: usize) {}
     /// Size of the page store.
     fn size(&self) -> u64;
     /// A short name for messages and metrics (`local:/path`, `tcp:host`...).
@@ -118,6 +129,8 @@ impl PageSource for LocalSource {
 /// child's anonymous mappings can map it privately: pages then stay shared
 /// between all children of the seed until one writes them.
 pub struct SeedCache {
+    // Declared (so dropped) before `mem`: a source told to write into the
+    // mapping (`attach_destination`) is gone before it is unmapped.
     source: Box<dyn PageSource>,
     memfd: std::os::fd::OwnedFd,
     mem: Mapping,
@@ -145,6 +158,10 @@ impl SeedCache {
         let mem = Mapping::fd_shared(&memfd, size as usize)?;
         let pages = size / PAGE_SIZE;
         let present = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        // SAFETY: `mem` lives in the same SeedCache as `source` and is
+        // dropped after it (field order), so it stays mapped and writable
+        // for as long as the source lives.
+        unsafe { source.attach_destination(mem.as_slice().as_ptr().cast_mut(), mem.len()) };
         Ok(SeedCache {
             source,
             memfd,
