@@ -6,7 +6,8 @@
 #   nodes.sh down DIR             stop them and remove every namespace and link
 #
 # DIR/nodes.env has, per node i: NODEi_NS, NODEi_IP, NODEi_SOCK (Unix socket,
-# reachable from the host), NODEi_ADDR (gRPC on TCP), NODEi_VETH (host side
+# reachable from the host), NODEi_ADDR (gRPC on TCP), NODEi_METRICS
+# (Prometheus text over HTTP), NODEi_VETH (host side
 # of its link), and TOKEN_FILE. Every name starts with a prefix unique to
 # DIR, so several setups can coexist; `down` is safe to run twice.
 set -euo pipefail
@@ -59,7 +60,7 @@ up)
         ip -n "$ns" link set "${prefix}p$i" up
         mkdir -p "$dir/n$i"
         ip netns exec "$ns" "$forkd" serve --socket "$dir/n$i.sock" --state-dir "$dir/n$i" \
-            --listen "$ip:7070" --page-listen "$ip:7071" --token-file "$dir/token" \
+            --listen "$ip:7070" --page-listen "$ip:7071" --metrics "$ip:7072" --token-file "$dir/token" ${FORKD_TRANSPORT:+--transport "$FORKD_TRANSPORT"} \
             --page-deadline-ms "${PAGE_DEADLINE_MS:-3000}" > "$dir/n$i.log" 2>&1 &
         echo $! > "$dir/n$i.pid"
         {
@@ -67,6 +68,7 @@ up)
             echo "NODE${i}_IP=$ip"
             echo "NODE${i}_SOCK=$dir/n$i.sock"
             echo "NODE${i}_ADDR=$ip:7070"
+            echo "NODE${i}_METRICS=$ip:7072"
             echo "NODE${i}_VETH=${prefix}v$i"
             echo "NODE${i}_PEER=${prefix}p$i"
         } >> "$dir/nodes.env"

@@ -14,10 +14,15 @@ cargo build --workspace
 echo "== cargo test"
 # --nocapture: a test that cannot run here says "SKIPPED: <reason>", and
 # that line must be seen; such a test is not counted as passed below.
-cargo test --workspace -- --nocapture 2>&1 | tee target/test-output.txt
+# --no-fail-fast: every test binary runs; the summary below counts them all.
+set +e
+cargo test --workspace --no-fail-fast -- --nocapture 2>&1 | tee target/test-output.txt
+status=${PIPESTATUS[0]}
+set -e
 skipped=$(grep -o 'SKIPPED: [^:]*' target/test-output.txt | sort -u | wc -l)
 echo "== skipped (not counted as passed): $skipped"
 grep -o 'SKIPPED: .*' target/test-output.txt | sort -u || true
 passed=$(grep -E '^test result:' target/test-output.txt | awk '{s += $4} END {print s + 0}')
 failed=$(grep -E '^test result:' target/test-output.txt | awk '{s += $6} END {print s + 0}')
 echo "tests: $((passed - skipped)) passed, $failed failed, $skipped skipped"
+exit "$status"

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod gateway;
 
 /// The generated gRPC types and service (`proto/forkd.proto`).
 #[allow(missing_docs, clippy::all)]

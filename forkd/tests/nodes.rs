@@ -5,104 +5,14 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-/// Three namespaced nodes; torn down on drop, even when a test fails.
-struct Nodes {
-    dir: PathBuf,
-    env: HashMap<String, String>,
-}
-
-impl Nodes {
-    fn up(name: &str) -> Option<Nodes> {
-        if Command::new("ip").arg("-V").output().is_err() {
-            println!("SKIPPED: {name}: iproute2 (ip) is not installed");
-            return None;
-        }
-        let dir = scratch(name);
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nodes.sh");
-        let st = Command::new("bash")
-            .arg(&script)
-            .arg("up")
-            .arg(&dir)
-            .arg("3")
-            .arg(env!("CARGO_BIN_EXE_forkd"))
-            .env("PAGE_DEADLINE_MS", "3000")
-            .status()
-            .unwrap();
-        assert!(st.success(), "nodes.sh up failed");
-        let env = std::fs::read_to_string(dir.join("nodes.env"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| {
-                l.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
-            .collect();
-        Some(Nodes { dir, env })
-    }
-
-    fn get(&self, k: &str) -> String {
-        self.env[k].clone()
-    }
-
-    fn sock(&self, i: u32) -> String {
-        format!("unix:{}", self.get(&format!("NODE{i}_SOCK")))
-    }
-
-    fn ctl(&self, i: u32, args: &[&str]) -> (i32, String, String) {
-        run_forkctl(&self.sock(i), None, args)
-    }
-
-    /// The portable reference of node i's seed.
-    fn seed_ref(&self, i: u32, id: &str) -> String {
-        let (code, out, err) = self.ctl(
-            i,
-            &[
-                "seed",
-                "ref",
-                id,
-                "--origin",
-                &self.get(&format!("NODE{i}_ADDR")),
-            ],
-        );
-        assert_eq!(code, 0, "{err}");
-        out.trim().to_string()
-    }
-
-    fn input(&self, name: &str, content: &str) -> String {
-        let p = self.dir.join(name);
-        std::fs::write(&p, content).unwrap();
-        p.to_string_lossy().into_owned()
-    }
-
-    fn forkd_pid(&self, i: u32) -> i32 {
-        std::fs::read_to_string(self.dir.join(format!("n{i}.pid")))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nodes.sh");
-        let _ = Command::new("bash")
-            .arg(script)
-            .arg("down")
-            .arg(&self.dir)
-            .status();
-    }
-}
 
 const BOTO: &str = r#"
 import sys, os, json

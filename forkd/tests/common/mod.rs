@@ -437,3 +437,99 @@ pub fn python_seed(ctl: impl Fn(&[&str]) -> (i32, String, String), script: &str)
         .unwrap()
         .to_string()
 }
+
+/// Namespaced forkd nodes (`scripts/nodes.sh`); torn down on drop, even
+/// when a test fails.
+pub struct Nodes {
+    pub dir: PathBuf,
+    pub env: std::collections::HashMap<String, String>,
+}
+
+impl Nodes {
+    /// Three nodes.
+    pub fn up(name: &str) -> Option<Nodes> {
+        Nodes::up_n(name, 3)
+    }
+
+    /// `n` nodes, or None (after printing SKIPPED) when `ip` is missing.
+    pub fn up_n(name: &str, n: u32) -> Option<Nodes> {
+        if Command::new("ip").arg("-V").output().is_err() {
+            println!("SKIPPED: {name}: iproute2 (ip) is not installed");
+            return None;
+        }
+        let dir = scratch(name);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nodes.sh");
+        let st = Command::new("bash")
+            .arg(&script)
+            .arg("up")
+            .arg(&dir)
+            .arg(n.to_string())
+            .arg(env!("CARGO_BIN_EXE_forkd"))
+            .env("PAGE_DEADLINE_MS", "3000")
+            .status()
+            .unwrap();
+        assert!(st.success(), "nodes.sh up failed");
+        let env = std::fs::read_to_string(dir.join("nodes.env"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        Some(Nodes { dir, env })
+    }
+
+    pub fn get(&self, k: &str) -> String {
+        self.env[k].clone()
+    }
+
+    pub fn sock(&self, i: u32) -> String {
+        format!("unix:{}", self.get(&format!("NODE{i}_SOCK")))
+    }
+
+    pub fn ctl(&self, i: u32, args: &[&str]) -> (i32, String, String) {
+        run_forkctl(&self.sock(i), None, args)
+    }
+
+    /// The portable reference of node i's seed.
+    pub fn seed_ref(&self, i: u32, id: &str) -> String {
+        let (code, out, err) = self.ctl(
+            i,
+            &[
+                "seed",
+                "ref",
+                id,
+                "--origin",
+                &self.get(&format!("NODE{i}_ADDR")),
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        out.trim().to_string()
+    }
+
+    pub fn input(&self, name: &str, content: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    pub fn forkd_pid(&self, i: u32) -> i32 {
+        std::fs::read_to_string(self.dir.join(format!("n{i}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nodes.sh");
+        let _ = Command::new("bash")
+            .arg(script)
+            .arg("down")
+            .arg(&self.dir)
+            .status();
+    }
+}

@@ -1,0 +1,113 @@
+//! `gateway`: HTTP front door for functions. Registered functions become
+//! seeds on the first node; invocations start children on the least-loaded
+//! node. See `forkd::gateway` for the API.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use forkd::gateway::{Config, NodeSpec};
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Serve functions from seeds: POST /functions to register, POST /invoke/{name} to call"
+)]
+struct Cli {
+    /// HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// A forkd node: `ADDR[,peer=HOST:PORT][,coop=PATH]`; repeat for more.
+    /// The first makes the seeds (its cooperative socket, default the Unix
+    /// socket path + `.coop`, must be reachable from here).
+    #[arg(long = "node", required = true)]
+    nodes: Vec<NodeSpec>,
+    /// Bearer token file for the nodes' TCP gRPC.
+    #[arg(long)]
+    token_file: Option<String>,
+    /// Where instances connect back.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    worker_listen: String,
+    /// The address instances are told (reachable from every node) [default: the bound worker address].
+    #[arg(long)]
+    worker_advertise: Option<String>,
+    /// Idle instances are kept this long (0: one invocation per instance).
+    #[arg(long, default_value_t = 60_000)]
+    keep_alive_ms: u64,
+    /// One invocation's limit; then its instance is killed.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+    /// How long a started instance has to connect back.
+    #[arg(long, default_value_t = 20_000)]
+    ready_timeout_ms: u64,
+    /// How long an invocation waits for an instance when nodes are full.
+    #[arg(long, default_value_t = 30_000)]
+    queue_timeout_ms: u64,
+    /// Instances per node, busy or idle.
+    #[arg(long, default_value_t = 2000)]
+    max_instances_per_node: usize,
+    /// Invocations waiting for an instance, at most (then 503).
+    #[arg(long, default_value_t = 10_000)]
+    max_queue: usize,
+    /// Children per Spawn call.
+    #[arg(long, default_value_t = 16)]
+    spawn_batch: u32,
+    /// off, window or recorded.
+    #[arg(long, default_value = "recorded")]
+    prefetch: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let token = match &cli.token_file {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                eprintln!("gateway: reading token file {p}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let cfg = Config {
+        listen: cli.listen,
+        nodes: cli.nodes,
+        token,
+        worker_listen: cli.worker_listen,
+        worker_advertise: cli.worker_advertise,
+        keep_alive: Duration::from_millis(cli.keep_alive_ms),
+        invoke_timeout: Duration::from_millis(cli.timeout_ms),
+        ready_timeout: Duration::from_millis(cli.ready_timeout_ms),
+        queue_timeout: Duration::from_millis(cli.queue_timeout_ms),
+        max_instances_per_node: cli.max_instances_per_node,
+        max_queue: cli.max_queue,
+        spawn_batch: cli.spawn_batch,
+        prefetch: cli.prefetch,
+        ..Config::default()
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(forkd::gateway::serve(cfg, |a| {
+        // The line scripts and tests wait for.
+        println!("gateway listening on {a}");
+    })) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

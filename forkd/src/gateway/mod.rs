@@ -1,0 +1,527 @@
+//! The gateway: functions registered over HTTP become seeds, and every
+//! invocation without an idle instance starts a child from its seed on the
+//! least-loaded node.
+//!
+//! ```text
+//! POST   /functions            {"name", "command": [...], "cwd", "env", "ready_line",
+//!                               "timeout_ms", "keep_alive_ms"}  -> the seed
+//! GET    /functions            the functions, their seeds and pools
+//! DELETE /functions/{name}     retire its instances and drop its seed
+//! POST   /invoke/{name}        JSON event in, the handler's JSON result out
+//! GET    /metrics              Prometheus text
+//! ```
+//!
+//! A function's command warms up and calls `remotefork.checkpoint()` (the
+//! Python runtime in `python/remotefork/runtime.py` does this for a plain
+//! `def handler(event)`): the gateway runs it with `FORKD_COOP_SOCKET` set to
+//! the first node's cooperative socket, and the command prints the seed it
+//! became. Children connect back to the gateway's worker port and serve
+//! invocations, one JSON line each way, and stay idle for the keep-alive
+//! before they are told to exit. A command that prints a ready line instead
+//! (`ready_line`) is captured by forkd's `CreateSeed`; each of its children
+//! reads one event on stdin and prints its result: one invocation each.
+//!
+//! Nothing is provisioned: a burst of N concurrent invocations becomes N
+//! children, started in batches (one `Spawn` per node and batch). When every
+//! node is at its instance limit, invocations queue for an idle instance up
+//! to the queue timeout and then fail with 503; so does a queue that is full.
+
+mod pool;
+mod register;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::pb;
+pub use pool::{Function, Mode};
+
+/// Errors starting the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A configuration value is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// A node could not be reached.
+    #[error("node {addr}: {error}")]
+    Node {
+        /// The node's address.
+        addr: String,
+        /// What went wrong.
+        error: String,
+    },
+    /// Binding or serving a socket failed.
+    #[error("{what}: {error}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        error: std::io::Error,
+    },
+}
+
+/// A forkd node the gateway places instances on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// How the gateway reaches its forkd (`unix:PATH` or `HOST:PORT`).
+    pub addr: String,
+    /// How other nodes reach its forkd's gRPC (`HOST:PORT`) [default: addr
+    /// when it is TCP]; needed on the first node when there are several.
+    pub peer: Option<String>,
+    /// Its cooperative socket [default: the Unix socket path + `.coop`].
+    pub coop: Option<PathBuf>,
+}
+
+impl std::str::FromStr for NodeSpec {
+    type Err = String;
+    /// `ADDR[,peer=HOST:PORT][,coop=PATH]`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let addr = parts.next().unwrap_or_default().trim().to_string();
+        if addr.is_empty() {
+            return Err(format!("node {s:?}: no address"));
+        }
+        let mut n = NodeSpec {
+            addr,
+            peer: None,
+            coop: None,
+        };
+        for p in parts {
+            match p.split_once('=') {
+                Some(("peer", v)) if !v.is_empty() => n.peer = Some(v.into()),
+                Some(("coop", v)) if !v.is_empty() => n.coop = Some(v.into()),
+                _ => {
+                    return Err(format!(
+                        "node {s:?}: unknown option {p:?} (want peer=HOST:PORT or coop=PATH)"
+                    ))
+                }
+            }
+        }
+        if n.peer.is_none() && !n.addr.starts_with("unix:") {
+            n.peer = Some(n.addr.clone());
+        }
+        Ok(n)
+    }
+}
+
+impl NodeSpec {
+    /// The node's cooperative socket, if it can be known.
+    pub fn coop_socket(&self) -> Option<PathBuf> {
+        self.coop.clone().or_else(|| {
+            self.addr
+                .strip_prefix("unix:")
+                .map(|p| PathBuf::from(format!("{p}.coop")))
+        })
+    }
+}
+
+/// The gateway's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP `HOST:PORT`.
+    pub listen: String,
+    /// The nodes; the first one makes the seeds.
+    pub nodes: Vec<NodeSpec>,
+    /// Bearer token for the nodes' TCP gRPC.
+    pub token: Option<String>,
+    /// Where instances connect back (`HOST:PORT`, port 0 = any).
+    pub worker_listen: String,
+    /// The address instances are told [default: the bound worker address].
+    pub worker_advertise: Option<String>,
+    /// How long an idle instance is kept.
+    pub keep_alive: Duration,
+    /// How long one invocation may run before its instance is killed.
+    pub invoke_timeout: Duration,
+    /// How long a started instance has to connect back.
+    pub ready_timeout: Duration,
+    /// How long an invocation waits for an instance when the nodes are full.
+    pub queue_timeout: Duration,
+    /// Instances per node, busy or idle.
+    pub max_instances_per_node: usize,
+    /// Invocations waiting for an instance, at most.
+    pub max_queue: usize,
+    /// Children per `Spawn` call, at most.
+    pub spawn_batch: u32,
+    /// `off`, `window` or `recorded`.
+    pub prefetch: String,
+    /// How long a function's command may take to warm up.
+    pub register_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            nodes: Vec::new(),
+            token: None,
+            worker_listen: "127.0.0.1:0".into(),
+            worker_advertise: None,
+            keep_alive: Duration::from_secs(60),
+            invoke_timeout: Duration::from_secs(30),
+            ready_timeout: Duration::from_secs(20),
+            queue_timeout: Duration::from_secs(30),
+            max_instances_per_node: 2000,
+            max_queue: 10_000,
+            spawn_batch: 16,
+            prefetch: "recorded".into(),
+            register_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A node as the gateway sees it.
+pub(crate) struct Node {
+    pub spec: NodeSpec,
+    pub client: crate::client::Client,
+    /// Instances placed here and not yet exited (or being started).
+    pub live: AtomicUsize,
+    /// Children started here.
+    pub spawned: AtomicU64,
+}
+
+/// The gateway's shared state.
+pub(crate) struct Gateway {
+    pub cfg: Config,
+    pub nodes: Vec<Node>,
+    pub functions: Mutex<HashMap<String, Arc<Function>>>,
+    /// The address instances connect back to.
+    pub worker_addr: String,
+}
+
+/// What an invocation can end in, besides a result.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// No such function.
+    #[error("unknown function {0:?}")]
+    Unknown(String),
+    /// The request body is not JSON.
+    #[error("the request body is not JSON: {0}")]
+    BadRequest(String),
+    /// No instance could be had.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The instance died.
+    #[error("the instance crashed: {0}")]
+    Crashed(String),
+    /// The handler took too long; the instance was killed.
+    #[error("the handler did not answer within {0} ms; its instance was killed")]
+    Timeout(u128),
+    /// The handler raised.
+    #[error("the handler raised: {0}")]
+    Handler(String),
+}
+
+impl InvokeError {
+    fn status(&self) -> StatusCode {
+        match self {
+            InvokeError::Unknown(_) => StatusCode::NOT_FOUND,
+            InvokeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            InvokeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            InvokeError::Crashed(_) => StatusCode::BAD_GATEWAY,
+            InvokeError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            InvokeError::Handler(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for InvokeError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        (status, axum::Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+fn err(status: StatusCode, msg: impl std::fmt::Display) -> Response {
+    (status, axum::Json(json!({ "error": msg.to_string() }))).into_response()
+}
+
+type Shared = State<Arc<Gateway>>;
+
+async fn invoke(State(g): Shared, Path(name): Path<String>, body: Bytes) -> Response {
+    let f = g
+        .functions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&name)
+        .cloned();
+    let Some(f) = f else {
+        return InvokeError::Unknown(name).into_response();
+    };
+    let event: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return InvokeError::BadRequest(e.to_string()).into_response(),
+        }
+    };
+    match pool::invoke(&g, &f, event).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn register(State(g): Shared, body: Bytes) -> Response {
+    let spec: register::FunctionSpec = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => return err(StatusCode::BAD_REQUEST, format!("bad function spec: {e}")),
+    };
+    if spec.name.is_empty()
+        || !spec
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "function name {:?} must be letters, digits, '-', '_' or '.'",
+                spec.name
+            ),
+        );
+    }
+    if g.functions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(&spec.name)
+    {
+        return err(
+            StatusCode::CONFLICT,
+            format!("function {:?} is already registered", spec.name),
+        );
+    }
+    match register::register(&g, spec).await {
+        Ok(f) => {
+            let v = f.describe();
+            g.functions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(f.name.clone(), f.clone());
+            tokio::spawn(pool::spawner(g.clone(), f));
+            (StatusCode::CREATED, axum::Json(v)).into_response()
+        }
+        Err(e) => err(StatusCode::UNPROCESSABLE_ENTITY, e),
+    }
+}
+
+async fn list(State(g): Shared) -> Response {
+    let fs: Vec<Value> = g
+        .functions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .map(|f| f.describe())
+        .collect();
+    let nodes: Vec<Value> = g
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({"addr": n.spec.addr, "live": n.live.load(Ordering::Relaxed),
+                   "spawned": n.spawned.load(Ordering::Relaxed)})
+        })
+        .collect();
+    axum::Json(json!({ "functions": fs, "nodes": nodes })).into_response()
+}
+
+async fn remove(State(g): Shared, Path(name): Path<String>) -> Response {
+    let f = g
+        .functions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&name);
+    let Some(f) = f else {
+        return InvokeError::Unknown(name).into_response();
+    };
+    f.retire_all().await;
+    let mut c = g.nodes[f.origin].client.clone();
+    if let Err(e) = c.drop_seed(f.seed.clone()).await {
+        warn!(function = %name, "dropping seed {}: {}", f.seed.id, e.message());
+    }
+    info!(function = %name, "function removed");
+    axum::Json(json!({ "removed": name })).into_response()
+}
+
+async fn metrics(State(g): Shared) -> Response {
+    let mut s = String::new();
+    let fs: Vec<Arc<Function>> = g
+        .functions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    s.push_str("# TYPE gateway_invocations_total counter\n");
+    for f in &fs {
+        f.metrics(&mut s);
+    }
+    s.push_str("# TYPE gateway_node_instances gauge\n");
+    for n in &g.nodes {
+        s.push_str(&format!(
+            "gateway_node_instances{{node=\"{}\"}} {}\ngateway_node_spawned_total{{node=\"{}\"}} {}\n",
+            n.spec.addr,
+            n.live.load(Ordering::Relaxed),
+            n.spec.addr,
+            n.spawned.load(Ordering::Relaxed)
+        ));
+    }
+    s.into_response()
+}
+
+/// Run the gateway until SIGINT/SIGTERM; `ready` is told the HTTP address
+/// once it listens.
+pub async fn serve(
+    cfg: Config,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), GatewayError> {
+    if cfg.nodes.is_empty() {
+        return Err(GatewayError::Config("no nodes given (--node)".into()));
+    }
+    if !["off", "window", "recorded"].contains(&cfg.prefetch.as_str()) {
+        return Err(GatewayError::Config(format!(
+            "prefetch {:?}: want off, window or recorded",
+            cfg.prefetch
+        )));
+    }
+    if cfg.nodes.len() > 1 && cfg.nodes[0].peer.is_none() {
+        return Err(GatewayError::Config(format!(
+            "node {} makes the seeds and other nodes must reach it: give it peer=HOST:PORT",
+            cfg.nodes[0].addr
+        )));
+    }
+    let mut nodes = Vec::new();
+    for spec in &cfg.nodes {
+        let client = crate::client::connect(&spec.addr, cfg.token.as_deref())
+            .await
+            .map_err(|e| GatewayError::Node {
+                addr: spec.addr.clone(),
+                error: e.to_string(),
+            })?;
+        let mut c = client.clone();
+        let info = c
+            .node_info(pb::NodeInfoRequest {})
+            .await
+            .map_err(|e| GatewayError::Node {
+                addr: spec.addr.clone(),
+                error: e.message().to_string(),
+            })?
+            .into_inner();
+        info!(node = %spec.addr, host = %info.hostname, "node ready");
+        nodes.push(Node {
+            spec: spec.clone(),
+            client,
+            live: AtomicUsize::new(0),
+            spawned: AtomicU64::new(0),
+        });
+    }
+    let workers = TcpListener::bind(&cfg.worker_listen)
+        .await
+        .map_err(|error| GatewayError::Io {
+            what: format!("binding the worker port {}", cfg.worker_listen),
+            error,
+        })?;
+    let bound = workers.local_addr().map_err(|error| GatewayError::Io {
+        what: "worker address".into(),
+        error,
+    })?;
+    let worker_addr = match &cfg.worker_advertise {
+        Some(a) if a.ends_with(":0") => format!("{}:{}", a.trim_end_matches(":0"), bound.port()),
+        Some(a) => a.clone(),
+        None => bound.to_string(),
+    };
+    let http = TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|error| GatewayError::Io {
+            what: format!("binding {}", cfg.listen),
+            error,
+        })?;
+    let local = http.local_addr().map_err(|error| GatewayError::Io {
+        what: "http address".into(),
+        error,
+    })?;
+    let g = Arc::new(Gateway {
+        cfg,
+        nodes,
+        functions: Mutex::new(HashMap::new()),
+        worker_addr,
+    });
+    tokio::spawn(pool::accept_workers(g.clone(), workers));
+    tokio::spawn(pool::reaper(g.clone()));
+    let app = Router::new()
+        .route("/functions", post(register).get(list))
+        .route("/functions/{name}", delete(remove))
+        .route("/invoke/{name}", post(invoke))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(g.clone());
+    // The line scripts and tests wait for.
+    info!(http = %local, workers = %g.worker_addr, nodes = g.nodes.len(), "gateway listening");
+    ready(local);
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    axum::serve(http, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|error| GatewayError::Io {
+            what: "serving HTTP".into(),
+            error,
+        })?;
+    let fs: Vec<Arc<Function>> = g
+        .functions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain()
+        .map(|(_, f)| f)
+        .collect();
+    for f in fs {
+        f.retire_all().await;
+    }
+    info!("gateway stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_spec_parses_options() {
+        let n: NodeSpec = "unix:/run/a.sock,peer=10.0.0.1:7070".parse().unwrap();
+        assert_eq!(n.peer.as_deref(), Some("10.0.0.1:7070"));
+        assert_eq!(n.coop_socket(), Some(PathBuf::from("/run/a.sock.coop")));
+        let n: NodeSpec = "10.0.0.2:7070".parse().unwrap();
+        assert_eq!(n.peer.as_deref(), Some("10.0.0.2:7070"));
+        assert_eq!(n.coop_socket(), None);
+        let n: NodeSpec = "10.0.0.2:7070,coop=/x.coop".parse().unwrap();
+        assert_eq!(n.coop_socket(), Some(PathBuf::from("/x.coop")));
+        assert!("unix:/a,bogus=1".parse::<NodeSpec>().is_err());
+        assert!("".parse::<NodeSpec>().is_err());
+    }
+
+    #[test]
+    fn errors_map_to_statuses() {
+        assert_eq!(InvokeError::Unknown("f".into()).status(), 404);
+        assert_eq!(InvokeError::BadRequest("x".into()).status(), 400);
+        assert_eq!(InvokeError::Unavailable("x".into()).status(), 503);
+        assert_eq!(InvokeError::Crashed("x".into()).status(), 502);
+        assert_eq!(InvokeError::Timeout(5).status(), 504);
+        assert_eq!(InvokeError::Handler("x".into()).status(), 500);
+    }
+}

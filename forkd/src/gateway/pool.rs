@@ -1,0 +1,782 @@
+//! A function's instances: the idle pool, the invocations waiting for an
+//! instance, the spawner that turns waiting invocations into children on
+//! the least-loaded nodes, and the worker port instances connect back to.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Notify};
+use tracing::{debug, info, warn};
+
+use super::{Gateway, InvokeError};
+use crate::pb;
+
+/// Longest line an instance may send (a result), and the hello's deadline.
+const MAX_LINE: u64 = 64 << 20;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Exit reasons remembered per function, at most.
+const EXITS_KEPT: usize = 4096;
+
+/// How a function's children serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Made by `checkpoint()`: children connect back and serve many
+    /// invocations over their connection.
+    Checkpoint,
+    /// Captured at a ready line: each child reads one event on stdin and
+    /// prints its result.
+    OneShot,
+}
+
+/// A connected instance, idle or serving one invocation.
+pub(crate) struct Instance {
+    id: String,
+    node: usize,
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    idle_since: Instant,
+    served: u64,
+}
+
+type Waiter = oneshot::Sender<Result<Instance, String>>;
+
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Instance>,
+    waiters: VecDeque<Waiter>,
+    /// Children asked for and not yet connected, failed or exited.
+    starting: usize,
+    /// Started children: their node, and whether they connected yet.
+    started: HashMap<String, (usize, bool)>,
+    exits: HashMap<String, String>,
+}
+
+/// Counters of one function.
+#[derive(Default)]
+struct Stats {
+    invocations: AtomicU64,
+    ok: AtomicU64,
+    handler_errors: AtomicU64,
+    crashed: AtomicU64,
+    timeouts: AtomicU64,
+    unavailable: AtomicU64,
+    spawned: AtomicU64,
+    spawn_failures: AtomicU64,
+    reused: AtomicU64,
+}
+
+/// A registered function.
+pub struct Function {
+    /// Its name.
+    pub name: String,
+    /// How its children serve.
+    pub mode: Mode,
+    /// Its seed.
+    pub seed: pb::SeedRef,
+    /// The node holding the seed (index into the gateway's nodes).
+    pub origin: usize,
+    /// Idle instances are kept this long.
+    pub keep_alive: Duration,
+    /// One invocation may take this long.
+    pub timeout: Duration,
+    /// How long making the seed took.
+    pub register_ms: f64,
+    pool: Mutex<Pool>,
+    wake: Notify,
+    stats: Stats,
+    next_call: AtomicU64,
+}
+
+impl Function {
+    pub(crate) fn new(
+        name: String,
+        mode: Mode,
+        seed: pb::SeedRef,
+        origin: usize,
+        keep_alive: Duration,
+        timeout: Duration,
+        register_ms: f64,
+    ) -> Function {
+        Function {
+            name,
+            mode,
+            seed,
+            origin,
+            keep_alive,
+            timeout,
+            register_ms,
+            pool: Mutex::new(Pool::default()),
+            wake: Notify::new(),
+            stats: Stats::default(),
+            next_call: AtomicU64::new(1),
+        }
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The function as JSON (for `GET /functions`).
+    pub fn describe(&self) -> Value {
+        let p = self.pool();
+        let s = &self.stats;
+        json!({
+            "name": self.name,
+            "mode": match self.mode { Mode::Checkpoint => "checkpoint", Mode::OneShot => "one-shot" },
+            "seed": self.seed.id,
+            "register_ms": self.register_ms,
+            "keep_alive_ms": self.keep_alive.as_millis() as u64,
+            "timeout_ms": self.timeout.as_millis() as u64,
+            "idle": p.idle.len(),
+            "waiting": p.waiters.len(),
+            "starting": p.starting,
+            "invocations": s.invocations.load(Ordering::Relaxed),
+            "ok": s.ok.load(Ordering::Relaxed),
+            "spawned": s.spawned.load(Ordering::Relaxed),
+            "reused": s.reused.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Append this function's Prometheus lines.
+    pub fn metrics(&self, out: &mut String) {
+        let s = &self.stats;
+        let n = &self.name;
+        for (outcome, v) in [
+            ("ok", &s.ok),
+            ("handler_error", &s.handler_errors),
+            ("crashed", &s.crashed),
+            ("timeout", &s.timeouts),
+            ("unavailable", &s.unavailable),
+        ] {
+            out.push_str(&format!(
+                "gateway_invocations_total{{function=\"{n}\",outcome=\"{outcome}\"}} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        let p = self.pool();
+        out.push_str(&format!(
+            "gateway_instances_spawned_total{{function=\"{n}\"}} {}\n\
+             gateway_spawn_failures_total{{function=\"{n}\"}} {}\n\
+             gateway_instances_reused_total{{function=\"{n}\"}} {}\n\
+             gateway_instances_idle{{function=\"{n}\"}} {}\n\
+             gateway_invocations_waiting{{function=\"{n}\"}} {}\n",
+            s.spawned.load(Ordering::Relaxed),
+            s.spawn_failures.load(Ordering::Relaxed),
+            s.reused.load(Ordering::Relaxed),
+            p.idle.len(),
+            p.waiters.len(),
+        ));
+    }
+
+    /// Tell every idle instance to exit.
+    pub async fn retire_all(&self) {
+        let idle = std::mem::take(&mut self.pool().idle);
+        for i in idle {
+            retire(i).await;
+        }
+    }
+
+    /// Give a connected instance to the oldest waiting invocation, or
+    /// keep it idle. `fresh`: it has just connected, so it no longer counts
+    /// as starting; that and taking its waiter happen under one lock, or
+    /// the spawner could see the waiter still unserved and start another.
+    fn deliver(&self, mut inst: Instance, fresh: bool) {
+        let mut fresh = fresh;
+        loop {
+            let w = {
+                let mut p = self.pool();
+                if std::mem::take(&mut fresh) {
+                    p.starting -= 1;
+                }
+                p.waiters.pop_front()
+            };
+            match w {
+                Some(tx) => match tx.send(Ok(inst)) {
+                    Ok(()) => return,
+                    // That invocation gave up waiting: try the next.
+                    Err(Ok(back)) => inst = back,
+                    Err(Err(_)) => return,
+                },
+                None => {
+                    inst.idle_since = Instant::now();
+                    self.pool().idle.push(inst);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Fail the oldest waiting invocation with `reason`.
+    fn fail_one(&self, reason: &str) {
+        loop {
+            let Some(tx) = self.pool().waiters.pop_front() else {
+                return;
+            };
+            if tx.send(Err(reason.to_string())).is_ok() {
+                return;
+            }
+        }
+    }
+
+    fn exit_reason(&self, id: &str) -> Option<String> {
+        self.pool().exits.get(id).cloned()
+    }
+}
+
+async fn retire(mut i: Instance) {
+    let _ = tokio::time::timeout(
+        Duration::from_millis(200),
+        i.writer.write_all(b"{\"exit\": true}\n"),
+    )
+    .await;
+}
+
+async fn read_line(r: &mut BufReader<OwnedReadHalf>) -> std::io::Result<Option<String>> {
+    let mut line = String::new();
+    let n = r.take(MAX_LINE).read_line(&mut line).await?;
+    Ok((n > 0 && line.ends_with('\n')).then_some(line))
+}
+
+/// Run one invocation.
+pub(crate) async fn invoke(
+    g: &Arc<Gateway>,
+    f: &Arc<Function>,
+    event: Value,
+) -> Result<Value, InvokeError> {
+    f.stats.invocations.fetch_add(1, Ordering::Relaxed);
+    let r = match f.mode {
+        Mode::Checkpoint => invoke_connected(g, f, event).await,
+        Mode::OneShot => invoke_one_shot(g, f, event).await,
+    };
+    let counter = match &r {
+        Ok(_) => &f.stats.ok,
+        Err(InvokeError::Handler(_)) => &f.stats.handler_errors,
+        Err(InvokeError::Crashed(_)) => &f.stats.crashed,
+        Err(InvokeError::Timeout(_)) => &f.stats.timeouts,
+        Err(_) => &f.stats.unavailable,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    r
+}
+
+async fn acquire(g: &Gateway, f: &Function) -> Result<Instance, InvokeError> {
+    let rx = {
+        let mut p = f.pool();
+        if let Some(mut i) = p.idle.pop() {
+            i.served += 1;
+            f.stats.reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(i);
+        }
+        if p.waiters.len() >= g.cfg.max_queue {
+            return Err(InvokeError::Unavailable(format!(
+                "{} invocations of {} are already waiting for an instance; try again later",
+                p.waiters.len(),
+                f.name
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        p.waiters.push_back(tx);
+        rx
+    };
+    f.wake.notify_one();
+    let wait = g.cfg.queue_timeout + g.cfg.ready_timeout;
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(Ok(i))) => Ok(i),
+        Ok(Ok(Err(reason))) => Err(InvokeError::Unavailable(reason)),
+        Ok(Err(_)) => Err(InvokeError::Unavailable("the gateway is stopping".into())),
+        Err(_) => Err(InvokeError::Unavailable(format!(
+            "no instance of {} became free within {} ms (nodes at capacity: {} instances each)",
+            f.name,
+            wait.as_millis(),
+            g.cfg.max_instances_per_node
+        ))),
+    }
+}
+
+async fn invoke_connected(
+    g: &Arc<Gateway>,
+    f: &Arc<Function>,
+    event: Value,
+) -> Result<Value, InvokeError> {
+    let mut inst = acquire(g, f).await?;
+    let call = f.next_call.fetch_add(1, Ordering::Relaxed);
+    let mut msg = json!({ "id": call, "event": event }).to_string();
+    msg.push('\n');
+    let exchange = async {
+        inst.writer.write_all(msg.as_bytes()).await?;
+        read_line(&mut inst.reader).await
+    };
+    let answer = match tokio::time::timeout(f.timeout, exchange).await {
+        Ok(Ok(Some(line))) => line,
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            // The connection broke: the instance died. forkd's exit event
+            // says how, usually within a moment.
+            let mut reason = None;
+            for _ in 0..50 {
+                reason = f.exit_reason(&inst.id);
+                if reason.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let reason = reason.unwrap_or_else(|| "its connection closed".into());
+            warn!(function = %f.name, instance = %inst.id, %reason, "instance crashed");
+            return Err(InvokeError::Crashed(format!(
+                "instance {}: {reason}",
+                inst.id
+            )));
+        }
+        Err(_) => {
+            warn!(function = %f.name, instance = %inst.id, "handler timed out; killing the instance");
+            let mut c = g.nodes[inst.node].client.clone();
+            if let Err(e) = c
+                .kill_instance(pb::KillInstanceRequest {
+                    instance_id: inst.id.clone(),
+                })
+                .await
+            {
+                warn!(instance = %inst.id, "kill: {}", e.message());
+            }
+            return Err(InvokeError::Timeout(f.timeout.as_millis()));
+        }
+    };
+    let v: Value = serde_json::from_str(&answer).map_err(|e| {
+        InvokeError::Crashed(format!(
+            "instance {} answered something that is not JSON: {e}",
+            inst.id
+        ))
+    })?;
+    if v.get("id").and_then(Value::as_u64) != Some(call) {
+        return Err(InvokeError::Crashed(format!(
+            "instance {} answered call {:?}, not {call}",
+            inst.id,
+            v.get("id")
+        )));
+    }
+    let ok = v.get("ok").and_then(Value::as_bool) == Some(true);
+    // The instance is healthy either way: back to the pool.
+    if f.keep_alive.is_zero() {
+        retire(inst).await;
+    } else {
+        f.deliver(inst, false);
+    }
+    if ok {
+        Ok(v.get("result").cloned().unwrap_or(Value::Null))
+    } else {
+        Err(InvokeError::Handler(
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no error given")
+                .to_string(),
+        ))
+    }
+}
+
+/// The least-loaded node with room, counted as taken.
+fn place(g: &Gateway) -> Option<usize> {
+    let cap = g.cfg.max_instances_per_node;
+    let i = (0..g.nodes.len())
+        .filter(|&i| g.nodes[i].live.load(Ordering::Relaxed) < cap)
+        .min_by_key(|&i| g.nodes[i].live.load(Ordering::Relaxed))?;
+    g.nodes[i].live.fetch_add(1, Ordering::Relaxed);
+    Some(i)
+}
+
+fn spawn_request(g: &Gateway, f: &Function, node: usize, count: u32) -> pb::SpawnRequest {
+    let origin = if node == f.origin {
+        String::new()
+    } else {
+        g.nodes[f.origin].spec.peer.clone().unwrap_or_default()
+    };
+    pb::SpawnRequest {
+        seed: Some(f.seed.clone()),
+        count,
+        prefetch: g.cfg.prefetch.clone(),
+        origin,
+        labels: [("gateway-function".to_string(), f.name.clone())].into(),
+        ..Default::default()
+    }
+}
+
+async fn invoke_one_shot(
+    g: &Arc<Gateway>,
+    f: &Arc<Function>,
+    event: Value,
+) -> Result<Value, InvokeError> {
+    let deadline = Instant::now() + g.cfg.queue_timeout;
+    let node = loop {
+        if let Some(n) = place(g) {
+            break n;
+        }
+        if Instant::now() >= deadline {
+            return Err(InvokeError::Unavailable(format!(
+                "every node is at its limit of {} instances",
+                g.cfg.max_instances_per_node
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let n = &g.nodes[node];
+    let mut req = spawn_request(g, f, node, 1);
+    req.stdin = format!("{event}\n").into_bytes();
+    req.stdout = pb::StdoutMode::Capture as i32;
+    let mut c = n.client.clone();
+    let started_id = Mutex::new(String::new());
+    let run = async {
+        let mut s = c
+            .spawn(req)
+            .await
+            .map_err(|e| InvokeError::Unavailable(e.message().to_string()))?
+            .into_inner();
+        let mut id = String::new();
+        while let Some(ev) = s
+            .message()
+            .await
+            .map_err(|e| InvokeError::Crashed(e.message().to_string()))?
+        {
+            match ev.kind {
+                Some(pb::instance_event::Kind::Started(_)) => {
+                    id = ev.instance_id;
+                    *started_id.lock().unwrap_or_else(|e| e.into_inner()) = id.clone();
+                    n.spawned.fetch_add(1, Ordering::Relaxed);
+                    f.stats.spawned.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(pb::instance_event::Kind::Failed(x)) => {
+                    f.stats.spawn_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(InvokeError::Unavailable(format!(
+                        "no instance could be started: {}",
+                        x.reason
+                    )));
+                }
+                Some(pb::instance_event::Kind::Exited(x)) => return Ok((id, x)),
+                _ => {}
+            }
+        }
+        Err(InvokeError::Crashed("the node stopped reporting".into()))
+    };
+    let r = tokio::time::timeout(f.timeout, run).await;
+    n.live.fetch_sub(1, Ordering::Relaxed);
+    let (id, x) = match r {
+        Ok(r) => r?,
+        Err(_) => {
+            let id = std::mem::take(&mut *started_id.lock().unwrap_or_else(|e| e.into_inner()));
+            if !id.is_empty() {
+                warn!(function = %f.name, instance = %id, "handler timed out; killing the instance");
+                let mut c = n.client.clone();
+                let _ = c
+                    .kill_instance(pb::KillInstanceRequest { instance_id: id })
+                    .await;
+            }
+            return Err(InvokeError::Timeout(f.timeout.as_millis()));
+        }
+    };
+    let out = String::from_utf8_lossy(&x.stdout);
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let v: Option<Value> = serde_json::from_str(last).ok();
+    match v {
+        Some(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => {
+            Ok(v.get("result").cloned().unwrap_or(Value::Null))
+        }
+        Some(v) if v.get("ok").is_some() => Err(InvokeError::Handler(
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no error given")
+                .into(),
+        )),
+        Some(v) if x.exit_code == 0 && x.signal == 0 => Ok(v),
+        _ => Err(InvokeError::Crashed(format!(
+            "instance {id} ended with {} without a JSON answer{}",
+            describe_exit(&x),
+            if x.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", x.reason)
+            }
+        ))),
+    }
+}
+
+fn describe_exit(x: &pb::Exited) -> String {
+    if x.signal != 0 {
+        format!("signal {}", x.signal)
+    } else {
+        format!("exit status {}", x.exit_code)
+    }
+}
+
+/// Turns waiting invocations into children, forever (one task per function).
+pub(crate) async fn spawner(g: Arc<Gateway>, f: Arc<Function>) {
+    if f.mode == Mode::OneShot {
+        return;
+    }
+    loop {
+        f.wake.notified().await;
+        if !g
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&f.name)
+        {
+            return;
+        }
+        // Children needed: waiting invocations no starting child will serve.
+        let need = {
+            let mut p = f.pool();
+            p.waiters.retain(|w| !w.is_closed());
+            p.waiters.len().saturating_sub(p.starting)
+        };
+        if need == 0 {
+            continue;
+        }
+        let mut per_node = vec![0u32; g.nodes.len()];
+        let mut placed = 0;
+        for _ in 0..need {
+            match place(&g) {
+                Some(i) => {
+                    per_node[i] += 1;
+                    placed += 1;
+                }
+                None => break,
+            }
+        }
+        if placed < need {
+            debug!(function = %f.name, need, placed, "nodes at capacity; the rest wait for idle instances");
+        }
+        f.pool().starting += placed;
+        for (node, mut k) in per_node.into_iter().enumerate() {
+            while k > 0 {
+                let batch = k.min(g.cfg.spawn_batch.max(1));
+                k -= batch;
+                tokio::spawn(spawn_batch(g.clone(), f.clone(), node, batch));
+            }
+        }
+    }
+}
+
+/// One `Spawn` call of `count` children on `node`, followed to its end.
+async fn spawn_batch(g: Arc<Gateway>, f: Arc<Function>, node: usize, count: u32) {
+    let n = &g.nodes[node];
+    let mut req = spawn_request(&g, &f, node, count);
+    req.stdout = pb::StdoutMode::Null as i32;
+    req.args = json!({ "gateway": g.worker_addr, "function": f.name }).to_string();
+    let mut c = n.client.clone();
+    // Children this call has not accounted for yet (started nor failed).
+    let mut unresolved = count as usize;
+    let mut running: Vec<String> = Vec::new();
+    let lost = match c.spawn(req).await {
+        Err(e) => format!("node {} refused to spawn: {}", n.spec.addr, e.message()),
+        Ok(s) => {
+            let mut s = s.into_inner();
+            loop {
+                let ev = match s.message().await {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => break format!("node {} ended the spawn stream", n.spec.addr),
+                    Err(e) => break format!("lost node {}: {}", n.spec.addr, e.message()),
+                };
+                match ev.kind {
+                    Some(pb::instance_event::Kind::Started(_)) => {
+                        unresolved -= 1;
+                        n.spawned.fetch_add(1, Ordering::Relaxed);
+                        f.stats.spawned.fetch_add(1, Ordering::Relaxed);
+                        f.pool()
+                            .started
+                            .insert(ev.instance_id.clone(), (node, false));
+                        running.push(ev.instance_id.clone());
+                        tokio::spawn(hello_deadline(g.clone(), f.clone(), node, ev.instance_id));
+                    }
+                    Some(pb::instance_event::Kind::Failed(x)) => {
+                        unresolved -= 1;
+                        f.stats.spawn_failures.fetch_add(1, Ordering::Relaxed);
+                        n.live.fetch_sub(1, Ordering::Relaxed);
+                        f.pool().starting -= 1;
+                        warn!(function = %f.name, node = %n.spec.addr, reason = %x.reason, "spawn failed");
+                        f.fail_one(&format!("no instance could be started: {}", x.reason));
+                    }
+                    Some(pb::instance_event::Kind::Exited(x)) => {
+                        running.retain(|i| *i != ev.instance_id);
+                        let reason = if x.reason.is_empty() {
+                            describe_exit(&x)
+                        } else {
+                            format!("{} ({})", describe_exit(&x), x.reason)
+                        };
+                        exited(&f, n, &ev.instance_id, reason);
+                    }
+                    _ => {}
+                }
+                if unresolved == 0 && running.is_empty() {
+                    return;
+                }
+            }
+        }
+    };
+    // The node is gone or refused: whatever was not accounted for is lost.
+    if unresolved > 0 {
+        warn!(function = %f.name, "{lost}");
+        n.live.fetch_sub(unresolved, Ordering::Relaxed);
+        f.pool().starting -= unresolved;
+        for _ in 0..unresolved {
+            f.fail_one(&lost);
+        }
+    }
+    for id in running {
+        exited(&f, n, &id, lost.clone());
+    }
+    f.wake.notify_one();
+}
+
+fn exited(f: &Function, n: &super::Node, id: &str, reason: String) {
+    n.live.fetch_sub(1, Ordering::Relaxed);
+    let mut p = f.pool();
+    let connected = p.started.remove(id).map(|(_, c)| c);
+    if p.exits.len() >= EXITS_KEPT {
+        p.exits.clear();
+    }
+    p.exits.insert(id.to_string(), reason.clone());
+    // Gone before it said hello: the invocation it was for fails with
+    // the reason (no respawn loop for a function that cannot start).
+    if connected == Some(false) {
+        p.starting -= 1;
+        drop(p);
+        warn!(function = %f.name, instance = %id, %reason, "instance died before it was ready");
+        f.fail_one(&format!("instance {id} died before it was ready: {reason}"));
+    } else {
+        p.idle.retain(|i| i.id != id);
+    }
+    // Room on a node: waiting invocations may get a child now.
+    f.wake.notify_one();
+}
+
+async fn hello_deadline(g: Arc<Gateway>, f: Arc<Function>, node: usize, id: String) {
+    tokio::time::sleep(g.cfg.ready_timeout).await;
+    if f.pool().started.get(&id).is_some_and(|&(_, c)| !c) {
+        warn!(function = %f.name, instance = %id, "instance never connected back; killing it");
+        let mut c = g.nodes[node].client.clone();
+        let _ = c
+            .kill_instance(pb::KillInstanceRequest { instance_id: id })
+            .await;
+    }
+}
+
+/// Accept instances connecting back: each says hello first.
+pub(crate) async fn accept_workers(g: Arc<Gateway>, l: TcpListener) {
+    loop {
+        let (s, peer) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("worker accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let g = g.clone();
+        tokio::spawn(async move {
+            if let Err(e) = hello(&g, s).await {
+                warn!(%peer, "worker connection refused: {e}");
+            }
+        });
+    }
+}
+
+async fn hello(g: &Gateway, s: TcpStream) -> Result<(), String> {
+    let _ = s.set_nodelay(true);
+    let (r, w) = s.into_split();
+    let mut reader = BufReader::new(r);
+    let line = tokio::time::timeout(HELLO_TIMEOUT, read_line(&mut reader))
+        .await
+        .map_err(|_| "no hello within 5 s".to_string())?
+        .map_err(|e| e.to_string())?
+        .ok_or("closed before its hello")?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| format!("bad hello: {e}"))?;
+    let id = v
+        .get("hello")
+        .and_then(Value::as_str)
+        .ok_or("hello without an instance id")?
+        .to_string();
+    let name = v.get("function").and_then(Value::as_str).unwrap_or("");
+    let f = g
+        .functions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(name)
+        .cloned()
+        .ok_or_else(|| format!("hello for unknown function {name:?}"))?;
+    // The hello can beat the Started event of the Spawn stream: wait a
+    // moment for it.
+    let mut node = None;
+    for _ in 0..250 {
+        let seen = {
+            let mut p = f.pool();
+            match p.started.get_mut(&id) {
+                Some((n, c @ false)) => {
+                    *c = true;
+                    Some(Ok(*n))
+                }
+                Some((_, true)) => Some(Err(format!("instance {id:?} said hello twice"))),
+                None => None,
+            }
+        };
+        match seen {
+            Some(r) => {
+                node = Some(r?);
+                break;
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let node = node.ok_or_else(|| format!("instance {id:?} is not one this gateway started"))?;
+    debug!(function = %f.name, instance = %id, "instance ready");
+    f.deliver(
+        Instance {
+            id,
+            node,
+            reader,
+            writer: w,
+            idle_since: Instant::now(),
+            served: 0,
+        },
+        true,
+    );
+    Ok(())
+}
+
+/// Tells idle instances past their keep-alive to exit.
+pub(crate) async fn reaper(g: Arc<Gateway>) {
+    let tick = (g.cfg.keep_alive / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(tick).await;
+        let fs: Vec<Arc<Function>> = g
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for f in fs {
+            let expired: Vec<Instance> = {
+                let mut p = f.pool();
+                let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut p.idle)
+                    .into_iter()
+                    .partition(|i| i.idle_since.elapsed() >= f.keep_alive);
+                p.idle = keep;
+                old
+            };
+            if !expired.is_empty() {
+                info!(function = %f.name, instances = expired.len(), "keep-alive over; retiring idle instances");
+            }
+            for i in expired {
+                debug!(instance = %i.id, served = i.served, "retiring");
+                retire(i).await;
+            }
+        }
+    }
+}

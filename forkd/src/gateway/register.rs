@@ -1,0 +1,214 @@
+//! Registering a function: run its command until it is warm and make a seed
+//! of it on the first node.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tracing::info;
+
+use super::pool::{Function, Mode};
+use super::Gateway;
+use crate::pb;
+
+/// What `POST /functions` takes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    /// The function's name (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// The command that warms up and checkpoints (or prints `ready_line`).
+    pub command: Vec<String>,
+    /// Its working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Capture at this stdout line instead of waiting for `checkpoint()`;
+    /// each child then serves one invocation (stdin in, stdout out).
+    #[serde(default)]
+    pub ready_line: Option<String>,
+    /// One invocation's limit [default: the gateway's].
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Idle instances are kept this long [default: the gateway's; 0 = one
+    /// invocation per instance].
+    #[serde(default)]
+    pub keep_alive_ms: Option<u64>,
+}
+
+/// Make the function's seed on the first node.
+pub(crate) async fn register(
+    g: &Arc<Gateway>,
+    spec: FunctionSpec,
+) -> Result<Arc<Function>, String> {
+    if spec.command.is_empty() {
+        return Err("the function has no command".into());
+    }
+    let t = Instant::now();
+    let origin = 0;
+    let (mode, seed) = match &spec.ready_line {
+        Some(line) => (Mode::OneShot, ready_line_seed(g, &spec, line).await?),
+        None => (Mode::Checkpoint, checkpoint_seed(g, &spec).await?),
+    };
+    let f = Function::new(
+        spec.name.clone(),
+        mode,
+        seed,
+        origin,
+        spec.keep_alive_ms
+            .map(Duration::from_millis)
+            .unwrap_or(g.cfg.keep_alive),
+        spec.timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(g.cfg.invoke_timeout),
+        t.elapsed().as_secs_f64() * 1e3,
+    );
+    info!(function = %f.name, seed = %f.seed.id, ms = f.register_ms, "function registered");
+    Ok(Arc::new(f))
+}
+
+async fn ready_line_seed(
+    g: &Gateway,
+    spec: &FunctionSpec,
+    line: &str,
+) -> Result<pb::SeedRef, String> {
+    // StartCommand has no environment: `env` carries it.
+    let mut argv = Vec::new();
+    if !spec.env.is_empty() {
+        argv.push("/usr/bin/env".to_string());
+        argv.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
+    }
+    argv.extend(spec.command.iter().cloned());
+    let mut c = g.nodes[0].client.clone();
+    let s = c
+        .create_seed(pb::CreateSeedRequest {
+            source: Some(pb::create_seed_request::Source::Command(pb::StartCommand {
+                argv,
+                ready_line: line.to_string(),
+                ready_timeout_ms: g.cfg.register_timeout.as_millis() as u32,
+                cwd: spec.cwd.clone().unwrap_or_default(),
+            })),
+            name: spec.name.clone(),
+        })
+        .await
+        .map_err(|e| {
+            format!(
+                "{} could not make a seed: {}",
+                g.nodes[0].spec.addr,
+                e.message()
+            )
+        })?
+        .into_inner();
+    Ok(pb::SeedRef {
+        id: s.id,
+        key: s.key,
+    })
+}
+
+async fn checkpoint_seed(g: &Gateway, spec: &FunctionSpec) -> Result<pb::SeedRef, String> {
+    let coop = g.nodes[0].spec.coop_socket().ok_or_else(|| {
+        format!(
+            "node {} has no known cooperative socket: give it coop=PATH",
+            g.nodes[0].spec.addr
+        )
+    })?;
+    let mut cmd = tokio::process::Command::new(&spec.command[0]);
+    cmd.args(&spec.command[1..])
+        .env("FORKD_COOP_SOCKET", &coop)
+        .envs(&spec.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(d) = &spec.cwd {
+        cmd.current_dir(d);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", spec.command[0]))?;
+    let mut out = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+    // Keep the last few KiB of its stderr for the error message, draining
+    // it so a chatty command never blocks on a full pipe.
+    let mut err = child.stderr.take().ok_or("no stderr")?;
+    let tail_buf = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let drain = {
+        let tail_buf = tail_buf.clone();
+        tokio::spawn(async move {
+            let mut b = [0u8; 4096];
+            while let Ok(n) = err.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+                let mut t = tail_buf.lock().unwrap_or_else(|e| e.into_inner());
+                t.extend_from_slice(&b[..n]);
+                if t.len() > 8192 {
+                    let cut = t.len() - 8192;
+                    t.drain(..cut);
+                }
+            }
+        })
+    };
+    let find = async {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if out.read_line(&mut line).await.map_err(|e| e.to_string())? == 0 {
+                return Err("it exited without printing `remotefork-seed {...}`".to_string());
+            }
+            if let Some(j) = line.trim().strip_prefix("remotefork-seed ") {
+                let v: Value =
+                    serde_json::from_str(j).map_err(|e| format!("bad seed line: {e}"))?;
+                let id = v.get("id").and_then(Value::as_str).unwrap_or_default();
+                let key = v.get("key").and_then(Value::as_str).unwrap_or_default();
+                if id.is_empty() {
+                    return Err(format!("seed line without an id: {j}"));
+                }
+                return Ok(pb::SeedRef {
+                    id: id.into(),
+                    key: key.into(),
+                });
+            }
+        }
+    };
+    let r = match tokio::time::timeout(g.cfg.register_timeout, find).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "no checkpoint within {} ms",
+            g.cfg.register_timeout.as_millis()
+        )),
+    };
+    match r {
+        Ok(seed) => {
+            // The runtime's parent exits after the checkpoint; don't keep it.
+            if tokio::time::timeout(Duration::from_secs(2), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+            Ok(seed)
+        }
+        Err(e) => {
+            let _ = child.kill().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+            let tail = tail_buf.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let tail = String::from_utf8_lossy(&tail);
+            let tail: Vec<&str> = tail.lines().rev().take(8).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            Err(format!(
+                "the function's command did not become a seed: {e}{}",
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("; its stderr ends with: {}", tail.join(" | "))
+                }
+            ))
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The gateway end to end: a Python function (boto3 imported, then
+//! `remotefork.checkpoint()` through the runtime in python/) registered over
+//! HTTP, invoked through real forkd daemons; keep-alive, bad input, crashing
+//! and hanging handlers, capacity, and a burst of 1,000 invocations over two
+//! namespaced nodes. Run as root.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running gateway; killed on drop.
+struct Gateway {
+    child: Child,
+    addr: String,
+}
+
+impl Gateway {
+    fn start(args: &[String]) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env(
+                "FORKD_LOG",
+                std::env::var("FORKD_LOG").unwrap_or("warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("gateway listening on ")
+            .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
+            .to_string();
+        Gateway { child, addr }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our child; SIGTERM lets it retire instances.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request: (status, JSON body).
+async fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn register_body(name: &str, extra: Value) -> String {
+    let handler = repo().join("python/examples/s3_handler.py");
+    let mut v = json!({
+        "name": name,
+        "command": [python(), "-m", "remotefork.runtime", handler],
+        "env": {"PYTHONPATH": repo().join("python")},
+    });
+    if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
+        o.extend(e);
+    }
+    v.to_string()
+}
+
+fn pid_alive(pid: u64) -> bool {
+    state(pid as i32).is_some_and(|s| s != 'Z')
+}
+
+#[test]
+fn gateway_serves_a_python_function_with_keep_alive_and_clear_errors() {
+    if !require_root("gateway_serves_a_python_function") {
+        return;
+    }
+    let dir = scratch("gw-single");
+    let d = Daemon::start(&dir, false);
+    let gw = Gateway::start(&[
+        "--node".into(),
+        d.addr(),
+        "--timeout-ms".into(),
+        "20000".into(),
+    ]);
+    let a = gw.addr.as_str();
+    rt().block_on(async {
+        let (st, v) = http(a, "POST", "/functions", &register_body("s3", json!({}))).await;
+        assert_eq!(st, 201, "{v}");
+        assert!(!v["seed"].as_str().unwrap().is_empty());
+
+        let (st, v) = http(a, "POST", "/invoke/s3", r#"{"n": 7}"#).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["square"], 49);
+        assert_eq!(v["region"], "us-east-1");
+        assert_eq!(v["service"], "s3");
+        let p1 = v["pid"].as_u64().unwrap();
+
+        // Kept alive: the next call lands on the same instance.
+        let (st, v) = http(a, "POST", "/invoke/s3", r#"{"n": 8}"#).await;
+        assert_eq!(
+            (st, v["square"].as_u64(), v["pid"].as_u64()),
+            (200, Some(64), Some(p1))
+        );
+
+        // Bad input.
+        let (st, v) = http(a, "POST", "/invoke/s3", "{not json").await;
+        assert_eq!(st, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("not JSON"), "{v}");
+        let (st, v) = http(a, "POST", "/invoke/nosuch", "{}").await;
+        assert_eq!(st, 404, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("nosuch"), "{v}");
+        let (st, v) = http(a, "POST", "/functions", &register_body("s3", json!({}))).await;
+        assert_eq!(st, 409, "{v}");
+        let (st, v) = http(a, "POST", "/functions", r#"{"name": "x", "command": []}"#).await;
+        assert_eq!(st, 422, "{v}");
+        let (st, v) = http(
+            a,
+            "POST",
+            "/functions",
+            r#"{"name": "x y", "command": ["true"]}"#,
+        )
+        .await;
+        assert_eq!(st, 400, "{v}");
+        let bad = json!({"name": "broken", "command": [python(), "-c",
+            "import sys; sys.stderr.write('no handler here\\n'); sys.exit(3)"]});
+        let (st, v) = http(a, "POST", "/functions", &bad.to_string()).await;
+        assert_eq!(st, 422, "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("no handler here"),
+            "{v}"
+        );
+
+        // A handler that raises: an error for the caller, the instance lives.
+        let (st, v) = http(a, "POST", "/invoke/s3", r#"{"raise": "boom"}"#).await;
+        assert_eq!(st, 500, "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("ValueError: boom"),
+            "{v}"
+        );
+        let (_, v) = http(a, "POST", "/invoke/s3", r#"{"n": 1}"#).await;
+        assert_eq!(
+            v["pid"].as_u64(),
+            Some(p1),
+            "the instance survived the exception"
+        );
+
+        // A handler that crashes the process: 502 with the reason; the seed
+        // is unharmed and the next call gets a new instance.
+        let (st, v) = http(a, "POST", "/invoke/s3", r#"{"crash": true}"#).await;
+        assert_eq!(st, 502, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("signal 9"), "{v}");
+        let (st, v) = http(a, "POST", "/invoke/s3", r#"{"n": 3}"#).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["square"], 9);
+        assert_ne!(v["pid"].as_u64(), Some(p1));
+
+        // A handler that hangs: 504 at the function's timeout, instance killed.
+        let quick = register_body("quick", json!({"timeout_ms": 1500}));
+        assert_eq!(http(a, "POST", "/functions", &quick).await.0, 201);
+        let (_, v) = http(a, "POST", "/invoke/quick", r#"{"n": 2}"#).await;
+        let hung = v["pid"].as_u64().unwrap();
+        let t = Instant::now();
+        let (st, v) = http(a, "POST", "/invoke/quick", r#"{"hang": true}"#).await;
+        assert_eq!(st, 504, "{v}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        let t = Instant::now();
+        while pid_alive(hung) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "hung instance {hung} still alive"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (st, v) = http(a, "POST", "/invoke/quick", r#"{"n": 5}"#).await;
+        assert_eq!((st, v["square"].as_u64()), (200, Some(25)), "{v}");
+
+        // A one-shot function (captured at a ready line): one child per call.
+        let handler = repo().join("python/examples/s3_handler.py");
+        let once = json!({"name": "once", "ready_line": "READY",
+            "command": [python(), "-m", "remotefork.runtime", handler, "--ready-line", "READY"],
+            "env": {"PYTHONPATH": repo().join("python")}});
+        let (st, v) = http(a, "POST", "/functions", &once.to_string()).await;
+        assert_eq!(st, 201, "{v}");
+        let (st, v) = http(a, "POST", "/invoke/once", r#"{"n": 11}"#).await;
+        assert_eq!((st, v["square"].as_u64()), (200, Some(121)), "{v}");
+
+        let (st, v) = http(a, "GET", "/functions", "").await;
+        assert_eq!(st, 200);
+        let s3 = v["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "s3")
+            .unwrap()
+            .clone();
+        assert!(s3["reused"].as_u64().unwrap() >= 2, "{s3}");
+        let (st, _) = http(a, "DELETE", "/functions/s3", "").await;
+        assert_eq!(st, 200);
+        assert_eq!(http(a, "POST", "/invoke/s3", "{}").await.0, 404);
+    });
+}
+
+#[test]
+fn gateway_answers_503_beyond_capacity_and_recovers() {
+    if !require_root("gateway_answers_503_beyond_capacity") {
+        return;
+    }
+    let dir = scratch("gw-capacity");
+    let d = Daemon::start(&dir, false);
+    let gw = Gateway::start(&[
+        "--node".into(),
+        d.addr(),
+        "--max-instances-per-node".into(),
+        "3".into(),
+        "--max-queue".into(),
+        "4".into(),
+        "--queue-timeout-ms".into(),
+        "500".into(),
+        "--ready-timeout-ms".into(),
+        "500".into(),
+    ]);
+    let a = gw.addr.clone();
+    rt().block_on(async {
+        let (st, v) = http(&a, "POST", "/functions", &register_body("s3", json!({}))).await;
+        assert_eq!(st, 201, "{v}");
+        let calls: Vec<_> = (0..12)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    http(&a, "POST", "/invoke/s3", r#"{"sleep_ms": 2500}"#).await
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        let mut busy = 0;
+        for c in calls {
+            let (st, v) = c.await.unwrap();
+            match st {
+                200 => ok += 1,
+                503 => {
+                    let e = v["error"].as_str().unwrap();
+                    assert!(e.contains("waiting") || e.contains("free within"), "{e}");
+                    busy += 1;
+                }
+                other => panic!("unexpected status {other}: {v}"),
+            }
+        }
+        assert!(
+            (1..=3).contains(&ok),
+            "{ok} answered with 3 instances allowed"
+        );
+        assert_eq!(ok + busy, 12);
+        // Nothing broke: the pool serves again.
+        let (st, v) = http(&a, "POST", "/invoke/s3", r#"{"n": 4}"#).await;
+        assert_eq!((st, v["square"].as_u64()), (200, Some(16)), "{v}");
+    });
+}
+
+fn metric(addr: &str, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = write!(s, "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn gateway_burst_of_1000_invocations_over_two_nodes() {
+    if !require_root("gateway_burst_of_1000") {
+        return;
+    }
+    let Some(n) = Nodes::up_n("gw-burst", 2) else {
+        return;
+    };
+    let burst: u64 = std::env::var("RF_GATEWAY_BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let ip1 = n.get("NODE1_IP");
+    let host_ip = format!("{}.254", ip1.rsplit_once('.').unwrap().0);
+    let gw = Gateway::start(&[
+        "--node".into(),
+        format!("{},peer={}", n.sock(1), n.get("NODE1_ADDR")),
+        "--node".into(),
+        n.sock(2),
+        "--token-file".into(),
+        n.get("TOKEN_FILE"),
+        "--worker-listen".into(),
+        "0.0.0.0:0".into(),
+        "--worker-advertise".into(),
+        format!("{host_ip}:0"),
+        // One invocation per instance: a burst of N is N children.
+        "--keep-alive-ms".into(),
+        "0".into(),
+        "--timeout-ms".into(),
+        "60000".into(),
+        "--ready-timeout-ms".into(),
+        "60000".into(),
+        "--queue-timeout-ms".into(),
+        "60000".into(),
+    ]);
+    let a = gw.addr.clone();
+    let before: u64 = (1..=2)
+        .map(|i| metric(&n.get(&format!("NODE{i}_METRICS")), "forkd_spawns_total"))
+        .sum();
+    rt().block_on(async {
+        let (st, v) = http(&a, "POST", "/functions", &register_body("s3", json!({}))).await;
+        assert_eq!(st, 201, "{v}");
+        let t = Instant::now();
+        let calls: Vec<_> = (0..burst)
+            .map(|i| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    (
+                        i,
+                        http(&a, "POST", "/invoke/s3", &format!("{{\"n\": {i}}}")).await,
+                    )
+                })
+            })
+            .collect();
+        let mut pids = std::collections::HashSet::new();
+        for c in calls {
+            let (i, (st, v)) = c.await.unwrap();
+            assert_eq!(st, 200, "invocation {i}: {v}");
+            assert_eq!(v["square"].as_u64(), Some(i * i), "invocation {i}: {v}");
+            assert_eq!(v["region"], "us-east-1");
+            pids.insert(v["pid"].as_u64().unwrap());
+        }
+        println!(
+            "gateway burst: {burst} invocations answered in {:.2} s by {} instances",
+            t.elapsed().as_secs_f64(),
+            pids.len()
+        );
+        let (_, v) = http(&a, "GET", "/functions", "").await;
+        let f = &v["functions"][0];
+        assert_eq!(f["spawned"].as_u64(), Some(burst), "{v}");
+        let nodes = v["nodes"].as_array().unwrap();
+        assert!(
+            nodes.iter().all(|x| x["spawned"].as_u64().unwrap() > 0),
+            "both nodes used: {v}"
+        );
+    });
+    let after: u64 = (1..=2)
+        .map(|i| metric(&n.get(&format!("NODE{i}_METRICS")), "forkd_spawns_total"))
+        .sum();
+    assert_eq!(
+        after - before,
+        burst,
+        "forkd counts {burst} children from the seed"
+    );
+}
