@@ -26,7 +26,7 @@ mod common;
 mod plots;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -322,16 +322,7 @@ impl Nodes {
             .collect()
     }
     fn metric(&self, i: usize, name: &str) -> u64 {
-        let Ok(mut s) = std::net::TcpStream::connect(self.get(i, "METRICS")) else {
-            return 0;
-        };
-        let _ = write!(s, "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
+        forkd::client::scrape_metric(&self.get(i, "METRICS"), name)
     }
 }
 
@@ -355,6 +346,37 @@ struct Burst {
     total_s: f64,
     memory_bytes: Option<u64>,
     curve: Vec<(usize, u64)>,
+}
+
+impl Burst {
+    /// The burst ends when its last instance answered.
+    fn new(samples: Vec<Sample>, memory_bytes: Option<u64>, curve: Vec<(usize, u64)>) -> Burst {
+        let total_s = samples
+            .iter()
+            .filter_map(|s| s.response_ms)
+            .fold(0.0, f64::max)
+            / 1e3;
+        Burst {
+            samples,
+            total_s,
+            memory_bytes,
+            curve,
+        }
+    }
+}
+
+impl MethodResult {
+    fn from_burst(name: &str, b: Burst, single_ms: Vec<f64>) -> MethodResult {
+        MethodResult {
+            name: name.into(),
+            samples: b.samples,
+            total_s: b.total_s,
+            memory_bytes: b.memory_bytes,
+            memory_curve: b.curve,
+            single_ms,
+            ..Default::default()
+        }
+    }
 }
 
 /// Sum of PSS over `pids`, or None when none could be read.
@@ -474,17 +496,7 @@ async fn burst(
         .collect();
     // Instances never reported at all count as failed.
     samples.resize(samples.len().max(expected), Sample::default());
-    let total_s = samples
-        .iter()
-        .filter_map(|s| s.response_ms)
-        .fold(0.0, f64::max)
-        / 1e3;
-    Ok(Burst {
-        samples,
-        total_s,
-        memory_bytes,
-        curve,
-    })
+    Ok(Burst::new(samples, memory_bytes, curve))
 }
 
 /// One instance started and timed alone (no load): ms to its answer.
@@ -590,20 +602,7 @@ fn cold_start(py: &str, n: usize, hold_s: f64) -> anyhow::Result<(Burst, Vec<f64
         let _ = c.kill();
         let _ = c.wait();
     }
-    let total_s = samples
-        .iter()
-        .filter_map(|s| s.response_ms)
-        .fold(0.0, f64::max)
-        / 1e3;
-    Ok((
-        Burst {
-            samples,
-            total_s,
-            memory_bytes,
-            curve,
-        },
-        single,
-    ))
+    Ok((Burst::new(samples, memory_bytes, curve), single))
 }
 
 /// A zygote: the warm function forks one child per request line.
@@ -675,20 +674,7 @@ fn local_fork(py: &str, n: usize, hold_s: f64) -> anyhow::Result<(Burst, Vec<f64
     let _ = z.kill();
     let _ = z.wait();
     samples.resize(samples.len().max(n), Sample::default());
-    let total_s = samples
-        .iter()
-        .filter_map(|s| s.response_ms)
-        .fold(0.0, f64::max)
-        / 1e3;
-    Ok((
-        Burst {
-            samples,
-            total_s,
-            memory_bytes,
-            curve,
-        },
-        single,
-    ))
+    Ok((Burst::new(samples, memory_bytes, curve), single))
 }
 
 fn criu_reason() -> String {
@@ -801,28 +787,12 @@ fn main() -> anyhow::Result<()> {
         let n = opts.cold_instances.min(opts.instances);
         eprintln!("fanout: cold_start, {n} instances");
         let (b, single) = cold_start(&py, n, opts.hold_s)?;
-        results.push(MethodResult {
-            name: "cold_start".into(),
-            samples: b.samples,
-            total_s: b.total_s,
-            memory_bytes: b.memory_bytes,
-            memory_curve: b.curve,
-            single_ms: single,
-            ..Default::default()
-        });
+        results.push(MethodResult::from_burst("cold_start", b, single));
     }
     if want("local_fork") {
         eprintln!("fanout: local_fork, {} instances", opts.instances);
         let (b, single) = local_fork(&py, opts.instances, opts.hold_s)?;
-        results.push(MethodResult {
-            name: "local_fork".into(),
-            samples: b.samples,
-            total_s: b.total_s,
-            memory_bytes: b.memory_bytes,
-            memory_curve: b.curve,
-            single_ms: single,
-            ..Default::default()
-        });
+        results.push(MethodResult::from_burst("local_fork", b, single));
     }
     if want("remote_fork") || want("eager_restore") {
         let dir = std::env::temp_dir().join(format!("rf-fanout-{}", std::process::id()));
@@ -928,14 +898,8 @@ fn main() -> anyhow::Result<()> {
                     .collect();
                 extra.insert("ok_per_node".into(), json!(per_node));
                 results.push(MethodResult {
-                    name: "remote_fork".into(),
-                    samples: b.samples,
-                    total_s: b.total_s,
-                    memory_bytes: b.memory_bytes,
-                    memory_curve: b.curve,
-                    single_ms,
                     extra,
-                    ..Default::default()
+                    ..MethodResult::from_burst("remote_fork", b, single_ms)
                 });
             }
             if want("eager_restore") {
@@ -952,15 +916,7 @@ fn main() -> anyhow::Result<()> {
                     &daemons,
                 )
                 .await?;
-                results.push(MethodResult {
-                    name: "eager_restore".into(),
-                    samples: b.samples,
-                    total_s: b.total_s,
-                    memory_bytes: b.memory_bytes,
-                    memory_curve: b.curve,
-                    single_ms,
-                    ..Default::default()
-                });
+                results.push(MethodResult::from_burst("eager_restore", b, single_ms));
             }
             anyhow::Ok(())
         })?;

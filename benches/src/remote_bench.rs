@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -34,16 +34,7 @@ fn median_ms(mut v: Vec<u64>) -> f64 {
 }
 
 fn metric(port: u16, name: &str) -> u64 {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return 0;
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.1\r\n\r\n");
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    forkd::client::scrape_metric(&format!("127.0.0.1:{port}"), name)
 }
 
 async fn spawn_one(

@@ -58,3 +58,23 @@ pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> 
         };
     Ok(ForkdClient::with_interceptor(channel, Token(t)))
 }
+
+/// The sum of a metric's samples (every label set) in the Prometheus text
+/// a forkd or gateway serves at `addr` (`HOST:PORT`) under `/metrics`;
+/// 0 when it cannot be read or has no such metric.
+pub fn scrape_metric(addr: &str, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = write!(s, "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

@@ -300,20 +300,6 @@ fn gateway_answers_503_beyond_capacity_and_recovers() {
     });
 }
 
-fn metric(addr: &str, name: &str) -> u64 {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return 0;
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
 fn gateway_burst_of_1000_invocations_over_two_nodes() {
     if !require_root("gateway_burst_of_1000") {
@@ -351,7 +337,9 @@ fn gateway_burst_of_1000_invocations_over_two_nodes() {
     ]);
     let a = gw.addr.clone();
     let before: u64 = (1..=2)
-        .map(|i| metric(&n.get(&format!("NODE{i}_METRICS")), "forkd_spawns_total"))
+        .map(|i| {
+            forkd::client::scrape_metric(&n.get(&format!("NODE{i}_METRICS")), "forkd_spawns_total")
+        })
         .sum();
     rt().block_on(async {
         let (st, v) = http(&a, "POST", "/functions", &register_body("s3", json!({}))).await;
@@ -391,7 +379,9 @@ fn gateway_burst_of_1000_invocations_over_two_nodes() {
         );
     });
     let after: u64 = (1..=2)
-        .map(|i| metric(&n.get(&format!("NODE{i}_METRICS")), "forkd_spawns_total"))
+        .map(|i| {
+            forkd::client::scrape_metric(&n.get(&format!("NODE{i}_METRICS")), "forkd_spawns_total")
+        })
         .sum();
     assert_eq!(
         after - before,
