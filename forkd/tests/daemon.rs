@@ -203,6 +203,8 @@ fn bad_input_gets_clear_errors_and_forkd_keeps_serving() {
         .find(|t| t["name"] == "rdma")
         .unwrap();
     assert_eq!(rdma["available"], false);
+    assert_eq!(node["transport"]["selected"], "tcp", "{node}");
+    assert!(!node["transport"]["reason"].as_str().unwrap().is_empty());
     assert!(
         rdma["reason"]
             .as_str()
