@@ -31,7 +31,9 @@ ln -sfn /proc/self/fd/2 /dev/stderr
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# No fresh tmpfs on /tmp: the checkout being tested (and the job file) may
+# live there, as in a CI clone under /tmp. The root is an overlay with a
+# tmpfs upper layer, so /tmp is writable and writes stay in the VM anyway.
 mount -t tmpfs -o mode=0755 tmpfs /run
 # Keep kernel messages off the console so they do not split our result lines
 # (they are still in dmesg, which is copied to the output directory).
