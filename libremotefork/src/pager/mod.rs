@@ -587,7 +587,9 @@ fn install_queued(st: &mut ChildState, mut budget: usize) -> Result<(), String> 
         // Pages faulted in meanwhile are skipped.
         let still: Vec<(u64, PageRef)> = run
             .into_iter()
-            .filter(|(a, _)| matches!(st.c.table.get(*a), Some(Slot::Stored(_))))
+            // Still the same stored page: a remap since may have put
+            // another page's slot at this address.
+            .filter(|(a, o)| matches!(st.c.table.get(*a), Some(Slot::Stored(r)) if r == *o))
             .collect();
         if still.is_empty() {
             continue;
