@@ -378,8 +378,6 @@ fn refuses_without_ptrace_rights() {
     if !require_root("refuses_without_ptrace_rights") {
         return;
     }
-    let (target, _) = Target::start(Command::new(c_program("threaded_target")));
-    let _ = target; // a root-owned target
     let (target2, _) = {
         let mut cmd = Command::new(python());
         cmd.args([
@@ -488,22 +486,14 @@ fn a_target_killed_after_the_clone_leaves_no_stray_process() {
 
 #[test]
 fn inspect_refuses_corrupt_images_clearly() {
+    if !require_root("inspect_refuses_corrupt_images_clearly") {
+        return;
+    }
     let dir = scratch("corrupt");
     let good = dir.join("good");
-    // A real image, if we may capture; otherwise one from the library's own encoder.
     let desc = {
-        let mut cmd = Command::new(python());
-        cmd.args([
-            "-c",
-            "import sys; print('ready', flush=True); sys.stdin.readline()",
-        ]);
-        if unsafe_is_root() {
-            let (target, _) = Target::start(cmd);
-            capture(target.pid(), &good, &CaptureOptions::default()).unwrap()
-        } else {
-            println!("note: not root, using a synthetic image");
-            return;
-        }
+        let target = idle_python();
+        capture(target.pid(), &good, &CaptureOptions::default()).unwrap()
     };
     let bytes = std::fs::read(good.join("descriptor.bin")).unwrap();
     let pages = std::fs::read(good.join("pages.img")).unwrap();
@@ -577,9 +567,4 @@ fn inspect_refuses_corrupt_images_clearly() {
     let (code, _, stderr) = run_forkd(&["inspect", dir.join("missing").to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(stderr.contains("descriptor.bin"), "{stderr}");
-}
-
-fn unsafe_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }

@@ -93,21 +93,7 @@ fn seeds_spawn_fifty_drop_and_survive_a_restart() {
         .all(|i| i["state"] == "exited 0"));
 
     // A seed from a command and its readiness line.
-    let py = python().to_string();
-    let (code, out, err) = d.ctl(&[
-        "--json",
-        "seed",
-        "create",
-        "--ready-line",
-        "ready",
-        "--",
-        &py,
-        "-c",
-        SERVER,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let cmd_seed: Value = serde_json::from_str(&out).unwrap();
-    let cmd_id = cmd_seed["id"].as_str().unwrap().to_string();
+    let cmd_id = python_seed(|a| d.ctl(a), SERVER);
     check_children(&spawn_json(&d, &cmd_id, 5, "x\n"), 5, 1);
 
     // Drop the first; spawning from it is refused.
@@ -147,21 +133,7 @@ fn bad_input_gets_clear_errors_and_forkd_keeps_serving() {
     let wrong = dir.join("wrong-token");
     std::fs::write(&wrong, "nope").unwrap();
 
-    let py = python().to_string();
-    let (code, out, err) = d.ctl(&[
-        "--json",
-        "seed",
-        "create",
-        "--ready-line",
-        "ready",
-        "--",
-        &py,
-        "-c",
-        SERVER,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let seed: Value = serde_json::from_str(&out).unwrap();
-    let id = seed["id"].as_str().unwrap().to_string();
+    let id = python_seed(|a| d.ctl(a), SERVER);
 
     // Keep a spawn running while the bad requests come in.
     let slow_in = dir.join("slow-in");
@@ -357,23 +329,7 @@ fn config_file_and_prometheus_metrics() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let py = python().to_string();
-    let (code, out, err) = ctl(&[
-        "--json",
-        "seed",
-        "create",
-        "--ready-line",
-        "ready",
-        "--",
-        &py,
-        "-c",
-        SERVER,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = python_seed(ctl, SERVER);
     let input = dir.join("in");
     std::fs::write(&input, "m\n").unwrap();
     let (code, _, err) = ctl(&[

@@ -14,20 +14,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-const BOTO: &str = r#"
-import sys, os, json
-try:
-    import boto3
-    region = boto3.client('s3', region_name='us-east-1').meta.region_name
-except ImportError:
-    region = 'no-boto3'
-state = {'n': 0, 'squares': [i * i for i in range(20000)]}
-print('ready', flush=True)
-for line in sys.stdin:
-    state['n'] += 1
-    print(json.dumps({'got': line.strip(), 'pid': os.getpid(), 'n': state['n'], 'sum': sum(state['squares']), 'region': region}), flush=True)
-"#;
-
 fn spawn_on(
     n: &Nodes,
     node: u32,
@@ -55,66 +41,27 @@ fn remote_fork_to_two_nodes_fifty_children_each() {
         return;
     };
     // The Python (boto3) function, seeded on node 1 from a command.
-    let id = python_seed(|a| n.ctl(1, a), BOTO);
+    let id = python_seed(|a| n.ctl(1, a), BOTO_SERVER);
     let r = n.seed_ref(1, &id);
     let input = n.input("py-in", "a\nb\n");
-    let sum: u64 = (0..20000u64).map(|i| i * i).sum();
     for node in [2, 3] {
         let (code, v, err) = spawn_on(&n, node, &r, 50, &input, &[]);
         assert_eq!(code, 0, "node {node}: {err} {v}");
-        let kids = v["children"].as_array().unwrap();
-        assert_eq!(kids.len(), 50);
-        for k in kids {
-            let lines: Vec<Value> = k["stdout"]
-                .as_str()
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-            assert_eq!(lines.len(), 2, "{k}");
-            assert_eq!(lines[1]["n"], 2);
-            assert_eq!(lines[1]["sum"], sum);
-            assert_eq!(lines[0]["pid"], k["pid"]);
-        }
+        assert_boto_children(&v, 50);
     }
     // The pages came over TCP: node 2 fetched bytes from node 1's page server.
-    let (_, node2, _) = n.ctl(2, &["--json", "node"]);
-    assert!(node2.contains("page server on"), "{node2}");
+    let fetched = forkd::client::scrape_metric(&n.get("NODE2_METRICS"), "forkd_page_bytes_total");
+    assert!(fetched > 0, "node 2 fetched no page bytes");
 
     // The C checksum program, seeded on node 1 from its pid.
     if has_avx2() {
-        let (target, ready) = Target::start(Command::new(c_program("capture_target")));
-        wait_blocked_in_read(target.pid());
-        let checksum = ready.split_whitespace().nth(1).unwrap().to_string();
-        let (code, out, err) = n.ctl(
-            1,
-            &[
-                "--json",
-                "seed",
-                "create",
-                "--pid",
-                &target.pid().to_string(),
-            ],
-        );
-        assert_eq!(code, 0, "{err}");
-        drop(target);
-        let cid = serde_json::from_str::<Value>(&out).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let (cid, checksum) = checksum_seed(|a| n.ctl(1, a));
         let cr = n.seed_ref(1, &cid);
         let go = n.input("go", "go\n");
         for node in [2, 3] {
             let (code, v, err) = spawn_on(&n, node, &cr, 50, &go, &[]);
             assert_eq!(code, 0, "node {node}: {err}");
-            for k in v["children"].as_array().unwrap() {
-                let s = k["stdout"].as_str().unwrap();
-                assert!(
-                    s.contains(&format!("checksum {checksum} signal 0"))
-                        && s.contains("ymm15 intact"),
-                    "{s}"
-                );
-            }
+            assert_checksum_children(&v, &checksum);
         }
     } else {
         println!(
@@ -358,7 +305,7 @@ fn a_slow_lossy_link_only_slows_children_down() {
         );
         return;
     }
-    let id = python_seed(|a| n.ctl(1, a), BOTO);
+    let id = python_seed(|a| n.ctl(1, a), BOTO_SERVER);
     let r = n.seed_ref(1, &id);
     let input = n.input("in", "x\n");
     let (code, v, err) = spawn_on(&n, 2, &r, 3, &input, &[]);
@@ -407,7 +354,7 @@ fn hostile_page_server_clients_are_refused_and_others_unaffected() {
             "--",
             &py,
             "-c",
-            BOTO,
+            BOTO_SERVER,
         ],
     );
     assert_eq!(code, 0, "{err}");

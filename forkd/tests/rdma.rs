@@ -13,7 +13,7 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,6 @@ struct Env {
 
 fn rdma_env(test: &str) -> Option<Env> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let guest = var("RF_RDMA_GUEST").as_deref() == Some("1");
     let (Some(dev1), Some(dev2)) = (var("RF_RDMA_NODE1_DEV"), var("RF_RDMA_NODE2_DEV")) else {
         let why = match rdma::probe(None) {
             Ok(d) => format!(
@@ -53,7 +52,6 @@ fn rdma_env(test: &str) -> Option<Env> {
             return None;
         }
     }
-    let _ = guest;
     Some(Env {
         dev1,
         dev2,
@@ -445,20 +443,6 @@ fn metric(text: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in metrics:\n{text}"))
 }
 
-const BOTO: &str = r#"
-import sys, os, json
-try:
-    import boto3
-    region = boto3.client('s3', region_name='us-east-1').meta.region_name
-except ImportError:
-    region = 'no-boto3'
-state = {'n': 0, 'squares': [i * i for i in range(20000)]}
-print('ready', flush=True)
-for line in sys.stdin:
-    state['n'] += 1
-    print(json.dumps({'got': line.strip(), 'pid': os.getpid(), 'n': state['n'], 'sum': sum(state['squares']), 'region': region}), flush=True)
-"#;
-
 #[test]
 fn twenty_children_on_node_two_page_over_rdma() {
     if !require_root("twenty_children_on_node_two_page_over_rdma") {
@@ -531,51 +515,16 @@ fn twenty_children_on_node_two_page_over_rdma() {
     };
 
     // The Python (boto3) function, seeded on node 1.
-    let id = python_seed(|x| a.ctl(x), BOTO);
+    let id = python_seed(|x| a.ctl(x), BOTO_SERVER);
     let v = spawn(&seed_ref(&id), 20, "a\nb\n");
-    let sum: u64 = (0..20000u64).map(|i| i * i).sum();
-    let kids = v["children"].as_array().unwrap();
-    assert_eq!(kids.len(), 20);
-    for k in kids {
-        let lines: Vec<Value> = k["stdout"]
-            .as_str()
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(lines.len(), 2, "{k}");
-        assert_eq!(lines[1]["n"], 2);
-        assert_eq!(lines[1]["sum"], sum);
-        assert_eq!(lines[0]["pid"], k["pid"]);
-    }
+    assert_boto_children(&v, 20);
 
     // The C checksum program, seeded on node 1 from its pid: a second seed
     // of the same node, over the same connection.
     if has_avx2() {
-        let (target, ready) = Target::start(Command::new(c_program("capture_target")));
-        wait_blocked_in_read(target.pid());
-        let checksum = ready.split_whitespace().nth(1).unwrap().to_string();
-        let (code, out, err) = a.ctl(&[
-            "--json",
-            "seed",
-            "create",
-            "--pid",
-            &target.pid().to_string(),
-        ]);
-        assert_eq!(code, 0, "{err}");
-        drop(target);
-        let cid = serde_json::from_str::<Value>(&out).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let (cid, checksum) = checksum_seed(|x| a.ctl(x));
         let v = spawn(&seed_ref(&cid), 20, "go\n");
-        for k in v["children"].as_array().unwrap() {
-            let s = k["stdout"].as_str().unwrap();
-            assert!(
-                s.contains(&format!("checksum {checksum} signal 0")) && s.contains("ymm15 intact"),
-                "{s}"
-            );
-        }
+        assert_checksum_children(&v, &checksum);
     } else {
         println!("note: the C part is left out: this CPU has no AVX2");
     }

@@ -533,3 +533,73 @@ impl Drop for Nodes {
             .status();
     }
 }
+
+/// A warm Python function: boto3 client built (when boto3 is there) and a
+/// table of squares, answering each stdin line with JSON from that state.
+pub const BOTO_SERVER: &str = r#"
+import sys, os, json
+try:
+    import boto3
+    region = boto3.client('s3', region_name='us-east-1').meta.region_name
+except ImportError:
+    region = 'no-boto3'
+state = {'n': 0, 'squares': [i * i for i in range(20000)]}
+print('ready', flush=True)
+for line in sys.stdin:
+    state['n'] += 1
+    print(json.dumps({'got': line.strip(), 'pid': os.getpid(), 'n': state['n'], 'sum': sum(state['squares']), 'region': region}), flush=True)
+"#;
+
+/// `forkctl --json spawn` output of `count` BOTO_SERVER children fed two
+/// lines: each answered both from the warm state, as itself.
+pub fn assert_boto_children(v: &serde_json::Value, count: usize) {
+    let sum: u64 = (0..20000u64).map(|i| i * i).sum();
+    let kids = v["children"].as_array().unwrap();
+    assert_eq!(kids.len(), count);
+    for k in kids {
+        let lines: Vec<serde_json::Value> = k["stdout"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{k}");
+        assert_eq!(lines[1]["n"], 2);
+        assert_eq!(lines[1]["sum"], sum);
+        assert_eq!(lines[0]["pid"], k["pid"]);
+    }
+}
+
+/// Seed the C checksum program (`capture_target`, blocked in read) from
+/// its pid through `ctl`; returns the seed id and the checksum it will print.
+pub fn checksum_seed(ctl: impl Fn(&[&str]) -> (i32, String, String)) -> (String, String) {
+    let (target, ready) = Target::start(Command::new(c_program("capture_target")));
+    wait_blocked_in_read(target.pid());
+    let checksum = ready.split_whitespace().nth(1).unwrap().to_string();
+    let (code, out, err) = ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--pid",
+        &target.pid().to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    drop(target);
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (id, checksum)
+}
+
+/// Every child in `forkctl --json spawn` output printed the original's
+/// checksum with its AVX state intact.
+pub fn assert_checksum_children(v: &serde_json::Value, checksum: &str) {
+    for k in v["children"].as_array().unwrap() {
+        let s = k["stdout"].as_str().unwrap();
+        assert!(
+            s.contains(&format!("checksum {checksum} signal 0")) && s.contains("ymm15 intact"),
+            "{s}"
+        );
+    }
+}
