@@ -262,11 +262,14 @@ impl Pager {
 
 fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) {
     let mut children: HashMap<u64, ChildState> = HashMap::new();
+    // Children with working-set runs still queued: only these are visited
+    // between faults (not every child on every wakeup).
+    let mut queued: Vec<u64> = Vec::new();
     let mut next_id: u64 = 0;
     let mut ready = Vec::new();
     loop {
         ready.clear();
-        let busy = children.values().any(|c| !c.ws_queue.is_empty());
+        let busy = !queued.is_empty();
         if let Err(e) = epoll.wait(if busy { 0 } else { 1000 }, &mut ready) {
             warn!(error = %e, "pager epoll failed");
             return;
@@ -290,7 +293,13 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
             }
             let mut forks = Vec::new();
             let outcome = match children.get_mut(&id) {
-                Some(st) => service(st, &mut forks),
+                Some(st) => {
+                    let r = service(st, &mut forks);
+                    if !st.ws_queue.is_empty() && !queued.contains(&id) {
+                        queued.push(id);
+                    }
+                    r
+                }
                 None => Ok(()),
             };
             for f in forks {
@@ -305,12 +314,17 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
         }
         // Between faults: the next piece of each child's working set.
         let mut failed = Vec::new();
-        for (id, st) in children.iter_mut().filter(|(_, c)| !c.ws_queue.is_empty()) {
+        queued.retain(|id| {
+            let Some(st) = children.get_mut(id) else {
+                return false;
+            };
             if let Err(reason) = install_queued(st, 64) {
                 fail(&st.c, None, &format!("fetching the working set: {reason}"));
                 failed.push(*id);
+                return false;
             }
-        }
+            !st.ws_queue.is_empty()
+        });
         for id in failed {
             if let Some(st) = children.remove(&id) {
                 finish(&epoll, st);
@@ -554,15 +568,13 @@ fn queue_working_set(st: &mut ChildState) {
     let Some(ws) = st.c.seed.working_set() else {
         return;
     };
+    // A repeated address needs no check: it cannot extend a run (addresses
+    // must increase), and install_queued skips pages already installed.
     let mut run: Vec<(u64, PageRef)> = Vec::new();
-    let mut seen = HashSet::new();
     for a in ws.iter() {
         let Some(Slot::Stored(o)) = st.c.table.get(*a) else {
             continue;
         };
-        if !seen.insert(*a) {
-            continue;
-        }
         let extends = run.last().is_some_and(|l| {
             l.0 + PAGE_SIZE == *a
                 && l.1.cache + PAGE_SIZE == o.cache

@@ -198,6 +198,7 @@ impl SeedCache {
     pub fn ensure(&self, pages: &[crate::pager::table::PageRef]) -> Result<u64, SourceError> {
         // Collect the missing runs, then fetch them all in one batch.
         let mut runs: Vec<(usize, usize)> = Vec::new();
+        let mut hits = 0;
         let mut i = 0;
         while i < pages.len() {
             if pages[i].cache + PAGE_SIZE > self.size() {
@@ -208,7 +209,7 @@ impl SeedCache {
                 });
             }
             if self.is_present(pages[i].cache / PAGE_SIZE) {
-                self.hits.fetch_add(1, Ordering::Relaxed);
+                hits += 1;
                 i += 1;
                 continue;
             }
@@ -224,6 +225,8 @@ impl SeedCache {
             runs.push((i, j));
             i = j;
         }
+        // One shared-counter update per call, not per page.
+        self.hits.fetch_add(hits, Ordering::Relaxed);
         if runs.is_empty() {
             return Ok(0);
         }

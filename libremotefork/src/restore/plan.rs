@@ -241,13 +241,6 @@ pub fn cache_layout(desc: &Descriptor) -> (Vec<Option<u64>>, u64) {
     (base, at)
 }
 
-fn vma_index(desc: &Descriptor, vma: &crate::image::Vma) -> usize {
-    desc.vmas
-        .iter()
-        .position(|v| std::ptr::eq(v, vma))
-        .unwrap_or(usize::MAX)
-}
-
 /// The layout of the executor area, once the plan is finished.
 #[derive(Debug, Clone)]
 pub struct Blob {
@@ -527,7 +520,7 @@ pub fn build(
         .collect();
     // 3. Map every parent mapping at its address.
     let mut open_file: Option<(usize, i32)> = None;
-    for ((vma, b), wf) in desc.vmas.iter().zip(&backing).zip(&write_first) {
+    for (i, ((vma, b), wf)) in desc.vmas.iter().zip(&backing).zip(&write_first).enumerate() {
         let len = vma.end - vma.start;
         let map_prot = if *wf {
             vma.prot | libc::PROT_WRITE as u32
@@ -544,7 +537,7 @@ pub fn build(
         match b {
             Backing::Kernel => {}
             // Mapped from the shared cache below.
-            Backing::Anonymous if continue_vmas[vma_index(desc, vma)] => {}
+            Backing::Anonymous if continue_vmas[i] => {}
             Backing::Anonymous => {
                 let mut flags = libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
                 flags |= if vma.shared {
