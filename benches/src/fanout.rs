@@ -815,6 +815,7 @@ fn main() -> anyhow::Result<()> {
                         ready_line: "ready".into(),
                         ready_timeout_ms: 120_000,
                         cwd: String::new(),
+                        env: Default::default(),
                     })),
                     name: "fanout".into(),
                 })

@@ -12,7 +12,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -201,7 +200,7 @@ fn main() -> anyhow::Result<()> {
         let mut b = forkd::client::connect(&sock("b"), None).await?;
         let seed = a
             .create_seed(pb::CreateSeedRequest {
-                source: Some(pb::create_seed_request::Source::Command(pb::StartCommand { argv: vec![py.clone(), "-c".into(), SERVER.into()], ready_line: "ready".into(), ready_timeout_ms: 60_000, cwd: String::new() })),
+                source: Some(pb::create_seed_request::Source::Command(pb::StartCommand { argv: vec![py.clone(), "-c".into(), SERVER.into()], ready_line: "ready".into(), ready_timeout_ms: 60_000, cwd: String::new(), env: Default::default() })),
                 name: "bench".into(),
             })
             .await
@@ -264,6 +263,5 @@ fn main() -> anyhow::Result<()> {
         recorded / f,
         c / recorded
     );
-    let _ = PathBuf::new();
     Ok(())
 }

@@ -208,6 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             ready_line: line,
                             ready_timeout_ms: timeout_ms,
                             cwd: String::new(),
+                            env: Default::default(),
                         })
                     }
                     (None, None) => {

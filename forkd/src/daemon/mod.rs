@@ -128,10 +128,10 @@ pub struct State {
     instance_tag: String,
     spawns: AtomicU64,
     spawn_failures: AtomicU64,
-    remote: Mutex<HashMap<String, Arc<RemoteSeed>>>,
-    /// Held while a remote seed is fetched: concurrent first spawns of one
-    /// seed fetch it once, not over each other's files.
-    remote_fetch: tokio::sync::Mutex<()>,
+    /// Other nodes' seeds, fetched once each: concurrent first spawns of
+    /// one seed wait for the same fetch (not over each other's files),
+    /// while different seeds fetch in parallel.
+    remote: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<RemoteSeed>>>>>,
     remote_dir: PathBuf,
     page_server: Option<String>,
     peer_token: Option<String>,
@@ -232,41 +232,20 @@ impl Service {
                 sr.id
             )));
         }
-        let cached = self
+        let cell = self
             .state
             .remote
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&sr.id)
-            .cloned();
-        let rs = match cached {
-            Some(rs) => rs,
-            None => {
-                let _one_at_a_time = self.state.remote_fetch.lock().await;
-                let again = self
-                    .state
-                    .remote
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&sr.id)
-                    .cloned();
-                if let Some(rs) = again {
-                    return Ok(Target {
-                        id: sr.id.clone(),
-                        cooperative: rs.cooperative,
-                        restorer: rs.restorer.clone(),
-                        local: None,
-                    });
-                }
-                let rs = Arc::new(self.fetch_remote(origin, sr).await?);
-                self.state
-                    .remote
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(sr.id.clone(), rs.clone());
-                rs
-            }
-        };
+            .entry(sr.id.clone())
+            .or_default()
+            .clone();
+        let rs = cell
+            .get_or_try_init(|| async {
+                Ok::<_, Status>(Arc::new(self.fetch_remote(origin, sr).await?))
+            })
+            .await?
+            .clone();
         Ok(Target {
             id: sr.id.clone(),
             cooperative: rs.cooperative,
@@ -479,6 +458,7 @@ impl Service {
         }
         let mut cmd = tokio::process::Command::new(&c.argv[0]);
         cmd.args(&c.argv[1..])
+            .envs(&c.env)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null());
@@ -877,7 +857,9 @@ impl State {
         tx: &mpsc::Sender<Result<pb::InstanceEvent, Status>>,
         ev: pb::InstanceEvent,
     ) {
-        let _ = self.events.send(ev.clone());
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(ev.clone());
+        }
         // The client may be gone; children run on regardless.
         let _ = tx.send(Ok(ev)).await;
     }
@@ -1015,7 +997,7 @@ impl State {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
-                .map(|(id, rs)| (id.clone(), rs.restorer.clone())),
+                .filter_map(|(id, c)| Some((id.clone(), c.get()?.restorer.clone()))),
         );
         type Get = fn(&remotefork::pager::SeedPages) -> u64;
         let per_seed: [(&str, &str, Get); 5] = [
@@ -1202,7 +1184,6 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         spawns: AtomicU64::new(0),
         spawn_failures: AtomicU64::new(0),
         remote: Mutex::new(HashMap::new()),
-        remote_fetch: tokio::sync::Mutex::new(()),
         remote_dir: cfg.state_dir.join("remote"),
         page_server: cfg.page_listen.clone(),
         peer_token: match cfg.peer_token_file.as_deref() {

@@ -77,9 +77,15 @@ fn run(job: &Job) -> Result<(Child, Option<OwnedFd>), String> {
         .spawn(Io::fd(in_r), stdout, Io::Null, &job.opts)
         .map_err(|e| e.to_string())?;
     let data = job.stdin.clone();
-    std::thread::spawn(move || {
-        // A child that exits without reading its input gets EPIPE here.
+    // A fresh pipe holds a page without blocking: small inputs are written
+    // here; only larger ones need a thread (the child may read slowly).
+    // A child that exits without reading its input gets EPIPE, ignored.
+    if data.len() <= 4096 {
         let _ = in_w.write_all(&data);
-    });
+    } else {
+        std::thread::spawn(move || {
+            let _ = in_w.write_all(&data);
+        });
+    }
     Ok((child, out_r))
 }

@@ -196,6 +196,8 @@ pub(crate) struct Gateway {
     pub cfg: Config,
     pub nodes: Vec<Node>,
     pub functions: Mutex<HashMap<String, Arc<Function>>>,
+    /// Names whose registration is under way.
+    pub registering: Mutex<std::collections::HashSet<String>>,
     /// The address instances connect back to.
     pub worker_addr: String,
 }
@@ -292,17 +294,21 @@ async fn register(State(g): Shared, body: Bytes) -> Response {
             ),
         );
     }
-    if g.functions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains_key(&spec.name)
+    // The name is taken from here on, so two concurrent registrations of
+    // one name cannot both make a seed.
+    let name = spec.name.clone();
     {
-        return err(
-            StatusCode::CONFLICT,
-            format!("function {:?} is already registered", spec.name),
-        );
+        let fs = g.functions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reg = g.registering.lock().unwrap_or_else(|e| e.into_inner());
+        if fs.contains_key(&name) || !reg.insert(name.clone()) {
+            return err(
+                StatusCode::CONFLICT,
+                format!("function {name:?} is already registered"),
+            );
+        }
     }
-    match register::register(&g, spec).await {
+    let r = register::register(&g, spec).await;
+    let resp = match r {
         Ok(f) => {
             let v = f.describe();
             g.functions
@@ -313,7 +319,12 @@ async fn register(State(g): Shared, body: Bytes) -> Response {
             (StatusCode::CREATED, axum::Json(v)).into_response()
         }
         Err(e) => err(StatusCode::UNPROCESSABLE_ENTITY, e),
-    }
+    };
+    g.registering
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&name);
+    resp
 }
 
 async fn list(State(g): Shared) -> Response {
@@ -388,12 +399,9 @@ pub async fn serve(
     if cfg.nodes.is_empty() {
         return Err(GatewayError::Config("no nodes given (--node)".into()));
     }
-    if !["off", "window", "recorded"].contains(&cfg.prefetch.as_str()) {
-        return Err(GatewayError::Config(format!(
-            "prefetch {:?}: want off, window or recorded",
-            cfg.prefetch
-        )));
-    }
+    cfg.prefetch
+        .parse::<remotefork::pager::Prefetch>()
+        .map_err(GatewayError::Config)?;
     if cfg.nodes.len() > 1 && cfg.nodes[0].peer.is_none() {
         return Err(GatewayError::Config(format!(
             "node {} makes the seeds and other nodes must reach it: give it peer=HOST:PORT",
@@ -454,6 +462,7 @@ pub async fn serve(
         cfg,
         nodes,
         functions: Mutex::new(HashMap::new()),
+        registering: Mutex::new(Default::default()),
         worker_addr,
     });
     tokio::spawn(pool::accept_workers(g.clone(), workers));

@@ -359,14 +359,19 @@ async fn invoke_connected(
             v.get("id")
         )));
     }
-    let ok = v.get("ok").and_then(Value::as_bool) == Some(true);
     // The instance is healthy either way: back to the pool.
     if f.keep_alive.is_zero() {
         retire(inst).await;
     } else {
         f.deliver(inst, false);
     }
-    if ok {
+    handler_answer(&v)
+}
+
+/// The runtime's answer, `{"ok": true, "result": ...}` or `{"ok": false,
+/// "error": "..."}`, as the invocation's outcome.
+fn handler_answer(v: &Value) -> Result<Value, InvokeError> {
+    if v.get("ok").and_then(Value::as_bool) == Some(true) {
         Ok(v.get("result").cloned().unwrap_or(Value::Null))
     } else {
         Err(InvokeError::Handler(
@@ -427,14 +432,14 @@ async fn invoke_one_shot(
     req.stdin = format!("{event}\n").into_bytes();
     req.stdout = pb::StdoutMode::Capture as i32;
     let mut c = n.client.clone();
-    let started_id = Mutex::new(String::new());
+    // The started child's id (read after a timeout, to kill it).
+    let mut id = String::new();
     let run = async {
         let mut s = c
             .spawn(req)
             .await
             .map_err(|e| InvokeError::Unavailable(e.message().to_string()))?
             .into_inner();
-        let mut id = String::new();
         while let Some(ev) = s
             .message()
             .await
@@ -443,7 +448,6 @@ async fn invoke_one_shot(
             match ev.kind {
                 Some(pb::instance_event::Kind::Started(_)) => {
                     id = ev.instance_id;
-                    *started_id.lock().unwrap_or_else(|e| e.into_inner()) = id.clone();
                     n.spawned.fetch_add(1, Ordering::Relaxed);
                     f.stats.spawned.fetch_add(1, Ordering::Relaxed);
                 }
@@ -454,7 +458,7 @@ async fn invoke_one_shot(
                         x.reason
                     )));
                 }
-                Some(pb::instance_event::Kind::Exited(x)) => return Ok((id, x)),
+                Some(pb::instance_event::Kind::Exited(x)) => return Ok(x),
                 _ => {}
             }
         }
@@ -462,10 +466,9 @@ async fn invoke_one_shot(
     };
     let r = tokio::time::timeout(f.timeout, run).await;
     n.live.fetch_sub(1, Ordering::Relaxed);
-    let (id, x) = match r {
+    let x = match r {
         Ok(r) => r?,
         Err(_) => {
-            let id = std::mem::take(&mut *started_id.lock().unwrap_or_else(|e| e.into_inner()));
             if !id.is_empty() {
                 warn!(function = %f.name, instance = %id, "handler timed out; killing the instance");
                 let mut c = n.client.clone();
@@ -484,15 +487,7 @@ async fn invoke_one_shot(
         .unwrap_or("");
     let v: Option<Value> = serde_json::from_str(last).ok();
     match v {
-        Some(v) if v.get("ok").and_then(Value::as_bool) == Some(true) => {
-            Ok(v.get("result").cloned().unwrap_or(Value::Null))
-        }
-        Some(v) if v.get("ok").is_some() => Err(InvokeError::Handler(
-            v.get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no error given")
-                .into(),
-        )),
+        Some(v) if v.get("ok").is_some() => handler_answer(&v),
         Some(v) if x.exit_code == 0 && x.signal == 0 => Ok(v),
         _ => Err(InvokeError::Crashed(format!(
             "instance {id} ended with {} without a JSON answer{}",

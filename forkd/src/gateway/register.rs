@@ -78,21 +78,15 @@ async fn ready_line_seed(
     spec: &FunctionSpec,
     line: &str,
 ) -> Result<pb::SeedRef, String> {
-    // StartCommand has no environment: `env` carries it.
-    let mut argv = Vec::new();
-    if !spec.env.is_empty() {
-        argv.push("/usr/bin/env".to_string());
-        argv.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
-    }
-    argv.extend(spec.command.iter().cloned());
     let mut c = g.nodes[0].client.clone();
     let s = c
         .create_seed(pb::CreateSeedRequest {
             source: Some(pb::create_seed_request::Source::Command(pb::StartCommand {
-                argv,
+                argv: spec.command.clone(),
                 ready_line: line.to_string(),
                 ready_timeout_ms: g.cfg.register_timeout.as_millis() as u32,
                 cwd: spec.cwd.clone().unwrap_or_default(),
+                env: spec.env.clone().into_iter().collect(),
             })),
             name: spec.name.clone(),
         })
