@@ -171,7 +171,14 @@ pub struct Restorer {
     pager: Pager,
     uffd_features: u64,
     cache_base: Vec<Option<u64>>,
+    /// A remote seed's pages written before its children run, fetched
+    /// once for the plan's lazy/eager shape: every child needs the same.
+    fetched: std::sync::Mutex<Option<Fetched>>,
 }
+
+/// Stored pages fetched for a plan: which mappings were lazy, and the
+/// buffer laid out like the page store.
+type Fetched = (Vec<bool>, Arc<Vec<u8>>);
 
 impl Restorer {
     /// Check that children of `image` can be started here.
@@ -260,6 +267,7 @@ impl Restorer {
             pager,
             uffd_features,
             cache_base,
+            fetched: std::sync::Mutex::new(None),
         })
     }
 
@@ -535,6 +543,20 @@ impl Restorer {
         Ok(stats)
     }
 
+    /// [`Self::fetch_stored`], once per plan shape (concurrent first
+    /// spawns wait for the one fetch).
+    fn fetched_stored(&self, plan: &RestorePlan) -> Result<Arc<Vec<u8>>, RestoreError> {
+        let mut g = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((lazy, buf)) = g.as_ref() {
+            if *lazy == plan.lazy {
+                return Ok(buf.clone());
+            }
+        }
+        let buf = Arc::new(self.fetch_stored(plan)?);
+        *g = Some((plan.lazy.clone(), buf.clone()));
+        Ok(buf)
+    }
+
     /// The stored pages the plan writes before the child runs, read from
     /// the page source into a buffer laid out like the page store (pages not
     /// needed stay zero).
@@ -606,11 +628,11 @@ impl Restorer {
         let d = self.image.descriptor();
         // A remote seed's stored pages come through the page source, read
         // into one buffer first.
-        let fetched: Vec<u8>;
+        let fetched: Arc<Vec<u8>>;
         let store: &[u8] = match &self.pages {
             Some(m) => m.as_slice(),
             None => {
-                fetched = self.fetch_stored(plan)?;
+                fetched = self.fetched_stored(plan)?;
                 &fetched
             }
         };
