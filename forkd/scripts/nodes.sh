@@ -42,10 +42,20 @@ up)
     down
     trap 'echo "nodes.sh: setup failed; tearing down" >&2; down' ERR
     echo "test-token-$prefix" > "$dir/token"
+    # A /24 no other setup uses (two bridges with one subnet would make the
+    # host's routes to the nodes ambiguous): start from the hash of DIR,
+    # take the next free one, under a lock against concurrent setups.
+    exec 9>/run/lock/remotefork-nodes.lock
+    flock 9
+    for _ in $(seq 1 200); do
+        ip -4 -o addr show | grep -q " 10\.77\.$subnet\." || break
+        subnet=$(( (subnet - 20 + 1) % 200 + 20 ))
+    done
     ip link add "${prefix}br" type bridge
     ip link set "${prefix}br" up
     # The host side gets .254 on the bridge, so tests on the host reach the nodes.
     ip addr add "10.77.$subnet.254/24" dev "${prefix}br"
+    flock -u 9
     : > "$dir/nodes.env"
     echo "TOKEN_FILE=$dir/token" >> "$dir/nodes.env"
     for i in $(seq 1 "$n"); do

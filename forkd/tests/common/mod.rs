@@ -46,14 +46,20 @@ pub fn c_program(name: &str) -> PathBuf {
         .join(format!("{name}.c"));
     let out =
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    // Tests of one binary run in parallel: build under a name of this
+    // thread's, then rename, so no test ever executes a half-written file.
     if !out.exists() {
+        let tmp = out.with_extension(
+            format!("tmp-{:?}", std::thread::current().id()).replace(['(', ')'], ""),
+        );
         let st = Command::new("cc")
             .args(["-O1", "-g", "-mavx2", "-pthread", "-o"])
-            .arg(&out)
+            .arg(&tmp)
             .arg(&src)
             .status()
             .expect("cc must be installed");
         assert!(st.success(), "compiling {} failed", src.display());
+        std::fs::rename(&tmp, &out).unwrap();
     }
     out
 }
