@@ -41,6 +41,7 @@ async fn spawn_one(
     seed: pb::SeedRef,
     origin: &str,
     prefetch: &str,
+    no_template: bool,
     req: &str,
 ) -> anyhow::Result<u64> {
     let t = Instant::now();
@@ -50,6 +51,7 @@ async fn spawn_one(
         stdin: format!("{req}\n").into_bytes(),
         prefetch: prefetch.into(),
         origin: origin.into(),
+        no_template,
         ..Default::default()
     };
     let mut s = c
@@ -208,18 +210,29 @@ fn main() -> anyhow::Result<()> {
             .into_inner();
         let r = pb::SeedRef { id: seed.id.clone(), key: seed.key.clone() };
         let mut rows: Vec<(String, Vec<u64>, String)> = Vec::new();
-        let mut local = Vec::new();
-        for i in 0..iterations {
-            local.push(spawn_one(&mut a, r.clone(), "", "window", &format!("local-{i}")).await?);
+        for (no_template, how) in [(true, "from scratch"), (false, "from template")] {
+            // The first child builds the template (or records the working set).
+            spawn_one(&mut a, r.clone(), "", "window", no_template, "local-first").await?;
+            let mut local = Vec::new();
+            for i in 0..iterations {
+                local.push(spawn_one(&mut a, r.clone(), "", "window", no_template, &format!("local-{i}")).await?);
+            }
+            rows.push((format!("local lazy child on A, window, {how}"), local, String::new()));
         }
-        rows.push(("lazy child on node A (local), window".into(), local, String::new()));
-        for prefetch in ["off", "window", "recorded"] {
+        for (no_template, how, prefetch) in [
+            (true, "from scratch", "off"),
+            (true, "from scratch", "window"),
+            (true, "from scratch", "recorded"),
+            (false, "from template", "off"),
+            (false, "from template", "window"),
+            (false, "from template", "recorded"),
+        ] {
             let (b0, rt0) = (metric(metrics_b, "forkd_seed_bytes_fetched_total"), metric(metrics_b, "forkd_seed_fetch_round_trips_total"));
-            let first = spawn_one(&mut b, r.clone(), &origin, prefetch, &format!("{prefetch}-first")).await?;
+            let first = spawn_one(&mut b, r.clone(), &origin, prefetch, no_template, &format!("{prefetch}-first")).await?;
             let (b1, rt1) = (metric(metrics_b, "forkd_seed_bytes_fetched_total"), metric(metrics_b, "forkd_seed_fetch_round_trips_total"));
             let mut v = Vec::new();
             for i in 0..iterations {
-                v.push(spawn_one(&mut b, r.clone(), &origin, prefetch, &format!("{prefetch}-{i}")).await?);
+                v.push(spawn_one(&mut b, r.clone(), &origin, prefetch, no_template, &format!("{prefetch}-{i}")).await?);
             }
             let (b2, rt2) = (metric(metrics_b, "forkd_seed_bytes_fetched_total"), metric(metrics_b, "forkd_seed_fetch_round_trips_total"));
             let note = format!(
@@ -230,7 +243,7 @@ fn main() -> anyhow::Result<()> {
                 (b2 - b1) as f64 / 1024.0 / iterations as f64,
                 (rt2 - rt1) as f64 / iterations as f64
             );
-            rows.push((format!("remote child on node B over TCP, {prefetch}"), v, note));
+            rows.push((format!("remote child on B over TCP, {prefetch}, {how}"), v, note));
         }
         anyhow::Ok(rows)
     })?;
@@ -239,29 +252,32 @@ fn main() -> anyhow::Result<()> {
     let (c, f) = (median_ms(cold.clone()), median_ms(fork.clone()));
     println!("# cargo build --release -p forkd && cargo run --release -p remotefork-benches --bin remote-bench -- --iterations {iterations}");
     println!("# warm Python (boto3 S3 client); two forkd on loopback; time from the request to the child's answer");
-    println!("{:<48} {:>9}", "method", "median ms");
+    println!("{:<58} {:>9}", "method", "median ms");
     println!(
-        "{:<48} {:>9.2}",
+        "{:<58} {:>9.2}",
         format!("cold start (exec), n={}", cold.len()),
         c
     );
     println!(
-        "{:<48} {:>9.2}",
+        "{:<58} {:>9.2}",
         format!("local os.fork() of the warm process, n={iterations}"),
         f
     );
-    let mut recorded = 0.0;
     for (name, v, note) in &report {
         let m = median_ms(v.clone());
-        if name.ends_with("recorded") {
-            recorded = m;
-        }
-        println!("{name:<48} {m:>9.2}   {note}");
+        println!("{name:<58} {m:>9.2}   {note}");
     }
-    println!(
-        "remote recorded / local fork = {:.2} (goal <= 3); cold start / remote recorded = {:.1}x (goal >= 50x)",
-        recorded / f,
-        c / recorded
-    );
+    for how in ["from scratch", "from template"] {
+        let recorded = report
+            .iter()
+            .find(|(n, _, _)| n.starts_with("remote") && n.ends_with(&format!("recorded, {how}")))
+            .map(|(_, v, _)| median_ms(v.clone()))
+            .unwrap_or(f64::NAN);
+        println!(
+            "{how}: remote recorded / local fork = {:.2} (goal <= 3); cold start / remote recorded = {:.1}x (goal >= 50x)",
+            recorded / f,
+            c / recorded
+        );
+    }
     Ok(())
 }

@@ -21,8 +21,17 @@ use remotefork::pager::Prefetch;
 use remotefork::restore::{Io, Restorer, SpawnOptions};
 use serde_json::json;
 
-/// (prefetch mode, time to first answer, time to running, faults) per child.
-type LazyRow = (&'static str, Vec<u64>, Vec<u64>, Vec<u64>);
+/// One way of starting children, measured.
+struct Row {
+    name: &'static str,
+    template: bool,
+    /// The first child's time to answer (it builds the template).
+    first_ns: Option<u64>,
+    /// Per child: time to first answer, time to running, faults.
+    answer: Vec<u64>,
+    running: Vec<u64>,
+    faults: Vec<u64>,
+}
 
 struct Args {
     children: usize,
@@ -181,199 +190,206 @@ fn main() -> anyhow::Result<()> {
             };
             Ok((ns, child.restore_ns, faults))
         };
-    let mut eager = Vec::new();
-    let mut restore_only = Vec::new();
-    let mut lazy: Vec<LazyRow> = Vec::new();
-    for i in 0..args.iterations {
-        let (ns, r, _) = run(
-            &SpawnOptions {
-                lazy: false,
-                prefetch: Prefetch::Off,
-                share: true,
-            },
-            &format!("eager-{i}"),
-            &mut line,
-        )?;
-        eager.push(ns);
-        restore_only.push(r);
-    }
-    for (name, prefetch) in [
-        ("off", Prefetch::Off),
-        ("window", Prefetch::Window),
-        ("recorded", Prefetch::Recorded),
-    ] {
-        if prefetch == Prefetch::Recorded {
+    // Every way of starting a child, in this order: from scratch first (a
+    // lazy one records the working set before the `recorded` rows), then
+    // forked from the node template (its first child builds the template,
+    // timed apart).
+    let modes: [(&str, bool, Prefetch, bool); 8] = [
+        ("eager", false, Prefetch::Off, false),
+        ("lazy off", true, Prefetch::Off, false),
+        ("lazy window", true, Prefetch::Window, false),
+        ("lazy recorded", true, Prefetch::Recorded, false),
+        ("eager", false, Prefetch::Off, true),
+        ("lazy off", true, Prefetch::Off, true),
+        ("lazy window", true, Prefetch::Window, true),
+        ("lazy recorded", true, Prefetch::Recorded, true),
+    ];
+    let mut rows: Vec<Row> = Vec::new();
+    for (name, lazy, prefetch, template) in modes {
+        let opts = SpawnOptions {
+            lazy,
+            prefetch,
+            share: true,
+            template,
+        };
+        let mut first_ns = None;
+        if template {
+            first_ns = Some(run(&opts, "first", &mut line)?.0);
+        } else if prefetch == Prefetch::Recorded {
             // One child records the working set for the rest.
-            run(
-                &SpawnOptions {
-                    lazy: true,
-                    prefetch,
-                    share: true,
-                },
-                "record",
-                &mut line,
-            )?;
+            run(&opts, "record", &mut line)?;
         }
-        let (mut t, mut r, mut f) = (vec![], vec![], vec![]);
+        let mut row = Row {
+            name,
+            template,
+            first_ns,
+            answer: vec![],
+            running: vec![],
+            faults: vec![],
+        };
         for i in 0..args.iterations {
-            let (ns, rr, faults) = run(
-                &SpawnOptions {
-                    lazy: true,
-                    prefetch,
-                    share: true,
-                },
-                &format!("lazy-{name}-{i}"),
-                &mut line,
-            )?;
-            t.push(ns);
-            r.push(rr);
-            f.push(faults);
+            let (ns, r, faults) = run(&opts, &format!("{name}-{template}-{i}"), &mut line)?;
+            row.answer.push(ns);
+            row.running.push(r);
+            row.faults.push(faults);
         }
-        lazy.push((name, t, r, f));
+        rows.push(row);
     }
 
     // Node memory for many concurrent children: each answers one request
-    // and stays alive (its stdin open) while PSS is summed.
-    let mut alive = Vec::new();
-    for i in 0..args.children {
-        let (in_r, mut in_w) = std::io::pipe()?;
-        let (out_r, out_w) = std::io::pipe()?;
-        writeln!(in_w, "mem-{i}")?;
-        let child = restorer.spawn(
-            Io::fd(in_r),
-            Io::fd(out_w),
-            Io::Inherit,
-            &SpawnOptions {
-                lazy: true,
-                prefetch: Prefetch::Recorded,
-                share: true,
-            },
-        )?;
-        let mut out = BufReader::new(out_r);
-        line.clear();
-        out.read_line(&mut line)?;
-        check_answer(&line, &format!("mem-{i}"))?;
-        alive.push((child.pid, in_w, out));
-    }
-    let mut pss_kb = 0u64;
-    for (pid, _, _) in &alive {
-        pss_kb += std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?
-            .lines()
-            .find_map(|l| l.strip_prefix("Pss:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    for (pid, in_w, _) in alive {
-        drop(in_w);
-        kernel_helpers_wait(pid)?;
+    // and stays alive (its stdin open) while PSS is summed (templates'
+    // included: their pages are what the children share).
+    let mut memory = Vec::new();
+    for template in [false, true] {
+        let mut alive = Vec::new();
+        for i in 0..args.children {
+            let (in_r, mut in_w) = std::io::pipe()?;
+            let (out_r, out_w) = std::io::pipe()?;
+            writeln!(in_w, "mem-{i}")?;
+            let child = restorer.spawn(
+                Io::fd(in_r),
+                Io::fd(out_w),
+                Io::Inherit,
+                &SpawnOptions {
+                    lazy: true,
+                    prefetch: Prefetch::Recorded,
+                    share: true,
+                    template,
+                },
+            )?;
+            let mut out = BufReader::new(out_r);
+            line.clear();
+            out.read_line(&mut line)?;
+            check_answer(&line, &format!("mem-{i}"))?;
+            alive.push((child.pid, in_w, out));
+        }
+        let mut pids: Vec<i32> = alive.iter().map(|a| a.0).collect();
+        if template {
+            pids.extend(restorer.template_pids());
+        }
+        let mut pss_kb = 0u64;
+        for pid in pids {
+            pss_kb += std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        for (pid, in_w, _) in alive {
+            drop(in_w);
+            kernel_helpers_wait(pid)?;
+        }
+        memory.push((template, pss_kb));
     }
     let _ = std::fs::remove_dir_all(&dir);
 
-    let (c, f, e) = (
-        median_ms(cold.clone()),
-        median_ms(fork.clone()),
-        median_ms(eager.clone()),
-    );
+    let (c, f) = (median_ms(cold.clone()), median_ms(fork.clone()));
     let cmd = "cargo run --release -p remotefork-benches --bin restore-bench";
     println!(
         "# {cmd} -- --iterations {} --cold {} --children {}",
         args.iterations, args.cold, args.children
     );
     println!(
-        "# warm Python (boto3 S3 client); seed: {} mappings, {:.1} MiB stored",
+        "# warm Python (boto3 S3 client); seed: {} mappings, {:.1} MiB stored; one-time setup per image (checks, mmap) {:.2} ms",
         desc.vmas.len(),
-        desc.image_bytes as f64 / (1 << 20) as f64
+        desc.image_bytes as f64 / (1 << 20) as f64,
+        setup_ns as f64 / 1e6
     );
     println!(
-        "{:<46} {:>9} {:>9}",
-        "time to first answer (ms)", "median", "p90"
+        "{:<58} {:>8} {:>8} {:>9} {:>7}",
+        "time to first answer (ms)", "median", "p90", "running", "faults"
     );
     println!(
-        "{:<46} {:>9.2} {:>9.2}",
+        "{:<58} {:>8.2} {:>8.2}",
         format!("cold start (exec), n={}", args.cold),
         c,
         p90_ms(cold.clone())
     );
     println!(
-        "{:<46} {:>9.2} {:>9.2}",
+        "{:<58} {:>8.2} {:>8.2}",
         format!("local os.fork() of the warm process, n={}", args.iterations),
         f,
         p90_ms(fork.clone())
     );
-    println!(
-        "{:<46} {:>9.2} {:>9.2}",
-        format!("eager restore from the seed, n={}", args.iterations),
-        e,
-        p90_ms(eager.clone())
-    );
-    println!(
-        "{:<46} {:>9.2} {:>9.2}",
-        "  of which restore until running",
-        median_ms(restore_only.clone()),
-        p90_ms(restore_only.clone())
-    );
-    println!(
-        "{:<46} {:>9.2}",
-        "  one-time setup per image (checks, mmap)",
-        setup_ns as f64 / 1e6
-    );
-    for (name, t, r, f) in &lazy {
-        let mut fs = f.clone();
+    for r in &rows {
+        let how = if r.template {
+            "forked from the node template"
+        } else {
+            "restored from scratch"
+        };
+        let mut fs = r.faults.clone();
         fs.sort_unstable();
         println!(
-            "{:<46} {:>9.2} {:>9.2}   (running after {:.2} ms; faults/child median {})",
-            format!("lazy restore, prefetch {name}, n={}", args.iterations),
-            median_ms(t.clone()),
-            p90_ms(t.clone()),
-            median_ms(r.clone()),
+            "{:<58} {:>8.2} {:>8.2} {:>9.2} {:>7}",
+            format!("{} restore, {how}, n={}", r.name, args.iterations),
+            median_ms(r.answer.clone()),
+            p90_ms(r.answer.clone()),
+            median_ms(r.running.clone()),
             fs[fs.len() / 2]
         );
+        if let Some(ns) = r.first_ns {
+            println!(
+                "{:<58} {:>8.2}",
+                "  its first child (builds the template, once per node)",
+                ns as f64 / 1e6
+            );
+        }
     }
-    let lazy_med = |n: &str| {
-        lazy.iter()
-            .find(|x| x.0 == n)
-            .map(|x| median_ms(x.1.clone()))
-            .unwrap_or(0.0)
+    for (template, pss_kb) in &memory {
+        println!(
+            "memory: {} concurrent lazy recorded children{} use {:.1} MiB PSS in all; {} x parent RSS = {:.1} MiB ({:.1}%, goal < 25%)",
+            args.children,
+            if *template { " forked from the template (template included)" } else { " restored from scratch" },
+            *pss_kb as f64 / 1024.0,
+            args.children,
+            (rss_kb * args.children as u64) as f64 / 1024.0,
+            100.0 * *pss_kb as f64 / (rss_kb * args.children as u64).max(1) as f64
+        );
+    }
+    let med = |name: &str, template: bool| {
+        rows.iter()
+            .find(|r| r.name == name && r.template == template)
+            .map(|r| median_ms(r.answer.clone()))
+            .unwrap_or(f64::NAN)
     };
-    let faults_med = |n: &str| {
-        lazy.iter()
-            .find(|x| x.0 == n)
-            .map(|x| {
-                let mut f = x.3.clone();
+    let faults = |name: &str, template: bool| {
+        rows.iter()
+            .find(|r| r.name == name && r.template == template)
+            .map(|r| {
+                let mut f = r.faults.clone();
                 f.sort_unstable();
                 f[f.len() / 2]
             })
             .unwrap_or(0)
     };
-    println!(
-        "memory: {} concurrent lazy children use {:.1} MiB PSS in all; {} x parent RSS = {:.1} MiB ({:.0}%, goal < 25%)",
-        args.children,
-        pss_kb as f64 / 1024.0,
-        args.children,
-        (rss_kb * args.children as u64) as f64 / 1024.0,
-        100.0 * pss_kb as f64 / (rss_kb * args.children as u64).max(1) as f64
-    );
-    println!(
-        "lazy recorded / local fork = {:.2} (goal <= 2); faults recorded vs off: {} vs {} ({:.1}% fewer, goal >= 90%)",
-        lazy_med("recorded") / f,
-        faults_med("recorded"),
-        faults_med("off"),
-        100.0 * (1.0 - faults_med("recorded") as f64 / faults_med("off").max(1) as f64)
-    );
-    println!(
-        "cold start / lazy recorded = {:.1}x faster; cold start / eager = {:.1}x faster",
-        c / lazy_med("recorded"),
-        c / e
-    );
-    println!("ratios: cold start / eager restore = {:.1}x faster (goal >= 20x); eager restore / local fork = {:.2}", c / e, e / f);
+    for (template, how) in [(false, "from scratch"), (true, "from the template")] {
+        let (e, lr) = (med("eager", template), med("lazy recorded", template));
+        let (fr, fo) = (
+            faults("lazy recorded", template),
+            faults("lazy off", template),
+        );
+        println!(
+            "{how}: cold start / eager = {:.1}x faster (goal >= 20x); eager / local fork = {:.2}; \
+             lazy recorded / local fork = {:.2} (goal <= 2); cold start / lazy recorded = {:.1}x; \
+             faults recorded vs off: {fr} vs {fo} ({:.1}% fewer, goal >= 90%)",
+            c / e,
+            e / f,
+            lr / f,
+            c / lr,
+            100.0 * (1.0 - fr as f64 / fo.max(1) as f64)
+        );
+    }
     if let Some(path) = args.json {
         let v = json!({
             "command": cmd,
-            "cold_start_ns": cold, "local_fork_ns": fork, "eager_restore_ns": eager,
-            "restore_until_running_ns": restore_only, "setup_ns": setup_ns,
+            "cold_start_ns": cold, "local_fork_ns": fork, "setup_ns": setup_ns,
             "image_bytes": desc.image_bytes, "vmas": desc.vmas.len(),
-            "lazy": lazy.iter().map(|(n, t, r, f)| json!({"prefetch": n, "first_answer_ns": t, "running_ns": r, "faults": f})).collect::<Vec<_>>(),
-            "children": args.children, "children_pss_kb": pss_kb, "parent_rss_kb": rss_kb,
+            "rows": rows.iter().map(|r| json!({
+                "mode": r.name, "template": r.template, "first_child_ns": r.first_ns,
+                "first_answer_ns": r.answer, "running_ns": r.running, "faults": r.faults,
+            })).collect::<Vec<_>>(),
+            "children": args.children, "parent_rss_kb": rss_kb,
+            "memory": memory.iter().map(|(t, kb)| json!({"template": t, "children_pss_kb": kb})).collect::<Vec<_>>(),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
     }

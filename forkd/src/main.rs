@@ -63,6 +63,11 @@ enum Command {
         /// the node's seed cache shared (copy-on-write) between children.
         #[arg(long)]
         no_share: bool,
+        /// With --count N > 1: restore every child from scratch instead of
+        /// restoring the seed once into a template that each child is
+        /// forked from.
+        #[arg(long)]
+        no_template: bool,
         /// Lazy mode: what a fault pulls in besides its page.
         #[arg(long, default_value = "window", value_parser = ["off", "window", "recorded"])]
         prefetch: String,
@@ -228,6 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eager,
             lazy: _,
             no_share,
+            no_template,
             prefetch,
             count,
             detach,
@@ -238,6 +244,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 lazy: !eager,
                 prefetch: prefetch.parse().map_err(anyhow::Error::msg)?,
                 share: !no_share,
+                // One child: restoring it directly is cheaper than a template.
+                template: count > 1 && !no_template,
             };
             return restore_cmd::run(&dir, opts, count, detach, output_dir.as_deref(), json);
         }

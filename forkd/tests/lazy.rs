@@ -42,6 +42,34 @@ fn check(mode: &str, min_events: u64) {
         );
         assert_eq!(report["killed_reason"], Value::Null);
     }
+    // Children forked from a node template: each has its own userfaultfd
+    // and a copy of the template's page table.
+    let mut cmd = Command::new(c_program("semantics"));
+    cmd.arg(mode);
+    let (dir, _) = seed_of(cmd, &format!("sem-{mode}-template"));
+    let r = restore_and_talk(
+        &dir,
+        &["--lazy", "--prefetch", "window", "--count", "2", "--json"],
+        "go\n",
+        |_| {},
+    );
+    assert_eq!(r.code, Some(0), "{mode}/template: stderr {}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    let kids = v["children"].as_array().unwrap();
+    assert_eq!(kids.len(), 2, "{v}");
+    for k in kids {
+        let out = k["stdout"].as_str().unwrap();
+        assert!(
+            out.starts_with(&format!("{mode} ok")),
+            "{mode}/template: {k}"
+        );
+        assert!(k["faults"].as_u64().unwrap() > 0, "{k}");
+        assert!(
+            k["events"].as_u64().unwrap() >= min_events,
+            "{mode}/template: {k}"
+        );
+        assert_eq!(k["killed_reason"], Value::Null);
+    }
 }
 
 #[test]
@@ -215,6 +243,49 @@ fn killing_the_pager_kills_the_child_no_wrong_output() {
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("slow"),
         "the child must not finish on wrong memory"
+    );
+}
+
+#[test]
+fn killing_the_pager_kills_children_forked_from_a_template() {
+    if !require_root("killing_the_pager_kills_children_forked_from_a_template") {
+        return;
+    }
+    let dir = slow_seed("kill-pager-template");
+    let mut p = forkd()
+        .arg("restore")
+        .arg(&dir)
+        .args(["--prefetch", "off", "--count", "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    // The template and its three children, all children of forkd.
+    let t = Instant::now();
+    let mut kids = Vec::new();
+    while kids.len() < 4 && t.elapsed() < Duration::from_secs(10) {
+        kids = children(p.id() as i32);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(kids.len(), 4, "template and 3 children: {kids:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    p.kill().unwrap();
+    let out = p.wait_with_output().unwrap();
+    let t = Instant::now();
+    for k in kids {
+        while matches!(state(k), Some(c) if c != 'Z') {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "process {k} still running without its pager"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("slow"),
+        "no child may finish on wrong memory"
     );
 }
 

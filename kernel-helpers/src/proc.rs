@@ -222,3 +222,143 @@ mod tests {
         let _ = me;
     }
 }
+
+/// A connected pair of Unix datagram sockets (close-on-exec), for passing
+/// descriptors with [`send_fds`].
+pub fn fd_socketpair() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut sv = [0 as libc::c_int; 2];
+    // SAFETY: socketpair writes two descriptors into `sv`, which has room.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(sv[0]),
+            std::os::fd::OwnedFd::from_raw_fd(sv[1]),
+        )
+    })
+}
+
+/// Most descriptors [`send_fds`] passes in one message.
+pub const MAX_PASSED_FDS: usize = 8;
+
+/// Send one byte and `fds` (`SCM_RIGHTS`) on the datagram socket `sock`.
+pub fn send_fds(sock: std::os::fd::RawFd, fds: &[std::os::fd::RawFd]) -> io::Result<()> {
+    if fds.is_empty() || fds.len() > MAX_PASSED_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "can pass 1 to {MAX_PASSED_FDS} descriptors, not {}",
+                fds.len()
+            ),
+        ));
+    }
+    let mut byte = [b'f'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for MAX_PASSED_FDS descriptors, aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    let data_len = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
+    let (space, len) = unsafe {
+        (
+            libc::CMSG_SPACE(data_len as u32) as usize,
+            libc::CMSG_LEN(data_len as u32) as usize,
+        )
+    };
+    debug_assert!(space <= std::mem::size_of_val(&control));
+    // SAFETY: msghdr is plain data; zero is a valid value for every field.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points at `control`, which holds `space` bytes, so
+    // CMSG_FIRSTHDR is non-null and its data has room for `fds`; sendmsg
+    // reads `msg`, `iov`, `byte` and `control`, all alive here.
+    let r = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = len;
+        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), data_len);
+        libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL)
+    };
+    if r != 1 {
+        return Err(if r < 0 {
+            last_os_error()
+        } else {
+            io::Error::other("short send")
+        });
+    }
+    Ok(())
+}
+
+/// Descriptor numbers open in `pid`, ascending.
+pub fn open_fds(pid: pid_t) -> io::Result<Vec<i32>> {
+    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+#[cfg(test)]
+mod fd_passing_tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn passes_descriptors_that_stay_usable() {
+        let (a, b) = fd_socketpair().unwrap();
+        let (r, w) = std::io::pipe().unwrap();
+        send_fds(a.as_raw_fd(), &[w.as_raw_fd()]).unwrap();
+        // Receive with recvmsg as the child would.
+        let mut byte = [0u8];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut control = [0u64; 8];
+        // SAFETY: as in send_fds; recvmsg writes into `byte` and `control`.
+        let fd = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control);
+            assert_eq!(libc::recvmsg(b.as_raw_fd(), &mut msg, 0), 1);
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            assert!(!c.is_null());
+            assert_eq!((*c).cmsg_type, libc::SCM_RIGHTS);
+            std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>())
+        };
+        assert_ne!(fd, w.as_raw_fd());
+        use std::io::{Read, Write};
+        // SAFETY: `fd` was just received and is owned by nobody else.
+        let mut w2 = unsafe { std::fs::File::from_raw_fd(fd) };
+        use std::os::fd::FromRawFd;
+        w2.write_all(b"x").unwrap();
+        drop((w, w2));
+        let mut s = String::new();
+        let mut r = r;
+        r.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "x");
+        assert!(send_fds(a.as_raw_fd(), &[]).is_err());
+        assert!(open_fds(std::process::id() as i32)
+            .unwrap()
+            .contains(&a.as_raw_fd()));
+    }
+}

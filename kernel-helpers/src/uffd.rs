@@ -260,6 +260,11 @@ impl Uffd {
         Ok(Uffd { fd })
     }
 
+    /// Another descriptor for the same userfaultfd (close-on-exec).
+    pub fn try_clone(&self) -> io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
     /// The raw descriptor (for epoll).
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()

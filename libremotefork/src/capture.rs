@@ -472,6 +472,10 @@ fn read_clone(
     // Shared memory pages are not in a fork child's page tables until it
     // touches them: ask the parent's pagemap which of them exist.
     let parent_pagemap = Pagemap::open(parent_pid).ok();
+    // A lazily served process (a restored child) may not have every page
+    // yet: in its registered mappings an absent page is not a zero page, so
+    // every page is read (through its pager) and stored.
+    let lazy_maps = procfs::uffd_missing(cpid)?;
 
     let mut files: Vec<FileRef> = Vec::new();
     let mut file_index: HashMap<String, Option<u32>> = HashMap::new();
@@ -482,6 +486,7 @@ fn read_clone(
             continue; // fixed by the kernel in every process
         }
         let (kind, file, store_all) = kind_of(parent_pid, &m, &mut files, &mut file_index)?;
+        let store_all = store_all || lazy_maps.contains(&m.start);
         let pages = ((m.end - m.start) / PAGE_SIZE) as usize;
         let classes = if kind.is_kernel_provided() {
             Vec::new()

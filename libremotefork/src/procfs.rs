@@ -159,6 +159,37 @@ pub fn maps(pid: pid_t) -> Result<Vec<MapsEntry>, ProcfsError> {
     parse_maps(&read_string(pid, "maps")?)
 }
 
+/// Start addresses of the mappings registered with a userfaultfd in
+/// missing mode (`um` in the `VmFlags` of `/proc/PID/smaps`), from its text.
+/// In such a mapping a page that is not present may simply not have been
+/// served yet: it does not read as zeros.
+pub fn parse_uffd_missing(smaps: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(s) = start {
+                if flags.split_whitespace().any(|f| f == "um") {
+                    out.push(s);
+                }
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            // A mapping's first line: "start-end perms ...".
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(_)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    start = Some(a);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// [`parse_uffd_missing`] of `/proc/PID/smaps`.
+pub fn uffd_missing(pid: pid_t) -> Result<Vec<u64>, ProcfsError> {
+    Ok(parse_uffd_missing(&read_string(pid, "smaps")?))
+}
+
 /// The memory-layout fields of `/proc/PID/stat` that `PR_SET_MM_MAP` needs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmFields {
@@ -534,5 +565,26 @@ mod tests {
         assert!(status(me).unwrap().threads >= 1);
         assert!(!auxv(me).unwrap().is_empty());
         assert!(fds(me).unwrap().iter().any(|f| f.fd == 0));
+    }
+}
+
+#[cfg(test)]
+mod uffd_missing_tests {
+    use super::*;
+
+    #[test]
+    fn finds_mappings_registered_in_missing_mode() {
+        let text = "\
+7f0000000000-7f0000001000 rw-p 00000000 00:00 0 
+Size:                  4 kB
+VmFlags: rd wr mr mw me ac um 
+7f0000002000-7f0000003000 rw-p 00000000 00:00 0 
+Size:                  4 kB
+VmFlags: rd wr mr mw me ac 
+7f0000004000-7f0000005000 r--p 00000000 08:01 12 /usr/lib/x.so
+VmFlags: rd mr mw me ui 
+";
+        assert_eq!(parse_uffd_missing(text), vec![0x7f00_0000_0000]);
+        assert!(parse_uffd_missing("").is_empty());
     }
 }

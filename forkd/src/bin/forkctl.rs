@@ -51,6 +51,10 @@ enum Cmd {
         /// Write all memory before the children run.
         #[arg(long)]
         eager: bool,
+        /// Restore every child from scratch instead of forking it from the
+        /// node's template of the seed.
+        #[arg(long)]
+        no_template: bool,
         /// Labels, KEY=VALUE.
         #[arg(long = "label")]
         labels: Vec<String>,
@@ -319,6 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stdin,
             prefetch,
             eager,
+            no_template,
             labels,
             args,
         } => {
@@ -345,6 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eager,
                 args,
                 origin: origin.unwrap_or_default(),
+                no_template,
             };
             let mut stream = c.spawn(req).await.map_err(status_err)?.into_inner();
             let mut children: std::collections::BTreeMap<u32, Value> = Default::default();

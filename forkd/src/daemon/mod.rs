@@ -592,6 +592,7 @@ impl Forkd for Service {
             lazy: !r.eager,
             prefetch,
             share: true,
+            template: !r.no_template,
         };
         let st = self.state.clone();
         let restorer = target.restorer.clone();

@@ -40,7 +40,7 @@ use table::{Fill, Origin, PageRef, PageTable, Slot};
 pub const WINDOW_PAGES: usize = 16;
 
 /// How faults pull in more than the faulting page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Prefetch {
     /// Only the faulting page.
     Off,
@@ -194,6 +194,26 @@ pub struct LazyChild {
     pub prefetch: Prefetch,
     /// Shared statistics.
     pub stats: Arc<ChildStats>,
+    /// A node template's: the children it forks are sent here (to be given
+    /// their pid and handed back with [`Pager::add`]) instead of being
+    /// served at once as anonymous grandchildren.
+    pub on_fork: Option<Sender<LazyChild>>,
+}
+
+impl LazyChild {
+    /// Install the seed's recorded working set now, before the child runs
+    /// (a node template's, so every child it forks has it). Returns the
+    /// pages installed.
+    pub fn install_working_set(self) -> Result<(LazyChild, u64), (LazyChild, String)> {
+        let mut st = ChildState::new(self);
+        queue_working_set(&mut st);
+        let r = install_queued(&mut st, usize::MAX);
+        let n = st.c.stats.prefetched.load(Ordering::Relaxed);
+        match r {
+            Ok(()) => Ok((st.c, n)),
+            Err(e) => Err((st.c, e)),
+        }
+    }
 }
 
 struct ChildState {
@@ -350,9 +370,13 @@ fn add_child(
             warn!(error = %e, "cannot watch a child's exit");
         }
     }
-    let record = c.seed.working_set().is_none() && c.pid.is_some();
-    children.insert(
-        id,
+    children.insert(id, ChildState::new(c));
+}
+
+impl ChildState {
+    fn new(c: LazyChild) -> ChildState {
+        // A template never runs: its children record.
+        let record = c.seed.working_set().is_none() && c.pid.is_some() && c.on_fork.is_none();
         ChildState {
             c,
             first_fault_done: false,
@@ -360,8 +384,8 @@ fn add_child(
             touched: Vec::new(),
             touched_set: HashSet::new(),
             record,
-        },
-    );
+        }
+    }
 }
 
 fn finish(epoll: &Epoll, st: ChildState) {
@@ -430,7 +454,7 @@ fn service(st: &mut ChildState, forks: &mut Vec<LazyChild>) -> Result<(), String
                     // SAFETY: the kernel installed `ufd` in our fd table for us.
                     let fd = unsafe { OwnedFd::from_raw_fd(ufd as RawFd) };
                     set_nonblocking(&fd);
-                    forks.push(LazyChild {
+                    let child = LazyChild {
                         pid: None,
                         uffd: Uffd::from_owned(fd),
                         pidfd: None,
@@ -438,7 +462,18 @@ fn service(st: &mut ChildState, forks: &mut Vec<LazyChild>) -> Result<(), String
                         seed: st.c.seed.clone(),
                         prefetch: st.c.prefetch,
                         stats: Arc::new(ChildStats::default()),
-                    });
+                        on_fork: None,
+                    };
+                    // A template's child goes to the restorer forking it;
+                    // if that is gone, serve it as a grandchild.
+                    match &st.c.on_fork {
+                        Some(tx) => {
+                            if let Err(e) = tx.send(child) {
+                                forks.push(e.0);
+                            }
+                        }
+                        None => forks.push(child),
+                    }
                 }
                 Msg::Unknown(t) => warn!(event = t, "unknown userfaultfd event"),
             }

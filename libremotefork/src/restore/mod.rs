@@ -16,6 +16,7 @@
 //! On any error the husk is killed and reaped: no half-built child remains.
 
 pub mod plan;
+mod template;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -145,6 +146,10 @@ pub struct SpawnOptions {
     /// Lazy children map the seed's node-local cache privately, so pages
     /// stay shared between children until written (else each gets copies).
     pub share: bool,
+    /// Fork the child from this node's template of the seed (restored once,
+    /// never run; see [`template`]) instead of restoring it from scratch.
+    /// The first child of a seed and mode builds the template.
+    pub template: bool,
 }
 
 impl Default for SpawnOptions {
@@ -153,6 +158,7 @@ impl Default for SpawnOptions {
             lazy: true,
             prefetch: Prefetch::Window,
             share: true,
+            template: true,
         }
     }
 }
@@ -160,6 +166,12 @@ impl Default for SpawnOptions {
 /// Everything needed to start children from one image.
 #[derive(Debug)]
 pub struct Restorer {
+    core: Arc<Core>,
+}
+
+/// A [`Restorer`]'s state, shared with the template service thread.
+#[derive(Debug)]
+struct Core {
     image: SeedImage,
     resolved: Vec<ResolvedFile>,
     /// The page store mapped, for a local seed.
@@ -174,6 +186,25 @@ pub struct Restorer {
     /// A remote seed's pages written before its children run, fetched
     /// once for the plan's lazy/eager shape: every child needs the same.
     fetched: std::sync::Mutex<Option<Fetched>>,
+    /// This node's templates of the seed, by (lazy, prefetch). Only the
+    /// template service thread, their tracer, touches them.
+    templates: std::sync::Mutex<template::Templates>,
+}
+
+/// What [`Core::build_child`] leaves: a husk holding the seed's process,
+/// still traced, its executor area still mapped.
+struct Built {
+    husk: Tracee,
+    plan: RestorePlan,
+    blob: plan::Blob,
+    base_regs: libc::user_regs_struct,
+    /// A `syscall` instruction in the child's vDSO (at the seed's address).
+    child_insn: u64,
+    /// The child's userfaultfd number (lazy plans).
+    uffd_fd: Option<i64>,
+    notes: Vec<String>,
+    pages_written: u64,
+    t0: Instant,
 }
 
 /// Stored pages fetched for a plan: which mappings were lazy, and the
@@ -258,27 +289,36 @@ impl Restorer {
             | (have
                 & (uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_MINOR_SHMEM | uffd::FEATURE_POISON));
         Ok(Restorer {
-            image,
-            resolved,
-            pages,
-            vdso_syscall_offset,
-            notes,
-            seed,
-            pager,
-            uffd_features,
-            cache_base,
-            fetched: std::sync::Mutex::new(None),
+            core: Arc::new(Core {
+                image,
+                resolved,
+                pages,
+                vdso_syscall_offset,
+                notes,
+                seed,
+                pager,
+                uffd_features,
+                cache_base,
+                fetched: std::sync::Mutex::new(None),
+                templates: Default::default(),
+            }),
         })
     }
 
     /// The image.
     pub fn image(&self) -> &SeedImage {
-        &self.image
+        &self.core.image
     }
 
     /// This seed's pages on this node (cache, working set, metrics).
     pub fn seed_pages(&self) -> &Arc<SeedPages> {
-        &self.seed
+        &self.core.seed
+    }
+
+    /// Pids of this seed's templates on this node (processes that never
+    /// run; their memory is shared with the children forked from them).
+    pub fn template_pids(&self) -> Vec<i32> {
+        template::pids(&self.core)
     }
 
     /// Start one child with the given stdio. It runs when this returns.
@@ -289,6 +329,80 @@ impl Restorer {
         stderr: husk::Io,
         opts: &SpawnOptions,
     ) -> Result<Child, RestoreError> {
+        if opts.template {
+            template::spawn(&self.core, stdin, stdout, stderr, opts)
+        } else {
+            self.core.spawn_direct(stdin, stdout, stderr, opts)
+        }
+    }
+}
+
+impl Core {
+    /// Restore one child from scratch in a new husk.
+    fn spawn_direct(
+        &self,
+        stdin: husk::Io,
+        stdout: husk::Io,
+        stderr: husk::Io,
+        opts: &SpawnOptions,
+    ) -> Result<Child, RestoreError> {
+        let d = self.image.descriptor();
+        let Built {
+            mut husk,
+            plan,
+            base_regs,
+            child_insn,
+            uffd_fd,
+            notes,
+            pages_written,
+            t0,
+            ..
+        } = self.build_child(stdin, stdout, stderr, opts, 0)?;
+        let pid = husk.pid();
+        // Remove the executor, then become the parent.
+        let r = husk.inject_syscall(
+            child_insn,
+            &base_regs,
+            libc::SYS_munmap,
+            [plan.base, plan.area_len(), 0, 0, 0, 0],
+        )?;
+        if r.ret != 0 {
+            return Err(RestoreError::Step {
+                what: "unmapping the executor".into(),
+                detail: errno_text(r.ret),
+            });
+        }
+        let stats = match uffd_fd {
+            Some(fd) => Some(self.start_paging(pid, &plan, fd, opts, None)?),
+            None => None,
+        };
+        let regs = d.registers.restarted().to_user_regs();
+        husk.set_regs(&regs)?;
+        husk.set_xstate(&d.xstate)?;
+        husk.set_sigmask(d.sigmask)?;
+        husk.detach()?;
+        let restore_ns = t0.elapsed().as_nanos() as u64;
+        debug!(pid, us = restore_ns / 1000, "child running");
+        Ok(Child {
+            pid,
+            notes,
+            restore_ns,
+            pages_written,
+            stats,
+        })
+    }
+
+    /// Start a husk and rebuild the seed's process in it: mappings, memory
+    /// (eager pages), process state. `extra` bytes are reserved after the
+    /// executor, which stays mapped.
+    fn build_child(
+        &self,
+        stdin: husk::Io,
+        stdout: husk::Io,
+        stderr: husk::Io,
+        opts: &SpawnOptions,
+        extra: u64,
+    ) -> Result<Built, RestoreError> {
         let d = self.image.descriptor();
         let span = info_span!("restore", seed_pid = d.source.pid);
         let _g = span.enter();
@@ -315,6 +429,7 @@ impl Restorer {
             &self.resolved,
             opts.lazy,
             can_share.then_some(&shared),
+            extra,
         )?;
         let base_regs = husk.regs()?;
         let here_xstate = husk.xstate()?.len();
@@ -424,7 +539,6 @@ impl Restorer {
             }
         }
 
-        // Remove the executor, then become the parent.
         let child_vdso = d
             .vmas
             .iter()
@@ -434,35 +548,16 @@ impl Restorer {
                 what: "finding the seed's vDSO".into(),
                 detail: "none recorded".into(),
             })?;
-        let r = husk.inject_syscall(
-            child_vdso + self.vdso_syscall_offset,
-            &base_regs,
-            libc::SYS_munmap,
-            [plan.base, len, 0, 0, 0, 0],
-        )?;
-        if r.ret != 0 {
-            return Err(RestoreError::Step {
-                what: "unmapping the executor".into(),
-                detail: errno_text(r.ret),
-            });
-        }
-        let stats = match uffd_fd {
-            Some(fd) => Some(self.start_paging(pid, &plan, fd, opts)?),
-            None => None,
-        };
-        let regs = d.registers.restarted().to_user_regs();
-        husk.set_regs(&regs)?;
-        husk.set_xstate(&d.xstate)?;
-        husk.set_sigmask(d.sigmask)?;
-        husk.detach()?;
-        let restore_ns = t0.elapsed().as_nanos() as u64;
-        debug!(pid, us = restore_ns / 1000, "child running");
-        Ok(Child {
-            pid,
+        Ok(Built {
+            husk,
+            plan,
+            blob,
+            base_regs,
+            child_insn: child_vdso + self.vdso_syscall_offset,
+            uffd_fd,
             notes,
-            restore_ns,
             pages_written,
-            stats,
+            t0,
         })
     }
 
@@ -474,6 +569,7 @@ impl Restorer {
         plan: &RestorePlan,
         fd: i64,
         opts: &SpawnOptions,
+        on_fork: Option<std::sync::mpsc::Sender<LazyChild>>,
     ) -> Result<Arc<ChildStats>, RestoreError> {
         let d = self.image.descriptor();
         if !(0..=i32::MAX as i64).contains(&fd) {
@@ -531,7 +627,7 @@ impl Restorer {
             source,
         })?;
         let stats = Arc::new(ChildStats::default());
-        self.pager.add(LazyChild {
+        let mut child = LazyChild {
             pid: Some(pid),
             uffd,
             pidfd: Some(pidfd),
@@ -539,7 +635,25 @@ impl Restorer {
             seed: self.seed.clone(),
             prefetch: opts.prefetch,
             stats: stats.clone(),
-        });
+            on_fork,
+        };
+        if child.on_fork.is_some() && opts.prefetch == Prefetch::Recorded {
+            // A template: every child it forks gets the working set as
+            // present pages.
+            child = match child.install_working_set() {
+                Ok((c, n)) => {
+                    debug!(pages = n, "working set installed in the template");
+                    c
+                }
+                Err((_, reason)) => {
+                    return Err(RestoreError::Step {
+                        what: "installing the working set in the template".into(),
+                        detail: reason,
+                    })
+                }
+            };
+        }
+        self.pager.add(child);
         Ok(stats)
     }
 

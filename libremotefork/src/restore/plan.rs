@@ -19,7 +19,7 @@
 use kernel_helpers::executor::{self, Entry};
 
 use crate::image::{Descriptor, PageState, VmaKind};
-use crate::procfs::{FdKind, MapsEntry};
+use crate::procfs::{FdEntry, FdKind, MapsEntry};
 use crate::PAGE_SIZE;
 
 /// Highest user-space address + 1 on x86_64 with 4-level page tables.
@@ -200,6 +200,9 @@ pub struct RestorePlan {
     /// Per descriptor VMA: mapped from the shared seed cache (filled with
     /// `UFFDIO_CONTINUE`; pages shared between children until written).
     pub from_cache: Vec<bool>,
+    /// Bytes reserved after the executor's own pages (a node template's
+    /// [`ForkTable`] goes there).
+    pub extra: u64,
 }
 
 /// The seed's node-local cache as children may map it.
@@ -257,11 +260,16 @@ pub struct Blob {
 }
 
 impl RestorePlan {
-    /// Bytes the executor area needs (page aligned).
+    /// Bytes the executor area needs (page aligned), `extra` included.
     pub fn area_len(&self) -> u64 {
+        self.extra_at() - self.base + self.extra.div_ceil(PAGE_SIZE) * PAGE_SIZE
+    }
+
+    /// Where the `extra` bytes start (after the executor's own pages).
+    pub fn extra_at(&self) -> u64 {
         let n = self.map_ops.len() + self.state_ops.len();
         let len = align8(executor::CODE.len()) + n * executor::ENTRY_SIZE + self.data.len();
-        (len as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE
+        self.base + (len as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE
     }
 
     /// Lay the executor area out at `self.base`.
@@ -371,6 +379,7 @@ pub fn build(
     files: &[ResolvedFile],
     lazy: bool,
     shared_cache: Option<&SharedCache>,
+    extra: u64,
 ) -> Result<RestorePlan, PlanError> {
     let mut notes = Vec::new();
     for v in &desc.vmas {
@@ -905,35 +914,14 @@ pub fn build(
     let mut gaps = Vec::new();
     for n in 3..=max_fd {
         let f = desc.fds.iter().find(|f| f.fd == n);
-        let reopen = f.filter(|f| {
-            matches!(
-                f.kind,
-                FdKind::Regular | FdKind::Directory | FdKind::CharDevice
-            ) && std::path::Path::new(&f.path).exists()
-        });
+        let reopen = f.filter(|f| reopenable(f));
         match (f, reopen) {
             (Some(f), Some(_)) => {
-                let keep = libc::O_ACCMODE
-                    | libc::O_APPEND
-                    | libc::O_NONBLOCK
-                    | libc::O_CLOEXEC
-                    | libc::O_DIRECTORY
-                    | libc::O_NOATIME
-                    | libc::O_SYNC
-                    | libc::O_DSYNC
-                    | libc::O_LARGEFILE;
                 let p = data.cstr(&f.path);
                 state_ops.push(
                     Op::new(
                         libc::SYS_open,
-                        [
-                            Arg::Data(p),
-                            v((f.flags as i32 & keep) as u64),
-                            v(0),
-                            v(0),
-                            v(0),
-                            v(0),
-                        ],
+                        [Arg::Data(p), v(reopen_flags(f)), v(0), v(0), v(0), v(0)],
                         format!("reopen fd {n} {}", f.path),
                     )
                     .expect(n as u64),
@@ -1138,6 +1126,7 @@ pub fn build(
         uffd_slot,
         write_first,
         from_cache: continue_vmas,
+        extra,
     };
     let len = plan.area_len() + PAGE_SIZE;
     // Avoid the vDSO park range too: it is occupied while the map phase runs.
@@ -1155,6 +1144,200 @@ pub fn build(
     let auxv_addr = data_at + auxv_at as u64;
     plan.data[mm_at + 88..mm_at + 96].copy_from_slice(&auxv_addr.to_le_bytes());
     Ok(plan)
+}
+
+/// Is this descriptor of the seed opened again by path in a child?
+fn reopenable(f: &FdEntry) -> bool {
+    matches!(
+        f.kind,
+        FdKind::Regular | FdKind::Directory | FdKind::CharDevice
+    ) && std::path::Path::new(&f.path).exists()
+}
+
+/// The `open` flags a reopened descriptor gets: the seed's, less those that
+/// only mattered when it was first opened (`O_CREAT`, `O_TRUNC`...).
+fn reopen_flags(f: &FdEntry) -> u64 {
+    let keep = libc::O_ACCMODE
+        | libc::O_APPEND
+        | libc::O_NONBLOCK
+        | libc::O_CLOEXEC
+        | libc::O_DIRECTORY
+        | libc::O_NOATIME
+        | libc::O_SYNC
+        | libc::O_DSYNC
+        | libc::O_LARGEFILE;
+    (f.flags as i32 & keep) as u64
+}
+
+/// The table a child forked from a node template runs before it is let
+/// go: what `fork()` does not give it of its own.
+#[derive(Debug, Clone)]
+pub struct ForkTable {
+    /// Bytes to write at the address the table was built for: its data,
+    /// then its entries.
+    pub bytes: Vec<u8>,
+    /// Address and entry count of the entries.
+    pub table: (u64, u64),
+    /// What each entry does, for error messages.
+    pub what: Vec<String>,
+}
+
+/// Descriptors passed to a forked child, in this order: its stdin, stdout,
+/// stderr, and (lazy) its own userfaultfd.
+pub const FORK_STDIO: usize = 3;
+
+/// Build the [`ForkTable`] for children of a template of `desc`, to be
+/// written at `at`. In the child, descriptor `sock` is a datagram socket
+/// carrying the passed descriptors, which arrive at the numbers `recv` (the
+/// lowest the template leaves free); `uffd_target` is where the template
+/// keeps its userfaultfd (lazy), replaced by the child's own.
+///
+/// The child gets: its stdio and userfaultfd, its own open file
+/// descriptions for the seed's reopened files (fork would share the
+/// template's offsets between siblings), its robust list (fork clears it)
+/// and, when lazy, its parent-death signal (fork clears that too).
+pub fn fork_table(
+    desc: &Descriptor,
+    at: u64,
+    sock: i32,
+    recv: &[i32],
+    uffd_target: Option<i32>,
+) -> ForkTable {
+    let mut data = Data::default();
+    // recvmsg's buffers. Absolute addresses: the data area starts at `at`.
+    let buf = data.words(&[0]);
+    let iov = data.words(&[0, 1]);
+    let control = data.words(&[0; 8]);
+    let msghdr = data.words(&[0; 7]);
+    let patch = |d: &mut Data, off: usize, word: u64| {
+        d.0[off..off + 8].copy_from_slice(&word.to_le_bytes());
+    };
+    patch(&mut data, iov, at + buf as u64);
+    patch(&mut data, msghdr + 16, at + iov as u64); // msg_iov
+    patch(&mut data, msghdr + 24, 1); // msg_iovlen
+    patch(&mut data, msghdr + 32, at + control as u64); // msg_control
+    patch(&mut data, msghdr + 40, 64); // msg_controllen
+    let mut ops = vec![Op::new(
+        libc::SYS_recvmsg,
+        [
+            v(sock as u64),
+            Arg::Data(msghdr),
+            v(libc::MSG_CMSG_CLOEXEC as u64),
+            v(0),
+            v(0),
+            v(0),
+        ],
+        "receiving the child's descriptors",
+    )
+    .expect(1)];
+    let passed = FORK_STDIO + usize::from(uffd_target.is_some());
+    for (i, &r) in recv.iter().take(passed).enumerate() {
+        let (target, flags, what) = if i < FORK_STDIO {
+            (i as i32, 0, format!("setting up fd {i}"))
+        } else {
+            (
+                uffd_target.unwrap_or(-1),
+                libc::O_CLOEXEC,
+                "installing the child's userfaultfd".to_string(),
+            )
+        };
+        ops.push(Op::new(
+            libc::SYS_dup3,
+            [
+                v(r as u64),
+                v(target as u64),
+                v(flags as u64),
+                v(0),
+                v(0),
+                v(0),
+            ],
+            what,
+        ));
+    }
+    for &r in recv.iter().take(passed) {
+        ops.push(Op::new(
+            libc::SYS_close,
+            [v(r as u64), v(0), v(0), v(0), v(0), v(0)],
+            format!("closing passed fd {r}"),
+        ));
+    }
+    for f in desc.fds.iter().filter(|f| f.fd > 2 && reopenable(f)) {
+        let p = data.cstr(&f.path);
+        ops.push(
+            Op::new(
+                libc::SYS_open,
+                [Arg::Data(p), v(reopen_flags(f)), v(0), v(0), v(0), v(0)],
+                format!("reopening fd {} {}", f.fd, f.path),
+            )
+            .save(),
+        );
+        let cloexec = (f.flags as i32 & libc::O_CLOEXEC) as u64;
+        ops.push(Op::new(
+            libc::SYS_dup3,
+            [Arg::Saved, v(f.fd as u64), v(cloexec), v(0), v(0), v(0)],
+            format!("moving the reopened fd {}", f.fd),
+        ));
+        ops.push(Op::new(
+            libc::SYS_close,
+            [Arg::Saved, v(0), v(0), v(0), v(0), v(0)],
+            format!("closing the spare number of fd {}", f.fd),
+        ));
+        if f.kind == FdKind::Regular && f.offset > 0 {
+            let mut op = Op::new(
+                libc::SYS_lseek,
+                [
+                    v(f.fd as u64),
+                    v(f.offset),
+                    v(libc::SEEK_SET as u64),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                format!("lseek fd {}", f.fd),
+            );
+            op.ignore_error = true;
+            ops.push(op);
+        }
+    }
+    if desc.robust_list.0 != 0 {
+        ops.push(Op::new(
+            libc::SYS_set_robust_list,
+            [
+                v(desc.robust_list.0),
+                v(desc.robust_list.1),
+                v(0),
+                v(0),
+                v(0),
+                v(0),
+            ],
+            "set_robust_list",
+        ));
+    }
+    if uffd_target.is_some() {
+        ops.push(Op::new(
+            libc::SYS_prctl,
+            [
+                v(libc::PR_SET_PDEATHSIG as u64),
+                v(libc::SIGKILL as u64),
+                v(0),
+                v(0),
+                v(0),
+                v(0),
+            ],
+            "prctl(PR_SET_PDEATHSIG)",
+        ));
+    }
+    let table_at = at + align8(data.0.len()) as u64;
+    let mut bytes = data.0;
+    bytes.resize(align8(bytes.len()), 0);
+    for op in &ops {
+        encode_op(op, at).encode(&mut bytes);
+    }
+    ForkTable {
+        bytes,
+        table: (table_at, ops.len() as u64),
+        what: ops.into_iter().map(|o| o.what).collect(),
+    }
 }
 
 fn intern(v: &mut Vec<String>, s: &str) -> usize {

@@ -8,7 +8,7 @@ fn build4(
     f: &[ResolvedFile],
     lazy: bool,
 ) -> Result<RestorePlan, PlanError> {
-    build(d, h, f, lazy, None)
+    build(d, h, f, lazy, None, 0)
 }
 
 fn husk(vdso_at: u64) -> HuskLayout {
@@ -336,7 +336,7 @@ fn shared_cache_plans_map_anonymous_memory_from_the_cache() {
         path: "/proc/1/fd/9".into(),
         base,
     };
-    let p = build(&d, &husk(0x7fff_f000_0000), &local(), true, Some(&cache)).unwrap();
+    let p = build(&d, &husk(0x7fff_f000_0000), &local(), true, Some(&cache), 0).unwrap();
     assert_eq!(p.from_cache, vec![false, true, false]);
     let names: Vec<&str> = p.map_ops.iter().map(|o| o.what.as_str()).collect();
     let open = names
@@ -362,7 +362,15 @@ fn shared_cache_plans_map_anonymous_memory_from_the_cache() {
         1
     );
     // Eager plans never use the cache.
-    let e = build(&d, &husk(0x7fff_f000_0000), &local(), false, Some(&cache)).unwrap();
+    let e = build(
+        &d,
+        &husk(0x7fff_f000_0000),
+        &local(),
+        false,
+        Some(&cache),
+        0,
+    )
+    .unwrap();
     assert_eq!(e.from_cache, vec![false, false, false]);
 }
 

@@ -1,0 +1,419 @@
+//! Node templates: a seed restored once on this node into a process that
+//! never runs, then forked for every child.
+//!
+//! Restoring from scratch costs a husk, a few hundred `mmap`s, the state
+//! phase and (lazily) a userfaultfd per child. A template pays that once per
+//! seed and mode; each child is then one `clone` injected into the template
+//! (its memory shared copy-on-write, page tables copied as `fork()` copies
+//! them) plus a short table of what `fork()` does not carry:
+//!
+//! - its stdio and, when lazy, its own userfaultfd, passed over a datagram
+//!   socket that is the template's fd 0 (`SCM_RIGHTS`, received in the
+//!   child by the executor, still mapped from the template);
+//! - its own open file descriptions for the seed's reopened files;
+//! - the robust list and parent-death signal, which `fork()` clears.
+//!
+//! Then the executor is unmapped and the registers, XSAVE state and signal
+//! mask are set as for any child. The clone uses `CLONE_PARENT`, so a
+//! child's parent is forkd, as a restored-from-scratch child's is, and
+//! `CLONE_CHILD_CLEARTID` with the seed's `clear_child_tid`.
+//!
+//! A lazy template's userfaultfd reports each fork (`UFFD_EVENT_FORK`); the
+//! pager hands the child's new userfaultfd, with a copy of the template's
+//! page table, back here to be given the child's pid and served. With the
+//! `recorded` prefetch the template gets the seed's working set installed
+//! before its first fork, so every child starts with it present.
+//!
+//! Templates are traced (hence forked) by one thread, the template service,
+//! which lives as long as the process: a child's parent-death signal fires
+//! when the thread that is its parent exits.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kernel_helpers::husk::Io;
+use kernel_helpers::mem::{self, RemoteRange};
+use kernel_helpers::proc;
+use kernel_helpers::ptrace::{self, Stop, Tracee};
+use kernel_helpers::{executor, uffd};
+use tracing::{debug, info};
+
+use super::plan::{self, ForkTable, FORK_STDIO};
+use super::{errno_text, Child, Core, RestoreError, SpawnOptions};
+use crate::pager::{ChildStats, LazyChild, Prefetch};
+
+/// How long a fork waits for the pager to hand over the child's userfaultfd.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A seed's templates on this node, by (lazy, prefetch).
+pub(super) type Templates = HashMap<(bool, Prefetch), Template>;
+
+/// One template: a restored process, stopped and traced, never run.
+pub(super) struct Template {
+    tracee: Tracee,
+    base_regs: libc::user_regs_struct,
+    /// A `syscall` instruction in its vDSO.
+    insn: u64,
+    /// The executor area (address, length): the code and the fork table.
+    area: (u64, u64),
+    code: u64,
+    fork: ForkTable,
+    /// Our end of the socket that is the template's fd 0.
+    sock: OwnedFd,
+    /// Forked children's userfaultfds, from the pager (lazy templates).
+    forks: Option<Receiver<LazyChild>>,
+    /// It was built with the recorded working set installed.
+    with_ws: bool,
+    notes: Vec<String>,
+    pages_written: u64,
+}
+
+impl std::fmt::Debug for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Template")
+            .field("pid", &self.tracee.pid())
+            .field("lazy", &self.forks.is_some())
+            .field("with_ws", &self.with_ws)
+            .finish()
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Run `f` on the template service thread and wait for its result.
+fn on_service<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RestoreError> {
+    static SERVICE: Mutex<Option<Sender<Job>>> = Mutex::new(None);
+    let (tx, rx) = sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    {
+        let mut g = SERVICE.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            let (jtx, jrx) = channel::<Job>();
+            std::thread::Builder::new()
+                .name("rf-templates".into())
+                .spawn(move || {
+                    for job in jrx {
+                        // A panicking job must not take the service (and
+                        // every template's children's parent) with it.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    }
+                })
+                .map_err(|source| RestoreError::Io {
+                    what: "starting the template service thread".into(),
+                    source,
+                })?;
+            *g = Some(jtx);
+        }
+        if let Some(s) = g.as_ref() {
+            s.send(job).map_err(|_| RestoreError::Step {
+                what: "handing the spawn to the template service".into(),
+                detail: "the service thread is gone".into(),
+            })?;
+        }
+    }
+    rx.recv().map_err(|_| RestoreError::Step {
+        what: "forking from the template".into(),
+        detail: "the template service failed (a panic; see the log)".into(),
+    })
+}
+
+/// Start one child forked from the seed's template for `opts` (built first
+/// if there is none, or if it lacks a working set recorded since).
+pub(super) fn spawn(
+    core: &Arc<Core>,
+    stdin: Io,
+    stdout: Io,
+    stderr: Io,
+    opts: &SpawnOptions,
+) -> Result<Child, RestoreError> {
+    let core = core.clone();
+    let opts = *opts;
+    on_service(move || fork_one(&core, [stdin, stdout, stderr], &opts))?
+}
+
+/// Pids of the seed's templates.
+pub(super) fn pids(core: &Core) -> Vec<i32> {
+    let g = core.templates.lock().unwrap_or_else(|e| e.into_inner());
+    g.values().map(|t| t.tracee.pid()).collect()
+}
+
+fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, RestoreError> {
+    let prefetch = if opts.lazy {
+        opts.prefetch
+    } else {
+        Prefetch::Off
+    };
+    let key = (opts.lazy, prefetch);
+    let want_ws = opts.lazy && prefetch == Prefetch::Recorded && core.seed.working_set().is_some();
+    let mut g = core.templates.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = g.get(&key) {
+        if (want_ws && !t.with_ws) || !alive(t.tracee.pid()) {
+            // Dropping it kills it; its children live on.
+            debug!(pid = t.tracee.pid(), "replacing a template");
+            g.remove(&key);
+        }
+    }
+    let t = match g.entry(key) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let t0 = Instant::now();
+            let t = build(core, opts.lazy, prefetch, want_ws)?;
+            info!(
+                pid = t.tracee.pid(),
+                lazy = opts.lazy,
+                ?prefetch,
+                working_set = want_ws,
+                us = t0.elapsed().as_micros() as u64,
+                "template built"
+            );
+            e.insert(t)
+        }
+    };
+    fork_from(core, t, stdio)
+}
+
+/// Has the template not died? (It is ours: a death is collected here.)
+fn alive(pid: i32) -> bool {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG on our own traced child; status is writable.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
+    if r == pid {
+        // A stop (a signal sent to it) leaves it usable; an exit does not.
+        return libc::WIFSTOPPED(status);
+    }
+    r == 0
+}
+
+/// Restore the seed into a template: a child built like any other, whose
+/// fd 0 is our socket and whose executor area keeps the fork table.
+fn build(
+    core: &Core,
+    lazy: bool,
+    prefetch: Prefetch,
+    want_ws: bool,
+) -> Result<Template, RestoreError> {
+    let d = core.image.descriptor();
+    let io_err = |what: &str| {
+        let what = what.to_string();
+        move |source| RestoreError::Io { what, source }
+    };
+    let (ours, theirs) = proc::fd_socketpair().map_err(io_err("creating the template's socket"))?;
+    // The table's size depends only on the descriptor.
+    let passed = FORK_STDIO + usize::from(lazy);
+    let sizing = plan::fork_table(d, 0, 0, &[0; FORK_STDIO + 1], lazy.then_some(0));
+    let opts = SpawnOptions {
+        lazy,
+        prefetch,
+        // Children share the template's pages through fork; the template
+        // itself holds them as anonymous memory, so fork copies their
+        // page-table entries (it skips those of file mappings).
+        share: false,
+        template: false,
+    };
+    let b = core.build_child(
+        Io::fd(theirs),
+        Io::Null,
+        Io::Null,
+        &opts,
+        sizing.bytes.len() as u64,
+    )?;
+    let pid = b.husk.pid();
+    let open = proc::open_fds(pid).map_err(io_err("listing the template's descriptors"))?;
+    // recvmsg puts passed descriptors at the lowest free numbers.
+    let recv: Vec<i32> = (0..).filter(|n| !open.contains(n)).take(passed).collect();
+    let uffd_target = match b.uffd_fd {
+        Some(fd) => Some(i32::try_from(fd).map_err(|_| RestoreError::Step {
+            what: "creating the template's userfaultfd".into(),
+            detail: errno_text(fd),
+        })?),
+        None => None,
+    };
+    let at = b.plan.extra_at();
+    let fork = plan::fork_table(d, at, 0, &recv, uffd_target);
+    mem::write_ranges(
+        pid,
+        &[&fork.bytes],
+        &[RemoteRange {
+            addr: at,
+            len: fork.bytes.len(),
+        }],
+    )?;
+    let forks = match b.uffd_fd {
+        Some(fd) => {
+            let (tx, rx) = channel();
+            core.start_paging(pid, &b.plan, fd, &opts, Some(tx))?;
+            Some(rx)
+        }
+        None => None,
+    };
+    Ok(Template {
+        tracee: b.husk,
+        base_regs: b.base_regs,
+        insn: b.child_insn,
+        area: (b.plan.base, b.plan.area_len()),
+        code: b.blob.code,
+        fork,
+        sock: ours,
+        forks,
+        with_ws: want_ws,
+        notes: b.notes,
+        pages_written: b.pages_written,
+    })
+}
+
+/// Fork one child from `t` and let it run as the seed.
+fn fork_from(core: &Core, t: &mut Template, stdio: [Io; 3]) -> Result<Child, RestoreError> {
+    let d = core.image.descriptor();
+    let t0 = Instant::now();
+    // Left over from a fork that failed half-way: never hand it to another.
+    if let Some(rx) = &t.forks {
+        while rx.try_recv().is_ok() {}
+    }
+    let flags = (libc::CLONE_PARENT | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;
+    let r = t.tracee.inject_syscall(
+        t.insn,
+        &t.base_regs,
+        libc::SYS_clone,
+        [flags, 0, 0, d.clear_child_tid, 0, 0],
+    )?;
+    if r.ret < 0 {
+        return Err(RestoreError::Step {
+            what: "forking the template".into(),
+            detail: errno_text(r.ret),
+        });
+    }
+    let pid = r.new_child.ok_or_else(|| RestoreError::Step {
+        what: "forking the template".into(),
+        detail: "no fork event for the new child".into(),
+    })?;
+    let mut child = Tracee::adopt(pid);
+    child.kill_on_drop();
+
+    // A lazy child: its userfaultfd, from the fork event, served from now on.
+    let mut own_uffd: Option<OwnedFd> = None;
+    let stats = match &t.forks {
+        Some(rx) => {
+            let mut c = rx
+                .recv_timeout(HANDOVER_TIMEOUT)
+                .map_err(|_| RestoreError::Step {
+                    what: "taking the forked child's userfaultfd".into(),
+                    detail: format!(
+                        "the pager did not hand it over within {} s",
+                        HANDOVER_TIMEOUT.as_secs()
+                    ),
+                })?;
+            own_uffd = Some(c.uffd.try_clone().map_err(|source| RestoreError::Io {
+                what: "duplicating the child's userfaultfd".into(),
+                source,
+            })?);
+            let pidfd = uffd::pidfd_open(pid).map_err(|source| RestoreError::Io {
+                what: format!("pidfd_open({pid})"),
+                source,
+            })?;
+            let stats = Arc::new(ChildStats::default());
+            c.pid = Some(pid);
+            c.pidfd = Some(pidfd);
+            c.stats = stats.clone();
+            core.pager.add(c);
+            Some(stats)
+        }
+        None => None,
+    };
+
+    match ptrace::wait(pid) {
+        Ok(Stop::Signal(libc::SIGSTOP)) => {}
+        Ok(other) => {
+            return Err(RestoreError::Step {
+                what: "starting the forked child".into(),
+                detail: format!("it reported {other:?} instead of its first stop"),
+            })
+        }
+        Err(source) => {
+            return Err(RestoreError::Io {
+                what: format!("waiting for the forked child {pid}"),
+                source,
+            })
+        }
+    }
+
+    // Its descriptors, through the template's socket.
+    let null = if stdio.iter().any(|i| matches!(i, Io::Null)) {
+        Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map_err(|source| RestoreError::Io {
+                    what: "opening /dev/null".into(),
+                    source,
+                })?,
+        )
+    } else {
+        None
+    };
+    let mut fds: Vec<RawFd> = stdio
+        .iter()
+        .enumerate()
+        .map(|(i, io)| match io {
+            Io::Inherit => i as RawFd,
+            Io::Null => null.as_ref().map_or(-1, |f| f.as_raw_fd()),
+            Io::Fd(f) => f.as_raw_fd(),
+        })
+        .collect();
+    fds.extend(own_uffd.as_ref().map(|f| f.as_raw_fd()));
+    proc::send_fds(t.sock.as_raw_fd(), &fds).map_err(|source| RestoreError::Io {
+        what: "passing the child's descriptors".into(),
+        source,
+    })?;
+    drop((stdio, null, own_uffd));
+
+    let regs = executor::start_regs(&t.base_regs, t.code, t.fork.table.0, t.fork.table.1);
+    let at_trap = child.run_until_trap(&regs)?;
+    if let executor::Outcome::Failed { index, result } = executor::outcome(&at_trap) {
+        return Err(RestoreError::Step {
+            what: t
+                .fork
+                .what
+                .get(index as usize)
+                .cloned()
+                .unwrap_or_else(|| "(unknown step)".into()),
+            detail: errno_text(result),
+        });
+    }
+    let r = child.inject_syscall(
+        t.insn,
+        &t.base_regs,
+        libc::SYS_munmap,
+        [t.area.0, t.area.1, 0, 0, 0, 0],
+    )?;
+    if r.ret != 0 {
+        return Err(RestoreError::Step {
+            what: "unmapping the executor".into(),
+            detail: errno_text(r.ret),
+        });
+    }
+    child.set_regs(&d.registers.restarted().to_user_regs())?;
+    child.set_xstate(&d.xstate)?;
+    child.set_sigmask(d.sigmask)?;
+    child.detach()?;
+    let restore_ns = t0.elapsed().as_nanos() as u64;
+    debug!(
+        pid,
+        us = restore_ns / 1000,
+        "child forked from the template"
+    );
+    Ok(Child {
+        pid,
+        notes: t.notes.clone(),
+        restore_ns,
+        pages_written: t.pages_written,
+        stats,
+    })
+}
