@@ -380,6 +380,24 @@ impl MethodResult {
 }
 
 /// Sum of PSS over `pids`, or None when none could be read.
+/// Children of `pid`, of any of its threads.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        out.extend(
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|s| s.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
 fn pss_sum(pids: &[u32]) -> Option<u64> {
     let v: Vec<u64> = pids.iter().map(|&p| pss(p)).collect();
     v.iter().any(|&x| x > 0).then(|| v.iter().sum())
@@ -479,7 +497,13 @@ async fn burst(
         .values()
         .map(|s| s.pid)
         .collect();
-    let memory_bytes = pss_sum(&pids).map(|c| c + pss_sum(daemons).unwrap_or(0));
+    // The daemons and their other children (the seed's node templates,
+    // whose pages the instances share) count too.
+    let mut extra: Vec<u32> = daemons.to_vec();
+    for &d in daemons {
+        extra.extend(children_of(d).into_iter().filter(|c| !pids.contains(c)));
+    }
+    let memory_bytes = pss_sum(&pids).map(|c| c + pss_sum(&extra).unwrap_or(0));
     kill_all(&pids);
     for t in tasks {
         match tokio::time::timeout(Duration::from_secs(60), t).await {

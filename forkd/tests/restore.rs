@@ -428,3 +428,57 @@ fn restore_without_privileges_is_refused_clearly() {
     );
     assert_eq!(orphan_husks(), Vec::<i32>::new());
 }
+
+/// Children forked from a template each get their own open file
+/// description for the seed's regular files: one child's reads do not move
+/// another's offset (a plain fork would share it).
+#[test]
+fn children_from_a_template_have_their_own_file_offsets() {
+    if !require_root("children_from_a_template_have_their_own_file_offsets") {
+        return;
+    }
+    let data = scratch("file-offsets").join("lines.txt");
+    std::fs::write(&data, "l0\nl1\nl2\nl3\nl4\nl5\nl6\n").unwrap();
+    let script = format!(
+        r#"
+import os, sys, json
+fd = os.open({path:?}, os.O_RDONLY)
+first = os.read(fd, 3)
+print('ready', flush=True)
+sys.stdin.readline()
+print(json.dumps({{'first': first.decode(), 'next': os.read(fd, 3).decode(), 'pid': os.getpid()}}), flush=True)
+"#,
+        path = data.to_str().unwrap()
+    );
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", &script]);
+    let (dir, _) = seed_of(cmd, "file-offsets-seed");
+    for args in [
+        &["--count", "5", "--json"][..],
+        &["--count", "5", "--eager", "--json"][..],
+    ] {
+        let out = forkd()
+            .arg("restore")
+            .arg(&dir)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        out.stdin.as_ref().unwrap().write_all(b"go\n").unwrap();
+        let out = out.wait_with_output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let kids = v["children"].as_array().unwrap();
+        assert_eq!(kids.len(), 5);
+        for k in kids {
+            let a: Value = serde_json::from_str(k["stdout"].as_str().unwrap().trim()).unwrap();
+            assert_eq!(a["first"], "l0\n", "{args:?} {k}");
+            assert_eq!(
+                a["next"], "l1\n",
+                "{args:?}: offsets shared between children: {k}"
+            );
+            assert_eq!(a["pid"], k["pid"]);
+        }
+    }
+}

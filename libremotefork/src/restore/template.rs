@@ -160,6 +160,8 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, R
             g.remove(&key);
         }
     }
+    // The first child's time includes building the template.
+    let mut build_ns = 0;
     let t = match g.entry(key) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {
@@ -173,10 +175,13 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, R
                 us = t0.elapsed().as_micros() as u64,
                 "template built"
             );
+            build_ns = t0.elapsed().as_nanos() as u64;
             e.insert(t)
         }
     };
-    fork_from(core, t, stdio)
+    let mut child = fork_from(core, t, stdio)?;
+    child.restore_ns += build_ns;
+    Ok(child)
 }
 
 /// Has the template not died? (It is ours: a death is collected here.)
