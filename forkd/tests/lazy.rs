@@ -262,14 +262,15 @@ fn killing_the_pager_kills_children_forked_from_a_template() {
         .spawn()
         .unwrap();
     p.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    // The template and its three children, all children of forkd.
+    // The template, its three children and a spare forked ahead, all
+    // children of forkd.
     let t = Instant::now();
     let mut kids = Vec::new();
-    while kids.len() < 4 && t.elapsed() < Duration::from_secs(10) {
+    while kids.len() < 5 && t.elapsed() < Duration::from_secs(10) {
         kids = children(p.id() as i32);
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(kids.len(), 4, "template and 3 children: {kids:?}");
+    assert!(kids.len() >= 4, "template and 3 children: {kids:?}");
     std::thread::sleep(Duration::from_millis(300));
     p.kill().unwrap();
     let out = p.wait_with_output().unwrap();

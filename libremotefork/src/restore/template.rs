@@ -24,6 +24,9 @@
 //! `recorded` prefetch the template gets the seed's working set installed
 //! before its first fork, so every child starts with it present.
 //!
+//! One child per template is forked ahead, after a spawn has returned, and
+//! held at its first stop: the next spawn then only finishes it.
+//!
 //! Templates are traced (hence forked) by one thread, the template service,
 //! which lives as long as the process: a child's parent-death signal fires
 //! when the thread that is its parent exits.
@@ -44,6 +47,11 @@ use tracing::{debug, info};
 use super::plan::{self, ForkTable, FORK_STDIO};
 use super::{errno_text, Child, Core, RestoreError, SpawnOptions};
 use crate::pager::{ChildStats, LazyChild, Prefetch};
+
+/// Children kept forked ahead per template: a spawn then only finishes one
+/// (its stdio, registers), and the fork for the next happens after the
+/// caller has its child.
+const SPARES: usize = 1;
 
 /// How long a fork waits for the pager to hand over the child's userfaultfd.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,6 +75,8 @@ pub(super) struct Template {
     forks: Option<Receiver<LazyChild>>,
     /// It was built with the recorded working set installed.
     with_ws: bool,
+    /// Children forked ahead, for the next spawns.
+    spares: Vec<Forked>,
     notes: Vec<String>,
     pages_written: u64,
 }
@@ -83,45 +93,34 @@ impl std::fmt::Debug for Template {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Run `f` on the template service thread and wait for its result.
-fn on_service<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, RestoreError> {
+/// Run `job` on the template service thread.
+fn submit(job: Job) -> Result<(), RestoreError> {
     static SERVICE: Mutex<Option<Sender<Job>>> = Mutex::new(None);
-    let (tx, rx) = sync_channel(1);
-    let job: Job = Box::new(move || {
-        let _ = tx.send(f());
-    });
-    {
-        let mut g = SERVICE.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_none() {
-            let (jtx, jrx) = channel::<Job>();
-            std::thread::Builder::new()
-                .name("rf-templates".into())
-                .spawn(move || {
-                    for job in jrx {
-                        // A panicking job must not take the service (and
-                        // every template's children's parent) with it.
-                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                    }
-                })
-                .map_err(|source| RestoreError::Io {
-                    what: "starting the template service thread".into(),
-                    source,
-                })?;
-            *g = Some(jtx);
-        }
-        if let Some(s) = g.as_ref() {
-            s.send(job).map_err(|_| RestoreError::Step {
-                what: "handing the spawn to the template service".into(),
-                detail: "the service thread is gone".into(),
+    let mut g = SERVICE.lock().unwrap_or_else(|e| e.into_inner());
+    if g.is_none() {
+        let (jtx, jrx) = channel::<Job>();
+        std::thread::Builder::new()
+            .name("rf-templates".into())
+            .spawn(move || {
+                for job in jrx {
+                    // A panicking job must not take the service (and every
+                    // template's children's parent) with it.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })
+            .map_err(|source| RestoreError::Io {
+                what: "starting the template service thread".into(),
+                source,
             })?;
-        }
+        *g = Some(jtx);
     }
-    rx.recv().map_err(|_| RestoreError::Step {
-        what: "forking from the template".into(),
-        detail: "the template service failed (a panic; see the log)".into(),
-    })
+    match g.as_ref() {
+        Some(s) => s.send(job).map_err(|_| RestoreError::Step {
+            what: "handing the spawn to the template service".into(),
+            detail: "the service thread is gone".into(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Start one child forked from the seed's template for `opts` (built first
@@ -135,7 +134,44 @@ pub(super) fn spawn(
 ) -> Result<Child, RestoreError> {
     let core = core.clone();
     let opts = *opts;
-    on_service(move || fork_one(&core, [stdin, stdout, stderr], &opts))?
+    let (tx, rx) = sync_channel(1);
+    submit(Box::new(move || {
+        let key = key_of(&opts);
+        let _ = tx.send(fork_one(&core, [stdin, stdout, stderr], &opts));
+        // Once the caller has its child: the next child's fork, ahead.
+        refill(&core, key);
+    }))?;
+    rx.recv().map_err(|_| RestoreError::Step {
+        what: "forking from the template".into(),
+        detail: "the template service failed (a panic; see the log)".into(),
+    })?
+}
+
+/// Which template serves `opts`.
+fn key_of(opts: &SpawnOptions) -> (bool, Prefetch) {
+    let prefetch = if opts.lazy {
+        opts.prefetch
+    } else {
+        Prefetch::Off
+    };
+    (opts.lazy, prefetch)
+}
+
+/// Fork spare children of the template for `key` up to [`SPARES`].
+fn refill(core: &Core, key: (bool, Prefetch)) {
+    let mut g = core.templates.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = g.get_mut(&key) else {
+        return;
+    };
+    while t.spares.len() < SPARES {
+        match fork_raw(core, t) {
+            Ok(f) => t.spares.push(f),
+            Err(e) => {
+                debug!(error = %e, "could not fork a spare child; forking on demand");
+                return;
+            }
+        }
+    }
 }
 
 /// Pids of the seed's templates.
@@ -145,12 +181,9 @@ pub(super) fn pids(core: &Core) -> Vec<i32> {
 }
 
 fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, RestoreError> {
-    let prefetch = if opts.lazy {
-        opts.prefetch
-    } else {
-        Prefetch::Off
-    };
-    let key = (opts.lazy, prefetch);
+    let t0 = Instant::now();
+    let key = key_of(opts);
+    let prefetch = key.1;
     let want_ws = opts.lazy && prefetch == Prefetch::Recorded && core.seed.working_set().is_some();
     let mut g = core.templates.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(t) = g.get(&key) {
@@ -161,7 +194,7 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, R
         }
     }
     // The first child's time includes building the template.
-    let mut build_ns = 0;
+    let mut build_ns = 0u64;
     let t = match g.entry(key) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {
@@ -179,7 +212,15 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, R
             e.insert(t)
         }
     };
-    let mut child = fork_from(core, t, stdio)?;
+    // A spare forked ahead, if it is still there; else fork now.
+    let forked = loop {
+        match t.spares.pop() {
+            Some(f) if alive(f.tracee.pid()) => break f,
+            Some(_) => continue,
+            None => break fork_raw(core, t)?,
+        }
+    };
+    let mut child = finish(core, t, forked, stdio, t0)?;
     child.restore_ns += build_ns;
     Ok(child)
 }
@@ -268,15 +309,22 @@ fn build(
         sock: ours,
         forks,
         with_ws: want_ws,
+        spares: Vec::new(),
         notes: b.notes,
         pages_written: b.pages_written,
     })
 }
 
-/// Fork one child from `t` and let it run as the seed.
-fn fork_from(core: &Core, t: &mut Template, stdio: [Io; 3]) -> Result<Child, RestoreError> {
+/// A child forked from a template, stopped before it ever ran.
+pub(super) struct Forked {
+    tracee: Tracee,
+    /// Its userfaultfd and page table (lazy), not yet served: it has not run.
+    lazy: Option<LazyChild>,
+}
+
+/// Fork a child from `t` and hold it at its first stop.
+fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
     let d = core.image.descriptor();
-    let t0 = Instant::now();
     // Left over from a fork that failed half-way: never hand it to another.
     if let Some(rx) = &t.forks {
         while rx.try_recv().is_ok() {}
@@ -298,22 +346,53 @@ fn fork_from(core: &Core, t: &mut Template, stdio: [Io; 3]) -> Result<Child, Res
         what: "forking the template".into(),
         detail: "no fork event for the new child".into(),
     })?;
-    let mut child = Tracee::adopt(pid);
-    child.kill_on_drop();
-
-    // A lazy child: its userfaultfd, from the fork event, served from now on.
-    let mut own_uffd: Option<OwnedFd> = None;
-    let stats = match &t.forks {
-        Some(rx) => {
-            let mut c = rx
-                .recv_timeout(HANDOVER_TIMEOUT)
+    let mut tracee = Tracee::adopt(pid);
+    tracee.kill_on_drop();
+    // A lazy child: its userfaultfd, from the fork event.
+    let lazy = match &t.forks {
+        Some(rx) => Some(
+            rx.recv_timeout(HANDOVER_TIMEOUT)
                 .map_err(|_| RestoreError::Step {
                     what: "taking the forked child's userfaultfd".into(),
                     detail: format!(
                         "the pager did not hand it over within {} s",
                         HANDOVER_TIMEOUT.as_secs()
                     ),
-                })?;
+                })?,
+        ),
+        None => None,
+    };
+    match ptrace::wait(pid) {
+        Ok(Stop::Signal(libc::SIGSTOP)) => Ok(Forked { tracee, lazy }),
+        Ok(other) => Err(RestoreError::Step {
+            what: "starting the forked child".into(),
+            detail: format!("it reported {other:?} instead of its first stop"),
+        }),
+        Err(source) => Err(RestoreError::Io {
+            what: format!("waiting for the forked child {pid}"),
+            source,
+        }),
+    }
+}
+
+/// Give a forked child what fork did not, and let it run as the seed.
+fn finish(
+    core: &Core,
+    t: &Template,
+    forked: Forked,
+    stdio: [Io; 3],
+    t0: Instant,
+) -> Result<Child, RestoreError> {
+    let d = core.image.descriptor();
+    let Forked {
+        tracee: mut child,
+        lazy,
+    } = forked;
+    let pid = child.pid();
+    // A lazy child is served from now on.
+    let mut own_uffd: Option<OwnedFd> = None;
+    let stats = match lazy {
+        Some(mut c) => {
             own_uffd = Some(c.uffd.try_clone().map_err(|source| RestoreError::Io {
                 what: "duplicating the child's userfaultfd".into(),
                 source,
@@ -331,22 +410,7 @@ fn fork_from(core: &Core, t: &mut Template, stdio: [Io; 3]) -> Result<Child, Res
         }
         None => None,
     };
-
-    match ptrace::wait(pid) {
-        Ok(Stop::Signal(libc::SIGSTOP)) => {}
-        Ok(other) => {
-            return Err(RestoreError::Step {
-                what: "starting the forked child".into(),
-                detail: format!("it reported {other:?} instead of its first stop"),
-            })
-        }
-        Err(source) => {
-            return Err(RestoreError::Io {
-                what: format!("waiting for the forked child {pid}"),
-                source,
-            })
-        }
-    }
+    let handed_us = t0.elapsed().as_micros() as u64;
 
     // Its descriptors, through the template's socket.
     let null = if stdio.iter().any(|i| matches!(i, Io::Null)) {
@@ -379,6 +443,7 @@ fn fork_from(core: &Core, t: &mut Template, stdio: [Io; 3]) -> Result<Child, Res
     })?;
     drop((stdio, null, own_uffd));
 
+    let sent_us = t0.elapsed().as_micros() as u64;
     let regs = executor::start_regs(&t.base_regs, t.code, t.fork.table.0, t.fork.table.1);
     let at_trap = child.run_until_trap(&regs)?;
     if let executor::Outcome::Failed { index, result } = executor::outcome(&at_trap) {
@@ -392,6 +457,7 @@ fn fork_from(core: &Core, t: &mut Template, stdio: [Io; 3]) -> Result<Child, Res
             detail: errno_text(result),
         });
     }
+    let table_us = t0.elapsed().as_micros() as u64;
     let r = child.inject_syscall(
         t.insn,
         &t.base_regs,
@@ -411,6 +477,9 @@ fn fork_from(core: &Core, t: &mut Template, stdio: [Io; 3]) -> Result<Child, Res
     let restore_ns = t0.elapsed().as_nanos() as u64;
     debug!(
         pid,
+        handed_us,
+        sent_us,
+        table_us,
         us = restore_ns / 1000,
         "child forked from the template"
     );
