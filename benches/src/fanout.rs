@@ -333,6 +333,8 @@ impl Drop for Nodes {
             .arg("down")
             .arg(&self.dir)
             .status();
+        // The nodes' state (seeds) is the harness's own scratch.
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

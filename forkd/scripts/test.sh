@@ -15,6 +15,8 @@ echo "== cargo test"
 # --nocapture: a test that cannot run here says "SKIPPED: <reason>", and
 # that line must be seen; such a test is not counted as passed below.
 # --no-fail-fast: every test binary runs; the summary below counts them all.
+# Test scratch (seed images, node state) of earlier runs: several GB each.
+rm -rf target/tmp
 set +e
 cargo test --workspace --no-fail-fast -- --nocapture 2>&1 | tee target/test-output.txt
 status=${PIPESTATUS[0]}

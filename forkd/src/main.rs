@@ -59,8 +59,10 @@ enum Command {
         /// Serve anonymous memory on demand through userfaultfd (the default).
         #[arg(long)]
         lazy: bool,
-        /// Lazy mode: give each child copies of its pages instead of mapping
-        /// the node's seed cache shared (copy-on-write) between children.
+        /// Lazy mode, children restored from scratch: give each child
+        /// copies of its pages instead of mapping the node's seed cache
+        /// shared (copy-on-write) between children. (Children forked from a
+        /// template share the template's pages.)
         #[arg(long)]
         no_share: bool,
         /// With --count N > 1: restore every child from scratch instead of
