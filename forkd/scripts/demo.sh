@@ -46,8 +46,11 @@ for c in r["children"]:
           % (c["index"], c["pid"], c["stdout"].strip(), c.get("first_output_ms", 0), c["time_to_running_ms"], c["faults"]))
 print("   %d started, %d failed" % (r["started"], r["failed"]))
 PY
-echo "== 2. on B: forkctl spawn REF --count 5 (memory paged from A over TCP)"
+echo "== 2. on B: forkctl spawn REF --count 5 (memory paged from A over TCP; the first child"
+echo "   builds B's template of the seed, restored once and never run; the others are forked from it)"
 "$CTL" --addr "unix:$work/b.sock" --json spawn "$REF" --count 5 --stdin "$work/request.json" | "$PYTHON" "$work/show.py"
 echo "== 3. on B again, with the working set recorded by the first children"
 "$CTL" --addr "unix:$work/b.sock" --json spawn "$REF" --count 5 --prefetch recorded --stdin "$work/request.json" | "$PYTHON" "$work/show.py"
-echo "== done: 10 children on B from a seed on A, memory over TCP (logs: A and B forkd stderr)"
+echo "== 4. on B once more: its template (with the working set) is built, children are forked from it"
+"$CTL" --addr "unix:$work/b.sock" --json spawn "$REF" --count 5 --prefetch recorded --stdin "$work/request.json" | "$PYTHON" "$work/show.py"
+echo "== done: 15 children on B from a seed on A, memory over TCP (logs: A and B forkd stderr)"

@@ -116,11 +116,44 @@ struct InstanceRec {
     started_unix_ms: u64,
 }
 
+/// Ended instances kept (for `ListInstances` and `KillInstance`'s "not
+/// running" answer); older ones are forgotten, so a long-running node's
+/// table does not grow without end.
+const ENDED_KEPT: usize = 10_000;
+
+/// Started children: every running one, and the last [`ENDED_KEPT`] that ended.
+#[derive(Default)]
+struct Instances {
+    map: HashMap<String, InstanceRec>,
+    /// Ended ones, oldest first.
+    ended: std::collections::VecDeque<String>,
+}
+
+impl Instances {
+    /// Mark `id` ended with `state`, forgetting the oldest ended beyond the cap.
+    fn end(&mut self, id: &str, state: String) {
+        let Some(i) = self.map.get_mut(id) else {
+            return;
+        };
+        i.state = state;
+        self.ended.push_back(id.to_string());
+        while self.ended.len() > ENDED_KEPT {
+            if let Some(old) = self.ended.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    fn running(&self) -> usize {
+        self.map.values().filter(|i| i.state == "running").count()
+    }
+}
+
 /// Shared daemon state.
 pub struct State {
     registry: Arc<Registry>,
     spawner: Spawner,
-    instances: Mutex<HashMap<String, InstanceRec>>,
+    instances: Mutex<Instances>,
     events: broadcast::Sender<pb::InstanceEvent>,
     next_instance: AtomicU64,
     /// Random per daemon start, in every instance id: ids from different
@@ -667,6 +700,7 @@ impl Forkd for Service {
                 st.instances
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .map
                     .insert(
                         iid.clone(),
                         InstanceRec {
@@ -715,6 +749,7 @@ impl Forkd for Service {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let mut instances: Vec<pb::Instance> = g
+            .map
             .iter()
             .filter(|(_, i)| want.is_empty() || i.seed_id == want)
             .map(|(id, i)| pb::Instance {
@@ -742,6 +777,7 @@ impl Forkd for Service {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             let i = g
+                .map
                 .get(&id)
                 .ok_or_else(|| Status::not_found(format!("unknown instance {id:?}")))?;
             if i.state != "running" {
@@ -766,9 +802,7 @@ impl Forkd for Service {
             .instances
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|i| i.state == "running")
-            .count();
+            .running();
         let mem = std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()
             .lines()
@@ -942,18 +976,15 @@ impl State {
                 ex.reason = r;
             }
         }
-        if let Some(i) = self
-            .instances
+        let state = if ex.signal != 0 {
+            format!("killed by signal {}", ex.signal)
+        } else {
+            format!("exited {}", ex.exit_code)
+        };
+        self.instances
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&base.instance_id)
-        {
-            i.state = if ex.signal != 0 {
-                format!("killed by signal {}", ex.signal)
-            } else {
-                format!("exited {}", ex.exit_code)
-            };
-        }
+            .end(&base.instance_id, state);
         let ev = pb::InstanceEvent {
             pid,
             kind: Some(pb::instance_event::Kind::Exited(ex)),
@@ -975,9 +1006,7 @@ impl State {
             .instances
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|i| i.state == "running")
-            .count();
+            .running();
         let _ = writeln!(
             o,
             "# HELP forkd_seeds Seeds held by this node.\n# TYPE forkd_seeds gauge\nforkd_seeds {}",
@@ -1175,7 +1204,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let state = Arc::new(State {
         registry,
         spawner,
-        instances: Mutex::new(HashMap::new()),
+        instances: Mutex::new(Instances::default()),
         events,
         next_instance: AtomicU64::new(0),
         instance_tag: crate::random_hex(3).map_err(|source| ServeError::Io {
@@ -1308,4 +1337,39 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     }
     info!("forkd stopping");
     Ok(())
+}
+
+#[cfg(test)]
+mod instances_tests {
+    use super::*;
+
+    fn rec() -> InstanceRec {
+        InstanceRec {
+            seed_id: "s".into(),
+            pid: 1,
+            state: "running".into(),
+            labels: HashMap::new(),
+            started_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn ended_instances_beyond_the_cap_are_forgotten_running_ones_never() {
+        let mut t = Instances::default();
+        t.map.insert("live".into(), rec());
+        for i in 0..ENDED_KEPT + 5 {
+            let id = format!("i{i}");
+            t.map.insert(id.clone(), rec());
+            t.end(&id, "exited 0".into());
+        }
+        assert_eq!(t.map.len(), ENDED_KEPT + 1);
+        assert!(t.map.contains_key("live"));
+        assert_eq!(t.running(), 1);
+        // The oldest ended went first; the newest are kept with their state.
+        assert!(!t.map.contains_key("i0") && !t.map.contains_key("i4"));
+        assert_eq!(t.map[&format!("i{}", ENDED_KEPT + 4)].state, "exited 0");
+        // Ending an unknown id changes nothing.
+        t.end("nope", "exited 1".into());
+        assert_eq!(t.map.len(), ENDED_KEPT + 1);
+    }
 }

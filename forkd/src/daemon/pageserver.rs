@@ -91,8 +91,10 @@ async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), String>
             .await;
         return Err(format!("wrong key for seed {id}"));
     }
-    let file = std::fs::File::open(seed.dir.join(remotefork::image::PAGES_FILE))
-        .map_err(|e| format!("opening seed {id}: {e}"))?;
+    let file = std::sync::Arc::new(
+        std::fs::File::open(seed.dir.join(remotefork::image::PAGES_FILE))
+            .map_err(|e| format!("opening seed {id}: {e}"))?,
+    );
     let size = seed.image_bytes;
     drop(seed);
     s.write_all(&wire::hello_answer(hello_status::OK, size, ""))
@@ -148,26 +150,32 @@ async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), String>
             continue;
         }
         let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
-        let mut data = vec![0u8; total as usize];
-        let mut at = 0usize;
-        let mut failed = None;
-        for (o, l) in &ranges {
-            if let Err(e) = file.read_exact_at(&mut data[at..at + *l as usize], *o) {
-                failed = Some(e);
-                break;
+        // File reads may wait for the disk: not on a runtime worker.
+        let f = file.clone();
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut data = vec![0u8; total as usize];
+            let mut at = 0usize;
+            for (o, l) in &ranges {
+                f.read_exact_at(&mut data[at..at + *l as usize], *o)?;
+                at += *l as usize;
             }
-            at += *l as usize;
-        }
-        if let Some(e) = failed {
-            reply_error(
-                &mut s,
-                req_id,
-                read_status::READ_ERROR,
-                &format!("reading seed {id}: {e}"),
-            )
-            .await;
-            continue;
-        }
+            Ok(data)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(format!("reader task: {e}"))));
+        let data = match read {
+            Ok(d) => d,
+            Err(e) => {
+                reply_error(
+                    &mut s,
+                    req_id,
+                    read_status::READ_ERROR,
+                    &format!("reading seed {id}: {e}"),
+                )
+                .await;
+                continue;
+            }
+        };
         s.write_all(&wire::response_header(
             req_id,
             read_status::OK,
