@@ -21,6 +21,13 @@
 //!
 //! Writes `results.json`, `instances.csv` (one row per instance) and three
 //! SVG plots into `--out`, and prints a table.
+//!
+//! On real machines: `--hosts H1:7070,H2:7070 --token-file F` uses forkd
+//! daemons already running there (`forkd serve --listen H:7070
+//! --page-listen H:7071 --metrics H:7072 --token-file F`; the seed is made
+//! on H1, whose Python path and boto3 must match this machine's). Memory is
+//! each node's own account (`NodeInfo.pss_bytes`: forkd and every process
+//! it started); the baselines run on this machine, so run it on H1.
 
 mod common;
 mod plots;
@@ -88,12 +95,17 @@ struct Opts {
     hold_s: f64,
     methods: Vec<String>,
     timeout: Duration,
+    /// Real forkd nodes (gRPC HOST:PORT) instead of namespaced ones here.
+    hosts: Vec<String>,
+    token_file: Option<PathBuf>,
+    metrics_port: u16,
 }
 
 fn usage() -> &'static str {
     "fanout --instances N --nodes M --out DIR [--prefetch off|window|recorded] \
      [--transport tcp|auto] [--concurrency C] [--batch B] [--eager-instances K] \
-     [--cold-instances K] [--hold-s S] [--methods a,b,...] [--timeout-s S]"
+     [--cold-instances K] [--hold-s S] [--methods a,b,...] [--timeout-s S] \
+     [--hosts H1:7070,H2:7070,... --token-file F [--metrics-port 7072]]"
 }
 
 fn parse() -> anyhow::Result<Opts> {
@@ -118,6 +130,9 @@ fn parse() -> anyhow::Result<Opts> {
         .map(String::from)
         .to_vec(),
         timeout: Duration::from_secs(120),
+        hosts: Vec::new(),
+        token_file: None,
+        metrics_port: 7072,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -138,6 +153,9 @@ fn parse() -> anyhow::Result<Opts> {
             "--hold-s" => o.hold_s = val()?.parse()?,
             "--methods" => o.methods = val()?.split(',').map(String::from).collect(),
             "--timeout-s" => o.timeout = Duration::from_secs(val()?.parse()?),
+            "--hosts" => o.hosts = val()?.split(',').map(String::from).collect(),
+            "--token-file" => o.token_file = Some(val()?.into()),
+            "--metrics-port" => o.metrics_port = val()?.parse()?,
             "--bench" => {}
             "-h" | "--help" => {
                 println!("{}", usage());
@@ -145,6 +163,9 @@ fn parse() -> anyhow::Result<Opts> {
             }
             o => bail!("unknown argument {o:?}; {}", usage()),
         }
+    }
+    if !o.hosts.is_empty() {
+        o.nodes = o.hosts.len();
     }
     if o.instances == 0 || o.nodes == 0 || o.concurrency == 0 {
         bail!("--instances, --nodes and --concurrency must be at least 1");
@@ -272,7 +293,6 @@ struct Nodes {
     dir: PathBuf,
     script: PathBuf,
     env: HashMap<String, String>,
-    count: usize,
 }
 
 impl Nodes {
@@ -298,7 +318,6 @@ impl Nodes {
             dir: dir.to_path_buf(),
             script,
             env,
-            count,
         })
     }
     fn get(&self, i: usize, what: &str) -> String {
@@ -309,17 +328,6 @@ impl Nodes {
     }
     fn sock(&self, i: usize) -> String {
         format!("unix:{}", self.get(i, "SOCK"))
-    }
-    fn forkd_pids(&self) -> Vec<u32> {
-        (0..self.count)
-            .filter_map(|i| {
-                std::fs::read_to_string(self.dir.join(format!("n{}.pid", i + 1)))
-                    .ok()?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .collect()
     }
     fn metric(&self, i: usize, name: &str) -> u64 {
         forkd::client::scrape_metric(&self.get(i, "METRICS"), name)
@@ -338,8 +346,71 @@ impl Drop for Nodes {
     }
 }
 
-async fn connect(addr: &str) -> anyhow::Result<forkd::client::Client> {
-    forkd::client::connect(addr, None).await
+/// The forkd nodes a run uses: namespaced ones started here, or real hosts.
+enum Cluster {
+    Local(Nodes),
+    Hosts {
+        /// gRPC addresses, node 1 first (it holds the seed).
+        addrs: Vec<String>,
+        token: Option<String>,
+        /// `/metrics` addresses, same order.
+        metrics: Vec<String>,
+    },
+}
+
+impl Cluster {
+    fn hosts(opts: &Opts) -> anyhow::Result<Cluster> {
+        let token = match &opts.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let metrics = opts
+            .hosts
+            .iter()
+            .map(|a| {
+                let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+                format!("{host}:{}", opts.metrics_port)
+            })
+            .collect();
+        Ok(Cluster::Hosts {
+            addrs: opts.hosts.clone(),
+            token,
+            metrics,
+        })
+    }
+
+    async fn connect(&self, i: usize) -> anyhow::Result<forkd::client::Client> {
+        match self {
+            Cluster::Local(n) => forkd::client::connect(&n.sock(i), None).await,
+            Cluster::Hosts { addrs, token, .. } => {
+                forkd::client::connect(&addrs[i], token.as_deref()).await
+            }
+        }
+    }
+
+    /// Node 1's gRPC address as the other nodes reach it.
+    fn origin(&self) -> String {
+        match self {
+            Cluster::Local(n) => n.get(0, "ADDR"),
+            Cluster::Hosts { addrs, .. } => addrs[0].clone(),
+        }
+    }
+
+    fn metric(&self, i: usize, name: &str) -> u64 {
+        match self {
+            Cluster::Local(n) => n.metric(i, name),
+            Cluster::Hosts { metrics, .. } => forkd::client::scrape_metric(&metrics[i], name),
+        }
+    }
+
+    fn is_local(&self) -> bool {
+        matches!(self, Cluster::Local(_))
+    }
 }
 
 /// What one burst measured.
@@ -382,24 +453,6 @@ impl MethodResult {
 }
 
 /// Sum of PSS over `pids`, or None when none could be read.
-/// Children of `pid`, of any of its threads.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        out.extend(
-            std::fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|s| s.parse::<u32>().ok()),
-        );
-    }
-    out
-}
-
 fn pss_sum(pids: &[u32]) -> Option<u64> {
     let v: Vec<u64> = pids.iter().map(|&p| pss(p)).collect();
     v.iter().any(|&x| x > 0).then(|| v.iter().sum())
@@ -412,11 +465,13 @@ async fn burst(
     targets: Vec<(usize, forkd::client::Client, pb::SeedRef, String, u32)>,
     opts: &Opts,
     eager: bool,
-    daemons: &[u32],
+    nodes: &[forkd::client::Client],
+    local: bool,
 ) -> anyhow::Result<Burst> {
     let expected: usize = targets.iter().map(|t| t.4 as usize).sum();
     let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let sampler = MemSampler::start(answered.clone());
+    // This machine's memory over the burst: meaningful when it runs the nodes.
+    let sampler = local.then(|| MemSampler::start(answered.clone()));
     let t0 = Instant::now();
     let samples: Arc<Mutex<HashMap<(usize, String), Sample>>> = Arc::default();
     let mut tasks = Vec::new();
@@ -492,21 +547,33 @@ async fn burst(
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let curve = sampler.finish();
-    let pids: Vec<u32> = samples
+    let curve = sampler.map(MemSampler::finish).unwrap_or_default();
+    // Each node's own account, with every instance alive: PSS of forkd and
+    // of every process it started (the instances, the seed's templates).
+    let mut memory = 0u64;
+    for c in nodes {
+        let info = c
+            .clone()
+            .node_info(pb::NodeInfoRequest {})
+            .await
+            .map_err(|e| anyhow::anyhow!("node info: {}", e.message()))?
+            .into_inner();
+        memory += info.pss_bytes;
+    }
+    let memory_bytes = (memory > 0).then_some(memory);
+    let ids: Vec<(usize, String)> = samples
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .map(|s| s.pid)
+        .keys()
+        .cloned()
         .collect();
-    // The daemons and their other children (the seed's node templates,
-    // whose pages the instances share) count too.
-    let mut extra: Vec<u32> = daemons.to_vec();
-    for &d in daemons {
-        extra.extend(children_of(d).into_iter().filter(|c| !pids.contains(c)));
+    for (node, id) in ids {
+        // Ended ones answer "not running": nothing to do.
+        let _ = nodes[node]
+            .clone()
+            .kill_instance(pb::KillInstanceRequest { instance_id: id })
+            .await;
     }
-    let memory_bytes = pss_sum(&pids).map(|c| c + pss_sum(&extra).unwrap_or(0));
-    kill_all(&pids);
     for t in tasks {
         match tokio::time::timeout(Duration::from_secs(60), t).await {
             Ok(Ok(Ok(()))) => {}
@@ -772,7 +839,7 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .context("exe dir")?
         .join("forkd");
-    if !forkd_bin.exists() {
+    if opts.hosts.is_empty() && !forkd_bin.exists() {
         bail!(
             "{} is missing: run `cargo build --release -p forkd` first",
             forkd_bin.display()
@@ -821,9 +888,12 @@ fn main() -> anyhow::Result<()> {
         results.push(MethodResult::from_burst("local_fork", b, single));
     }
     if want("remote_fork") || want("eager_restore") {
-        let dir = std::env::temp_dir().join(format!("rf-fanout-{}", std::process::id()));
-        let nodes = Nodes::up(&dir, opts.nodes, &forkd_bin, &opts.transport)?;
-        let daemons = nodes.forkd_pids();
+        let nodes = if opts.hosts.is_empty() {
+            let dir = std::env::temp_dir().join(format!("rf-fanout-{}", std::process::id()));
+            Cluster::Local(Nodes::up(&dir, opts.nodes, &forkd_bin, &opts.transport)?)
+        } else {
+            Cluster::hosts(&opts)?
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -831,7 +901,7 @@ fn main() -> anyhow::Result<()> {
         rt.block_on(async {
             let mut clients = Vec::new();
             for i in 0..opts.nodes {
-                clients.push(connect(&nodes.sock(i)).await?);
+                clients.push(nodes.connect(i).await?);
             }
             let t = Instant::now();
             let seed = clients[0]
@@ -853,7 +923,7 @@ fn main() -> anyhow::Result<()> {
                 id: seed.id.clone(),
                 key: seed.key.clone(),
             };
-            let origin = nodes.get(0, "ADDR");
+            let origin = nodes.origin();
             let origin_of = |i: usize| {
                 if i == 0 {
                     String::new()
@@ -895,7 +965,7 @@ fn main() -> anyhow::Result<()> {
                     "fanout: remote_fork, {} instances over {} nodes",
                     opts.instances, opts.nodes
                 );
-                let b = burst(targets, &opts, false, &daemons).await?;
+                let b = burst(targets, &opts, false, &clients, nodes.is_local()).await?;
                 let bytes: u64 = (0..opts.nodes)
                     .map(|i| nodes.metric(i, "forkd_seed_bytes_fetched_total") - bytes0[i])
                     .sum();
@@ -940,7 +1010,8 @@ fn main() -> anyhow::Result<()> {
                     vec![(0, clients[0].clone(), sr.clone(), String::new(), n as u32)],
                     &opts,
                     true,
-                    &daemons,
+                    &clients,
+                    nodes.is_local(),
                 )
                 .await?;
                 results.push(MethodResult::from_burst("eager_restore", b, single_ms));

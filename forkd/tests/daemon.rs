@@ -168,6 +168,8 @@ fn bad_input_gets_clear_errors_and_forkd_keeps_serving() {
     let (code, out, err) = d.ctl_at(&tcp, Some(&token), &["--json", "node"]);
     assert_eq!(code, 0, "{err}");
     let node: Value = serde_json::from_str(&out).unwrap();
+    // Its memory account covers at least forkd itself.
+    assert!(node["pss_bytes"].as_u64().unwrap() > 1 << 20, "{node}");
     let rdma = node["transports"]
         .as_array()
         .unwrap()

@@ -475,7 +475,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let v = json!({
                 "version": n.version, "hostname": n.hostname, "kernel": n.kernel, "vdso_hash": n.vdso_hash,
                 "transports": t, "cpus": n.cpus, "memory_bytes": n.memory_bytes, "seeds": n.seeds,
-                "instances_running": n.instances_running,
+                "instances_running": n.instances_running, "pss_bytes": n.pss_bytes,
                 "transport": {"configured": n.transport, "selected": n.transport_selected,
                               "reason": n.transport_reason},
             });

@@ -828,6 +828,9 @@ impl Forkd for Service {
             transport: self.state.transport.clone(),
             transport_selected: self.state.transports.selection().0.into(),
             transport_reason: self.state.transports.selection().1,
+            pss_bytes: tokio::task::spawn_blocking(node_pss_bytes)
+                .await
+                .unwrap_or(0),
         }))
     }
 
@@ -995,6 +998,32 @@ impl State {
         }
         self.publish(&tx, ev).await;
     }
+}
+
+/// PSS of this process and of every process it started (any thread's
+/// children: instances, templates), in bytes.
+fn node_pss_bytes() -> u64 {
+    let pss = |pid: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Pss:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+            * 1024
+    };
+    let mut total = pss("self");
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        total += kids.split_whitespace().map(pss).sum::<u64>();
+    }
+    total
 }
 
 impl State {
@@ -1327,7 +1356,15 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             };
             let remote = tonic::transport::Server::builder()
                 .add_service(ForkdServer::with_interceptor(svc, check))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+                // Nagle would hold a child's small stream events back for
+                // the peer's delayed ACK (40 ms).
+                .serve_with_incoming(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|r| {
+                        r.inspect(|s| {
+                            let _ = s.set_nodelay(true);
+                        })
+                    }),
+                );
             tokio::select! {
                 r = local => r?,
                 r = remote => r?,
