@@ -660,25 +660,108 @@ impl Core {
     /// [`Self::fetch_stored`], once per plan shape (concurrent first
     /// spawns wait for the one fetch).
     fn fetched_stored(&self, plan: &RestorePlan) -> Result<Arc<Vec<u8>>, RestoreError> {
+        self.fetched_shape(&plan.lazy, &plan.backing)
+    }
+
+    /// [`Self::fetched_stored`] for a plan whose per-mapping lazy flags
+    /// and backings are these.
+    fn fetched_shape(
+        &self,
+        lazy: &[bool],
+        backing: &[Backing],
+    ) -> Result<Arc<Vec<u8>>, RestoreError> {
         let mut g = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((lazy, buf)) = g.as_ref() {
-            if *lazy == plan.lazy {
+        if let Some((l, buf)) = g.as_ref() {
+            if l == lazy {
                 return Ok(buf.clone());
             }
         }
-        let buf = Arc::new(self.fetch_stored(plan)?);
-        *g = Some((plan.lazy.clone(), buf.clone()));
+        let buf = Arc::new(self.fetch_stored(lazy, backing)?);
+        *g = Some((lazy.to_vec(), buf.clone()));
         Ok(buf)
+    }
+
+    /// For a remote seed, fetch what a template of it needs before the
+    /// template service builds it (there, a slow fetch would hold up every
+    /// seed's spawns): the pages written before its children run, and
+    /// (`working_set`) the recorded working set, into the seed cache.
+    fn prewarm(&self, lazy: bool, working_set: bool) -> Result<(), RestoreError> {
+        if self.pages.is_some() {
+            return Ok(()); // a local seed: nothing to fetch
+        }
+        let d = self.image.descriptor();
+        // The plan's shape, from the descriptor (see plan::build).
+        let lazy_v: Vec<bool> = d
+            .vmas
+            .iter()
+            .map(|v| lazy && plan::lazy_candidate(v))
+            .collect();
+        let backing: Vec<Backing> = d
+            .vmas
+            .iter()
+            .map(|v| {
+                if v.kind.is_kernel_provided() {
+                    Backing::Kernel
+                } else {
+                    Backing::Anonymous
+                }
+            })
+            .collect();
+        self.fetched_shape(&lazy_v, &backing)?;
+        let Some(ws) = self.seed.working_set().filter(|_| working_set) else {
+            return Ok(());
+        };
+        let mut refs = Vec::new();
+        for (i, v) in d.vmas.iter().enumerate() {
+            let Some(base) = self
+                .cache_base
+                .get(i)
+                .copied()
+                .flatten()
+                .filter(|_| lazy_v[i])
+            else {
+                continue;
+            };
+            for &a in ws.iter().filter(|a| (v.start..v.end).contains(*a)) {
+                let page = (a - v.start) / PAGE_SIZE;
+                let stored = v.runs.iter().find_map(|r| match r.state {
+                    PageState::Stored { offset }
+                        if (r.first..r.first + r.count).contains(&page) =>
+                    {
+                        Some(offset + (page - r.first) * PAGE_SIZE)
+                    }
+                    _ => None,
+                });
+                if let Some(image) = stored {
+                    refs.push(PageRef {
+                        image,
+                        cache: base + page * PAGE_SIZE,
+                    });
+                }
+            }
+        }
+        refs.sort_unstable_by_key(|r| r.cache);
+        refs.dedup();
+        for chunk in refs.chunks(1024) {
+            self.seed
+                .cache
+                .ensure(chunk)
+                .map_err(|e| RestoreError::Step {
+                    what: "fetching the working set".into(),
+                    detail: e.to_string(),
+                })?;
+        }
+        Ok(())
     }
 
     /// The stored pages the plan writes before the child runs, read from
     /// the page source into a buffer laid out like the page store (pages not
     /// needed stay zero).
-    fn fetch_stored(&self, plan: &RestorePlan) -> Result<Vec<u8>, RestoreError> {
+    fn fetch_stored(&self, lazy: &[bool], backing: &[Backing]) -> Result<Vec<u8>, RestoreError> {
         let d = self.image.descriptor();
         let mut buf = vec![0u8; d.image_bytes as usize];
         let mut want: Vec<(u64, usize)> = Vec::new();
-        for ((vma, b), lazy) in d.vmas.iter().zip(&plan.backing).zip(&plan.lazy) {
+        for ((vma, b), lazy) in d.vmas.iter().zip(backing).zip(lazy) {
             if *b == Backing::Kernel {
                 continue;
             }

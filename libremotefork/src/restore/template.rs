@@ -134,6 +134,19 @@ pub(super) fn spawn(
 ) -> Result<Child, RestoreError> {
     let core = core.clone();
     let opts = *opts;
+    // A template still to build: what it needs from a remote seed is
+    // fetched here, not on the service thread every seed's spawns share.
+    let want_ws =
+        opts.lazy && opts.prefetch == Prefetch::Recorded && core.seed.working_set().is_some();
+    let ready = core
+        .templates
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key_of(&opts))
+        .is_some_and(|t| t.with_ws || !want_ws);
+    if !ready {
+        core.prewarm(opts.lazy, want_ws)?;
+    }
     let (tx, rx) = sync_channel(1);
     submit(Box::new(move || {
         let key = key_of(&opts);
@@ -193,22 +206,20 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, R
             g.remove(&key);
         }
     }
-    // The first child's time includes building the template.
-    let mut build_ns = 0u64;
+    // The first child's time (from t0) includes building the template.
     let t = match g.entry(key) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {
-            let t0 = Instant::now();
+            let tb = Instant::now();
             let t = build(core, opts.lazy, prefetch, want_ws)?;
             info!(
                 pid = t.tracee.pid(),
                 lazy = opts.lazy,
                 ?prefetch,
                 working_set = want_ws,
-                us = t0.elapsed().as_micros() as u64,
+                us = tb.elapsed().as_micros() as u64,
                 "template built"
             );
-            build_ns = t0.elapsed().as_nanos() as u64;
             e.insert(t)
         }
     };
@@ -220,9 +231,7 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, R
             None => break fork_raw(core, t)?,
         }
     };
-    let mut child = finish(core, t, forked, stdio, t0)?;
-    child.restore_ns += build_ns;
-    Ok(child)
+    finish(core, t, forked, stdio, t0)
 }
 
 /// Has the template not died? (It is ours: a death is collected here.)
