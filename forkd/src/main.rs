@@ -129,6 +129,10 @@ enum Command {
         /// Longest a remote page fetch may take before its child is killed, ms [default: 5000].
         #[arg(long)]
         page_deadline_ms: Option<u64>,
+        /// Drop a seed's node template after this many seconds without a
+        /// spawn (it holds a copy of the seed's memory) [default: 600].
+        #[arg(long)]
+        template_idle_s: Option<u64>,
     },
     /// Show a seed image's descriptor.
     Inspect {
@@ -180,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             page_listen,
             peer_token_file,
             page_deadline_ms,
+            template_idle_s,
         } => {
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
@@ -224,6 +229,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(v) = page_deadline_ms {
                 cfg.page_deadline_ms = v;
+            }
+            if let Some(v) = template_idle_s {
+                cfg.template_idle_s = v;
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

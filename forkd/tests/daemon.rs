@@ -509,3 +509,59 @@ fn grpc_api_directly_with_watch_and_malformed_input() {
         assert_eq!(info.vdso_hash.len(), 64);
     });
 }
+
+/// Processes forkd started that are stopped under ptrace (`t`): its seeds'
+/// node templates and the children they forked ahead.
+fn stopped_children(forkd_pid: i32) -> Vec<i32> {
+    children(forkd_pid)
+        .into_iter()
+        .filter(|p| state(*p) == Some('t'))
+        .collect()
+}
+
+#[test]
+fn idle_templates_are_dropped_and_rebuilt_at_the_next_spawn() {
+    if !require_root("idle_templates_are_dropped_and_rebuilt_at_the_next_spawn") {
+        return;
+    }
+    let dir = scratch("daemon-idle-templates");
+    let d = Daemon::start_with(&dir, false, &["--template-idle-s", "1"]);
+    let forkd_pid = d.child.id() as i32;
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        python(),
+        "-c",
+        SERVER,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seed: Value = serde_json::from_str(&out).unwrap();
+    let id = seed["id"].as_str().unwrap().to_string();
+    check_children(&spawn_json(&d, &id, 3, "a\n"), 3, 1);
+    // The template (and a spare) wait for the next spawn...
+    let held = stopped_children(forkd_pid);
+    assert!(!held.is_empty(), "no template after a spawn");
+    // ...until they have been idle for a second: then they are gone.
+    let t = Instant::now();
+    while !stopped_children(forkd_pid).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "templates {:?} still held after 10 s idle",
+            stopped_children(forkd_pid)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for p in &held {
+        assert!(
+            matches!(state(*p), None | Some('Z')),
+            "process {p} lives on"
+        );
+    }
+    // The next spawn builds a new one, and its children are right.
+    check_children(&spawn_json(&d, &id, 2, "b\nc\n"), 2, 2);
+    assert!(!stopped_children(forkd_pid).is_empty());
+}

@@ -64,6 +64,9 @@ pub struct Config {
     /// How long a remote page fetch may take, retries included, before the
     /// child that needs it is killed.
     pub page_deadline_ms: u64,
+    /// A seed's node template unused this long is dropped (it holds a copy
+    /// of the seed's memory); the next spawn builds it again.
+    pub template_idle_s: u64,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             page_listen: None,
             peer_token_file: None,
             page_deadline_ms: 5000,
+            template_idle_s: 600,
         }
     }
 }
@@ -1225,6 +1229,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         ));
     }
     let registry = Arc::new(Registry::open(&cfg.state_dir)?);
+    remotefork::restore::set_template_idle_timeout(std::time::Duration::from_secs(
+        cfg.template_idle_s.max(1),
+    ));
     let spawner = Spawner::new(cfg.spawner_threads).map_err(|source| ServeError::Io {
         what: "starting spawner threads".into(),
         source,

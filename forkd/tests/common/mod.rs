@@ -356,12 +356,18 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, tcp: bool) -> Daemon {
+        Daemon::start_with(dir, tcp, &[])
+    }
+
+    /// [`Daemon::start`] with more `forkd serve` flags.
+    pub fn start_with(dir: &Path, tcp: bool, extra: &[&str]) -> Daemon {
         let mut cmd = forkd();
         cmd.arg("serve")
             .arg("--socket")
             .arg(dir.join("sock"))
             .arg("--state-dir")
-            .arg(dir.join("state"));
+            .arg(dir.join("state"))
+            .args(extra);
         let mut addr = None;
         if tcp {
             std::fs::write(dir.join("token"), "s3cret-token\n").unwrap();

@@ -18,6 +18,8 @@
 pub mod plan;
 mod template;
 
+pub use template::set_idle_timeout as set_template_idle_timeout;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

@@ -33,8 +33,9 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use kernel_helpers::husk::Io;
@@ -52,6 +53,43 @@ use crate::pager::{ChildStats, LazyChild, Prefetch};
 /// (its stdio, registers), and the fork for the next happens after the
 /// caller has its child.
 const SPARES: usize = 1;
+
+/// A template unused this long is dropped (its memory freed), in ms.
+static IDLE_MS: AtomicU64 = AtomicU64::new(600_000);
+
+/// Drop node templates unused for `idle` (default 10 minutes): each holds
+/// a copy of its seed's memory. The next spawn builds it again.
+pub fn set_idle_timeout(idle: Duration) {
+    IDLE_MS.store(idle.as_millis().max(1) as u64, Ordering::Relaxed);
+}
+
+fn idle_timeout() -> Duration {
+    Duration::from_millis(IDLE_MS.load(Ordering::Relaxed))
+}
+
+/// Seeds that have templates, for the idle sweep.
+static CORES: Mutex<Vec<Weak<Core>>> = Mutex::new(Vec::new());
+
+/// Drop every template unused for longer than the idle timeout. Runs on
+/// the service thread (the templates' tracer).
+fn sweep() {
+    let idle = idle_timeout();
+    let mut cores = CORES.lock().unwrap_or_else(|e| e.into_inner());
+    cores.retain(|w| {
+        let Some(core) = w.upgrade() else {
+            return false;
+        };
+        let mut g = core.templates.lock().unwrap_or_else(|e| e.into_inner());
+        g.retain(|key, t| {
+            let keep = t.last_used.elapsed() < idle;
+            if !keep {
+                info!(pid = t.tracee.pid(), lazy = key.0, prefetch = ?key.1, "dropping an idle template");
+            }
+            keep
+        });
+        !g.is_empty()
+    });
+}
 
 /// How long a fork waits for the pager to hand over the child's userfaultfd.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,6 +115,8 @@ pub(super) struct Template {
     with_ws: bool,
     /// Children forked ahead, for the next spawns.
     spares: Vec<Forked>,
+    /// Its last spawn (the idle sweep drops it after the idle timeout).
+    last_used: Instant,
     notes: Vec<String>,
     pages_written: u64,
 }
@@ -102,10 +142,23 @@ fn submit(job: Job) -> Result<(), RestoreError> {
         std::thread::Builder::new()
             .name("rf-templates".into())
             .spawn(move || {
-                for job in jrx {
-                    // A panicking job must not take the service (and every
-                    // template's children's parent) with it.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                let mut swept = Instant::now();
+                loop {
+                    let period = (idle_timeout() / 2)
+                        .clamp(Duration::from_millis(100), Duration::from_secs(30));
+                    match jrx.recv_timeout(period) {
+                        Ok(job) => {
+                            // A panicking job must not take the service (and
+                            // every template's children's parent) with it.
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                    if swept.elapsed() >= period {
+                        let _ = std::panic::catch_unwind(sweep);
+                        swept = Instant::now();
+                    }
                 }
             })
             .map_err(|source| RestoreError::Io {
@@ -146,6 +199,15 @@ pub(super) fn spawn(
         .is_some_and(|t| t.with_ws || !want_ws);
     if !ready {
         core.prewarm(opts.lazy, want_ws)?;
+    }
+    {
+        let mut cores = CORES.lock().unwrap_or_else(|e| e.into_inner());
+        if !cores
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&core)))
+        {
+            cores.push(Arc::downgrade(&core));
+        }
     }
     let (tx, rx) = sync_channel(1);
     submit(Box::new(move || {
@@ -223,6 +285,7 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, R
             e.insert(t)
         }
     };
+    t.last_used = Instant::now();
     // A spare forked ahead, if it is still there; else fork now.
     let forked = loop {
         match t.spares.pop() {
@@ -319,6 +382,7 @@ fn build(
         forks,
         with_ws: want_ws,
         spares: Vec::new(),
+        last_used: Instant::now(),
         notes: b.notes,
         pages_written: b.pages_written,
     })
