@@ -565,3 +565,84 @@ fn idle_templates_are_dropped_and_rebuilt_at_the_next_spawn() {
     check_children(&spawn_json(&d, &id, 2, "b\nc\n"), 2, 2);
     assert!(!stopped_children(forkd_pid).is_empty());
 }
+
+/// forkd's end of each established TCP connection to `port`: its socket
+/// descriptors, found through /proc/net/tcp inodes.
+fn established_fds(forkd_pid: i32, port: u16) -> Vec<i32> {
+    let inodes: Vec<String> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            (local_port == port && f.get(3) == Some(&"01"))
+                .then(|| f.get(9).map(|s| s.to_string()))?
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{forkd_pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let link = std::fs::read_link(e.path()).ok()?;
+            let ino = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            inodes
+                .iter()
+                .any(|i| i == ino)
+                .then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .collect()
+}
+
+/// A child's events on a TCP `Spawn` stream are small writes: with Nagle's
+/// algorithm they waited for the client's delayed ACK (40 ms). forkd's
+/// accepted gRPC connections must have TCP_NODELAY.
+#[test]
+fn tcp_grpc_connections_have_nodelay() {
+    if !require_root("tcp_grpc_connections_have_nodelay") {
+        return;
+    }
+    let dir = scratch("daemon-nodelay");
+    let d = Daemon::start(&dir, true);
+    let addr = d.tcp.clone().unwrap();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = forkd::client::connect(&addr, Some("s3cret-token"))
+            .await
+            .unwrap();
+        c.node_info(forkd::pb::NodeInfoRequest {}).await.unwrap();
+        let fds = established_fds(d.child.id() as i32, port);
+        assert!(!fds.is_empty(), "no established connection found in forkd");
+        let pidfd = kernel_helpers::uffd::pidfd_open(d.child.id() as i32).unwrap();
+        for fd in fds {
+            use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+            // SAFETY: pidfd_getfd copies forkd's descriptor into ours.
+            let mine = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+            assert!(
+                mine >= 0,
+                "pidfd_getfd: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: a fresh descriptor we own.
+            let mine = unsafe { OwnedFd::from_raw_fd(mine as i32) };
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes an int into `v`, `len` says its size.
+            let r = unsafe {
+                libc::getsockopt(
+                    mine.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_NODELAY,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            assert_eq!(v, 1, "forkd's fd {fd} for a TCP gRPC client has Nagle on");
+        }
+    });
+}
