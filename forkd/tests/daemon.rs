@@ -41,12 +41,7 @@ fn check_children(v: &Value, count: usize, input_lines: usize) {
     assert_eq!(v["failed"], 0);
     for k in kids {
         assert_eq!(k["exit_code"], 0, "{k}");
-        let lines: Vec<Value> = k["stdout"]
-            .as_str()
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = stdout_lines(k);
         assert_eq!(lines.len(), input_lines, "{k}");
         for (i, l) in lines.iter().enumerate() {
             assert_eq!(l["pid"], k["pid"]);

@@ -135,23 +135,7 @@ fn fault_during_paging(n: &Nodes, fault: impl FnOnce()) -> Value {
     let mut cmd = Command::new(c_program("semantics"));
     cmd.arg("slow");
     let (target, _) = Target::start(cmd);
-    wait_blocked_in_read(target.pid());
-    let (code, out, err) = n.ctl(
-        1,
-        &[
-            "--json",
-            "seed",
-            "create",
-            "--pid",
-            &target.pid().to_string(),
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    drop(target);
-    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = seed_from_target(|a| n.ctl(1, a), target);
     let r = n.seed_ref(1, &id);
     let go = n.input(&format!("go-{id}"), "go\n");
     let p = forkctl()

@@ -178,12 +178,7 @@ fn twenty_children_from_one_image_are_correct_and_independent() {
     assert_eq!(v["failed"], 0);
     let mut pids = std::collections::HashSet::new();
     for k in kids {
-        let lines: Vec<Value> = k["stdout"]
-            .as_str()
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = stdout_lines(k);
         assert_eq!(lines.len(), 2, "{k}");
         // Each child counts only its own requests: no child sees another's writes.
         assert_eq!(lines[0]["requests"], 1);

@@ -100,6 +100,28 @@ impl Io {
     }
 }
 
+/// The raw descriptors of three streams (-1 for [`Io::Inherit`]), and the
+/// `/dev/null` opened for them if any is [`Io::Null`] (keep it until the
+/// descriptors have been used).
+pub fn raw_stdio(stdio: &[Io; 3]) -> io::Result<(Option<fs::File>, [libc::c_int; 3])> {
+    let null = if stdio.iter().any(|i| matches!(i, Io::Null)) {
+        Some(
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?,
+        )
+    } else {
+        None
+    };
+    let fds = stdio.each_ref().map(|i| match i {
+        Io::Inherit => -1,
+        Io::Null => null.as_ref().map_or(-1, |f| f.as_raw_fd()),
+        Io::Fd(f) => f.as_raw_fd(),
+    });
+    Ok((null, fds))
+}
+
 /// What the husk's starter needs, shared with it (it runs in our memory).
 struct Start {
     path: CString,
@@ -183,32 +205,15 @@ extern "C" fn start_husk(arg: *mut libc::c_void) -> libc::c_int {
 /// no handler of ours ever runs on its stack.
 pub fn spawn(stdin: Io, stdout: Io, stderr: Io) -> Result<Tracee, HuskError> {
     let path = install()?;
-    let null = if [&stdin, &stdout, &stderr]
-        .iter()
-        .any(|i| matches!(i, Io::Null))
-    {
-        Some(
-            fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/null")
-                .map_err(HuskError::Spawn)?,
-        )
-    } else {
-        None
-    };
-    let raw = |i: &Io| match i {
-        Io::Inherit => -1,
-        Io::Null => null.as_ref().map_or(-1, |f| f.as_raw_fd()),
-        Io::Fd(f) => f.as_raw_fd(),
-    };
+    let stdio = [stdin, stdout, stderr];
+    let (null, fds) = raw_stdio(&stdio).map_err(HuskError::Spawn)?;
     let cpath = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| HuskError::Spawn(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     let mut start = Start {
         argv: [cpath.as_ptr(), std::ptr::null()],
         envp: [std::ptr::null()],
         path: cpath.clone(),
-        fds: [raw(&stdin), raw(&stdout), raw(&stderr)],
+        fds,
         err: AtomicI32::new(0),
     };
     start.argv[0] = start.path.as_ptr();
@@ -237,7 +242,7 @@ pub fn spawn(stdin: Io, stdout: Io, stderr: Io) -> Result<Tracee, HuskError> {
         }
         pid
     };
-    drop((stdin, stdout, stderr, null));
+    drop((stdio, null));
     let err = start.err.load(Ordering::Relaxed);
     if err != 0 {
         // It exited before exec: reap it.

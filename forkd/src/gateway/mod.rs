@@ -202,6 +202,18 @@ pub(crate) struct Gateway {
     pub worker_addr: String,
 }
 
+impl Gateway {
+    /// The registered functions, now.
+    pub(crate) fn function_list(&self) -> Vec<Arc<Function>> {
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
 /// What an invocation can end in, besides a result.
 #[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
@@ -366,13 +378,7 @@ async fn remove(State(g): Shared, Path(name): Path<String>) -> Response {
 
 async fn metrics(State(g): Shared) -> Response {
     let mut s = String::new();
-    let fs: Vec<Arc<Function>> = g
-        .functions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .cloned()
-        .collect();
+    let fs = g.function_list();
     s.push_str("# TYPE gateway_invocations_total counter\n");
     for f in &fs {
         f.metrics(&mut s);

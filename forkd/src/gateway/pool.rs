@@ -749,13 +749,7 @@ pub(crate) async fn reaper(g: Arc<Gateway>) {
     let tick = (g.cfg.keep_alive / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     loop {
         tokio::time::sleep(tick).await;
-        let fs: Vec<Arc<Function>> = g
-            .functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let fs = g.function_list();
         for f in fs {
             let expired: Vec<Instance> = {
                 let mut p = f.pool();

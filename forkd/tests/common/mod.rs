@@ -581,12 +581,7 @@ pub fn assert_boto_children(v: &serde_json::Value, count: usize) {
     let kids = v["children"].as_array().unwrap();
     assert_eq!(kids.len(), count);
     for k in kids {
-        let lines: Vec<serde_json::Value> = k["stdout"]
-            .as_str()
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = stdout_lines(k);
         assert_eq!(lines.len(), 2, "{k}");
         assert_eq!(lines[1]["n"], 2);
         assert_eq!(lines[1]["sum"], sum);
@@ -594,12 +589,28 @@ pub fn assert_boto_children(v: &serde_json::Value, count: usize) {
     }
 }
 
+/// A child's captured stdout (in a `--json` report), one JSON value per line.
+pub fn stdout_lines(child: &serde_json::Value) -> Vec<serde_json::Value> {
+    child["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Seed the C checksum program (`capture_target`, blocked in read) from
 /// its pid through `ctl`; returns the seed id and the checksum it will print.
 pub fn checksum_seed(ctl: impl Fn(&[&str]) -> (i32, String, String)) -> (String, String) {
     let (target, ready) = Target::start(Command::new(c_program("capture_target")));
-    wait_blocked_in_read(target.pid());
     let checksum = ready.split_whitespace().nth(1).unwrap().to_string();
+    (seed_from_target(ctl, target), checksum)
+}
+
+/// Make a seed of `target` through `ctl` once it is blocked in read, then
+/// end it; returns the seed id.
+pub fn seed_from_target(ctl: impl Fn(&[&str]) -> (i32, String, String), target: Target) -> String {
+    wait_blocked_in_read(target.pid());
     let (code, out, err) = ctl(&[
         "--json",
         "seed",
@@ -609,11 +620,10 @@ pub fn checksum_seed(ctl: impl Fn(&[&str]) -> (i32, String, String)) -> (String,
     ]);
     assert_eq!(code, 0, "{err}");
     drop(target);
-    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
         .as_str()
         .unwrap()
-        .to_string();
-    (id, checksum)
+        .to_string()
 }
 
 /// Every child in `forkctl --json spawn` output printed the original's

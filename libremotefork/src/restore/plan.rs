@@ -835,20 +835,7 @@ pub fn build(
             .expect(0),
         );
     }
-    if desc.robust_list.0 != 0 {
-        state_ops.push(Op::new(
-            libc::SYS_set_robust_list,
-            [
-                v(desc.robust_list.0),
-                v(desc.robust_list.1),
-                v(0),
-                v(0),
-                v(0),
-                v(0),
-            ],
-            "set_robust_list",
-        ));
-    }
+    state_ops.extend(robust_list_op(desc));
     state_ops.push(Op::new(
         libc::SYS_set_tid_address,
         [v(desc.clear_child_tid), v(0), v(0), v(0), v(0), v(0)],
@@ -1098,18 +1085,7 @@ pub fn build(
     if lazy {
         // A child whose pager is gone must die, not run on: set after the
         // credential change, which clears it.
-        state_ops.push(Op::new(
-            libc::SYS_prctl,
-            [
-                v(libc::PR_SET_PDEATHSIG as u64),
-                v(libc::SIGKILL as u64),
-                v(0),
-                v(0),
-                v(0),
-                v(0),
-            ],
-            "prctl(PR_SET_PDEATHSIG)",
-        ));
+        state_ops.push(pdeathsig_op());
     }
 
     // Patch the auxv pointer into the prctl_mm_map once the data area is final.
@@ -1144,6 +1120,40 @@ pub fn build(
     let auxv_addr = data_at + auxv_at as u64;
     plan.data[mm_at + 88..mm_at + 96].copy_from_slice(&auxv_addr.to_le_bytes());
     Ok(plan)
+}
+
+/// `set_robust_list` with the seed's list, if it had one.
+fn robust_list_op(desc: &Descriptor) -> Option<Op> {
+    (desc.robust_list.0 != 0).then(|| {
+        Op::new(
+            libc::SYS_set_robust_list,
+            [
+                v(desc.robust_list.0),
+                v(desc.robust_list.1),
+                v(0),
+                v(0),
+                v(0),
+                v(0),
+            ],
+            "set_robust_list",
+        )
+    })
+}
+
+/// `PR_SET_PDEATHSIG(SIGKILL)`: a lazy child whose pager is gone must die.
+fn pdeathsig_op() -> Op {
+    Op::new(
+        libc::SYS_prctl,
+        [
+            v(libc::PR_SET_PDEATHSIG as u64),
+            v(libc::SIGKILL as u64),
+            v(0),
+            v(0),
+            v(0),
+            v(0),
+        ],
+        "prctl(PR_SET_PDEATHSIG)",
+    )
 }
 
 /// Is this descriptor of the seed opened again by path in a child?
@@ -1299,33 +1309,9 @@ pub fn fork_table(
             ops.push(op);
         }
     }
-    if desc.robust_list.0 != 0 {
-        ops.push(Op::new(
-            libc::SYS_set_robust_list,
-            [
-                v(desc.robust_list.0),
-                v(desc.robust_list.1),
-                v(0),
-                v(0),
-                v(0),
-                v(0),
-            ],
-            "set_robust_list",
-        ));
-    }
+    ops.extend(robust_list_op(desc));
     if uffd_target.is_some() {
-        ops.push(Op::new(
-            libc::SYS_prctl,
-            [
-                v(libc::PR_SET_PDEATHSIG as u64),
-                v(libc::SIGKILL as u64),
-                v(0),
-                v(0),
-                v(0),
-                v(0),
-            ],
-            "prctl(PR_SET_PDEATHSIG)",
-        ));
+        ops.push(pdeathsig_op());
     }
     let table_at = at + align8(data.0.len()) as u64;
     let mut bytes = data.0;

@@ -189,8 +189,7 @@ pub(super) fn spawn(
     let opts = *opts;
     // A template still to build: what it needs from a remote seed is
     // fetched here, not on the service thread every seed's spawns share.
-    let want_ws =
-        opts.lazy && opts.prefetch == Prefetch::Recorded && core.seed.working_set().is_some();
+    let want_ws = wants_working_set(&core, &opts);
     let ready = core
         .templates
         .lock()
@@ -220,6 +219,12 @@ pub(super) fn spawn(
         what: "forking from the template".into(),
         detail: "the template service failed (a panic; see the log)".into(),
     })?
+}
+
+/// Should the template for `opts` have the recorded working set (it is
+/// `recorded` and there is one)?
+fn wants_working_set(core: &Core, opts: &SpawnOptions) -> bool {
+    opts.lazy && opts.prefetch == Prefetch::Recorded && core.seed.working_set().is_some()
 }
 
 /// Which template serves `opts`.
@@ -259,7 +264,7 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, R
     let t0 = Instant::now();
     let key = key_of(opts);
     let prefetch = key.1;
-    let want_ws = opts.lazy && prefetch == Prefetch::Recorded && core.seed.working_set().is_some();
+    let want_ws = wants_working_set(core, opts);
     let mut g = core.templates.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(t) = g.get(&key) {
         if (want_ws && !t.with_ws) || !alive(t.tracee.pid()) {
@@ -485,29 +490,16 @@ fn finish(
     };
     let handed_us = t0.elapsed().as_micros() as u64;
 
-    // Its descriptors, through the template's socket.
-    let null = if stdio.iter().any(|i| matches!(i, Io::Null)) {
-        Some(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/null")
-                .map_err(|source| RestoreError::Io {
-                    what: "opening /dev/null".into(),
-                    source,
-                })?,
-        )
-    } else {
-        None
-    };
-    let mut fds: Vec<RawFd> = stdio
+    // Its descriptors, through the template's socket (ours where it inherits).
+    let (null, raw) =
+        kernel_helpers::husk::raw_stdio(&stdio).map_err(|source| RestoreError::Io {
+            what: "opening /dev/null".into(),
+            source,
+        })?;
+    let mut fds: Vec<RawFd> = raw
         .iter()
         .enumerate()
-        .map(|(i, io)| match io {
-            Io::Inherit => i as RawFd,
-            Io::Null => null.as_ref().map_or(-1, |f| f.as_raw_fd()),
-            Io::Fd(f) => f.as_raw_fd(),
-        })
+        .map(|(i, &fd)| if fd < 0 { i as RawFd } else { fd })
         .collect();
     fds.extend(own_uffd.as_ref().map(|f| f.as_raw_fd()));
     proc::send_fds(t.sock.as_raw_fd(), &fds).map_err(|source| RestoreError::Io {
