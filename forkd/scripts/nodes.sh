@@ -45,6 +45,7 @@ up)
     # A /24 no other setup uses (two bridges with one subnet would make the
     # host's routes to the nodes ambiguous): start from the hash of DIR,
     # take the next free one, under a lock against concurrent setups.
+    mkdir -p /run/lock
     exec 9>/run/lock/remotefork-nodes.lock
     flock 9
     for _ in $(seq 1 200); do

@@ -306,8 +306,13 @@ smoke_tests
 case "$RF_MODE" in
     smoke) ;;
     tests)
-        while read -r kind cwd bin; do
-            [ "$kind" = TEST ] && run_test_binary "$cwd" "$bin"
+        # veth for namespaced nodes, sch_netem for the slow-link test.
+        modprobe veth 2>/dev/null || true
+        modprobe sch_netem 2>/dev/null || true
+        while read -r kind cwd bin only; do
+            [ "$kind" = TEST ] || continue
+            if [ -n "$only" ]; then run_one_test "$cwd" "$bin" "$only"
+            else run_test_binary "$cwd" "$bin"; fi
         done < "$RF_TESTS_FILE" ;;
     bench) run_bench ;;
     *) fail "mode:$RF_MODE" "unknown mode" ;;
