@@ -195,8 +195,17 @@ server_client() {
         timeout 120 stdbuf -oL $scmd > "$log.server" 2>&1 &
         spid=$!
         if wait_server "$port" "$log.server"; then
-            echo "+ client: $ccmd"
-            timeout 120 $ccmd; rc_c=$?
+            # Under TCG the server can announce itself a moment before its
+            # RDMA CM listener takes connections (RDMA_CM_EVENT_REJECTED):
+            # try again while the server still waits, at most three times.
+            local attempt
+            for attempt in 1 2 3; do
+                echo "+ client (attempt $attempt): $ccmd"
+                timeout 120 $ccmd; rc_c=$?
+                [ "$rc_c" = 0 ] && break
+                kill -0 "$spid" 2>/dev/null || break
+                sleep 1
+            done
         else
             echo "server never got ready (port $port)"; rc_c=99
         fi
