@@ -1,0 +1,158 @@
+//! Children behave like `fork()` children of the seed's parent: pages they
+//! only read stay shared, files and shared memory are shared as fork shares
+//! them, state that must differ (entropy) differs, grandchildren are served
+//! or killed with a reason, and children outlive forkd restarts.
+//! Root-only: real ptrace, userfaultfd and daemons.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A seed of `tests/programs/heap.c` with a `mb` MiB heap, through `d`.
+fn heap_seed(d: &Daemon, mb: u32) -> String {
+    let prog = c_program("heap");
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        prog.to_str().unwrap(),
+        &mb.to_string(),
+    ]);
+    assert_eq!(code, 0, "seed create failed: {err}");
+    serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Proportional set size of `pid` in bytes (0 if it is gone).
+fn pss(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Wait until `f` holds: up to 2 minutes, for a loaded machine.
+fn wait_for<F: FnMut() -> bool>(what: &str, mut f: F) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(120), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How many heap children wait on `release` (each marks `release.PID`).
+fn marks(release: &Path) -> usize {
+    let name = release.file_name().unwrap().to_string_lossy().into_owned() + ".";
+    std::fs::read_dir(release.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&name))
+        .count()
+}
+
+/// Spawn `count` children of `seed` that sum their heap and then wait for
+/// `release` to exist; returns the running forkctl.
+fn spawn_and_hold(
+    d: &Daemon,
+    seed: &str,
+    count: u32,
+    extra: &[&str],
+    release: &Path,
+) -> std::process::Child {
+    let input = d.dir.join(format!("input-{count}-{}", extra.join("_")));
+    std::fs::write(&input, format!("sum\nawait {}\n", release.display())).unwrap();
+    let mut cmd = forkctl();
+    cmd.arg("--addr")
+        .arg(d.addr())
+        .args([
+            "--json",
+            "spawn",
+            seed,
+            "--count",
+            &count.to_string(),
+            "--stdin",
+        ])
+        .arg(&input)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn template_children_share_the_pages_they_only_read() {
+    if !require_root("template_children_share_the_pages_they_only_read") {
+        return;
+    }
+    const MB: u64 = 128;
+    let dir = scratch("share-read");
+    let d = Daemon::start(&dir, false);
+    let seed = heap_seed(&d, MB as u32);
+    let forkd_pid = d.child.id() as i32;
+    let mut totals = Vec::new();
+    for (mode, extra) in [
+        ("template", vec!["--prefetch", "window"]),
+        ("template-recorded", vec!["--prefetch", "recorded"]),
+        ("no-template", vec!["--no-template"]),
+    ] {
+        let release = dir.join(format!("release-{mode}"));
+        let p = spawn_and_hold(&d, &seed, 3, &extra, &release);
+        // The three children have read their whole heap once they wait.
+        wait_for("three children waiting", || marks(&release) >= 3);
+        let all: u64 = children(forkd_pid).iter().map(|c| pss(*c)).sum();
+        std::fs::write(&release, "").unwrap();
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let kids = v["children"].as_array().unwrap();
+        assert_eq!(kids.len(), 3);
+        let sums: Vec<&str> = kids
+            .iter()
+            .map(|k| {
+                k["stdout"]
+                    .as_str()
+                    .unwrap()
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+            })
+            .collect();
+        assert!(
+            sums.iter().all(|s| *s == sums[0] && !s.is_empty()),
+            "{sums:?}"
+        );
+        println!(
+            "{mode}: children and templates hold {} MiB of PSS ({MB} MiB heap, 3 children)",
+            all >> 20
+        );
+        totals.push((mode, all));
+    }
+    // Children that only read share the cache's one copy, whatever the mode.
+    for (mode, all) in &totals {
+        assert!(
+            *all < MB * 3 / 2 << 20,
+            "{mode}: {} MiB for three readers of a {MB} MiB heap",
+            all >> 20
+        );
+    }
+    drop(d);
+}
