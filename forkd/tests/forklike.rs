@@ -156,3 +156,74 @@ fn template_children_share_the_pages_they_only_read() {
     }
     drop(d);
 }
+
+#[test]
+fn python_runtime_children_draw_their_own_random_numbers() {
+    if !require_root("python_runtime_children_draw_their_own_random_numbers") {
+        return;
+    }
+    let dir = scratch("runtime-random");
+    let d = Daemon::start(&dir, false);
+    let handler = dir.join("draw.py");
+    std::fs::write(
+        &handler,
+        "import os, random\nimport remotefork\nrandom.seed(7)\nhooked = []\n\
+         remotefork.on_restore(lambda: hooked.append(os.getpid()))\n\
+         def handler(event):\n    return {'random': random.random(), 'hooked': hooked, 'pid': os.getpid()}\n",
+    )
+    .unwrap();
+    let py = python().to_string();
+    let pypath = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        "/usr/bin/env",
+        &format!("PYTHONPATH={}", pypath.display()),
+        &py,
+        "-m",
+        "remotefork.runtime",
+        handler.to_str().unwrap(),
+        "--ready-line",
+        "ready",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seed = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let input = dir.join("event");
+    std::fs::write(&input, "{}\n").unwrap();
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "spawn",
+        &seed,
+        "--count",
+        "5",
+        "--stdin",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let mut draws = std::collections::HashSet::new();
+    for k in v["children"].as_array().unwrap() {
+        let a: Value = serde_json::from_str(k["stdout"].as_str().unwrap().trim()).unwrap();
+        assert_eq!(a["ok"], true, "{a}");
+        let r = &a["result"];
+        assert_eq!(r["pid"], k["pid"]);
+        assert_eq!(
+            r["hooked"],
+            serde_json::json!([k["pid"]]),
+            "on_restore ran once, in the child"
+        );
+        draws.insert(r["random"].to_string());
+    }
+    assert_eq!(
+        draws.len(),
+        5,
+        "five children, five different draws: {draws:?}"
+    );
+}
