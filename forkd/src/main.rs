@@ -267,7 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let opts = CaptureOptions {
                 durable: fsync,
-                hook: None,
+                ..Default::default()
             };
             let d = capture(pid, &out, &opts)
                 .with_context(|| format!("snapshot of process {pid} failed"))?;

@@ -429,6 +429,7 @@ fn a_target_killed_while_stopped_gives_a_clear_error_and_nothing_is_written() {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         })),
+        ..Default::default()
     };
     let err = capture(pid, &out, &opts).unwrap_err();
     assert!(matches!(err, CaptureError::Exited { .. }), "{err}");
@@ -466,6 +467,7 @@ fn a_target_killed_after_the_clone_leaves_no_stray_process() {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         })),
+        ..Default::default()
     };
     // The clone holds a consistent copy, so capture may complete; either way
     // the result is clean.

@@ -227,3 +227,136 @@ fn python_runtime_children_draw_their_own_random_numbers() {
         "five children, five different draws: {draws:?}"
     );
 }
+
+/// Build `libfixture.so` answering `value` at `lib` (written to a new file,
+/// then renamed over `lib`), and return its bytes.
+fn fixture_lib(lib: &Path, value: i32) -> Vec<u8> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs");
+    let tmp = lib.with_extension("new");
+    let st = std::process::Command::new("cc")
+        .args([
+            "-shared",
+            "-fPIC",
+            &format!("-DFIXTURE_VALUE={value}"),
+            "-o",
+        ])
+        .arg(&tmp)
+        .arg(src.join("libfixture.c"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bytes = std::fs::read(&tmp).unwrap();
+    std::fs::rename(&tmp, lib).unwrap();
+    bytes
+}
+
+#[test]
+fn seed_files_are_copies_of_their_own() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !require_root("seed_files_are_copies_of_their_own") {
+        return;
+    }
+    let dir = scratch("seed-files");
+    let lib = dir.join("libfixture.so");
+    let v41 = fixture_lib(&lib, 41);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs");
+    let user = dir.join("lib_user");
+    let st = std::process::Command::new("cc")
+        .arg("-o")
+        .arg(&user)
+        .arg(src.join("lib_user.c"))
+        .arg(format!("-L{}", dir.display()))
+        .arg("-lfixture")
+        .arg(format!("-Wl,-rpath,{}", dir.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let d = Daemon::start(&dir, false);
+    let (target, ready) = Target::start(std::process::Command::new(&user));
+    assert_eq!(ready.trim(), "ready 41");
+    let seed = seed_from_target(|a| d.ctl(a), target);
+    let files = dir.join("state/seeds").join(&seed).join("files");
+    let lib_md = std::fs::metadata(&lib).unwrap();
+    let mut kept_lib = None;
+    for e in std::fs::read_dir(&files).unwrap().flatten() {
+        let md = e.metadata().unwrap();
+        assert_eq!(
+            md.permissions().mode() & 0o777,
+            0o444,
+            "{:?} is read-only",
+            e.path()
+        );
+        assert_eq!(md.uid(), 0, "{:?} is forkd's", e.path());
+        if md.len() == lib_md.len() && std::fs::read(e.path()).unwrap() == v41 {
+            kept_lib = Some(e.path());
+        }
+    }
+    let kept_lib = kept_lib.expect("the seed keeps a copy of libfixture.so");
+    let kept_md = std::fs::metadata(&kept_lib).unwrap();
+    assert!(
+        (kept_md.dev(), kept_md.ino()) != (lib_md.dev(), lib_md.ino()),
+        "the kept copy is its own file, not a link to the live one"
+    );
+    // Every system file the seed maps (libc among them) has another inode.
+    for e in std::fs::read_dir(&files).unwrap().flatten() {
+        let ino = e.metadata().unwrap().ino();
+        for sys in [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        ] {
+            if let Ok(m) = std::fs::metadata(sys) {
+                assert_ne!(m.ino(), ino, "{:?} is a hard link to {sys}", e.path());
+            }
+        }
+    }
+
+    // A chmod of the whole state directory leaves the live files alone.
+    let mode_before = lib_md.permissions().mode();
+    let st = std::process::Command::new("chmod")
+        .args(["-R", "o+w"])
+        .arg(dir.join("state"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        std::fs::metadata(&lib).unwrap().permissions().mode(),
+        mode_before
+    );
+
+    // The live library rewritten in place: the seed's copy is untouched,
+    // and children still run the seed's build (41), from that copy.
+    let v99 = {
+        let other = dir.join("other.so");
+        fixture_lib(&other, 99)
+    };
+    std::fs::write(&lib, &v99).unwrap();
+    assert_eq!(
+        std::fs::read(&kept_lib).unwrap(),
+        v41,
+        "the kept copy changed with the live file"
+    );
+    let input = dir.join("go");
+    std::fs::write(&input, "go\n").unwrap();
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "spawn",
+        &seed,
+        "--count",
+        "2",
+        "--stdin",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    for k in v["children"].as_array().unwrap() {
+        assert_eq!(k["stdout"], "fixture 41\n", "{k}");
+    }
+
+    // And the seed's copy rewritten: the live file is untouched.
+    std::fs::write(&kept_lib, b"scribbled over").unwrap();
+    assert_eq!(
+        std::fs::read(&lib).unwrap(),
+        v99,
+        "the live file changed with the seed's copy"
+    );
+}

@@ -442,6 +442,7 @@ impl Service {
         let id = crate::random_hex(8).map_err(|e| Status::internal(e.to_string()))?;
         let key = crate::random_hex(16).map_err(|e| Status::internal(e.to_string()))?;
         let dir = self.state.registry.tmp_dir(&id);
+        let file_store = Some(self.state.registry.file_store());
         let span = info_span!("create_seed", seed = %id, pid);
         let d = tokio::task::spawn_blocking(move || {
             capture(
@@ -450,6 +451,7 @@ impl Service {
                 &CaptureOptions {
                     durable: true,
                     hook: None,
+                    file_store,
                 },
             )
         })

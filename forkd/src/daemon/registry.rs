@@ -248,7 +248,15 @@ impl Registry {
             return Ok(false);
         };
         std::fs::remove_dir_all(&s.dir).map_err(io(format!("removing {}", s.dir.display())))?;
+        // Kept file copies no other seed uses any more.
+        remotefork::capture::prune_file_store(&self.file_store());
         Ok(true)
+    }
+
+    /// Where this node's seeds keep their copies of mapped files, each
+    /// file once (seeds hard-link to them).
+    pub fn file_store(&self) -> PathBuf {
+        self.state.join("files")
     }
 
     /// Number of seeds.
