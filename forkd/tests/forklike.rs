@@ -149,7 +149,7 @@ fn template_children_share_the_pages_they_only_read() {
     // Children that only read share the cache's one copy, whatever the mode.
     for (mode, all) in &totals {
         assert!(
-            *all < MB * 3 / 2 << 20,
+            *all < (MB * 3 / 2) << 20,
             "{mode}: {} MiB for three readers of a {MB} MiB heap",
             all >> 20
         );
