@@ -360,3 +360,231 @@ fn seed_files_are_copies_of_their_own() {
         "the live file changed with the seed's copy"
     );
 }
+
+/// Flip one bit in the middle of `file`.
+fn flip_a_bit(file: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let at = f.metadata().unwrap().len() / 2 + 100;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x10;
+    f.write_all_at(&b, at).unwrap();
+}
+
+#[test]
+fn a_flipped_bit_in_the_page_store_kills_the_child_with_a_reason() {
+    if !require_root("a_flipped_bit_in_the_page_store_kills_the_child_with_a_reason") {
+        return;
+    }
+    let dir = scratch("flipped-bit");
+    let d = Daemon::start(&dir, false);
+    let seed = heap_seed(&d, 16);
+    let image = dir.join("state/seeds").join(&seed);
+    // An intact copy first: eager and lazy children restore from it.
+    let copy = dir.join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["descriptor.bin", "pages.img"] {
+        std::fs::copy(image.join(f), copy.join(f)).unwrap();
+    }
+    let input = dir.join("sum");
+    std::fs::write(&input, "sum\n").unwrap();
+    // A first child that reads nothing but its code: the disk then goes bad
+    // under the seed's heap while forkd serves it.
+    let exit = dir.join("exit");
+    std::fs::write(&exit, "exit\n").unwrap();
+    let (code, _, err) = d.ctl(&[
+        "spawn",
+        &seed,
+        "--stdin",
+        exit.to_str().unwrap(),
+        "--prefetch",
+        "off",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    flip_a_bit(&image.join("pages.img"));
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "spawn",
+        &seed,
+        "--stdin",
+        input.to_str().unwrap(),
+        "--prefetch",
+        "off",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out} {err}"));
+    let kid = &v["children"][0];
+    assert_ne!(code, 0, "a killed child fails the spawn: {out}");
+    assert_eq!(kid["signal"], 9, "{kid}");
+    assert!(
+        kid["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not match its digest"),
+        "{kid}"
+    );
+    assert!(
+        !kid["stdout"].as_str().unwrap_or("").contains("sum "),
+        "no answer from wrong memory: {kid}"
+    );
+    // The seed is damaged from then on: spawns are refused, saying why.
+    let (code, out, err) = d.ctl(&["--json", "spawn", &seed, "--stdin", input.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(format!("{out}{err}").contains("damaged"), "{out} {err}");
+    // A restarted forkd still knows, and says so in the seed list.
+    d.stop();
+    let d = Daemon::start(&dir, false);
+    let (code, out, err) = d.ctl(&["--json", "spawn", &seed, "--stdin", input.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        format!("{out}{err}").contains("does not match its digest"),
+        "{out} {err}"
+    );
+    let (_, out, _) = d.ctl(&["--json", "seed", "ls"]);
+    assert!(out.contains("does not match its digest"), "{out}");
+
+    // Eager: refused before any child runs, naming the chunk.
+    let eager_dir = dir.join("eager");
+    std::fs::create_dir_all(&eager_dir).unwrap();
+    for f in ["descriptor.bin", "pages.img"] {
+        std::fs::copy(image.join(f), eager_dir.join(f)).unwrap();
+    }
+    let (code, out, err) = run_forkd(&["restore", eager_dir.to_str().unwrap(), "--eager"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("does not match its digest") && err.contains("chunk"),
+        "{err}"
+    );
+    // The intact copy restores, eager and lazy.
+    for mode in ["--eager", "--lazy"] {
+        let r = restore_and_talk(&copy, &[mode], "sum\n", |_| {});
+        assert_eq!(r.code, Some(0), "{mode}: {}", r.stderr);
+        assert!(r.stdout.starts_with("sum "), "{mode}: {}", r.stdout);
+    }
+}
+
+/// Copy `n` bytes from `from` to `to`, flipping one bit in the middle if
+/// `flip`; false when either side is gone.
+fn relay(
+    from: &mut std::net::TcpStream,
+    to: &mut std::net::TcpStream,
+    n: usize,
+    flip: bool,
+) -> bool {
+    use std::io::{Read, Write};
+    let mut b = vec![0u8; n];
+    if from.read_exact(&mut b).is_err() {
+        return false;
+    }
+    if flip && n > 0 {
+        b[n / 2] ^= 0x01;
+    }
+    to.write_all(&b).is_ok()
+}
+
+/// A TCP proxy in front of a page server that flips one bit in the data of
+/// the `nth` page answer it forwards (1-based, after the handshake).
+/// Returns its address.
+fn corrupting_proxy(upstream: String, nth: usize) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut answers = 0;
+        for c in l.incoming() {
+            let Ok(mut client) = c else { return };
+            let Ok(mut server) = std::net::TcpStream::connect(&upstream) else {
+                return;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+            });
+            // Server to client: the handshake answer (16 bytes and a
+            // message), then frames of a 12-byte header and `len` bytes.
+            let mut hs = [0u8; 16];
+            if std::io::Read::read_exact(&mut server, &mut hs).is_err()
+                || std::io::Write::write_all(&mut client, &hs).is_err()
+            {
+                continue;
+            }
+            let msg = u32::from_le_bytes(hs[12..16].try_into().unwrap()) as usize;
+            if !relay(&mut server, &mut client, msg, false) {
+                continue;
+            }
+            loop {
+                let mut h = [0u8; 12];
+                if std::io::Read::read_exact(&mut server, &mut h).is_err()
+                    || std::io::Write::write_all(&mut client, &h).is_err()
+                {
+                    break;
+                }
+                let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+                if h[4] == 0 && len > 0 {
+                    answers += 1;
+                }
+                let flip = h[4] == 0 && len > 0 && answers == nth;
+                if !relay(&mut server, &mut client, len, flip) {
+                    break;
+                }
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_flipped_bit_on_the_wire_kills_the_remote_child_with_a_reason() {
+    if !require_root("a_flipped_bit_on_the_wire_kills_the_remote_child_with_a_reason") {
+        return;
+    }
+    let base = scratch("flipped-wire");
+    let (da, db) = (base.join("a"), base.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let page_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let page_listen = format!("127.0.0.1:{page_port}");
+    // The first answer holds the pages written before the child runs; the
+    // second is the child's first fault.
+    let proxy = corrupting_proxy(page_listen.clone(), 2);
+    let a = Daemon::start_with(
+        &da,
+        true,
+        &["--page-listen", &page_listen, "--page-advertise", &proxy],
+    );
+    let b = Daemon::start_with(&db, true, &["--transport", "tcp"]);
+    let seed = heap_seed(&a, 16);
+    let (code, r, err) = a.ctl(&["seed", "ref", &seed, "--origin", a.tcp.as_ref().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let input = base.join("sum");
+    std::fs::write(&input, "sum\n").unwrap();
+    let (_, out, err) = b.ctl(&[
+        "--json",
+        "spawn",
+        r.trim(),
+        "--stdin",
+        input.to_str().unwrap(),
+        "--prefetch",
+        "off",
+        "--no-template",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out} {err}"));
+    let kid = &v["children"][0];
+    assert_eq!(kid["signal"], 9, "the child ran and was killed: {kid}");
+    let why = kid["reason"].as_str().unwrap();
+    assert!(
+        why.contains("does not match its digest") && why.contains("tcp:"),
+        "{kid}"
+    );
+    assert!(
+        !kid["stdout"].as_str().unwrap_or("").contains("sum "),
+        "no answer from wrong memory: {kid}"
+    );
+}

@@ -212,7 +212,7 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
         "captured; writing image"
     );
     keep_file_copies(out, &desc.files, opts.file_store.as_deref());
-    writer.finish(&desc, opts.durable)?;
+    writer.finish(&mut desc, opts.durable)?;
     desc.stats.capture_ns = t0.elapsed().as_nanos() as u64;
     info!(
         vmas = desc.vmas.len(),
@@ -699,6 +699,8 @@ fn read_clone(
             pause_ns: frozen.pause_ns,
             ..stats
         },
+        // Filled in by ImageWriter::finish from the pages written.
+        digests: None,
     };
     // Kill the clone now (Drop of `clone`), before the caller reaps it.
     clone.kill().map_err(ptc)?;

@@ -127,7 +127,7 @@ fn seed_json(s: &pb::Seed) -> Value {
         "id": s.id, "key": s.key, "name": s.name, "created_unix_ms": s.created_unix_ms,
         "source_pid": s.source_pid, "image_bytes": s.image_bytes, "vmas": s.vmas,
         "pause_us": s.pause_us, "capture_us": s.capture_us, "node": s.node,
-        "children_spawned": s.children_spawned,
+        "children_spawned": s.children_spawned, "damaged": s.damaged,
     })
 }
 
@@ -269,6 +269,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             s.vmas,
                             s.children_spawned
                         )?;
+                        if !s.damaged.is_empty() {
+                            writeln!(out, "  damaged: {}", s.damaged)?;
+                        }
                     }
                 }
             }
