@@ -588,3 +588,132 @@ fn a_flipped_bit_on_the_wire_kills_the_remote_child_with_a_reason() {
         "no answer from wrong memory: {kid}"
     );
 }
+
+/// Spawn one child of `seed` on `d` with `input`; its `--json` record.
+fn one_child(d: &Daemon, seed: &str, input: &str, extra: &[&str]) -> Value {
+    let f = d.dir.join(format!("input-{}", input.len()));
+    std::fs::write(&f, input).unwrap();
+    let mut args = vec!["--json", "spawn", seed, "--stdin", f.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, out, err) = d.ctl(&args);
+    assert_eq!(code, 0, "{out} {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["children"][0].clone()
+}
+
+#[test]
+fn children_of_a_template_share_the_parents_shared_memory() {
+    if !require_root("children_of_a_template_share_the_parents_shared_memory") {
+        return;
+    }
+    let dir = scratch("shared-memory");
+    let d = Daemon::start(&dir, true);
+    let prog = c_program("shm");
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seed = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let a = one_child(&d, &seed, "check\nmark 77\n", &[]);
+    assert_eq!(
+        a["stdout"], "check anon=ok shm=ok sysv=ok\nmarked 77\n",
+        "{a}"
+    );
+    let notes = a["notes"].to_string();
+    assert!(
+        notes.contains("share one copy of it"),
+        "the sharing rule is said: {notes}"
+    );
+    assert!(
+        notes.contains("/dev/shm/rf-shm-test-") && notes.contains("/SYSV"),
+        "{notes}"
+    );
+    // A later child of the same template sees what the first one wrote, in
+    // all three kinds of shared memory, as fork children of one parent do.
+    let b = one_child(&d, &seed, "show\n", &[]);
+    assert_eq!(b["stdout"], "show anon=77 shm=77 sysv=77\n", "{b}");
+    // MADV_DONTNEED on shared memory keeps its contents, even for pages no
+    // child touched before (a new template: another prefetch mode).
+    let c = one_child(&d, &seed, "dontneed\ncheck\n", &["--prefetch", "off"]);
+    assert_eq!(
+        c["stdout"], "dontneed ok\ncheck anon=ok shm=ok sysv=ok\n",
+        "{c}"
+    );
+    // A child restored from scratch has its own copy, as taken at capture.
+    let e = one_child(&d, &seed, "show\n", &["--no-template"]);
+    assert_eq!(e["stdout"], "show anon=8 shm=58 sysv=108\n", "{e}");
+    assert!(e["notes"].to_string().contains("has its own"), "{e}");
+
+    // On another node: children share that node's own copy, and are told.
+    let db = dir.join("b");
+    std::fs::create_dir_all(&db).unwrap();
+    let b_node = Daemon::start_with(&db, true, &["--transport", "tcp"]);
+    let page_port = {
+        // Node A needs a page server: restart it with one.
+        drop(d);
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let d = Daemon::start_with(
+        &dir,
+        true,
+        &["--page-listen", &format!("127.0.0.1:{page_port}")],
+    );
+    let (code, r, err) = d.ctl(&["seed", "ref", &seed, "--origin", d.tcp.as_ref().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let r = r.trim().to_string();
+    let x = one_child(&b_node, &r, "check\nmark 9\n", &[]);
+    assert_eq!(
+        x["stdout"], "check anon=ok shm=ok sysv=ok\nmarked 9\n",
+        "{x}"
+    );
+    assert!(
+        x["notes"]
+            .to_string()
+            .contains("children on other nodes have their own copy"),
+        "{x}"
+    );
+    let y = one_child(&b_node, &r, "show\n", &[]);
+    assert_eq!(y["stdout"], "show anon=9 shm=9 sysv=9\n", "{y}");
+
+    // A writable shared mapping of a file cannot be shared from another
+    // node: refused, saying why, and the seed's node still starts it.
+    let data = dir.join("shared.dat");
+    std::fs::write(&data, vec![0u8; 4096]).unwrap();
+    let script = format!(
+        "import mmap, sys\nf = open({:?}, 'r+b')\nm = mmap.mmap(f.fileno(), 4096)\nm[0] = 42\nprint('ready', flush=True)\nsys.stdin.readline()\nprint('byte', m[0], flush=True)\n",
+        data.to_str().unwrap()
+    );
+    let fseed = python_seed(|a| d.ctl(a), &script);
+    let (code, r, err) = d.ctl(&["seed", "ref", &fseed, "--origin", d.tcp.as_ref().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let input = dir.join("nl");
+    std::fs::write(&input, "\n").unwrap();
+    let (code, out, err) = b_node.ctl(&[
+        "--json",
+        "spawn",
+        r.trim(),
+        "--stdin",
+        input.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("shared and writable") && err.contains("shared.dat"),
+        "{err}"
+    );
+    let k = one_child(&d, &fseed, "\n", &[]);
+    assert_eq!(k["stdout"], "byte 42\n", "{k}");
+}

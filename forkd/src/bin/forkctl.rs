@@ -360,6 +360,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (mut started, mut failed, mut exited) = (0u32, 0u32, 0u32);
             let mut ttr = Vec::new();
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut noted: std::collections::HashSet<String> = Default::default();
             while let Some(ev) = stream.message().await.map_err(status_err)? {
                 let e = children
                     .entry(ev.index)
@@ -373,6 +374,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(pb::instance_event::Kind::Running(r)) => {
                         ttr.push(r.time_to_running_ms);
                         e["time_to_running_ms"] = json!(r.time_to_running_ms);
+                        if !cli.json {
+                            for n in r.notes.iter().filter(|n| !noted.contains(*n)) {
+                                eprintln!("forkctl: note: {n}");
+                            }
+                        }
+                        noted.extend(r.notes.iter().cloned());
+                        e["notes"] = json!(r.notes);
                     }
                     Some(pb::instance_event::Kind::Exited(x)) => {
                         exited += 1;

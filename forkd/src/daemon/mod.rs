@@ -732,6 +732,7 @@ impl Forkd for Service {
                     pid,
                     kind: Some(pb::instance_event::Kind::Running(pb::Running {
                         time_to_running_ms: ms,
+                        notes: child.notes.clone(),
                     })),
                     ..base.clone()
                 };

@@ -68,6 +68,9 @@ pub enum RestoreError {
         /// This node's.
         here: String,
     },
+    /// The child would not share memory that the parent's fork children share.
+    #[error("cannot keep shared memory shared: {0}")]
+    SharingLost(String),
     /// The seed's pages do not match their digests.
     #[error("the seed is damaged: {0}; drop it and capture it again")]
     Damaged(String),
@@ -243,8 +246,22 @@ impl Restorer {
     }
 
     /// Children of a seed held by another node: `image` is its descriptor
-    /// (no page store here), `source` reaches its pages.
+    /// (no page store here), `source` reaches its pages. A seed with a
+    /// writable shared mapping of a file is refused: writes through it
+    /// would land in this node's file, not the one the parent shares.
     pub fn remote(image: SeedImage, source: Box<dyn PageSource>) -> Result<Restorer, RestoreError> {
+        let d = image.descriptor();
+        if let Some(v) = d
+            .vmas
+            .iter()
+            .find(|v| v.kind == VmaKind::FileShared && v.prot & libc::PROT_WRITE as u32 != 0)
+        {
+            return Err(RestoreError::SharingLost(format!(
+                "the seed maps {} shared and writable ({:#x}-{:#x}); a child on another node \
+                 would write to that node's file, not share the parent's: start it on the seed's node",
+                v.path, v.start, v.end
+            )));
+        }
         Self::build(image, None, source)
     }
 
@@ -262,7 +279,7 @@ impl Restorer {
             });
         }
         check_privileges(d)?;
-        let mut notes = Vec::new();
+        let mut notes = shared_memory_notes(d, pages.is_none());
         let resolved = resolve_files(image.dir(), d, &mut notes)?;
         let (cache_base, cache_size) = plan::cache_layout(d);
         let verify = d.digests.clone().map(|digests| Verify {
@@ -974,6 +991,37 @@ impl Core {
         })?;
         Ok(written)
     }
+}
+
+/// What children of `d` share of the parent's shared memory, said once per
+/// segment: one copy per node template, shared by the children forked from
+/// it (a child restored from scratch has its own); named segments are
+/// copies, not the parent's own; and (`remote`) not shared across nodes.
+fn shared_memory_notes(d: &Descriptor, remote: bool) -> Vec<String> {
+    d.vmas
+        .iter()
+        .filter(|v| v.kind == VmaKind::Shmem)
+        .map(|v| {
+            // MAP_SHARED|MAP_ANONYMOUS shows as "/dev/zero (deleted)".
+            let named = !v.path.is_empty() && !v.path.starts_with("/dev/zero");
+            let what = if named {
+                v.path.clone()
+            } else {
+                "shared anonymous memory".to_string()
+            };
+            let mut n = format!(
+                "{what} ({:#x}-{:#x}, shared): children forked from one node template share one copy of it, taken at the capture; a child restored without a template has its own",
+                v.start, v.end
+            );
+            if named {
+                n.push_str("; the parent's own segment is not shared with them");
+            }
+            if remote {
+                n.push_str("; children on other nodes have their own copy");
+            }
+            n
+        })
+        .collect()
 }
 
 /// Per page of the page store, its offset in the seed cache laid out by

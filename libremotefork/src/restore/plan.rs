@@ -214,13 +214,16 @@ pub struct SharedCache {
     pub base: Vec<Option<u64>>,
 }
 
-/// Is this mapping served by the pager in lazy mode (anonymous, with stored pages)?
+/// Is this mapping served by the pager in lazy mode (private anonymous,
+/// with stored pages)? Shared memory is written before the child runs:
+/// its pages then live in the segment itself, which every child forked
+/// from a template shares, and `MADV_DONTNEED` on it keeps its contents
+/// as the kernel's shared-memory semantics say (a lazily served page
+/// would read as zeros after it).
 pub fn lazy_candidate(v: &crate::image::Vma) -> bool {
     v.file.is_none()
-        && matches!(
-            v.kind,
-            VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::Shmem
-        )
+        && !v.shared
+        && matches!(v.kind, VmaKind::Anon | VmaKind::Heap | VmaKind::Stack)
         && v.runs
             .iter()
             .any(|r| matches!(r.state, PageState::Stored { .. }))
