@@ -717,3 +717,56 @@ fn children_of_a_template_share_the_parents_shared_memory() {
     let k = one_child(&d, &fseed, "\n", &[]);
     assert_eq!(k["stdout"], "byte 42\n", "{k}");
 }
+
+#[test]
+fn capture_takes_offsets_and_shared_memory_from_the_frozen_instant() {
+    use remotefork::capture::{capture, CaptureOptions, CapturePoint};
+    use std::io::{BufRead, Write};
+    if !require_root("capture_takes_offsets_and_shared_memory_from_the_frozen_instant") {
+        return;
+    }
+    let dir = scratch("frozen-instant");
+    let data = dir.join("data");
+    std::fs::write(&data, vec![7u8; 4096]).unwrap();
+    let mut cmd = std::process::Command::new(c_program("shm"));
+    cmd.arg(&data);
+    let (mut target, _) = Target::start(cmd);
+    let pid = target.pid();
+    wait_blocked_in_read(pid);
+    // Once the clone exists and the parent runs again, the parent changes
+    // its shared memory and its file offset, before capture reads them.
+    let stdin = std::sync::Mutex::new(target.stdin.take().unwrap());
+    let stdout = std::sync::Mutex::new(std::mem::replace(
+        &mut target.stdout,
+        std::io::BufReader::new(
+            std::process::Command::new("true")
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+                .stdout
+                .unwrap(),
+        ),
+    ));
+    let opts = CaptureOptions {
+        hook: Some(Box::new(move |p| {
+            if p == CapturePoint::CloneStopped {
+                writeln!(stdin.lock().unwrap(), "mutate").unwrap();
+                let mut l = String::new();
+                stdout.lock().unwrap().read_line(&mut l).unwrap();
+                assert_eq!(l, "mutated\n");
+            }
+        })),
+        ..Default::default()
+    };
+    let seed = dir.join("seed");
+    capture(pid, &seed, &opts).unwrap();
+    drop(target);
+    for mode in ["--eager", "--lazy"] {
+        let r = restore_and_talk(&seed, &[mode], "show\noffset\n", |_| {});
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        assert_eq!(
+            r.stdout, "show anon=8 shm=58 sysv=108\noffset 0\n",
+            "{mode}: the child is the parent as it was when stopped"
+        );
+    }
+}

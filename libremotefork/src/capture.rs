@@ -194,7 +194,7 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
     let insn = vdso.start + vdso.syscall_offset.ok_or(CaptureError::NoVdso(pid))?;
     let vdso_hash = vdso.hash;
 
-    let frozen = freeze(pid, insn, opts)?;
+    let frozen = freeze(pid, insn, opts, &pmaps)?;
     let clone_pid = frozen.clone.pid();
     if let Some(h) = &opts.hook {
         h(CapturePoint::CloneStopped);
@@ -261,11 +261,20 @@ struct Frozen {
     rseq: Option<Rseq>,
     robust_list: (u64, u64),
     clear_child_tid: u64,
+    /// The parent's descriptors, offsets as they were while it was stopped.
+    fds: Vec<procfs::FdEntry>,
+    /// The parent's stored shared memory as it was while stopped.
+    shared: HashMap<u64, Vec<u8>>,
     pause_ns: u64,
 }
 
 /// Stop the parent, take its CPU state, inject the clone, let it go.
-fn freeze(pid: pid_t, insn: u64, opts: &CaptureOptions) -> Result<Frozen, CaptureError> {
+fn freeze(
+    pid: pid_t,
+    insn: u64,
+    opts: &CaptureOptions,
+    pmaps: &[MapsEntry],
+) -> Result<Frozen, CaptureError> {
     let pt = |e| CaptureError::from_ptrace(pid, e);
     let t = Instant::now();
     let mut parent = Tracee::seize(pid).map_err(pt)?;
@@ -276,7 +285,7 @@ fn freeze(pid: pid_t, insn: u64, opts: &CaptureOptions) -> Result<Frozen, Captur
     let regs = parent.regs().map_err(pt)?;
     // From here on the parent's registers are ours to change; put them back
     // on every path, success or not.
-    let inner = freeze_stopped(&mut parent, pid, insn, &regs);
+    let inner = freeze_stopped(&mut parent, pid, insn, &regs, pmaps);
     let resume = resume_regs(&regs);
     let restored = parent.set_regs(&resume).and_then(|()| parent.detach());
     let pause_ns = t.elapsed().as_nanos() as u64;
@@ -296,6 +305,7 @@ fn freeze_stopped(
     pid: pid_t,
     insn: u64,
     regs: &libc::user_regs_struct,
+    pmaps: &[MapsEntry],
 ) -> Result<Frozen, CaptureError> {
     let pt = |e| CaptureError::from_ptrace(pid, e);
     // A thread may have been created between the precheck and the stop.
@@ -366,6 +376,12 @@ fn freeze_stopped(
     };
     parent.poke(scratch, saved).map_err(pt)?;
 
+    // What the parent changes once it runs again and the clone would then
+    // show: file offsets (the clone shares the parent's open files) and
+    // the contents of shared memory. Taken now, at the frozen instant.
+    let fds = procfs::fds(pid)?;
+    let shared = snapshot_shared(pid, pmaps)?;
+
     Ok(Frozen {
         clone,
         regs: *regs,
@@ -374,8 +390,55 @@ fn freeze_stopped(
         rseq,
         robust_list,
         clear_child_tid,
+        fds,
+        shared,
         pause_ns: 0,
     })
+}
+
+/// Is `m` shared memory whose contents capture stores (anonymous shared
+/// memory, `/dev/shm`, SysV, memfd, deleted files), not a file mapping
+/// whose pages come from the file?
+fn stores_shared(m: &MapsEntry) -> bool {
+    m.shared && (m.path.is_empty() || m.path.starts_with("/dev/zero") || memory_only(m))
+}
+
+/// Does `m` map contents that exist only in memory (a deleted file, a
+/// memfd, a SysV segment, `/dev/shm`), so capture must store them?
+fn memory_only(m: &MapsEntry) -> bool {
+    let p = m.path.as_str();
+    p.ends_with(" (deleted)")
+        || p.starts_with("/memfd:")
+        || p.starts_with("/SYSV")
+        || p.starts_with("/dev/shm/")
+        || m.inode == 0
+}
+
+/// The present pages of the parent's stored shared memory (`pmaps`, taken
+/// just before the freeze), by address: read while the parent is stopped,
+/// since the clone shares these pages with the parent as it runs on.
+fn snapshot_shared(pid: pid_t, pmaps: &[MapsEntry]) -> Result<HashMap<u64, Vec<u8>>, CaptureError> {
+    let mut snap = HashMap::new();
+    let shared: Vec<&MapsEntry> = pmaps.iter().filter(|m| stores_shared(m)).collect();
+    if shared.is_empty() {
+        return Ok(snap);
+    }
+    let pagemap = Pagemap::open(pid)?;
+    let proc_mem = ProcMem::open(pid)?;
+    for m in shared {
+        let entries = pagemap.entries(m.start, m.end)?;
+        for (i, e) in entries.iter().enumerate() {
+            if e & (kernel_helpers::pagemap::PM_PRESENT | kernel_helpers::pagemap::PM_SWAPPED) == 0
+            {
+                continue;
+            }
+            let addr = m.start + i as u64 * PAGE_SIZE;
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            proc_mem.read_exact_at(addr, &mut page)?;
+            snap.insert(addr, page);
+        }
+    }
+    Ok(snap)
 }
 
 /// The clone starts in a `PTRACE_EVENT_STOP`; anything else is an error (it
@@ -471,6 +534,8 @@ fn read_clone(
     out: &Path,
 ) -> Result<(Descriptor, ImageWriter), CaptureError> {
     let t = Instant::now();
+    let frozen_fds = frozen.fds;
+    let shared_snapshot = frozen.shared;
     let mut clone = frozen.clone;
     let cpid = clone.pid();
     let maps = procfs::maps(cpid)?;
@@ -534,9 +599,21 @@ fn read_clone(
     // zeros anyway) and only noted.
     let mut stream = PageStream::new(cpid, ImageWriter::create(out)?)?;
     for p in &planned {
+        let frozen_shared = stores_shared(&p.entry);
         for (i, c) in p.classes.iter().enumerate() {
-            if *c == PageClass::Store {
-                stream.push(p.entry.start + i as u64 * PAGE_SIZE, p.via_proc_mem)?;
+            if *c != PageClass::Store {
+                continue;
+            }
+            let addr = p.entry.start + i as u64 * PAGE_SIZE;
+            match shared_snapshot.get(&addr) {
+                Some(page) => stream.push_bytes(page)?,
+                None if frozen_shared && !shared_snapshot.is_empty() => {
+                    // Mapped between the look before the freeze and the
+                    // freeze itself: not in the snapshot.
+                    warn!(addr, path = %p.entry.path, "a shared page not seen before the freeze is read after the parent resumed");
+                    stream.push(addr, p.via_proc_mem)?;
+                }
+                None => stream.push(addr, p.via_proc_mem)?,
             }
         }
     }
@@ -689,7 +766,7 @@ fn read_clone(
             gid: status.gid,
             groups: status.groups,
         },
-        fds: procfs::fds(cpid)?,
+        fds: frozen_fds,
         files,
         vmas,
         vdso_hash,
@@ -798,6 +875,18 @@ impl PageStream {
         self.pending.push((addr, via_proc_mem));
         if self.pending.len() == CHUNK_PAGES {
             self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Queue a page whose bytes are already here (taken while the parent
+    /// was stopped), after the pages queued before it.
+    fn push_bytes(&mut self, page: &[u8]) -> Result<(), CaptureError> {
+        self.flush()?;
+        let z = is_zero_page(page);
+        self.zero.push(z);
+        if !z {
+            self.writer.append(page)?;
         }
         Ok(())
     }
@@ -926,12 +1015,7 @@ fn kind_of(
         return Ok((anon_kind, None, false));
     }
     // Contents that exist only in this process's memory: store them.
-    if p.ends_with(" (deleted)")
-        || p.starts_with("/memfd:")
-        || p.starts_with("/SYSV")
-        || p.starts_with("/dev/shm/")
-        || m.inode == 0
-    {
+    if memory_only(m) {
         return Ok((anon_kind, None, !m.shared));
     }
     if p.starts_with("/dev/") {

@@ -7,7 +7,10 @@
  *              "dontneed ok" (shared memory keeps its contents)
  *   mark N     write N into page 1 of each region: "marked N"
  *   show       "show anon=A shm=S sysv=V": page 1's first byte of each
- *   await P    create P.<pid>, wait until P exists: "waiting <pid>" */
+ *   await P    create P.<pid>, wait until P exists: "waiting <pid>"
+ *   mutate     mark 99 in every region and move the file's offset by 100:
+ *              "mutated"
+ *   offset     "offset N": the offset of argv[1], opened at start (-1 without) */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdio.h>
@@ -36,8 +39,9 @@ static const char *ok(const unsigned char *p, size_t len, int region) {
     return "ok";
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
+    int file = argc > 1 ? open(argv[1], O_RDWR | O_CREAT, 0600) : -1;
     unsigned char *anon = mmap(NULL, 4 * MB, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     char name[64];
     snprintf(name, sizeof name, "/dev/shm/rf-shm-test-%d", getpid());
@@ -68,6 +72,12 @@ int main(void) {
             shm[PAGE] = n;
             sysv[PAGE] = n;
             printf("marked %d\n", n);
+        } else if (!strcmp(line, "mutate")) {
+            anon[PAGE] = shm[PAGE] = sysv[PAGE] = 99;
+            if (file >= 0) lseek(file, 100, SEEK_CUR);
+            printf("mutated\n");
+        } else if (!strcmp(line, "offset")) {
+            printf("offset %lld\n", file >= 0 ? (long long)lseek(file, 0, SEEK_CUR) : -1LL);
         } else if (!strcmp(line, "show")) {
             printf("show anon=%d shm=%d sysv=%d\n", anon[PAGE], shm[PAGE], sysv[PAGE]);
         } else if (!strncmp(line, "await ", 6)) {
