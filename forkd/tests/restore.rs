@@ -428,33 +428,40 @@ fn restore_without_privileges_is_refused_clearly() {
 /// description for the seed's regular files: one child's reads do not move
 /// another's offset (a plain fork would share it).
 #[test]
-fn children_from_a_template_have_their_own_file_offsets() {
-    if !require_root("children_from_a_template_have_their_own_file_offsets") {
+fn children_of_a_template_share_open_files_as_fork_children_do() {
+    if !require_root("children_of_a_template_share_open_files_as_fork_children_do") {
         return;
     }
-    let data = scratch("file-offsets").join("lines.txt");
+    let dir = scratch("file-offsets");
+    let data = dir.join("lines.txt");
+    let log = dir.join("log.txt");
     std::fs::write(&data, "l0\nl1\nl2\nl3\nl4\nl5\nl6\n").unwrap();
     let script = format!(
         r#"
 import os, sys, json
 fd = os.open({path:?}, os.O_RDONLY)
 first = os.read(fd, 3)
+log = open({log:?}, 'w')
 print('ready', flush=True)
 sys.stdin.readline()
+log.write('line from %d\n' % os.getpid())
+log.flush()
 print(json.dumps({{'first': first.decode(), 'next': os.read(fd, 3).decode(), 'pid': os.getpid()}}), flush=True)
 "#,
-        path = data.to_str().unwrap()
+        path = data.to_str().unwrap(),
+        log = log.to_str().unwrap(),
     );
     let mut cmd = Command::new(python());
     cmd.args(["-c", &script]);
-    let (dir, _) = seed_of(cmd, "file-offsets-seed");
+    let (seed, _) = seed_of(cmd, "file-offsets-seed");
     for args in [
         &["--count", "5", "--json"][..],
         &["--count", "5", "--eager", "--json"][..],
     ] {
+        std::fs::write(&log, "").unwrap();
         let out = forkd()
             .arg("restore")
-            .arg(&dir)
+            .arg(&seed)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -466,14 +473,22 @@ print(json.dumps({{'first': first.decode(), 'next': os.read(fd, 3).decode(), 'pi
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         let kids = v["children"].as_array().unwrap();
         assert_eq!(kids.len(), 5);
+        let mut next: Vec<String> = Vec::new();
         for k in kids {
             let a: Value = serde_json::from_str(k["stdout"].as_str().unwrap().trim()).unwrap();
             assert_eq!(a["first"], "l0\n", "{args:?} {k}");
-            assert_eq!(
-                a["next"], "l1\n",
-                "{args:?}: offsets shared between children: {k}"
-            );
             assert_eq!(a["pid"], k["pid"]);
+            next.push(a["next"].as_str().unwrap().to_string());
+        }
+        // One open file description for all five, as after fork(): each
+        // read moved the offset the others read from.
+        next.sort();
+        assert_eq!(next, ["l1\n", "l2\n", "l3\n", "l4\n", "l5\n"], "{args:?}");
+        // And five writes through the parent's "w" file keep five lines.
+        let lines = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(lines.lines().count(), 5, "{args:?}: {lines:?}");
+        for k in kids {
+            assert!(lines.contains(&format!("line from {}\n", k["pid"])), "{lines:?}");
         }
     }
 }

@@ -1205,10 +1205,11 @@ pub const FORK_STDIO: usize = 3;
 /// lowest the template leaves free); `uffd_target` is where the template
 /// keeps its userfaultfd (lazy), replaced by the child's own.
 ///
-/// The child gets: its stdio and userfaultfd, its own open file
-/// descriptions for the seed's reopened files (fork would share the
-/// template's offsets between siblings), its robust list (fork clears it)
-/// and, when lazy, its parent-death signal (fork clears that too).
+/// The child gets: its stdio and userfaultfd, its robust list (fork clears
+/// it) and, when lazy, its parent-death signal (fork clears that too). The
+/// seed's other descriptors it inherits from the template as a fork child
+/// does: its open file descriptions, offsets included, are shared with its
+/// siblings, as fork children of the parent share the parent's.
 pub fn fork_table(
     desc: &Descriptor,
     at: u64,
@@ -1273,44 +1274,6 @@ pub fn fork_table(
             [v(r as u64), v(0), v(0), v(0), v(0), v(0)],
             format!("closing passed fd {r}"),
         ));
-    }
-    for f in desc.fds.iter().filter(|f| f.fd > 2 && reopenable(f)) {
-        let p = data.cstr(&f.path);
-        ops.push(
-            Op::new(
-                libc::SYS_open,
-                [Arg::Data(p), v(reopen_flags(f)), v(0), v(0), v(0), v(0)],
-                format!("reopening fd {} {}", f.fd, f.path),
-            )
-            .save(),
-        );
-        let cloexec = (f.flags as i32 & libc::O_CLOEXEC) as u64;
-        ops.push(Op::new(
-            libc::SYS_dup3,
-            [Arg::Saved, v(f.fd as u64), v(cloexec), v(0), v(0), v(0)],
-            format!("moving the reopened fd {}", f.fd),
-        ));
-        ops.push(Op::new(
-            libc::SYS_close,
-            [Arg::Saved, v(0), v(0), v(0), v(0), v(0)],
-            format!("closing the spare number of fd {}", f.fd),
-        ));
-        if f.kind == FdKind::Regular && f.offset > 0 {
-            let mut op = Op::new(
-                libc::SYS_lseek,
-                [
-                    v(f.fd as u64),
-                    v(f.offset),
-                    v(libc::SEEK_SET as u64),
-                    v(0),
-                    v(0),
-                    v(0),
-                ],
-                format!("lseek fd {}", f.fd),
-            );
-            op.ignore_error = true;
-            ops.push(op);
-        }
     }
     ops.extend(robust_list_op(desc));
     if uffd_target.is_some() {
