@@ -9,6 +9,10 @@ pub mod gateway;
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("forkd.v1");
+
+    /// The encoded `FileDescriptorSet` of `proto/forkd.proto` (for reflection).
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/forkd_descriptor.bin"));
 }
 
 /// Random hex of `bytes` bytes from the kernel's generator.

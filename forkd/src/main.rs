@@ -133,6 +133,11 @@ enum Command {
         /// spawn (it holds a copy of the seed's memory) [default: 600].
         #[arg(long)]
         template_idle_s: Option<u64>,
+        /// On SIGTERM: stop taking spawns (UNAVAILABLE, health NOT_SERVING)
+        /// and let those under way run on this many seconds before
+        /// stopping [default: 20].
+        #[arg(long)]
+        drain_s: Option<u64>,
     },
     /// Show a seed image's descriptor.
     Inspect {
@@ -185,6 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             peer_token_file,
             page_deadline_ms,
             template_idle_s,
+            drain_s,
         } => {
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
@@ -232,6 +238,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(v) = template_idle_s {
                 cfg.template_idle_s = v;
+            }
+            if let Some(v) = drain_s {
+                cfg.drain_s = v;
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
