@@ -9,6 +9,7 @@
 pub mod authority;
 pub mod health;
 pub mod pageserver;
+pub mod readyline;
 pub mod registry;
 pub mod spawner;
 pub mod transport;
@@ -504,7 +505,7 @@ impl Service {
             .envs(&c.env)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null());
+            .stderr(std::process::Stdio::piped());
         if !c.cwd.is_empty() {
             cmd.current_dir(&c.cwd);
         }
@@ -514,27 +515,13 @@ impl Service {
         let pid = child
             .id()
             .ok_or_else(|| Status::internal("the command exited at once"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| Status::internal("no stdout"))?;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
         let timeout = std::time::Duration::from_millis(if c.ready_timeout_ms == 0 {
             30_000
         } else {
             c.ready_timeout_ms as u64
         });
-        let ready = tokio::time::timeout(timeout, async {
-            while let Ok(Some(l)) = lines.next_line().await {
-                if l.trim() == c.ready_line.trim() {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        let result = match ready {
-            Ok(true) => {
+        let result = match readyline::wait(&mut child, &c.argv, &c.ready_line, timeout).await {
+            Ok(()) => {
                 let default = std::path::Path::new(&c.argv[0])
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
@@ -542,14 +529,7 @@ impl Service {
                 self.create_from_pid(pid, if name.is_empty() { default } else { name }, false)
                     .await
             }
-            Ok(false) => Err(Status::failed_precondition(format!(
-                "{:?} exited before printing {:?}",
-                c.argv, c.ready_line
-            ))),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "{:?} did not print {:?} within {:?}",
-                c.argv, c.ready_line, timeout
-            ))),
+            Err(e) => Err(e),
         };
         // The seed holds the process now; the original is not needed.
         let _ = child.kill().await;
