@@ -35,15 +35,16 @@ def main(addr=None):
                                  name="example", env={"EXAMPLE": "1"})
         print(f"seed {seed.id}: {seed.image_bytes / 2**20:.1f} MiB, parent paused {seed.pause_us} us")
 
-        # Three children, one request each; every one answers from the warm table.
-        for child in forkd.run(seed.id, count=3, stdin=b'{"n": 12}\n'):
+        # Three children, one request each (the seed's key comes along in
+        # seed.ref: over TCP, spawning needs it); every one answers from the warm table.
+        for child in forkd.run(seed.ref, count=3, stdin=b'{"n": 12}\n'):
             answer = json.loads(child.stdout)
             assert child.ok and answer["pid"] == child.pid and answer["square"] == 144, child
             print(f"child {child.index} pid {child.pid}: {answer} "
                   f"(running after {child.time_to_running_ms:.1f} ms, {child.faults} faults)")
 
         # Events as they happen; a long request is killed once it runs.
-        for ev in forkd.spawn(seed.id, stdin=b'{"n": 3, "sleep": 60}\n', labels={"job": "long"}):
+        for ev in forkd.spawn(seed.ref, stdin=b'{"n": 3, "sleep": 60}\n', labels={"job": "long"}):
             if ev.kind == "running":
                 running = [i for i in forkd.list_instances(seed.id) if i.state == "running"]
                 print(f"running: {[i.id for i in running]}")
@@ -52,9 +53,9 @@ def main(addr=None):
                 print(f"instance {ev.instance_id} ended by signal {ev.signal}")
                 assert ev.signal == 9
 
-        forkd.drop_seed(seed.id)
+        forkd.drop_seed(seed.id, seed.key)
         try:
-            forkd.get_seed(seed.id)
+            forkd.get_seed(seed.id, seed.key)
         except NotFound as e:
             print(f"dropped: {e.message}")
     print("example ok")

@@ -36,15 +36,17 @@ async function main() {
     const seed = await forkd.createSeed({ command: [python, '-c', FUNCTION], readyLine: 'ready', name: 'node-example' });
     console.log(`seed ${seed.id}: ${(seed.imageBytes / 2 ** 20).toFixed(1)} MiB, parent paused ${seed.pauseUs} us`);
 
-    // Three children, one request each; every one answers from the warm table.
-    for (const child of await forkd.run(seed.id, { count: 3, stdin: '{"n": 12}\n' })) {
+    // Three children, one request each; every one answers from the warm
+    // table. ID#KEY: over TCP, spawning needs the seed's key.
+    const ref = `${seed.id}#${seed.key}`;
+    for (const child of await forkd.run(ref, { count: 3, stdin: '{"n": 12}\n' })) {
       const answer = JSON.parse(child.stdout.toString());
       check(child.exitCode === 0 && answer.pid === child.pid && answer.square === 144, JSON.stringify(child));
       console.log(`child ${child.index} pid ${child.pid}: ${JSON.stringify(answer)} (running after ${child.timeToRunningMs.toFixed(1)} ms, ${child.faults} faults)`);
     }
 
     // Events as they happen; a long request is killed once it runs.
-    for await (const ev of forkd.spawn(seed.id, { stdin: '{"n": 3, "sleep": 60}\n', labels: { job: 'long' } })) {
+    for await (const ev of forkd.spawn(ref, { stdin: '{"n": 3, "sleep": 60}\n', labels: { job: 'long' } })) {
       if (ev.kind === 'running') {
         const running = (await forkd.listInstances(seed.id)).filter((i) => i.state === 'running');
         console.log(`running: ${JSON.stringify(running.map((i) => i.id))}`);
@@ -55,9 +57,9 @@ async function main() {
       }
     }
 
-    await forkd.dropSeed(seed.id);
+    await forkd.dropSeed(seed.id, seed.key);
     try {
-      await forkd.getSeed(seed.id);
+      await forkd.getSeed(seed.id, seed.key);
       check(false, 'the dropped seed is gone');
     } catch (e) {
       check(e instanceof ForkdError && e.codeName === 'NOT_FOUND', String(e));

@@ -201,10 +201,15 @@ impl<S: Stream + Unpin> Stream for UntilStopped<S> {
     type Item = S::Item;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        if self.stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(None);
+        // What is already there (the last events of a spawn that just
+        // ended) still goes out; then the stop ends the stream.
+        if let Poll::Ready(item) = Pin::new(&mut self.inner).poll_next(cx) {
+            return Poll::Ready(item);
         }
-        Pin::new(&mut self.inner).poll_next(cx)
+        match self.stop.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -257,8 +262,14 @@ mod tests {
         drop(w);
         drain.await.unwrap();
         assert_eq!(life.active(), 0);
+        tx.send(2).await.unwrap();
         life.stop().await;
-        assert_eq!(s.next().await, None, "open streams end at the stop");
+        assert_eq!(
+            s.next().await,
+            Some(2),
+            "what was sent before the stop goes out"
+        );
+        assert_eq!(s.next().await, None, "then open streams end");
         life.stopped().await;
     }
 
