@@ -76,7 +76,7 @@ fn node_grpc(test: &str) -> bool {
 
 /// Run `cmd` to its end (killed after 10 minutes, a hang): (code, stdout, stderr).
 fn run(mut cmd: Command) -> (i32, String, String) {
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
