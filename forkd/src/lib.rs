@@ -1,6 +1,7 @@
 //! forkd: the per-node daemon (`forkd serve`), its gRPC API and the client
 //! that `forkctl` is built on.
 
+pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod gateway;
