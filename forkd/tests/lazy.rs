@@ -136,7 +136,8 @@ fn recorded_working_set_cuts_faults() {
         let out: Value = serde_json::from_str(r.stdout.trim()).unwrap();
         assert_eq!(out["n"], 100000);
         assert_eq!(out["x"], "99999".repeat(20));
-        serde_json::from_str::<Value>(r.stderr.lines().last().unwrap()).unwrap()
+        let report = serde_json::from_str::<Value>(r.stderr.lines().last().unwrap()).unwrap();
+        report["children"][0].clone()
     };
     let off = run("off");
     // The first recorded run records (it runs like window), the next uses it.
@@ -147,7 +148,7 @@ fn recorded_working_set_cuts_faults() {
         off["faults"].as_u64().unwrap(),
         rec["faults"].as_u64().unwrap(),
     );
-    assert!(rec["prefetched"].as_u64().unwrap() > 0, "{rec}");
+    assert!(rec["local"]["prefetched"].as_u64().unwrap() > 0, "{rec}");
     assert!(
         f_rec * 10 <= f_off,
         "recorded {f_rec} faults vs {f_off} with prefetch off: not 90% fewer"
@@ -194,8 +195,8 @@ print(json.dumps({'got': line.strip(), 'pid': os.getpid(), 'region': region}), f
         let a: Value = serde_json::from_str(k["stdout"].as_str().unwrap().trim()).unwrap();
         assert_eq!(a["got"], "req");
         assert_eq!(a["pid"], k["pid"]);
-        fetched += k["pages_fetched"].as_u64().unwrap();
-        from_cache += k["pages_from_cache"].as_u64().unwrap();
+        fetched += k["local"]["pages_fetched"].as_u64().unwrap();
+        from_cache += k["local"]["pages_from_cache"].as_u64().unwrap();
     }
     // The node-local cache: later children are served without fetching again.
     assert!(
