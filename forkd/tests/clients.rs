@@ -125,6 +125,13 @@ fn daemon(name: &str, extra: &[&str]) -> (Daemon, String) {
     (d, token)
 }
 
+/// `check(addr, token)` over `d`'s Unix socket (no token), then over TCP.
+fn over_unix_and_tcp(d: &Daemon, check: impl Fn(&str, Option<&str>)) {
+    let token = std::fs::read_to_string(d.dir.join("token")).unwrap();
+    check(&d.addr(), None);
+    check(d.tcp.as_deref().unwrap(), Some(token.trim()));
+}
+
 const CHECKS: &[&str] = &[
     "NodeInfo",
     "CreateSeed(command)",
@@ -166,19 +173,18 @@ fn python_grpcio_calls_every_rpc_with_default_options_over_unix_and_tcp() {
     if !require_root(name) || !python_grpc(name) {
         return;
     }
-    let (d, token) = daemon("clients-py", &[]);
-    let tcp = d.tcp.clone().unwrap();
-    for (addr, token) in [(d.addr(), None), (tcp, Some(token.as_str()))] {
+    let (d, _) = daemon("clients-py", &[]);
+    over_unix_and_tcp(&d, |addr, token| {
         let mut cmd = Command::new(python());
         cmd.arg(conformance_dir().join("conformance.py"))
-            .args(["--addr", &addr, "--python", python()])
+            .args(["--addr", addr, "--python", python()])
             .env("PYTHONPATH", repo().join("python"));
         if let Some(t) = token {
             cmd.args(["--token", t]);
         }
         let (code, out, _) = run(cmd);
         assert_conformant(code, &out, token.is_some());
-    }
+    });
 }
 
 #[test]
@@ -187,19 +193,18 @@ fn node_grpc_js_calls_every_rpc_with_default_options_over_unix_and_tcp() {
     if !require_root(name) || !node_grpc(name) {
         return;
     }
-    let (d, token) = daemon("clients-node", &[]);
-    let tcp = d.tcp.clone().unwrap();
-    for (addr, token) in [(d.addr(), None), (tcp, Some(token.as_str()))] {
+    let (d, _) = daemon("clients-node", &[]);
+    over_unix_and_tcp(&d, |addr, token| {
         let mut cmd = Command::new("node");
         cmd.arg(conformance_dir().join("conformance.js"))
-            .args(["--addr", &addr, "--python", python()])
+            .args(["--addr", addr, "--python", python()])
             .env("NODE_PATH", repo().join("clients/node/node_modules"));
         if let Some(t) = token {
             cmd.args(["--token", t]);
         }
         let (code, out, _) = run(cmd);
         assert_conformant(code, &out, token.is_some());
-    }
+    });
 }
 
 fn health(args: &[&str]) -> String {
@@ -329,20 +334,23 @@ fn python_client_example_spawns_children_that_answer() {
         return;
     }
     let (d, _) = daemon("clients-pyex", &[]);
-    let tcp = d.tcp.clone().unwrap();
-    for (addr, token) in [(d.addr(), None), (tcp, Some(d.dir.join("token")))] {
+    over_unix_and_tcp(&d, |addr, token| {
         let mut cmd = Command::new(python());
         cmd.arg(repo().join("python/examples/forkd_client.py"))
-            .arg(&addr)
+            .arg(addr)
             .env("PYTHONPATH", repo().join("python"));
-        if let Some(t) = token {
-            cmd.env("FORKD_TOKEN_FILE", t);
+        if token.is_some() {
+            cmd.env("FORKD_TOKEN_FILE", d.dir.join("token"));
         }
-        let (code, out, err) = run(cmd);
-        assert_eq!(code, 0, "{out}{err}");
-        assert_eq!(out.matches("'square': 144}").count(), 3, "{out}");
-        assert!(out.contains("ended by signal 9") && out.ends_with("example ok\n"));
-    }
+        assert_example(run(cmd), "'square': 144}");
+    });
+}
+
+/// An example ran to its end: three children answered, one was killed.
+fn assert_example((code, out, err): (i32, String, String), answer: &str) {
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.matches(answer).count(), 3, "{out}");
+    assert!(out.contains("ended by signal 9") && out.ends_with("example ok\n"));
 }
 
 #[test]
@@ -352,17 +360,13 @@ fn node_client_example_spawns_children_that_answer() {
         return;
     }
     let (d, _) = daemon("clients-nodeex", &[]);
-    let tcp = d.tcp.clone().unwrap();
-    for (addr, token) in [(d.addr(), None), (tcp, Some(d.dir.join("token")))] {
+    over_unix_and_tcp(&d, |addr, token| {
         let mut cmd = Command::new("node");
         cmd.arg(repo().join("clients/node/examples/spawn.js"))
-            .args([&addr, python()]);
-        if let Some(t) = token {
-            cmd.env("FORKD_TOKEN_FILE", t);
+            .args([addr, python()]);
+        if token.is_some() {
+            cmd.env("FORKD_TOKEN_FILE", d.dir.join("token"));
         }
-        let (code, out, err) = run(cmd);
-        assert_eq!(code, 0, "{out}{err}");
-        assert_eq!(out.matches("\"square\":144}").count(), 3, "{out}");
-        assert!(out.contains("ended by signal 9") && out.ends_with("example ok\n"));
-    }
+        assert_example(run(cmd), "\"square\":144}");
+    });
 }
