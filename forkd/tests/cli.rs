@@ -493,3 +493,54 @@ fn spawn_shows_every_childs_output_and_tables_read_well() {
     let (_, get, _) = d.ctl(&["seed", "get", &id]);
     assert!(get.contains("parent paused:") && get.contains(&id), "{get}");
 }
+
+#[test]
+fn a_large_capture_shows_progress_on_a_terminal_only() {
+    if !require_root("a_large_capture_shows_progress_on_a_terminal_only") {
+        return;
+    }
+    if Command::new("script").arg("--version").output().is_err() {
+        println!("SKIPPED: a_large_capture_shows_progress: `script` (util-linux) is missing");
+        return;
+    }
+    let dir = scratch("cli-progress");
+    // 800 MiB of touched memory: a capture of seconds.
+    let mut cmd = Command::new(python());
+    cmd.args([
+        "-c",
+        "import sys\nb = bytearray(800 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('ready', flush=True)\nsys.stdin.readline()",
+    ]);
+    let (target, _) = Target::start(cmd);
+    let pid = target.pid().to_string();
+    // Under a terminal (script(1) gives it one): the line, then cleared.
+    let img = dir.join("a");
+    let typescript = dir.join("typescript");
+    let line = format!(
+        "{} snapshot --pid {pid} --out {}",
+        env!("CARGO_BIN_EXE_forkd"),
+        img.display()
+    );
+    let st = Command::new("script")
+        .args(["-qec", &line])
+        .arg(&typescript)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let shown = std::fs::read_to_string(&typescript).unwrap();
+    assert!(
+        shown.contains(&format!("capturing pid {pid}: ")) && shown.contains(" MiB ("),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("captured pid {pid} into")),
+        "{shown}"
+    );
+    // Off a terminal: not a word of it.
+    let b = dir.join("b");
+    let (code, _, err) = run_forkd(&["snapshot", "--pid", &pid, "--out", b.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("capturing") && !err.contains('\x1b'), "{err}");
+    drop(target);
+}
