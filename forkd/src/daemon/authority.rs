@@ -91,6 +91,8 @@ pub struct Rewriter {
     phase: Phase,
     input: Vec<u8>,
     output: Vec<u8>,
+    /// How much of `output` has been taken.
+    taken: usize,
     decoder: loona_hpack::Decoder<'static>,
     pending: Option<Pending>,
     /// Authorities replaced so far (for tests and a debug log).
@@ -105,6 +107,7 @@ impl Default for Rewriter {
             phase: Phase::Preface,
             input: Vec::new(),
             output: Vec::new(),
+            taken: 0,
             decoder,
             pending: None,
             replaced: 0,
@@ -155,15 +158,23 @@ impl Rewriter {
         Ok(())
     }
 
-    /// Bytes ready for the server, oldest first (removed).
-    pub fn take(&mut self, max: usize) -> Vec<u8> {
-        let n = max.min(self.output.len());
-        self.output.drain(..n).collect()
+    /// Bytes ready for the server, oldest first.
+    pub fn ready(&self) -> &[u8] {
+        &self.output[self.taken..]
+    }
+
+    /// `n` bytes of [`Rewriter::ready`] were passed on.
+    pub fn consume(&mut self, n: usize) {
+        self.taken = (self.taken + n).min(self.output.len());
+        if self.taken == self.output.len() {
+            self.output.clear();
+            self.taken = 0;
+        }
     }
 
     /// Nothing is waiting to be passed on.
     pub fn is_drained(&self) -> bool {
-        self.output.is_empty()
+        self.ready().is_empty()
     }
 
     fn passthrough(&self) -> bool {
@@ -358,8 +369,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
         let this = self.get_mut();
         loop {
             if !this.rewriter.is_drained() {
-                let bytes = this.rewriter.take(out.remaining());
-                out.put_slice(&bytes);
+                let ready = this.rewriter.ready();
+                let n = ready.len().min(out.remaining());
+                out.put_slice(&ready[..n]);
+                this.rewriter.consume(n);
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
@@ -423,6 +436,14 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Rewriter {
+        fn take_all(&mut self) -> Vec<u8> {
+            let v = self.ready().to_vec();
+            self.consume(v.len());
+            v
+        }
+    }
 
     fn frame(kind: u8, flags: u8, stream: u32, body: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
@@ -513,7 +534,7 @@ mod tests {
         for b in &wire {
             r.feed(std::slice::from_ref(b)).unwrap();
         }
-        let out = r.take(usize::MAX);
+        let out = r.take_all();
         assert!(out.starts_with(PREFACE));
         let fs = frames(&out[PREFACE.len()..]);
         assert_eq!(fs.len(), 5);
@@ -556,7 +577,7 @@ mod tests {
         wire.extend(frame(CONTINUATION, END_HEADERS, 7, c));
         let mut r = Rewriter::default();
         r.feed(&wire).unwrap();
-        let out = r.take(usize::MAX);
+        let out = r.take_all();
         let fs = frames(&out[PREFACE.len()..]);
         assert!(fs.len() >= 3, "split again into frames of at most 16 KiB");
         assert!(fs.iter().all(|f| f.3.len() <= MAX_FRAME && f.2 == 7));
@@ -576,7 +597,7 @@ mod tests {
     fn http1_and_bad_frames() {
         let mut r = Rewriter::default();
         r.feed(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        assert_eq!(r.take(usize::MAX), b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(r.take_all(), b"GET / HTTP/1.1\r\n\r\n");
         assert!(r.passthrough());
 
         let mut r = Rewriter::default();
