@@ -128,6 +128,10 @@ enum Command {
         /// Serve seeds' pages to other nodes on HOST:PORT.
         #[arg(long)]
         page_listen: Option<String>,
+        /// The page server's address as other nodes reach it (a proxy, a
+        /// NAT, a Service) [default: --page-listen].
+        #[arg(long)]
+        page_advertise: Option<String>,
         /// Token for calling other nodes [default: --token-file's].
         #[arg(long)]
         peer_token_file: Option<PathBuf>,
@@ -183,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics,
             coop_socket,
             page_listen,
+            page_advertise,
             peer_token_file,
             page_deadline_ms,
             template_idle_s,
@@ -225,6 +230,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if page_listen.is_some() {
                 cfg.page_listen = page_listen;
+            }
+            if page_advertise.is_some() {
+                cfg.page_advertise = page_advertise;
             }
             if peer_token_file.is_some() {
                 cfg.peer_token_file = peer_token_file;
@@ -272,7 +280,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let opts = CaptureOptions {
                 durable: fsync,
-                hook: None,
+                ..Default::default()
             };
             let progress = progress::Capture::start(pid, &out);
             let d = capture(pid, &out, &opts);

@@ -168,7 +168,8 @@ fn c_program_capture_matches_the_live_process() {
     assert_eq!(children(pid), Vec::<i32>::new());
 
     let j = inspect_json(&out);
-    assert_eq!(j["format_version"], 1);
+    assert_eq!(j["format_version"], 2);
+    assert_eq!(j["page_digests"]["chunk_bytes"], 65536);
     assert_eq!(j["threads"], 1);
     assert_eq!(j["vdso_hash"].as_str().unwrap().len(), 64);
     assert_eq!(j["pages_stored"], summary["pages_stored"]);
@@ -429,6 +430,7 @@ fn a_target_killed_while_stopped_gives_a_clear_error_and_nothing_is_written() {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         })),
+        ..Default::default()
     };
     let err = capture(pid, &out, &opts).unwrap_err();
     assert!(matches!(err, CaptureError::Exited { .. }), "{err}");
@@ -466,6 +468,7 @@ fn a_target_killed_after_the_clone_leaves_no_stray_process() {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         })),
+        ..Default::default()
     };
     // The clone holds a consistent copy, so capture may complete; either way
     // the result is clean.

@@ -48,6 +48,7 @@ fn ten_children(d: &Daemon, seed: &str, args: &str, sum: u64, stdin_line: Option
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     let mut seen = Vec::new();
+    let mut randoms = std::collections::HashSet::new();
     for c in v["children"].as_array().unwrap() {
         assert_eq!(c["exit_code"], 0, "{c}");
         let a: Value = serde_json::from_str(c["stdout"].as_str().unwrap().trim()).unwrap();
@@ -58,7 +59,21 @@ fn ten_children(d: &Daemon, seed: &str, args: &str, sum: u64, stdin_line: Option
         if let Some(l) = stdin_line {
             assert_eq!(a["line"], l, "the rest of stdin is the child's");
         }
+        assert_eq!(
+            a["hook_pid"], c["pid"],
+            "the restore hook ran in the child itself"
+        );
+        if let Some(r) = a.get("random") {
+            randoms.insert(r.to_string());
+        }
         seen.push(a["child"].as_u64().unwrap());
+    }
+    if !randoms.is_empty() {
+        assert_eq!(
+            randoms.len(),
+            10,
+            "every child draws its own random numbers: {randoms:?}"
+        );
     }
     seen.sort_unstable();
     assert_eq!(seen, (0..10).collect::<Vec<u64>>());

@@ -161,6 +161,11 @@ pub struct CaptureOptions {
     pub durable: bool,
     /// Called at each [`CapturePoint`] (for fault-injection tests).
     pub hook: Option<Box<dyn Fn(CapturePoint) + Send + Sync>>,
+    /// A directory of kept file copies shared by many seeds (a daemon's
+    /// state directory has one): each file is copied there once, and a
+    /// seed's `files/` hard-links to that copy. Without it, every seed gets
+    /// copies of its own.
+    pub file_store: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for CaptureOptions {
@@ -168,6 +173,7 @@ impl std::fmt::Debug for CaptureOptions {
         f.debug_struct("CaptureOptions")
             .field("durable", &self.durable)
             .field("hook", &self.hook.is_some())
+            .field("file_store", &self.file_store)
             .finish()
     }
 }
@@ -205,8 +211,8 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
         us = t0.elapsed().as_micros() as u64,
         "captured; writing image"
     );
-    keep_file_copies(out, &desc.files);
-    writer.finish(&desc, opts.durable)?;
+    keep_file_copies(out, &desc.files, opts.file_store.as_deref());
+    writer.finish(&mut desc, opts.durable)?;
     desc.stats.capture_ns = t0.elapsed().as_nanos() as u64;
     info!(
         vmas = desc.vmas.len(),
@@ -693,6 +699,8 @@ fn read_clone(
             pause_ns: frozen.pause_ns,
             ..stats
         },
+        // Filled in by ImageWriter::finish from the pages written.
+        digests: None,
     };
     // Kill the clone now (Drop of `clone`), before the caller reaps it.
     clone.kill().map_err(ptc)?;
@@ -701,26 +709,54 @@ fn read_clone(
 
 /// Keep a copy of every mapped file in the image, so children can still be
 /// started when a node's copy is missing or changed (a package upgrade, a
-/// rebuilt library). A hard link when the file is on the same filesystem
-/// (free, and it keeps the old inode alive across replace-by-rename), a copy
-/// otherwise. Copies are shared by key, so each file is kept once.
-fn keep_file_copies(out: &Path, files: &[FileRef]) {
+/// rebuilt library). Real copies (a reflink where the filesystem has them),
+/// read-only: never a hard link to the live file, which a `chmod` of the
+/// state directory would change and an in-place rewrite would corrupt.
+/// With a `store` (shared by a daemon's seeds) each file is copied there
+/// once and the seed's `files/` links to the store's copy. Copies are named
+/// by identity, so each is kept once.
+fn keep_file_copies(out: &Path, files: &[FileRef], store: Option<&Path>) {
     let dir = out.join(image::FILES_DIR);
     if let Err(e) = std::fs::create_dir_all(&dir) {
         warn!(error = %e, "cannot keep copies of mapped files; children will need the node's own files");
         return;
     }
     for f in files {
-        let dest = dir.join(fileid::store_key(f));
+        let key = fileid::store_key(f);
+        let dest = dir.join(&key);
         if dest.exists() {
             continue;
         }
-        let kept = std::fs::hard_link(&f.path, &dest)
-            .or_else(|_| std::fs::copy(&f.path, &dest).map(|_| ()));
+        let kept = match store {
+            Some(store) => {
+                let shared = store.join(&key);
+                std::fs::create_dir_all(store)
+                    .and_then(|()| match shared.exists() {
+                        true => Ok(()),
+                        false => fileid::copy_readonly(Path::new(&f.path), &shared),
+                    })
+                    .and_then(|()| std::fs::hard_link(&shared, &dest))
+            }
+            None => fileid::copy_readonly(Path::new(&f.path), &dest),
+        };
         if let Err(e) = kept {
             warn!(file = %f.path, error = %e, "cannot keep a copy of a mapped file");
         }
     }
+}
+
+/// Remove kept copies in a daemon's `store` that no seed links to any more
+/// (link count 1: only the store's own name). Returns how many were removed.
+pub fn prune_file_store(store: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let mut removed = 0;
+    for e in std::fs::read_dir(store).into_iter().flatten().flatten() {
+        let unused = e.metadata().is_ok_and(|m| m.is_file() && m.nlink() == 1);
+        if unused && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Streams the pages to store from the clone into the page store, through

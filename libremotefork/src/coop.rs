@@ -8,6 +8,12 @@
 //! started from the seed resumes inside that read, with forkd-given stdin
 //! whose first line names it, and returns [`Checkpoint::Child`].
 //!
+//! Every child is a new fork of the seed: functions given to
+//! [`on_restore`] (C: `rf_on_restore`) run in it, in order, before
+//! `checkpoint()` returns there, for per-child state (random seeds,
+//! tokens, connection pools, ids). A seed captured from outside runs none:
+//! nothing of ours runs when its children start.
+//!
 //! Protocol (also used by `python/remotefork`): request
 //! `{"op":"create_seed","pid":N,"name":"..."}`, answer
 //! `{"ok":true,"id":"...","key":"..."}` or `{"ok":false,"error":"..."}`;
@@ -72,6 +78,22 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> CoopError {
     move |source| CoopError::Io { what, source }
 }
 
+/// A function run in every child, see [`on_restore`].
+type RestoreHook = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+static RESTORE_HOOKS: std::sync::Mutex<Vec<RestoreHook>> = std::sync::Mutex::new(Vec::new());
+
+/// Run `hook` in every child started from a later checkpoint of this
+/// process, before `checkpoint()` returns there (hooks run in the order
+/// they were given). For what must differ per child: random seeds, tokens,
+/// connection pools, ids.
+pub fn on_restore(hook: impl Fn() + Send + Sync + 'static) {
+    RESTORE_HOOKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(std::sync::Arc::new(hook));
+}
+
 /// The socket from `FORKD_COOP_SOCKET`, or the default.
 pub fn socket_path() -> PathBuf {
     std::env::var_os("FORKD_COOP_SOCKET")
@@ -89,6 +111,12 @@ pub fn checkpoint_at(socket: &Path, name: &str) -> Result<Checkpoint, CoopError>
     // The copy reads from this pipe until it is captured; its write end
     // stays with the caller, so the copy never sees end-of-file.
     let (r, w) = std::io::pipe().map_err(io("creating a pipe"))?;
+    // Taken before the fork: another thread could hold the lock at that
+    // moment, and the copy has no thread to release it.
+    let hooks: Vec<RestoreHook> = RESTORE_HOOKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     // SAFETY: the child side only calls dup2, close (drop of fds), read and
     // _exit until it is captured; the restored children it becomes are
     // whole processes.
@@ -103,7 +131,12 @@ pub fn checkpoint_at(socket: &Path, name: &str) -> Result<Checkpoint, CoopError>
             // first stdin line.
             match kproc::read_line_raw(0, 64 * 1024) {
                 Ok(Some(line)) => match parse_child(&line) {
-                    Some(c) => Ok(c),
+                    Some(c) => {
+                        for h in &hooks {
+                            h();
+                        }
+                        Ok(c)
+                    }
                     None => kproc::exit_now(112),
                 },
                 _ => kproc::exit_now(113),
@@ -170,7 +203,7 @@ fn ask_forkd(socket: &Path, pid: i32, name: &str) -> Result<Checkpoint, CoopErro
 
 /// The C ABI (`include/remotefork.h`).
 pub mod ffi {
-    use std::ffi::{c_char, c_int, CStr};
+    use std::ffi::{c_char, c_int, c_void, CStr};
 
     /// What `rf_checkpoint` fills in.
     #[repr(C)]
@@ -197,6 +230,44 @@ pub mod ffi {
             *d = *b as c_char;
         }
         dst[n] = 0;
+    }
+
+    /// A C function and its argument, run in every child.
+    struct CHook {
+        f: unsafe extern "C" fn(*mut c_void),
+        arg: *mut c_void,
+    }
+    // SAFETY: the hook is only called in a restored child, on the thread
+    // that called rf_checkpoint; rf_on_restore's caller vouches for `arg`
+    // being usable there (it is the same address space, forked).
+    unsafe impl Send for CHook {}
+    // SAFETY: as for Send: it is called, never shared between threads.
+    unsafe impl Sync for CHook {}
+
+    impl CHook {
+        fn call(&self) {
+            // SAFETY: rf_on_restore's caller vouched for f and arg.
+            unsafe { (self.f)(self.arg) }
+        }
+    }
+
+    /// Run `f(arg)` in every child started from a later `rf_checkpoint` of
+    /// this process, before `rf_checkpoint` returns 1 there. Returns 0, or
+    /// -1 if `f` is NULL.
+    ///
+    /// # Safety
+    /// `f` must be a valid function and `arg` valid for it in the child.
+    #[no_mangle]
+    pub unsafe extern "C" fn rf_on_restore(
+        f: Option<unsafe extern "C" fn(*mut c_void)>,
+        arg: *mut c_void,
+    ) -> c_int {
+        let Some(f) = f else {
+            return -1;
+        };
+        let h = CHook { f, arg };
+        super::on_restore(move || h.call());
+        0
     }
 
     /// Checkpoint the calling thread; returns 0 in the parent, 1 in a child,

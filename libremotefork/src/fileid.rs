@@ -59,6 +59,34 @@ pub fn identify(path: &str) -> Result<FileRef, FileIdError> {
     })
 }
 
+/// `FICLONE`: share the source's blocks (btrfs, XFS); a plain copy elsewhere.
+const FICLONE: libc::c_ulong = 0x4004_9409;
+
+/// Copy `src` to `dst` as a new, read-only (0444) file of its own: a
+/// reflink where the filesystem can, else an in-kernel copy. Written under
+/// a temporary name and renamed, so `dst` is never seen half-written.
+pub fn copy_readonly(src: &Path, dst: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dst.with_extension(format!("tmp-{}", std::process::id()));
+    let from = File::open(src)?;
+    let result = (|| {
+        let to = File::create(&tmp)?;
+        // SAFETY: FICLONE takes the source descriptor as its argument; both
+        // descriptors are open for the duration of the call.
+        let r = unsafe { libc::ioctl(to.as_raw_fd(), FICLONE, from.as_raw_fd()) };
+        if r != 0 {
+            io::copy(&mut &from, &mut &to)?;
+        }
+        to.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+        std::fs::rename(&tmp, dst)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// The name a seed keeps its copy of a file under: its build-id or content hash.
 pub fn store_key(r: &FileRef) -> String {
     match (&r.build_id, &r.content_sha256) {

@@ -14,5 +14,5 @@ pub mod procfs;
 pub mod restore;
 pub mod vdso;
 
-pub use coop::{checkpoint, Checkpoint};
+pub use coop::{checkpoint, on_restore, Checkpoint};
 pub use kernel_helpers::PAGE_SIZE;

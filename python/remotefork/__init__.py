@@ -15,14 +15,46 @@ one thread); the copy waits reading its stdin while forkd captures it over
 forkd's cooperative Unix socket (one JSON line each way); then the copy is
 removed. A child resumes in that read, and forkd's first stdin line names it.
 The socket is ``FORKD_COOP_SOCKET`` or ``/run/forkd/forkd.sock.coop``.
+
+Every child is a new fork of the seed: before ``checkpoint()`` returns in a
+child, the interpreter's after-fork-in-child handlers run in it, as after
+``os.fork()`` (``random`` is reseeded, ``threading`` and ``logging`` reset
+their locks, handlers given to ``os.register_at_fork(after_in_child=...)``
+run), then the functions given to ``on_restore()``, in order. A seed
+captured from outside (``forkctl seed create --ready-line``) runs no code
+of ours when a child starts: call ``after_restore()`` yourself where the
+child first runs (``remotefork.runtime`` does, when its pid has changed).
 """
 
+import ctypes
 import json
 import os
 import socket
 import time
 
-__all__ = ["checkpoint", "Checkpoint", "CheckpointError", "DEFAULT_SOCKET"]
+__all__ = ["checkpoint", "Checkpoint", "CheckpointError", "DEFAULT_SOCKET", "on_restore", "after_restore"]
+
+_restore_hooks = []
+
+
+def on_restore(fn):
+    """Run ``fn()`` in every child started from a seed of this process, after
+    the interpreter's own after-fork handlers (for per-child state: tokens,
+    connection pools, ids). Returns ``fn``, so it can be used as a decorator."""
+    if not callable(fn):
+        raise TypeError("on_restore() needs a callable")
+    _restore_hooks.append(fn)
+    return fn
+
+
+def after_restore():
+    """What a child of a seed runs first: CPython's after-fork-in-child
+    handlers (``PyOS_AfterFork_Child``: ``random`` reseeded, thread state and
+    locks reset, ``os.register_at_fork(after_in_child=...)`` handlers), then
+    the ``on_restore()`` hooks. ``checkpoint()`` calls it in every child."""
+    ctypes.pythonapi.PyOS_AfterFork_Child()
+    for fn in list(_restore_hooks):
+        fn()
 
 DEFAULT_SOCKET = "/run/forkd/forkd.sock.coop"
 
@@ -101,6 +133,7 @@ def checkpoint(name="", socket_path=None):
             # Captured here; in children this read returns their first line.
             line = _read_line_fd0()
             info = json.loads(line)
+            after_restore()
             return Checkpoint(True, instance_id=info["instance_id"], index=info["index"], args=info.get("args", ""))
         except BaseException:
             os._exit(113)

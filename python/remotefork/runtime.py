@@ -28,6 +28,9 @@ crashes the process or hangs is the gateway's to deal with.
 With ``--ready-line LINE`` the runtime instead prints LINE once warm (a seed
 made by forkd's CreateSeed with a ready line), then reads one event line from
 stdin, prints the result as one JSON line and exits: one invocation per child.
+A child there knows it is one by its pid, which differs from the warm
+process's, and runs ``remotefork.after_restore()`` first (fresh ``random``
+state, the module's ``on_restore`` hooks) as the checkpoint path does.
 """
 
 import argparse
@@ -39,7 +42,7 @@ import socket
 import sys
 import traceback
 
-from . import checkpoint
+from . import after_restore, checkpoint
 
 __all__ = ["load_handler", "serve", "main"]
 
@@ -104,8 +107,12 @@ def main(argv=None):
     if callable(warmup):
         warmup()
     if a.ready_line is not None:
+        warm_pid = os.getpid()
         print(a.ready_line, flush=True)
         line = sys.stdin.readline()
+        if os.getpid() != warm_pid:
+            # A child of a seed captured here: a new fork of this process.
+            after_restore()
         answer = _call(handler, json.loads(line) if line.strip() else None)
         print(json.dumps(answer), flush=True)
         sys.exit(0 if answer["ok"] else 1)

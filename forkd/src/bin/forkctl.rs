@@ -140,6 +140,7 @@ fn seed_json(s: &pb::Seed) -> Value {
         "source_pid": s.source_pid, "image_bytes": s.image_bytes, "vmas": s.vmas,
         "pause_ms": s.pause_us as f64 / 1e3, "capture_ms": s.capture_us as f64 / 1e3,
         "node": s.node, "children_spawned": s.children_spawned,
+        "damaged": Some(&s.damaged).filter(|d| !d.is_empty()),
     })
 }
 
@@ -321,8 +322,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let v: Vec<Value> = seeds.iter().map(seed_json).collect();
                     writeln!(out, "{}", Value::Array(v))?;
                 } else {
-                    let mut t =
-                        Table::new(&["ID", "NAME", ">MiB", ">VMAS", ">CHILDREN", "CREATED (UTC)"]);
+                    let mut t = Table::new(&[
+                        "ID",
+                        "NAME",
+                        ">MiB",
+                        ">VMAS",
+                        ">CHILDREN",
+                        "CREATED (UTC)",
+                        "STATE",
+                    ]);
                     for s in &seeds {
                         t.row(vec![
                             s.id.clone(),
@@ -331,6 +339,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             s.vmas.to_string(),
                             s.children_spawned.to_string(),
                             utc(s.created_unix_ms),
+                            if s.damaged.is_empty() {
+                                "ok".into()
+                            } else {
+                                format!("damaged: {}", s.damaged)
+                            },
                         ]);
                     }
                     t.write(&mut out)?;
@@ -372,6 +385,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             ),
                             ("capture", format!("{:.1} ms", s.capture_us as f64 / 1e3)),
                             ("children", s.children_spawned.to_string()),
+                            (
+                                "state",
+                                if s.damaged.is_empty() {
+                                    "ok".into()
+                                } else {
+                                    format!("damaged: {}", s.damaged)
+                                },
+                            ),
                         ],
                     )?;
                 }

@@ -62,6 +62,9 @@ pub struct Config {
     /// Serve seeds' pages to other nodes on this `HOST:PORT` (the address
     /// other nodes are told, so not 0.0.0.0).
     pub page_listen: Option<String>,
+    /// The page server's address as other nodes reach it, when that is
+    /// not `page_listen` (a proxy, a NAT, a Service) [default: page_listen].
+    pub page_advertise: Option<String>,
     /// Token for calling other nodes [default: token_file's].
     pub peer_token_file: Option<PathBuf>,
     /// How long a remote page fetch may take, retries included, before the
@@ -87,6 +90,7 @@ impl Default for Config {
             coop_socket: None,
             metrics: None,
             page_listen: None,
+            page_advertise: None,
             peer_token_file: None,
             page_deadline_ms: 5000,
             template_idle_s: 600,
@@ -449,6 +453,7 @@ impl Service {
         let id = crate::random_hex(8).map_err(|e| Status::internal(e.to_string()))?;
         let key = crate::random_hex(16).map_err(|e| Status::internal(e.to_string()))?;
         let dir = self.state.registry.tmp_dir(&id);
+        let file_store = Some(self.state.registry.file_store());
         let span = info_span!("create_seed", seed = %id, pid);
         let d = tokio::task::spawn_blocking(move || {
             capture(
@@ -457,6 +462,7 @@ impl Service {
                 &CaptureOptions {
                     durable: true,
                     hook: None,
+                    file_store,
                 },
             )
         })
@@ -1265,7 +1271,10 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         spawn_failures: AtomicU64::new(0),
         remote: Mutex::new(HashMap::new()),
         remote_dir: cfg.state_dir.join("remote"),
-        page_server: cfg.page_listen.clone(),
+        page_server: cfg
+            .page_advertise
+            .clone()
+            .or_else(|| cfg.page_listen.clone()),
         peer_token: match cfg.peer_token_file.as_deref() {
             Some(p) => Some(read_token(p)?),
             None => token.clone(),

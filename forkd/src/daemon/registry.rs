@@ -71,12 +71,21 @@ pub struct Seed {
     /// Children started from it.
     pub spawned: std::sync::atomic::AtomicU64,
     restorer: Mutex<Option<Arc<Restorer>>>,
+    /// Why it is damaged (a page that did not match its digest), kept in
+    /// [`DAMAGED_FILE`] so a restarted forkd refuses it too.
+    damaged: Mutex<Option<String>>,
 }
+
+/// A file in a seed's directory saying why the seed is damaged.
+pub const DAMAGED_FILE: &str = "DAMAGED";
 
 impl Seed {
     /// The seed's restorer, set up on first use and shared by its children
     /// (it owns the node-local cache and the pager).
     pub fn restorer(&self) -> Result<Arc<Restorer>, remotefork::restore::RestoreError> {
+        if let Some(why) = self.damaged() {
+            return Err(remotefork::restore::RestoreError::Damaged(why));
+        }
         let mut g = self.restorer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = g.as_ref() {
             return Ok(r.clone());
@@ -84,6 +93,21 @@ impl Seed {
         let r = Arc::new(Restorer::new(SeedImage::open(&self.dir)?)?);
         *g = Some(r.clone());
         Ok(r)
+    }
+
+    /// Why the seed is damaged, if a page read from it did not match its
+    /// digest (noted on disk the first time, so it outlives a restart).
+    pub fn damaged(&self) -> Option<String> {
+        let mut g = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            let why = self.restorer_if_started().and_then(|r| r.damaged())?;
+            let f = self.dir.join(DAMAGED_FILE);
+            if let Err(e) = std::fs::write(&f, &why) {
+                warn!(file = %f.display(), error = %e, "cannot note that the seed is damaged");
+            }
+            *g = Some(why);
+        }
+        g.clone()
     }
 
     /// The restorer, if a child was ever started from this seed.
@@ -112,6 +136,7 @@ impl Seed {
             capture_us: self.meta.capture_us,
             node: node.to_string(),
             children_spawned: self.spawned.load(std::sync::atomic::Ordering::Relaxed),
+            damaged: self.damaged().unwrap_or_default(),
         }
     }
 }
@@ -169,6 +194,7 @@ impl Registry {
             dir: dir.to_path_buf(),
             spawned: Default::default(),
             restorer: Mutex::new(None),
+            damaged: Mutex::new(std::fs::read_to_string(dir.join(DAMAGED_FILE)).ok()),
         })
     }
 
@@ -248,7 +274,15 @@ impl Registry {
             return Ok(false);
         };
         std::fs::remove_dir_all(&s.dir).map_err(io(format!("removing {}", s.dir.display())))?;
+        // Kept file copies no other seed uses any more.
+        remotefork::capture::prune_file_store(&self.file_store());
         Ok(true)
+    }
+
+    /// Where this node's seeds keep their copies of mapped files, each
+    /// file once (seeds hard-link to them).
+    pub fn file_store(&self) -> PathBuf {
+        self.state.join("files")
     }
 
     /// Number of seeds.

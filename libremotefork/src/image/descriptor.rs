@@ -5,8 +5,55 @@ use serde::{Deserialize, Serialize};
 
 use crate::procfs::{FdEntry, MmFields};
 
-/// The descriptor format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The descriptor format this build writes. It reads this one and
+/// [`FORMAT_V1`] (no page digests).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The first format: a descriptor without page digests.
+pub const FORMAT_V1: u32 = 1;
+
+/// Bytes of the page store covered by one digest.
+pub const DIGEST_CHUNK: u32 = 64 * 1024;
+
+/// Digests of the page store, one per chunk of `chunk_bytes` (the last
+/// chunk may be shorter): what every reader of pages checks them against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageDigests {
+    /// Bytes per chunk, a multiple of the page size.
+    pub chunk_bytes: u32,
+    /// XXH3-64 of each chunk, in store order.
+    pub xxh3: Vec<u64>,
+}
+
+impl PageDigests {
+    /// The digest of `bytes` as a chunk.
+    pub fn digest(bytes: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(bytes)
+    }
+
+    /// Digests of a whole page store held in memory.
+    pub fn of(store: &[u8]) -> PageDigests {
+        PageDigests {
+            chunk_bytes: DIGEST_CHUNK,
+            xxh3: store
+                .chunks(DIGEST_CHUNK as usize)
+                .map(Self::digest)
+                .collect(),
+        }
+    }
+
+    /// The store byte range of chunk `i`, for a store of `image_bytes`.
+    pub fn chunk_range(&self, i: usize, image_bytes: u64) -> (u64, u64) {
+        let cb = self.chunk_bytes as u64;
+        let start = i as u64 * cb;
+        (start, (start + cb).min(image_bytes))
+    }
+
+    /// Does `bytes`, read as chunk `i`, match its digest?
+    pub fn check(&self, i: usize, bytes: &[u8]) -> bool {
+        self.xxh3.get(i) == Some(&Self::digest(bytes))
+    }
+}
 
 /// A captured process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +112,10 @@ pub struct Descriptor {
     pub image_bytes: u64,
     /// Figures about the capture itself.
     pub stats: CaptureStats,
+    /// Digests of the page store (format 2; none in format 1). Encoded
+    /// after the descriptor in the same checksummed body, not in it.
+    #[serde(skip)]
+    pub digests: Option<PageDigests>,
 }
 
 /// Where and when a seed was taken.

@@ -55,6 +55,7 @@ pub fn to_json(d: &Descriptor, image_dir: Option<&str>) -> Value {
         },
         "interrupted_syscall": r.interrupted_syscall(),
         "xstate_bytes": d.xstate.len(),
+        "page_digests": d.digests.as_ref().map(|g| json!({ "algorithm": "xxh3-64", "chunk_bytes": g.chunk_bytes, "chunks": g.xxh3.len() })),
         "sigmask": d.sigmask,
         "sigactions": d.sigactions.iter().filter(|s| s.handler != 0 || s.flags != 0).map(|s| json!({
             "signo": s.signo, "handler": s.handler, "flags": s.flags, "restorer": s.restorer, "mask": s.mask,

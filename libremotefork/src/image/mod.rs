@@ -13,6 +13,10 @@
 //! | 24..56 | SHA-256 of the body                     |
 //! | 56..   | body: postcard encoding of `Descriptor` |
 //!
+//! In format 2 the body goes on with the postcard encoding of
+//! [`PageDigests`] (one XXH3-64 per 64 KiB of `pages.img`); format 1 has
+//! none and is still read.
+//!
 //! Decoding is bounded: the body length is checked against the file and a
 //! hard limit before anything is allocated, the checksum before the body is
 //! parsed, and every offset and range after.
@@ -71,7 +75,7 @@ pub enum ImageError {
         found: [u8; 8],
     },
     /// A format version this build does not know.
-    #[error("unknown seed format version {found} (this build reads version {FORMAT_VERSION})")]
+    #[error("unknown seed format version {found} (this build reads versions {FORMAT_V1} and {FORMAT_VERSION})")]
     UnknownVersion {
         /// The version in the file.
         found: u32,
@@ -108,7 +112,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
 
 /// Encode a descriptor with its header.
 pub fn encode(desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
-    let body = postcard::to_allocvec(desc)?;
+    let mut body = postcard::to_allocvec(desc)?;
+    if desc.format_version >= FORMAT_VERSION {
+        let digests = desc.digests.as_ref().ok_or_else(|| {
+            ImageError::Invalid("a format 2 descriptor needs its page digests".into())
+        })?;
+        body.extend_from_slice(&postcard::to_allocvec(digests)?);
+    }
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&desc.format_version.to_le_bytes());
@@ -141,7 +151,7 @@ pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageE
         });
     }
     let version = u32::from_le_bytes(le4(&bytes[8..12]));
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_V1 {
         return Err(ImageError::UnknownVersion { found: version });
     }
     let body_len = u64::from_le_bytes(le8(&bytes[16..24]));
@@ -159,7 +169,19 @@ pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageE
     if Sha256::digest(body).as_slice() != &bytes[24..56] {
         return Err(ImageError::Checksum);
     }
-    let desc: Descriptor = postcard::from_bytes(body)?;
+    let desc: Descriptor = if version == FORMAT_V1 {
+        postcard::from_bytes(body)?
+    } else {
+        let (mut d, rest): (Descriptor, _) = postcard::take_from_bytes(body)?;
+        d.digests = Some(postcard::from_bytes(rest)?);
+        d
+    };
+    if desc.format_version != version {
+        return Err(ImageError::Invalid(format!(
+            "the header says format {version}, the body {}",
+            desc.format_version
+        )));
+    }
     validate(&desc, image_len)?;
     Ok(desc)
 }
@@ -187,10 +209,28 @@ fn le8(b: &[u8]) -> [u8; 8] {
 /// page store's size). Everything restore relies on is checked here.
 pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError> {
     let bad = |s: String| Err(ImageError::Invalid(s));
-    if d.format_version != FORMAT_VERSION {
+    if d.format_version != FORMAT_VERSION && d.format_version != FORMAT_V1 {
         return Err(ImageError::UnknownVersion {
             found: d.format_version,
         });
+    }
+    match (&d.digests, d.format_version) {
+        (None, FORMAT_V1) => {}
+        (Some(g), FORMAT_VERSION) => {
+            let cb = g.chunk_bytes as u64;
+            if cb == 0 || !cb.is_multiple_of(PAGE_SIZE) || cb > 16 << 20 {
+                return bad(format!("digest chunks of {cb} bytes"));
+            }
+            if g.xxh3.len() as u64 != d.image_bytes.div_ceil(cb) {
+                return bad(format!(
+                    "{} page digests for a {}-byte page store in {cb}-byte chunks",
+                    g.xxh3.len(),
+                    d.image_bytes
+                ));
+            }
+        }
+        (Some(_), _) => return bad("page digests in a format 1 descriptor".into()),
+        (None, _) => return bad("no page digests".into()),
     }
     if d.threads != 1 {
         return bad(format!(
@@ -385,6 +425,10 @@ pub struct ImageWriter {
     dir: PathBuf,
     pages: File,
     written: u64,
+    /// Digests of the whole chunks written so far.
+    digests: Vec<u64>,
+    /// The bytes of the chunk being written.
+    partial: Vec<u8>,
 }
 
 impl ImageWriter {
@@ -404,6 +448,8 @@ impl ImageWriter {
             dir: dir.to_path_buf(),
             pages,
             written: 0,
+            digests: Vec::new(),
+            partial: Vec::new(),
         })
     }
 
@@ -413,6 +459,20 @@ impl ImageWriter {
         let ppath = self.dir.join(PAGES_FILE);
         self.pages.write_all(pages).map_err(io_err(&ppath))?;
         self.written += pages.len() as u64;
+        let cb = DIGEST_CHUNK as usize;
+        let mut rest = pages;
+        if !self.partial.is_empty() {
+            let take = (cb - self.partial.len()).min(rest.len());
+            self.partial.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.partial.len() == cb {
+                self.digests.push(PageDigests::digest(&self.partial));
+                self.partial.clear();
+            }
+        }
+        let mut whole = rest.chunks_exact(cb);
+        self.digests.extend(whole.by_ref().map(PageDigests::digest));
+        self.partial.extend_from_slice(whole.remainder());
         Ok(())
     }
 
@@ -421,9 +481,18 @@ impl ImageWriter {
         self.written
     }
 
-    /// Validate `desc` against the pages written and write it. With
-    /// `durable`, everything is fsynced before the rename makes it visible.
-    pub fn finish(self, desc: &Descriptor, durable: bool) -> Result<(), ImageError> {
+    /// Put the digests of the pages written into `desc` (as format 2),
+    /// validate it against them and write it. With `durable`, everything
+    /// is fsynced before the rename makes it visible.
+    pub fn finish(mut self, desc: &mut Descriptor, durable: bool) -> Result<(), ImageError> {
+        if !self.partial.is_empty() {
+            self.digests.push(PageDigests::digest(&self.partial));
+        }
+        desc.format_version = FORMAT_VERSION;
+        desc.digests = Some(PageDigests {
+            chunk_bytes: DIGEST_CHUNK,
+            xxh3: std::mem::take(&mut self.digests),
+        });
         validate(desc, Some(self.written))?;
         let ppath = self.dir.join(PAGES_FILE);
         let dpath = self.dir.join(DESCRIPTOR_FILE);
@@ -448,8 +517,12 @@ impl ImageWriter {
 }
 
 /// Write a whole image directory at once (see [`ImageWriter`]).
-pub fn write(dir: &Path, desc: &Descriptor, pages: &[u8], durable: bool) -> Result<(), ImageError> {
-    validate(desc, Some(pages.len() as u64))?;
+pub fn write(
+    dir: &Path,
+    desc: &mut Descriptor,
+    pages: &[u8],
+    durable: bool,
+) -> Result<(), ImageError> {
     let mut w = ImageWriter::create(dir)?;
     w.append(pages)?;
     w.finish(desc, durable)

@@ -1,6 +1,11 @@
 use super::*;
 use crate::procfs::{FdEntry, FdKind, MmFields};
 
+/// The page store of [`sample`].
+pub(crate) fn sample_pages() -> Vec<u8> {
+    (0..3 * 4096).map(|i| (i % 13) as u8).collect()
+}
+
 /// A small, valid descriptor: one anon VMA with stored and zero pages, one
 /// file VMA, the vDSO.
 pub(crate) fn sample() -> Descriptor {
@@ -120,6 +125,7 @@ pub(crate) fn sample() -> Descriptor {
         pages_stored: 3,
         image_bytes: 3 * 4096,
         stats: CaptureStats::default(),
+        digests: Some(PageDigests::of(&sample_pages())),
     }
 }
 
@@ -289,8 +295,8 @@ fn mutated_bodies_never_panic_and_never_pass_unchecked() {
 #[test]
 fn writes_and_opens_an_image_dir() {
     let dir = std::env::temp_dir().join(format!("rf-image-test-{}", std::process::id()));
-    let pages: Vec<u8> = (0..3 * 4096).map(|i| (i % 13) as u8).collect();
-    write(&dir, &sample(), &pages, true).unwrap();
+    let pages = sample_pages();
+    write(&dir, &mut sample(), &pages, true).unwrap();
     let img = SeedImage::open(&dir).unwrap();
     assert_eq!(img.descriptor(), &sample());
     let mut buf = vec![0u8; 4096];
@@ -328,4 +334,66 @@ fn restart_registers_like_the_kernel() {
     };
     assert_eq!(r.restarted(), r);
     assert_eq!(r.interrupted_syscall(), None);
+}
+
+#[test]
+fn format_1_descriptors_without_digests_still_decode() {
+    let mut d = sample();
+    d.format_version = FORMAT_V1;
+    d.digests = None;
+    let back = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap();
+    assert_eq!(back, d);
+    // Format 2 needs them, and the right number of them.
+    let mut d = sample();
+    d.digests = None;
+    assert!(encode(&d).is_err());
+    let mut d = sample();
+    d.digests.as_mut().unwrap().xxh3.push(7);
+    let e = decode(&encode(&d).unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("page digests"), "{e}");
+}
+
+#[test]
+fn the_writer_digests_chunks_across_unaligned_appends() {
+    let dir = std::env::temp_dir().join(format!("rf-digest-test-{}", std::process::id()));
+    // 37 pages: two whole 64 KiB chunks and a short last one, appended in
+    // pieces that do not line up with chunks.
+    let pages: Vec<u8> = (0..37 * 4096).map(|i| (i * 7 % 251) as u8).collect();
+    let mut w = ImageWriter::create(&dir).unwrap();
+    for piece in pages.chunks(3 * 4096) {
+        w.append(piece).unwrap();
+    }
+    let mut d = sample();
+    d.pages_stored = 37;
+    d.image_bytes = 37 * 4096;
+    // Pages 3..37 are stored too: one more anonymous mapping holds them.
+    d.vmas.insert(
+        2,
+        Vma {
+            start: 0x700000,
+            end: 0x700000 + 34 * 4096,
+            prot: 3,
+            shared: false,
+            kind: VmaKind::Anon,
+            path: String::new(),
+            file: None,
+            file_offset: 0,
+            runs: vec![PageRun {
+                first: 0,
+                count: 34,
+                state: PageState::Stored { offset: 3 * 4096 },
+            }],
+        },
+    );
+    w.finish(&mut d, false).unwrap();
+    assert_eq!(d.digests, Some(PageDigests::of(&pages)));
+    let back = SeedImage::open(&dir).unwrap();
+    let g = back.descriptor().digests.clone().unwrap();
+    assert_eq!(g.xxh3.len(), 3);
+    assert_eq!(g.chunk_range(2, d.image_bytes), (2 << 16, 37 * 4096));
+    assert!(g.check(2, &pages[2 << 16..]));
+    let mut flipped = pages[..1 << 16].to_vec();
+    flipped[100] ^= 1;
+    assert!(!g.check(0, &flipped));
+    fs::remove_dir_all(&dir).unwrap();
 }

@@ -331,7 +331,21 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
             let mut forks = Vec::new();
             let outcome = match children.get_mut(&id) {
                 Some(st) => {
-                    let r = service(st, &mut forks);
+                    // A bug in serving one child must not leave every child
+                    // of this thread waiting on faults nobody reads.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        service(st, &mut forks)
+                    }))
+                    .unwrap_or_else(|p| {
+                        let what = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        let reason = format!("the pager failed serving it (a bug: {what})");
+                        fail(&st.c, None, &reason);
+                        Err(reason)
+                    });
                     if !st.ws_queue.is_empty() && !queued.contains(&id) {
                         queued.push(id);
                     }

@@ -26,6 +26,21 @@ pub enum SourceError {
         /// What went wrong.
         error: io::Error,
     },
+    /// Bytes read do not match the seed's digest of them.
+    #[error("chunk {chunk} of the page store (bytes {start:#x}..{end:#x}) read from {source_name} does not match its digest: the seed is damaged or the transfer corrupted it")]
+    Corrupt {
+        /// The source.
+        source_name: String,
+        /// Chunk index.
+        chunk: usize,
+        /// Its first byte in the page store.
+        start: u64,
+        /// Its end.
+        end: u64,
+    },
+    /// The seed was found damaged before; nothing more is read from it.
+    #[error("the seed is damaged ({0}); drop it and capture it again")]
+    Damaged(String),
     /// A request outside the page store.
     #[error("pages at offset {offset:#x} (+{len}) lie outside the {size}-byte page store")]
     OutOfRange {
@@ -135,11 +150,41 @@ pub struct SeedCache {
     memfd: std::os::fd::OwnedFd,
     mem: Mapping,
     present: Vec<AtomicU64>,
+    /// What fetched bytes are checked against, when the seed has digests.
+    verify: Option<Verify>,
+    /// Set at the first digest mismatch: every later read is refused.
+    damaged: std::sync::Mutex<Option<String>>,
     /// Pages fetched from the source.
     pub fetched: AtomicU64,
     /// Pages served from the cache.
     pub hits: AtomicU64,
+    /// Bytes hashed to verify what was fetched.
+    pub verified_bytes: AtomicU64,
 }
+
+/// How a [`SeedCache`] checks what it fetches: the seed's digests, and
+/// where each page of the page store lives in the cache.
+#[derive(Debug)]
+pub struct Verify {
+    /// The seed's digests.
+    pub digests: crate::image::PageDigests,
+    /// Size of the page store.
+    pub image_bytes: u64,
+    /// Per page of the page store: its cache offset, or [`NO_SLOT`] for a
+    /// page the cache does not hold (a file mapping's stored page).
+    pub slots: Vec<u64>,
+}
+
+/// A page of the page store with no place in the cache.
+pub const NO_SLOT: u64 = u64::MAX;
+
+/// Stripes of the per-chunk fetch locks: one fetch of a chunk at a time,
+/// so no half-checked bytes ever land in a page another fetch has marked
+/// present.
+const FETCH_STRIPES: usize = 64;
+
+static FETCH_LOCKS: [std::sync::Mutex<()>; FETCH_STRIPES] =
+    [const { std::sync::Mutex::new(()) }; FETCH_STRIPES];
 
 impl std::fmt::Debug for SeedCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -154,6 +199,18 @@ impl SeedCache {
     /// The memfd is `slack` bytes longer than the cache (sparse, never
     /// filled): mappings of it that grow in place read zeros there, not `SIGBUS`.
     pub fn new(source: Box<dyn PageSource>, size: u64, slack: u64) -> io::Result<SeedCache> {
+        Self::with_verify(source, size, slack, None)
+    }
+
+    /// [`SeedCache::new`], checking every fetched chunk against `verify`:
+    /// fetches then cover whole digest chunks, and a mismatch fails the
+    /// fetch and marks the seed damaged.
+    pub fn with_verify(
+        source: Box<dyn PageSource>,
+        size: u64,
+        slack: u64,
+        verify: Option<Verify>,
+    ) -> io::Result<SeedCache> {
         let memfd = kernel_helpers::mapping::memfd("remotefork-seed-cache", size + slack)?;
         let mem = Mapping::fd_shared(&memfd, size as usize)?;
         let pages = size / PAGE_SIZE;
@@ -167,9 +224,55 @@ impl SeedCache {
             memfd,
             mem,
             present,
+            verify,
+            damaged: std::sync::Mutex::new(None),
             fetched: AtomicU64::new(0),
             hits: AtomicU64::new(0),
+            verified_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// Why the seed is damaged, if a fetched chunk did not match its digest.
+    pub fn damaged(&self) -> Option<String> {
+        self.damaged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Mark the seed damaged (the first reason is kept).
+    pub fn mark_damaged(&self, why: &str) {
+        let mut g = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            tracing::error!(reason = why, "seed marked damaged");
+            *g = Some(why.to_string());
+        }
+    }
+
+    fn refuse_if_damaged(&self) -> Result<(), SourceError> {
+        match self.damaged() {
+            Some(why) => Err(SourceError::Damaged(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Does chunk `i`, read into `bytes`, match? A mismatch marks the seed
+    /// damaged and is an error naming the chunk.
+    fn check_chunk(&self, v: &Verify, i: usize, bytes: &[u8]) -> Result<(), SourceError> {
+        self.verified_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if v.digests.check(i, bytes) {
+            return Ok(());
+        }
+        let (start, end) = v.digests.chunk_range(i, v.image_bytes);
+        let e = SourceError::Corrupt {
+            source_name: self.source.name(),
+            chunk: i,
+            start,
+            end,
+        };
+        self.mark_damaged(&e.to_string());
+        Err(e)
     }
 
     /// The source's name.
@@ -196,6 +299,9 @@ impl SeedCache {
     /// return how many were fetched. Runs consecutive in both the store and
     /// the cache are fetched with one read.
     pub fn ensure(&self, pages: &[crate::pager::table::PageRef]) -> Result<u64, SourceError> {
+        if let Some(v) = &self.verify {
+            return self.ensure_verified(v, pages);
+        }
         // Collect the missing runs, then fetch them all in one batch.
         let mut runs: Vec<(usize, usize)> = Vec::new();
         let mut hits = 0;
@@ -261,14 +367,209 @@ impl SeedCache {
         Ok(fetched)
     }
 
+    /// [`Self::ensure`] for a seed with digests: the whole chunks holding
+    /// the missing pages are fetched (in one batch), checked, and put in
+    /// the cache; a chunk whose pages are consecutive in the cache and all
+    /// missing is read straight into it, others through a buffer.
+    fn ensure_verified(
+        &self,
+        v: &Verify,
+        pages: &[crate::pager::table::PageRef],
+    ) -> Result<u64, SourceError> {
+        let cb = v.digests.chunk_bytes as u64;
+        let mut chunks: Vec<usize> = Vec::new();
+        let mut hits = 0;
+        for p in pages {
+            if p.cache + PAGE_SIZE > self.size() || p.image + PAGE_SIZE > v.image_bytes {
+                return Err(SourceError::OutOfRange {
+                    offset: p.cache.max(p.image),
+                    len: PAGE_SIZE as usize,
+                    size: self.size(),
+                });
+            }
+            if self.is_present(p.cache / PAGE_SIZE) {
+                hits += 1;
+            } else {
+                chunks.push((p.image / cb) as usize);
+            }
+        }
+        self.hits.fetch_add(hits, Ordering::Relaxed);
+        // What the caller asked for and the cache lacked (the chunks bring
+        // more; the metric counts those too).
+        let misses = chunks.len() as u64;
+        if chunks.is_empty() {
+            return Ok(0);
+        }
+        self.refuse_if_damaged()?;
+        chunks.sort_unstable();
+        chunks.dedup();
+        let mut stripes: Vec<usize> = chunks.iter().map(|c| c % FETCH_STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        // In stripe order: two batches never wait for each other in a cycle.
+        let _held: Vec<_> = stripes
+            .iter()
+            .map(|&s| FETCH_LOCKS[s].lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        // Fetched by another batch while this one waited?
+        chunks.retain(|&c| {
+            self.chunk_pages(v, c)
+                .any(|(_, slot)| slot != NO_SLOT && !self.is_present(slot / PAGE_SIZE))
+        });
+        if chunks.is_empty() {
+            return Ok(misses);
+        }
+        let direct: Vec<bool> = chunks
+            .iter()
+            .map(|&c| {
+                let mut expect = None;
+                self.chunk_pages(v, c).all(|(_, slot)| {
+                    let ok = slot != NO_SLOT
+                        && !self.is_present(slot / PAGE_SIZE)
+                        && expect.is_none_or(|e| e == slot);
+                    expect = Some(slot.wrapping_add(PAGE_SIZE));
+                    ok
+                })
+            })
+            .collect();
+        let scratch_len: u64 = chunks
+            .iter()
+            .zip(&direct)
+            .filter(|(_, d)| !**d)
+            .map(|(&c, _)| {
+                let (a, b) = v.digests.chunk_range(c, v.image_bytes);
+                b - a
+            })
+            .sum();
+        let mut scratch = vec![0u8; scratch_len as usize];
+        let base = self.mem.as_slice().as_ptr();
+        let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(chunks.len());
+        let mut rest: &mut [u8] = &mut scratch;
+        for (&c, &d) in chunks.iter().zip(&direct) {
+            let (a, b) = v.digests.chunk_range(c, v.image_bytes);
+            let len = (b - a) as usize;
+            if d {
+                let first = self.chunk_pages(v, c).next().map(|(_, s)| s).unwrap_or(0);
+                // SAFETY: the chunk's pages are consecutive cache pages inside
+                // the mapping (checked by ensure's range checks and `direct`),
+                // none is present (so no child maps them), and this batch
+                // holds the chunk's fetch lock: nothing else writes them.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(base.add(first as usize).cast_mut(), len)
+                };
+                reqs.push((a, dst));
+            } else {
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                reqs.push((a, mine));
+                rest = tail;
+            }
+        }
+        self.source.read_many(&mut reqs)?;
+        let mut fetched = 0;
+        for ((&c, &d), (_, bytes)) in chunks.iter().zip(&direct).zip(reqs.iter()) {
+            self.check_chunk(v, c, bytes)?;
+            for (k, (_, slot)) in self.chunk_pages(v, c).enumerate() {
+                if slot == NO_SLOT || self.is_present(slot / PAGE_SIZE) {
+                    continue;
+                }
+                if !d {
+                    let from = &bytes[k * PAGE_SIZE as usize..(k + 1) * PAGE_SIZE as usize];
+                    // SAFETY: `slot` is a cache page inside the mapping (the
+                    // slots were laid out with the cache), not present (no
+                    // child maps it) and under this batch's fetch lock.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            from.as_ptr(),
+                            base.add(slot as usize).cast_mut(),
+                            PAGE_SIZE as usize,
+                        )
+                    };
+                }
+                let n = slot / PAGE_SIZE;
+                self.present[(n / 64) as usize].fetch_or(1 << (n % 64), Ordering::Release);
+                fetched += 1;
+            }
+        }
+        self.fetched.fetch_add(fetched, Ordering::Relaxed);
+        Ok(misses)
+    }
+
+    /// The pages of chunk `c`: (store offset, cache slot).
+    fn chunk_pages<'a>(&'a self, v: &'a Verify, c: usize) -> impl Iterator<Item = (u64, u64)> + 'a {
+        let (a, b) = v.digests.chunk_range(c, v.image_bytes);
+        (a / PAGE_SIZE..b.div_ceil(PAGE_SIZE)).map(move |p| {
+            let slot = v.slots.get(p as usize).copied().unwrap_or(NO_SLOT);
+            let slot = if slot != NO_SLOT && slot + PAGE_SIZE <= self.size() {
+                slot
+            } else {
+                NO_SLOT
+            };
+            (p * PAGE_SIZE, slot)
+        })
+    }
+
     /// Requests the source has sent to the seed's node.
     pub fn round_trips(&self) -> u64 {
         self.source.round_trips()
     }
 
-    /// Read ranges of the page store straight from the source (not cached).
+    /// Read ranges of the page store straight from the source (not
+    /// cached), checked against the seed's digests when it has them (whole
+    /// chunks are read and checked, then the ranges copied out).
     pub fn read_through(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
-        self.source.read_many(reqs)
+        let Some(v) = &self.verify else {
+            return self.source.read_many(reqs);
+        };
+        self.refuse_if_damaged()?;
+        let cb = v.digests.chunk_bytes as u64;
+        let mut chunks: Vec<usize> = Vec::new();
+        for (off, buf) in reqs.iter() {
+            let end = off + buf.len() as u64;
+            if end > v.image_bytes {
+                return Err(SourceError::OutOfRange {
+                    offset: *off,
+                    len: buf.len(),
+                    size: v.image_bytes,
+                });
+            }
+            if !buf.is_empty() {
+                chunks.extend((off / cb) as usize..=((end - 1) / cb) as usize);
+            }
+        }
+        chunks.sort_unstable();
+        chunks.dedup();
+        let ranges: Vec<(u64, u64)> = chunks
+            .iter()
+            .map(|&c| v.digests.chunk_range(c, v.image_bytes))
+            .collect();
+        let total: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+        let mut scratch = vec![0u8; total as usize];
+        {
+            let mut creqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(chunks.len());
+            let mut rest: &mut [u8] = &mut scratch;
+            for &(a, b) in &ranges {
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut((b - a) as usize);
+                creqs.push((a, mine));
+                rest = tail;
+            }
+            self.source.read_many(&mut creqs)?;
+        }
+        let mut at = 0usize;
+        let mut placed: Vec<(u64, usize)> = Vec::with_capacity(chunks.len());
+        for (&c, &(a, b)) in chunks.iter().zip(&ranges) {
+            self.check_chunk(v, c, &scratch[at..at + (b - a) as usize])?;
+            placed.push((a, at));
+            at += (b - a) as usize;
+        }
+        for (off, buf) in reqs.iter_mut() {
+            let c = (*off / cb) as usize;
+            let i = chunks.binary_search(&c).unwrap_or(0);
+            let (a, s) = placed[i];
+            // Chunks of one request are consecutive in `scratch`, as in the store.
+            let from = s + (*off - a) as usize;
+            buf.copy_from_slice(&scratch[from..from + buf.len()]);
+        }
+        Ok(())
     }
 
     /// The cached bytes at `cache` offset (the page must have been ensured).

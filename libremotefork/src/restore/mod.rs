@@ -34,7 +34,7 @@ use tracing::{debug, info_span, warn};
 
 use crate::fileid::{self, FileIdError};
 use crate::image::{Descriptor, ImageError, PageState, SeedImage, VmaKind, FILES_DIR, PAGES_FILE};
-use crate::pager::source::{LocalSource, PageSource, SeedCache};
+use crate::pager::source::{LocalSource, PageSource, SeedCache, Verify, NO_SLOT};
 use crate::pager::table::{Fill, Origin, PageRef, PageTable, Slot};
 use crate::pager::{ChildStats, LazyChild, Pager, Prefetch, SeedPages};
 use crate::procfs::{self, ProcfsError};
@@ -68,6 +68,9 @@ pub enum RestoreError {
         /// This node's.
         here: String,
     },
+    /// The seed's pages do not match their digests.
+    #[error("the seed is damaged: {0}; drop it and capture it again")]
+    Damaged(String),
     /// Restore lacks a privilege it needs.
     #[error("not permitted to restore: {0}")]
     NotPermitted(String),
@@ -188,6 +191,9 @@ struct Core {
     /// A remote seed's pages written before its children run, fetched
     /// once for the plan's lazy/eager shape: every child needs the same.
     fetched: std::sync::Mutex<Option<Fetched>>,
+    /// Chunks of a local seed's page store checked against their digests
+    /// (each once, when a child first has pages written from it).
+    store_checked: Vec<std::sync::atomic::AtomicU64>,
     /// This node's templates of the seed, by (lazy, prefetch). Only the
     /// template service thread, their tracer, touches them.
     templates: std::sync::Mutex<template::Templates>,
@@ -259,12 +265,20 @@ impl Restorer {
         let mut notes = Vec::new();
         let resolved = resolve_files(image.dir(), d, &mut notes)?;
         let (cache_base, cache_size) = plan::cache_layout(d);
-        let cache =
-            SeedCache::new(source, cache_size.max(PAGE_SIZE), CACHE_SLACK).map_err(|source| {
-                RestoreError::Io {
-                    what: "reserving the seed cache".into(),
-                    source,
-                }
+        let verify = d.digests.clone().map(|digests| Verify {
+            digests,
+            image_bytes: d.image_bytes,
+            slots: cache_slots(d, &cache_base),
+        });
+        if verify.is_none() {
+            notes.push(
+                "this seed predates page digests (format 1): its pages are not checked".into(),
+            );
+        }
+        let cache = SeedCache::with_verify(source, cache_size.max(PAGE_SIZE), CACHE_SLACK, verify)
+            .map_err(|source| RestoreError::Io {
+                what: "reserving the seed cache".into(),
+                source,
             })?;
         let seed = Arc::new(SeedPages::new(
             cache,
@@ -290,6 +304,7 @@ impl Restorer {
         let uffd_features = need
             | (have
                 & (uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_MINOR_SHMEM | uffd::FEATURE_POISON));
+        let chunks = d.digests.as_ref().map_or(0, |g| g.xxh3.len());
         Ok(Restorer {
             core: Arc::new(Core {
                 image,
@@ -302,6 +317,9 @@ impl Restorer {
                 uffd_features,
                 cache_base,
                 fetched: std::sync::Mutex::new(None),
+                store_checked: (0..chunks.div_ceil(64))
+                    .map(|_| std::sync::atomic::AtomicU64::new(0))
+                    .collect(),
                 templates: Default::default(),
             }),
         })
@@ -310,6 +328,12 @@ impl Restorer {
     /// The image.
     pub fn image(&self) -> &SeedImage {
         &self.core.image
+    }
+
+    /// Why the seed is damaged, if a page read from it did not match its
+    /// digest (children are refused from then on).
+    pub fn damaged(&self) -> Option<String> {
+        self.core.seed.cache.damaged()
     }
 
     /// This seed's pages on this node (cache, working set, metrics).
@@ -331,6 +355,9 @@ impl Restorer {
         stderr: husk::Io,
         opts: &SpawnOptions,
     ) -> Result<Child, RestoreError> {
+        if let Some(why) = self.core.seed.cache.damaged() {
+            return Err(RestoreError::Damaged(why));
+        }
         if opts.template {
             template::spawn(&self.core, stdin, stdout, stderr, opts)
         } else {
@@ -822,6 +849,36 @@ impl Core {
         })
     }
 
+    /// Check the chunks of a local seed's page store under `ranges`
+    /// (store offset, length) against their digests, each chunk once; a
+    /// mismatch marks the seed damaged.
+    fn check_store(&self, store: &[u8], ranges: &[(u64, usize)]) -> Result<(), RestoreError> {
+        use std::sync::atomic::Ordering;
+        let Some(g) = &self.image.descriptor().digests else {
+            return Ok(());
+        };
+        let cb = g.chunk_bytes as u64;
+        for &(off, len) in ranges.iter().filter(|r| r.1 > 0) {
+            for c in (off / cb) as usize..=((off + len as u64 - 1) / cb) as usize {
+                let (word, bit) = (&self.store_checked[c / 64], 1u64 << (c % 64));
+                if word.load(Ordering::Acquire) & bit != 0 {
+                    continue;
+                }
+                let (a, b) = g.chunk_range(c, store.len() as u64);
+                if !g.check(c, &store[a as usize..b as usize]) {
+                    let why = format!(
+                        "chunk {c} of {} (bytes {a:#x}..{b:#x}) does not match its digest",
+                        self.image.dir().join(PAGES_FILE).display()
+                    );
+                    self.seed.cache.mark_damaged(&why);
+                    return Err(RestoreError::Damaged(why));
+                }
+                word.fetch_or(bit, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
     /// Eager mode: write every stored page into the child.
     fn write_pages(&self, pid: i32, plan: &RestorePlan) -> Result<u64, RestoreError> {
         let d = self.image.descriptor();
@@ -865,6 +922,9 @@ impl Core {
                 };
                 let offset = offset + (first - run.first) * PAGE_SIZE;
                 let len = (count * PAGE_SIZE) as usize;
+                if self.pages.is_some() {
+                    self.check_store(store, &[(offset, len)])?;
+                }
                 let src = &store[offset as usize..offset as usize + len];
                 let addr = vma.start + first * PAGE_SIZE;
                 written += count;
@@ -914,6 +974,27 @@ impl Core {
         })?;
         Ok(written)
     }
+}
+
+/// Per page of the page store, its offset in the seed cache laid out by
+/// `cache_base` ([`NO_SLOT`] for stored pages the cache does not hold).
+fn cache_slots(d: &Descriptor, cache_base: &[Option<u64>]) -> Vec<u64> {
+    let mut slots = vec![NO_SLOT; (d.image_bytes / PAGE_SIZE) as usize];
+    for (v, base) in d.vmas.iter().zip(cache_base) {
+        let Some(base) = base else {
+            continue;
+        };
+        for r in &v.runs {
+            if let PageState::Stored { offset } = r.state {
+                for k in 0..r.count {
+                    if let Some(s) = slots.get_mut((offset / PAGE_SIZE + k) as usize) {
+                        *s = base + (r.first + k) * PAGE_SIZE;
+                    }
+                }
+            }
+        }
+    }
+    slots
 }
 
 /// The part of a run of pages (`first`, `count`, page indexes of the mapping

@@ -334,10 +334,13 @@ fn build(
     let opts = SpawnOptions {
         lazy,
         prefetch,
-        // Children share the template's pages through fork; the template
-        // itself holds them as anonymous memory, so fork copies their
-        // page-table entries (it skips those of file mappings).
-        share: false,
+        // The template maps the node's seed cache privately, as children
+        // restored from scratch do: every page a child only reads stays the
+        // cache's one copy. Pages the template has (its working set, put in
+        // with UFFDIO_CONTINUE, which gives each mapping an anon_vma) are
+        // in its children's page tables from the fork on: fork copies the
+        // page-table entries of a private file mapping that has an anon_vma.
+        share: true,
         template: false,
     };
     let b = core.build_child(

@@ -1,0 +1,590 @@
+//! Children behave like `fork()` children of the seed's parent: pages they
+//! only read stay shared, files and shared memory are shared as fork shares
+//! them, state that must differ (entropy) differs, grandchildren are served
+//! or killed with a reason, and children outlive forkd restarts.
+//! Root-only: real ptrace, userfaultfd and daemons.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A seed of `tests/programs/heap.c` with a `mb` MiB heap, through `d`.
+fn heap_seed(d: &Daemon, mb: u32) -> String {
+    let prog = c_program("heap");
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        prog.to_str().unwrap(),
+        &mb.to_string(),
+    ]);
+    assert_eq!(code, 0, "seed create failed: {err}");
+    serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Proportional set size of `pid` in bytes (0 if it is gone).
+fn pss(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Wait until `f` holds: up to 2 minutes, for a loaded machine.
+fn wait_for<F: FnMut() -> bool>(what: &str, mut f: F) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(120), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How many heap children wait on `release` (each marks `release.PID`).
+fn marks(release: &Path) -> usize {
+    let name = release.file_name().unwrap().to_string_lossy().into_owned() + ".";
+    std::fs::read_dir(release.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&name))
+        .count()
+}
+
+/// Spawn `count` children of `seed` that sum their heap and then wait for
+/// `release` to exist; returns the running forkctl.
+fn spawn_and_hold(
+    d: &Daemon,
+    seed: &str,
+    count: u32,
+    extra: &[&str],
+    release: &Path,
+) -> std::process::Child {
+    let input = d.dir.join(format!("input-{count}-{}", extra.join("_")));
+    std::fs::write(&input, format!("sum\nawait {}\n", release.display())).unwrap();
+    let mut cmd = forkctl();
+    cmd.arg("--addr")
+        .arg(d.addr())
+        .args([
+            "--json",
+            "spawn",
+            seed,
+            "--count",
+            &count.to_string(),
+            "--stdin",
+        ])
+        .arg(&input)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn template_children_share_the_pages_they_only_read() {
+    if !require_root("template_children_share_the_pages_they_only_read") {
+        return;
+    }
+    const MB: u64 = 128;
+    let dir = scratch("share-read");
+    let d = Daemon::start(&dir, false);
+    let seed = heap_seed(&d, MB as u32);
+    let forkd_pid = d.child.id() as i32;
+    let mut totals = Vec::new();
+    for (mode, extra) in [
+        ("template", vec!["--prefetch", "window"]),
+        ("template-recorded", vec!["--prefetch", "recorded"]),
+        ("no-template", vec!["--no-template"]),
+    ] {
+        let release = dir.join(format!("release-{mode}"));
+        let p = spawn_and_hold(&d, &seed, 3, &extra, &release);
+        // The three children have read their whole heap once they wait.
+        wait_for("three children waiting", || marks(&release) >= 3);
+        let all: u64 = children(forkd_pid).iter().map(|c| pss(*c)).sum();
+        std::fs::write(&release, "").unwrap();
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let kids = v["children"].as_array().unwrap();
+        assert_eq!(kids.len(), 3);
+        let sums: Vec<&str> = kids
+            .iter()
+            .map(|k| {
+                k["stdout"]
+                    .as_str()
+                    .unwrap()
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+            })
+            .collect();
+        assert!(
+            sums.iter().all(|s| *s == sums[0] && !s.is_empty()),
+            "{sums:?}"
+        );
+        println!(
+            "{mode}: children and templates hold {} MiB of PSS ({MB} MiB heap, 3 children)",
+            all >> 20
+        );
+        totals.push((mode, all));
+    }
+    // Children that only read share the cache's one copy, whatever the mode.
+    for (mode, all) in &totals {
+        assert!(
+            *all < (MB * 3 / 2) << 20,
+            "{mode}: {} MiB for three readers of a {MB} MiB heap",
+            all >> 20
+        );
+    }
+    drop(d);
+}
+
+#[test]
+fn python_runtime_children_draw_their_own_random_numbers() {
+    if !require_root("python_runtime_children_draw_their_own_random_numbers") {
+        return;
+    }
+    let dir = scratch("runtime-random");
+    let d = Daemon::start(&dir, false);
+    let handler = dir.join("draw.py");
+    std::fs::write(
+        &handler,
+        "import os, random\nimport remotefork\nrandom.seed(7)\nhooked = []\n\
+         remotefork.on_restore(lambda: hooked.append(os.getpid()))\n\
+         def handler(event):\n    return {'random': random.random(), 'hooked': hooked, 'pid': os.getpid()}\n",
+    )
+    .unwrap();
+    let py = python().to_string();
+    let pypath = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        "/usr/bin/env",
+        &format!("PYTHONPATH={}", pypath.display()),
+        &py,
+        "-m",
+        "remotefork.runtime",
+        handler.to_str().unwrap(),
+        "--ready-line",
+        "ready",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seed = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let input = dir.join("event");
+    std::fs::write(&input, "{}\n").unwrap();
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "spawn",
+        &seed,
+        "--count",
+        "5",
+        "--stdin",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let mut draws = std::collections::HashSet::new();
+    for k in v["children"].as_array().unwrap() {
+        let a: Value = serde_json::from_str(k["stdout"].as_str().unwrap().trim()).unwrap();
+        assert_eq!(a["ok"], true, "{a}");
+        let r = &a["result"];
+        assert_eq!(r["pid"], k["pid"]);
+        assert_eq!(
+            r["hooked"],
+            serde_json::json!([k["pid"]]),
+            "on_restore ran once, in the child"
+        );
+        draws.insert(r["random"].to_string());
+    }
+    assert_eq!(
+        draws.len(),
+        5,
+        "five children, five different draws: {draws:?}"
+    );
+}
+
+/// Build `libfixture.so` answering `value` at `lib` (written to a new file,
+/// then renamed over `lib`), and return its bytes.
+fn fixture_lib(lib: &Path, value: i32) -> Vec<u8> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs");
+    let tmp = lib.with_extension("new");
+    let st = std::process::Command::new("cc")
+        .args([
+            "-shared",
+            "-fPIC",
+            &format!("-DFIXTURE_VALUE={value}"),
+            "-o",
+        ])
+        .arg(&tmp)
+        .arg(src.join("libfixture.c"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bytes = std::fs::read(&tmp).unwrap();
+    std::fs::rename(&tmp, lib).unwrap();
+    bytes
+}
+
+#[test]
+fn seed_files_are_copies_of_their_own() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !require_root("seed_files_are_copies_of_their_own") {
+        return;
+    }
+    let dir = scratch("seed-files");
+    let lib = dir.join("libfixture.so");
+    let v41 = fixture_lib(&lib, 41);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs");
+    let user = dir.join("lib_user");
+    let st = std::process::Command::new("cc")
+        .arg("-o")
+        .arg(&user)
+        .arg(src.join("lib_user.c"))
+        .arg(format!("-L{}", dir.display()))
+        .arg("-lfixture")
+        .arg(format!("-Wl,-rpath,{}", dir.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let d = Daemon::start(&dir, false);
+    let (target, ready) = Target::start(std::process::Command::new(&user));
+    assert_eq!(ready.trim(), "ready 41");
+    let seed = seed_from_target(|a| d.ctl(a), target);
+    let files = dir.join("state/seeds").join(&seed).join("files");
+    let lib_md = std::fs::metadata(&lib).unwrap();
+    let mut kept_lib = None;
+    for e in std::fs::read_dir(&files).unwrap().flatten() {
+        let md = e.metadata().unwrap();
+        assert_eq!(
+            md.permissions().mode() & 0o777,
+            0o444,
+            "{:?} is read-only",
+            e.path()
+        );
+        assert_eq!(md.uid(), 0, "{:?} is forkd's", e.path());
+        if md.len() == lib_md.len() && std::fs::read(e.path()).unwrap() == v41 {
+            kept_lib = Some(e.path());
+        }
+    }
+    let kept_lib = kept_lib.expect("the seed keeps a copy of libfixture.so");
+    let kept_md = std::fs::metadata(&kept_lib).unwrap();
+    assert!(
+        (kept_md.dev(), kept_md.ino()) != (lib_md.dev(), lib_md.ino()),
+        "the kept copy is its own file, not a link to the live one"
+    );
+    // Every system file the seed maps (libc among them) has another inode.
+    for e in std::fs::read_dir(&files).unwrap().flatten() {
+        let ino = e.metadata().unwrap().ino();
+        for sys in [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        ] {
+            if let Ok(m) = std::fs::metadata(sys) {
+                assert_ne!(m.ino(), ino, "{:?} is a hard link to {sys}", e.path());
+            }
+        }
+    }
+
+    // A chmod of the whole state directory leaves the live files alone.
+    let mode_before = lib_md.permissions().mode();
+    let st = std::process::Command::new("chmod")
+        .args(["-R", "o+w"])
+        .arg(dir.join("state"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        std::fs::metadata(&lib).unwrap().permissions().mode(),
+        mode_before
+    );
+
+    // The live library rewritten in place: the seed's copy is untouched,
+    // and children still run the seed's build (41), from that copy.
+    let v99 = {
+        let other = dir.join("other.so");
+        fixture_lib(&other, 99)
+    };
+    std::fs::write(&lib, &v99).unwrap();
+    assert_eq!(
+        std::fs::read(&kept_lib).unwrap(),
+        v41,
+        "the kept copy changed with the live file"
+    );
+    let input = dir.join("go");
+    std::fs::write(&input, "go\n").unwrap();
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "spawn",
+        &seed,
+        "--count",
+        "2",
+        "--stdin",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    for k in v["children"].as_array().unwrap() {
+        assert_eq!(k["stdout"], "fixture 41\n", "{k}");
+    }
+
+    // And the seed's copy rewritten: the live file is untouched.
+    std::fs::write(&kept_lib, b"scribbled over").unwrap();
+    assert_eq!(
+        std::fs::read(&lib).unwrap(),
+        v99,
+        "the live file changed with the seed's copy"
+    );
+}
+
+/// Flip one bit in the middle of `file`.
+fn flip_a_bit(file: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let at = f.metadata().unwrap().len() / 2 + 100;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x10;
+    f.write_all_at(&b, at).unwrap();
+}
+
+#[test]
+fn a_flipped_bit_in_the_page_store_kills_the_child_with_a_reason() {
+    if !require_root("a_flipped_bit_in_the_page_store_kills_the_child_with_a_reason") {
+        return;
+    }
+    let dir = scratch("flipped-bit");
+    let d = Daemon::start(&dir, false);
+    let seed = heap_seed(&d, 16);
+    let image = dir.join("state/seeds").join(&seed);
+    // An intact copy first: eager and lazy children restore from it.
+    let copy = dir.join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["descriptor.bin", "pages.img"] {
+        std::fs::copy(image.join(f), copy.join(f)).unwrap();
+    }
+    let input = dir.join("sum");
+    std::fs::write(&input, "sum\n").unwrap();
+    // A first child that reads nothing but its code: the disk then goes bad
+    // under the seed's heap while forkd serves it.
+    let exit = dir.join("exit");
+    std::fs::write(&exit, "exit\n").unwrap();
+    let (code, _, err) = d.ctl(&[
+        "spawn",
+        &seed,
+        "--stdin",
+        exit.to_str().unwrap(),
+        "--prefetch",
+        "off",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    flip_a_bit(&image.join("pages.img"));
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "spawn",
+        &seed,
+        "--stdin",
+        input.to_str().unwrap(),
+        "--prefetch",
+        "off",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out} {err}"));
+    let kid = &v["children"][0];
+    assert_ne!(code, 0, "a killed child fails the spawn: {out}");
+    assert_eq!(kid["signal"], 9, "{kid}");
+    assert!(
+        kid["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not match its digest"),
+        "{kid}"
+    );
+    assert!(
+        !kid["stdout"].as_str().unwrap_or("").contains("sum "),
+        "no answer from wrong memory: {kid}"
+    );
+    // The seed is damaged from then on: spawns are refused, saying why.
+    let (code, out, err) = d.ctl(&["--json", "spawn", &seed, "--stdin", input.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(format!("{out}{err}").contains("damaged"), "{out} {err}");
+    // A restarted forkd still knows, and says so in the seed list.
+    d.stop();
+    let d = Daemon::start(&dir, false);
+    let (code, out, err) = d.ctl(&["--json", "spawn", &seed, "--stdin", input.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        format!("{out}{err}").contains("does not match its digest"),
+        "{out} {err}"
+    );
+    let (_, out, _) = d.ctl(&["--json", "seed", "ls"]);
+    assert!(out.contains("does not match its digest"), "{out}");
+
+    // Eager: refused before any child runs, naming the chunk.
+    let eager_dir = dir.join("eager");
+    std::fs::create_dir_all(&eager_dir).unwrap();
+    for f in ["descriptor.bin", "pages.img"] {
+        std::fs::copy(image.join(f), eager_dir.join(f)).unwrap();
+    }
+    let (code, out, err) = run_forkd(&["restore", eager_dir.to_str().unwrap(), "--eager"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("does not match its digest") && err.contains("chunk"),
+        "{err}"
+    );
+    // The intact copy restores, eager and lazy.
+    for mode in ["--eager", "--lazy"] {
+        let r = restore_and_talk(&copy, &[mode], "sum\n", |_| {});
+        assert_eq!(r.code, Some(0), "{mode}: {}", r.stderr);
+        assert!(r.stdout.starts_with("sum "), "{mode}: {}", r.stdout);
+    }
+}
+
+/// Copy `n` bytes from `from` to `to`, flipping one bit in the middle if
+/// `flip`; false when either side is gone.
+fn relay(
+    from: &mut std::net::TcpStream,
+    to: &mut std::net::TcpStream,
+    n: usize,
+    flip: bool,
+) -> bool {
+    use std::io::{Read, Write};
+    let mut b = vec![0u8; n];
+    if from.read_exact(&mut b).is_err() {
+        return false;
+    }
+    if flip && n > 0 {
+        b[n / 2] ^= 0x01;
+    }
+    to.write_all(&b).is_ok()
+}
+
+/// A TCP proxy in front of a page server that flips one bit in the data of
+/// the `nth` page answer it forwards (1-based, after the handshake).
+/// Returns its address.
+fn corrupting_proxy(upstream: String, nth: usize) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut answers = 0;
+        for c in l.incoming() {
+            let Ok(mut client) = c else { return };
+            let Ok(mut server) = std::net::TcpStream::connect(&upstream) else {
+                return;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+            });
+            // Server to client: the handshake answer (16 bytes and a
+            // message), then frames of a 12-byte header and `len` bytes.
+            let mut hs = [0u8; 16];
+            if std::io::Read::read_exact(&mut server, &mut hs).is_err()
+                || std::io::Write::write_all(&mut client, &hs).is_err()
+            {
+                continue;
+            }
+            let msg = u32::from_le_bytes(hs[12..16].try_into().unwrap()) as usize;
+            if !relay(&mut server, &mut client, msg, false) {
+                continue;
+            }
+            loop {
+                let mut h = [0u8; 12];
+                if std::io::Read::read_exact(&mut server, &mut h).is_err()
+                    || std::io::Write::write_all(&mut client, &h).is_err()
+                {
+                    break;
+                }
+                let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+                if h[4] == 0 && len > 0 {
+                    answers += 1;
+                }
+                let flip = h[4] == 0 && len > 0 && answers == nth;
+                if !relay(&mut server, &mut client, len, flip) {
+                    break;
+                }
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_flipped_bit_on_the_wire_kills_the_remote_child_with_a_reason() {
+    if !require_root("a_flipped_bit_on_the_wire_kills_the_remote_child_with_a_reason") {
+        return;
+    }
+    let base = scratch("flipped-wire");
+    let (da, db) = (base.join("a"), base.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let page_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let page_listen = format!("127.0.0.1:{page_port}");
+    // The first answer holds the pages written before the child runs; the
+    // second is the child's first fault.
+    let proxy = corrupting_proxy(page_listen.clone(), 2);
+    let a = Daemon::start_with(
+        &da,
+        true,
+        &["--page-listen", &page_listen, "--page-advertise", &proxy],
+    );
+    let b = Daemon::start_with(&db, true, &["--transport", "tcp"]);
+    let seed = heap_seed(&a, 16);
+    let (code, r, err) = a.ctl(&["seed", "ref", &seed, "--origin", a.tcp.as_ref().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let input = base.join("sum");
+    std::fs::write(&input, "sum\n").unwrap();
+    let (_, out, err) = b.ctl(&[
+        "--json",
+        "spawn",
+        r.trim(),
+        "--stdin",
+        input.to_str().unwrap(),
+        "--prefetch",
+        "off",
+        "--no-template",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out} {err}"));
+    let kid = &v["children"][0];
+    assert_eq!(kid["signal"], 9, "the child ran and was killed: {kid}");
+    let why = kid["reason"].as_str().unwrap();
+    assert!(
+        why.contains("does not match its digest") && why.contains("tcp:"),
+        "{kid}"
+    );
+    assert!(
+        !kid["stdout"].as_str().unwrap_or("").contains("sum "),
+        "no answer from wrong memory: {kid}"
+    );
+}
