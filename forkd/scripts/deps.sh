@@ -33,3 +33,27 @@ if ! "$PYTHON" -c 'import boto3' >/dev/null 2>&1; then
     echo "deps: installing boto3 for $PYTHON" >&2
     "$PYTHON" -m pip install -q boto3
 fi
+
+# Stock gRPC clients for the conformance tests and the Python client
+# (remotefork.client): grpcio and its tools, health and reflection clients;
+# openapi-spec-validator checks the gateway's /openapi.json, jsonschema the
+# CLIs' --json output against docs/cli-schema.json.
+PY_PKGS=(grpcio grpcio-tools grpcio-health-checking grpcio-reflection openapi-spec-validator jsonschema)
+if ! "$PYTHON" -c 'import grpc, grpc_tools, grpc_health.v1, grpc_reflection, openapi_spec_validator, jsonschema' >/dev/null 2>&1; then
+    echo "deps: installing ${PY_PKGS[*]} for $PYTHON" >&2
+    "$PYTHON" -m pip install -q "${PY_PKGS[@]}"
+fi
+# The Python client's stubs are generated, not kept in the repository.
+(cd python && "$PYTHON" -m remotefork.generate >/dev/null)
+
+# Node and the Node client's packages (@grpc/grpc-js, @grpc/proto-loader).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "deps: installing nodejs npm" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q nodejs npm
+fi
+if [ ! -d clients/node/node_modules/@grpc/grpc-js ] || [ clients/node/package-lock.json -nt clients/node/node_modules ]; then
+    echo "deps: npm ci in clients/node" >&2
+    (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
+fi

@@ -37,7 +37,7 @@ pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> 
                 }
             }))
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to forkd at {addr}: {e}"))?
+            .map_err(|e| unreachable(addr, &e))?
     } else {
         let url = if addr.starts_with("http") {
             addr.to_string()
@@ -47,7 +47,7 @@ pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> 
         Endpoint::try_from(url)?
             .connect()
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to forkd at {addr}: {e}"))?
+            .map_err(|e| unreachable(addr, &e))?
     };
     let t =
         match token {
@@ -57,6 +57,42 @@ pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> 
             None => None,
         };
     Ok(ForkdClient::with_interceptor(channel, Token(t)))
+}
+
+/// What to tell someone whose forkd at `addr` could not be reached: which
+/// address was tried, why it failed, and how to start forkd there.
+fn unreachable(addr: &str, e: &tonic::transport::Error) -> anyhow::Error {
+    let mut io = None;
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(x) = s.downcast_ref::<std::io::Error>() {
+            io = Some(x);
+        }
+        src = s.source();
+    }
+    let start = match addr.strip_prefix("unix:") {
+        Some(path) => format!(
+            "start one with `forkd serve --socket {path}` (as root), or `systemctl start forkd`"
+        ),
+        None => format!("start forkd there with `forkd serve --listen {addr} --token-file FILE`"),
+    };
+    let elsewhere = "or name a running one with --addr or FORKD_ADDR";
+    use std::io::ErrorKind as K;
+    let why = match (addr.strip_prefix("unix:"), io.map(|e| e.kind())) {
+        (Some(path), Some(K::NotFound)) => format!("{path} does not exist: no forkd is running there"),
+        (Some(path), Some(K::ConnectionRefused)) => {
+            format!("nothing listens on {path} (left by a forkd that stopped)")
+        }
+        (Some(path), Some(K::PermissionDenied)) => {
+            return anyhow::anyhow!(
+                "cannot connect to forkd at {addr}: permission denied on {path} (mode 0660: run as root or as a member of its group)"
+            )
+        }
+        (None, Some(K::ConnectionRefused)) => "connection refused: nothing listens there".into(),
+        (_, Some(_)) => io.map(|e| e.to_string()).unwrap_or_default(),
+        (_, None) => e.to_string(),
+    };
+    anyhow::anyhow!("cannot connect to forkd at {addr}: {why}; {start}, {elsewhere}")
 }
 
 /// The sum of a metric's samples (every label set) in the Prometheus text

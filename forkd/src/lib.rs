@@ -1,6 +1,7 @@
 //! forkd: the per-node daemon (`forkd serve`), its gRPC API and the client
 //! that `forkctl` is built on.
 
+pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod gateway;
@@ -9,6 +10,10 @@ pub mod gateway;
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("forkd.v1");
+
+    /// The encoded `FileDescriptorSet` of `proto/forkd.proto` (for reflection).
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/forkd_descriptor.bin"));
 }
 
 /// Random hex of `bytes` bytes from the kernel's generator.

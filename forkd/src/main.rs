@@ -1,10 +1,11 @@
-//! `forkd`: the remotefork node daemon and its command line.
-//!
-//! Today: `forkd snapshot` captures a running process into a seed image and
-//! `forkd inspect` shows one. Restore and the daemon follow.
+//! `forkd`: the remotefork node daemon and its command line: `snapshot`
+//! captures a running process into a seed image, `inspect` shows one,
+//! `restore` starts children from one, `serve` runs the daemon.
 
+mod progress;
 mod restore_cmd;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -21,6 +22,10 @@ use serde_json::json;
     about = "remotefork node daemon: capture processes into seeds and start children from them"
 )]
 struct Cli {
+    /// Log format on stderr: text (coloured on a terminal only) or json
+    /// (one object per line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log_format: forkd::cli::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,9 +78,9 @@ enum Command {
         /// Lazy mode: what a fault pulls in besides its page.
         #[arg(long, default_value = "window", value_parser = ["off", "window", "recorded"])]
         prefetch: String,
-        /// How many children to start.
-        #[arg(long, default_value_t = 1)]
-        count: usize,
+        /// How many children to start (at least 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        count: u32,
         /// Print the children's pids and return without waiting (implies
         /// --eager: nothing would be left to serve a lazy child's faults).
         #[arg(long)]
@@ -137,6 +142,11 @@ enum Command {
         /// spawn (it holds a copy of the seed's memory) [default: 600].
         #[arg(long)]
         template_idle_s: Option<u64>,
+        /// On SIGTERM: stop taking spawns (UNAVAILABLE, health NOT_SERVING)
+        /// and let those under way run on this many seconds before
+        /// stopping [default: 20].
+        #[arg(long)]
+        drain_s: Option<u64>,
     },
     /// Show a seed image's descriptor.
     Inspect {
@@ -156,19 +166,10 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG")
-                .unwrap_or_else(|_| default.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    forkd::cli::init_logging(default, cli.log_format);
     match run(cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("forkd: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => forkd::cli::report_error("forkd", &e),
     }
 }
 
@@ -190,6 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             peer_token_file,
             page_deadline_ms,
             template_idle_s,
+            drain_s,
         } => {
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
@@ -241,6 +243,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(v) = template_idle_s {
                 cfg.template_idle_s = v;
             }
+            if let Some(v) = drain_s {
+                cfg.drain_s = v;
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -277,25 +282,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 durable: fsync,
                 ..Default::default()
             };
-            let d = capture(pid, &out, &opts)
-                .with_context(|| format!("snapshot of process {pid} failed"))?;
+            let progress = progress::Capture::start(pid, &out);
+            let d = capture(pid, &out, &opts);
+            progress.finish();
+            let d = d.with_context(|| format!("snapshot of process {pid} failed"))?;
+            let mut stdout = std::io::stdout().lock();
             if json {
+                // Durations in ms, as in every --json of forkd and forkctl
+                // (docs/cli-schema.json).
                 let v = json!({
                     "pid": pid,
                     "out": out,
                     "vmas": d.vmas.len(),
                     "pages_stored": d.pages_stored,
                     "image_bytes": d.image_bytes,
-                    "pause_us": d.stats.pause_ns / 1000,
-                    "reap_pause_us": d.stats.reap_pause_ns / 1000,
+                    "pause_ms": d.stats.pause_ns as f64 / 1e6,
+                    "reap_pause_ms": d.stats.reap_pause_ns as f64 / 1e6,
                     "capture_ms": d.stats.capture_ns as f64 / 1e6,
                     "pages_present": d.stats.pages_present,
                     "pages_zero": d.stats.pages_zero,
                     "pages_from_file": d.stats.pages_from_file,
                 });
-                println!("{v}");
+                writeln!(stdout, "{v}")?;
             } else {
-                println!(
+                writeln!(
+                    stdout,
                     "captured pid {pid} into {}: {} mappings, {} pages stored ({:.1} MiB), parent paused {} us (+{} us to reap the clone), capture {:.1} ms",
                     out.display(),
                     d.vmas.len(),
@@ -304,19 +315,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     d.stats.pause_ns / 1000,
                     d.stats.reap_pause_ns / 1000,
                     d.stats.capture_ns as f64 / 1e6
-                );
+                )?;
             }
         }
         Command::Inspect { dir, json } => {
             let img = SeedImage::open(&dir)
                 .with_context(|| format!("cannot read seed image {}", dir.display()))?;
+            let mut stdout = std::io::stdout().lock();
             if json {
-                println!(
+                writeln!(
+                    stdout,
                     "{}",
                     image::inspect::to_json(img.descriptor(), dir.to_str())
-                );
+                )?;
             } else {
-                print!("{}", image::inspect::to_text(img.descriptor()));
+                write!(stdout, "{}", image::inspect::to_text(img.descriptor()))?;
             }
         }
     }

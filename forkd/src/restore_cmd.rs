@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use forkd::cli::{ChildReport, SpawnReport};
 use remotefork::image::SeedImage;
 use remotefork::restore::{Child, Io, Restorer, SpawnOptions};
 use serde_json::json;
@@ -26,10 +27,10 @@ impl Ended {
     fn ok(&self) -> bool {
         matches!(self, Ended::Code(0))
     }
-    fn json(&self) -> serde_json::Value {
+    fn describe(&self) -> String {
         match self {
-            Ended::Code(c) => json!({ "exit_code": c }),
-            Ended::Signal(s) => json!({ "signal": s }),
+            Ended::Code(c) => format!("exit status {c}"),
+            Ended::Signal(s) => format!("signal {s}"),
         }
     }
 }
@@ -46,28 +47,35 @@ fn wait_child(pid: i32) -> anyhow::Result<Ended> {
     }
 }
 
-/// The pager's figures for a child, once it has let go of it.
-fn child_report(c: &Child, ended: &Ended) -> serde_json::Value {
-    let mut v = json!({
-        "pid": c.pid,
-        "time_to_running_ms": c.restore_ns as f64 / 1e6,
-        "pages_written": c.pages_written,
-        "notes": c.notes,
-        "status": ended.json(),
-    });
+/// A child's report (docs/cli-schema.json), with the pager's figures
+/// once it has let go of it.
+fn child_report(index: u32, c: &Child, ended: &Ended) -> ChildReport {
+    let mut r = ChildReport {
+        index,
+        pid: Some(c.pid as u32),
+        time_to_running_ms: Some(c.restore_ns as f64 / 1e6),
+        notes: c.notes.clone(),
+        ..Default::default()
+    };
+    match ended {
+        Ended::Code(code) => r.exit_code = Some(*code),
+        Ended::Signal(sig) => r.signal = Some(*sig),
+    }
+    let mut local = json!({ "pages_written": c.pages_written });
     if let Some(s) = &c.stats {
         s.wait_finished(std::time::Duration::from_millis(200));
         let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        v["faults"] = json!(g(&s.faults));
-        v["pages_installed"] = json!(g(&s.pages_installed));
-        v["pages_fetched"] = json!(g(&s.pages_fetched));
-        v["pages_from_cache"] = json!(g(&s.pages_from_cache));
-        v["zero_pages"] = json!(g(&s.zero_pages));
-        v["prefetched"] = json!(g(&s.prefetched));
-        v["events"] = json!(g(&s.events));
-        v["killed_reason"] = json!(s.killed_reason());
+        r.faults = g(&s.faults);
+        r.pages_installed = g(&s.pages_installed);
+        r.reason = s.killed_reason();
+        local["pages_fetched"] = json!(g(&s.pages_fetched));
+        local["pages_from_cache"] = json!(g(&s.pages_from_cache));
+        local["zero_pages"] = json!(g(&s.zero_pages));
+        local["prefetched"] = json!(g(&s.prefetched));
+        local["events"] = json!(g(&s.events));
     }
-    v
+    r.local = Some(local);
+    r
 }
 
 fn report_kill(c: &Child) {
@@ -88,12 +96,13 @@ fn warn_notes(child: &Child) {
 pub fn run(
     dir: &Path,
     opts: SpawnOptions,
-    count: usize,
+    count: u32,
     detach: bool,
     output_dir: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(count >= 1, "--count must be at least 1");
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let t0 = Instant::now();
     let image = SeedImage::open(dir)
         .with_context(|| format!("cannot read seed image {}", dir.display()))?;
@@ -137,7 +146,9 @@ pub fn run(
             report_kill(&c);
         }
         if json {
-            eprintln!("{}", child_report(&c, &ended));
+            // The child has stdout: the report goes to stderr.
+            let r = SpawnReport::new(1, vec![child_report(0, &c, &ended)], ms(t0));
+            eprintln!("{}", serde_json::to_string(&r)?);
         }
         return Ok(ExitCode::from(ended.exit_code()));
     }
@@ -147,7 +158,7 @@ pub fn run(
     std::io::stdin()
         .read_to_end(&mut input)
         .context("reading stdin")?;
-    let mut running = Vec::with_capacity(count);
+    let mut running = Vec::with_capacity(count as usize);
     for i in 0..count {
         let (in_r, mut in_w) = std::io::pipe().context("creating a pipe")?;
         let (out_r, out_w) = std::io::pipe().context("creating a pipe")?;
@@ -169,39 +180,36 @@ pub fn run(
         running.push((c, feeder, collector));
     }
     let mut report = Vec::new();
-    let mut failed = 0;
     let mut stdout = std::io::stdout().lock();
-    for (i, (c, feeder, collector)) in running.into_iter().enumerate() {
+    for (i, (c, feeder, collector)) in (0u32..).zip(running) {
         let ended = wait_child(c.pid)?;
         let _ = feeder.join();
         let out = collector.join().unwrap_or_default();
         if !ended.ok() {
-            failed += 1;
-            eprintln!("forkd: child {i} (pid {}) failed: {}", c.pid, ended.json());
+            eprintln!(
+                "forkd: child {i} (pid {}) failed: {}",
+                c.pid,
+                ended.describe()
+            );
             report_kill(&c);
         }
         if let Some(d) = output_dir {
-            std::fs::create_dir_all(d)?;
-            std::fs::write(d.join(format!("child-{i}.out")), &out)?;
+            forkd::cli::write_outputs(d, &[(i, &out)])?;
         } else if !json {
             stdout.write_all(&out)?;
         }
-        let mut v = child_report(&c, &ended);
-        v["index"] = json!(i);
-        if json && output_dir.is_none() {
-            v["stdout"] = json!(String::from_utf8_lossy(&out));
+        let mut r = child_report(i, &c, &ended);
+        if output_dir.is_none() {
+            r.stdout = Some(String::from_utf8_lossy(&out).into_owned());
         }
-        report.push(v);
+        report.push(r);
     }
+    let report = SpawnReport::new(count, report, ms(t0));
     if json {
-        writeln!(
-            stdout,
-            "{}",
-            json!({ "children": report, "failed": failed, "total_ms": t0.elapsed().as_secs_f64() * 1e3 })
-        )?;
+        writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
     }
     stdout.flush()?;
-    Ok(if failed == 0 {
+    Ok(if report.failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -22,8 +22,9 @@ fn semantics(mode: &str, prefetch: &str, share: bool) -> (String, Value) {
     }
     let r = restore_and_talk(&dir, &args, "go\n", |_| {});
     assert_eq!(r.code, Some(0), "{mode}/{prefetch}: stderr {}", r.stderr);
+    // One child's report, as forkctl's (docs/cli-schema.json).
     let report: Value = serde_json::from_str(r.stderr.lines().last().unwrap()).unwrap();
-    (r.stdout.trim().to_string(), report)
+    (r.stdout.trim().to_string(), report["children"][0].clone())
 }
 
 fn check(mode: &str, min_events: u64) {
@@ -37,10 +38,10 @@ fn check(mode: &str, min_events: u64) {
         );
         assert!(report["faults"].as_u64().unwrap() > 0, "{report}");
         assert!(
-            report["events"].as_u64().unwrap() >= min_events,
+            report["local"]["events"].as_u64().unwrap() >= min_events,
             "{mode}/{prefetch}: {report}"
         );
-        assert_eq!(report["killed_reason"], Value::Null);
+        assert_eq!(report["reason"], Value::Null);
     }
     // Children forked from a node template: each has its own userfaultfd
     // and a copy of the template's page table.
@@ -65,10 +66,10 @@ fn check(mode: &str, min_events: u64) {
         );
         assert!(k["faults"].as_u64().unwrap() > 0, "{k}");
         assert!(
-            k["events"].as_u64().unwrap() >= min_events,
+            k["local"]["events"].as_u64().unwrap() >= min_events,
             "{mode}/template: {k}"
         );
-        assert_eq!(k["killed_reason"], Value::Null);
+        assert_eq!(k["reason"], Value::Null);
     }
 }
 
@@ -135,7 +136,8 @@ fn recorded_working_set_cuts_faults() {
         let out: Value = serde_json::from_str(r.stdout.trim()).unwrap();
         assert_eq!(out["n"], 100000);
         assert_eq!(out["x"], "99999".repeat(20));
-        serde_json::from_str::<Value>(r.stderr.lines().last().unwrap()).unwrap()
+        let report = serde_json::from_str::<Value>(r.stderr.lines().last().unwrap()).unwrap();
+        report["children"][0].clone()
     };
     let off = run("off");
     // The first recorded run records (it runs like window), the next uses it.
@@ -146,7 +148,7 @@ fn recorded_working_set_cuts_faults() {
         off["faults"].as_u64().unwrap(),
         rec["faults"].as_u64().unwrap(),
     );
-    assert!(rec["prefetched"].as_u64().unwrap() > 0, "{rec}");
+    assert!(rec["local"]["prefetched"].as_u64().unwrap() > 0, "{rec}");
     assert!(
         f_rec * 10 <= f_off,
         "recorded {f_rec} faults vs {f_off} with prefetch off: not 90% fewer"
@@ -193,8 +195,8 @@ print(json.dumps({'got': line.strip(), 'pid': os.getpid(), 'region': region}), f
         let a: Value = serde_json::from_str(k["stdout"].as_str().unwrap().trim()).unwrap();
         assert_eq!(a["got"], "req");
         assert_eq!(a["pid"], k["pid"]);
-        fetched += k["pages_fetched"].as_u64().unwrap();
-        from_cache += k["pages_from_cache"].as_u64().unwrap();
+        fetched += k["local"]["pages_fetched"].as_u64().unwrap();
+        from_cache += k["local"]["pages_from_cache"].as_u64().unwrap();
     }
     // The node-local cache: later children are served without fetching again.
     assert!(
@@ -317,7 +319,10 @@ fn a_failing_page_source_kills_the_child_with_a_reason() {
     assert!(r.stderr.contains("was killed: reading"), "{}", r.stderr);
     let report: Value = serde_json::from_str(r.stderr.lines().last().unwrap()).unwrap();
     assert!(
-        report["killed_reason"].as_str().unwrap().contains("local:"),
+        report["children"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("local:"),
         "{report}"
     );
 }

@@ -1,10 +1,12 @@
-//! `forkctl`: talk to a forkd. Human output by default, `--json` everywhere.
+//! `forkctl`: talk to a forkd. Human output by default, `--json`
+//! everywhere, in the vocabulary `forkd` uses too (docs/cli-schema.json).
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use forkd::cli::{natural_cmp, ChildReport, SpawnReport, Table};
 use forkd::pb;
 use serde_json::{json, Value};
 
@@ -39,9 +41,12 @@ enum Cmd {
     Spawn {
         /// Seed id or reference (`ADDR/ID#KEY`).
         seed: String,
-        /// How many children.
-        #[arg(long, default_value_t = 1)]
+        /// How many children (at least 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         count: u32,
+        /// Write each child's stdout to DIR/child-I.out instead of printing it.
+        #[arg(long)]
+        output_dir: Option<std::path::PathBuf>,
         /// File given whole to every child as stdin.
         #[arg(long)]
         stdin: Option<String>,
@@ -94,6 +99,12 @@ enum SeedCmd {
         /// A name for the seed.
         #[arg(long, default_value = "")]
         name: String,
+        /// Environment for the command, KEY=VALUE (added to forkd's); repeatable.
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// The command's working directory [default: forkd's].
+        #[arg(long)]
+        cwd: Option<String>,
         /// The command and its arguments (after --).
         #[arg(last = true)]
         command: Vec<String>,
@@ -122,13 +133,60 @@ enum SeedCmd {
     },
 }
 
+/// A seed in the shared vocabulary: durations in ms.
 fn seed_json(s: &pb::Seed) -> Value {
     json!({
         "id": s.id, "key": s.key, "name": s.name, "created_unix_ms": s.created_unix_ms,
         "source_pid": s.source_pid, "image_bytes": s.image_bytes, "vmas": s.vmas,
-        "pause_us": s.pause_us, "capture_us": s.capture_us, "node": s.node,
-        "children_spawned": s.children_spawned, "damaged": s.damaged,
+        "pause_ms": s.pause_us as f64 / 1e3, "capture_ms": s.capture_us as f64 / 1e3,
+        "node": s.node, "children_spawned": s.children_spawned,
+        "damaged": Some(&s.damaged).filter(|d| !d.is_empty()),
     })
+}
+
+/// `KEY=VALUE` pairs of `--label` or `--env`.
+fn pairs(
+    what: &str,
+    items: &[String],
+) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    items
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(anyhow::anyhow!("{what} {l:?} is not KEY=VALUE")),
+        })
+        .collect()
+}
+
+/// `key: value` lines, keys aligned.
+fn key_values(out: &mut impl Write, kv: &[(&str, String)]) -> std::io::Result<()> {
+    let w = kv.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in kv {
+        writeln!(out, "{:<w$}  {v}", format!("{k}:"), w = w + 1)?;
+    }
+    Ok(())
+}
+
+/// A Unix time in ms as UTC `YYYY-MM-DD HH:MM:SS`.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// `ADDR/ID#KEY` or a bare id.
@@ -166,10 +224,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("forkctl: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => forkd::cli::report_error("forkctl", &e),
     }
 }
 
@@ -201,29 +256,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ready_line,
                 timeout_ms,
                 name,
+                env,
+                cwd,
                 command,
             } => {
+                let env = pairs("--env", &env)?;
                 let source = match (pid, ready_line) {
-                    (Some(pid), _) => pb::create_seed_request::Source::Pid(pid),
+                    (Some(pid), _) => {
+                        anyhow::ensure!(
+                            env.is_empty() && cwd.is_none() && command.is_empty(),
+                            "--env, --cwd and a command go with --ready-line, not --pid"
+                        );
+                        pb::create_seed_request::Source::Pid(pid)
+                    }
                     (None, Some(line)) => {
                         anyhow::ensure!(!command.is_empty(), "give the command after --");
                         pb::create_seed_request::Source::Command(pb::StartCommand {
                             argv: command,
                             ready_line: line,
                             ready_timeout_ms: timeout_ms,
-                            cwd: String::new(),
-                            env: Default::default(),
+                            cwd: cwd.unwrap_or_default(),
+                            env,
                         })
                     }
                     (None, None) => {
                         anyhow::bail!("give --pid PID, or --ready-line TEXT -- CMD ARGS...")
                     }
                 };
-                let s = c
-                    .create_seed(pb::CreateSeedRequest {
-                        source: Some(source),
-                        name,
-                    })
+                let create = c.create_seed(pb::CreateSeedRequest {
+                    source: Some(source),
+                    name,
+                });
+                let s = with_progress(!cli.json, "capturing", create)
                     .await
                     .map_err(status_err)?
                     .into_inner();
@@ -232,61 +296,106 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     writeln!(out, "{}", s.id)?;
                     eprintln!(
-                        "seed {} from pid {}: {} mappings, {:.1} MiB, parent paused {} us",
+                        "seed {} from pid {}: {} mappings, {} MiB, parent paused {:.1} ms, capture {:.1} ms",
                         s.id,
                         s.source_pid,
                         s.vmas,
-                        s.image_bytes as f64 / 1048576.0,
-                        s.pause_us
+                        forkd::cli::mib(s.image_bytes),
+                        s.pause_us as f64 / 1e3,
+                        s.capture_us as f64 / 1e3,
                     );
                 }
             }
             SeedCmd::Ls => {
-                let l = c
+                let mut seeds = c
                     .list_seeds(pb::ListSeedsRequest {})
                     .await
                     .map_err(status_err)?
-                    .into_inner();
+                    .into_inner()
+                    .seeds;
+                seeds.sort_by(|a, b| {
+                    natural_cmp(&a.name, &b.name)
+                        .then(a.created_unix_ms.cmp(&b.created_unix_ms))
+                        .then_with(|| a.id.cmp(&b.id))
+                });
                 if cli.json {
-                    writeln!(
-                        out,
-                        "{}",
-                        Value::Array(l.seeds.iter().map(seed_json).collect())
-                    )?;
+                    let v: Vec<Value> = seeds.iter().map(seed_json).collect();
+                    writeln!(out, "{}", Value::Array(v))?;
                 } else {
-                    writeln!(
-                        out,
-                        "{:<18} {:<24} {:>10} {:>8} {:>9}",
-                        "ID", "NAME", "MiB", "VMAS", "CHILDREN"
-                    )?;
-                    for s in l.seeds {
-                        writeln!(
-                            out,
-                            "{:<18} {:<24} {:>10.1} {:>8} {:>9}",
-                            s.id,
-                            s.name,
-                            s.image_bytes as f64 / 1048576.0,
-                            s.vmas,
-                            s.children_spawned
-                        )?;
-                        if !s.damaged.is_empty() {
-                            writeln!(out, "  damaged: {}", s.damaged)?;
-                        }
+                    let mut t = Table::new(&[
+                        "ID",
+                        "NAME",
+                        ">MiB",
+                        ">VMAS",
+                        ">CHILDREN",
+                        "CREATED (UTC)",
+                        "STATE",
+                    ]);
+                    for s in &seeds {
+                        t.row(vec![
+                            s.id.clone(),
+                            s.name.clone(),
+                            forkd::cli::mib(s.image_bytes),
+                            s.vmas.to_string(),
+                            s.children_spawned.to_string(),
+                            utc(s.created_unix_ms),
+                            if s.damaged.is_empty() {
+                                "ok".into()
+                            } else {
+                                format!("damaged: {}", s.damaged)
+                            },
+                        ]);
                     }
+                    t.write(&mut out)?;
                 }
             }
             SeedCmd::Get { id } => {
                 let (_, r) = parse_ref(&id);
                 let s = c.get_seed(r).await.map_err(status_err)?.into_inner();
-                writeln!(
-                    out,
-                    "{}",
-                    if cli.json {
-                        seed_json(&s).to_string()
-                    } else {
-                        serde_json::to_string_pretty(&seed_json(&s))?
-                    }
-                )?;
+                if cli.json {
+                    writeln!(out, "{}", seed_json(&s))?;
+                } else {
+                    key_values(
+                        &mut out,
+                        &[
+                            ("id", s.id.clone()),
+                            ("name", s.name.clone()),
+                            (
+                                "key",
+                                if s.key.is_empty() {
+                                    "(not given over TCP)".into()
+                                } else {
+                                    s.key.clone()
+                                },
+                            ),
+                            ("node", s.node.clone()),
+                            ("created", format!("{} UTC", utc(s.created_unix_ms))),
+                            ("source pid", s.source_pid.to_string()),
+                            (
+                                "image",
+                                format!(
+                                    "{} MiB, {} mappings",
+                                    forkd::cli::mib(s.image_bytes),
+                                    s.vmas
+                                ),
+                            ),
+                            (
+                                "parent paused",
+                                format!("{:.1} ms", s.pause_us as f64 / 1e3),
+                            ),
+                            ("capture", format!("{:.1} ms", s.capture_us as f64 / 1e3)),
+                            ("children", s.children_spawned.to_string()),
+                            (
+                                "state",
+                                if s.damaged.is_empty() {
+                                    "ok".into()
+                                } else {
+                                    format!("damaged: {}", s.damaged)
+                                },
+                            ),
+                        ],
+                    )?;
+                }
             }
             SeedCmd::Drop { id } => {
                 let (_, r) = parse_ref(&id);
@@ -323,6 +432,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Spawn {
             seed,
             count,
+            output_dir,
             stdin,
             prefetch,
             eager,
@@ -330,25 +440,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             labels,
             args,
         } => {
+            let t0 = std::time::Instant::now();
             let (origin, r) = parse_ref(&seed);
             let input = match stdin {
                 Some(p) => std::fs::read(&p).with_context(|| format!("reading {p}"))?,
                 None => Vec::new(),
             };
-            let labels = labels
-                .iter()
-                .map(|l| {
-                    l.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .ok_or_else(|| anyhow::anyhow!("label {l:?} is not KEY=VALUE"))
-                })
-                .collect::<Result<_, _>>()?;
             let req = pb::SpawnRequest {
                 seed: Some(r),
                 count,
                 stdin: input,
                 stdout: pb::StdoutMode::Capture as i32,
-                labels,
+                labels: pairs("label", &labels)?,
                 prefetch,
                 eager,
                 args,
@@ -356,110 +459,155 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 no_template,
             };
             let mut stream = c.spawn(req).await.map_err(status_err)?.into_inner();
-            let mut children: std::collections::BTreeMap<u32, Value> = Default::default();
-            let (mut started, mut failed, mut exited) = (0u32, 0u32, 0u32);
-            let mut ttr = Vec::new();
-            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut children: Vec<ChildReport> = (0..count)
+                .map(|index| ChildReport {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut outputs: Vec<Option<Vec<u8>>> = vec![None; count as usize];
+            let (mut started, mut failed, mut ended) = (0u32, 0u32, 0u32);
+            // Outputs are printed in index order, each as soon as it and
+            // all before it have ended.
+            let mut printed = 0usize;
+            let progress = !cli.json && count > 1 && forkd::cli::colour(&std::io::stderr());
             let mut noted: std::collections::HashSet<String> = Default::default();
             while let Some(ev) = stream.message().await.map_err(status_err)? {
-                let e = children
-                    .entry(ev.index)
-                    .or_insert_with(|| json!({ "index": ev.index }));
-                e["instance"] = json!(ev.instance_id);
+                let Some(k) = children.get_mut(ev.index as usize) else {
+                    continue;
+                };
+                k.instance = Some(ev.instance_id.clone());
                 if ev.pid != 0 {
-                    e["pid"] = json!(ev.pid);
+                    k.pid = Some(ev.pid);
                 }
                 match ev.kind {
                     Some(pb::instance_event::Kind::Started(_)) => started += 1,
                     Some(pb::instance_event::Kind::Running(r)) => {
-                        ttr.push(r.time_to_running_ms);
-                        e["time_to_running_ms"] = json!(r.time_to_running_ms);
+                        k.time_to_running_ms = Some(r.time_to_running_ms);
                         if !cli.json {
-                            for n in r.notes.iter().filter(|n| !noted.contains(*n)) {
+                            for n in r.notes.iter().filter(|n| noted.insert((*n).clone())) {
                                 eprintln!("forkctl: note: {n}");
                             }
                         }
-                        noted.extend(r.notes.iter().cloned());
-                        e["notes"] = json!(r.notes);
+                        k.notes = r.notes;
                     }
                     Some(pb::instance_event::Kind::Exited(x)) => {
-                        exited += 1;
-                        e["exit_code"] = json!(x.exit_code);
-                        e["signal"] = json!(x.signal);
-                        e["reason"] = json!(x.reason);
-                        e["faults"] = json!(x.faults);
-                        e["stdout"] = json!(String::from_utf8_lossy(&x.stdout));
-                        if x.signal != 0 || x.exit_code != 0 {
+                        ended += 1;
+                        if x.signal != 0 {
+                            k.signal = Some(x.signal);
+                        } else {
+                            k.exit_code = Some(x.exit_code);
+                        }
+                        k.reason = Some(x.reason).filter(|r| !r.is_empty());
+                        k.faults = x.faults;
+                        k.pages_installed = x.pages_installed;
+                        if !k.ok() {
                             failed += 1;
                         }
+                        outputs[ev.index as usize] = Some(x.stdout);
                     }
                     Some(pb::instance_event::Kind::Output(o)) => {
-                        e["first_output_ms"] = json!(o.since_spawn_ms);
+                        k.first_output_ms = Some(o.since_spawn_ms);
                     }
                     Some(pb::instance_event::Kind::Failed(f)) => {
                         failed += 1;
-                        exited += 1;
-                        e["failed"] = json!(f.reason);
+                        ended += 1;
+                        k.reason = Some(f.reason);
+                        outputs[ev.index as usize] = Some(Vec::new());
                     }
                     None => {}
                 }
-                if tty && count > 1 && !cli.json {
-                    eprint!("\r{started}/{count} started, {exited} done, {failed} failed");
+                if progress {
+                    eprint!("\r{started}/{count} started, {ended} done, {failed} failed");
                 }
-                if exited == count {
+                if !cli.json && output_dir.is_none() {
+                    while let Some(Some(o)) = outputs.get(printed) {
+                        if progress {
+                            eprint!("\r\x1b[K");
+                        }
+                        out.write_all(o)?;
+                        out.flush()?;
+                        printed += 1;
+                    }
+                }
+                if ended == count {
                     break;
                 }
             }
-            if tty && count > 1 && !cli.json {
-                eprintln!();
+            if progress {
+                eprint!("\r\x1b[K");
             }
-            ttr.sort_by(|a, b| a.total_cmp(b));
-            let pct = |q: f64| {
-                if ttr.is_empty() {
-                    0.0
-                } else {
-                    ttr[((ttr.len() - 1) as f64 * q).round() as usize]
-                }
-            };
-            if cli.json {
-                let v = json!({
-                    "started": started, "failed": failed, "count": count,
-                    "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-                    "children": children.values().collect::<Vec<_>>(),
-                });
-                writeln!(out, "{v}")?;
+            if let Some(dir) = &output_dir {
+                let outs: Vec<(u32, &[u8])> = (0u32..)
+                    .zip(&outputs)
+                    .map(|(i, o)| (i, o.as_deref().unwrap_or_default()))
+                    .collect();
+                forkd::cli::write_outputs(dir, &outs)
+                    .with_context(|| format!("writing outputs to {}", dir.display()))?;
             } else {
-                if count == 1 {
-                    if let Some(s) = children.values().next().and_then(|c| c["stdout"].as_str()) {
-                        write!(out, "{s}")?;
-                    }
+                for (k, o) in children.iter_mut().zip(&outputs) {
+                    k.stdout = Some(
+                        String::from_utf8_lossy(o.as_deref().unwrap_or_default()).into_owned(),
+                    );
                 }
-                eprintln!("{started} started, {failed} failed; time to running p50 {:.2} ms, p99 {:.2} ms", pct(0.5), pct(0.99));
             }
-            if failed > 0 {
+            for k in &children {
+                if let (false, Some(why)) = (k.ok(), &k.reason) {
+                    eprintln!("forkctl: child {}: {why}", k.index);
+                }
+            }
+            let report = SpawnReport::new(count, children, t0.elapsed().as_secs_f64() * 1e3);
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                eprintln!("{}", report.summary());
+            }
+            if report.failed > 0 {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Cmd::Ps { seed } => {
-            let l = c
+            let mut l = c
                 .list_instances(pb::ListInstancesRequest {
                     seed_id: seed.unwrap_or_default(),
                 })
                 .await
                 .map_err(status_err)?
-                .into_inner();
+                .into_inner()
+                .instances;
+            l.sort_by(|a, b| natural_cmp(&a.id, &b.id));
             if cli.json {
-                let v: Vec<Value> = l.instances.iter().map(|i| json!({ "id": i.id, "seed_id": i.seed_id, "pid": i.pid, "state": i.state, "labels": i.labels })).collect();
+                let v: Vec<Value> = l
+                    .iter()
+                    .map(|i| {
+                        json!({ "id": i.id, "seed_id": i.seed_id, "pid": i.pid, "state": i.state,
+                                "labels": i.labels, "started_unix_ms": i.started_unix_ms })
+                    })
+                    .collect();
                 writeln!(out, "{}", Value::Array(v))?;
             } else {
-                writeln!(out, "{:<28} {:<18} {:>8} STATE", "INSTANCE", "SEED", "PID")?;
-                for i in l.instances {
-                    writeln!(
-                        out,
-                        "{:<28} {:<18} {:>8} {}",
-                        i.id, i.seed_id, i.pid, i.state
-                    )?;
+                let mut t = Table::new(&[
+                    "INSTANCE",
+                    "SEED",
+                    ">PID",
+                    "STATE",
+                    "STARTED (UTC)",
+                    "LABELS",
+                ]);
+                for i in l {
+                    let mut labels: Vec<String> =
+                        i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    labels.sort_by(|a, b| natural_cmp(a, b));
+                    t.row(vec![
+                        i.id,
+                        i.seed_id,
+                        i.pid.to_string(),
+                        i.state,
+                        utc(i.started_unix_ms),
+                        labels.join(","),
+                    ]);
                 }
+                t.write(&mut out)?;
             }
         }
         Cmd::Kill { id } => {
@@ -478,28 +626,94 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            let t: Vec<Value> = n
-                .transports
-                .iter()
-                .map(|t| json!({ "name": t.name, "available": t.available, "reason": t.reason }))
-                .collect();
-            let v = json!({
-                "version": n.version, "hostname": n.hostname, "kernel": n.kernel, "vdso_hash": n.vdso_hash,
-                "transports": t, "cpus": n.cpus, "memory_bytes": n.memory_bytes, "seeds": n.seeds,
-                "instances_running": n.instances_running, "pss_bytes": n.pss_bytes,
-                "transport": {"configured": n.transport, "selected": n.transport_selected,
-                              "reason": n.transport_reason},
-            });
-            writeln!(
-                out,
-                "{}",
-                if cli.json {
-                    v.to_string()
-                } else {
-                    serde_json::to_string_pretty(&v)?
+            if cli.json {
+                let t: Vec<Value> = n
+                    .transports
+                    .iter()
+                    .map(
+                        |t| json!({ "name": t.name, "available": t.available, "reason": t.reason }),
+                    )
+                    .collect();
+                let v = json!({
+                    "version": n.version, "hostname": n.hostname, "kernel": n.kernel, "vdso_hash": n.vdso_hash,
+                    "transports": t, "cpus": n.cpus, "memory_bytes": n.memory_bytes, "seeds": n.seeds,
+                    "instances_running": n.instances_running, "pss_bytes": n.pss_bytes,
+                    "transport": {"configured": n.transport, "selected": n.transport_selected,
+                                  "reason": n.transport_reason},
+                });
+                writeln!(out, "{v}")?;
+            } else {
+                let mut kv = vec![
+                    ("node", n.hostname.clone()),
+                    ("forkd", n.version.clone()),
+                    ("kernel", n.kernel.clone()),
+                    ("vdso", n.vdso_hash.chars().take(16).collect()),
+                    ("cpus", n.cpus.to_string()),
+                    ("memory", format!("{} MiB", forkd::cli::mib(n.memory_bytes))),
+                    ("seeds", n.seeds.to_string()),
+                    ("running", n.instances_running.to_string()),
+                    (
+                        "forkd memory (PSS)",
+                        format!("{} MiB", forkd::cli::mib(n.pss_bytes)),
+                    ),
+                    (
+                        "pages from other nodes",
+                        format!(
+                            "{} (--transport {}): {}",
+                            n.transport_selected, n.transport, n.transport_reason
+                        ),
+                    ),
+                ];
+                for t in &n.transports {
+                    kv.push((
+                        "transport",
+                        format!(
+                            "{} {}{}",
+                            t.name,
+                            if t.available {
+                                "available"
+                            } else {
+                                "unavailable"
+                            },
+                            if t.reason.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", t.reason)
+                            }
+                        ),
+                    ));
                 }
-            )?;
+                key_values(&mut out, &kv)?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Await `f`, showing `what... N s` on a terminal's stderr (when `show`)
+/// once it takes longer than a second: a capture of a large process.
+async fn with_progress<F: std::future::Future>(show: bool, what: &str, f: F) -> F::Output {
+    if !show || !forkd::cli::colour(&std::io::stderr()) {
+        return f.await;
+    }
+    let t0 = std::time::Instant::now();
+    tokio::pin!(f);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    let mut shown = false;
+    loop {
+        tokio::select! {
+            r = &mut f => {
+                if shown {
+                    eprint!("\r\x1b[K");
+                }
+                return r;
+            }
+            _ = tick.tick() => {
+                if t0.elapsed().as_secs_f64() >= 1.0 {
+                    eprint!("\r\x1b[K{what}... {:.1} s", t0.elapsed().as_secs_f64());
+                    shown = true;
+                }
+            }
+        }
+    }
 }

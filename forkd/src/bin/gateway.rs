@@ -56,17 +56,17 @@ struct Cli {
     /// off, window or recorded.
     #[arg(long, default_value = "recorded")]
     prefetch: String,
+    /// Largest request body accepted (then 413).
+    #[arg(long, default_value_t = 2 << 20)]
+    max_body_bytes: usize,
+    /// Log format on stderr: text (coloured on a terminal only) or json.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: forkd::cli::LogFormat,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    forkd::cli::init_logging("info", cli.log_format);
     let token = match &cli.token_file {
         Some(p) => match std::fs::read_to_string(p) {
             Ok(t) => Some(t.trim().to_string()),
@@ -91,6 +91,7 @@ fn main() -> ExitCode {
         max_queue: cli.max_queue,
         spawn_batch: cli.spawn_batch,
         prefetch: cli.prefetch,
+        max_body_bytes: cli.max_body_bytes,
         ..Config::default()
     };
     let rt = match tokio::runtime::Runtime::new() {

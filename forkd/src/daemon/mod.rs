@@ -6,7 +6,10 @@
 //! directory and survive restarts; children are started by long-lived
 //! spawner threads and served by each seed's pager.
 
+pub mod authority;
+pub mod health;
 pub mod pageserver;
+pub mod readyline;
 pub mod registry;
 pub mod spawner;
 pub mod transport;
@@ -70,6 +73,8 @@ pub struct Config {
     /// A seed's node template unused this long is dropped (it holds a copy
     /// of the seed's memory); the next spawn builds it again.
     pub template_idle_s: u64,
+    /// On SIGTERM, how long spawns under way may run on before forkd stops.
+    pub drain_s: u64,
 }
 
 impl Default for Config {
@@ -89,6 +94,7 @@ impl Default for Config {
             peer_token_file: None,
             page_deadline_ms: 5000,
             template_idle_s: 600,
+            drain_s: 20,
         }
     }
 }
@@ -180,6 +186,7 @@ pub struct State {
     hostname: String,
     transport: String,
     transports: transport::Transports,
+    life: Arc<health::Lifecycle>,
 }
 
 fn now_ms() -> u64 {
@@ -504,7 +511,7 @@ impl Service {
             .envs(&c.env)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null());
+            .stderr(std::process::Stdio::piped());
         if !c.cwd.is_empty() {
             cmd.current_dir(&c.cwd);
         }
@@ -514,27 +521,13 @@ impl Service {
         let pid = child
             .id()
             .ok_or_else(|| Status::internal("the command exited at once"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| Status::internal("no stdout"))?;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
         let timeout = std::time::Duration::from_millis(if c.ready_timeout_ms == 0 {
             30_000
         } else {
             c.ready_timeout_ms as u64
         });
-        let ready = tokio::time::timeout(timeout, async {
-            while let Ok(Some(l)) = lines.next_line().await {
-                if l.trim() == c.ready_line.trim() {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        let result = match ready {
-            Ok(true) => {
+        let result = match readyline::wait(&mut child, &c.argv, &c.ready_line, timeout).await {
+            Ok(()) => {
                 let default = std::path::Path::new(&c.argv[0])
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
@@ -542,14 +535,7 @@ impl Service {
                 self.create_from_pid(pid, if name.is_empty() { default } else { name }, false)
                     .await
             }
-            Ok(false) => Err(Status::failed_precondition(format!(
-                "{:?} exited before printing {:?}",
-                c.argv, c.ready_line
-            ))),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "{:?} did not print {:?} within {:?}",
-                c.argv, c.ready_line, timeout
-            ))),
+            Err(e) => Err(e),
         };
         // The seed holds the process now; the original is not needed.
         let _ = child.kill().await;
@@ -563,6 +549,7 @@ impl Forkd for Service {
         &self,
         req: Request<pb::CreateSeedRequest>,
     ) -> Result<Response<pb::Seed>, Status> {
+        let _work = self.state.life.admit("seed captures")?;
         let r = req.into_inner();
         match r.source {
             Some(pb::create_seed_request::Source::Pid(pid)) => self
@@ -618,6 +605,7 @@ impl Forkd for Service {
         &self,
         req: Request<pb::SpawnRequest>,
     ) -> Result<Response<Self::SpawnStream>, Status> {
+        let work = self.state.life.admit("spawns")?;
         let remote = req.extensions().get::<Remote>().is_some();
         let r = req.into_inner();
         let target = self.target_for(r.seed.as_ref(), &r.origin, remote).await?;
@@ -645,6 +633,7 @@ impl Forkd for Service {
         let labels = r.labels;
         let args = r.args;
         tokio::spawn(async move {
+            let _work = work;
             let mut waiters = Vec::new();
             // Queue every child at once (the spawner threads take them in
             // order, as fast as they can), then follow each in turn.
@@ -746,7 +735,10 @@ impl Forkd for Service {
                 let _ = w.await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let events = ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(
+            self.state.life.until_stopped(events),
+        )))
     }
 
     async fn list_instances(
@@ -896,7 +888,7 @@ impl Forkd for Service {
         let rx = self.state.events.subscribe();
         let s = tokio_stream::wrappers::BroadcastStream::new(rx)
             .map(|r| r.map_err(|e| Status::data_loss(format!("watcher fell behind: {e}"))));
-        Ok(Response::new(Box::pin(s)))
+        Ok(Response::new(Box::pin(self.state.life.until_stopped(s))))
     }
 }
 
@@ -1203,6 +1195,27 @@ async fn serve_coop(listener: tokio::net::UnixListener, svc: Service) {
     }
 }
 
+/// Requests over TCP must carry `expected` as their authorization; those
+/// that do are marked [`Remote`].
+fn token_check(
+    expected: String,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |mut req: Request<()>| match req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(v) if v == expected => {
+            req.extensions_mut().insert(Remote);
+            Ok(req)
+        }
+        Some(_) => Err(Status::unauthenticated("wrong token")),
+        None => Err(Status::unauthenticated(
+            "a bearer token is required on TCP (authorization: Bearer ...)",
+        )),
+    }
+}
+
 /// Wait for the process behind `pidfd` to end and reap it.
 async fn wait_pidfd(pidfd: std::os::fd::OwnedFd) -> std::io::Result<kernel_helpers::proc::Ended> {
     use std::os::fd::AsRawFd;
@@ -1244,6 +1257,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         source,
     })?;
     let (events, _) = broadcast::channel(65536);
+    let (life, health) = health::Lifecycle::new(std::time::Duration::from_secs(cfg.drain_s)).await;
     let state = Arc::new(State {
         registry,
         spawner,
@@ -1270,6 +1284,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         hostname: remotefork::procfs::sysctl("kernel/hostname"),
         transport: cfg.transport.clone(),
         transports,
+        life: life.clone(),
     });
     let svc = Service {
         state: state.clone(),
@@ -1334,60 +1349,69 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         tokio::spawn(serve_metrics(l, state.clone()));
     }
     info!(socket = %cfg.socket.display(), coop = %coop_path.display(), seeds = state.registry.len(), "forkd serving");
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-    };
+    let (reflect_v1, reflect_v1alpha) =
+        health::reflection().map_err(|e| ServeError::Config(format!("reflection: {e}")))?;
+    // Unix socket clients whose :authority h2 refuses (grpcio) get theirs mended.
+    let uds = UnixListenerStream::new(uds).map(|r| r.map(authority::AuthorityFix::new));
     let local = tonic::transport::Server::builder()
+        .add_service(health.clone())
+        .add_service(reflect_v1.clone())
+        .add_service(reflect_v1alpha.clone())
         .add_service(ForkdServer::new(svc.clone()))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), shutdown);
-    match (cfg.listen, token) {
-        (Some(addr), Some(token)) => {
-            let listener = tokio::net::TcpListener::bind(&addr)
-                .await
-                .map_err(|source| ServeError::Io {
-                    what: format!("binding {addr}"),
-                    source,
-                })?;
-            info!(%addr, "forkd serving on TCP (token required)");
-            let expected = format!("Bearer {token}");
-            let check = move |mut req: Request<()>| -> Result<Request<()>, Status> {
-                match req
-                    .metadata()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                {
-                    Some(v) if v == expected => {
-                        req.extensions_mut().insert(Remote);
-                        Ok(req)
-                    }
-                    Some(_) => Err(Status::unauthenticated("wrong token")),
-                    None => Err(Status::unauthenticated(
-                        "a bearer token is required on TCP (authorization: Bearer ...)",
-                    )),
-                }
-            };
-            let remote = tonic::transport::Server::builder()
-                .add_service(ForkdServer::with_interceptor(svc, check))
-                // Nagle would hold a child's small stream events back for
-                // the peer's delayed ACK (40 ms).
-                .serve_with_incoming(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|r| {
-                        r.inspect(|s| {
-                            let _ = s.set_nodelay(true);
-                        })
-                    }),
-                );
-            tokio::select! {
-                r = local => r?,
-                r = remote => r?,
+        .serve_with_incoming_shutdown(uds, life.stopped());
+    let servers = async {
+        match (cfg.listen, token) {
+            (Some(addr), Some(token)) => {
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .map_err(|source| ServeError::Io {
+                        what: format!("binding {addr}"),
+                        source,
+                    })?;
+                info!(%addr, "forkd serving on TCP (token required)");
+                let check = token_check(format!("Bearer {token}"));
+                let remote = tonic::transport::Server::builder()
+                    // Health is open, as probes and load balancers send no token.
+                    .add_service(health)
+                    .add_service(tonic::service::interceptor::InterceptedService::new(
+                        reflect_v1,
+                        check.clone(),
+                    ))
+                    .add_service(tonic::service::interceptor::InterceptedService::new(
+                        reflect_v1alpha,
+                        check.clone(),
+                    ))
+                    .add_service(ForkdServer::with_interceptor(svc, check))
+                    // Nagle would hold a child's small stream events back for
+                    // the peer's delayed ACK (40 ms).
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener).map(|r| {
+                            r.inspect(|s| {
+                                let _ = s.set_nodelay(true);
+                            })
+                        }),
+                        life.stopped(),
+                    );
+                life.serving().await;
+                tokio::try_join!(local, remote)?;
+            }
+            _ => {
+                life.serving().await;
+                local.await?
             }
         }
-        _ => local.await?,
+        Ok::<(), ServeError>(())
+    };
+    tokio::spawn(life.clone().run());
+    // Connections still open a moment after the stop (a client that does
+    // not close its end) do not keep forkd from exiting.
+    let stopped = async {
+        life.stopped().await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    };
+    tokio::select! {
+        r = servers => r?,
+        _ = stopped => tracing::warn!("connections still open after the stop; closing them"),
     }
     info!("forkd stopping");
     Ok(())

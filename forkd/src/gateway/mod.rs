@@ -9,7 +9,11 @@
 //! DELETE /functions/{name}     retire its instances and drop its seed
 //! POST   /invoke/{name}        JSON event in, the handler's JSON result out
 //! GET    /metrics              Prometheus text
+//! GET    /openapi.json         the OpenAPI 3.1 description of all this
 //! ```
+//!
+//! Every error answer is JSON, `{"error": "..."}`, axum's own included
+//! (unknown path, wrong method, body too large).
 //!
 //! A function's command warms up and calls `remotefork.checkpoint()` (the
 //! Python runtime in `python/remotefork/runtime.py` does this for a plain
@@ -36,8 +40,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -158,6 +162,8 @@ pub struct Config {
     pub prefetch: String,
     /// How long a function's command may take to warm up.
     pub register_timeout: Duration,
+    /// A request body larger than this is refused (413).
+    pub max_body_bytes: usize,
 }
 
 impl Default for Config {
@@ -177,6 +183,7 @@ impl Default for Config {
             spawn_batch: 16,
             prefetch: "recorded".into(),
             register_timeout: Duration::from_secs(120),
+            max_body_bytes: 2 << 20,
         }
     }
 }
@@ -264,6 +271,10 @@ fn err(status: StatusCode, msg: impl std::fmt::Display) -> Response {
 type Shared = State<Arc<Gateway>>;
 
 async fn invoke(State(g): Shared, Path(name): Path<String>, body: Bytes) -> Response {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return InvokeError::BadRequest("the body is empty; send the event, {} for none".into())
+            .into_response();
+    }
     let f = g
         .functions
         .lock()
@@ -273,13 +284,9 @@ async fn invoke(State(g): Shared, Path(name): Path<String>, body: Bytes) -> Resp
     let Some(f) = f else {
         return InvokeError::Unknown(name).into_response();
     };
-    let event: Value = if body.iter().all(u8::is_ascii_whitespace) {
-        Value::Null
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(e) => return InvokeError::BadRequest(e.to_string()).into_response(),
-        }
+    let event: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return InvokeError::BadRequest(e.to_string()).into_response(),
     };
     match pool::invoke(&g, &f, event).await {
         Ok(v) => axum::Json(v).into_response(),
@@ -287,12 +294,22 @@ async fn invoke(State(g): Shared, Path(name): Path<String>, body: Bytes) -> Resp
     }
 }
 
+/// Longest function name.
+const MAX_NAME: usize = 128;
+
 async fn register(State(g): Shared, body: Bytes) -> Response {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "the body is empty; send the function as JSON: {\"name\", \"command\": [...]}",
+        );
+    }
     let spec: register::FunctionSpec = match serde_json::from_slice(&body) {
         Ok(s) => s,
         Err(e) => return err(StatusCode::BAD_REQUEST, format!("bad function spec: {e}")),
     };
     if spec.name.is_empty()
+        || spec.name.len() > MAX_NAME
         || !spec
             .name
             .chars()
@@ -301,7 +318,7 @@ async fn register(State(g): Shared, body: Bytes) -> Response {
         return err(
             StatusCode::BAD_REQUEST,
             format!(
-                "function name {:?} must be letters, digits, '-', '_' or '.'",
+                "function name {:?} must be 1-{MAX_NAME} letters, digits, '-', '_' or '.'",
                 spec.name
             ),
         );
@@ -396,6 +413,75 @@ async fn metrics(State(g): Shared) -> Response {
     s.into_response()
 }
 
+/// The OpenAPI description, with this build's version.
+async fn openapi() -> Response {
+    let mut v: Value = match serde_json::from_str(include_str!("openapi.json")) {
+        Ok(v) => v,
+        Err(e) => {
+            return err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("openapi.json: {e}"),
+            )
+        }
+    };
+    v["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
+    axum::Json(v).into_response()
+}
+
+async fn no_route(uri: axum::http::Uri) -> Response {
+    err(
+        StatusCode::NOT_FOUND,
+        format!("no such path {}; GET /openapi.json lists them", uri.path()),
+    )
+}
+
+/// Error answers that are not JSON yet (axum's own: a wrong method, a
+/// body too large, an extractor's refusal) become `{"error": ...}`,
+/// keeping their status and headers (`Allow` of a 405).
+async fn json_errors(
+    State(g): Shared,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let msg = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is larger than the gateway's limit of {} bytes (--max-body-bytes)",
+            g.cfg.max_body_bytes
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => format!(
+            "method not allowed here; allowed: {}",
+            parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+        ),
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_lowercase(),
+        _ => text,
+    };
+    let mut r = err(status, msg);
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            r.headers_mut().insert(k, v.clone());
+        }
+    }
+    r
+}
+
 /// Run the gateway until SIGINT/SIGTERM; `ready` is told the HTTP address
 /// once it listens.
 pub async fn serve(
@@ -479,7 +565,16 @@ pub async fn serve(
         .route("/invoke/{name}", post(invoke))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/openapi.json", get(openapi))
+        .fallback(no_route)
+        .layer(DefaultBodyLimit::max(g.cfg.max_body_bytes))
         .with_state(g.clone());
+    // Around the whole router (not each route), so that a 405's Allow
+    // header, set by the router, is there to read.
+    let app = tower::Layer::layer(
+        &axum::middleware::from_fn_with_state(g.clone(), json_errors),
+        app,
+    );
     // The line scripts and tests wait for.
     info!(http = %local, workers = %g.worker_addr, nodes = g.nodes.len(), "gateway listening");
     ready(local);
@@ -491,7 +586,7 @@ pub async fn serve(
             _ = term.recv() => {},
         }
     };
-    axum::serve(http, app)
+    axum::serve(http, axum::ServiceExt::into_make_service(app))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|error| GatewayError::Io {

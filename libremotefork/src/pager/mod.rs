@@ -236,12 +236,14 @@ enum Served {
 pub struct Pager {
     workers: Vec<(Sender<LazyChild>, Mutex<std::io::PipeWriter>)>,
     next: AtomicUsize,
+    /// The threads; each ends once the Pager is dropped and its children are gone.
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Pager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pager")
-            .field("threads", &self.workers.len())
+            .field("threads", &self.threads.len())
             .finish()
     }
 }
@@ -252,19 +254,23 @@ impl Pager {
     /// Start `threads` pager threads.
     pub fn new(threads: usize) -> std::io::Result<Pager> {
         let mut workers = Vec::new();
+        let mut handles = Vec::new();
         for i in 0..threads.max(1) {
             let (tx, rx) = channel::<LazyChild>();
             let (wake_r, wake_w) = std::io::pipe()?;
             let epoll = Epoll::new()?;
             epoll.add(wake_r.as_raw_fd(), WAKE_TOKEN)?;
-            std::thread::Builder::new()
-                .name(format!("pager-{i}"))
-                .spawn(move || worker(epoll, rx, wake_r))?;
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("pager-{i}"))
+                    .spawn(move || worker(epoll, rx, wake_r))?,
+            );
             workers.push((tx, Mutex::new(wake_w)));
         }
         Ok(Pager {
             workers,
             next: AtomicUsize::new(0),
+            threads: handles,
         })
     }
 
@@ -287,7 +293,13 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
     let mut queued: Vec<u64> = Vec::new();
     let mut next_id: u64 = 0;
     let mut ready = Vec::new();
+    // The Pager was dropped (its seed was): serve the children there are,
+    // then end.
+    let mut orphaned = false;
     loop {
+        if orphaned && children.is_empty() {
+            return;
+        }
         ready.clear();
         let busy = !queued.is_empty();
         if let Err(e) = epoll.wait(if busy { 0 } else { 1000 }, &mut ready) {
@@ -297,7 +309,12 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
         for &(token, _hup) in &ready {
             if token == WAKE_TOKEN {
                 let mut b = [0u8; 64];
-                let _ = wake.read(&mut b);
+                if let Ok(0) = wake.read(&mut b) {
+                    // The write end is gone: the pipe would stay readable
+                    // (at end of file) and spin this loop.
+                    epoll.remove(wake.as_raw_fd());
+                    orphaned = true;
+                }
                 while let Ok(c) = rx.try_recv() {
                     add_child(&epoll, &mut children, &mut next_id, c);
                 }
@@ -725,5 +742,24 @@ fn serve(st: &mut ChildState, addr: u64) -> Served {
     match r {
         Ok(s) => s,
         Err(reason) => Served::Failed(reason),
+    }
+}
+
+#[cfg(test)]
+mod pager_tests {
+    use super::*;
+
+    #[test]
+    fn pager_threads_end_when_the_pager_is_dropped() {
+        let mut p = Pager::new(2).unwrap();
+        let threads = std::mem::take(&mut p.threads);
+        assert!(threads.iter().all(|t| !t.is_finished()));
+        drop(p);
+        // They used to spin on the wake pipe's end of file for ever.
+        let t0 = Instant::now();
+        while !threads.iter().all(|t| t.is_finished()) {
+            assert!(t0.elapsed().as_secs() < 120, "pager threads still running");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
