@@ -493,7 +493,10 @@ print(json.dumps({{'first': first.decode(), 'next': os.read(fd, 3).decode(), 'pi
         let lines = std::fs::read_to_string(&log).unwrap();
         assert_eq!(lines.lines().count(), 5, "{args:?}: {lines:?}");
         for k in kids {
-            assert!(lines.contains(&format!("line from {}\n", k["pid"])), "{lines:?}");
+            assert!(
+                lines.contains(&format!("line from {}\n", k["pid"])),
+                "{lines:?}"
+            );
         }
     }
 }

@@ -21,6 +21,7 @@ const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
 const UFFDIO_POISON: libc::c_ulong = 0xc020_aa08;
 const UFFDIO_CONTINUE: libc::c_ulong = 0xc020_aa07;
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
 
 /// `UFFD_FEATURE_EVENT_FORK`.
 pub const FEATURE_EVENT_FORK: u64 = 1 << 1;
@@ -218,6 +219,12 @@ struct CopyArg {
 }
 
 #[repr(C)]
+struct WriteProtectArg {
+    range: Range,
+    mode: u64,
+}
+
+#[repr(C)]
 struct ZeroArg {
     range: Range,
     mode: u64,
@@ -384,6 +391,32 @@ impl Uffd {
         let r =
             unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z as *mut ZeroArg) };
         fill_result(r, z.zeropage)
+    }
+
+    /// Is the address space this userfaultfd serves still there? A
+    /// userfaultfd handed over by `UFFD_EVENT_FORK` outlives its process
+    /// (an exit, an exec): then every range ioctl fails with `ESRCH`. The
+    /// probe is `UFFDIO_WRITEPROTECT` (un-protect) of one page at `addr`,
+    /// which changes nothing: ranges here are never registered for
+    /// write-protection, so a live address space answers `ENOENT`.
+    pub fn mm_alive(&self, addr: u64) -> bool {
+        let mut a = WriteProtectArg {
+            range: Range {
+                start: addr & !4095,
+                len: 4096,
+            },
+            mode: 0,
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT reads and writes one uffdio_writeprotect,
+        // which `a` is, for the duration of the call.
+        let r = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                UFFDIO_WRITEPROTECT,
+                &mut a as *mut WriteProtectArg,
+            )
+        };
+        !(r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH))
     }
 
     /// `UFFDIO_POISON`: accesses to `[dst, dst+len)` raise `SIGBUS`.
@@ -590,6 +623,10 @@ mod tests {
         assert_eq!(
             UFFDIO_ZEROPAGE,
             iowr(0x04, std::mem::size_of::<ZeroArg>() as u64)
+        );
+        assert_eq!(
+            UFFDIO_WRITEPROTECT,
+            iowr(0x06, std::mem::size_of::<WriteProtectArg>() as u64)
         );
     }
 }

@@ -185,6 +185,26 @@ pub fn parse_uffd_missing(smaps: &str) -> Vec<u64> {
     out
 }
 
+/// The children of every thread of `pid` (`/proc/PID/task/*/children`),
+/// sorted; empty if it is gone.
+pub fn children(pid: pid_t) -> Vec<pid_t> {
+    let mut out: Vec<pid_t> = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        out.extend(
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|s| s.parse::<pid_t>().ok()),
+        );
+    }
+    out.sort_unstable();
+    out
+}
+
 /// [`parse_uffd_missing`] of `/proc/PID/smaps`.
 pub fn uffd_missing(pid: pid_t) -> Result<Vec<u64>, ProcfsError> {
     Ok(parse_uffd_missing(&read_string(pid, "smaps")?))

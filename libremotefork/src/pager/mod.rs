@@ -180,8 +180,10 @@ impl ChildStats {
 
 /// A child handed to the pager.
 pub struct LazyChild {
-    /// Its pid (None for a forked grandchild).
+    /// Its pid (None for a forked grandchild until the pager finds it).
     pub pid: Option<i32>,
+    /// A forked grandchild's: the pid of the process that forked it.
+    pub parent_pid: Option<i32>,
     /// Its userfaultfd, set up and registered.
     pub uffd: Uffd,
     /// Its pidfd, to notice its exit.
@@ -296,13 +298,23 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
     // The Pager was dropped (its seed was): serve the children there are,
     // then end.
     let mut orphaned = false;
+    // Forked grandchildren whose pid is still to be found, since when.
+    let mut unresolved: Vec<(u64, Instant)> = Vec::new();
+    let mut probed = Instant::now();
     loop {
         if orphaned && children.is_empty() {
             return;
         }
         ready.clear();
         let busy = !queued.is_empty();
-        if let Err(e) = epoll.wait(if busy { 0 } else { 1000 }, &mut ready) {
+        let timeout = if busy {
+            0
+        } else if !unresolved.is_empty() {
+            2
+        } else {
+            1000
+        };
+        if let Err(e) = epoll.wait(timeout, &mut ready) {
             warn!(error = %e, "pager epoll failed");
             return;
         }
@@ -322,9 +334,20 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
             }
             let id = token >> 1;
             if token & 1 == 1 {
-                // The child exited.
-                if let Some(st) = children.remove(&id) {
-                    finish(&epoll, st);
+                // The child exited; a grandchild's pid was found by a
+                // guess, so its address space must be gone too.
+                let gone = children
+                    .get(&id)
+                    .is_none_or(|st| st.c.parent_pid.is_none() || !st.alive());
+                if gone {
+                    if let Some(st) = children.remove(&id) {
+                        finish(&epoll, st);
+                    }
+                } else if let Some(st) = children.get_mut(&id) {
+                    if let Some(p) = st.c.pidfd.take() {
+                        epoll.remove(p.as_raw_fd());
+                    }
+                    st.c.pid = None;
                 }
                 continue;
             }
@@ -354,12 +377,36 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
                 None => Ok(()),
             };
             for f in forks {
-                add_child(&epoll, &mut children, &mut next_id, f);
+                let grandchild = f.pid.is_none() && f.parent_pid.is_some();
+                if let Some(gid) = add_child(&epoll, &mut children, &mut next_id, f) {
+                    if grandchild {
+                        unresolved.push((gid, Instant::now()));
+                    }
+                }
             }
             if let Err(reason) = outcome {
                 if let Some(st) = children.remove(&id) {
                     finish(&epoll, st);
                     debug!(reason, "stopped serving a child");
+                }
+            }
+        }
+        if !unresolved.is_empty() {
+            resolve_grandchildren(&epoll, &mut children, &mut unresolved);
+        }
+        // A forked grandchild's userfaultfd outlives its address space (an
+        // exit, an exec): let go of those, so forkd's descriptors and
+        // tables do not grow with every fork.
+        if probed.elapsed() >= std::time::Duration::from_secs(1) {
+            probed = Instant::now();
+            let dead: Vec<u64> = children
+                .iter()
+                .filter(|(_, st)| st.c.on_fork.is_none() && !st.alive())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in dead {
+                if let Some(st) = children.remove(&id) {
+                    finish(&epoll, st);
                 }
             }
         }
@@ -389,12 +436,12 @@ fn add_child(
     children: &mut HashMap<u64, ChildState>,
     next_id: &mut u64,
     c: LazyChild,
-) {
+) -> Option<u64> {
     let id = *next_id;
     *next_id += 1;
     if let Err(e) = epoll.add(c.uffd.raw(), id << 1) {
         fail(&c, None, &format!("cannot watch its userfaultfd: {e}"));
-        return;
+        return None;
     }
     if let Some(p) = &c.pidfd {
         if let Err(e) = epoll.add(p.as_raw_fd(), (id << 1) | 1) {
@@ -402,9 +449,79 @@ fn add_child(
         }
     }
     children.insert(id, ChildState::new(c));
+    Some(id)
+}
+
+/// How long a forked grandchild's pid is looked for.
+const RESOLVE_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Find the pids of forked grandchildren (`UFFD_EVENT_FORK` gives only the
+/// new userfaultfd): a child of the forking process, not known here, whose
+/// address space is not the forker's (a `vfork` child shares it) and has
+/// userfaultfd-registered memory (an exec'd child has none). The pid is
+/// then used to kill the grandchild with a reason and to notice its exit;
+/// whether its userfaultfd is still needed is always asked of the
+/// userfaultfd itself ([`ChildState::alive`]), so a wrong guess never
+/// drops a live one.
+fn resolve_grandchildren(
+    epoll: &Epoll,
+    children: &mut HashMap<u64, ChildState>,
+    unresolved: &mut Vec<(u64, Instant)>,
+) {
+    let mut known: HashSet<i32> = children.values().filter_map(|st| st.c.pid).collect();
+    unresolved.retain(|&(id, since)| {
+        let Some(st) = children.get_mut(&id) else {
+            return false;
+        };
+        let Some(parent) = st.c.parent_pid else {
+            return false;
+        };
+        let found = crate::procfs::children(parent)
+            .into_iter()
+            .filter(|g| !known.contains(g))
+            .find(|&g| forked_from(parent, g));
+        match found {
+            Some(g) => {
+                known.insert(g);
+                st.c.pid = Some(g);
+                if let Ok(p) = kernel_helpers::uffd::pidfd_open(g) {
+                    if epoll.add(p.as_raw_fd(), (id << 1) | 1).is_ok() {
+                        st.c.pidfd = Some(p);
+                    }
+                }
+                debug!(parent, pid = g, "found a forked grandchild");
+                false
+            }
+            None => since.elapsed() < RESOLVE_FOR,
+        }
+    });
+}
+
+/// Is `g` a fork (not a `vfork`, not exec'd since) of `parent`?
+fn forked_from(parent: i32, g: i32) -> bool {
+    // SAFETY: kcmp compares two processes' address spaces; no memory is passed.
+    let same_vm = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            parent as libc::c_long,
+            g as libc::c_long,
+            0 as libc::c_long, // KCMP_VM
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    same_vm != 0 && crate::procfs::uffd_missing(g).is_ok_and(|r| !r.is_empty())
 }
 
 impl ChildState {
+    /// Is the address space this child's userfaultfd serves still there?
+    fn alive(&self) -> bool {
+        self.c
+            .table
+            .first_addr()
+            .is_none_or(|a| self.c.uffd.mm_alive(a))
+    }
+
     fn new(c: LazyChild) -> ChildState {
         // A template never runs: its children record.
         let record = c.seed.working_set().is_none() && c.pid.is_some() && c.on_fork.is_none();
@@ -487,6 +604,7 @@ fn service(st: &mut ChildState, forks: &mut Vec<LazyChild>) -> Result<(), String
                     set_nonblocking(&fd);
                     let child = LazyChild {
                         pid: None,
+                        parent_pid: st.c.pid,
                         uffd: Uffd::from_owned(fd),
                         pidfd: None,
                         table: st.c.table.clone(),

@@ -73,6 +73,11 @@ impl PageTable {
         (page < start + r.slots.len() as u64 * PAGE_SIZE).then_some(r.fill)
     }
 
+    /// The first address of the first region, if there is one.
+    pub fn first_addr(&self) -> Option<u64> {
+        self.regions.keys().next().copied()
+    }
+
     /// Number of tracked pages.
     pub fn pages(&self) -> usize {
         self.regions.values().map(|r| r.slots.len()).sum()

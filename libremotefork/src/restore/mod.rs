@@ -675,6 +675,7 @@ impl Core {
         let stats = Arc::new(ChildStats::default());
         let mut child = LazyChild {
             pid: Some(pid),
+            parent_pid: None,
             uffd,
             pidfd: Some(pidfd),
             table,
