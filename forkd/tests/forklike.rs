@@ -770,3 +770,90 @@ fn capture_takes_offsets_and_shared_memory_from_the_frozen_instant() {
         );
     }
 }
+
+/// A warm Python whose first stdin line says what to do: `forks N` (fork and
+/// reap N children, one at a time), or a path (daemonise: a grandchild
+/// sums the warm table after the child has exited and writes it there).
+const FORKING_PYTHON: &str = r#"
+import os, sys, json, time
+data = {i: i * i for i in range(200000)}
+print('ready', flush=True)
+line = sys.stdin.readline().strip()
+if line.startswith('forks '):
+    n = int(line.split()[1])
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    print('forked', n, flush=True)
+else:
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        time.sleep(0.5)
+        s = sum(data.values())
+        with open(line + '.tmp', 'w') as f:
+            f.write(json.dumps({'sum': s, 'pid': os.getpid()}))
+        os.rename(line + '.tmp', line)
+        os._exit(0)
+    print('daemonized', pid, flush=True)
+"#;
+
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn forks_in_lazy_children_are_served_and_leave_nothing_behind() {
+    if !require_root("forks_in_lazy_children_are_served_and_leave_nothing_behind") {
+        return;
+    }
+    let dir = scratch("grandchildren");
+    let d = Daemon::start(&dir, false);
+    let forkd_pid = d.child.id() as i32;
+    let seed = python_seed(|a| d.ctl(a), FORKING_PYTHON);
+    let x = one_child(&d, &seed, "forks 1\n", &["--prefetch", "off"]);
+    assert_eq!(x["stdout"], "forked 1\n", "{x}");
+    // Settled: the template, its spare, the first child's fork gone.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = fd_count(forkd_pid);
+    for _ in 0..3 {
+        let x = one_child(&d, &seed, "forks 40\n", &["--prefetch", "off"]);
+        assert_eq!(x["stdout"], "forked 40\n", "{x}");
+    }
+    // 120 forks later, forkd holds no more descriptors than before (the
+    // pager lets go of a grandchild's userfaultfd within a second or two
+    // of its end).
+    let t = Instant::now();
+    while fd_count(forkd_pid) > before + 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "forkd holds {} descriptors, {before} before 120 forks",
+            fd_count(forkd_pid)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A daemonising child: it exits at once; its grandchild, in its own
+    // session, reads the whole warm table half a second later, through
+    // the pager, and gets it right.
+    let out = dir.join("daemon-out.json");
+    let x = one_child(
+        &d,
+        &seed,
+        &format!("{}\n", out.display()),
+        &["--prefetch", "off"],
+    );
+    assert!(
+        x["stdout"].as_str().unwrap().starts_with("daemonized "),
+        "{x}"
+    );
+    assert_eq!(x["exit_code"], 0);
+    wait_for("the grandchild's answer", || out.exists());
+    let a: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let want: u64 = (0..200000u64).map(|i| i * i).sum();
+    assert_eq!(a["sum"], want, "{a}");
+}

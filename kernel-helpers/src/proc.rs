@@ -205,9 +205,94 @@ pub fn try_reap(pidfd: std::os::fd::RawFd) -> io::Result<Option<Ended>> {
     }))
 }
 
+/// `struct pidfd_info` (Linux 6.13+; the exit fields 6.15+).
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    pid: u32,
+    tgid: u32,
+    ppid: u32,
+    ruid: u32,
+    rgid: u32,
+    euid: u32,
+    egid: u32,
+    suid: u32,
+    sgid: u32,
+    fsuid: u32,
+    fsgid: u32,
+    exit_code: i32,
+    coredump_mask: u32,
+    spare: u32,
+}
+
+/// `PIDFD_GET_INFO`: `_IOWR(0xFF, 11, struct pidfd_info)`.
+const PIDFD_GET_INFO: libc::c_ulong =
+    (3 << 30) | ((std::mem::size_of::<PidfdInfo>() as libc::c_ulong) << 16) | (0xFF << 8) | 11;
+/// `PIDFD_INFO_EXIT`.
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+
+/// How the process behind `pidfd` ended, for a process that is not our
+/// child (`PIDFD_GET_INFO` with `PIDFD_INFO_EXIT`, Linux 6.15+: the kernel
+/// keeps the status with the pidfd once the process has been reaped by
+/// whoever its parent is). `Ok(None)`: it has not ended yet, or the kernel
+/// keeps no status for it (then `Err` names why on older kernels).
+pub fn pidfd_exit_status(pidfd: std::os::fd::RawFd) -> io::Result<Option<Ended>> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..Default::default()
+    };
+    // SAFETY: PIDFD_GET_INFO reads and writes one struct pidfd_info, which
+    // `info` is (with the kernel's layout), for the duration of the call.
+    let r = unsafe { libc::ioctl(pidfd, PIDFD_GET_INFO, &mut info as *mut PidfdInfo) };
+    if r != 0 {
+        let e = last_os_error();
+        // ESRCH: the process is gone and its pidfd carries no status.
+        return match e.raw_os_error() {
+            Some(libc::ESRCH) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if info.mask & PIDFD_INFO_EXIT == 0 {
+        return Ok(None);
+    }
+    let st = info.exit_code;
+    Ok(Some(if libc::WIFSIGNALED(st) {
+        Ended::Killed(libc::WTERMSIG(st))
+    } else {
+        Ended::Exited(libc::WEXITSTATUS(st))
+    }))
+}
+
+/// `pidfd_send_signal(pidfd, sig)`: signal the process behind `pidfd`
+/// (never another that reused its pid).
+pub fn pidfd_signal(pidfd: std::os::fd::RawFd, sig: i32) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with no siginfo and no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd as libc::c_long,
+            sig as libc::c_long,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if r != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pidfd_info_layout_matches_the_kernel() {
+        assert_eq!(std::mem::size_of::<PidfdInfo>(), 72);
+        assert_eq!(PIDFD_GET_INFO, 0xc048_ff0b);
+    }
 
     #[test]
     fn own_limits_and_robust_list() {

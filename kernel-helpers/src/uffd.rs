@@ -237,6 +237,11 @@ impl Uffd {
         Uffd { fd }
     }
 
+    /// A copy of the descriptor (the same userfaultfd).
+    pub fn dup(&self) -> std::io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
     /// Take descriptor `fd` of process `pid` with `pidfd_open` + `pidfd_getfd`.
     pub fn take_from(pid: i32, fd: i32) -> Result<Uffd, UffdError> {
         let err = |source| UffdError::TakeFd { pid, fd, source };

@@ -77,14 +77,23 @@ pub struct SeedMetrics {
 }
 
 /// One seed's pages on this node, shared by all its children.
-#[derive(Debug)]
 pub struct SeedPages {
     /// The node-local cache in front of the seed's page source.
     pub cache: SeedCache,
+    /// Told about every grandchild forked in a child of this seed.
+    pub fork_sink: Mutex<Option<ForkSink>>,
     working_set: Mutex<Option<Arc<Vec<u64>>>>,
     working_set_file: Option<PathBuf>,
     /// Metrics.
     pub metrics: SeedMetrics,
+}
+
+impl std::fmt::Debug for SeedPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeedPages")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SeedPages {
@@ -102,6 +111,7 @@ impl SeedPages {
             });
         SeedPages {
             cache,
+            fork_sink: Mutex::new(None),
             working_set: Mutex::new(ws),
             working_set_file,
             metrics: SeedMetrics::default(),
@@ -200,21 +210,140 @@ pub struct LazyChild {
     /// their pid and handed back with [`Pager::add`]) instead of being
     /// served at once as anonymous grandchildren.
     pub on_fork: Option<Sender<LazyChild>>,
+    /// Where its address-space events are written down (see [`Journal`]).
+    pub journal: Option<Journal>,
+    /// A forked grandchild's number in [`ForkEvent`]s.
+    pub fork_id: Option<u64>,
+    /// The regions its table was built with, before any event: (start,
+    /// length, filled from the cache). With the journal, what rebuilds it.
+    pub initial: Arc<Vec<(u64, u64, bool)>>,
 }
+
+/// A child's address-space events (remove, unmap, remap), appended as the
+/// pager handles them, so that a later forkd, handed the child's
+/// userfaultfd after a restart, rebuilds its page table exactly: the table
+/// built from the seed, then these events in order. A forked grandchild's
+/// journal starts as a copy of its parent's.
+#[derive(Debug)]
+pub struct Journal {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+/// Bytes of one journal record: a tag and three words.
+const JOURNAL_RECORD: usize = 25;
+
+impl Journal {
+    /// A new, empty journal at `path`.
+    pub fn create(path: PathBuf) -> std::io::Result<Journal> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
+        Ok(Journal { file, path })
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn record(&mut self, tag: u8, a: u64, b: u64, c: u64) {
+        let mut r = [0u8; JOURNAL_RECORD];
+        r[0] = tag;
+        r[1..9].copy_from_slice(&a.to_le_bytes());
+        r[9..17].copy_from_slice(&b.to_le_bytes());
+        r[17..25].copy_from_slice(&c.to_le_bytes());
+        // One write: a record is all there or not at all.
+        if let Err(e) = self.file.write_all(&r) {
+            warn!(journal = %self.path.display(), error = %e, "cannot write down a child's address-space event; a restart of forkd will not hand it over");
+        }
+    }
+
+    /// A copy of this journal at `path`, for a child forked now.
+    fn fork(&self, path: PathBuf) -> std::io::Result<Journal> {
+        std::fs::copy(&self.path, &path)?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path)?;
+        Ok(Journal { file, path })
+    }
+
+    /// Apply the journal at `path` to `table`, in order.
+    pub fn replay(path: &std::path::Path, table: &mut PageTable) -> std::io::Result<u64> {
+        let bytes = std::fs::read(path)?;
+        let w = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+        let mut n = 0;
+        for r in bytes.chunks_exact(JOURNAL_RECORD) {
+            let (a, b, c) = (w(&r[1..9]), w(&r[9..17]), w(&r[17..25]));
+            match r[0] {
+                b'R' => table.remove(a, b),
+                b'U' => table.unmap(a, b),
+                b'M' => table.remap(a, b, c),
+                t => {
+                    return Err(std::io::Error::other(format!(
+                        "journal {}: unknown record {t}",
+                        path.display()
+                    )))
+                }
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What the pager tells about children forked inside lazily served
+/// children (their userfaultfds must outlive forkd with them).
+#[derive(Debug)]
+pub enum ForkEvent {
+    /// A child forked a grandchild, served from now on.
+    Forked {
+        /// The grandchild's number.
+        id: u64,
+        /// The pid of the process that forked it, if known.
+        parent_pid: Option<i32>,
+        /// A copy of its userfaultfd.
+        uffd: OwnedFd,
+        /// Its journal.
+        journal: Option<PathBuf>,
+        /// Its page-table regions: (start, length, filled from the cache).
+        regions: Vec<(u64, u64, bool)>,
+    },
+    /// Its pid was found.
+    Found {
+        /// The grandchild's number.
+        id: u64,
+        /// Its pid.
+        pid: i32,
+    },
+    /// The pager let go of it (its address space is gone, or it was killed).
+    Ended {
+        /// The grandchild's number.
+        id: u64,
+    },
+}
+
+/// Who hears [`ForkEvent`]s (a daemon, to hand grandchildren over).
+pub type ForkSink = Arc<dyn Fn(ForkEvent) + Send + Sync>;
+
+static NEXT_FORK_ID: AtomicU64 = AtomicU64::new(1);
 
 impl LazyChild {
     /// Install the seed's recorded working set now, before the child runs
     /// (a node template's, so every child it forks has it). Returns the
     /// pages installed.
-    pub fn install_working_set(self) -> Result<(LazyChild, u64), (LazyChild, String)> {
+    pub fn install_working_set(self) -> (LazyChild, Result<u64, String>) {
         let mut st = ChildState::new(self);
         queue_working_set(&mut st);
         let r = install_queued(&mut st, usize::MAX);
         let n = st.c.stats.prefetched.load(Ordering::Relaxed);
-        match r {
-            Ok(()) => Ok((st.c, n)),
-            Err(e) => Err((st.c, e)),
-        }
+        (st.c, r.map(|()| n))
     }
 }
 
@@ -490,6 +619,9 @@ fn resolve_grandchildren(
                     }
                 }
                 debug!(parent, pid = g, "found a forked grandchild");
+                if let (Some(fid), Some(sink)) = (st.c.fork_id, sink_of(&st.c)) {
+                    sink(ForkEvent::Found { id: fid, pid: g });
+                }
                 false
             }
             None => since.elapsed() < RESOLVE_FOR,
@@ -514,6 +646,14 @@ fn forked_from(parent: i32, g: i32) -> bool {
 }
 
 impl ChildState {
+    /// Note an address-space event (and write it down, if journaled).
+    fn journal(&mut self, tag: u8, a: u64, b: u64, c: u64) {
+        self.c.stats.events.fetch_add(1, Ordering::Relaxed);
+        if let Some(j) = &mut self.c.journal {
+            j.record(tag, a, b, c);
+        }
+    }
+
     /// Is the address space this child's userfaultfd serves still there?
     fn alive(&self) -> bool {
         self.c
@@ -536,7 +676,31 @@ impl ChildState {
     }
 }
 
+/// Tell the seed's fork sink about a grandchild just forked.
+fn tell_forked(c: &LazyChild) {
+    let (Some(id), Some(sink)) = (c.fork_id, sink_of(c)) else {
+        return;
+    };
+    let Ok(uffd) = c.uffd.dup() else {
+        return;
+    };
+    sink(ForkEvent::Forked {
+        id,
+        parent_pid: c.parent_pid,
+        uffd,
+        journal: c.journal.as_ref().map(|j| j.path.clone()),
+        regions: c.initial.to_vec(),
+    });
+}
+
+fn sink_of(c: &LazyChild) -> Option<ForkSink> {
+    c.seed.fork_sink.lock().ok()?.clone()
+}
+
 fn finish(epoll: &Epoll, st: ChildState) {
+    if let (Some(id), Some(sink)) = (st.c.fork_id, sink_of(&st.c)) {
+        sink(ForkEvent::Ended { id });
+    }
     epoll.remove(st.c.uffd.raw());
     if let Some(p) = &st.c.pidfd {
         epoll.remove(p.as_raw_fd());
@@ -587,21 +751,32 @@ fn service(st: &mut ChildState, forks: &mut Vec<LazyChild>) -> Result<(), String
                 Msg::PageFault { address, .. } => faults.push(address),
                 Msg::Remove { start, end } => {
                     st.c.table.remove(start, end);
-                    st.c.stats.events.fetch_add(1, Ordering::Relaxed);
+                    st.journal(b'R', start, end, 0);
                 }
                 Msg::Unmap { start, end } => {
                     st.c.table.unmap(start, end);
-                    st.c.stats.events.fetch_add(1, Ordering::Relaxed);
+                    st.journal(b'U', start, end, 0);
                 }
                 Msg::Remap { from, to, len } => {
                     st.c.table.remap(from, to, len);
-                    st.c.stats.events.fetch_add(1, Ordering::Relaxed);
+                    st.journal(b'M', from, to, len);
                 }
                 Msg::Fork { ufd } => {
                     st.c.stats.events.fetch_add(1, Ordering::Relaxed);
                     // SAFETY: the kernel installed `ufd` in our fd table for us.
                     let fd = unsafe { OwnedFd::from_raw_fd(ufd as RawFd) };
                     set_nonblocking(&fd);
+                    let fork_id = NEXT_FORK_ID.fetch_add(1, Ordering::Relaxed);
+                    // A template's fork is the daemon's to write down.
+                    let journal = match (&st.c.journal, &st.c.on_fork) {
+                        (Some(j), None) => {
+                            let path = j.path.with_extension(format!("g{fork_id}"));
+                            j.fork(path)
+                                .map_err(|e| warn!(error = %e, "cannot copy a journal for a forked child"))
+                                .ok()
+                        }
+                        _ => None,
+                    };
                     let child = LazyChild {
                         pid: None,
                         parent_pid: st.c.pid,
@@ -612,7 +787,13 @@ fn service(st: &mut ChildState, forks: &mut Vec<LazyChild>) -> Result<(), String
                         prefetch: st.c.prefetch,
                         stats: Arc::new(ChildStats::default()),
                         on_fork: None,
+                        journal,
+                        fork_id: st.c.on_fork.is_none().then_some(fork_id),
+                        initial: st.c.initial.clone(),
                     };
+                    if st.c.on_fork.is_none() {
+                        tell_forked(&child);
+                    }
                     // A template's child goes to the restorer forking it;
                     // if that is gone, serve it as a grandchild.
                     match &st.c.on_fork {

@@ -149,7 +149,12 @@ pub struct SeedCache {
     source: Box<dyn PageSource>,
     memfd: std::os::fd::OwnedFd,
     mem: Mapping,
-    present: Vec<AtomicU64>,
+    /// Which cache pages hold checked bytes: a bit per page, in a memfd of
+    /// its own so that it outlives this process with the cache (a forkd
+    /// restart hands both to the next forkd, whose children map the cache).
+    present_fd: std::os::fd::OwnedFd,
+    present_map: Mapping,
+    present_words: usize,
     /// What fetched bytes are checked against, when the seed has digests.
     verify: Option<Verify>,
     /// Set at the first digest mismatch: every later read is refused.
@@ -173,6 +178,15 @@ pub struct Verify {
     /// Per page of the page store: its cache offset, or [`NO_SLOT`] for a
     /// page the cache does not hold (a file mapping's stored page).
     pub slots: Vec<u64>,
+}
+
+/// A seed cache's memfds: its pages, and which of them are present.
+#[derive(Debug)]
+pub struct CacheFds {
+    /// The pages, laid out like the seed's lazily served address space.
+    pub cache: std::os::fd::OwnedFd,
+    /// A bit per page: present (fetched and checked).
+    pub present: std::os::fd::OwnedFd,
 }
 
 /// A page of the page store with no place in the cache.
@@ -211,10 +225,53 @@ impl SeedCache {
         slack: u64,
         verify: Option<Verify>,
     ) -> io::Result<SeedCache> {
-        let memfd = kernel_helpers::mapping::memfd("remotefork-seed-cache", size + slack)?;
-        let mem = Mapping::fd_shared(&memfd, size as usize)?;
+        Self::build(source, size, slack, verify, None)
+    }
+
+    /// A cache over the memfds of an earlier one ([`Self::fds`]), as a
+    /// forkd restart hands them over: children already map it, and the
+    /// pages it marks present are kept.
+    pub fn adopt(
+        source: Box<dyn PageSource>,
+        size: u64,
+        slack: u64,
+        verify: Option<Verify>,
+        fds: CacheFds,
+    ) -> io::Result<SeedCache> {
+        Self::build(source, size, slack, verify, Some(fds))
+    }
+
+    fn build(
+        source: Box<dyn PageSource>,
+        size: u64,
+        slack: u64,
+        verify: Option<Verify>,
+        adopt: Option<CacheFds>,
+    ) -> io::Result<SeedCache> {
         let pages = size / PAGE_SIZE;
-        let present = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let present_words = pages.div_ceil(64).max(1) as usize;
+        let present_bytes = (present_words * 8).div_ceil(PAGE_SIZE as usize) * PAGE_SIZE as usize;
+        let (memfd, present_fd) = match adopt {
+            Some(f) => {
+                let have = |fd: &std::os::fd::OwnedFd| {
+                    std::fs::File::from(fd.try_clone()?)
+                        .metadata()
+                        .map(|m| m.len())
+                };
+                if have(&f.cache)? < size || have(&f.present)? < present_bytes as u64 {
+                    return Err(io::Error::other(
+                        "the handed-over seed cache is smaller than this seed's",
+                    ));
+                }
+                (f.cache, f.present)
+            }
+            None => (
+                kernel_helpers::mapping::memfd("remotefork-seed-cache", size + slack)?,
+                kernel_helpers::mapping::memfd("remotefork-seed-present", present_bytes as u64)?,
+            ),
+        };
+        let mem = Mapping::fd_shared(&memfd, size as usize)?;
+        let present_map = Mapping::fd_shared(&present_fd, present_bytes)?;
         // SAFETY: `mem` lives in the same SeedCache as `source` and is
         // dropped after it (field order), so it stays mapped and writable
         // for as long as the source lives.
@@ -223,7 +280,9 @@ impl SeedCache {
             source,
             memfd,
             mem,
-            present,
+            present_fd,
+            present_map,
+            present_words,
             verify,
             damaged: std::sync::Mutex::new(None),
             fetched: AtomicU64::new(0),
@@ -291,8 +350,34 @@ impl SeedCache {
         self.mem.len() as u64
     }
 
+    /// The present bits, one per cache page.
+    fn present(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is page aligned (so aligned for u64), at least
+        // `present_words * 8` bytes long, lives as long as `self`, and is
+        // only ever accessed through these atomics (by this process, and by
+        // a later forkd only after this one is gone).
+        unsafe {
+            std::slice::from_raw_parts(
+                self.present_map.as_slice().as_ptr().cast::<AtomicU64>(),
+                self.present_words,
+            )
+        }
+    }
+
     fn is_present(&self, page: u64) -> bool {
-        self.present[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+        self.present()[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    fn set_present(&self, page: u64) {
+        self.present()[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
+    }
+
+    /// Copies of the cache's memfds, to hand to a later forkd.
+    pub fn fds(&self) -> io::Result<CacheFds> {
+        Ok(CacheFds {
+            cache: self.memfd.try_clone()?,
+            present: self.present_fd.try_clone()?,
+        })
     }
 
     /// Make `pages` present in the cache, fetching the missing ones, and
@@ -358,8 +443,7 @@ impl SeedCache {
         let mut fetched = 0;
         for &(i, j) in &runs {
             for p in &pages[i..j] {
-                let n = p.cache / PAGE_SIZE;
-                self.present[(n / 64) as usize].fetch_or(1 << (n % 64), Ordering::Release);
+                self.set_present(p.cache / PAGE_SIZE);
             }
             fetched += (j - i) as u64;
         }
@@ -485,8 +569,7 @@ impl SeedCache {
                         )
                     };
                 }
-                let n = slot / PAGE_SIZE;
-                self.present[(n / 64) as usize].fetch_or(1 << (n % 64), Ordering::Release);
+                self.set_present(slot / PAGE_SIZE);
                 fetched += 1;
             }
         }

@@ -73,6 +73,20 @@ impl PageTable {
         (page < start + r.slots.len() as u64 * PAGE_SIZE).then_some(r.fill)
     }
 
+    /// Its regions: (start, length in bytes, filled from the cache).
+    pub fn regions(&self) -> Vec<(u64, u64, bool)> {
+        self.regions
+            .iter()
+            .map(|(s, r)| {
+                (
+                    *s,
+                    r.slots.len() as u64 * PAGE_SIZE,
+                    r.fill == Fill::Continue,
+                )
+            })
+            .collect()
+    }
+
     /// The first address of the first region, if there is one.
     pub fn first_addr(&self) -> Option<u64> {
         self.regions.keys().next().copied()

@@ -673,9 +673,13 @@ impl Core {
             source,
         })?;
         let stats = Arc::new(ChildStats::default());
+        let initial = Arc::new(table.regions());
         let mut child = LazyChild {
             pid: Some(pid),
             parent_pid: None,
+            journal: None,
+            fork_id: None,
+            initial,
             uffd,
             pidfd: Some(pidfd),
             table,
@@ -687,18 +691,17 @@ impl Core {
         if child.on_fork.is_some() && opts.prefetch == Prefetch::Recorded {
             // A template: every child it forks gets the working set as
             // present pages.
-            child = match child.install_working_set() {
-                Ok((c, n)) => {
-                    debug!(pages = n, "working set installed in the template");
-                    c
-                }
-                Err((_, reason)) => {
+            let (c, r) = child.install_working_set();
+            child = c;
+            match r {
+                Ok(n) => debug!(pages = n, "working set installed in the template"),
+                Err(reason) => {
                     return Err(RestoreError::Step {
                         what: "installing the working set in the template".into(),
                         detail: reason,
                     })
                 }
-            };
+            }
         }
         self.pager.add(child);
         Ok(stats)
