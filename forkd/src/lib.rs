@@ -5,6 +5,7 @@ pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod gateway;
+pub mod keeper;
 
 /// The generated gRPC types and service (`proto/forkd.proto`).
 #[allow(missing_docs, clippy::all)]

@@ -147,6 +147,21 @@ enum Command {
         /// stopping [default: 20].
         #[arg(long)]
         drain_s: Option<u64>,
+        /// How long forkd's keeper keeps running children alive after
+        /// forkd is gone (killed, restarted, upgraded), for the next forkd
+        /// to take them back; then it kills them and says why [default: 60].
+        #[arg(long)]
+        handover_grace_s: Option<u64>,
+    },
+    /// The keeper of a state directory's children (started by `forkd serve`).
+    #[command(hide = true)]
+    Keeper {
+        /// Its run directory (`STATE/run`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Seconds to wait for a forkd before killing what it holds.
+        #[arg(long, default_value_t = 60)]
+        grace_s: u64,
     },
     /// Show a seed image's descriptor.
     Inspect {
@@ -161,7 +176,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon tells what it does; the one-shot commands only warn.
-    let default = if matches!(cli.command, Command::Serve { .. }) {
+    let default = if matches!(cli.command, Command::Serve { .. } | Command::Keeper { .. }) {
         "info"
     } else {
         "warn"
@@ -192,6 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             page_deadline_ms,
             template_idle_s,
             drain_s,
+            handover_grace_s,
         } => {
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
@@ -246,10 +262,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(v) = drain_s {
                 cfg.drain_s = v;
             }
+            if let Some(v) = handover_grace_s {
+                cfg.handover_grace_s = v;
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(forkd::daemon::serve(cfg))?;
+        }
+        Command::Keeper { dir, grace_s } => {
+            forkd::keeper::run(&dir, std::time::Duration::from_secs(grace_s.max(1)))?;
         }
         Command::Restore {
             dir,

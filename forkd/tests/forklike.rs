@@ -788,10 +788,15 @@ if line.startswith('forks '):
         os.waitpid(pid, 0)
     print('forked', n, flush=True)
 else:
+    path, _, wait = line.partition(' ')
+    line = path
     pid = os.fork()
     if pid == 0:
         os.setsid()
-        time.sleep(0.5)
+        null = os.open('/dev/null', os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        time.sleep(float(wait or 0.5))
         s = sum(data.values())
         with open(line + '.tmp', 'w') as f:
             f.write(json.dumps({'sum': s, 'pid': os.getpid()}))
@@ -856,4 +861,191 @@ fn forks_in_lazy_children_are_served_and_leave_nothing_behind() {
     let a: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let want: u64 = (0..200000u64).map(|i| i * i).sum();
     assert_eq!(a["sum"], want, "{a}");
+}
+
+/// Instance ids and states on `d` (`forkctl --json ps`).
+fn instances(d: &Daemon) -> Vec<(String, String)> {
+    let (code, out, err) = d.ctl(&["--json", "ps"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let list = v
+        .as_array()
+        .cloned()
+        .or_else(|| v["instances"].as_array().cloned())
+        .unwrap_or_default();
+    list.iter()
+        .map(|i| {
+            (
+                i["id"]
+                    .as_str()
+                    .or(i["instance"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                i["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// 20 lazy children mid-run when forkd goes (by `stop`); a new forkd on the
+/// same state directory takes them over and every one finishes correctly.
+fn children_outlive(name: &str, stop: impl FnOnce(Daemon)) {
+    let dir = scratch(name);
+    let flags = ["--handover-grace-s", "120", "--drain-s", "0"];
+    let d = Daemon::start_with(&dir, false, &flags);
+    let seed = heap_seed(&d, 32);
+    // What every child must answer: the warm heap's checksum.
+    let want = {
+        let (mut t, _) = {
+            let mut c = std::process::Command::new(c_program("heap"));
+            c.arg("32");
+            let mut c = c
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stdin = c.stdin.take().unwrap();
+            (c, stdin)
+        };
+        let mut o = String::new();
+        {
+            use std::io::Read;
+            let mut so = t.stdout.take().unwrap();
+            so.read_to_string(&mut o).unwrap();
+        }
+        let _ = t.wait();
+        o.lines()
+            .find_map(|l| l.strip_prefix("checksum "))
+            .unwrap()
+            .to_string()
+    };
+    let input = dir.join("in");
+    // Each child pages in part of its heap, says so, sleeps, then reads the
+    // rest: the restart falls in the sleep.
+    std::fs::write(&input, "sleep 3\nsum\n").unwrap();
+    let mut spawn = forkctl();
+    spawn
+        .arg("--addr")
+        .arg(d.addr())
+        .args([
+            "--json",
+            "spawn",
+            &seed,
+            "--count",
+            "20",
+            "--prefetch",
+            "off",
+            "--stdin",
+        ])
+        .arg(&input)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut spawn = spawn.spawn().unwrap();
+    wait_for("20 children running", || {
+        instances(&d).iter().filter(|(_, s)| s == "running").count() == 20
+    });
+    let ids: Vec<String> = instances(&d).into_iter().map(|(i, _)| i).collect();
+    stop(d);
+    let _ = spawn.wait();
+    let d = Daemon::start_with(&dir, false, &flags);
+    wait_for("the 20 children to end under the new forkd", || {
+        let l = instances(&d);
+        l.len() == 20 && l.iter().all(|(_, s)| s != "running")
+    });
+    for id in ids {
+        let (code, out, err) = d.ctl(&["--json", "instance", &id]);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["adopted"], true, "{v}");
+        assert_eq!(v["exit_code"], 0, "{v}");
+        let pid = v["pid"].as_u64().unwrap();
+        assert_eq!(
+            v["stdout"],
+            format!("sleeping {pid}\nsum {want} {pid}\n"),
+            "every child finished with its whole, correct output: {v}"
+        );
+    }
+}
+
+#[test]
+fn lazy_children_outlive_a_forkd_stopped_with_sigterm() {
+    if !require_root("lazy_children_outlive_a_forkd_stopped_with_sigterm") {
+        return;
+    }
+    children_outlive("outlive-term", |d| d.stop());
+}
+
+#[test]
+fn lazy_children_outlive_a_forkd_killed_with_sigkill() {
+    if !require_root("lazy_children_outlive_a_forkd_killed_with_sigkill") {
+        return;
+    }
+    children_outlive("outlive-kill", drop);
+}
+
+#[test]
+fn a_daemonised_grandchild_is_handed_over_or_killed_with_a_reason() {
+    if !require_root("a_daemonised_grandchild_is_handed_over_or_killed_with_a_reason") {
+        return;
+    }
+    let dir = scratch("grandchild-handover");
+    let flags = ["--handover-grace-s", "120", "--drain-s", "0"];
+    let d = Daemon::start_with(&dir, false, &flags);
+    let seed = python_seed(|a| d.ctl(a), FORKING_PYTHON);
+    let want: u64 = (0..200000u64).map(|i| i * i).sum();
+
+    // forkd is killed while the grandchild sleeps; the next forkd serves
+    // it on, and it reads the whole warm table right.
+    let out = dir.join("after-restart.json");
+    let x = one_child(
+        &d,
+        &seed,
+        &format!("{} 3\n", out.display()),
+        &["--prefetch", "off"],
+    );
+    assert!(
+        x["stdout"].as_str().unwrap().starts_with("daemonized "),
+        "{x}"
+    );
+    drop(d);
+    let d = Daemon::start_with(&dir, false, &flags);
+    wait_for("the grandchild's answer", || out.exists());
+    let a: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(a["sum"], want, "{a}");
+
+    // forkd is killed and none comes back: the keeper kills the
+    // grandchild when its grace ends, and says why.
+    let d2 = dir.join("second");
+    std::fs::create_dir_all(&d2).unwrap();
+    drop(d);
+    let short = ["--handover-grace-s", "3", "--drain-s", "0"];
+    let d = Daemon::start_with(&d2, false, &short);
+    let seed = python_seed(|a| d.ctl(a), FORKING_PYTHON);
+    let out = d2.join("never.json");
+    let x = one_child(
+        &d,
+        &seed,
+        &format!("{} 60\n", out.display()),
+        &["--prefetch", "off"],
+    );
+    let g: i32 = x["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .strip_prefix("daemonized ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Its pid is found and handed to the keeper within a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(d);
+    wait_for("the keeper to kill the grandchild", || {
+        matches!(state(g), None | Some('Z'))
+    });
+    let orphans = std::fs::read_to_string(d2.join("state/run/orphans.jsonl")).unwrap();
+    assert!(
+        orphans.contains("\"g/") && orphans.contains("killed by its keeper"),
+        "{orphans}"
+    );
+    assert!(!out.exists(), "the grandchild never ran on without a pager");
 }

@@ -339,19 +339,34 @@ pub const MAX_PASSED_FDS: usize = 8;
 
 /// Send one byte and `fds` (`SCM_RIGHTS`) on the datagram socket `sock`.
 pub fn send_fds(sock: std::os::fd::RawFd, fds: &[std::os::fd::RawFd]) -> io::Result<()> {
-    if fds.is_empty() || fds.len() > MAX_PASSED_FDS {
+    if fds.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no descriptor to pass",
+        ));
+    }
+    send_msg(sock, b"f", fds)
+}
+
+/// Send `data` and `fds` (`SCM_RIGHTS`, at most [`MAX_PASSED_FDS`]) as one
+/// message on the datagram or sequenced-packet socket `sock`.
+pub fn send_msg(
+    sock: std::os::fd::RawFd,
+    data: &[u8],
+    fds: &[std::os::fd::RawFd],
+) -> io::Result<()> {
+    if fds.len() > MAX_PASSED_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "can pass 1 to {MAX_PASSED_FDS} descriptors, not {}",
+                "can pass at most {MAX_PASSED_FDS} descriptors, not {}",
                 fds.len()
             ),
         ));
     }
-    let mut byte = [b'f'];
     let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
     };
     // Room for MAX_PASSED_FDS descriptors, aligned for cmsghdr.
     let mut control = [0u64; 8];
@@ -368,20 +383,23 @@ pub fn send_fds(sock: std::os::fd::RawFd, fds: &[std::os::fd::RawFd]) -> io::Res
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: `msg` points at `control`, which holds `space` bytes, so
-    // CMSG_FIRSTHDR is non-null and its data has room for `fds`; sendmsg
-    // reads `msg`, `iov`, `byte` and `control`, all alive here.
-    let r = unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = len;
-        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), data_len);
-        libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL)
-    };
-    if r != 1 {
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: `msg` points at `control`, which holds `space` bytes, so
+        // CMSG_FIRSTHDR is non-null and its data has room for `fds`.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = len;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), data_len);
+        }
+    }
+    // SAFETY: sendmsg reads `msg`, `iov`, `data` and `control`, all alive
+    // here; sendmsg does not write through the iovec.
+    let r = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    if r != data.len() as isize {
         return Err(if r < 0 {
             last_os_error()
         } else {
@@ -389,6 +407,57 @@ pub fn send_fds(sock: std::os::fd::RawFd, fds: &[std::os::fd::RawFd]) -> io::Res
         });
     }
     Ok(())
+}
+
+/// Receive one message into `buf` on the datagram or sequenced-packet
+/// socket `sock`, with the descriptors it carries (close-on-exec). Returns
+/// the bytes received (0: the peer closed a sequenced-packet socket).
+pub fn recv_msg(
+    sock: std::os::fd::RawFd,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use std::os::fd::FromRawFd;
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; zero is a valid value for every field.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: recvmsg writes at most `buf.len()` bytes into `buf` and at
+    // most `msg_controllen` into `control`, both alive here.
+    let r = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if r < 0 {
+        return Err(last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled the control buffer; the CMSG_* macros walk
+    // it within msg_controllen. Each passed descriptor is new in our table
+    // and owned by nobody else.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let n = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<libc::c_int>();
+                let p = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                for i in 0..n {
+                    fds.push(std::os::fd::OwnedFd::from_raw_fd(p.add(i).read_unaligned()));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::other(
+            "a message or its descriptors were cut short",
+        ));
+    }
+    Ok((r as usize, fds))
 }
 
 /// Descriptor numbers open in `pid`, ascending.

@@ -237,6 +237,21 @@ impl Uffd {
         Uffd { fd }
     }
 
+    /// Make reads of it non-blocking (the pager's epoll needs that).
+    pub fn set_nonblocking(&self) -> std::io::Result<()> {
+        // SAFETY: fcntl on a descriptor we own.
+        let fl = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_GETFL) };
+        if fl < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        let r = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// A copy of the descriptor (the same userfaultfd).
     pub fn dup(&self) -> std::io::Result<OwnedFd> {
         self.fd.try_clone()

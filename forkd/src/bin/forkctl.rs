@@ -78,6 +78,12 @@ enum Cmd {
         /// Instance id.
         id: String,
     },
+    /// One instance: its state, how it ended, and the output forkd kept
+    /// (also for a child an earlier forkd started and handed over).
+    Instance {
+        /// Instance id.
+        id: String,
+    },
     /// Show this node.
     Node,
 }
@@ -466,6 +472,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
                 .collect();
             let mut outputs: Vec<Option<Vec<u8>>> = vec![None; count as usize];
+            let mut streamed: Vec<Vec<u8>> = vec![Vec::new(); count as usize];
             let (mut started, mut failed, mut ended) = (0u32, 0u32, 0u32);
             // Outputs are printed in index order, each as soon as it and
             // all before it have ended.
@@ -504,10 +511,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         if !k.ok() {
                             failed += 1;
                         }
-                        outputs[ev.index as usize] = Some(x.stdout);
+                        let b = std::mem::take(&mut streamed[ev.index as usize]);
+                        outputs[ev.index as usize] =
+                            Some(if b.len() as u64 >= x.stdout.len() as u64 {
+                                b
+                            } else {
+                                x.stdout
+                            });
                     }
                     Some(pb::instance_event::Kind::Output(o)) => {
-                        k.first_output_ms = Some(o.since_spawn_ms);
+                        if k.first_output_ms.is_none() {
+                            k.first_output_ms = Some(o.since_spawn_ms);
+                        }
+                        // Every chunk, in order (a repeat is skipped).
+                        let b = &mut streamed[ev.index as usize];
+                        if o.offset == b.len() as u64 {
+                            b.extend_from_slice(&o.data);
+                        }
                     }
                     Some(pb::instance_event::Kind::Failed(f)) => {
                         failed += 1;
@@ -608,6 +628,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ]);
                 }
                 t.write(&mut out)?;
+            }
+        }
+        Cmd::Instance { id } => {
+            let i = c
+                .get_instance(pb::GetInstanceRequest {
+                    instance_id: id.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if cli.json {
+                let v = json!({
+                    "id": i.id, "seed": i.seed_id, "pid": i.pid, "state": i.state,
+                    "ended": i.ended,
+                    "exit_code": (i.ended && i.signal == 0).then_some(i.exit_code),
+                    "signal": (i.signal != 0).then_some(i.signal),
+                    "reason": Some(i.reason.clone()).filter(|r| !r.is_empty()),
+                    "adopted": i.adopted, "notes": i.notes, "labels": i.labels,
+                    "started_unix_ms": i.started_unix_ms,
+                    "stdout": String::from_utf8_lossy(&i.stdout),
+                    "stdout_bytes": i.stdout_bytes,
+                });
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(out, "{} {} pid {} ({})", i.id, i.state, i.pid, i.seed_id)?;
+                if !i.reason.is_empty() {
+                    writeln!(out, "reason: {}", i.reason)?;
+                }
+                out.write_all(&i.stdout)?;
             }
         }
         Cmd::Kill { id } => {

@@ -7,6 +7,7 @@
 //! spawner threads and served by each seed's pager.
 
 pub mod authority;
+pub mod handover;
 pub mod health;
 pub mod pageserver;
 pub mod readyline;
@@ -30,7 +31,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::pb::{self, forkd_server::Forkd, forkd_server::ForkdServer};
 use registry::{Registry, SeedMeta};
@@ -73,6 +74,9 @@ pub struct Config {
     /// A seed's node template unused this long is dropped (it holds a copy
     /// of the seed's memory); the next spawn builds it again.
     pub template_idle_s: u64,
+    /// How long the keeper keeps children alive (waiting for a restarted
+    /// forkd to take them back) after forkd is gone; then it kills them.
+    pub handover_grace_s: u64,
     /// On SIGTERM, how long spawns under way may run on before forkd stops.
     pub drain_s: u64,
 }
@@ -94,6 +98,7 @@ impl Default for Config {
             peer_token_file: None,
             page_deadline_ms: 5000,
             template_idle_s: 600,
+            handover_grace_s: 60,
             drain_s: 20,
         }
     }
@@ -128,6 +133,60 @@ struct InstanceRec {
     state: String,
     labels: HashMap<String, String>,
     started_unix_ms: u64,
+    /// How it ended, once it has.
+    end: Option<pb::Exited>,
+    /// Started by an earlier forkd, handed over.
+    adopted: bool,
+    notes: Vec<String>,
+    /// The start of its output ([`OUTPUT_KEPT`] at most) and how much it wrote.
+    stdout: Vec<u8>,
+    stdout_bytes: u64,
+}
+
+/// Output kept per instance for `GetInstance`.
+const OUTPUT_KEPT: usize = 1 << 20;
+
+/// Largest output carried whole in the `Exited` event.
+const EXITED_STDOUT_MAX: usize = 1 << 20;
+
+/// A child to follow to its end.
+struct Follow {
+    base: pb::InstanceEvent,
+    pid: u32,
+    pidfd: std::os::fd::OwnedFd,
+    out: Option<std::os::fd::OwnedFd>,
+    stats: Option<Arc<remotefork::pager::ChildStats>>,
+    /// The spawn's client (none for a handed-over child: Watch only).
+    tx: Option<mpsc::Sender<Result<pb::InstanceEvent, Status>>>,
+    started: Instant,
+    /// It ended already, while no forkd watched (a handed-over child).
+    ended: Option<kernel_helpers::proc::Ended>,
+}
+
+impl InstanceRec {
+    fn to_pb(&self, id: &str, with_output: bool) -> pb::Instance {
+        let e = self.end.clone().unwrap_or_default();
+        pb::Instance {
+            id: id.to_string(),
+            seed_id: self.seed_id.clone(),
+            pid: self.pid,
+            state: self.state.clone(),
+            labels: self.labels.clone(),
+            started_unix_ms: self.started_unix_ms,
+            ended: self.end.is_some(),
+            exit_code: e.exit_code,
+            signal: e.signal,
+            reason: e.reason,
+            adopted: self.adopted,
+            notes: self.notes.clone(),
+            stdout: if with_output {
+                self.stdout.clone()
+            } else {
+                Vec::new()
+            },
+            stdout_bytes: self.stdout_bytes,
+        }
+    }
 }
 
 /// Ended instances kept (for `ListInstances` and `KillInstance`'s "not
@@ -144,12 +203,22 @@ struct Instances {
 }
 
 impl Instances {
-    /// Mark `id` ended with `state`, forgetting the oldest ended beyond the cap.
-    fn end(&mut self, id: &str, state: String) {
+    /// Mark `id` ended, forgetting the oldest ended beyond the cap.
+    fn end(&mut self, id: &str, end: &pb::Exited, stdout: Vec<u8>, stdout_bytes: u64) {
         let Some(i) = self.map.get_mut(id) else {
             return;
         };
-        i.state = state;
+        i.state = if end.signal != 0 {
+            format!("killed by signal {}", end.signal)
+        } else {
+            format!("exited {}", end.exit_code)
+        };
+        i.end = Some(pb::Exited {
+            stdout: Vec::new(),
+            ..end.clone()
+        });
+        i.stdout = stdout;
+        i.stdout_bytes = stdout_bytes;
         self.ended.push_back(id.to_string());
         while self.ended.len() > ENDED_KEPT {
             if let Some(old) = self.ended.pop_front() {
@@ -166,6 +235,8 @@ impl Instances {
 /// Shared daemon state.
 pub struct State {
     registry: Arc<Registry>,
+    /// The keeper: children outlive this forkd (see [`handover`]).
+    handover: handover::Handover,
     spawner: Spawner,
     instances: Mutex<Instances>,
     events: broadcast::Sender<pb::InstanceEvent>,
@@ -237,6 +308,8 @@ struct Target {
     cooperative: bool,
     restorer: Arc<remotefork::restore::Restorer>,
     local: Option<Arc<registry::Seed>>,
+    /// Where the seed lives, for a later forkd.
+    place: handover::SeedPlace,
 }
 
 /// A seed held by another node, as this node reaches it.
@@ -254,11 +327,24 @@ impl Service {
         origin: &str,
         remote: bool,
     ) -> Result<Target, Status> {
+        self.target_adopting(r, origin, remote, None).await
+    }
+
+    /// [`Service::target_for`]; a seed this forkd has no restorer for yet
+    /// gets one over `cache`, the node cache an earlier forkd kept (handed
+    /// back by the keeper).
+    async fn target_adopting(
+        &self,
+        r: Option<&pb::SeedRef>,
+        origin: &str,
+        remote: bool,
+        cache: Option<remotefork::pager::source::CacheFds>,
+    ) -> Result<Target, Status> {
         let sr = r.ok_or_else(|| Status::invalid_argument("no seed given"))?;
-        if origin.is_empty() || self.state.registry.get(&sr.id).is_some() {
+        let target = if origin.is_empty() || self.state.registry.get(&sr.id).is_some() {
             let seed = self.seed_for(r, remote)?;
             let s2 = seed.clone();
-            let restorer = tokio::task::spawn_blocking(move || s2.restorer())
+            let restorer = tokio::task::spawn_blocking(move || s2.restorer_adopting(cache))
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| {
@@ -267,42 +353,62 @@ impl Service {
                         seed.meta.id
                     ))
                 })?;
-            return Ok(Target {
+            Target {
                 id: seed.meta.id.clone(),
                 cooperative: seed.meta.cooperative,
                 restorer,
+                place: handover::SeedPlace {
+                    id: seed.meta.id.clone(),
+                    origin: String::new(),
+                    key: String::new(),
+                },
                 local: Some(seed),
-            });
-        }
-        if sr.id.len() != 16 || !sr.id.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(Status::invalid_argument(format!(
-                "{:?} is not a seed id",
-                sr.id
-            )));
-        }
-        let cell = self
-            .state
-            .remote
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(sr.id.clone())
-            .or_default()
-            .clone();
-        let rs = cell
-            .get_or_try_init(|| async {
-                Ok::<_, Status>(Arc::new(self.fetch_remote(origin, sr).await?))
-            })
-            .await?
-            .clone();
-        Ok(Target {
-            id: sr.id.clone(),
-            cooperative: rs.cooperative,
-            restorer: rs.restorer.clone(),
-            local: None,
-        })
+            }
+        } else {
+            if sr.id.len() != 16 || !sr.id.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(Status::invalid_argument(format!(
+                    "{:?} is not a seed id",
+                    sr.id
+                )));
+            }
+            let cell = self
+                .state
+                .remote
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(sr.id.clone())
+                .or_default()
+                .clone();
+            let rs = cell
+                .get_or_try_init(|| async {
+                    Ok::<_, Status>(Arc::new(self.fetch_remote(origin, sr, cache).await?))
+                })
+                .await?
+                .clone();
+            Target {
+                id: sr.id.clone(),
+                cooperative: rs.cooperative,
+                restorer: rs.restorer.clone(),
+                local: None,
+                place: handover::SeedPlace {
+                    id: sr.id.clone(),
+                    origin: origin.to_string(),
+                    key: sr.key.clone(),
+                },
+            }
+        };
+        self.state
+            .handover
+            .seed_in_use(&target.place, &target.restorer);
+        Ok(target)
     }
 
-    async fn fetch_remote(&self, origin: &str, sr: &pb::SeedRef) -> Result<RemoteSeed, Status> {
+    async fn fetch_remote(
+        &self,
+        origin: &str,
+        sr: &pb::SeedRef,
+        cache: Option<remotefork::pager::source::CacheFds>,
+    ) -> Result<RemoteSeed, Status> {
         let mut c = crate::client::connect(origin, self.state.peer_token.as_deref())
             .await
             .map_err(|e| Status::unavailable(format!("seed {} lives on {origin}: {e}", sr.id)))?;
@@ -342,7 +448,8 @@ impl Service {
                         image.descriptor().image_bytes
                     ));
                 }
-                remotefork::restore::Restorer::remote(image, source).map_err(|e| e.to_string())
+                remotefork::restore::Restorer::remote_adopting(image, source, cache)
+                    .map_err(|e| e.to_string())
             },
         )
         .await
@@ -543,6 +650,210 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Take back what an earlier forkd handed its keeper: serve its
+    /// running children on (same node cache, page tables rebuilt from their
+    /// journals), report those that ended meanwhile, and those the keeper
+    /// had to kill.
+    async fn adopt(&self, handed: Vec<crate::keeper::Handed>, orphans: Vec<serde_json::Value>) {
+        let st = &self.state;
+        for o in orphans {
+            if let Some(iid) = o["meta"]["iid"].as_str() {
+                let ex = pb::Exited {
+                    reason: o["killed"].as_str().unwrap_or_default().to_string(),
+                    exit_code: o["ended"]["exit_code"].as_i64().unwrap_or(0) as i32,
+                    signal: o["ended"]["signal"]
+                        .as_i64()
+                        .unwrap_or(if o["killed"].is_string() { 9 } else { 0 })
+                        as i32,
+                    ..Default::default()
+                };
+                self.record_handed(iid, &o["meta"], &ex);
+            }
+        }
+        let mut caches: HashMap<String, remotefork::pager::source::CacheFds> = HashMap::new();
+        let mut rest = Vec::new();
+        for h in handed {
+            if let Some(seed) = h.key.strip_prefix("c/") {
+                let mut fds = h.fds.into_iter();
+                if let (Some(cache), Some(present)) = (fds.next(), fds.next()) {
+                    caches.insert(
+                        seed.to_string(),
+                        remotefork::pager::source::CacheFds { cache, present },
+                    );
+                }
+                // Put again by this forkd as the seed comes into use.
+                st.handover.release(&h.key);
+            } else {
+                rest.push(h);
+            }
+        }
+        let mut targets: HashMap<String, Result<Arc<remotefork::restore::Restorer>, String>> =
+            HashMap::new();
+        for h in rest {
+            let place = handover::SeedPlace::from_meta(&h.meta);
+            let names: Vec<String> = h.meta["fds"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut fds: HashMap<String, std::os::fd::OwnedFd> =
+                names.into_iter().zip(h.fds).collect();
+            let alive = h.ended.is_none();
+            let restorer = if fds.contains_key("uffd") && alive {
+                if !targets.contains_key(&place.id) {
+                    let sr = pb::SeedRef {
+                        id: place.id.clone(),
+                        key: place.key.clone(),
+                    };
+                    let r = self
+                        .target_adopting(Some(&sr), &place.origin, false, caches.remove(&place.id))
+                        .await
+                        .map(|t| t.restorer)
+                        .map_err(|e| e.message().to_string());
+                    targets.insert(place.id.clone(), r);
+                }
+                Some(targets[&place.id].clone())
+            } else {
+                None
+            };
+            let regions: Vec<(u64, u64, bool)> =
+                serde_json::from_value(h.meta["regions"].clone()).unwrap_or_default();
+            let journal = h.meta["journal"].as_str().map(PathBuf::from);
+            let prefetch = h.meta["prefetch"]
+                .as_str()
+                .and_then(|p| p.parse::<Prefetch>().ok())
+                .unwrap_or(Prefetch::Window);
+            let pid = h.meta["pid"].as_i64().map(|p| p as i32);
+            let stats = match (restorer, fds.remove("uffd")) {
+                (Some(Ok(r)), Some(uffd)) => {
+                    let fork_id = h
+                        .key
+                        .starts_with("g/")
+                        .then(|| st.handover.adopted_grandchild(&h.key, &h.meta));
+                    let pidfd = fds.get("pidfd").and_then(|p| p.try_clone().ok());
+                    match r.adopt(remotefork::restore::Adopted {
+                        pid,
+                        pidfd,
+                        uffd,
+                        regions,
+                        journal,
+                        prefetch,
+                        fork_id,
+                    }) {
+                        Ok(s) => Ok(Some(s)),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                (Some(Err(why)), _) => Err(why),
+                _ => Ok(None),
+            };
+            let Some(iid) = h.meta["iid"].as_str().map(String::from) else {
+                // A grandchild: served on (or, if it cannot be, killed).
+                if let Err(why) = stats {
+                    if let Some(p) = fds.get("pidfd") {
+                        let _ = kernel_helpers::proc::pidfd_signal(
+                            std::os::fd::AsRawFd::as_raw_fd(p),
+                            libc::SIGKILL,
+                        );
+                    }
+                    warn!(key = %h.key, reason = %why, "a handed-over grandchild cannot be served again; killed");
+                    st.handover.release(&h.key);
+                }
+                continue;
+            };
+            let stats = match stats {
+                Ok(s) => s,
+                Err(why) => {
+                    let reason = format!("forkd restarted and cannot serve it again: {why}");
+                    if let Some(p) = fds.get("pidfd") {
+                        let _ = kernel_helpers::proc::pidfd_signal(
+                            std::os::fd::AsRawFd::as_raw_fd(p),
+                            libc::SIGKILL,
+                        );
+                    }
+                    warn!(instance = %iid, %reason, "a handed-over child is killed");
+                    let ex = pb::Exited {
+                        reason,
+                        signal: 9,
+                        ..Default::default()
+                    };
+                    self.record_handed(&iid, &h.meta, &ex);
+                    st.handover.child_ended(&iid);
+                    continue;
+                }
+            };
+            let Some(pidfd) = fds.remove("pidfd") else {
+                continue;
+            };
+            self.record_handed(&iid, &h.meta, &pb::Exited::default());
+            if let Some(r) = st
+                .instances
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map
+                .get_mut(&iid)
+            {
+                r.end = None;
+                r.state = "running".into();
+            }
+            info!(instance = %iid, pid = ?pid, ended = ?h.ended, "child handed over by an earlier forkd");
+            let follow = Follow {
+                base: pb::InstanceEvent {
+                    instance_id: iid.clone(),
+                    seed_id: place.id.clone(),
+                    index: h.meta["index"].as_u64().unwrap_or(0) as u32,
+                    pid: pid.unwrap_or(0) as u32,
+                    ..Default::default()
+                },
+                pid: pid.unwrap_or(0) as u32,
+                pidfd,
+                out: fds.remove("stdout"),
+                stats,
+                tx: None,
+                started: Instant::now(),
+                ended: h.ended,
+            };
+            let st2 = st.clone();
+            tokio::spawn(async move { st2.follow(follow).await });
+        }
+    }
+
+    /// Note a handed-over instance (ended with `ex` if it has a reason or
+    /// status; the caller marks a running one running).
+    fn record_handed(&self, iid: &str, meta: &serde_json::Value, ex: &pb::Exited) {
+        let labels: HashMap<String, String> =
+            serde_json::from_value(meta["labels"].clone()).unwrap_or_default();
+        let notes: Vec<String> = serde_json::from_value(meta["notes"].clone()).unwrap_or_default();
+        let out = std::fs::read(self.state.handover.out_path(iid)).unwrap_or_default();
+        let bytes = out.len() as u64;
+        let mut g = self
+            .state
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        g.map.insert(
+            iid.to_string(),
+            InstanceRec {
+                seed_id: meta["seed"].as_str().unwrap_or_default().to_string(),
+                pid: meta["pid"].as_u64().unwrap_or(0) as u32,
+                state: "running".into(),
+                labels,
+                started_unix_ms: meta["started_unix_ms"].as_u64().unwrap_or(0),
+                end: None,
+                adopted: true,
+                notes,
+                stdout: Vec::new(),
+                stdout_bytes: 0,
+            },
+        );
+        g.end(iid, ex, out.into_iter().take(OUTPUT_KEPT).collect(), bytes);
+    }
+}
+
 #[tonic::async_trait]
 impl Forkd for Service {
     async fn create_seed(
@@ -696,6 +1007,35 @@ impl Forkd for Service {
                 st.spawns.fetch_add(1, Ordering::Relaxed);
                 let pid = child.pid as u32;
                 info!(seed = %target.id, instance = %iid, pid, running_us = child.restore_ns / 1000, "child started");
+                let started_unix_ms = now_ms();
+                let pidfd = match kernel_helpers::uffd::pidfd_open(child.pid) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Gone already (it can exit that fast): reported as lost.
+                        warn!(instance = %iid, error = %e, "no pidfd for a new child");
+                        st.spawn_failures.fetch_add(1, Ordering::Relaxed);
+                        let ev = pb::InstanceEvent {
+                            pid,
+                            kind: Some(pb::instance_event::Kind::Failed(pb::Failed {
+                                reason: format!("lost track of the child at its start: {e}"),
+                            })),
+                            ..base
+                        };
+                        st.publish(&tx, ev).await;
+                        continue;
+                    }
+                };
+                st.handover.child_started(
+                    &iid,
+                    base.index,
+                    &target.place,
+                    &child,
+                    &pidfd,
+                    out.as_ref(),
+                    &labels,
+                    prefetch,
+                    started_unix_ms,
+                );
                 st.instances
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -707,7 +1047,12 @@ impl Forkd for Service {
                             pid,
                             state: "running".into(),
                             labels: labels.clone(),
-                            started_unix_ms: now_ms(),
+                            started_unix_ms,
+                            end: None,
+                            adopted: false,
+                            notes: child.notes.clone(),
+                            stdout: Vec::new(),
+                            stdout_bytes: 0,
                         },
                     );
                 let ev = pb::InstanceEvent {
@@ -727,9 +1072,17 @@ impl Forkd for Service {
                 };
                 st.publish(&tx, ev).await;
                 let (st2, tx2) = (st.clone(), tx.clone());
-                waiters.push(tokio::spawn(async move {
-                    st2.watch_exit(child, out, base, pid, tx2, t).await
-                }));
+                let follow = Follow {
+                    base,
+                    pid,
+                    pidfd,
+                    out,
+                    stats: child.stats.clone(),
+                    tx: Some(tx2),
+                    started: t,
+                    ended: None,
+                };
+                waiters.push(tokio::spawn(async move { st2.follow(follow).await }));
             }
             for w in waiters {
                 let _ = w.await;
@@ -755,14 +1108,7 @@ impl Forkd for Service {
             .map
             .iter()
             .filter(|(_, i)| want.is_empty() || i.seed_id == want)
-            .map(|(id, i)| pb::Instance {
-                id: id.clone(),
-                seed_id: i.seed_id.clone(),
-                pid: i.pid,
-                state: i.state.clone(),
-                labels: i.labels.clone(),
-                started_unix_ms: i.started_unix_ms,
-            })
+            .map(|(id, i)| i.to_pb(id, false))
             .collect();
         instances.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Response::new(pb::ListInstancesResponse { instances }))
@@ -794,6 +1140,23 @@ impl Forkd for Service {
         kernel_helpers::proc::signal(pid as i32, libc::SIGKILL)
             .map_err(|e| Status::internal(format!("killing {id} (pid {pid}): {e}")))?;
         Ok(Response::new(pb::KillInstanceResponse {}))
+    }
+
+    async fn get_instance(
+        &self,
+        req: Request<pb::GetInstanceRequest>,
+    ) -> Result<Response<pb::Instance>, Status> {
+        let id = req.into_inner().instance_id;
+        let g = self
+            .state
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let i = g
+            .map
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("unknown instance {id:?}")))?;
+        Ok(Response::new(i.to_pb(&id, true)))
     }
 
     async fn node_info(
@@ -905,63 +1268,79 @@ impl State {
         let _ = tx.send(Ok(ev)).await;
     }
 
-    async fn watch_exit(
-        self: Arc<Self>,
-        child: remotefork::restore::Child,
-        out: Option<std::os::fd::OwnedFd>,
-        base: pb::InstanceEvent,
-        pid: u32,
-        tx: mpsc::Sender<Result<pb::InstanceEvent, Status>>,
-        started: Instant,
-    ) {
-        let (first_tx, first_rx) = oneshot::channel::<Vec<u8>>();
+    /// Follow a child to its end: stream its output (kept in its file for
+    /// a restart, and the start of it in the instance table), notice its
+    /// end, report it, and let the keeper go of it.
+    async fn follow(self: Arc<Self>, f: Follow) {
+        let Follow {
+            base,
+            pid,
+            pidfd,
+            out,
+            stats,
+            tx,
+            started,
+            ended,
+        } = f;
+        let iid = base.instance_id.clone();
+        let out_path = self.handover.out_path(&iid);
         // Read without a thread per child (a blocking reader each would
-        // exhaust tokio's blocking pool at 512 children).
+        // exhaust tokio's blocking pool at 512 children). Every chunk is
+        // an Output event, in order; the first is the time to first answer.
         let reader = out.map(|fd| {
-            tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
-                let mut v = Vec::new();
-                let Ok(mut r) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-                    return v;
-                };
-                let mut first = vec![0u8; 64 * 1024];
-                let n = r.read(&mut first).await.unwrap_or(0);
-                v.extend_from_slice(&first[..n]);
-                let _ = first_tx.send(v.clone());
-                let _ = r.read_to_end(&mut v).await;
-                v
-            })
-        });
-        {
-            // The first output, as soon as it comes: the time to first response.
             let (st, tx, base) = (self.clone(), tx.clone(), base.clone());
             tokio::spawn(async move {
-                if let Ok(data) = first_rx.await {
-                    if !data.is_empty() {
-                        let since_spawn_ms = started.elapsed().as_secs_f64() * 1e3;
-                        let ev = pb::InstanceEvent {
-                            pid,
-                            kind: Some(pb::instance_event::Kind::Output(pb::Output {
-                                data,
-                                since_spawn_ms,
-                            })),
-                            ..base
-                        };
-                        st.publish(&tx, ev).await;
-                    }
+                use tokio::io::AsyncReadExt;
+                let mut file = handover::OutputFile::open(&out_path);
+                // What an earlier forkd read already (a handed-over child).
+                let mut kept = std::fs::read(&out_path).unwrap_or_default();
+                let mut total = kept.len() as u64;
+                kept.truncate(OUTPUT_KEPT);
+                let Ok(mut r) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+                    return (kept, total);
+                };
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let data = &buf[..n];
+                    file.write(data);
+                    let room = OUTPUT_KEPT.saturating_sub(kept.len());
+                    kept.extend_from_slice(&data[..n.min(room)]);
+                    let ev = pb::InstanceEvent {
+                        pid,
+                        kind: Some(pb::instance_event::Kind::Output(pb::Output {
+                            data: data.to_vec(),
+                            since_spawn_ms: started.elapsed().as_secs_f64() * 1e3,
+                            offset: total,
+                        })),
+                        ..base.clone()
+                    };
+                    total += n as u64;
+                    st.publish_opt(tx.as_ref(), ev).await;
                 }
-            });
-        }
-        let ended = match kernel_helpers::uffd::pidfd_open(pid as i32) {
-            Ok(pidfd) => wait_pidfd(pidfd).await,
-            Err(e) => Err(e),
+                (kept, total)
+            })
+        });
+        let ended = match ended {
+            Some(e) => Ok(e),
+            None => wait_pidfd(pidfd).await,
         };
-        let stdout = match reader {
+        let (stdout, stdout_bytes) = match reader {
             Some(h) => h.await.unwrap_or_default(),
-            None => Vec::new(),
+            None => (Vec::new(), 0),
         };
         let mut ex = pb::Exited {
-            stdout,
+            // Whole in the event only when small: larger output came in
+            // Output events (gRPC messages are at most 4 MiB).
+            stdout: if stdout_bytes <= EXITED_STDOUT_MAX as u64 {
+                stdout.clone()
+            } else {
+                Vec::new()
+            },
+            stdout_bytes,
             ..Default::default()
         };
         match ended {
@@ -969,7 +1348,7 @@ impl State {
             Ok(kernel_helpers::proc::Ended::Killed(s)) => ex.signal = s,
             Err(e) => ex.reason = format!("lost track of the child: {e}"),
         }
-        if let Some(s) = &child.stats {
+        if let Some(s) = &stats {
             for _ in 0..200 {
                 if s.finished.load(Ordering::Acquire) {
                     break;
@@ -982,24 +1361,34 @@ impl State {
                 ex.reason = r;
             }
         }
-        let state = if ex.signal != 0 {
-            format!("killed by signal {}", ex.signal)
-        } else {
-            format!("exited {}", ex.exit_code)
-        };
         self.instances
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .end(&base.instance_id, state);
+            .end(&iid, &ex, stdout, stdout_bytes);
+        self.handover.child_ended(&iid);
+        info!(seed = %base.seed_id, instance = %iid, pid, exit_code = ex.exit_code, signal = ex.signal, reason = %ex.reason, "child ended");
         let ev = pb::InstanceEvent {
             pid,
             kind: Some(pb::instance_event::Kind::Exited(ex)),
             ..base
         };
-        if let Some(pb::instance_event::Kind::Exited(x)) = &ev.kind {
-            info!(seed = %ev.seed_id, instance = %ev.instance_id, pid, exit_code = x.exit_code, signal = x.signal, reason = %x.reason, "child ended");
+        self.publish_opt(tx.as_ref(), ev).await;
+    }
+
+    /// [`State::publish`], to the spawn's client if there is one.
+    async fn publish_opt(
+        &self,
+        tx: Option<&mpsc::Sender<Result<pb::InstanceEvent, Status>>>,
+        ev: pb::InstanceEvent,
+    ) {
+        match tx {
+            Some(tx) => self.publish(tx, ev).await,
+            None => {
+                if self.events.receiver_count() > 0 {
+                    let _ = self.events.send(ev);
+                }
+            }
         }
-        self.publish(&tx, ev).await;
     }
 }
 
@@ -1225,8 +1614,23 @@ async fn wait_pidfd(pidfd: std::os::fd::OwnedFd) -> std::io::Result<kernel_helpe
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     loop {
         let mut g = afd.readable().await?;
-        if let Some(e) = kernel_helpers::proc::try_reap(afd.get_ref().as_raw_fd())? {
-            return Ok(e);
+        match kernel_helpers::proc::try_reap(afd.get_ref().as_raw_fd()) {
+            Ok(Some(e)) => return Ok(e),
+            Ok(None) => {}
+            // Not our child (one an earlier forkd started): its parent
+            // reaps it, the kernel keeps its status with the pidfd.
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                return match kernel_helpers::proc::pidfd_exit_status(afd.get_ref().as_raw_fd()) {
+                    Ok(Some(e)) => Ok(e),
+                    Ok(None) => Err(std::io::Error::other(
+                        "it ended, and the kernel kept no exit status for it",
+                    )),
+                    Err(e) => Err(std::io::Error::other(format!(
+                        "it ended; its exit status is unknown on this kernel (PIDFD_GET_INFO: {e})"
+                    ))),
+                };
+            }
+            Err(e) => return Err(e),
         }
         g.clear_ready();
     }
@@ -1256,18 +1660,31 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         what: "starting spawner threads".into(),
         source,
     })?;
+    // The keeper: children outlive this forkd, and what an earlier forkd
+    // handed over comes back.
+    let instance_tag = crate::random_hex(3).map_err(|source| ServeError::Io {
+        what: "reading /dev/urandom".into(),
+        source,
+    })?;
+    let (handover, handed, orphans) = handover::Handover::start(
+        &cfg.state_dir.join("run"),
+        std::time::Duration::from_secs(cfg.handover_grace_s.max(1)),
+        &instance_tag,
+    )
+    .map_err(|e| ServeError::Io {
+        what: "starting the keeper".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     let (events, _) = broadcast::channel(65536);
     let (life, health) = health::Lifecycle::new(std::time::Duration::from_secs(cfg.drain_s)).await;
     let state = Arc::new(State {
         registry,
+        handover,
         spawner,
         instances: Mutex::new(Instances::default()),
         events,
         next_instance: AtomicU64::new(0),
-        instance_tag: crate::random_hex(3).map_err(|source| ServeError::Io {
-            what: "reading /dev/urandom".into(),
-            source,
-        })?,
+        instance_tag,
         spawns: AtomicU64::new(0),
         spawn_failures: AtomicU64::new(0),
         remote: Mutex::new(HashMap::new()),
@@ -1289,6 +1706,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let svc = Service {
         state: state.clone(),
     };
+    svc.adopt(handed, orphans).await;
 
     if let Some(dir) = cfg.socket.parent() {
         std::fs::create_dir_all(dir).map_err(|source| ServeError::Io {
@@ -1428,6 +1846,11 @@ mod instances_tests {
             state: "running".into(),
             labels: HashMap::new(),
             started_unix_ms: 0,
+            end: None,
+            adopted: false,
+            notes: Vec::new(),
+            stdout: Vec::new(),
+            stdout_bytes: 0,
         }
     }
 
@@ -1438,7 +1861,7 @@ mod instances_tests {
         for i in 0..ENDED_KEPT + 5 {
             let id = format!("i{i}");
             t.map.insert(id.clone(), rec());
-            t.end(&id, "exited 0".into());
+            t.end(&id, &pb::Exited::default(), Vec::new(), 0);
         }
         assert_eq!(t.map.len(), ENDED_KEPT + 1);
         assert!(t.map.contains_key("live"));
@@ -1447,7 +1870,15 @@ mod instances_tests {
         assert!(!t.map.contains_key("i0") && !t.map.contains_key("i4"));
         assert_eq!(t.map[&format!("i{}", ENDED_KEPT + 4)].state, "exited 0");
         // Ending an unknown id changes nothing.
-        t.end("nope", "exited 1".into());
+        t.end(
+            "nope",
+            &pb::Exited {
+                exit_code: 1,
+                ..Default::default()
+            },
+            Vec::new(),
+            0,
+        );
         assert_eq!(t.map.len(), ENDED_KEPT + 1);
     }
 }

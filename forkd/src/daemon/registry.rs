@@ -83,6 +83,15 @@ impl Seed {
     /// The seed's restorer, set up on first use and shared by its children
     /// (it owns the node-local cache and the pager).
     pub fn restorer(&self) -> Result<Arc<Restorer>, remotefork::restore::RestoreError> {
+        self.restorer_adopting(None)
+    }
+
+    /// [`Seed::restorer`], over the node cache a previous forkd kept
+    /// (handed back by the keeper) if this forkd has none for it yet.
+    pub fn restorer_adopting(
+        &self,
+        cache: Option<remotefork::pager::source::CacheFds>,
+    ) -> Result<Arc<Restorer>, remotefork::restore::RestoreError> {
         if let Some(why) = self.damaged() {
             return Err(remotefork::restore::RestoreError::Damaged(why));
         }
@@ -90,7 +99,7 @@ impl Seed {
         if let Some(r) = g.as_ref() {
             return Ok(r.clone());
         }
-        let r = Arc::new(Restorer::new(SeedImage::open(&self.dir)?)?);
+        let r = Arc::new(Restorer::new_adopting(SeedImage::open(&self.dir)?, cache)?);
         *g = Some(r.clone());
         Ok(r)
     }

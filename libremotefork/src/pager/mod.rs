@@ -261,6 +261,12 @@ impl Journal {
         }
     }
 
+    /// The journal at `path`, to write on (after a [`Journal::replay`]).
+    pub fn reopen(path: PathBuf) -> std::io::Result<Journal> {
+        let file = std::fs::OpenOptions::new().append(true).open(&path)?;
+        Ok(Journal { file, path })
+    }
+
     /// A copy of this journal at `path`, for a child forked now.
     fn fork(&self, path: PathBuf) -> std::io::Result<Journal> {
         std::fs::copy(&self.path, &path)?;
@@ -321,6 +327,8 @@ pub enum ForkEvent {
         id: u64,
         /// Its pid.
         pid: i32,
+        /// A copy of its userfaultfd.
+        uffd: OwnedFd,
     },
     /// The pager let go of it (its address space is gone, or it was killed).
     Ended {
@@ -333,6 +341,11 @@ pub enum ForkEvent {
 pub type ForkSink = Arc<dyn Fn(ForkEvent) + Send + Sync>;
 
 static NEXT_FORK_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A new number for a grandchild in [`ForkEvent`]s (unique in this process).
+pub fn next_fork_id() -> u64 {
+    NEXT_FORK_ID.fetch_add(1, Ordering::Relaxed)
+}
 
 impl LazyChild {
     /// Install the seed's recorded working set now, before the child runs
@@ -619,8 +632,14 @@ fn resolve_grandchildren(
                     }
                 }
                 debug!(parent, pid = g, "found a forked grandchild");
-                if let (Some(fid), Some(sink)) = (st.c.fork_id, sink_of(&st.c)) {
-                    sink(ForkEvent::Found { id: fid, pid: g });
+                if let (Some(fid), Some(sink), Ok(uffd)) =
+                    (st.c.fork_id, sink_of(&st.c), st.c.uffd.dup())
+                {
+                    sink(ForkEvent::Found {
+                        id: fid,
+                        pid: g,
+                        uffd,
+                    });
                 }
                 false
             }
@@ -637,7 +656,7 @@ fn forked_from(parent: i32, g: i32) -> bool {
             libc::SYS_kcmp,
             parent as libc::c_long,
             g as libc::c_long,
-            0 as libc::c_long, // KCMP_VM
+            1 as libc::c_long, // KCMP_VM
             0 as libc::c_long,
             0 as libc::c_long,
         )
@@ -766,7 +785,7 @@ fn service(st: &mut ChildState, forks: &mut Vec<LazyChild>) -> Result<(), String
                     // SAFETY: the kernel installed `ufd` in our fd table for us.
                     let fd = unsafe { OwnedFd::from_raw_fd(ufd as RawFd) };
                     set_nonblocking(&fd);
-                    let fork_id = NEXT_FORK_ID.fetch_add(1, Ordering::Relaxed);
+                    let fork_id = next_fork_id();
                     // A template's fork is the daemon's to write down.
                     let journal = match (&st.c.journal, &st.c.on_fork) {
                         (Some(j), None) => {

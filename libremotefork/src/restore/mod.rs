@@ -18,7 +18,68 @@
 pub mod plan;
 mod template;
 
+pub use plan::set_children_outlive_spawner;
 pub use template::set_idle_timeout as set_template_idle_timeout;
+
+/// Where lazily served children's journals go (see
+/// [`crate::pager::Journal`]): set by a daemon that hands its children to
+/// its successor. None (the default): no journals.
+static JOURNAL_DIR: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Write lazily served children's address-space events to journals in
+/// `dir`, so that another process can take the children over.
+pub fn set_journal_dir(dir: Option<PathBuf>) {
+    *JOURNAL_DIR.lock().unwrap_or_else(|e| e.into_inner()) = dir;
+}
+
+/// A new journal for the child `pid`, if journals are kept.
+fn new_journal(pid: i32) -> Option<crate::pager::Journal> {
+    let dir = JOURNAL_DIR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()?;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{pid}-{}-{n}.journal", std::process::id()));
+    crate::pager::Journal::create(path)
+        .map_err(
+            |e| warn!(error = %e, "cannot create a child's journal; it will not outlive forkd"),
+        )
+        .ok()
+}
+
+/// What another process needs to take over a lazily served child.
+#[derive(Debug)]
+pub struct Handover {
+    /// A copy of its userfaultfd.
+    pub uffd: std::os::fd::OwnedFd,
+    /// The regions its page table was built with (start, length, filled
+    /// from the seed cache).
+    pub regions: Vec<(u64, u64, bool)>,
+    /// Its journal, if journals are kept.
+    pub journal: Option<PathBuf>,
+}
+
+/// A lazily served child (or forked grandchild) to take over from a
+/// process that served it before (see [`Restorer::adopt`]).
+#[derive(Debug)]
+pub struct Adopted {
+    /// Its pid, if known.
+    pub pid: Option<i32>,
+    /// Its pidfd, if known.
+    pub pidfd: Option<std::os::fd::OwnedFd>,
+    /// Its userfaultfd.
+    pub uffd: std::os::fd::OwnedFd,
+    /// As in [`Handover::regions`].
+    pub regions: Vec<(u64, u64, bool)>,
+    /// Its journal, replayed, then written on.
+    pub journal: Option<PathBuf>,
+    /// Its prefetch mode.
+    pub prefetch: Prefetch,
+    /// A forked grandchild's number for [`crate::pager::ForkEvent`]s
+    /// (take a new one with [`crate::pager::next_fork_id`]).
+    pub fork_id: Option<u64>,
+}
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -34,7 +95,7 @@ use tracing::{debug, info_span, warn};
 
 use crate::fileid::{self, FileIdError};
 use crate::image::{Descriptor, ImageError, PageState, SeedImage, VmaKind, FILES_DIR, PAGES_FILE};
-use crate::pager::source::{LocalSource, PageSource, SeedCache, Verify, NO_SLOT};
+use crate::pager::source::{CacheFds, LocalSource, PageSource, SeedCache, Verify, NO_SLOT};
 use crate::pager::table::{Fill, Origin, PageRef, PageTable, Slot};
 use crate::pager::{ChildStats, LazyChild, Pager, Prefetch, SeedPages};
 use crate::procfs::{self, ProcfsError};
@@ -130,7 +191,7 @@ pub enum RestoreError {
 }
 
 /// A child that was started.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Child {
     /// Its pid.
     pub pid: i32,
@@ -142,6 +203,8 @@ pub struct Child {
     pub pages_written: u64,
     /// The pager's statistics for it (lazy children).
     pub stats: Option<Arc<ChildStats>>,
+    /// What another process needs to serve it on (lazy children).
+    pub handover: Option<Handover>,
 }
 
 /// How to start a child.
@@ -225,6 +288,15 @@ type Fetched = (Vec<bool>, Arc<Vec<u8>>);
 impl Restorer {
     /// Check that children of `image` can be started here.
     pub fn new(image: SeedImage) -> Result<Restorer, RestoreError> {
+        Self::new_adopting(image, None)
+    }
+
+    /// [`Restorer::new`] over the node cache an earlier process kept for
+    /// this seed (its children map it; see [`Restorer::cache_fds`]).
+    pub fn new_adopting(
+        image: SeedImage,
+        cache: Option<CacheFds>,
+    ) -> Result<Restorer, RestoreError> {
         let d = image.descriptor();
         let ppath = image.dir().join(PAGES_FILE);
         let f = std::fs::File::open(&ppath).map_err(|source| RestoreError::Io {
@@ -242,7 +314,73 @@ impl Restorer {
                 what: format!("opening {}", ppath.display()),
                 source,
             })?;
-        Self::build(image, Some(pages), Box::new(source))
+        Self::build(image, Some(pages), Box::new(source), cache)
+    }
+
+    /// Copies of the node cache's memfds, to hand to a process that will
+    /// serve this seed's children after this one.
+    pub fn cache_fds(&self) -> std::io::Result<CacheFds> {
+        self.core.seed.cache.fds()
+    }
+
+    /// Tell `sink` about every grandchild forked inside this seed's lazily
+    /// served children (to hand their userfaultfds over too).
+    pub fn set_fork_sink(&self, sink: crate::pager::ForkSink) {
+        *self
+            .core
+            .seed
+            .fork_sink
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(sink);
+    }
+
+    /// Serve a lazily served child that another process served before (a
+    /// restarted forkd): its table is rebuilt from the seed and its
+    /// journal, and every thread waiting on a fault the other process read
+    /// but never served is woken to fault again.
+    pub fn adopt(&self, a: Adopted) -> Result<Arc<ChildStats>, RestoreError> {
+        let mut table = self.core.table_for(&a.regions)?;
+        let journal = match &a.journal {
+            Some(p) => {
+                crate::pager::Journal::replay(p, &mut table).map_err(|source| {
+                    RestoreError::Io {
+                        what: format!("replaying {}", p.display()),
+                        source,
+                    }
+                })?;
+                Some(crate::pager::Journal::reopen(p.clone()).map_err(|source| {
+                    RestoreError::Io {
+                        what: format!("reopening {}", p.display()),
+                        source,
+                    }
+                })?)
+            }
+            None => None,
+        };
+        let uffd = Uffd::from_owned(a.uffd);
+        uffd.set_nonblocking().map_err(|source| RestoreError::Io {
+            what: "making the userfaultfd non-blocking".into(),
+            source,
+        })?;
+        for (start, len, _) in table.regions() {
+            let _ = uffd.wake(start, len);
+        }
+        let stats = Arc::new(ChildStats::default());
+        self.core.pager.add(LazyChild {
+            pid: a.pid,
+            parent_pid: None,
+            uffd,
+            pidfd: a.pidfd,
+            table,
+            seed: self.core.seed.clone(),
+            prefetch: a.prefetch,
+            stats: stats.clone(),
+            on_fork: None,
+            journal,
+            fork_id: a.fork_id,
+            initial: Arc::new(a.regions),
+        });
+        Ok(stats)
     }
 
     /// Children of a seed held by another node: `image` is its descriptor
@@ -250,6 +388,15 @@ impl Restorer {
     /// writable shared mapping of a file is refused: writes through it
     /// would land in this node's file, not the one the parent shares.
     pub fn remote(image: SeedImage, source: Box<dyn PageSource>) -> Result<Restorer, RestoreError> {
+        Self::remote_adopting(image, source, None)
+    }
+
+    /// [`Restorer::remote`] over the node cache an earlier process kept.
+    pub fn remote_adopting(
+        image: SeedImage,
+        source: Box<dyn PageSource>,
+        cache: Option<CacheFds>,
+    ) -> Result<Restorer, RestoreError> {
         let d = image.descriptor();
         if let Some(v) = d
             .vmas
@@ -262,13 +409,14 @@ impl Restorer {
                 v.path, v.start, v.end
             )));
         }
-        Self::build(image, None, source)
+        Self::build(image, None, source, cache)
     }
 
     fn build(
         image: SeedImage,
         pages: Option<Mapping>,
         source: Box<dyn PageSource>,
+        adopt: Option<CacheFds>,
     ) -> Result<Restorer, RestoreError> {
         let d = image.descriptor();
         let (here_hash, vdso_syscall_offset) = own_vdso()?;
@@ -292,11 +440,15 @@ impl Restorer {
                 "this seed predates page digests (format 1): its pages are not checked".into(),
             );
         }
-        let cache = SeedCache::with_verify(source, cache_size.max(PAGE_SIZE), CACHE_SLACK, verify)
-            .map_err(|source| RestoreError::Io {
-                what: "reserving the seed cache".into(),
-                source,
-            })?;
+        let size = cache_size.max(PAGE_SIZE);
+        let cache = match adopt {
+            Some(fds) => SeedCache::adopt(source, size, CACHE_SLACK, verify, fds),
+            None => SeedCache::with_verify(source, size, CACHE_SLACK, verify),
+        }
+        .map_err(|source| RestoreError::Io {
+            what: "reserving the seed cache".into(),
+            source,
+        })?;
         let seed = Arc::new(SeedPages::new(
             cache,
             Some(image.dir().join(WORKING_SET_FILE)),
@@ -418,9 +570,12 @@ impl Core {
                 detail: errno_text(r.ret),
             });
         }
-        let stats = match uffd_fd {
-            Some(fd) => Some(self.start_paging(pid, &plan, fd, opts, None)?),
-            None => None,
+        let (stats, handover) = match uffd_fd {
+            Some(fd) => {
+                let (s, h) = self.start_paging(pid, &plan, fd, opts, None)?;
+                (Some(s), h)
+            }
+            None => (None, None),
         };
         let regs = d.registers.restarted().to_user_regs();
         husk.set_regs(&regs)?;
@@ -435,6 +590,7 @@ impl Core {
             restore_ns,
             pages_written,
             stats,
+            handover,
         })
     }
 
@@ -616,7 +772,7 @@ impl Core {
         fd: i64,
         opts: &SpawnOptions,
         on_fork: Option<std::sync::mpsc::Sender<LazyChild>>,
-    ) -> Result<Arc<ChildStats>, RestoreError> {
+    ) -> Result<(Arc<ChildStats>, Option<Handover>), RestoreError> {
         let d = self.image.descriptor();
         if !(0..=i32::MAX as i64).contains(&fd) {
             return Err(RestoreError::Step {
@@ -626,60 +782,43 @@ impl Core {
         }
         let uffd = Uffd::take_from(pid, fd as i32)?;
         uffd.api(self.uffd_features)?;
-        let mut table = PageTable::default();
-        let early = self.early_pages();
+        let mut regions = Vec::new();
         for (i, vma) in d.vmas.iter().enumerate() {
             if !plan.lazy[i] {
                 continue;
             }
-            let Some(base) = self.cache_base.get(i).copied().flatten() else {
-                return Err(RestoreError::Step {
-                    what: format!("serving {:#x}-{:#x}", vma.start, vma.end),
-                    detail: "no place in the seed cache".into(),
-                });
-            };
-            let fill = if plan.from_cache[i] {
+            if plan.from_cache[i] {
                 uffd.register_minor(vma.start, vma.end - vma.start)?;
-                Fill::Continue
             } else {
                 uffd.register(vma.start, vma.end - vma.start)?;
-                Fill::Copy
-            };
-            let mut slots = Vec::with_capacity(vma.pages() as usize);
-            for r in &vma.runs {
-                for k in 0..r.count {
-                    let page = r.first + k;
-                    slots.push(match r.state {
-                        PageState::Stored { offset } => {
-                            let pr = PageRef {
-                                image: offset + k * PAGE_SIZE,
-                                cache: base + page * PAGE_SIZE,
-                            };
-                            // Written before the child ran (see early_pages).
-                            if clip(vma.start, page, 1, early).is_some() {
-                                Slot::Done(Origin::Stored(pr))
-                            } else {
-                                Slot::Stored(pr)
-                            }
-                        }
-                        _ => Slot::Zero,
-                    });
-                }
             }
-            table.insert(vma.start, slots, fill);
+            regions.push((vma.start, vma.end - vma.start, plan.from_cache[i]));
         }
+        let table = self.table_for(&regions)?;
         let pidfd = uffd::pidfd_open(pid).map_err(|source| RestoreError::Io {
             what: format!("pidfd_open({pid})"),
             source,
         })?;
         let stats = Arc::new(ChildStats::default());
-        let initial = Arc::new(table.regions());
+        // A template's children get their journals when they are forked.
+        let journal = on_fork.is_none().then(|| new_journal(pid)).flatten();
+        let handover = match on_fork {
+            Some(_) => None,
+            None => Some(Handover {
+                uffd: uffd.dup().map_err(|source| RestoreError::Io {
+                    what: "duplicating the child's userfaultfd".into(),
+                    source,
+                })?,
+                regions: regions.clone(),
+                journal: journal.as_ref().map(|j| j.path().to_path_buf()),
+            }),
+        };
         let mut child = LazyChild {
             pid: Some(pid),
             parent_pid: None,
-            journal: None,
+            journal,
             fork_id: None,
-            initial,
+            initial: Arc::new(regions),
             uffd,
             pidfd: Some(pidfd),
             table,
@@ -704,7 +843,62 @@ impl Core {
             }
         }
         self.pager.add(child);
-        Ok(stats)
+        Ok((stats, handover))
+    }
+
+    /// The page table of a child whose lazily served regions are `regions`
+    /// (start, length, from the cache), as the seed has them.
+    fn table_for(&self, regions: &[(u64, u64, bool)]) -> Result<PageTable, RestoreError> {
+        let d = self.image.descriptor();
+        let early = self.early_pages();
+        let mut table = PageTable::default();
+        for &(start, len, from_cache) in regions {
+            let found = d
+                .vmas
+                .iter()
+                .enumerate()
+                .find(|(_, v)| v.start == start && v.end - v.start == len);
+            let (Some((i, vma)), true) = (found, len > 0) else {
+                return Err(RestoreError::Step {
+                    what: format!("serving {start:#x}+{len:#x}"),
+                    detail: "the seed has no such mapping".into(),
+                });
+            };
+            let Some(base) = self.cache_base.get(i).copied().flatten() else {
+                return Err(RestoreError::Step {
+                    what: format!("serving {:#x}-{:#x}", vma.start, vma.end),
+                    detail: "no place in the seed cache".into(),
+                });
+            };
+            let mut slots = Vec::with_capacity(vma.pages() as usize);
+            for r in &vma.runs {
+                for k in 0..r.count {
+                    let page = r.first + k;
+                    slots.push(match r.state {
+                        PageState::Stored { offset } => {
+                            let pr = PageRef {
+                                image: offset + k * PAGE_SIZE,
+                                cache: base + page * PAGE_SIZE,
+                            };
+                            // Written before the child ran (see early_pages).
+                            if clip(vma.start, page, 1, early).is_some() {
+                                Slot::Done(Origin::Stored(pr))
+                            } else {
+                                Slot::Stored(pr)
+                            }
+                        }
+                        _ => Slot::Zero,
+                    });
+                }
+            }
+            let fill = if from_cache {
+                Fill::Continue
+            } else {
+                Fill::Copy
+            };
+            table.insert(vma.start, slots, fill);
+        }
+        Ok(table)
     }
 
     /// [`Self::fetch_stored`], once per plan shape (concurrent first

@@ -1085,7 +1085,7 @@ pub fn build(
         ],
         "setresuid",
     ));
-    if lazy {
+    if lazy && dies_with_spawner() {
         // A child whose pager is gone must die, not run on: set after the
         // credential change, which clears it.
         state_ops.push(pdeathsig_op());
@@ -1141,6 +1141,22 @@ fn robust_list_op(desc: &Descriptor) -> Option<Op> {
             "set_robust_list",
         )
     })
+}
+
+/// Lazy children outlive the thread that started them: set by a daemon
+/// whose children are handed to its successor (forkd's keeper keeps their
+/// userfaultfds, so a child without a pager waits, and the keeper kills it
+/// with a reason if no successor comes). Off: a lazy child dies with its
+/// spawner (`PR_SET_PDEATHSIG`), as under `forkd restore`.
+static OUTLIVE_SPAWNER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// See [`OUTLIVE_SPAWNER`].
+pub fn set_children_outlive_spawner(on: bool) {
+    OUTLIVE_SPAWNER.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn dies_with_spawner() -> bool {
+    !OUTLIVE_SPAWNER.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `PR_SET_PDEATHSIG(SIGKILL)`: a lazy child whose pager is gone must die.
@@ -1276,7 +1292,7 @@ pub fn fork_table(
         ));
     }
     ops.extend(robust_list_op(desc));
-    if uffd_target.is_some() {
+    if uffd_target.is_some() && dies_with_spawner() {
         ops.push(pdeathsig_op());
     }
     let table_at = at + align8(data.0.len()) as u64;

@@ -472,6 +472,7 @@ fn finish(
     let pid = child.pid();
     // A lazy child is served from now on.
     let mut own_uffd: Option<OwnedFd> = None;
+    let mut handover = None;
     let stats = match lazy {
         Some(mut c) => {
             own_uffd = Some(c.uffd.try_clone().map_err(|source| RestoreError::Io {
@@ -486,6 +487,15 @@ fn finish(
             c.pid = Some(pid);
             c.pidfd = Some(pidfd);
             c.stats = stats.clone();
+            c.journal = super::new_journal(pid);
+            handover = Some(super::Handover {
+                uffd: c.uffd.dup().map_err(|source| RestoreError::Io {
+                    what: "duplicating the child's userfaultfd".into(),
+                    source,
+                })?,
+                regions: c.initial.to_vec(),
+                journal: c.journal.as_ref().map(|j| j.path().to_path_buf()),
+            });
             core.pager.add(c);
             Some(stats)
         }
@@ -557,5 +567,6 @@ fn finish(
         restore_ns,
         pages_written: t.pages_written,
         stats,
+        handover,
     })
 }
