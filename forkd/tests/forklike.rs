@@ -1049,3 +1049,52 @@ fn a_daemonised_grandchild_is_handed_over_or_killed_with_a_reason() {
     );
     assert!(!out.exists(), "the grandchild never ran on without a pager");
 }
+
+#[test]
+fn a_10_mib_input_and_a_50_mib_output_go_through_forkctl() {
+    use sha2::{Digest, Sha256};
+    if !require_root("a_10_mib_input_and_a_50_mib_output_go_through_forkctl") {
+        return;
+    }
+    let dir = scratch("big-io");
+    let d = Daemon::start(&dir, false);
+    let script = r#"
+import sys, hashlib
+print('ready', flush=True)
+data = sys.stdin.buffer.read()
+out = sys.stdout.buffer
+out.write(b'in %d %s\n' % (len(data), hashlib.sha256(data).hexdigest().encode()))
+block = bytes(range(256)) * 4096          # 1 MiB
+for i in range(50):
+    out.write(block)
+out.flush()
+"#;
+    let seed = python_seed(|a| d.ctl(a), script);
+    let input: Vec<u8> = (0..10u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let f = dir.join("big-input");
+    std::fs::write(&f, &input).unwrap();
+    for count in ["1", "2"] {
+        let o = forkctl()
+            .arg("--addr")
+            .arg(d.addr())
+            .args(["spawn", &seed, "--count", count, "--stdin"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let head = format!("in {} {:x}\n", input.len(), Sha256::digest(&input));
+        let block: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+        let mut one = head.clone().into_bytes();
+        for _ in 0..50 {
+            one.extend_from_slice(&block);
+        }
+        let n: usize = count.parse().unwrap();
+        assert_eq!(o.stdout.len(), one.len() * n, "every child's whole output");
+        for k in 0..n {
+            let part = &o.stdout[k * one.len()..(k + 1) * one.len()];
+            assert!(part == &one[..], "child {k}'s output is intact");
+        }
+    }
+}

@@ -10,6 +10,10 @@ use forkd::cli::{natural_cmp, ChildReport, SpawnReport, Table};
 use forkd::pb;
 use serde_json::{json, Value};
 
+/// Inputs up to this size go inside the spawn request; larger ones are
+/// staged with `PutInput` first (a gRPC message is at most 4 MiB).
+const INLINE_INPUT: usize = 1 << 20;
+
 #[derive(Parser)]
 #[command(
     name = "forkctl",
@@ -452,10 +456,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(p) => std::fs::read(&p).with_context(|| format!("reading {p}"))?,
                 None => Vec::new(),
             };
+            // An input larger than a message is staged first, in chunks.
+            let (input, stdin_ref) = if input.len() > INLINE_INPUT {
+                let chunks: Vec<pb::InputChunk> = input
+                    .chunks(1 << 20)
+                    .map(|c| pb::InputChunk { data: c.to_vec() })
+                    .collect();
+                let r = c
+                    .put_input(tokio_stream::iter(chunks))
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                (Vec::new(), r.id)
+            } else {
+                (input, String::new())
+            };
             let req = pb::SpawnRequest {
                 seed: Some(r),
                 count,
                 stdin: input,
+                stdin_ref,
                 stdout: pb::StdoutMode::Capture as i32,
                 labels: pairs("label", &labels)?,
                 prefetch,

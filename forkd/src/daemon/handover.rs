@@ -231,6 +231,11 @@ impl Handover {
         id
     }
 
+    /// Hold `fds` under `key` (no process of its own).
+    pub fn hold(&self, key: &str, fds: &[RawFd]) {
+        self.keeper.put(key, &json!({}), fds, None);
+    }
+
     /// Let go of `key` (an entry that cannot be served again).
     pub fn release(&self, key: &str) {
         self.keeper.del(key);

@@ -143,6 +143,28 @@ struct InstanceRec {
     stdout_bytes: u64,
 }
 
+/// Largest staged input.
+const MAX_INPUT: usize = 256 << 20;
+/// Staged inputs held in all.
+const MAX_INPUTS: usize = 1 << 30;
+/// How long a staged input is kept after its last use.
+const INPUT_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl State {
+    /// A staged input, by id.
+    fn input(&self, id: &str) -> Result<Arc<Vec<u8>>, Status> {
+        let mut g = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        let (d, used) = g.get_mut(id).ok_or_else(|| {
+            Status::not_found(format!(
+                "no staged input {id:?} (unknown, or expired {} s after its last use)",
+                INPUT_KEPT.as_secs()
+            ))
+        })?;
+        *used = Instant::now();
+        Ok(d.clone())
+    }
+}
+
 /// Output kept per instance for `GetInstance`.
 const OUTPUT_KEPT: usize = 1 << 20;
 
@@ -234,6 +256,8 @@ impl Instances {
 
 /// Shared daemon state.
 pub struct State {
+    /// Inputs staged with `PutInput`, by id: the input and its last use.
+    inputs: Mutex<HashMap<String, (Arc<Vec<u8>>, Instant)>>,
     registry: Arc<Registry>,
     /// The keeper: children outlive this forkd (see [`handover`]).
     handover: handover::Handover,
@@ -673,7 +697,44 @@ impl Service {
         }
         let mut caches: HashMap<String, remotefork::pager::source::CacheFds> = HashMap::new();
         let mut rest = Vec::new();
+        // Children whose input was still being written: it cannot be
+        // resumed (this forkd does not have it).
+        let mut cut: std::collections::HashSet<String> = Default::default();
+        for h in &handed {
+            if let Some(iid) = h.key.strip_prefix("s/") {
+                cut.insert(iid.to_string());
+                st.handover.release(&h.key);
+            }
+        }
         for h in handed {
+            if h.key.starts_with("s/") {
+                continue;
+            }
+            if let Some(iid) = h.meta["iid"].as_str().filter(|i| cut.contains(*i)) {
+                let reason =
+                    "forkd stopped while it was still writing the child's input; the input cannot be resumed"
+                        .to_string();
+                let names = h.meta["fds"].as_array().cloned().unwrap_or_default();
+                if let Some(p) = names
+                    .iter()
+                    .position(|n| n == "pidfd")
+                    .and_then(|i| h.fds.get(i))
+                {
+                    let _ = kernel_helpers::proc::pidfd_signal(
+                        std::os::fd::AsRawFd::as_raw_fd(p),
+                        libc::SIGKILL,
+                    );
+                }
+                warn!(instance = %iid, %reason, "a handed-over child is killed");
+                let ex = pb::Exited {
+                    reason,
+                    signal: 9,
+                    ..Default::default()
+                };
+                self.record_handed(iid, &h.meta, &ex);
+                st.handover.child_ended(iid);
+                continue;
+            }
             if let Some(seed) = h.key.strip_prefix("c/") {
                 let mut fds = h.fds.into_iter();
                 if let (Some(cache), Some(present)) = (fds.next(), fds.next()) {
@@ -939,7 +1000,15 @@ impl Forkd for Service {
         let st = self.state.clone();
         let restorer = target.restorer.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::InstanceEvent, Status>>(1024);
-        let stdin = Arc::new(r.stdin);
+        let stdin = match (r.stdin_ref.as_str(), r.stdin.is_empty()) {
+            ("", _) => Arc::new(r.stdin),
+            (_, false) => {
+                return Err(Status::invalid_argument(
+                    "give the input either inline (stdin) or staged (stdin_ref), not both",
+                ))
+            }
+            (id, true) => self.state.input(id)?,
+        };
         let capture_stdout = r.stdout == pb::StdoutMode::Capture as i32;
         let labels = r.labels;
         let args = r.args;
@@ -974,23 +1043,23 @@ impl Forkd for Service {
                 };
                 let job = Job {
                     restorer: restorer.clone(),
-                    stdin,
+                    stdin: stdin.clone(),
                     capture_stdout,
                     opts,
                     reply,
                 };
                 let submitted = st.spawner.submit(job).map(|()| wait);
-                queued.push((iid, base, t, submitted));
+                queued.push((iid, base, t, submitted, stdin));
             }
-            for (iid, base, t, submitted) in queued {
+            for (iid, base, t, submitted, stdin_of_child) in queued {
                 let started = match submitted {
                     Ok(wait) => wait
                         .await
                         .unwrap_or_else(|_| Err("the spawner dropped the job".into())),
                     Err(e) => Err(e),
                 };
-                let (child, out) = match started {
-                    Ok(x) => x,
+                let (child, out, stdin_w) = match started {
+                    Ok(x) => (x.child, x.stdout, x.stdin),
                     Err(reason) => {
                         st.spawn_failures.fetch_add(1, Ordering::Relaxed);
                         let ev = pb::InstanceEvent {
@@ -1036,6 +1105,10 @@ impl Forkd for Service {
                     prefetch,
                     started_unix_ms,
                 );
+                if let Some(w) = stdin_w {
+                    st.clone()
+                        .write_stdin(iid.clone(), w, stdin_of_child.clone());
+                }
                 st.instances
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -1140,6 +1213,37 @@ impl Forkd for Service {
         kernel_helpers::proc::signal(pid as i32, libc::SIGKILL)
             .map_err(|e| Status::internal(format!("killing {id} (pid {pid}): {e}")))?;
         Ok(Response::new(pb::KillInstanceResponse {}))
+    }
+
+    async fn put_input(
+        &self,
+        req: Request<tonic::Streaming<pb::InputChunk>>,
+    ) -> Result<Response<pb::InputRef>, Status> {
+        let mut stream = req.into_inner();
+        let mut data = Vec::new();
+        while let Some(c) = stream.message().await? {
+            if data.len() + c.data.len() > MAX_INPUT {
+                return Err(Status::resource_exhausted(format!(
+                    "an input may be at most {} MiB",
+                    MAX_INPUT >> 20
+                )));
+            }
+            data.extend_from_slice(&c.data);
+        }
+        let id = crate::random_hex(8).map_err(|e| Status::internal(e.to_string()))?;
+        let bytes = data.len() as u64;
+        let mut g = self.state.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        g.retain(|_, (_, used)| used.elapsed() < INPUT_KEPT);
+        let held: usize = g.values().map(|(d, _)| d.len()).sum();
+        if held + data.len() > MAX_INPUTS {
+            return Err(Status::resource_exhausted(format!(
+                "staged inputs would exceed {} MiB in all; try again once earlier ones expire ({} s after their last use)",
+                MAX_INPUTS >> 20,
+                INPUT_KEPT.as_secs()
+            )));
+        }
+        g.insert(id.clone(), (Arc::new(data), Instant::now()));
+        Ok(Response::new(pb::InputRef { id, bytes }))
     }
 
     async fn get_instance(
@@ -1373,6 +1477,24 @@ impl State {
             ..base
         };
         self.publish_opt(tx.as_ref(), ev).await;
+    }
+
+    /// Write a child's input (larger than a pipe takes at once) as it reads
+    /// it. Until it is all written the keeper holds the pipe's write end too
+    /// (`s/INSTANCE`): if forkd stops meanwhile the child does not see a
+    /// premature end of file, and the next forkd kills it with the reason.
+    fn write_stdin(self: Arc<Self>, iid: String, w: std::os::fd::OwnedFd, data: Arc<Vec<u8>>) {
+        let key = format!("s/{iid}");
+        self.handover
+            .hold(&key, &[std::os::fd::AsRawFd::as_raw_fd(&w)]);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            if let Ok(mut p) = tokio::net::unix::pipe::Sender::from_owned_fd(w) {
+                // EPIPE: the child ended without reading it all; fine.
+                let _ = p.write_all(&data).await;
+            }
+            self.handover.release(&key);
+        });
     }
 
     /// [`State::publish`], to the spawn's client if there is one.
@@ -1678,6 +1800,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let (events, _) = broadcast::channel(65536);
     let (life, health) = health::Lifecycle::new(std::time::Duration::from_secs(cfg.drain_s)).await;
     let state = Arc::new(State {
+        inputs: Mutex::new(HashMap::new()),
         registry,
         handover,
         spawner,

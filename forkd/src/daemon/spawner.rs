@@ -25,7 +25,7 @@ pub struct Job {
     /// How.
     pub opts: SpawnOptions,
     /// Where the result goes.
-    pub reply: oneshot::Sender<Result<(Child, Option<OwnedFd>), String>>,
+    pub reply: oneshot::Sender<Result<Started, String>>,
 }
 
 /// The spawner threads.
@@ -64,7 +64,19 @@ impl Spawner {
     }
 }
 
-fn run(job: &Job) -> Result<(Child, Option<OwnedFd>), String> {
+/// A child started: its stdout (when captured) and, when its input is
+/// larger than a pipe takes at once, the write end of its stdin (the
+/// daemon writes the rest as the child reads).
+pub struct Started {
+    /// The child.
+    pub child: Child,
+    /// Its stdout's read end.
+    pub stdout: Option<OwnedFd>,
+    /// Its stdin's write end, with the input still to write.
+    pub stdin: Option<OwnedFd>,
+}
+
+fn run(job: &Job) -> Result<Started, String> {
     let (in_r, mut in_w) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
     let (stdout, out_r) = if job.capture_stdout {
         let (r, w) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
@@ -76,16 +88,18 @@ fn run(job: &Job) -> Result<(Child, Option<OwnedFd>), String> {
         .restorer
         .spawn(Io::fd(in_r), stdout, Io::Null, &job.opts)
         .map_err(|e| e.to_string())?;
-    let data = job.stdin.clone();
     // A fresh pipe holds a page without blocking: small inputs are written
-    // here; only larger ones need a thread (the child may read slowly).
-    // A child that exits without reading its input gets EPIPE, ignored.
-    if data.len() <= 4096 {
-        let _ = in_w.write_all(&data);
+    // here; larger ones by the daemon, as the child reads. A child that
+    // exits without reading its input gets EPIPE, ignored.
+    let stdin = if job.stdin.len() <= 4096 {
+        let _ = in_w.write_all(&job.stdin);
+        None
     } else {
-        std::thread::spawn(move || {
-            let _ = in_w.write_all(&data);
-        });
-    }
-    Ok((child, out_r))
+        Some(OwnedFd::from(in_w))
+    };
+    Ok(Started {
+        child,
+        stdout: out_r,
+        stdin,
+    })
 }
