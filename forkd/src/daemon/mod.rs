@@ -143,6 +143,9 @@ struct InstanceRec {
     stdout_bytes: u64,
 }
 
+/// A staged input and when it was last used.
+type Staged = (Arc<Vec<u8>>, Instant);
+
 /// Largest staged input.
 const MAX_INPUT: usize = 256 << 20;
 /// Staged inputs held in all.
@@ -257,7 +260,7 @@ impl Instances {
 /// Shared daemon state.
 pub struct State {
     /// Inputs staged with `PutInput`, by id: the input and its last use.
-    inputs: Mutex<HashMap<String, (Arc<Vec<u8>>, Instant)>>,
+    inputs: Mutex<HashMap<String, Staged>>,
     registry: Arc<Registry>,
     /// The keeper: children outlive this forkd (see [`handover`]).
     handover: handover::Handover,
