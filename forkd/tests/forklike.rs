@@ -1098,3 +1098,71 @@ out.flush()
         }
     }
 }
+
+#[test]
+fn a_drained_remote_child_survives_the_loss_of_the_seeds_node() {
+    if !require_root("a_drained_remote_child_survives_the_loss_of_the_seeds_node") {
+        return;
+    }
+    let base = scratch("drain");
+    let (da, db) = (base.join("a"), base.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let port = |_| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let page = format!("127.0.0.1:{}", port(0));
+    let metrics = format!("127.0.0.1:{}", port(1));
+    let a = Daemon::start_with(&da, true, &["--page-listen", &page]);
+    let b = Daemon::start_with(&db, true, &["--transport", "tcp", "--metrics", &metrics]);
+    let seed = heap_seed(&a, 32);
+    let (code, r, err) = a.ctl(&["seed", "ref", &seed, "--origin", a.tcp.as_ref().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let go = base.join("go");
+    let input = base.join("in");
+    std::fs::write(&input, format!("await {}\nsum\n", go.display())).unwrap();
+    let mut spawn = forkctl();
+    spawn
+        .arg("--addr")
+        .arg(b.addr())
+        .args(["--json", "spawn", r.trim(), "--prefetch", "off", "--stdin"])
+        .arg(&input)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawn = spawn.spawn().unwrap();
+    // The child waits before reading its heap; meanwhile node B drains the
+    // seed into its cache in the background.
+    wait_for("the child to wait", || marks(&go) >= 1);
+    wait_for("node B to drain the seed", || {
+        forkd::client::scrape_metric(&metrics, "forkd_seed_drained") == 1
+    });
+    // The seed's node goes away for good.
+    drop(a);
+    std::fs::write(&go, "").unwrap();
+    let out = spawn.wait_with_output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let kid = &v["children"][0];
+    assert_eq!(kid["exit_code"], 0, "{kid}");
+    let want = {
+        let o = std::process::Command::new(c_program("heap"))
+            .arg("32")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("checksum ").map(String::from))
+            .unwrap()
+    };
+    let s = kid["stdout"].as_str().unwrap();
+    assert!(
+        s.contains(&format!("sum {want} ")),
+        "the child read its whole heap right: {s}"
+    );
+    drop(b);
+}

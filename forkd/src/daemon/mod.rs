@@ -427,6 +427,9 @@ impl Service {
         self.state
             .handover
             .seed_in_use(&target.place, &target.restorer);
+        // Children here stop depending on another node once its pages are
+        // all in this node's cache.
+        target.restorer.drain_in_background();
         Ok(target)
     }
 
@@ -1608,6 +1611,14 @@ impl State {
             for (id, r) in &started {
                 let _ = writeln!(o, "{name}{{seed=\"{id}\"}} {}", get(r.seed_pages()));
             }
+        }
+        let _ = writeln!(o, "# HELP forkd_seed_drained Every page children may fault on is in this node's cache (1), so they no longer need the seed's node.\n# TYPE forkd_seed_drained gauge");
+        for (id, r) in &started {
+            let _ = writeln!(
+                o,
+                "forkd_seed_drained{{seed=\"{id}\"}} {}",
+                u8::from(r.drained())
+            );
         }
         let _ = writeln!(o, "# HELP forkd_fault_latency_us Time to serve a page fault.\n# TYPE forkd_fault_latency_us histogram");
         for (id, r) in &started {

@@ -263,6 +263,10 @@ struct Core {
     /// This node's templates of the seed, by (lazy, prefetch). Only the
     /// template service thread, their tracer, touches them.
     templates: std::sync::Mutex<template::Templates>,
+    /// The background drain was started ([`Restorer::drain_in_background`]).
+    drain_started: std::sync::atomic::AtomicBool,
+    /// Every lazily served page is in the node cache.
+    drained: std::sync::atomic::AtomicBool,
 }
 
 /// What [`Core::build_child`] leaves: a husk holding the seed's process,
@@ -321,6 +325,54 @@ impl Restorer {
     /// serve this seed's children after this one.
     pub fn cache_fds(&self) -> std::io::Result<CacheFds> {
         self.core.seed.cache.fds()
+    }
+
+    /// For a seed whose pages come from another node: fetch every page its
+    /// children may fault on into this node's cache, in the background, at
+    /// a low priority and a bounded rate (1 MiB, then a pause). Once done
+    /// ([`Restorer::drained`]), children here no longer depend on the seed's
+    /// node: its loss kills none of them (their faults are served from the
+    /// cache). Started once; a fetch that fails ends it (faults then fetch
+    /// what they need, as before).
+    pub fn drain_in_background(&self) {
+        use std::sync::atomic::Ordering;
+        if self.core.pages.is_some() || self.core.drain_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let core = self.core.clone();
+        let started = std::thread::Builder::new()
+            .name("rf-drain".into())
+            .spawn(move || {
+                // SAFETY: setpriority on this thread (tid); no memory passed.
+                unsafe {
+                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+                }
+                let refs = core.lazy_page_refs();
+                let t = Instant::now();
+                for batch in refs.chunks(256) {
+                    if let Err(e) = core.seed.cache.ensure(batch) {
+                        warn!(error = %e, "draining the seed into the node cache stopped; faults fetch what they need");
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                core.drained.store(true, Ordering::Release);
+                tracing::info!(
+                    pages = refs.len(),
+                    ms = t.elapsed().as_millis() as u64,
+                    source = %core.seed.cache.source_name(),
+                    "seed drained into the node cache: its children here no longer need its node"
+                );
+            });
+        if let Err(e) = started {
+            warn!(error = %e, "cannot start the drain thread");
+        }
+    }
+
+    /// Is every lazily served page of the seed in this node's cache?
+    pub fn drained(&self) -> bool {
+        self.core.pages.is_some() || self.core.drained.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Tell `sink` about every grandchild forked inside this seed's lazily
@@ -486,6 +538,8 @@ impl Restorer {
                 uffd_features,
                 cache_base,
                 fetched: std::sync::Mutex::new(None),
+                drain_started: Default::default(),
+                drained: Default::default(),
                 store_checked: (0..chunks.div_ceil(64))
                     .map(|_| std::sync::atomic::AtomicU64::new(0))
                     .collect(),
@@ -844,6 +898,26 @@ impl Core {
         }
         self.pager.add(child);
         Ok((stats, handover))
+    }
+
+    /// Every stored page of the lazily served mappings, in cache order.
+    fn lazy_page_refs(&self) -> Vec<PageRef> {
+        let d = self.image.descriptor();
+        let mut refs = Vec::new();
+        for (v, base) in d.vmas.iter().zip(&self.cache_base) {
+            let Some(base) = base else {
+                continue;
+            };
+            for r in &v.runs {
+                if let PageState::Stored { offset } = r.state {
+                    refs.extend((0..r.count).map(|k| PageRef {
+                        image: offset + k * PAGE_SIZE,
+                        cache: base + (r.first + k) * PAGE_SIZE,
+                    }));
+                }
+            }
+        }
+        refs
     }
 
     /// The page table of a child whose lazily served regions are `regions`
