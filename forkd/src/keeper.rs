@@ -440,7 +440,42 @@ pub fn run(dir: &Path, grace: Duration) -> Result<(), KeeperError> {
             (false, Some(_)) => alone_since = None,
             _ => {}
         }
+        if alone_since.is_some() {
+            reap_clones(&mut entries);
+        }
     }
+}
+
+/// A forkd that died mid-capture left its clone (`z/` entries) to die
+/// with it, as a zombie of the captured process, which never waits for
+/// it: reap it there.
+fn reap_clones(entries: &mut HashMap<String, Entry>) {
+    entries.retain(|k, e| {
+        if !k.starts_with("z/") {
+            return true;
+        }
+        let (Some(parent), Some(clone)) = (e.meta["parent"].as_i64(), e.meta["clone"].as_i64())
+        else {
+            return false;
+        };
+        let (parent, clone) = (parent as i32, clone as i32);
+        match remotefork::procfs::stat(clone) {
+            // Still dying: again at the next turn.
+            Ok((s, _)) if s != 'Z' && s != 'X' => true,
+            Ok(_) => {
+                if let Err(err) = remotefork::capture::reap_leftover_clone(parent, clone) {
+                    warn!(parent, clone, error = %err, "cannot reap a capture's leftover clone");
+                } else {
+                    info!(
+                        parent,
+                        clone, "reaped the clone a dead forkd left in a captured process"
+                    );
+                }
+                false
+            }
+            Err(_) => false,
+        }
+    });
 }
 
 /// One message from a forkd.

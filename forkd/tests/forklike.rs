@@ -1166,3 +1166,92 @@ fn a_drained_remote_child_survives_the_loss_of_the_seeds_node() {
     );
     drop(b);
 }
+
+#[test]
+fn capture_of_a_pid_namespace_init_leaves_no_zombie() {
+    if !require_root("capture_of_a_pid_namespace_init_leaves_no_zombie") {
+        return;
+    }
+    if std::process::Command::new("unshare")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED: capture_of_a_pid_namespace_init_leaves_no_zombie: unshare (util-linux) is not installed");
+        return;
+    }
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child"])
+        .arg(c_program("capture_target"));
+    let (target, _) = Target::start(cmd);
+    let init = first_child(target.pid());
+    assert!(init > 0);
+    let nspid = std::fs::read_to_string(format!("/proc/{init}/status")).unwrap();
+    assert!(
+        nspid
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
+        "the target is its namespace's pid 1: {nspid}"
+    );
+    wait_blocked_in_read(init);
+    let out = scratch("pidns-init").join("seed");
+    for _ in 0..3 {
+        let (code, _, err) = run_forkd(&[
+            "snapshot",
+            "--pid",
+            &init.to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            children(init),
+            Vec::<i32>::new(),
+            "no zombie clone left in the init"
+        );
+    }
+}
+
+#[test]
+fn a_forkd_killed_mid_capture_leaves_no_zombie() {
+    if !require_root("a_forkd_killed_mid_capture_leaves_no_zombie") {
+        return;
+    }
+    let dir = scratch("killed-mid-capture");
+    let d = Daemon::start_with(&dir, false, &["--handover-grace-s", "60"]);
+    let mut cmd = std::process::Command::new(c_program("heap"));
+    cmd.arg("1024").stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut target = cmd.spawn().unwrap();
+    let pid = target.id() as i32;
+    {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(target.stdout.as_mut().unwrap());
+        let mut l = String::new();
+        while !l.starts_with("ready") {
+            l.clear();
+            r.read_line(&mut l).unwrap();
+        }
+    }
+    wait_blocked_in_read(pid);
+    let mut create = forkctl();
+    create
+        .arg("--addr")
+        .arg(d.addr())
+        .args(["seed", "create", "--pid", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut create = create.spawn().unwrap();
+    // The clone exists: forkd dies while it copies 1 GiB out of it.
+    wait_for("the capture's clone", || !children(pid).is_empty());
+    drop(d);
+    let _ = create.wait();
+    wait_for("the keeper to reap the clone in the target", || {
+        children(pid).is_empty()
+    });
+    assert!(
+        matches!(state(pid), Some('S') | Some('R')),
+        "the target lives on"
+    );
+    let _ = target.kill();
+    let _ = target.wait();
+}

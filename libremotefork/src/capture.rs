@@ -161,6 +161,10 @@ pub struct CaptureOptions {
     pub durable: bool,
     /// Called at each [`CapturePoint`] (for fault-injection tests).
     pub hook: Option<Box<dyn Fn(CapturePoint) + Send + Sync>>,
+    /// Called with the clone's pid as soon as it exists, so that someone who
+    /// outlives this capture can reap it in the parent should the capture
+    /// die midway ([`reap_leftover_clone`]).
+    pub on_clone: Option<Box<dyn Fn(pid_t) + Send + Sync>>,
     /// A directory of kept file copies shared by many seeds (a daemon's
     /// state directory has one): each file is copied there once, and a
     /// seed's `files/` hard-links to that copy. Without it, every seed gets
@@ -173,6 +177,7 @@ impl std::fmt::Debug for CaptureOptions {
         f.debug_struct("CaptureOptions")
             .field("durable", &self.durable)
             .field("hook", &self.hook.is_some())
+            .field("on_clone", &self.on_clone.is_some())
             .field("file_store", &self.file_store)
             .finish()
     }
@@ -196,6 +201,9 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
 
     let frozen = freeze(pid, insn, opts, &pmaps)?;
     let clone_pid = frozen.clone.pid();
+    if let Some(f) = &opts.on_clone {
+        f(clone_pid);
+    }
     if let Some(h) = &opts.hook {
         h(CapturePoint::CloneStopped);
     }
@@ -474,8 +482,45 @@ fn resume_regs(regs: &libc::user_regs_struct) -> libc::user_regs_struct {
 }
 
 /// Reap the dead clone's zombie inside the parent with an injected `wait4`.
+/// Reap, in `parent`, the zombie of a clone a capture made and could not
+/// reap (the capturing process died midway: the clone, killed with its
+/// tracer, stays a zombie of the parent, which never waits for it).
+/// Nothing happens if `clone` is not a zombie child of `parent`.
+pub fn reap_leftover_clone(parent: pid_t, clone: pid_t) -> Result<(), CaptureError> {
+    let (state, _) = match procfs::stat(clone) {
+        Ok(s) => s,
+        Err(_) => return Ok(()), // gone already
+    };
+    let ppid = procfs::status(clone).map(|s| s.ppid).unwrap_or(0);
+    if state != 'Z' || ppid != parent {
+        return Ok(());
+    }
+    let pmaps = procfs::maps(parent)?;
+    let vdso = crate::vdso::probe(parent, &pmaps)
+        .map_err(|e| gone_or(parent, e.into()))?
+        .ok_or(CaptureError::NoVdso(parent))?;
+    let insn = vdso.start + vdso.syscall_offset.ok_or(CaptureError::NoVdso(parent))?;
+    reap_clone(parent, clone, insn);
+    Ok(())
+}
+
+/// `clone`'s pid as its own pid namespace numbers it (the parent's, for a
+/// fork): what `wait4` in the parent needs when the parent is in a pid
+/// namespace of its own (a container's init).
+fn pid_in_own_namespace(clone: pid_t) -> pid_t {
+    std::fs::read_to_string(format!("/proc/{clone}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        })
+        .unwrap_or(clone)
+}
+
 fn reap_clone(pid: pid_t, clone_pid: pid_t, insn: u64) -> u64 {
     let t = Instant::now();
+    let clone_pid = pid_in_own_namespace(clone_pid);
     let run = || -> Result<(), PtraceError> {
         let mut p = Tracee::seize(pid)?;
         p.interrupt()?;

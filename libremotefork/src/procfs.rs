@@ -283,6 +283,8 @@ pub fn stat(pid: pid_t) -> Result<(char, MmFields), ProcfsError> {
 /// The parts of `/proc/PID/status` that capture needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
+    /// Parent pid.
+    pub ppid: i32,
     /// Number of threads.
     pub threads: u32,
     /// File-creation mask.
@@ -321,6 +323,7 @@ pub fn parse_status(text: &str) -> Result<Status, ProcfsError> {
         let v = v.trim();
         match k {
             "Threads" => st.threads = v.parse().map_err(|_| bad(format!("bad Threads {v:?}")))?,
+            "PPid" => st.ppid = v.parse().map_err(|_| bad(format!("bad PPid {v:?}")))?,
             "Umask" => {
                 st.umask = u32::from_str_radix(v, 8).map_err(|_| bad(format!("bad Umask {v:?}")))?
             }

@@ -231,6 +231,11 @@ impl Handover {
         id
     }
 
+    /// Tell the keeper `meta` under `key` (nothing to hold).
+    pub fn note(&self, key: &str, meta: &Value) {
+        self.keeper.put(key, meta, &[], None);
+    }
+
     /// Hold `fds` under `key` (no process of its own).
     pub fn hold(&self, key: &str, fds: &[RawFd]) {
         self.keeper.put(key, &json!({}), fds, None);

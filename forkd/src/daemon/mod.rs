@@ -592,21 +592,33 @@ impl Service {
         let dir = self.state.registry.tmp_dir(&id);
         let file_store = Some(self.state.registry.file_store());
         let span = info_span!("create_seed", seed = %id, pid);
+        // Should forkd die mid-capture, the keeper reaps the clone's zombie
+        // in the captured process.
+        let st = self.state.clone();
+        let zkey = format!("z/{id}");
+        let (st2, zkey2) = (st.clone(), zkey.clone());
         let d = tokio::task::spawn_blocking(move || {
             capture(
                 pid as i32,
                 &dir,
                 &CaptureOptions {
                     durable: true,
-                    hook: None,
+                    on_clone: Some(Box::new(move |clone| {
+                        st2.handover.note(
+                            &zkey2,
+                            &serde_json::json!({ "parent": pid, "clone": clone }),
+                        );
+                    })),
                     file_store,
+                    ..Default::default()
                 },
             )
         })
         .instrument(span)
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| capture_status(&e))?;
+        .map_err(|e| Status::internal(e.to_string()));
+        st.handover.release(&zkey);
+        let d = d?.map_err(|e| capture_status(&e))?;
         let meta = SeedMeta {
             id: id.clone(),
             key,

@@ -254,3 +254,53 @@ mod tests {
         assert_eq!(t.get(0x10000), Some(st(P)));
     }
 }
+
+#[cfg(test)]
+mod journal_tests {
+    use super::*;
+    use crate::pager::Journal;
+
+    fn stored(n: u64) -> Vec<Slot> {
+        (0..n)
+            .map(|i| {
+                Slot::Stored(PageRef {
+                    image: i * PAGE_SIZE,
+                    cache: i * PAGE_SIZE,
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replayed_journal_rebuilds_the_same_table() {
+        let p = std::env::temp_dir().join(format!("rf-journal-{}", std::process::id()));
+        let mut live = PageTable::default();
+        live.insert(0x10000, stored(16), Fill::Continue);
+        live.insert(0x100000, stored(8), Fill::Copy);
+        let base = live.clone();
+        let mut j = Journal::create(p.clone()).unwrap();
+        // What the pager does with the events, written down as it goes.
+        live.remove(0x12000, 0x14000);
+        j.record(b'R', 0x12000, 0x14000, 0);
+        live.remap(0x100000, 0x200000, 8 * PAGE_SIZE);
+        j.record(b'M', 0x100000, 0x200000, 8 * PAGE_SIZE);
+        live.unmap(0x1e000, 0x20000);
+        j.record(b'U', 0x1e000, 0x20000, 0);
+        // A forked child's journal starts as a copy.
+        let forked = j.fork(p.with_extension("g1")).unwrap();
+        let mut again = base.clone();
+        assert_eq!(Journal::replay(&p, &mut again).unwrap(), 3);
+        assert_eq!(again, live);
+        assert_eq!(
+            again.get(0x12000),
+            Some(Slot::Zero),
+            "removed pages read as zeros"
+        );
+        assert_eq!(again.get(0x1e000), None, "unmapped pages are forgotten");
+        let mut g = base;
+        Journal::replay(forked.path(), &mut g).unwrap();
+        assert_eq!(g, live);
+        drop((j, forked));
+        assert!(!p.exists(), "a journal is removed with its child");
+    }
+}
