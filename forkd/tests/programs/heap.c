@@ -4,6 +4,7 @@
  * then serves
  * commands, one per line on stdin:
  *   sum    read the whole heap, print "sum <checksum> <pid>"
+ *   tsum   the same, timed: "tsum <checksum> <microseconds>"
  *   hold   print "holding <pid>" and wait for the next line
  *   sleep N  print "sleeping <pid>", then sleep N seconds
  *   await PATH  print "waiting <pid>", create PATH.<pid>, then wait until
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -37,7 +39,14 @@ int main(int argc, char **argv) {
     while (fgets(line, sizeof line, stdin)) {
         if (!strncmp(line, "sum", 3))
             printf("sum %016llx %d\n", (unsigned long long)checksum(heap, len), getpid());
-        else if (!strncmp(line, "hold", 4))
+        else if (!strncmp(line, "tsum", 4)) {
+            struct timespec a, b;
+            clock_gettime(CLOCK_MONOTONIC, &a);
+            unsigned long long c = (unsigned long long)checksum(heap, len);
+            clock_gettime(CLOCK_MONOTONIC, &b);
+            printf("tsum %016llx %lld\n", c,
+                   (long long)(b.tv_sec - a.tv_sec) * 1000000 + (b.tv_nsec - a.tv_nsec) / 1000);
+        } else if (!strncmp(line, "hold", 4))
             printf("holding %d\n", getpid());
         else if (!strncmp(line, "sleep", 5)) {
             printf("sleeping %d\n", getpid());

@@ -39,6 +39,9 @@ use table::{Fill, Origin, PageRef, PageTable, Slot};
 /// Pages copied per fault in window mode (the fault plus the next ones).
 pub const WINDOW_PAGES: usize = 16;
 
+/// Largest window a sequential reader's faults grow to (2 MiB).
+pub const MAX_WINDOW_PAGES: usize = 512;
+
 /// How faults pull in more than the faulting page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Prefetch {
@@ -84,8 +87,35 @@ pub struct SeedPages {
     pub fork_sink: Mutex<Option<ForkSink>>,
     working_set: Mutex<Option<Arc<Vec<u64>>>>,
     working_set_file: Option<PathBuf>,
+    /// Pages of the cache-mapped memory the first child wrote (copied on
+    /// write) while it ran, sampled: what every child will write too.
+    written_set: Mutex<Option<Arc<Vec<u64>>>>,
     /// Metrics.
     pub metrics: SeedMetrics,
+}
+
+/// Name of the written set beside the working set file.
+const WRITTEN_SET_EXT: &str = "written";
+
+fn read_addrs(p: &std::path::Path) -> Option<Arc<Vec<u64>>> {
+    std::fs::read(p).ok().map(|b| {
+        Arc::new(
+            b.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect::<Vec<u64>>(),
+        )
+    })
+}
+
+fn save_addrs(p: &std::path::Path, pages: &[u64]) {
+    let bytes: Vec<u8> = pages.iter().flat_map(|a| a.to_le_bytes()).collect();
+    let tmp = p.with_extension("tmp");
+    if std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, p))
+        .is_err()
+    {
+        warn!(file = %p.display(), "cannot save a recorded page set");
+    }
 }
 
 impl std::fmt::Debug for SeedPages {
@@ -99,23 +129,38 @@ impl std::fmt::Debug for SeedPages {
 impl SeedPages {
     /// A seed served from `cache`, its working set kept in `working_set_file`.
     pub fn new(cache: SeedCache, working_set_file: Option<PathBuf>) -> SeedPages {
-        let ws = working_set_file
+        let ws = working_set_file.as_deref().and_then(read_addrs);
+        let written = working_set_file
             .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .map(|b| {
-                Arc::new(
-                    b.chunks_exact(8)
-                        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                        .collect::<Vec<u64>>(),
-                )
-            });
+            .and_then(|p| read_addrs(&p.with_extension(WRITTEN_SET_EXT)));
         SeedPages {
             cache,
             fork_sink: Mutex::new(None),
             working_set: Mutex::new(ws),
             working_set_file,
+            written_set: Mutex::new(written),
             metrics: SeedMetrics::default(),
         }
+    }
+
+    /// The pages the first child wrote, if recorded (sorted addresses).
+    pub fn written_set(&self) -> Option<Arc<Vec<u64>>> {
+        self.written_set.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn record_written_set(&self, mut pages: Vec<u64>) {
+        let Ok(mut g) = self.written_set.lock() else {
+            return;
+        };
+        if g.is_some() || pages.is_empty() {
+            return;
+        }
+        pages.sort_unstable();
+        if let Some(p) = &self.working_set_file {
+            save_addrs(&p.with_extension(WRITTEN_SET_EXT), &pages);
+        }
+        debug!(pages = pages.len(), "written set recorded");
+        *g = Some(Arc::new(pages));
     }
 
     /// The recorded working set (page addresses in first-touch order), if any.
@@ -131,14 +176,7 @@ impl SeedPages {
             return;
         }
         if let Some(p) = &self.working_set_file {
-            let bytes: Vec<u8> = pages.iter().flat_map(|a| a.to_le_bytes()).collect();
-            let tmp = p.with_extension("tmp");
-            if std::fs::write(&tmp, bytes)
-                .and_then(|()| std::fs::rename(&tmp, p))
-                .is_err()
-            {
-                warn!(file = %p.display(), "cannot save the recorded working set");
-            }
+            save_addrs(p, &pages);
         }
         debug!(pages = pages.len(), "working set recorded");
         *g = Some(Arc::new(pages));
@@ -355,6 +393,31 @@ impl LazyChild {
         let mut st = ChildState::new(self);
         queue_working_set(&mut st);
         let r = install_queued(&mut st, usize::MAX);
+        // The working set's zero pages, as the zero page (no fault for them
+        // in any child), in runs.
+        if let Some(ws) = st.c.seed.working_set() {
+            let mut zeros: Vec<u64> = ws
+                .iter()
+                .copied()
+                .filter(|a| st.c.table.get(*a) == Some(Slot::Zero))
+                .collect();
+            zeros.sort_unstable();
+            zeros.dedup();
+            let mut i = 0;
+            while i < zeros.len() {
+                let mut j = i + 1;
+                while j < zeros.len() && zeros[j] == zeros[j - 1] + PAGE_SIZE {
+                    j += 1;
+                }
+                let len = (j - i) as u64 * PAGE_SIZE;
+                if st.c.uffd.zero(zeros[i], len, false).is_ok() {
+                    for a in &zeros[i..j] {
+                        st.c.table.set(*a, Slot::Done(Origin::Zero));
+                    }
+                }
+                i = j;
+            }
+        }
         let n = st.c.stats.prefetched.load(Ordering::Relaxed);
         (st.c, r.map(|()| n))
     }
@@ -368,6 +431,12 @@ struct ChildState {
     touched: Vec<u64>,
     touched_set: HashSet<u64>,
     record: bool,
+    /// Pages of cache-mapped memory it has written (a recording child's).
+    written: HashSet<u64>,
+    sampled_at_free: bool,
+    /// Where a sequential reader's next fault would be, and its window.
+    seq_next: u64,
+    window: usize,
 }
 
 enum Served {
@@ -443,16 +512,20 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
     // Forked grandchildren whose pid is still to be found, since when.
     let mut unresolved: Vec<(u64, Instant)> = Vec::new();
     let mut probed = Instant::now();
+    let mut sampled = Instant::now();
     loop {
         if orphaned && children.is_empty() {
             return;
         }
         ready.clear();
         let busy = !queued.is_empty();
+        let recording = children.values().any(|st| st.record);
         let timeout = if busy {
             0
         } else if !unresolved.is_empty() {
             2
+        } else if recording {
+            100
         } else {
             1000
         };
@@ -535,6 +608,13 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
         }
         if !unresolved.is_empty() {
             resolve_grandchildren(&epoll, &mut children, &mut unresolved);
+        }
+        // A recording child's written pages, sampled while it runs.
+        if sampled.elapsed() >= std::time::Duration::from_millis(100) {
+            sampled = Instant::now();
+            for st in children.values_mut().filter(|st| st.record) {
+                st.sample_written();
+            }
         }
         // A forked grandchild's userfaultfd outlives its address space (an
         // exit, an exec): let go of those, so forkd's descriptors and
@@ -665,6 +745,40 @@ fn forked_from(parent: i32, g: i32) -> bool {
 }
 
 impl ChildState {
+    /// Add the cache-mapped pages it has copied on write by now (present,
+    /// and no longer the cache's page) to its written set.
+    fn sample_written(&mut self) {
+        let Some(pid) = self.c.pid else {
+            return;
+        };
+        let Ok(pm) = kernel_helpers::pagemap::Pagemap::open(pid) else {
+            return;
+        };
+        for (start, len, from_cache) in self.c.table.regions() {
+            if !from_cache {
+                continue;
+            }
+            let Ok(entries) = pm.entries(start, start + len) else {
+                continue;
+            };
+            for (i, e) in entries.iter().enumerate() {
+                use kernel_helpers::pagemap::{PM_FILE_OR_SHARED, PM_PRESENT};
+                if e & PM_PRESENT != 0 && e & PM_FILE_OR_SHARED == 0 {
+                    self.written.insert(start + i as u64 * PAGE_SIZE);
+                }
+            }
+        }
+    }
+
+    /// A recording child frees memory (often: it is ending): sample what
+    /// it wrote before its mappings go, once.
+    fn sample_before_teardown(&mut self) {
+        if self.record && !self.sampled_at_free {
+            self.sampled_at_free = true;
+            self.sample_written();
+        }
+    }
+
     /// Note an address-space event (and write it down, if journaled).
     fn journal(&mut self, tag: u8, a: u64, b: u64, c: u64) {
         self.c.stats.events.fetch_add(1, Ordering::Relaxed);
@@ -691,6 +805,10 @@ impl ChildState {
             touched: Vec::new(),
             touched_set: HashSet::new(),
             record,
+            written: HashSet::new(),
+            sampled_at_free: false,
+            seq_next: 0,
+            window: WINDOW_PAGES,
         }
     }
 }
@@ -725,6 +843,8 @@ fn finish(epoll: &Epoll, st: ChildState) {
         epoll.remove(p.as_raw_fd());
     }
     if st.record && st.c.stats.killed_reason().is_none() {
+        st.c.seed
+            .record_written_set(st.written.into_iter().collect());
         st.c.seed.record_working_set(st.touched);
     }
     st.c.stats.finished.store(true, Ordering::Release);
@@ -769,10 +889,12 @@ fn service(st: &mut ChildState, forks: &mut Vec<LazyChild>) -> Result<(), String
             match *m {
                 Msg::PageFault { address, .. } => faults.push(address),
                 Msg::Remove { start, end } => {
+                    st.sample_before_teardown();
                     st.c.table.remove(start, end);
                     st.journal(b'R', start, end, 0);
                 }
                 Msg::Unmap { start, end } => {
+                    st.sample_before_teardown();
                     st.c.table.unmap(start, end);
                     st.journal(b'U', start, end, 0);
                 }
@@ -1017,6 +1139,11 @@ fn zero_page(st: &mut ChildState, page: u64, tracked: bool) -> Result<Served, St
         Ok(()) | Err(FillError::Gone) => {
             if tracked {
                 st.c.table.set(page, Slot::Done(Origin::Zero));
+                // Part of the working set too: a template maps it as the
+                // zero page, so children read it without a fault.
+                if st.record && st.touched_set.insert(page) {
+                    st.touched.push(page);
+                }
             }
             st.c.stats.zero_pages.fetch_add(1, Ordering::Relaxed);
             Ok(Served::Done)
@@ -1036,11 +1163,24 @@ fn serve(st: &mut ChildState, addr: u64) -> Served {
         st.first_fault_done = true;
         queue_working_set(st);
     }
+    // A fault right where the last window ended is a sequential reader:
+    // its window doubles (up to MAX_WINDOW_PAGES); any other fault starts
+    // again at WINDOW_PAGES.
     let window = if st.c.prefetch == Prefetch::Off {
         1
+    } else if page == st.seq_next {
+        match st.c.table.get(page) {
+            Some(Slot::Stored(_)) => (st.window * 2).clamp(WINDOW_PAGES, MAX_WINDOW_PAGES),
+            _ => st.window,
+        }
     } else {
         WINDOW_PAGES
     };
+    if window > 1 {
+        st.window = window;
+    }
+    // A zero page keeps a sequential reader's window.
+    st.seq_next = page + PAGE_SIZE;
     let r = match st.c.table.get(page) {
         // A page the parent never had in a registered range: the range grew
         // in place (mremap growing a mapping keeps its registration, and
@@ -1048,6 +1188,7 @@ fn serve(st: &mut ChildState, addr: u64) -> Served {
         None => zero_page(st, page, false),
         Some(Slot::Stored(_)) => {
             let run = st.c.table.stored_run(page, window);
+            st.seq_next = page + run.len() as u64 * PAGE_SIZE;
             install(st, &run, true)
         }
         Some(Slot::Done(Origin::Stored(off))) => {

@@ -444,7 +444,12 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
         None => None,
     };
     match ptrace::wait(pid) {
-        Ok(Stop::Signal(libc::SIGSTOP)) => Ok(Forked { tracee, lazy }),
+        Ok(Stop::Signal(libc::SIGSTOP)) => {
+            if let Some(c) = &lazy {
+                precopy_written(core, t, c, pid);
+            }
+            Ok(Forked { tracee, lazy })
+        }
         Ok(other) => Err(RestoreError::Step {
             what: "starting the forked child".into(),
             detail: format!("it reported {other:?} instead of its first stop"),
@@ -454,6 +459,53 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
             source,
         }),
     }
+}
+
+/// Copy into the child `pid`, forked and not yet run, the pages every
+/// child writes (the seed's written set, where the template has them): its
+/// first request then takes no copy-on-write faults for them, as a warm
+/// process would not. For a spare, this happens ahead of its request.
+fn precopy_written(core: &Core, t: &Template, c: &LazyChild, pid: i32) {
+    let pages = written_pages_present(core, t, c);
+    if pages.is_empty() {
+        return;
+    }
+    let locals: Vec<&[u8]> = pages
+        .iter()
+        .map(|&(_, cache)| core.seed.cache.page(cache))
+        .collect();
+    let remotes: Vec<RemoteRange> = pages
+        .iter()
+        .map(|&(addr, _)| RemoteRange {
+            addr,
+            len: crate::PAGE_SIZE as usize,
+        })
+        .collect();
+    match mem::write_ranges(pid, &locals, &remotes) {
+        Ok(()) => debug!(pages = pages.len(), "written set copied ahead"),
+        Err(e) => {
+            debug!(error = %e, "could not copy the written set ahead; the child copies on write")
+        }
+    }
+}
+
+/// Of the seed's written set (the pages its first child wrote), those the
+/// template has (so the fork mapped them shared): (address, cache offset).
+/// Only for templates with the recorded working set, where they are.
+fn written_pages_present(core: &Core, t: &Template, c: &LazyChild) -> Vec<(u64, u64)> {
+    use crate::pager::table::{Origin, Slot};
+    if !t.with_ws {
+        return Vec::new();
+    }
+    let Some(ws) = core.seed.written_set() else {
+        return Vec::new();
+    };
+    ws.iter()
+        .filter_map(|&a| match c.table.get(a) {
+            Some(Slot::Done(Origin::Stored(r))) => Some((a, r.cache)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Give a forked child what fork did not, and let it run as the seed.

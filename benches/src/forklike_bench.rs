@@ -1,0 +1,533 @@
+//! Fork-semantics benchmark (issue 13), every figure beside its baseline in
+//! the same run:
+//!
+//! 1. **Heap walk.** A warm Python whose every request sums a
+//!    200,000-entry dict: time to answer the first request and time to exit
+//!    of a child forked from the node's template (through a real forkd),
+//!    against the warm parent's own; then `--count 100` through the daemon,
+//!    request to last exit.
+//! 2. **Memory.** 8 children of a seed with a 256 MiB heap, each having
+//!    read all of it, alive together: PSS of children and templates, with
+//!    and without templates, against 8 x and 1 x the parent's RSS.
+//! 3. **Digests.** Time for a lazy child (from scratch, cold node cache) to
+//!    read its 256 MiB heap with page digests checked, against the same
+//!    seed without digests (format 1).
+//! 4. **Lazy against eager.** Time for a child to read its whole 1 GiB
+//!    heap: lazy (cold node cache, warm node cache, template with the
+//!    recorded working set) against eager.
+//!
+//! Run: `sudo sh -c 'cargo build --release -p forkd && cargo run --release -p remotefork-benches --bin forklike-bench'`
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child as Proc, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use forkd::pb;
+use remotefork::capture::{capture, CaptureOptions};
+use remotefork::image::SeedImage;
+use remotefork::pager::Prefetch;
+use remotefork::restore::{Io, Restorer, SpawnOptions};
+use serde_json::{json, Value};
+
+const HEAP_WALK: &str = r#"
+import sys, time, json, os
+d = {i: i * 7 for i in range(200000)}
+print('ready', flush=True)
+for line in sys.stdin:
+    t = time.perf_counter()
+    s = sum(d.values())
+    ms = (time.perf_counter() - t) * 1e3
+    print(json.dumps({'sum': s, 'ms': ms, 'pid': os.getpid()}), flush=True)
+"#;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("no bin dir")?.to_path_buf())
+}
+
+/// A forkd on its own socket and state directory, from this build.
+struct Forkd {
+    child: Proc,
+    dir: PathBuf,
+}
+
+impl Forkd {
+    fn start(dir: &Path) -> anyhow::Result<Forkd> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let child = Command::new(bin_dir()?.join("forkd"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(dir.join("sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--handover-grace-s", "5"])
+            .env("FORKD_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        let f = Forkd {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let t = Instant::now();
+        while !dir.join("sock").exists() {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("forkd did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(f)
+    }
+
+    fn addr(&self) -> String {
+        format!("unix:{}", self.dir.join("sock").display())
+    }
+}
+
+impl Drop for Forkd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn seed_of(addr: &str, argv: Vec<String>) -> anyhow::Result<String> {
+    let mut c = forkd::client::connect(addr, None).await?;
+    let s = c
+        .create_seed(pb::CreateSeedRequest {
+            source: Some(pb::create_seed_request::Source::Command(pb::StartCommand {
+                argv,
+                ready_line: "ready".into(),
+                ready_timeout_ms: 120_000,
+                ..Default::default()
+            })),
+            name: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(s.id)
+}
+
+/// Per child: stdout, time of its last output and of its exit (from the
+/// request), and the Exited event.
+struct Spawned {
+    stdout: Vec<u8>,
+    last_output: Duration,
+    exited: Duration,
+    exit: pb::Exited,
+}
+
+async fn spawn(
+    addr: &str,
+    seed: &str,
+    count: u32,
+    stdin: &[u8],
+    prefetch: &str,
+    no_template: bool,
+) -> anyhow::Result<(Vec<Spawned>, Duration)> {
+    let mut c = forkd::client::connect(addr, None).await?;
+    let t0 = Instant::now();
+    let mut s = c
+        .spawn(pb::SpawnRequest {
+            seed: Some(pb::SeedRef {
+                id: seed.into(),
+                key: String::new(),
+            }),
+            count,
+            stdin: stdin.to_vec(),
+            prefetch: prefetch.into(),
+            no_template,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut kids: Vec<Option<Spawned>> = (0..count).map(|_| None).collect();
+    let mut outs: Vec<(Vec<u8>, Duration)> = vec![(Vec::new(), Duration::ZERO); count as usize];
+    let mut ended = 0;
+    while let Some(ev) = s.message().await? {
+        let i = ev.index as usize;
+        match ev.kind {
+            Some(pb::instance_event::Kind::Output(o)) => {
+                outs[i].0.extend_from_slice(&o.data);
+                outs[i].1 = t0.elapsed();
+            }
+            Some(pb::instance_event::Kind::Exited(x)) => {
+                kids[i] = Some(Spawned {
+                    stdout: std::mem::take(&mut outs[i].0),
+                    last_output: outs[i].1,
+                    exited: t0.elapsed(),
+                    exit: x,
+                });
+                ended += 1;
+            }
+            Some(pb::instance_event::Kind::Failed(x)) => bail!("a child failed: {}", x.reason),
+            _ => {}
+        }
+        if ended == count {
+            break;
+        }
+    }
+    let total = t0.elapsed();
+    Ok((kids.into_iter().flatten().collect(), total))
+}
+
+/// The warm parent itself: (answer ms inside it, exit ms from its answer).
+fn parent_walk(py: &str) -> anyhow::Result<(f64, f64)> {
+    let mut p = Command::new(py)
+        .args(["-c", HEAP_WALK])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = BufReader::new(p.stdout.take().context("stdout")?);
+    let mut l = String::new();
+    out.read_line(&mut l)?;
+    let mut stdin = p.stdin.take().context("stdin")?;
+    stdin.write_all(b"go\n")?;
+    l.clear();
+    out.read_line(&mut l)?;
+    let v: Value = serde_json::from_str(l.trim())?;
+    let t = Instant::now();
+    drop(stdin);
+    p.wait()?;
+    Ok((
+        v["ms"].as_f64().unwrap_or(0.0),
+        t.elapsed().as_secs_f64() * 1e3,
+    ))
+}
+
+async fn heap_walk(py: &str, work: &Path) -> anyhow::Result<Value> {
+    let mut parent = Vec::new();
+    for _ in 0..9 {
+        parent.push(parent_walk(py)?);
+    }
+    let p_answer = median(parent.iter().map(|p| p.0).collect());
+    let p_exit = median(parent.iter().map(|p| p.1).collect());
+    let f = Forkd::start(&work.join("walk"))?;
+    let addr = f.addr();
+    let seed = seed_of(&addr, vec![py.into(), "-c".into(), HEAP_WALK.into()]).await?;
+    // The first child records the working set; later ones get it.
+    spawn(&addr, &seed, 1, b"go\n", "recorded", false).await?;
+    let mut answer = Vec::new();
+    let mut exit = Vec::new();
+    let mut faults = Vec::new();
+    for _ in 0..9 {
+        let (k, _) = spawn(&addr, &seed, 1, b"go\n", "recorded", false).await?;
+        let k = &k[0];
+        let v: Value = serde_json::from_slice(k.stdout.trim_ascii())?;
+        answer.push(v["ms"].as_f64().unwrap_or(0.0));
+        exit.push((k.exited - k.last_output).as_secs_f64() * 1e3);
+        faults.push(k.exit.faults as f64);
+    }
+    let c_answer = median(answer);
+    let c_exit = median(exit);
+    let (kids, total) = spawn(&addr, &seed, 100, b"go\n", "recorded", false).await?;
+    let ok = kids
+        .iter()
+        .filter(|k| k.exit.exit_code == 0 && k.exit.signal == 0)
+        .count();
+    println!("1. heap walk (200,000-entry dict, summed per request)");
+    println!("   warm parent: answers in {p_answer:.2} ms, exits {p_exit:.1} ms after its answer (median of 9)");
+    println!(
+        "   template child (recorded): answers in {c_answer:.2} ms ({:.2}x the parent; goal <= 2x), {} faults; exits in {c_exit:.1} ms ({:.2}x; goal <= 1.5x)",
+        c_answer / p_answer,
+        median(faults),
+        c_exit / p_exit
+    );
+    println!(
+        "   forkctl spawn --count 100 through the daemon: {ok}/100 correct, request to last exit {:.2} s",
+        total.as_secs_f64()
+    );
+    Ok(json!({
+        "parent_answer_ms": p_answer, "parent_exit_ms": p_exit,
+        "child_answer_ms": c_answer, "child_exit_ms": c_exit,
+        "answer_ratio": c_answer / p_answer, "exit_ratio": c_exit / p_exit,
+        "count100_last_exit_s": total.as_secs_f64(), "count100_ok": ok,
+    }))
+}
+
+fn pss(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    remotefork::procfs::children(pid)
+}
+
+fn heap_prog(work: &Path) -> anyhow::Result<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../forkd/tests/programs/heap.c");
+    let out = work.join("heap");
+    let st = Command::new("cc")
+        .args(["-O1", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()?;
+    if !st.success() {
+        bail!("compiling {} failed", src.display());
+    }
+    Ok(out)
+}
+
+/// The RSS of a fresh `heap MB` once warm.
+fn heap_rss(prog: &Path, mb: u32) -> anyhow::Result<u64> {
+    let mut p = Command::new(prog)
+        .arg(mb.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = BufReader::new(p.stdout.take().context("stdout")?);
+    let mut l = String::new();
+    while !l.starts_with("ready") {
+        l.clear();
+        out.read_line(&mut l)?;
+    }
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", p.id()))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024;
+    let _ = p.kill();
+    let _ = p.wait();
+    Ok(rss)
+}
+
+async fn memory(prog: &Path, work: &Path) -> anyhow::Result<Value> {
+    let rss = heap_rss(prog, 256)?;
+    let mut rows = Vec::new();
+    for (name, prefetch, no_template) in [
+        ("template, recorded working set", "recorded", false),
+        ("template, window", "window", false),
+        ("no template", "window", true),
+    ] {
+        let f = Forkd::start(&work.join(format!("mem-{prefetch}-{no_template}")))?;
+        let addr = f.addr();
+        let seed = seed_of(&addr, vec![prog.display().to_string(), "256".into()]).await?;
+        spawn(&addr, &seed, 1, b"sum\n", prefetch, no_template).await?;
+        let release = work.join(format!("release-{prefetch}-{no_template}"));
+        let input = format!("sum\nawait {}\n", release.display());
+        let fpid = f.child.id() as i32;
+        let handle = {
+            let (seed, prefetch) = (seed.clone(), prefetch.to_string());
+            tokio::spawn(async move {
+                spawn(&addr, &seed, 8, input.as_bytes(), &prefetch, no_template).await
+            })
+        };
+        let marks = |r: &Path| {
+            let name = r
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string()
+                + ".";
+            std::fs::read_dir(work)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with(&name))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        let t = Instant::now();
+        while marks(&release) < 8 {
+            if t.elapsed() > Duration::from_secs(300) {
+                bail!("8 children did not all read their heap");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let all: u64 = children_of(fpid).iter().map(|c| pss(*c)).sum();
+        std::fs::write(&release, "")?;
+        handle.await??;
+        println!(
+            "   {name}: {} MiB ({:.2}x one parent's RSS; {:.1}% of 8 x RSS)",
+            all >> 20,
+            all as f64 / rss as f64,
+            all as f64 * 100.0 / (8 * rss) as f64
+        );
+        rows.push(
+            json!({ "mode": name, "pss_bytes": all, "x_parent_rss": all as f64 / rss as f64 }),
+        );
+    }
+    Ok(json!({ "parent_rss_bytes": rss, "rows": rows }))
+}
+
+/// Capture `heap MB` with the library; returns the image directory.
+fn heap_seed(prog: &Path, mb: u32, dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut p = Command::new(prog)
+        .arg(mb.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = BufReader::new(p.stdout.take().context("stdout")?);
+    let mut l = String::new();
+    while !l.starts_with("ready") {
+        l.clear();
+        out.read_line(&mut l)?;
+    }
+    common::wait_blocked_in_read(p.id() as i32)?;
+    let _ = std::fs::remove_dir_all(dir);
+    capture(p.id() as i32, dir, &CaptureOptions::default())?;
+    let _ = p.kill();
+    let _ = p.wait();
+    Ok(dir.to_path_buf())
+}
+
+/// Start one child of `r` reading `tsum`; its time to read the heap (µs)
+/// and faults.
+fn tsum(r: &Restorer, opts: &SpawnOptions) -> anyhow::Result<(f64, u64)> {
+    let (in_r, mut in_w) = std::io::pipe()?;
+    let (out_r, out_w) = std::io::pipe()?;
+    let c = r.spawn(Io::fd(in_r), Io::fd(out_w), Io::Null, opts)?;
+    in_w.write_all(b"tsum\n")?;
+    drop(in_w);
+    let mut l = String::new();
+    BufReader::new(out_r).read_line(&mut l)?;
+    let us: f64 = l
+        .split_whitespace()
+        .nth(2)
+        .with_context(|| format!("child said {l:?}"))?
+        .parse()?;
+    let mut st = 0;
+    // SAFETY: waitpid on our own child.
+    unsafe { libc::waitpid(c.pid, &mut st, 0) };
+    let faults = c
+        .stats
+        .map(|s| {
+            s.wait_finished(Duration::from_secs(5));
+            s.faults.load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .unwrap_or(0);
+    Ok((us, faults))
+}
+
+fn scratch_opts(lazy: bool, prefetch: Prefetch, template: bool) -> SpawnOptions {
+    SpawnOptions {
+        lazy,
+        prefetch,
+        share: true,
+        template,
+    }
+}
+
+fn digests(prog: &Path, work: &Path) -> anyhow::Result<Value> {
+    let with = heap_seed(prog, 256, &work.join("dig"))?;
+    // The same seed without digests: its descriptor rewritten as format 1.
+    let without = work.join("nodig");
+    let _ = std::fs::remove_dir_all(&without);
+    std::fs::create_dir_all(&without)?;
+    std::fs::copy(with.join("pages.img"), without.join("pages.img"))?;
+    let mut d = SeedImage::open(&with)?.descriptor().clone();
+    d.format_version = remotefork::image::FORMAT_V1;
+    d.digests = None;
+    std::fs::write(
+        without.join("descriptor.bin"),
+        remotefork::image::encode(&d)?,
+    )?;
+    let opts = scratch_opts(true, Prefetch::Window, false);
+    let mut rows = Vec::new();
+    let mut meds = Vec::new();
+    for (name, dir) in [("with digests", &with), ("without digests", &without)] {
+        let mut t = Vec::new();
+        let mut faults = 0;
+        for _ in 0..5 {
+            // A new restorer each time: a cold node cache, every page fetched.
+            let r = Restorer::new(SeedImage::open(dir)?)?;
+            let (us, f) = tsum(&r, &opts)?;
+            t.push(us / 1e3);
+            faults = f;
+        }
+        let m = median(t);
+        meds.push(m);
+        rows.push(json!({ "mode": name, "read_ms": m, "faults": faults }));
+        println!("   lazy child, cold cache, {name}: reads 256 MiB in {m:.1} ms ({faults} faults)");
+    }
+    println!(
+        "   digest cost on the fault path: {:+.1}% ({:.1} ms)",
+        (meds[0] / meds[1] - 1.0) * 100.0,
+        meds[0] - meds[1]
+    );
+    Ok(json!({ "rows": rows, "cost_pct": (meds[0] / meds[1] - 1.0) * 100.0 }))
+}
+
+fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
+    let dir = heap_seed(prog, 1024, &work.join("gib"))?;
+    let eager = {
+        let r = Restorer::new(SeedImage::open(&dir)?)?;
+        let mut t = Vec::new();
+        for _ in 0..3 {
+            t.push(tsum(&r, &scratch_opts(false, Prefetch::Off, false))?.0 / 1e3);
+        }
+        median(t)
+    };
+    let r = Restorer::new(SeedImage::open(&dir)?)?;
+    let cold = tsum(&r, &scratch_opts(true, Prefetch::Window, false))?;
+    let warm = tsum(&r, &scratch_opts(true, Prefetch::Window, false))?;
+    // The first child recorded the working set: a template gets it.
+    let _ = tsum(&r, &scratch_opts(true, Prefetch::Recorded, true))?;
+    let tpl = tsum(&r, &scratch_opts(true, Prefetch::Recorded, true))?;
+    println!("   eager child: reads 1 GiB in {eager:.0} ms (median of 3)");
+    for (name, (us, f)) in [
+        ("lazy, cold node cache", cold),
+        ("lazy, warm node cache", warm),
+        ("lazy, template with the recorded working set", tpl),
+    ] {
+        println!(
+            "   {name}: {:.0} ms ({:.2}x eager; goal <= 1.5x), {f} faults",
+            us / 1e3,
+            us / 1e3 / eager
+        );
+    }
+    Ok(json!({
+        "eager_ms": eager, "lazy_cold_ms": cold.0 / 1e3, "lazy_warm_ms": warm.0 / 1e3,
+        "lazy_template_ms": tpl.0 / 1e3,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let json_out = std::env::args()
+        .skip_while(|a| a != "--json")
+        .nth(1)
+        .map(PathBuf::from);
+    let py = common::python()?;
+    let work = std::env::temp_dir().join(format!("forklike-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let prog = heap_prog(&work)?;
+    let walk = heap_walk(&py, &work).await?;
+    println!("2. memory: 8 children of a 256 MiB heap, each read all of it, alive together (PSS of children and templates)");
+    let mem = memory(&prog, &work).await?;
+    println!("3. page digests");
+    let dig = tokio::task::spawn_blocking({
+        let (p, w) = (prog.clone(), work.clone());
+        move || digests(&p, &w)
+    })
+    .await??;
+    println!("4. reading a whole 1 GiB heap: lazy against eager");
+    let gib = tokio::task::spawn_blocking({
+        let (p, w) = (prog.clone(), work.clone());
+        move || lazy_vs_eager(&p, &w)
+    })
+    .await??;
+    let all = json!({ "heap_walk": walk, "memory": mem, "digests": dig, "lazy_vs_eager": gib });
+    if let Some(p) = json_out {
+        std::fs::write(&p, serde_json::to_string_pretty(&all)?)?;
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
