@@ -152,6 +152,11 @@ enum Command {
         /// to take them back; then it kills them and says why [default: 60].
         #[arg(long)]
         handover_grace_s: Option<u64>,
+        /// Do not fetch other nodes' seeds whole into the node cache in the
+        /// background (children then depend on the seed's node for every
+        /// page they have not faulted in).
+        #[arg(long)]
+        no_drain: bool,
     },
     /// The keeper of a state directory's children (started by `forkd serve`).
     #[command(hide = true)]
@@ -208,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             template_idle_s,
             drain_s,
             handover_grace_s,
+            no_drain,
         } => {
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
@@ -264,6 +270,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(v) = handover_grace_s {
                 cfg.handover_grace_s = v;
+            }
+            if no_drain {
+                cfg.drain = false;
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

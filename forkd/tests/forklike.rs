@@ -559,7 +559,8 @@ fn a_flipped_bit_on_the_wire_kills_the_remote_child_with_a_reason() {
         true,
         &["--page-listen", &page_listen, "--page-advertise", &proxy],
     );
-    let b = Daemon::start_with(&db, true, &["--transport", "tcp"]);
+    // No background drain: the corrupted answer must be the child's fault.
+    let b = Daemon::start_with(&db, true, &["--transport", "tcp", "--no-drain"]);
     let seed = heap_seed(&a, 16);
     let (code, r, err) = a.ctl(&["seed", "ref", &seed, "--origin", a.tcp.as_ref().unwrap()]);
     assert_eq!(code, 0, "{err}");

@@ -77,6 +77,9 @@ pub struct Config {
     /// How long the keeper keeps children alive (waiting for a restarted
     /// forkd to take them back) after forkd is gone; then it kills them.
     pub handover_grace_s: u64,
+    /// Fetch other nodes' seeds whole into the node cache in the
+    /// background, so children stop depending on the seed's node.
+    pub drain: bool,
     /// On SIGTERM, how long spawns under way may run on before forkd stops.
     pub drain_s: u64,
 }
@@ -99,6 +102,7 @@ impl Default for Config {
             page_deadline_ms: 5000,
             template_idle_s: 600,
             handover_grace_s: 60,
+            drain: true,
             drain_s: 20,
         }
     }
@@ -259,6 +263,8 @@ impl Instances {
 
 /// Shared daemon state.
 pub struct State {
+    /// Drain other nodes' seeds into the node cache (`Config::drain`).
+    drain: bool,
     /// Inputs staged with `PutInput`, by id: the input and its last use.
     inputs: Mutex<HashMap<String, Staged>>,
     registry: Arc<Registry>,
@@ -429,7 +435,9 @@ impl Service {
             .seed_in_use(&target.place, &target.restorer);
         // Children here stop depending on another node once its pages are
         // all in this node's cache.
-        target.restorer.drain_in_background();
+        if self.state.drain {
+            target.restorer.drain_in_background();
+        }
         Ok(target)
     }
 
@@ -1826,6 +1834,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let (events, _) = broadcast::channel(65536);
     let (life, health) = health::Lifecycle::new(std::time::Duration::from_secs(cfg.drain_s)).await;
     let state = Arc::new(State {
+        drain: cfg.drain,
         inputs: Mutex::new(HashMap::new()),
         registry,
         handover,
