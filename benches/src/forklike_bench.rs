@@ -254,18 +254,6 @@ async fn heap_walk(py: &str, work: &Path) -> anyhow::Result<Value> {
     }))
 }
 
-fn pss(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
 fn children_of(pid: i32) -> Vec<i32> {
     remotefork::procfs::children(pid)
 }
@@ -284,8 +272,8 @@ fn heap_prog(work: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-/// The RSS of a fresh `heap MB` once warm.
-fn heap_rss(prog: &Path, mb: u32) -> anyhow::Result<u64> {
+/// Start `heap MB` and wait until it is warm (blocked reading stdin).
+fn warm_heap(prog: &Path, mb: u32) -> anyhow::Result<Proc> {
     let mut p = Command::new(prog)
         .arg(mb.to_string())
         .stdin(Stdio::piped())
@@ -295,8 +283,17 @@ fn heap_rss(prog: &Path, mb: u32) -> anyhow::Result<u64> {
     let mut l = String::new();
     while !l.starts_with("ready") {
         l.clear();
-        out.read_line(&mut l)?;
+        if out.read_line(&mut l)? == 0 {
+            bail!("{} exited before it was ready", prog.display());
+        }
     }
+    common::wait_blocked_in_read(p.id() as i32)?;
+    Ok(p)
+}
+
+/// The RSS of a fresh `heap MB` once warm.
+fn heap_rss(prog: &Path, mb: u32) -> anyhow::Result<u64> {
+    let mut p = warm_heap(prog, mb)?;
     let rss = std::fs::read_to_string(format!("/proc/{}/status", p.id()))?
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -351,7 +348,10 @@ async fn memory(prog: &Path, work: &Path) -> anyhow::Result<Value> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let all: u64 = children_of(fpid).iter().map(|c| pss(*c)).sum();
+        let all: u64 = children_of(fpid)
+            .iter()
+            .map(|c| remotefork::procfs::pss(*c))
+            .sum();
         std::fs::write(&release, "")?;
         handle.await??;
         println!(
@@ -369,18 +369,7 @@ async fn memory(prog: &Path, work: &Path) -> anyhow::Result<Value> {
 
 /// Capture `heap MB` with the library; returns the image directory.
 fn heap_seed(prog: &Path, mb: u32, dir: &Path) -> anyhow::Result<PathBuf> {
-    let mut p = Command::new(prog)
-        .arg(mb.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut out = BufReader::new(p.stdout.take().context("stdout")?);
-    let mut l = String::new();
-    while !l.starts_with("ready") {
-        l.clear();
-        out.read_line(&mut l)?;
-    }
-    common::wait_blocked_in_read(p.id() as i32)?;
+    let mut p = warm_heap(prog, mb)?;
     let _ = std::fs::remove_dir_all(dir);
     capture(p.id() as i32, dir, &CaptureOptions::default())?;
     let _ = p.kill();

@@ -33,19 +33,6 @@ fn heap_seed(d: &Daemon, mb: u32) -> String {
         .to_string()
 }
 
-/// Proportional set size of `pid` in bytes (0 if it is gone).
-fn pss(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
 /// Wait until `f` holds: up to 2 minutes, for a loaded machine.
 fn wait_for<F: FnMut() -> bool>(what: &str, mut f: F) {
     let t = Instant::now();
@@ -114,7 +101,10 @@ fn template_children_share_the_pages_they_only_read() {
         let p = spawn_and_hold(&d, &seed, 3, &extra, &release);
         // The three children have read their whole heap once they wait.
         wait_for("three children waiting", || marks(&release) >= 3);
-        let all: u64 = children(forkd_pid).iter().map(|c| pss(*c)).sum();
+        let all: u64 = children(forkd_pid)
+            .iter()
+            .map(|c| remotefork::procfs::pss(*c))
+            .sum();
         std::fs::write(&release, "").unwrap();
         let out = p.wait_with_output().unwrap();
         assert!(
@@ -195,21 +185,8 @@ fn python_runtime_children_draw_their_own_random_numbers() {
         .as_str()
         .unwrap()
         .to_string();
-    let input = dir.join("event");
-    std::fs::write(&input, "{}\n").unwrap();
-    let (code, out, err) = d.ctl(&[
-        "--json",
-        "spawn",
-        &seed,
-        "--count",
-        "5",
-        "--stdin",
-        input.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v: Value = serde_json::from_str(&out).unwrap();
     let mut draws = std::collections::HashSet::new();
-    for k in v["children"].as_array().unwrap() {
+    for k in &spawn_children(&d, &seed, 5, "{}\n") {
         let a: Value = serde_json::from_str(k["stdout"].as_str().unwrap().trim()).unwrap();
         assert_eq!(a["ok"], true, "{a}");
         let r = &a["result"];
@@ -335,20 +312,7 @@ fn seed_files_are_copies_of_their_own() {
         v41,
         "the kept copy changed with the live file"
     );
-    let input = dir.join("go");
-    std::fs::write(&input, "go\n").unwrap();
-    let (code, out, err) = d.ctl(&[
-        "--json",
-        "spawn",
-        &seed,
-        "--count",
-        "2",
-        "--stdin",
-        input.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v: Value = serde_json::from_str(&out).unwrap();
-    for k in v["children"].as_array().unwrap() {
+    for k in &spawn_children(&d, &seed, 2, "go\n") {
         assert_eq!(k["stdout"], "fixture 41\n", "{k}");
     }
 
@@ -588,6 +552,26 @@ fn a_flipped_bit_on_the_wire_kills_the_remote_child_with_a_reason() {
         !kid["stdout"].as_str().unwrap_or("").contains("sum "),
         "no answer from wrong memory: {kid}"
     );
+}
+
+/// `forkctl --json spawn SEED --count N --stdin FILE(input)` on `d`: the
+/// children's records.
+fn spawn_children(d: &Daemon, seed: &str, count: u32, input: &str) -> Vec<Value> {
+    let f = d.dir.join(format!("input-{count}-{}", input.len()));
+    std::fs::write(&f, input).unwrap();
+    let n = count.to_string();
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "spawn",
+        seed,
+        "--count",
+        &n,
+        "--stdin",
+        f.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out} {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["children"].as_array().unwrap().clone()
 }
 
 /// Spawn one child of `seed` on `d` with `input`; its `--json` record.

@@ -185,6 +185,19 @@ pub fn parse_uffd_missing(smaps: &str) -> Vec<u64> {
     out
 }
 
+/// Proportional set size of `pid` in bytes (`smaps_rollup`); 0 if it is gone.
+pub fn pss(pid: pid_t) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
 /// The children of every thread of `pid` (`/proc/PID/task/*/children`),
 /// sorted; empty if it is gone.
 pub fn children(pid: pid_t) -> Vec<pid_t> {

@@ -741,24 +741,11 @@ impl Service {
                     "forkd stopped while it was still writing the child's input; the input cannot be resumed"
                         .to_string();
                 let names = h.meta["fds"].as_array().cloned().unwrap_or_default();
-                if let Some(p) = names
+                let pidfd = names
                     .iter()
                     .position(|n| n == "pidfd")
-                    .and_then(|i| h.fds.get(i))
-                {
-                    let _ = kernel_helpers::proc::pidfd_signal(
-                        std::os::fd::AsRawFd::as_raw_fd(p),
-                        libc::SIGKILL,
-                    );
-                }
-                warn!(instance = %iid, %reason, "a handed-over child is killed");
-                let ex = pb::Exited {
-                    reason,
-                    signal: 9,
-                    ..Default::default()
-                };
-                self.record_handed(iid, &h.meta, &ex);
-                st.handover.child_ended(iid);
+                    .and_then(|i| h.fds.get(i));
+                self.kill_handed(iid, &h.meta, pidfd, reason);
                 continue;
             }
             if let Some(seed) = h.key.strip_prefix("c/") {
@@ -856,20 +843,7 @@ impl Service {
                 Ok(s) => s,
                 Err(why) => {
                     let reason = format!("forkd restarted and cannot serve it again: {why}");
-                    if let Some(p) = fds.get("pidfd") {
-                        let _ = kernel_helpers::proc::pidfd_signal(
-                            std::os::fd::AsRawFd::as_raw_fd(p),
-                            libc::SIGKILL,
-                        );
-                    }
-                    warn!(instance = %iid, %reason, "a handed-over child is killed");
-                    let ex = pb::Exited {
-                        reason,
-                        signal: 9,
-                        ..Default::default()
-                    };
-                    self.record_handed(&iid, &h.meta, &ex);
-                    st.handover.child_ended(&iid);
+                    self.kill_handed(&iid, &h.meta, fds.get("pidfd"), reason);
                     continue;
                 }
             };
@@ -907,6 +881,31 @@ impl Service {
             let st2 = st.clone();
             tokio::spawn(async move { st2.follow(follow).await });
         }
+    }
+
+    /// Kill a handed-over child that cannot go on (through its pidfd), and
+    /// report it ended with `reason`.
+    fn kill_handed(
+        &self,
+        iid: &str,
+        meta: &serde_json::Value,
+        pidfd: Option<&std::os::fd::OwnedFd>,
+        reason: String,
+    ) {
+        if let Some(p) = pidfd {
+            let _ = kernel_helpers::proc::pidfd_signal(
+                std::os::fd::AsRawFd::as_raw_fd(p),
+                libc::SIGKILL,
+            );
+        }
+        warn!(instance = %iid, %reason, "a handed-over child is killed");
+        let ex = pb::Exited {
+            reason,
+            signal: libc::SIGKILL,
+            ..Default::default()
+        };
+        self.record_handed(iid, meta, &ex);
+        self.state.handover.child_ended(iid);
     }
 
     /// Note a handed-over instance (ended with `ex` if it has a reason or
@@ -1543,18 +1542,8 @@ impl State {
 /// PSS of this process and of every process it started (any thread's
 /// children: instances, templates), in bytes.
 fn node_pss_bytes() -> u64 {
-    let pss = |pid: &str| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Pss:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            })
-            .unwrap_or(0)
-            * 1024
-    };
-    let mut total = pss("self");
+    let pss = |pid: &str| pid.parse().map_or(0, remotefork::procfs::pss);
+    let mut total = remotefork::procfs::pss(std::process::id() as i32);
     for t in std::fs::read_dir("/proc/self/task")
         .into_iter()
         .flatten()

@@ -147,25 +147,10 @@ impl Drop for Target {
     }
 }
 
-/// Children of `pid`, of any of its threads (from /proc/PID/task/*/children).
+/// Children of `pid`, of any of its threads (from /proc/PID/task/*/children):
+/// children forked from a template are the template service thread's.
 pub fn children(pid: i32) -> Vec<i32> {
-    // Any thread's: children forked from a template are the template
-    // service thread's.
-    let mut out: Vec<i32> = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        out.extend(
-            std::fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|s| s.parse::<i32>().ok()),
-        );
-    }
-    out.sort_unstable();
-    out
+    remotefork::procfs::children(pid)
 }
 
 /// State letter of a process, or None if it is gone.
