@@ -147,6 +147,24 @@ async function main() {
     assert(inst.some((i) => i.state === 'exited 0'), JSON.stringify(inst));
     st.ended = inst.find((i) => i.state !== 'running').id;
   });
+  await check('GetInstance', async () => {
+    const i = await unary('GetInstance', { instanceId: st.ended });
+    assert(i.ended && i.id === st.ended && i.stdout.length > 0, JSON.stringify(i));
+  });
+  await check('PutInput(client stream)', async () => {
+    // An input larger than one gRPC message, staged in chunks, then spawned from.
+    const data = Buffer.concat([Buffer.alloc(5 << 20, 'x'), Buffer.from('\n')]);
+    const ref = await new Promise((resolve, reject) => {
+      const call = stub.PutInput(md, (e, r) => (e ? reject(e) : resolve(r)));
+      for (let i = 0; i < data.length; i += 1 << 20) call.write({ data: data.subarray(i, i + (1 << 20)) });
+      call.end();
+    });
+    assert(Number(ref.bytes) === data.length, JSON.stringify(ref));
+    const evs = await collect(stub.Spawn({ seed: st.seed, count: 1, stdinRef: ref.id }, md), 1);
+    const x = evs[evs.length - 1];
+    assert(x.kind === 'exited' && x.exited.exitCode === 0, JSON.stringify(x));
+    await expectStatus(S.NOT_FOUND, collect(stub.Spawn({ seed: st.seed, stdinRef: 'nope' }, md), 1));
+  });
   await check('KillInstance', async () => {
     const call = stub.Spawn({ seed: st.seed, count: 1, stdin: Buffer.from('sleep\n') }, md);
     let exited = null;

@@ -157,6 +157,23 @@ def main():
         assert any(i.state == "exited 0" for i in inst), inst
         state["ended"] = next(i.id for i in inst if i.state != "running")
 
+    @check("GetInstance")
+    def _():
+        i = stub.GetInstance(pb.GetInstanceRequest(instance_id=state["ended"]), metadata=md, timeout=T)
+        assert i.ended and i.id == state["ended"] and i.stdout, i
+
+    @check("PutInput(client stream)")
+    def _():
+        # An input larger than one gRPC message, staged in chunks, then spawned from.
+        data = b"x" * (5 << 20) + b"\n"
+        ref = stub.PutInput(iter([pb.InputChunk(data=data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]),
+                            metadata=md, timeout=T)
+        assert ref.bytes == len(data), ref
+        evs = list(stub.Spawn(pb.SpawnRequest(seed=state["seed"], count=1, stdin_ref=ref.id), metadata=md))
+        assert evs[-1].WhichOneof("kind") == "exited" and evs[-1].exited.exit_code == 0, evs[-1]
+        expect_status(C.NOT_FOUND, lambda: list(stub.Spawn(pb.SpawnRequest(seed=state["seed"], stdin_ref="nope"),
+                                                           metadata=md)))
+
     @check("KillInstance")
     def _():
         stream = stub.Spawn(pb.SpawnRequest(seed=state["seed"], count=1, stdin=b"sleep\n"), metadata=md)
