@@ -513,13 +513,15 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
     let mut unresolved: Vec<(u64, Instant)> = Vec::new();
     let mut probed = Instant::now();
     let mut sampled = Instant::now();
+    // Is a child recording its working set (sampled every 100 ms)? Kept
+    // here, not found by a scan of every child at every fault.
+    let mut recording = false;
     loop {
         if orphaned && children.is_empty() {
             return;
         }
         ready.clear();
         let busy = !queued.is_empty();
-        let recording = children.values().any(|st| st.record);
         let timeout = if busy {
             0
         } else if !unresolved.is_empty() {
@@ -543,7 +545,9 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
                     orphaned = true;
                 }
                 while let Ok(c) = rx.try_recv() {
-                    add_child(&epoll, &mut children, &mut next_id, c);
+                    if let Some(id) = add_child(&epoll, &mut children, &mut next_id, c) {
+                        recording |= children.get(&id).is_some_and(|st| st.record);
+                    }
                 }
                 continue;
             }
@@ -610,10 +614,12 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
             resolve_grandchildren(&epoll, &mut children, &mut unresolved);
         }
         // A recording child's written pages, sampled while it runs.
-        if sampled.elapsed() >= std::time::Duration::from_millis(100) {
+        if recording && sampled.elapsed() >= std::time::Duration::from_millis(100) {
             sampled = Instant::now();
+            recording = false;
             for st in children.values_mut().filter(|st| st.record) {
                 st.sample_written();
+                recording = true;
             }
         }
         // A forked grandchild's userfaultfd outlives its address space (an
