@@ -33,6 +33,45 @@ fn heap_seed(d: &Daemon, mb: u32) -> String {
         .to_string()
 }
 
+/// What `heap MB` prints as its warm heap's checksum (what its children's
+/// `sum` must answer).
+fn heap_checksum(mb: u32) -> String {
+    let o = std::process::Command::new(c_program("heap"))
+        .arg(mb.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("checksum ").map(String::from))
+        .unwrap()
+}
+
+/// The portable reference (`ADDR/ID#KEY`) of `seed` on the TCP daemon `d`.
+fn seed_ref(d: &Daemon, seed: &str) -> String {
+    let (code, r, err) = d.ctl(&["seed", "ref", seed, "--origin", d.tcp.as_ref().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    r.trim().to_string()
+}
+
+/// A free loopback address (bind, note it, release).
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// Directories for two nodes `a` and `b` under `base`.
+fn node_dirs(base: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (da, db) = (base.join("a"), base.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    (da, db)
+}
+
 /// Wait until `f` holds: up to 2 minutes, for a loaded machine.
 fn wait_for<F: FnMut() -> bool>(what: &str, mut f: F) {
     let t = Instant::now();
@@ -506,15 +545,8 @@ fn a_flipped_bit_on_the_wire_kills_the_remote_child_with_a_reason() {
         return;
     }
     let base = scratch("flipped-wire");
-    let (da, db) = (base.join("a"), base.join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
-    let page_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let page_listen = format!("127.0.0.1:{page_port}");
+    let (da, db) = node_dirs(&base);
+    let page_listen = free_addr();
     // The first answer holds the pages written before the child runs; the
     // second is the child's first fault.
     let proxy = corrupting_proxy(page_listen.clone(), 2);
@@ -526,8 +558,7 @@ fn a_flipped_bit_on_the_wire_kills_the_remote_child_with_a_reason() {
     // No background drain: the corrupted answer must be the child's fault.
     let b = Daemon::start_with(&db, true, &["--transport", "tcp", "--no-drain"]);
     let seed = heap_seed(&a, 16);
-    let (code, r, err) = a.ctl(&["seed", "ref", &seed, "--origin", a.tcp.as_ref().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    let r = seed_ref(&a, &seed);
     let input = base.join("sum");
     std::fs::write(&input, "sum\n").unwrap();
     let (_, out, err) = b.ctl(&[
@@ -643,23 +674,10 @@ fn children_of_a_template_share_the_parents_shared_memory() {
     let db = dir.join("b");
     std::fs::create_dir_all(&db).unwrap();
     let b_node = Daemon::start_with(&db, true, &["--transport", "tcp"]);
-    let page_port = {
-        // Node A needs a page server: restart it with one.
-        drop(d);
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let d = Daemon::start_with(
-        &dir,
-        true,
-        &["--page-listen", &format!("127.0.0.1:{page_port}")],
-    );
-    let (code, r, err) = d.ctl(&["seed", "ref", &seed, "--origin", d.tcp.as_ref().unwrap()]);
-    assert_eq!(code, 0, "{err}");
-    let r = r.trim().to_string();
+    // Node A needs a page server: restart it with one.
+    drop(d);
+    let d = Daemon::start_with(&dir, true, &["--page-listen", &free_addr()]);
+    let r = seed_ref(&d, &seed);
     let x = one_child(&b_node, &r, "check\nmark 9\n", &[]);
     assert_eq!(
         x["stdout"], "check anon=ok shm=ok sysv=ok\nmarked 9\n",
@@ -683,8 +701,7 @@ fn children_of_a_template_share_the_parents_shared_memory() {
         data.to_str().unwrap()
     );
     let fseed = python_seed(|a| d.ctl(a), &script);
-    let (code, r, err) = d.ctl(&["seed", "ref", &fseed, "--origin", d.tcp.as_ref().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    let r = seed_ref(&d, &fseed);
     let input = dir.join("nl");
     std::fs::write(&input, "\n").unwrap();
     let (code, out, err) = b_node.ctl(&[
@@ -880,30 +897,7 @@ fn children_outlive(name: &str, stop: impl FnOnce(Daemon)) {
     let d = Daemon::start_with(&dir, false, &flags);
     let seed = heap_seed(&d, 32);
     // What every child must answer: the warm heap's checksum.
-    let want = {
-        let (mut t, _) = {
-            let mut c = std::process::Command::new(c_program("heap"));
-            c.arg("32");
-            let mut c = c
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let stdin = c.stdin.take().unwrap();
-            (c, stdin)
-        };
-        let mut o = String::new();
-        {
-            use std::io::Read;
-            let mut so = t.stdout.take().unwrap();
-            so.read_to_string(&mut o).unwrap();
-        }
-        let _ = t.wait();
-        o.lines()
-            .find_map(|l| l.strip_prefix("checksum "))
-            .unwrap()
-            .to_string()
-    };
+    let want = heap_checksum(32);
     let input = dir.join("in");
     // Each child pages in part of its heap, says so, sleeps, then reads the
     // rest: the restart falls in the sleep.
@@ -1090,23 +1084,12 @@ fn a_drained_remote_child_survives_the_loss_of_the_seeds_node() {
         return;
     }
     let base = scratch("drain");
-    let (da, db) = (base.join("a"), base.join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
-    let port = |_| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let page = format!("127.0.0.1:{}", port(0));
-    let metrics = format!("127.0.0.1:{}", port(1));
+    let (da, db) = node_dirs(&base);
+    let (page, metrics) = (free_addr(), free_addr());
     let a = Daemon::start_with(&da, true, &["--page-listen", &page]);
     let b = Daemon::start_with(&db, true, &["--transport", "tcp", "--metrics", &metrics]);
     let seed = heap_seed(&a, 32);
-    let (code, r, err) = a.ctl(&["seed", "ref", &seed, "--origin", a.tcp.as_ref().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    let r = seed_ref(&a, &seed);
     let go = base.join("go");
     let input = base.join("in");
     std::fs::write(&input, format!("await {}\nsum\n", go.display())).unwrap();
@@ -1133,17 +1116,7 @@ fn a_drained_remote_child_survives_the_loss_of_the_seeds_node() {
         .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     let kid = &v["children"][0];
     assert_eq!(kid["exit_code"], 0, "{kid}");
-    let want = {
-        let o = std::process::Command::new(c_program("heap"))
-            .arg("32")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("checksum ").map(String::from))
-            .unwrap()
-    };
+    let want = heap_checksum(32);
     let s = kid["stdout"].as_str().unwrap();
     assert!(
         s.contains(&format!("sum {want} ")),
