@@ -527,12 +527,17 @@ fn give_up(dir: &Path, grace: Duration, entries: &mut HashMap<String, Entry>) {
         grace.as_secs()
     );
     let mut report = String::new();
+    // The reasons are written before anything is killed, so whoever sees a
+    // process gone also finds why.
+    let mut to_kill: Vec<OwnedFd> = Vec::new();
     for (k, e) in entries.drain() {
         let mut line = json!({ "key": k, "meta": e.meta });
         match (e.ended, e.pidfd.and_then(|i| e.fds.get(i))) {
             (Some(end), _) => line["ended"] = ended_json(end),
             (None, Some(p)) => {
-                let _ = kproc::pidfd_signal(p.as_raw_fd(), libc::SIGKILL);
+                if let Ok(p) = p.try_clone() {
+                    to_kill.push(p);
+                }
                 line["killed"] = json!(reason);
             }
             (None, None) => {
@@ -560,6 +565,9 @@ fn give_up(dir: &Path, grace: Duration, entries: &mut HashMap<String, Entry>) {
         .and_then(|mut f| f.write_all(report.as_bytes()))
     {
         warn!(file = %p.display(), error = %e, "cannot write what the keeper killed");
+    }
+    for p in to_kill {
+        let _ = kproc::pidfd_signal(p.as_raw_fd(), libc::SIGKILL);
     }
     // Hold the userfaultfds of unknown processes until their address
     // spaces are gone (then every ioctl on them fails with ESRCH).
