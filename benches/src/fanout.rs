@@ -914,6 +914,7 @@ fn main() -> anyhow::Result<()> {
                         env: Default::default(),
                     })),
                     name: "fanout".into(),
+                    owner: String::new(),
                 })
                 .await
                 .map_err(|e| anyhow::anyhow!("creating the seed: {}", e.message()))?

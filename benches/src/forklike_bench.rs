@@ -111,6 +111,7 @@ async fn seed_of(addr: &str, argv: Vec<String>) -> anyhow::Result<String> {
                 ..Default::default()
             })),
             name: String::new(),
+            owner: String::new(),
         })
         .await?
         .into_inner();
@@ -411,6 +412,7 @@ fn scratch_opts(lazy: bool, prefetch: Prefetch, template: bool) -> SpawnOptions 
         prefetch,
         share: true,
         template,
+        run_as: None,
     }
 }
 

@@ -211,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             prefetch,
             share: true,
             template,
+            run_as: None,
         };
         let mut first_ns = None;
         if template {
@@ -255,6 +256,7 @@ fn main() -> anyhow::Result<()> {
                     prefetch: Prefetch::Recorded,
                     share: true,
                     template,
+                    run_as: None,
                 },
             )?;
             let mut out = BufReader::new(out_r);

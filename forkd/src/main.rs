@@ -157,7 +157,24 @@ enum Command {
         /// page they have not faulted in).
         #[arg(long)]
         no_drain: bool,
+        /// Tenants (TOML: [[tenant]] name, token_sha256, uid, gid,
+        /// create_from_command): each sees only its own seeds and
+        /// instances, and its children run as its uid (docs/SECURITY.md).
+        #[arg(long)]
+        tenants_file: Option<PathBuf>,
+        /// Let TCP callers with the node token create seeds from a command
+        /// (the command runs as root).
+        #[arg(long)]
+        remote_commands: bool,
+        /// A node (gRPC HOST:PORT) this forkd may call as a Spawn's origin
+        /// with its peer token; repeat for each. None: any origin the
+        /// operator names, none a tenant names.
+        #[arg(long = "peer")]
+        peers: Vec<String>,
     },
+    /// Print the SHA-256 of a token (read from stdin) as the tenants file
+    /// wants it.
+    HashToken,
     /// The keeper of a state directory's children (started by `forkd serve`).
     #[command(hide = true)]
     Keeper {
@@ -214,6 +231,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             drain_s,
             handover_grace_s,
             no_drain,
+            tenants_file,
+            remote_commands,
+            peers,
         } => {
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
@@ -255,6 +275,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if page_advertise.is_some() {
                 cfg.page_advertise = page_advertise;
+            }
+            if tenants_file.is_some() {
+                cfg.tenants_file = tenants_file;
+            }
+            if remote_commands {
+                cfg.remote_commands = true;
+            }
+            if !peers.is_empty() {
+                cfg.peers = peers;
             }
             if peer_token_file.is_some() {
                 cfg.peer_token_file = peer_token_file;
@@ -300,6 +329,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 share: !no_share,
                 // One child: restoring it directly is cheaper than a template.
                 template: count > 1 && !no_template,
+                run_as: None,
             };
             return restore_cmd::run(&dir, opts, count, detach, output_dir.as_deref(), json);
         }
@@ -348,6 +378,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     d.stats.capture_ns as f64 / 1e6
                 )?;
             }
+        }
+        Command::HashToken => {
+            let mut t = String::new();
+            std::io::stdin()
+                .read_line(&mut t)
+                .context("reading the token from stdin")?;
+            if t.trim().is_empty() {
+                anyhow::bail!("no token on stdin");
+            }
+            println!("{}", forkd::daemon::auth::hash_token(&t));
         }
         Command::Inspect { dir, json } => {
             let img = SeedImage::open(&dir)

@@ -399,6 +399,7 @@ fn grpc_api_directly_with_watch_and_malformed_input() {
             .create_seed(pb::CreateSeedRequest {
                 source: None,
                 name: String::new(),
+                owner: String::new(),
             })
             .await
             .unwrap_err();
@@ -424,6 +425,7 @@ fn grpc_api_directly_with_watch_and_malformed_input() {
             .create_seed(pb::CreateSeedRequest {
                 source: Some(pb::create_seed_request::Source::Pid(target.pid() as u32)),
                 name: "api".into(),
+                owner: String::new(),
             })
             .await
             .unwrap()

@@ -49,13 +49,36 @@ pub fn rlimit(pid: pid_t, resource: u32) -> Result<(u64, u64), ProcError> {
         )
     };
     if r != 0 {
+        let source = last_os_error();
+        // Reading another user's limits needs CAP_SYS_RESOURCE, which root
+        // may lack (containers); /proc/PID/limits says the same to root.
+        if source.raw_os_error() == Some(libc::EPERM) {
+            if let Some(l) = limits_file(pid, resource) {
+                return Ok(l);
+            }
+        }
         return Err(ProcError::Prlimit {
             pid,
             resource,
-            source: last_os_error(),
+            source,
         });
     }
     Ok((old.rlim_cur, old.rlim_max))
+}
+
+/// One limit from `/proc/PID/limits` (a header, then one line per
+/// resource in `RLIMIT_*` order: a 25-column name, soft, hard, units).
+fn limits_file(pid: pid_t, resource: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    parse_limit_line(text.lines().nth(resource as usize + 1)?)
+}
+
+fn parse_limit_line(line: &str) -> Option<(u64, u64)> {
+    let mut v = line.get(25..)?.split_whitespace().map(|t| match t {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    });
+    Some((v.next()??, v.next()??))
 }
 
 /// `get_robust_list(pid)`: (head address, length). The caller must be allowed
@@ -473,6 +496,31 @@ pub fn open_fds(pid: pid_t) -> io::Result<Vec<i32>> {
 mod fd_passing_tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn limits_file_lines_read_as_prlimit_does() {
+        // Every resource of our own process, both ways.
+        for r in 0..16 {
+            assert_eq!(
+                limits_file(std::process::id() as i32, r),
+                Some(rlimit(0, r).unwrap()),
+                "resource {r}"
+            );
+        }
+        assert_eq!(
+            parse_limit_line(
+                "Max open files            1024                 524288               files     "
+            ),
+            Some((1024, 524288))
+        );
+        assert_eq!(
+            parse_limit_line(
+                "Max cpu time              unlimited            unlimited            seconds   "
+            ),
+            Some((u64::MAX, u64::MAX))
+        );
+        assert_eq!(parse_limit_line("Limit"), None);
+    }
 
     #[test]
     fn passes_descriptors_that_stay_usable() {

@@ -606,6 +606,64 @@ impl Tracee {
         Ok(r as u64)
     }
 
+    /// The tracee's seccomp filters, oldest first (the order to install
+    /// them in), each as its classic BPF instructions (8 bytes each, as
+    /// `struct sock_filter`) and its flags (`PTRACE_SECCOMP_GET_FILTER`,
+    /// `PTRACE_GET_SECCOMP_METADATA`; needs `CAP_SYS_ADMIN`). Empty when it
+    /// has none.
+    pub fn seccomp_filters(&self) -> Result<Vec<(Vec<u64>, u64)>, PtraceError> {
+        const GET_FILTER: libc::c_uint = 0x420c;
+        const GET_METADATA: libc::c_uint = 0x420d;
+        let mut out = Vec::new();
+        for index in 0u64.. {
+            // SAFETY: a null data pointer asks only for the filter's length.
+            let n = match unsafe {
+                ptrace_raw(
+                    GET_FILTER,
+                    self.pid,
+                    index as *mut c_void,
+                    std::ptr::null_mut(),
+                )
+            } {
+                Ok(n) => n as usize,
+                // Past the last filter, or no filter mode at all.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) => {
+                    break
+                }
+                Err(e) => return Err(self.req_err("SECCOMP_GET_FILTER", e)),
+            };
+            let mut insns = vec![0u64; n];
+            // SAFETY: `insns` holds `n` 8-byte `sock_filter`s, as the kernel
+            // just said this filter has.
+            unsafe {
+                ptrace_raw(
+                    GET_FILTER,
+                    self.pid,
+                    index as *mut c_void,
+                    insns.as_mut_ptr().cast(),
+                )
+            }
+            .map_err(|e| self.req_err("SECCOMP_GET_FILTER", e))?;
+            let mut meta = [index, 0u64];
+            // SAFETY: `meta` is the kernel's `struct seccomp_metadata` (two
+            // u64s), its size passed in `addr`.
+            let flags = match unsafe {
+                ptrace_raw(
+                    GET_METADATA,
+                    self.pid,
+                    std::mem::size_of_val(&meta) as *mut c_void,
+                    meta.as_mut_ptr().cast(),
+                )
+            } {
+                Ok(_) => meta[1],
+                Err(_) => 0,
+            };
+            out.push((insns, flags));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     /// Write one word of the tracee's memory (`PTRACE_POKEDATA`).
     pub fn poke(&self, addr: u64, word: u64) -> Result<(), PtraceError> {
         // SAFETY: POKEDATA writes `data` (a value, not a pointer) into the tracee.

@@ -26,8 +26,9 @@ use tracing::{debug, info, info_span, warn};
 use crate::classify::{build_runs, classify_page, is_zero_page, PageClass};
 use crate::fileid;
 use crate::image::{
-    self, CaptureStats, Credentials, Descriptor, FileRef, ImageError, ImageWriter, Registers, Rseq,
-    SigAction, SigAltStack, SourceInfo, Vma, VmaKind, FORMAT_VERSION,
+    self, CaptureStats, Credentials, Descriptor, FileRef, ImageError, ImageWriter, Privileges,
+    Registers, Rseq, SeccompFilter, SigAction, SigAltStack, SourceInfo, Vma, VmaKind,
+    FORMAT_VERSION,
 };
 use crate::procfs::{self, MapsEntry, ProcfsError};
 use crate::PAGE_SIZE;
@@ -767,6 +768,21 @@ fn read_clone(
         size: ss[2],
     };
     let brk = inject_ok(&mut clone, insn, &base, libc::SYS_brk, [0; 6], "brk(0)")?;
+    let securebits = inject_ok(
+        &mut clone,
+        insn,
+        &base,
+        libc::SYS_prctl,
+        [libc::PR_GET_SECUREBITS as u64, 0, 0, 0, 0, 0],
+        "prctl(PR_GET_SECUREBITS)",
+    )? as u32;
+    // The clone inherited the parent's filters (fork keeps them).
+    let seccomp_filters = clone
+        .seccomp_filters()
+        .map_err(ptc)?
+        .into_iter()
+        .map(|(insns, flags)| SeccompFilter { insns, flags })
+        .collect();
 
     debug!(
         us = t.elapsed().as_micros() as u64,
@@ -823,6 +839,13 @@ fn read_clone(
         },
         // Filled in by ImageWriter::finish from the pages written.
         digests: None,
+        privileges: Some(Privileges {
+            caps: status.caps,
+            securebits,
+            no_new_privs: status.no_new_privs,
+            seccomp_mode: status.seccomp,
+            seccomp_filters,
+        }),
     };
     // Kill the clone now (Drop of `clone`), before the caller reaps it.
     clone.kill().map_err(ptc)?;

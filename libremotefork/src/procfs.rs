@@ -312,6 +312,12 @@ pub struct Status {
     pub sig_ign: u64,
     /// Caught signals.
     pub sig_cgt: u64,
+    /// Capability sets: inheritable, permitted, effective, bounding, ambient.
+    pub caps: [u64; 5],
+    /// `no_new_privs`.
+    pub no_new_privs: bool,
+    /// Seccomp mode: 0 none, 1 strict, 2 filter.
+    pub seccomp: u32,
 }
 
 /// Parse the text of `/proc/PID/status`.
@@ -356,6 +362,16 @@ pub fn parse_status(text: &str) -> Result<Status, ProcfsError> {
                 st.sig_cgt =
                     u64::from_str_radix(v, 16).map_err(|_| bad(format!("bad SigCgt {v:?}")))?
             }
+            "CapInh" | "CapPrm" | "CapEff" | "CapBnd" | "CapAmb" => {
+                let i = ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]
+                    .iter()
+                    .position(|n| *n == k)
+                    .unwrap_or(0);
+                st.caps[i] =
+                    u64::from_str_radix(v, 16).map_err(|_| bad(format!("bad {k} {v:?}")))?
+            }
+            "NoNewPrivs" => st.no_new_privs = v == "1",
+            "Seccomp" => st.seccomp = v.parse().map_err(|_| bad(format!("bad Seccomp {v:?}")))?,
             _ => {}
         }
     }

@@ -115,6 +115,10 @@ enum SeedCmd {
         /// The command's working directory [default: forkd's].
         #[arg(long)]
         cwd: Option<String>,
+        /// Operator only: the tenant the seed is made for (it sees and
+        /// spawns it; its children run as the tenant's uid).
+        #[arg(long, default_value = "")]
+        owner: String,
         /// The command and its arguments (after --).
         #[arg(last = true)]
         command: Vec<String>,
@@ -268,6 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 name,
                 env,
                 cwd,
+                owner,
                 command,
             } => {
                 let env = pairs("--env", &env)?;
@@ -296,6 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let create = c.create_seed(pb::CreateSeedRequest {
                     source: Some(source),
                     name,
+                    owner,
                 });
                 let s = with_progress(!cli.json, "capturing", create)
                     .await

@@ -189,8 +189,11 @@ impl Handover {
         labels: &HashMap<String, String>,
         prefetch: Prefetch,
         started_unix_ms: u64,
+        (owner, uid): (&str, u32),
     ) {
         let mut m = seed.json();
+        m["owner"] = json!(owner);
+        m["uid"] = json!(uid);
         m["iid"] = json!(iid);
         m["index"] = json!(index);
         m["pid"] = json!(child.pid);

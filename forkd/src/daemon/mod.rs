@@ -6,6 +6,7 @@
 //! directory and survive restarts; children are started by long-lived
 //! spawner threads and served by each seed's pager.
 
+pub mod auth;
 pub mod authority;
 pub mod handover;
 pub mod health;
@@ -82,6 +83,18 @@ pub struct Config {
     pub drain: bool,
     /// On SIGTERM, how long spawns under way may run on before forkd stops.
     pub drain_s: u64,
+    /// Tenants: their token digests and the uids their children run as
+    /// (docs/SECURITY.md). With tenants, the Unix socket serves root and
+    /// their uids only.
+    pub tenants_file: Option<PathBuf>,
+    /// Let TCP callers holding the node token create seeds from a command
+    /// (run as root). Off: only the Unix socket's root may (and tenants
+    /// allowed to, as their own uid).
+    pub remote_commands: bool,
+    /// The other nodes (gRPC `HOST:PORT`) this forkd may send its peer
+    /// token to as a Spawn's `origin`. Empty: any origin the operator
+    /// names; never one a tenant names.
+    pub peers: Vec<String>,
 }
 
 impl Default for Config {
@@ -104,6 +117,9 @@ impl Default for Config {
             handover_grace_s: 60,
             drain: true,
             drain_s: 20,
+            tenants_file: None,
+            remote_commands: false,
+            peers: Vec::new(),
         }
     }
 }
@@ -145,10 +161,14 @@ struct InstanceRec {
     /// The start of its output ([`OUTPUT_KEPT`] at most) and how much it wrote.
     stdout: Vec<u8>,
     stdout_bytes: u64,
+    /// The tenant that owns it ("" for the operator's).
+    owner: String,
+    /// The uid it runs as.
+    uid: u32,
 }
 
-/// A staged input and when it was last used.
-type Staged = (Arc<Vec<u8>>, Instant);
+/// A staged input, its owner and when it was last used.
+type Staged = (Arc<Vec<u8>>, String, Instant);
 
 /// Largest staged input.
 const MAX_INPUT: usize = 256 << 20;
@@ -159,14 +179,17 @@ const INPUT_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl State {
     /// A staged input, by id.
-    fn input(&self, id: &str) -> Result<Arc<Vec<u8>>, Status> {
+    fn input(&self, id: &str, who: &auth::Principal) -> Result<Arc<Vec<u8>>, Status> {
         let mut g = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
-        let (d, used) = g.get_mut(id).ok_or_else(|| {
-            Status::not_found(format!(
-                "no staged input {id:?} (unknown, or expired {} s after its last use)",
-                INPUT_KEPT.as_secs()
-            ))
-        })?;
+        let (d, _, used) = g
+            .get_mut(id)
+            .filter(|(_, o, _)| who.may_see(o))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no staged input {id:?} (unknown, or expired {} s after its last use)",
+                    INPUT_KEPT.as_secs()
+                ))
+            })?;
         *used = Instant::now();
         Ok(d.clone())
     }
@@ -214,6 +237,8 @@ impl InstanceRec {
                 Vec::new()
             },
             stdout_bytes: self.stdout_bytes,
+            owner: self.owner.clone(),
+            uid: self.uid,
         }
     }
 }
@@ -291,6 +316,12 @@ pub struct State {
     transport: String,
     transports: transport::Transports,
     life: Arc<health::Lifecycle>,
+    /// Who may do what.
+    auth: Arc<auth::Auth>,
+    /// See [`Config::remote_commands`].
+    remote_commands: bool,
+    /// See [`Config::peers`].
+    peers: Vec<String>,
 }
 
 fn now_ms() -> u64 {
@@ -339,6 +370,8 @@ fn capture_status(e: &CaptureError) -> Status {
 struct Target {
     id: String,
     cooperative: bool,
+    /// The tenant that owns the seed ("" for the operator's).
+    owner: String,
     restorer: Arc<remotefork::restore::Restorer>,
     local: Option<Arc<registry::Seed>>,
     /// Where the seed lives, for a later forkd.
@@ -347,6 +380,10 @@ struct Target {
 
 /// A seed held by another node, as this node reaches it.
 pub struct RemoteSeed {
+    /// The key it was fetched with: every later use must present it.
+    key: String,
+    /// Its owner on its node.
+    owner: String,
     cooperative: bool,
     restorer: Arc<remotefork::restore::Restorer>,
 }
@@ -359,8 +396,9 @@ impl Service {
         r: Option<&pb::SeedRef>,
         origin: &str,
         remote: bool,
+        who: &auth::Principal,
     ) -> Result<Target, Status> {
-        self.target_adopting(r, origin, remote, None).await
+        self.target_adopting(r, origin, remote, None, who).await
     }
 
     /// [`Service::target_for`]; a seed this forkd has no restorer for yet
@@ -372,10 +410,11 @@ impl Service {
         origin: &str,
         remote: bool,
         cache: Option<remotefork::pager::source::CacheFds>,
+        who: &auth::Principal,
     ) -> Result<Target, Status> {
         let sr = r.ok_or_else(|| Status::invalid_argument("no seed given"))?;
         let target = if origin.is_empty() || self.state.registry.get(&sr.id).is_some() {
-            let seed = self.seed_for(r, remote)?;
+            let seed = self.seed_for(r, remote, who)?;
             let s2 = seed.clone();
             let restorer = tokio::task::spawn_blocking(move || s2.restorer_adopting(cache))
                 .await
@@ -389,6 +428,7 @@ impl Service {
             Target {
                 id: seed.meta.id.clone(),
                 cooperative: seed.meta.cooperative,
+                owner: seed.meta.owner.clone(),
                 restorer,
                 place: handover::SeedPlace {
                     id: seed.meta.id.clone(),
@@ -404,12 +444,15 @@ impl Service {
                     sr.id
                 )));
             }
+            self.may_call(origin, who)?;
+            // Keyed by origin and id; the key is checked on every use (a
+            // seed fetched once with the right key is no one else's).
             let cell = self
                 .state
                 .remote
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .entry(sr.id.clone())
+                .entry(format!("{origin}\n{}", sr.id))
                 .or_default()
                 .clone();
             let rs = cell
@@ -418,9 +461,16 @@ impl Service {
                 })
                 .await?
                 .clone();
+            if !auth::ct_eq(rs.key.as_bytes(), sr.key.as_bytes()) {
+                return Err(Status::permission_denied(format!(
+                    "wrong key for seed {} of {origin}",
+                    sr.id
+                )));
+            }
             Target {
                 id: sr.id.clone(),
                 cooperative: rs.cooperative,
+                owner: rs.owner.clone(),
                 restorer: rs.restorer.clone(),
                 local: None,
                 place: handover::SeedPlace {
@@ -460,7 +510,11 @@ impl Service {
                 )
             })?
             .into_inner();
-        let dir = self.state.remote_dir.join(&sr.id);
+        // Per origin and id: another node's seed of the same id is another seed.
+        let dir =
+            self.state
+                .remote_dir
+                .join(format!("{}-{}", sr.id, &auth::hash_token(origin)[..8]));
         std::fs::create_dir_all(&dir)
             .map_err(|e| Status::internal(format!("creating {}: {e}", dir.display())))?;
         std::fs::write(dir.join(remotefork::image::DESCRIPTOR_FILE), &b.descriptor)
@@ -500,6 +554,8 @@ impl Service {
         })?;
         info!(seed = %sr.id, %origin, transport = via, "remote seed ready");
         Ok(RemoteSeed {
+            key: sr.key.clone(),
+            owner: b.owner,
             cooperative: b.cooperative,
             restorer: Arc::new(restorer),
         })
@@ -565,22 +621,65 @@ impl Service {
         ))
     }
 
+    /// May `who` have this forkd call `origin` with its peer token?
+    fn may_call(&self, origin: &str, who: &auth::Principal) -> Result<(), Status> {
+        let listed = self.state.peers.iter().any(|p| p == origin);
+        let ok =
+            listed || (self.state.peers.is_empty() && !matches!(who, auth::Principal::Tenant(_)));
+        if ok {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "origin {origin:?} is not one of this node's peers (--peer); forkd sends its peer token to configured peers only"
+            )))
+        }
+    }
+
+    /// Whom a child of `target` runs as: the seed's tenant, else the
+    /// spawning tenant, else the parent's user.
+    fn run_as(
+        &self,
+        target: &Target,
+        who: &auth::Principal,
+    ) -> Result<Option<remotefork::restore::RunAs>, Status> {
+        if target.owner.is_empty() {
+            return Ok(who.run_as());
+        }
+        let t = self.state.auth.tenant_named(&target.owner).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "seed {} belongs to tenant {:?}, which this node does not know (its children would run as whom?)",
+                target.id, target.owner
+            ))
+        })?;
+        Ok(Some(remotefork::restore::RunAs {
+            uid: t.uid,
+            gid: t.gid,
+        }))
+    }
+
     fn seed_for(
         &self,
         r: Option<&pb::SeedRef>,
         remote: bool,
+        who: &auth::Principal,
     ) -> Result<Arc<registry::Seed>, Status> {
         let r = r.ok_or_else(|| Status::invalid_argument("no seed given"))?;
         if r.id.is_empty() {
             return Err(Status::invalid_argument("empty seed id"));
         }
-        let s = self.state.registry.get(&r.id).ok_or_else(|| {
-            Status::not_found(format!(
-                "unknown seed {:?} (dropped, or never created on this node)",
-                r.id
-            ))
-        })?;
-        if remote && r.key != s.meta.key {
+        // Another tenant's seed is as unknown as one that does not exist.
+        let s = self
+            .state
+            .registry
+            .get(&r.id)
+            .filter(|s| who.may_see(&s.meta.owner))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown seed {:?} (dropped, or never created on this node)",
+                    r.id
+                ))
+            })?;
+        if remote && !auth::ct_eq(r.key.as_bytes(), s.meta.key.as_bytes()) {
             return Err(Status::permission_denied(format!(
                 "wrong key for seed {}",
                 r.id
@@ -594,6 +693,7 @@ impl Service {
         pid: u32,
         name: String,
         cooperative: bool,
+        owner: String,
     ) -> Result<pb::Seed, Status> {
         let id = crate::random_hex(8).map_err(|e| Status::internal(e.to_string()))?;
         let key = crate::random_hex(16).map_err(|e| Status::internal(e.to_string()))?;
@@ -640,6 +740,7 @@ impl Service {
             pause_us: d.stats.pause_ns / 1000,
             capture_us: d.stats.capture_ns / 1000,
             cooperative,
+            owner,
         };
         let seed = self
             .state
@@ -654,7 +755,28 @@ impl Service {
         &self,
         c: pb::StartCommand,
         name: String,
+        who: &auth::Principal,
+        peer: Option<auth::Peer>,
+        owner: String,
     ) -> Result<pb::Seed, Status> {
+        // Who the command runs as: a tenant's uid, a local caller's own;
+        // root only for root on the Unix socket and (if enabled) nodes.
+        let run_as = match (who, peer) {
+            (auth::Principal::Tenant(t), _) if !t.create_from_command => {
+                return Err(Status::permission_denied(format!(
+                    "tenant {} may not create seeds from a command (create_from_command in the tenants file)",
+                    t.name
+                )))
+            }
+            (auth::Principal::Tenant(t), _) => Some((t.uid, t.gid)),
+            (auth::Principal::Node, _) if !self.state.remote_commands => {
+                return Err(Status::permission_denied(
+                    "creating a seed from a command over the network is off on this node (forkd serve --remote-commands turns it on); capture a running process on the node instead",
+                ))
+            }
+            (_, Some(p)) if p.uid != 0 => Some((p.uid, p.gid)),
+            _ => None,
+        };
         if c.argv.is_empty() {
             return Err(Status::invalid_argument("empty command"));
         }
@@ -672,6 +794,11 @@ impl Service {
         if !c.cwd.is_empty() {
             cmd.current_dir(&c.cwd);
         }
+        if let Some((uid, gid)) = run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        // Its own session: nothing it signals reaches forkd.
+        cmd.process_group(0);
         let mut child = cmd
             .spawn()
             .map_err(|e| Status::invalid_argument(format!("cannot start {:?}: {e}", c.argv[0])))?;
@@ -689,8 +816,13 @@ impl Service {
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                self.create_from_pid(pid, if name.is_empty() { default } else { name }, false)
-                    .await
+                self.create_from_pid(
+                    pid,
+                    if name.is_empty() { default } else { name },
+                    false,
+                    owner,
+                )
+                .await
             }
             Err(e) => Err(e),
         };
@@ -784,7 +916,13 @@ impl Service {
                         key: place.key.clone(),
                     };
                     let r = self
-                        .target_adopting(Some(&sr), &place.origin, false, caches.remove(&place.id))
+                        .target_adopting(
+                            Some(&sr),
+                            &place.origin,
+                            false,
+                            caches.remove(&place.id),
+                            &auth::Principal::Operator,
+                        )
                         .await
                         .map(|t| t.restorer)
                         .map_err(|e| e.message().to_string());
@@ -934,6 +1072,8 @@ impl Service {
                 notes,
                 stdout: Vec::new(),
                 stdout_bytes: 0,
+                owner: meta["owner"].as_str().unwrap_or_default().to_string(),
+                uid: meta["uid"].as_u64().unwrap_or(0) as u32,
             },
         );
         g.end(iid, ex, out.into_iter().take(OUTPUT_KEPT).collect(), bytes);
@@ -947,22 +1087,51 @@ impl Forkd for Service {
         req: Request<pb::CreateSeedRequest>,
     ) -> Result<Response<pb::Seed>, Status> {
         let _work = self.state.life.admit("seed captures")?;
+        let who = auth::principal(&req);
+        let peer = req.extensions().get::<auth::Peer>().copied();
         let r = req.into_inner();
+        // The operator may make a seed for a tenant; no one else chooses.
+        let owner = match (r.owner.as_str(), &who) {
+            ("", _) => who.owner().to_string(),
+            (o, auth::Principal::Operator) => {
+                if self.state.auth.tenant_named(o).is_none() {
+                    return Err(Status::invalid_argument(format!(
+                        "owner {o:?} is not a tenant of this node"
+                    )));
+                }
+                o.to_string()
+            }
+            (_, _) => {
+                return Err(Status::permission_denied(
+                    "only the operator (root on the Unix socket) may name a seed's owner",
+                ))
+            }
+        };
         match r.source {
-            Some(pb::create_seed_request::Source::Pid(pid)) => self
-                .create_from_pid(pid, r.name, false)
+            Some(pb::create_seed_request::Source::Pid(pid)) => {
+                // As the tenant's uid (whatever process sent its token),
+                // else as the local caller's.
+                match (&who, peer) {
+                    (auth::Principal::Tenant(t), _) => auth::may_ptrace(t.uid, t.gid, pid)?,
+                    (_, Some(p)) => auth::may_ptrace(p.uid, p.gid, pid)?,
+                    _ => {}
+                }
+                self.create_from_pid(pid, r.name, false, owner)
+                    .await
+                    .map(Response::new)
+            }
+            Some(pb::create_seed_request::Source::Command(c)) => self
+                .create_from_command(c, r.name, &who, peer, owner)
                 .await
                 .map(Response::new),
-            Some(pb::create_seed_request::Source::Command(c)) => {
-                self.create_from_command(c, r.name).await.map(Response::new)
-            }
             None => Err(Status::invalid_argument("give a pid or a command")),
         }
     }
 
     async fn get_seed(&self, req: Request<pb::SeedRef>) -> Result<Response<pb::Seed>, Status> {
         let remote = req.extensions().get::<Remote>().is_some();
-        let s = self.seed_for(Some(req.get_ref()), remote)?;
+        let who = auth::principal(&req);
+        let s = self.seed_for(Some(req.get_ref()), remote, &who)?;
         Ok(Response::new(s.to_pb(&self.state.hostname, !remote)))
     }
 
@@ -971,11 +1140,13 @@ impl Forkd for Service {
         req: Request<pb::ListSeedsRequest>,
     ) -> Result<Response<pb::ListSeedsResponse>, Status> {
         let remote = req.extensions().get::<Remote>().is_some();
+        let who = auth::principal(&req);
         let seeds = self
             .state
             .registry
             .list()
             .iter()
+            .filter(|s| who.may_see(&s.meta.owner))
             .map(|s| s.to_pb(&self.state.hostname, !remote))
             .collect();
         Ok(Response::new(pb::ListSeedsResponse { seeds }))
@@ -986,7 +1157,8 @@ impl Forkd for Service {
         req: Request<pb::SeedRef>,
     ) -> Result<Response<pb::DropSeedResponse>, Status> {
         let remote = req.extensions().get::<Remote>().is_some();
-        let s = self.seed_for(Some(req.get_ref()), remote)?;
+        let who = auth::principal(&req);
+        let s = self.seed_for(Some(req.get_ref()), remote, &who)?;
         self.state
             .registry
             .drop_seed(&s.meta.id)
@@ -1004,8 +1176,14 @@ impl Forkd for Service {
     ) -> Result<Response<Self::SpawnStream>, Status> {
         let work = self.state.life.admit("spawns")?;
         let remote = req.extensions().get::<Remote>().is_some();
+        let who = auth::principal(&req);
         let r = req.into_inner();
-        let target = self.target_for(r.seed.as_ref(), &r.origin, remote).await?;
+        let target = self
+            .target_for(r.seed.as_ref(), &r.origin, remote, &who)
+            .await?;
+        let run_as = self.run_as(&target, &who)?;
+        let owner = who.owner().to_string();
+        let child_uid = target.restorer.image().descriptor().creds.uid[1];
         let count = if r.count == 0 { 1 } else { r.count };
         if count > 100_000 {
             return Err(Status::invalid_argument(format!(
@@ -1021,6 +1199,7 @@ impl Forkd for Service {
             prefetch,
             share: true,
             template: !r.no_template,
+            run_as,
         };
         let st = self.state.clone();
         let restorer = target.restorer.clone();
@@ -1032,7 +1211,7 @@ impl Forkd for Service {
                     "give the input either inline (stdin) or staged (stdin_ref), not both",
                 ))
             }
-            (id, true) => self.state.input(id)?,
+            (id, true) => self.state.input(id, &who)?,
         };
         let capture_stdout = r.stdout == pb::StdoutMode::Capture as i32;
         let labels = r.labels;
@@ -1129,6 +1308,7 @@ impl Forkd for Service {
                     &labels,
                     prefetch,
                     started_unix_ms,
+                    (&owner, run_as.map_or(child_uid, |r| r.uid)),
                 );
                 if let Some(w) = stdin_w {
                     st.clone()
@@ -1151,6 +1331,8 @@ impl Forkd for Service {
                             notes: child.notes.clone(),
                             stdout: Vec::new(),
                             stdout_bytes: 0,
+                            owner: owner.clone(),
+                            uid: run_as.map_or(child_uid, |r| r.uid),
                         },
                     );
                 let ev = pb::InstanceEvent {
@@ -1196,6 +1378,7 @@ impl Forkd for Service {
         &self,
         req: Request<pb::ListInstancesRequest>,
     ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let who = auth::principal(&req);
         let want = req.into_inner().seed_id;
         let g = self
             .state
@@ -1205,6 +1388,7 @@ impl Forkd for Service {
         let mut instances: Vec<pb::Instance> = g
             .map
             .iter()
+            .filter(|(_, i)| who.may_see(&i.owner))
             .filter(|(_, i)| want.is_empty() || i.seed_id == want)
             .map(|(id, i)| i.to_pb(id, false))
             .collect();
@@ -1216,6 +1400,7 @@ impl Forkd for Service {
         &self,
         req: Request<pb::KillInstanceRequest>,
     ) -> Result<Response<pb::KillInstanceResponse>, Status> {
+        let who = auth::principal(&req);
         let id = req.into_inner().instance_id;
         let pid = {
             let g = self
@@ -1226,6 +1411,7 @@ impl Forkd for Service {
             let i = g
                 .map
                 .get(&id)
+                .filter(|i| who.may_see(&i.owner))
                 .ok_or_else(|| Status::not_found(format!("unknown instance {id:?}")))?;
             if i.state != "running" {
                 return Err(Status::failed_precondition(format!(
@@ -1244,6 +1430,7 @@ impl Forkd for Service {
         &self,
         req: Request<tonic::Streaming<pb::InputChunk>>,
     ) -> Result<Response<pb::InputRef>, Status> {
+        let owner = auth::principal(&req).owner().to_string();
         let mut stream = req.into_inner();
         let mut data = Vec::new();
         while let Some(c) = stream.message().await? {
@@ -1258,8 +1445,8 @@ impl Forkd for Service {
         let id = crate::random_hex(8).map_err(|e| Status::internal(e.to_string()))?;
         let bytes = data.len() as u64;
         let mut g = self.state.inputs.lock().unwrap_or_else(|e| e.into_inner());
-        g.retain(|_, (_, used)| used.elapsed() < INPUT_KEPT);
-        let held: usize = g.values().map(|(d, _)| d.len()).sum();
+        g.retain(|_, (_, _, used)| used.elapsed() < INPUT_KEPT);
+        let held: usize = g.values().map(|(d, _, _)| d.len()).sum();
         if held + data.len() > MAX_INPUTS {
             return Err(Status::resource_exhausted(format!(
                 "staged inputs would exceed {} MiB in all; try again once earlier ones expire ({} s after their last use)",
@@ -1267,7 +1454,7 @@ impl Forkd for Service {
                 INPUT_KEPT.as_secs()
             )));
         }
-        g.insert(id.clone(), (Arc::new(data), Instant::now()));
+        g.insert(id.clone(), (Arc::new(data), owner, Instant::now()));
         Ok(Response::new(pb::InputRef { id, bytes }))
     }
 
@@ -1275,6 +1462,7 @@ impl Forkd for Service {
         &self,
         req: Request<pb::GetInstanceRequest>,
     ) -> Result<Response<pb::Instance>, Status> {
+        let who = auth::principal(&req);
         let id = req.into_inner().instance_id;
         let g = self
             .state
@@ -1284,6 +1472,7 @@ impl Forkd for Service {
         let i = g
             .map
             .get(&id)
+            .filter(|i| who.may_see(&i.owner))
             .ok_or_else(|| Status::not_found(format!("unknown instance {id:?}")))?;
         Ok(Response::new(i.to_pb(&id, true)))
     }
@@ -1334,7 +1523,8 @@ impl Forkd for Service {
         req: Request<pb::SeedRef>,
     ) -> Result<Response<pb::DescriptorBundle>, Status> {
         // Always keyed: this is what another node pages from.
-        let s = self.seed_for(Some(req.get_ref()), true)?;
+        let who = auth::principal(&req);
+        let s = self.seed_for(Some(req.get_ref()), true, &who)?;
         let descriptor = std::fs::read(s.dir.join(remotefork::image::DESCRIPTOR_FILE))
             .map_err(|e| Status::internal(format!("reading seed {}: {e}", s.meta.id)))?;
         let working_set =
@@ -1350,6 +1540,7 @@ impl Forkd for Service {
             page_server,
             image_bytes: s.image_bytes,
             cooperative: s.meta.cooperative,
+            owner: s.meta.owner.clone(),
         }))
     }
 
@@ -1357,9 +1548,10 @@ impl Forkd for Service {
         &self,
         req: Request<pb::OpenPageChannelRequest>,
     ) -> Result<Response<pb::OpenPageChannelResponse>, Status> {
+        let who = auth::principal(&req);
         let r = req.into_inner();
         // Always keyed, as FetchDescriptor: this is what other nodes read.
-        let seed = self.seed_for(r.seed.as_ref(), true)?;
+        let seed = self.seed_for(r.seed.as_ref(), true, &who)?;
         let st = self.state.clone();
         // Registering a seed pins its page store: not on an async thread.
         tokio::task::spawn_blocking(move || {
@@ -1375,16 +1567,40 @@ impl Forkd for Service {
 
     async fn watch(
         &self,
-        _req: Request<pb::WatchRequest>,
+        req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = auth::principal(&req);
         let rx = self.state.events.subscribe();
+        let st = self.state.clone();
+        // A tenant watches its own instances' events only.
         let s = tokio_stream::wrappers::BroadcastStream::new(rx)
+            .filter(move |r| match r {
+                Ok(ev) => st.event_visible(ev, &who),
+                Err(_) => true,
+            })
             .map(|r| r.map_err(|e| Status::data_loss(format!("watcher fell behind: {e}"))));
         Ok(Response::new(Box::pin(self.state.life.until_stopped(s))))
     }
 }
 
 impl State {
+    /// May `who` see this event? Its instance's owner decides, or (for a
+    /// spawn that failed before there was an instance) its seed's.
+    fn event_visible(&self, ev: &pb::InstanceEvent, who: &auth::Principal) -> bool {
+        if matches!(who, auth::Principal::Operator | auth::Principal::Node) {
+            return true;
+        }
+        let owner = self
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .get(&ev.instance_id)
+            .map(|i| i.owner.clone())
+            .or_else(|| self.registry.get(&ev.seed_id).map(|s| s.meta.owner.clone()));
+        owner.is_some_and(|o| who.may_see(&o))
+    }
+
     async fn publish(
         &self,
         tx: &mpsc::Sender<Result<pb::InstanceEvent, Status>>,
@@ -1689,6 +1905,11 @@ async fn serve_coop(listener: tokio::net::UnixListener, svc: Service) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // Who is asking: a process may have itself (or what it could
+        // ptrace) captured, nothing else.
+        let Ok(cred) = stream.peer_cred() else {
+            continue;
+        };
         let svc = svc.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
@@ -1696,13 +1917,26 @@ async fn serve_coop(listener: tokio::net::UnixListener, svc: Service) {
             while let Ok(Some(line)) = lines.next_line().await {
                 let answer = match serde_json::from_str::<serde_json::Value>(&line) {
                     Ok(v) if v["op"] == "create_seed" => match v["pid"].as_u64() {
-                        Some(pid) => match svc
-                            .create_from_pid(
+                        Some(pid) => match async {
+                            auth::may_ptrace(cred.uid(), cred.gid(), pid as u32)?;
+                            let owner = match cred.uid() {
+                                0 => String::new(),
+                                uid => svc
+                                    .state
+                                    .auth
+                                    .tenant_of_uid(uid)
+                                    .map(|t| t.name.clone())
+                                    .unwrap_or_default(),
+                            };
+                            svc.create_from_pid(
                                 pid as u32,
                                 v["name"].as_str().unwrap_or("").to_string(),
                                 true,
+                                owner,
                             )
                             .await
+                        }
+                        .await
                         {
                             Ok(s) => serde_json::json!({ "ok": true, "id": s.id, "key": s.key }),
                             Err(e) => serde_json::json!({ "ok": false, "error": e.message() }),
@@ -1726,27 +1960,6 @@ async fn serve_coop(listener: tokio::net::UnixListener, svc: Service) {
                 }
             }
         });
-    }
-}
-
-/// Requests over TCP must carry `expected` as their authorization; those
-/// that do are marked [`Remote`].
-fn token_check(
-    expected: String,
-) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
-    move |mut req: Request<()>| match req
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(v) if v == expected => {
-            req.extensions_mut().insert(Remote);
-            Ok(req)
-        }
-        Some(_) => Err(Status::unauthenticated("wrong token")),
-        None => Err(Status::unauthenticated(
-            "a bearer token is required on TCP (authorization: Bearer ...)",
-        )),
     }
 }
 
@@ -1792,6 +2005,10 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let transports = transport::Transports::init(&cfg.transport, cfg.rdma_device.as_deref())
         .map_err(|why| ServeError::Config(format!("--transport rdma: {why}")))?;
     let token = cfg.token_file.as_deref().map(read_token).transpose()?;
+    let auth = Arc::new(
+        auth::Auth::new(token.as_deref(), cfg.tenants_file.as_deref())
+            .map_err(|e| ServeError::Config(e.to_string()))?,
+    );
     if cfg.listen.is_some() && token.as_deref().is_none_or(|t| t.is_empty()) {
         return Err(ServeError::Config(
             "--listen needs --token-file with a non-empty token".into(),
@@ -1849,6 +2066,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         transport: cfg.transport.clone(),
         transports,
         life: life.clone(),
+        auth: auth.clone(),
+        remote_commands: cfg.remote_commands,
+        peers: cfg.peers.clone(),
     });
     let svc = Service {
         state: state.clone(),
@@ -1866,9 +2086,12 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         what: format!("binding {}", cfg.socket.display()),
         source,
     })?;
+    // With tenants, anyone may connect: who they are (SO_PEERCRED, a
+    // token) decides what they may do. Without, the socket's group does.
+    let sock_mode = if auth.has_tenants() { 0o666 } else { 0o660 };
     std::fs::set_permissions(
         &cfg.socket,
-        std::os::unix::fs::PermissionsExt::from_mode(0o660),
+        std::os::unix::fs::PermissionsExt::from_mode(sock_mode),
     )
     .map_err(|source| ServeError::Io {
         what: format!("chmod {}", cfg.socket.display()),
@@ -1886,7 +2109,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     })?;
     std::fs::set_permissions(
         &coop_path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o660),
+        std::os::unix::fs::PermissionsExt::from_mode(sock_mode),
     )
     .map_err(|source| ServeError::Io {
         what: format!("chmod {}", coop_path.display()),
@@ -1922,11 +2145,14 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         .add_service(health.clone())
         .add_service(reflect_v1.clone())
         .add_service(reflect_v1alpha.clone())
-        .add_service(ForkdServer::new(svc.clone()))
+        .add_service(ForkdServer::with_interceptor(
+            svc.clone(),
+            auth.interceptor(false),
+        ))
         .serve_with_incoming_shutdown(uds, life.stopped());
     let servers = async {
         match (cfg.listen, token) {
-            (Some(addr), Some(token)) => {
+            (Some(addr), Some(_)) => {
                 let listener = tokio::net::TcpListener::bind(&addr)
                     .await
                     .map_err(|source| ServeError::Io {
@@ -1934,7 +2160,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
                         source,
                     })?;
                 info!(%addr, "forkd serving on TCP (token required)");
-                let check = token_check(format!("Bearer {token}"));
+                let check = auth.interceptor(true);
                 let remote = tonic::transport::Server::builder()
                     // Health is open, as probes and load balancers send no token.
                     .add_service(health)
@@ -1998,6 +2224,8 @@ mod instances_tests {
             notes: Vec::new(),
             stdout: Vec::new(),
             stdout_bytes: 0,
+            owner: String::new(),
+            uid: 0,
         }
     }
 

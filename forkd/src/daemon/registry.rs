@@ -56,6 +56,9 @@ pub struct SeedMeta {
     /// with a line naming it.
     #[serde(default)]
     pub cooperative: bool,
+    /// The tenant that owns it ("" for the operator's).
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// One seed held by this node.
@@ -146,6 +149,7 @@ impl Seed {
             node: node.to_string(),
             children_spawned: self.spawned.load(std::sync::atomic::Ordering::Relaxed),
             damaged: self.damaged().unwrap_or_default(),
+            owner: self.meta.owner.clone(),
         }
     }
 }

@@ -89,6 +89,7 @@ async fn ready_line_seed(
                 env: spec.env.clone().into_iter().collect(),
             })),
             name: spec.name.clone(),
+            owner: String::new(),
         })
         .await
         .map_err(|e| {

@@ -5,9 +5,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::procfs::{FdEntry, MmFields};
 
-/// The descriptor format this build writes. It reads this one and
-/// [`FORMAT_V1`] (no page digests).
-pub const FORMAT_VERSION: u32 = 2;
+/// The descriptor format this build writes. It reads this one,
+/// [`FORMAT_V2`] (no privileges) and [`FORMAT_V1`] (no page digests).
+pub const FORMAT_VERSION: u32 = 3;
+
+/// The second format: page digests, no privileges (capabilities,
+/// `no_new_privs`, seccomp filters). Its children keep forkd's.
+pub const FORMAT_V2: u32 = 2;
 
 /// The first format: a descriptor without page digests.
 pub const FORMAT_V1: u32 = 1;
@@ -116,6 +120,37 @@ pub struct Descriptor {
     /// after the descriptor in the same checksummed body, not in it.
     #[serde(skip)]
     pub digests: Option<PageDigests>,
+    /// What the process was allowed (format 3; none before). Encoded after
+    /// the digests, in the same checksummed body.
+    #[serde(skip)]
+    pub privileges: Option<Privileges>,
+}
+
+/// What a process may do beyond its uid: its capability sets, securebits,
+/// `no_new_privs` and seccomp filters. A child gets the same, so a confined
+/// parent never yields a less confined child.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Privileges {
+    /// Capability sets: inheritable, permitted, effective, bounding, ambient.
+    pub caps: [u64; 5],
+    /// `PR_GET_SECUREBITS`.
+    pub securebits: u32,
+    /// `PR_GET_NO_NEW_PRIVS`.
+    pub no_new_privs: bool,
+    /// Seccomp mode: 0 none, 1 strict, 2 filter.
+    pub seccomp_mode: u32,
+    /// The seccomp filters, oldest first (the order to install them in).
+    pub seccomp_filters: Vec<SeccompFilter>,
+}
+
+/// One seccomp filter program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompFilter {
+    /// Classic BPF instructions, each a `struct sock_filter` as 8 bytes.
+    pub insns: Vec<u64>,
+    /// The flags it was installed with, as `PTRACE_GET_SECCOMP_METADATA`
+    /// reports them (`SECCOMP_FILTER_FLAG_LOG`...).
+    pub flags: u64,
 }
 
 /// Where and when a seed was taken.

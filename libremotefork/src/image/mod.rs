@@ -113,11 +113,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
 /// Encode a descriptor with its header.
 pub fn encode(desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
     let mut body = postcard::to_allocvec(desc)?;
-    if desc.format_version >= FORMAT_VERSION {
+    if desc.format_version >= FORMAT_V2 {
         let digests = desc.digests.as_ref().ok_or_else(|| {
             ImageError::Invalid("a format 2 descriptor needs its page digests".into())
         })?;
         body.extend_from_slice(&postcard::to_allocvec(digests)?);
+    }
+    if desc.format_version >= 3 {
+        let p = desc.privileges.as_ref().ok_or_else(|| {
+            ImageError::Invalid("a format 3 descriptor needs its privileges".into())
+        })?;
+        body.extend_from_slice(&postcard::to_allocvec(p)?);
     }
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
@@ -151,7 +157,7 @@ pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageE
         });
     }
     let version = u32::from_le_bytes(le4(&bytes[8..12]));
-    if version != FORMAT_VERSION && version != FORMAT_V1 {
+    if version != FORMAT_VERSION && version != FORMAT_V2 && version != FORMAT_V1 {
         return Err(ImageError::UnknownVersion { found: version });
     }
     let body_len = u64::from_le_bytes(le8(&bytes[16..24]));
@@ -171,9 +177,15 @@ pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageE
     }
     let desc: Descriptor = if version == FORMAT_V1 {
         postcard::from_bytes(body)?
-    } else {
+    } else if version == FORMAT_V2 {
         let (mut d, rest): (Descriptor, _) = postcard::take_from_bytes(body)?;
         d.digests = Some(postcard::from_bytes(rest)?);
+        d
+    } else {
+        let (mut d, rest): (Descriptor, _) = postcard::take_from_bytes(body)?;
+        let (g, rest) = postcard::take_from_bytes(rest)?;
+        d.digests = Some(g);
+        d.privileges = Some(postcard::from_bytes(rest)?);
         d
     };
     if desc.format_version != version {
@@ -209,14 +221,32 @@ fn le8(b: &[u8]) -> [u8; 8] {
 /// page store's size). Everything restore relies on is checked here.
 pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError> {
     let bad = |s: String| Err(ImageError::Invalid(s));
-    if d.format_version != FORMAT_VERSION && d.format_version != FORMAT_V1 {
+    if d.format_version != FORMAT_VERSION
+        && d.format_version != FORMAT_V2
+        && d.format_version != FORMAT_V1
+    {
         return Err(ImageError::UnknownVersion {
             found: d.format_version,
         });
     }
+    match (&d.privileges, d.format_version) {
+        (Some(p), FORMAT_VERSION) => {
+            if p.seccomp_filters
+                .iter()
+                .any(|f| f.insns.is_empty() || f.insns.len() > 4096)
+            {
+                return bad(
+                    "a seccomp filter of no or more than 4096 instructions (BPF_MAXINSNS)".into(),
+                );
+            }
+        }
+        (None, FORMAT_V1 | FORMAT_V2) => {}
+        (Some(_), _) => return bad("privileges in a format 1 or 2 descriptor".into()),
+        (None, _) => return bad("no privileges in a format 3 descriptor".into()),
+    }
     match (&d.digests, d.format_version) {
         (None, FORMAT_V1) => {}
-        (Some(g), FORMAT_VERSION) => {
+        (Some(g), FORMAT_V2 | FORMAT_VERSION) => {
             let cb = g.chunk_bytes as u64;
             if cb == 0 || !cb.is_multiple_of(PAGE_SIZE) || cb > 16 << 20 {
                 return bad(format!("digest chunks of {cb} bytes"));
@@ -488,7 +518,12 @@ impl ImageWriter {
         if !self.partial.is_empty() {
             self.digests.push(PageDigests::digest(&self.partial));
         }
-        desc.format_version = FORMAT_VERSION;
+        // Format 3 when the privileges were captured, else 2.
+        desc.format_version = if desc.privileges.is_some() {
+            FORMAT_VERSION
+        } else {
+            FORMAT_V2
+        };
         desc.digests = Some(PageDigests {
             chunk_bytes: DIGEST_CHUNK,
             xxh3: std::mem::take(&mut self.digests),

@@ -126,6 +126,16 @@ pub(crate) fn sample() -> Descriptor {
         image_bytes: 3 * 4096,
         stats: CaptureStats::default(),
         digests: Some(PageDigests::of(&sample_pages())),
+        privileges: Some(Privileges {
+            caps: [0, 0x1ff_ffff_ffff, 0x1ff_ffff_ffff, 0x1ff_ffff_ffff, 0],
+            securebits: 0,
+            no_new_privs: true,
+            seccomp_mode: 2,
+            seccomp_filters: vec![SeccompFilter {
+                insns: vec![0x20, 0x7fff_0000_0000_0006],
+                flags: 0,
+            }],
+        }),
     }
 }
 
@@ -341,6 +351,7 @@ fn format_1_descriptors_without_digests_still_decode() {
     let mut d = sample();
     d.format_version = FORMAT_V1;
     d.digests = None;
+    d.privileges = None;
     let back = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap();
     assert_eq!(back, d);
     // Format 2 needs them, and the right number of them.
@@ -396,4 +407,24 @@ fn the_writer_digests_chunks_across_unaligned_appends() {
     flipped[100] ^= 1;
     assert!(!g.check(0, &flipped));
     fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn format_2_descriptors_decode_without_privileges_and_format_3_needs_them() {
+    let mut d = sample();
+    d.format_version = FORMAT_V2;
+    d.privileges = None;
+    let back = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap();
+    assert_eq!(back, d);
+    // Format 3 carries the seccomp filters through encode and decode.
+    let d = sample();
+    let back = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap();
+    assert_eq!(back.privileges, d.privileges);
+    let mut d = sample();
+    d.privileges = None;
+    assert!(encode(&d).is_err());
+    let mut d = sample();
+    d.privileges.as_mut().unwrap().seccomp_filters[0].insns = vec![0; 5000];
+    let e = decode(&encode(&d).unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("seccomp filter"), "{e}");
 }

@@ -221,6 +221,18 @@ pub struct SpawnOptions {
     /// never run; see [`template`]) instead of restoring it from scratch.
     /// The first child of a seed and mode builds the template.
     pub template: bool,
+    /// Run the child as this user instead of the parent's (a tenant's
+    /// uid): no capabilities, `no_new_privs`, the parent's seccomp filters.
+    pub run_as: Option<RunAs>,
+}
+
+/// The user a child runs as when it is not the parent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RunAs {
+    /// Real, effective and saved uid.
+    pub uid: u32,
+    /// Real, effective and saved gid, and the only supplementary group.
+    pub gid: u32,
 }
 
 impl Default for SpawnOptions {
@@ -230,6 +242,7 @@ impl Default for SpawnOptions {
             prefetch: Prefetch::Window,
             share: true,
             template: true,
+            run_as: None,
         }
     }
 }
@@ -686,6 +699,7 @@ impl Core {
             opts.lazy,
             can_share.then_some(&shared),
             extra,
+            opts.run_as,
         )?;
         let base_regs = husk.regs()?;
         let here_xstate = husk.xstate()?.len();

@@ -383,6 +383,7 @@ pub fn build(
     lazy: bool,
     shared_cache: Option<&SharedCache>,
     extra: u64,
+    run_as: Option<super::RunAs>,
 ) -> Result<RestorePlan, PlanError> {
     let mut notes = Vec::new();
     for v in &desc.vmas {
@@ -1044,15 +1045,94 @@ pub fn build(
         uffd_slot = Some(slot);
     }
 
-    // 8. Credentials, last: after them the child may no longer be allowed
-    //    the steps above.
+    // 8. Privileges and credentials, last: after them the child may no
+    //    longer be allowed the steps above. The parent's capability
+    //    bounding set and securebits while still root; then its ids (or
+    //    the tenant's: `run_as`); then its capability sets, ambient ones,
+    //    no_new_privs; its seccomp filters very last (they may forbid any
+    //    of the steps before them).
     let c = &desc.creds;
-    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
-    let g_at = data.bytes(&groups);
+    let (uid, gid, groups) = match run_as {
+        Some(r) => ([r.uid; 3], [r.gid; 3], vec![r.gid]),
+        None => (
+            [c.uid[0], c.uid[1], c.uid[2]],
+            [c.gid[0], c.gid[1], c.gid[2]],
+            c.groups.clone(),
+        ),
+    };
+    let privs = desc.privileges.as_ref();
+    let mut pointers: Vec<(usize, usize)> = Vec::new();
+    let keep_caps = match (privs, run_as) {
+        (Some(p), None) => {
+            let last = cap_last_cap();
+            for cap in 0..=last {
+                if p.caps[3] & (1u64 << cap) == 0 {
+                    state_ops.push(Op::new(
+                        libc::SYS_prctl,
+                        [
+                            v(libc::PR_CAPBSET_DROP as u64),
+                            v(cap as u64),
+                            v(0),
+                            v(0),
+                            v(0),
+                            v(0),
+                        ],
+                        format!("prctl(PR_CAPBSET_DROP, {cap})"),
+                    ));
+                }
+            }
+            if p.securebits != 0 {
+                state_ops.push(Op::new(
+                    libc::SYS_prctl,
+                    [
+                        v(libc::PR_SET_SECUREBITS as u64),
+                        v(p.securebits as u64),
+                        v(0),
+                        v(0),
+                        v(0),
+                        v(0),
+                    ],
+                    "prctl(PR_SET_SECUREBITS)",
+                ));
+            }
+            // A parent that is not root but holds capabilities: they are
+            // kept across the uid change, then set exactly.
+            const SECBIT_KEEP_CAPS: u32 = 1 << 4;
+            const SECBIT_KEEP_CAPS_LOCKED: u32 = 1 << 5;
+            let need = uid.iter().all(|u| *u != 0)
+                && p.caps[1] != 0
+                && p.securebits & SECBIT_KEEP_CAPS == 0;
+            if need && p.securebits & SECBIT_KEEP_CAPS_LOCKED != 0 {
+                notes.push(
+                    "the parent's capabilities are not kept: its securebits lock keep-caps off"
+                        .into(),
+                );
+            }
+            let need = need && p.securebits & SECBIT_KEEP_CAPS_LOCKED == 0;
+            if need {
+                state_ops.push(Op::new(
+                    libc::SYS_prctl,
+                    [
+                        v(libc::PR_SET_KEEPCAPS as u64),
+                        v(1),
+                        v(0),
+                        v(0),
+                        v(0),
+                        v(0),
+                    ],
+                    "prctl(PR_SET_KEEPCAPS, 1)",
+                ));
+            }
+            need
+        }
+        _ => false,
+    };
+    let g_bytes: Vec<u8> = groups.iter().flat_map(|g| g.to_le_bytes()).collect();
+    let g_at = data.bytes(&g_bytes);
     state_ops.push(Op::new(
         libc::SYS_setgroups,
         [
-            v(c.groups.len() as u64),
+            v(groups.len() as u64),
             Arg::Data(g_at),
             v(0),
             v(0),
@@ -1064,9 +1144,9 @@ pub fn build(
     state_ops.push(Op::new(
         libc::SYS_setresgid,
         [
-            v(c.gid[0] as u64),
-            v(c.gid[1] as u64),
-            v(c.gid[2] as u64),
+            v(gid[0] as u64),
+            v(gid[1] as u64),
+            v(gid[2] as u64),
             v(0),
             v(0),
             v(0),
@@ -1076,19 +1156,116 @@ pub fn build(
     state_ops.push(Op::new(
         libc::SYS_setresuid,
         [
-            v(c.uid[0] as u64),
-            v(c.uid[1] as u64),
-            v(c.uid[2] as u64),
+            v(uid[0] as u64),
+            v(uid[1] as u64),
+            v(uid[2] as u64),
             v(0),
             v(0),
             v(0),
         ],
         "setresuid",
     ));
+    if let (Some(p), None) = (privs, run_as) {
+        // capset: header {version 3, pid 0}, then two data structs
+        // {effective, permitted, inheritable} (low, then high 32 bits).
+        let half = |x: u64, hi: bool| (if hi { x >> 32 } else { x & 0xffff_ffff }) as u32;
+        let mut d = Vec::with_capacity(24);
+        for hi in [false, true] {
+            for set in [p.caps[2], p.caps[1], p.caps[0]] {
+                d.extend_from_slice(&half(set, hi).to_le_bytes());
+            }
+        }
+        let mut h = 0x2008_0522u32.to_le_bytes().to_vec(); // _LINUX_CAPABILITY_VERSION_3
+        h.extend_from_slice(&0u32.to_le_bytes()); // pid 0: this process
+        let hdr = data.bytes(&h);
+        let caps_at = data.bytes(&d);
+        state_ops.push(Op::new(
+            libc::SYS_capset,
+            [Arg::Data(hdr), Arg::Data(caps_at), v(0), v(0), v(0), v(0)],
+            "capset (the parent's capabilities)",
+        ));
+        for cap in 0..64u64 {
+            if p.caps[4] & (1u64 << cap) != 0 {
+                state_ops.push(Op::new(
+                    libc::SYS_prctl,
+                    [
+                        v(libc::PR_CAP_AMBIENT as u64),
+                        v(libc::PR_CAP_AMBIENT_RAISE as u64),
+                        v(cap),
+                        v(0),
+                        v(0),
+                        v(0),
+                    ],
+                    format!("prctl(PR_CAP_AMBIENT_RAISE, {cap})"),
+                ));
+            }
+        }
+        if keep_caps {
+            state_ops.push(Op::new(
+                libc::SYS_prctl,
+                [
+                    v(libc::PR_SET_KEEPCAPS as u64),
+                    v(0),
+                    v(0),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                "prctl(PR_SET_KEEPCAPS, 0)",
+            ));
+        }
+    }
+    let filters: &[crate::image::SeccompFilter] =
+        privs.map(|p| p.seccomp_filters.as_slice()).unwrap_or(&[]);
+    let parent_nnp = privs.is_some_and(|p| p.no_new_privs);
+    if run_as.is_some() && !parent_nnp {
+        notes.push("no_new_privs is set (the parent had it off): a tenant's child never gains privileges through exec".into());
+    }
+    if parent_nnp || run_as.is_some() {
+        state_ops.push(Op::new(
+            libc::SYS_prctl,
+            [
+                v(libc::PR_SET_NO_NEW_PRIVS as u64),
+                v(1),
+                v(0),
+                v(0),
+                v(0),
+                v(0),
+            ],
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+        ));
+    }
     if lazy && dies_with_spawner() {
         // A child whose pager is gone must die, not run on: set after the
         // credential change, which clears it.
         state_ops.push(pdeathsig_op());
+    }
+    for (i, f) in filters.iter().enumerate() {
+        let insns: Vec<u8> = f.insns.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let insns_at = data.bytes(&insns);
+        // struct sock_fprog { u16 len; (pad); struct sock_filter *filter; }
+        let mut prog = (f.insns.len() as u64).to_le_bytes().to_vec();
+        prog.extend_from_slice(&0u64.to_le_bytes());
+        let prog_at = data.bytes(&prog);
+        pointers.push((prog_at + 8, insns_at));
+        state_ops.push(Op::new(
+            libc::SYS_seccomp,
+            [
+                v(1), // SECCOMP_SET_MODE_FILTER
+                // LOG and SPEC_ALLOW; TSYNC means nothing for one thread,
+                // and a listener's fd is not the child's.
+                v(f.flags & (2 | 4)),
+                Arg::Data(prog_at),
+                v(0),
+                v(0),
+                v(0),
+            ],
+            format!(
+                "seccomp(SECCOMP_SET_MODE_FILTER) (the parent's filter {} of {})",
+                i + 1,
+                filters.len()
+            ),
+        ));
     }
 
     // Patch the auxv pointer into the prctl_mm_map once the data area is final.
@@ -1122,6 +1299,10 @@ pub fn build(
     let data_at = plan.blob().data;
     let auxv_addr = data_at + auxv_at as u64;
     plan.data[mm_at + 88..mm_at + 96].copy_from_slice(&auxv_addr.to_le_bytes());
+    for (at, target) in pointers {
+        let addr = data_at + target as u64;
+        plan.data[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+    }
     Ok(plan)
 }
 
@@ -1157,6 +1338,14 @@ pub fn set_children_outlive_spawner(on: bool) {
 
 fn dies_with_spawner() -> bool {
     !OUTLIVE_SPAWNER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The highest capability this kernel knows.
+fn cap_last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
 }
 
 /// `PR_SET_PDEATHSIG(SIGKILL)`: a lazy child whose pager is gone must die.
@@ -1291,6 +1480,14 @@ pub fn fork_table(
             format!("closing passed fd {r}"),
         ));
     }
+    // Its own session and process group, away from the template and its
+    // siblings: a child that signals its group (`kill(0, ...)`) reaches
+    // itself only.
+    ops.push(Op::new(
+        libc::SYS_setsid,
+        [v(0), v(0), v(0), v(0), v(0), v(0)],
+        "setsid",
+    ));
     ops.extend(robust_list_op(desc));
     if uffd_target.is_some() && dies_with_spawner() {
         ops.push(pdeathsig_op());

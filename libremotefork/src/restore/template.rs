@@ -95,7 +95,7 @@ fn sweep() {
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A seed's templates on this node, by (lazy, prefetch).
-pub(super) type Templates = HashMap<(bool, Prefetch), Template>;
+pub(super) type Templates = HashMap<Key, Template>;
 
 /// One template: a restored process, stopped and traced, never run.
 pub(super) struct Template {
@@ -228,17 +228,20 @@ fn wants_working_set(core: &Core, opts: &SpawnOptions) -> bool {
 }
 
 /// Which template serves `opts`.
-fn key_of(opts: &SpawnOptions) -> (bool, Prefetch) {
+fn key_of(opts: &SpawnOptions) -> Key {
     let prefetch = if opts.lazy {
         opts.prefetch
     } else {
         Prefetch::Off
     };
-    (opts.lazy, prefetch)
+    (opts.lazy, prefetch, opts.run_as)
 }
 
+/// A template per mode and user: lazy, prefetch, whom its children run as.
+pub(super) type Key = (bool, Prefetch, Option<super::RunAs>);
+
 /// Fork spare children of the template for `key` up to [`SPARES`].
-fn refill(core: &Core, key: (bool, Prefetch)) {
+fn refill(core: &Core, key: Key) {
     let mut g = core.templates.lock().unwrap_or_else(|e| e.into_inner());
     let Some(t) = g.get_mut(&key) else {
         return;
@@ -278,7 +281,7 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, R
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {
             let tb = Instant::now();
-            let t = build(core, opts.lazy, prefetch, want_ws)?;
+            let t = build(core, opts.lazy, prefetch, want_ws, opts.run_as)?;
             info!(
                 pid = t.tracee.pid(),
                 lazy = opts.lazy,
@@ -321,6 +324,7 @@ fn build(
     lazy: bool,
     prefetch: Prefetch,
     want_ws: bool,
+    run_as: Option<super::RunAs>,
 ) -> Result<Template, RestoreError> {
     let d = core.image.descriptor();
     let io_err = |what: &str| {
@@ -342,6 +346,7 @@ fn build(
         // page-table entries of a private file mapping that has an anon_vma.
         share: true,
         template: false,
+        run_as,
     };
     let b = core.build_child(
         Io::fd(theirs),

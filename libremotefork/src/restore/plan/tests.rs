@@ -8,7 +8,7 @@ fn build4(
     f: &[ResolvedFile],
     lazy: bool,
 ) -> Result<RestorePlan, PlanError> {
-    build(d, h, f, lazy, None, 0)
+    build(d, h, f, lazy, None, 0, None)
 }
 
 fn husk(vdso_at: u64) -> HuskLayout {
@@ -261,7 +261,9 @@ fn fds_are_filled_in_order_with_placeholders_and_gaps() {
 
 #[test]
 fn state_phase_restores_handlers_rseq_and_ends_with_credentials() {
-    let d = sample();
+    // A format 2 seed: no privileges recorded, its child keeps forkd's.
+    let mut d = sample();
+    d.privileges = None;
     let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
     assert!(names.contains(&"rt_sigaction(10)"));
@@ -310,7 +312,8 @@ fn blob_entries_carry_the_flags() {
 
 #[test]
 fn lazy_plans_make_a_userfaultfd_and_a_parent_death_signal() {
-    let d = sample();
+    let mut d = sample();
+    d.privileges = None;
     let p = build4(&d, &husk(0x7fff_f000_0000), &local(), true).unwrap();
     // Only the anonymous mapping with stored pages is served lazily.
     assert_eq!(p.lazy, vec![false, true, false]);
@@ -336,7 +339,16 @@ fn shared_cache_plans_map_anonymous_memory_from_the_cache() {
         path: "/proc/1/fd/9".into(),
         base,
     };
-    let p = build(&d, &husk(0x7fff_f000_0000), &local(), true, Some(&cache), 0).unwrap();
+    let p = build(
+        &d,
+        &husk(0x7fff_f000_0000),
+        &local(),
+        true,
+        Some(&cache),
+        0,
+        None,
+    )
+    .unwrap();
     assert_eq!(p.from_cache, vec![false, true, false]);
     let names: Vec<&str> = p.map_ops.iter().map(|o| o.what.as_str()).collect();
     let open = names
@@ -369,6 +381,7 @@ fn shared_cache_plans_map_anonymous_memory_from_the_cache() {
         false,
         Some(&cache),
         0,
+        None,
     )
     .unwrap();
     assert_eq!(e.from_cache, vec![false, false, false]);
@@ -412,4 +425,98 @@ fn consecutive_mappings_of_one_file_share_one_open() {
         .collect();
     assert_eq!(maps.len(), 2);
     assert_eq!(maps[1].args[5], Arg::Val(0x1000));
+}
+
+#[test]
+fn a_tenant_child_gets_its_uid_no_new_privs_and_the_parents_filters_last() {
+    let mut d = sample();
+    d.privileges = Some(crate::image::Privileges {
+        caps: [0, u64::MAX >> 23, u64::MAX >> 23, u64::MAX >> 23, 0],
+        securebits: 0,
+        no_new_privs: false,
+        seccomp_mode: 2,
+        seccomp_filters: vec![
+            crate::image::SeccompFilter {
+                insns: vec![0x06, 0x7fff_0000_0000_0006],
+                flags: 0,
+            },
+            crate::image::SeccompFilter {
+                insns: vec![0x7fff_0000_0000_0006],
+                flags: 2,
+            },
+        ],
+    });
+    let run_as = Some(crate::restore::RunAs {
+        uid: 2001,
+        gid: 3001,
+    });
+    let p = build(
+        &d,
+        &husk(0x7fff_f000_0000),
+        &local(),
+        false,
+        None,
+        0,
+        run_as,
+    )
+    .unwrap();
+    let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
+    let n = names.len();
+    assert!(names[n - 2].starts_with("seccomp") && names[n - 1].starts_with("seccomp"));
+    assert_eq!(names[n - 3], "prctl(PR_SET_NO_NEW_PRIVS)");
+    // The tenant's ids, not the parent's; no capability kept.
+    let uid_op = &p.state_ops[names.iter().position(|n| *n == "setresuid").unwrap()];
+    assert_eq!(uid_op.args[0], Arg::Val(2001));
+    let gid_op = &p.state_ops[names.iter().position(|n| *n == "setresgid").unwrap()];
+    assert_eq!(gid_op.args[2], Arg::Val(3001));
+    assert!(!names.iter().any(|n| n.starts_with("capset")));
+    assert!(p.notes.iter().any(|n| n.contains("no_new_privs")));
+    // The filters' programs point into the data area at their instructions.
+    let blob = p.blob();
+    let Arg::Data(prog) = p.state_ops[n - 2].args[2] else {
+        panic!("no program argument")
+    };
+    let len = u16::from_le_bytes(p.data[prog..prog + 2].try_into().unwrap());
+    assert_eq!(
+        len, 2,
+        "the older filter (two instructions) is installed first"
+    );
+    let ptr = u64::from_le_bytes(p.data[prog + 8..prog + 16].try_into().unwrap());
+    let at = (ptr - blob.data) as usize;
+    assert_eq!(
+        u64::from_le_bytes(p.data[at..at + 8].try_into().unwrap()),
+        0x06
+    );
+    // Its flags: LOG kept.
+    assert_eq!(p.state_ops[n - 1].args[1], Arg::Val(2));
+}
+
+#[test]
+fn a_root_parent_with_fewer_capabilities_gives_its_child_the_same() {
+    let mut d = sample();
+    let bounding = !(1u64 << 21); // no CAP_SYS_ADMIN
+    d.privileges = Some(crate::image::Privileges {
+        caps: [0, 0x3, 0x1, bounding & 0x1ff_ffff_ffff, 1],
+        securebits: 0,
+        no_new_privs: true,
+        seccomp_mode: 0,
+        seccomp_filters: vec![],
+    });
+    let p = build(&d, &husk(0x7fff_f000_0000), &local(), false, None, 0, None).unwrap();
+    let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
+    let drop = names
+        .iter()
+        .position(|n| *n == "prctl(PR_CAPBSET_DROP, 21)")
+        .unwrap();
+    let uid = names.iter().position(|n| *n == "setresuid").unwrap();
+    let capset = names.iter().position(|n| n.starts_with("capset")).unwrap();
+    assert!(drop < uid && uid < capset, "{names:?}");
+    assert!(names.contains(&"prctl(PR_CAP_AMBIENT_RAISE, 0)"));
+    assert_eq!(names.last(), Some(&"prctl(PR_SET_NO_NEW_PRIVS)"));
+    let Arg::Data(c) = p.state_ops[capset].args[1] else {
+        panic!("no capset data")
+    };
+    // effective, permitted, inheritable (low halves).
+    let w = |i: usize| u32::from_le_bytes(p.data[c + 4 * i..c + 4 * i + 4].try_into().unwrap());
+    assert_eq!((w(0), w(1), w(2)), (0x1, 0x3, 0));
 }

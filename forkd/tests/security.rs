@@ -1,0 +1,578 @@
+//! Tenants who do not trust each other (docs/SECURITY.md): each hostile
+//! move is refused with a clear error, and forkd keeps serving the others.
+//! Root-only: real daemons, real processes, real uids.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const UID_A: u32 = 2001;
+const UID_B: u32 = 2002;
+
+/// A daemon with tenants `a` (uid 2001, may create seeds from commands) and
+/// `b` (uid 2002), and TCP with the node token.
+struct Tenanted {
+    d: Daemon,
+    token_a: PathBuf,
+    token_b: PathBuf,
+}
+
+impl Tenanted {
+    fn start(name: &str, extra: &[&str]) -> Tenanted {
+        let dir = scratch(name);
+        // Children run as 2001/2002: they must reach the test's programs.
+        let mut p = dir.clone();
+        while let Some(parent) = p.parent() {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(m) = std::fs::metadata(&p) {
+                let mode = m.permissions().mode();
+                if mode & 0o001 == 0 {
+                    let _ =
+                        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode | 0o011));
+                }
+            }
+            p = parent.to_path_buf();
+        }
+        let token_a = dir.join("token-a");
+        let token_b = dir.join("token-b");
+        std::fs::write(&token_a, "tenant-a-secret\n").unwrap();
+        std::fs::write(&token_b, "tenant-b-secret\n").unwrap();
+        let hash = |t: &str| {
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_forkd"))
+                .arg("hash-token")
+                .stdin(std::fs::File::open(t).unwrap())
+                .output()
+                .unwrap();
+            assert!(o.status.success());
+            String::from_utf8(o.stdout).unwrap().trim().to_string()
+        };
+        let tenants = dir.join("tenants.toml");
+        std::fs::write(
+            &tenants,
+            format!(
+                "[[tenant]]\nname = \"a\"\ntoken_sha256 = \"{}\"\nuid = {UID_A}\ngid = {UID_A}\ncreate_from_command = true\n\n\
+                 [[tenant]]\nname = \"b\"\ntoken_sha256 = \"{}\"\nuid = {UID_B}\ngid = {UID_B}\n",
+                hash(token_a.to_str().unwrap()),
+                hash(token_b.to_str().unwrap())
+            ),
+        )
+        .unwrap();
+        let mut flags = vec!["--tenants-file", tenants.to_str().unwrap()];
+        flags.extend_from_slice(extra);
+        let d = Daemon::start_with(&dir, true, &flags);
+        Tenanted {
+            d,
+            token_a,
+            token_b,
+        }
+    }
+
+    fn as_a(&self, args: &[&str]) -> (i32, String, String) {
+        run_forkctl(&self.d.addr(), Some(&self.token_a), args)
+    }
+
+    fn as_b(&self, args: &[&str]) -> (i32, String, String) {
+        run_forkctl(&self.d.addr(), Some(&self.token_b), args)
+    }
+
+    fn tcp(&self) -> String {
+        self.d.tcp.clone().unwrap()
+    }
+
+    /// A seed of `confined.c` (with its seccomp filter), captured by root.
+    fn confined_seed(&self, owner: &str) -> String {
+        let prog = c_program("confined");
+        let (code, out, err) = self.d.ctl(&[
+            "--json",
+            "seed",
+            "create",
+            "--owner",
+            owner,
+            "--ready-line",
+            "ready",
+            "--",
+            prog.to_str().unwrap(),
+            "filter",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        id_of(&out)
+    }
+}
+
+fn id_of(out: &str) -> String {
+    serde_json::from_str::<Value>(out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Spawn one child through `ctl` with `input`; its report.
+fn spawn_one(
+    ctl: impl Fn(&[&str]) -> (i32, String, String),
+    dir: &Path,
+    seed: &str,
+    input: &str,
+) -> Value {
+    let f = dir.join(format!("input-{}", input.len()));
+    std::fs::write(&f, input).unwrap();
+    let (code, out, err) = ctl(&["--json", "spawn", seed, "--stdin", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out} {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["children"][0].clone()
+}
+
+/// The JSON lines a child printed.
+fn lines(child: &Value) -> Vec<Value> {
+    child["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// forkctl run as `uid` (no token): what a local user gets.
+fn forkctl_as(uid: u32, addr: &str, args: &[&str]) -> (i32, String, String) {
+    let o = forkctl()
+        .arg("--addr")
+        .arg(addr)
+        .args(args)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// One request on the cooperative socket from a process running as `uid`
+/// (a fork of this test that changes its ids first); the answer line.
+fn coop_as(uid: u32, sock: &Path, request: &str) -> String {
+    use std::io::{BufRead, Read, Write};
+    let (mut r, w) = std::io::pipe().unwrap();
+    let path = sock.to_path_buf();
+    let request = request.to_string();
+    // SAFETY: the child only changes ids, uses a Unix socket and a pipe,
+    // and _exits; it touches no lock another thread of the test may hold
+    // (std's UnixStream and write are plain syscalls).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = (|| -> Option<()> {
+            // SAFETY: plain id changes of this (child) process.
+            unsafe {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setresgid(uid, uid, uid) != 0
+                    || libc::setresuid(uid, uid, uid) != 0
+                {
+                    return None;
+                }
+            }
+            let mut s = std::os::unix::net::UnixStream::connect(&path).ok()?;
+            s.write_all(request.as_bytes()).ok()?;
+            let mut line = String::new();
+            std::io::BufReader::new(s).read_line(&mut line).ok()?;
+            let mut w = w;
+            w.write_all(line.as_bytes()).ok()?;
+            Some(())
+        })();
+        // SAFETY: the forked child ends here without running destructors.
+        unsafe { libc::_exit(if code.is_some() { 0 } else { 1 }) };
+    }
+    drop(w);
+    let mut out = String::new();
+    let _ = r.read_to_string(&mut out);
+    // SAFETY: reaping our own child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    out
+}
+
+/// forkd answers and can still start a child for tenant `a`.
+fn still_serving(t: &Tenanted, seed_a: &str) {
+    let c = spawn_one(|a| t.as_a(a), &t.d.dir, seed_a, "report\nexit\n");
+    assert_eq!(c["exit_code"], 0, "{c}");
+    assert_eq!(lines(&c)[0]["uid"], UID_A, "{c}");
+}
+
+#[test]
+fn a_tenants_child_of_a_root_parent_runs_as_the_tenant_with_the_parents_filter() {
+    if !require_root("a_tenants_child_of_a_root_parent_runs_as_the_tenant_with_the_parents_filter")
+    {
+        return;
+    }
+    let t = Tenanted::start("sec-identity", &[]);
+    let seed = t.confined_seed("a");
+    let c = spawn_one(|a| t.as_a(a), &t.d.dir, &seed, "report\nexit\n");
+    assert_eq!(c["exit_code"], 0, "{c}");
+    let r = &lines(&c)[0];
+    // The tenant's ids, no capabilities, no_new_privs...
+    assert_eq!(
+        (r["uid"].as_u64(), r["euid"].as_u64(), r["gid"].as_u64()),
+        (Some(2001), Some(2001), Some(2001)),
+        "{r}"
+    );
+    assert_eq!(r["capeff"], "0000000000000000", "{r}");
+    assert_eq!(r["capprm"], "0000000000000000", "{r}");
+    assert_eq!(r["nnp"], 1, "{r}");
+    // ...and the parent's seccomp filter: sysinfo(2) fails with EPERM.
+    assert_eq!(
+        (
+            r["seccomp"].as_u64(),
+            r["sysinfo"].as_i64(),
+            r["errno"].as_i64()
+        ),
+        (Some(2), Some(-1), Some(libc::EPERM as i64)),
+        "{r}"
+    );
+    // Its own session and process group.
+    assert_eq!(r["sid"], r["pid"], "{r}");
+    assert_eq!(r["pgid"], r["pid"], "{r}");
+    let notes = c["notes"].to_string();
+    assert!(
+        notes.contains("no_new_privs"),
+        "the difference is said: {c}"
+    );
+
+    // The same seed spawned by the operator still runs as its tenant.
+    let c = spawn_one(|a| t.d.ctl(a), &t.d.dir, &seed, "report\nexit\n");
+    assert_eq!(lines(&c)[0]["uid"], UID_A, "{c}");
+
+    // An operator's seed of a root parent: root, the parent's capabilities
+    // and filter, not forkd's (more) freedom.
+    let prog = c_program("confined");
+    let parent = std::process::Command::new(&prog)
+        .arg("filter")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut parent = parent;
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(parent.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let pr: Value = serde_json::from_str(&first).unwrap();
+    let _ = parent.kill();
+    let _ = parent.wait();
+    let seed = {
+        let (code, out, err) = t.d.ctl(&[
+            "--json",
+            "seed",
+            "create",
+            "--ready-line",
+            "ready",
+            "--",
+            prog.to_str().unwrap(),
+            "filter",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        id_of(&out)
+    };
+    for extra in [&[][..], &["--count", "2"][..], &["--no-template"][..]] {
+        let f = t.d.dir.join("report-input");
+        std::fs::write(&f, "report\nexit\n").unwrap();
+        let mut args = vec![
+            "--json",
+            "spawn",
+            seed.as_str(),
+            "--stdin",
+            f.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = t.d.ctl(&args);
+        assert_eq!(code, 0, "{out} {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        for c in v["children"].as_array().unwrap() {
+            let r = &lines(c)[0];
+            assert_eq!(r["uid"], 0, "{r}");
+            assert_eq!(r["capeff"], pr["capeff"], "{r} vs the parent's {pr}");
+            assert_eq!(r["nnp"], pr["nnp"], "{r}");
+            assert_eq!(
+                (r["sysinfo"].as_i64(), r["errno"].as_i64()),
+                (Some(-1), Some(libc::EPERM as i64)),
+                "{r}"
+            );
+            assert_eq!(r["sid"], r["pid"], "{r}");
+        }
+    }
+}
+
+#[test]
+fn tenant_b_cannot_see_spawn_watch_drop_or_kill_tenant_as_things() {
+    if !require_root("tenant_b_cannot_see_spawn_watch_drop_or_kill_tenant_as_things") {
+        return;
+    }
+    let t = Tenanted::start("sec-isolation", &[]);
+    let seed = t.confined_seed("a");
+    // An instance of a's.
+    let c = spawn_one(|a| t.as_a(a), &t.d.dir, &seed, "report\nexit\n");
+    let iid = c["instance"].as_str().unwrap().to_string();
+
+    // Listing: b sees nothing of a's.
+    let (code, out, _) = t.as_b(&["--json", "seed", "ls"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains(&seed), "b lists a's seed: {out}");
+    let (code, out, _) = t.as_b(&["--json", "ps"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains(&seed), "b lists a's instances: {out}");
+    // Every direct reach is as if it did not exist.
+    for args in [
+        vec!["seed", "get", seed.as_str()],
+        vec!["seed", "drop", seed.as_str()],
+        vec!["spawn", seed.as_str()],
+    ] {
+        let (code, _, err) = t.as_b(&args);
+        assert_ne!(code, 0, "b could {args:?}");
+        assert!(err.contains("unknown seed"), "{args:?}: {err}");
+    }
+    for args in [vec!["kill", iid.as_str()], vec!["instance", iid.as_str()]] {
+        let (code, _, err) = t.as_b(&args);
+        assert_ne!(code, 0, "b could {args:?}");
+        assert!(err.contains("unknown instance"), "{args:?}: {err}");
+    }
+    let (code, out, err) = t.as_a(&["--json", "instance", &iid]);
+    assert_eq!(code, 0, "a cannot see its own instance: {err}");
+    assert!(out.contains(&iid));
+    // b's watch sees none of a's events while a spawns.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen = rt.block_on(async {
+        use tokio_stream::StreamExt;
+        let mut c = forkd::client::connect(&t.d.addr(), Some("tenant-b-secret"))
+            .await
+            .unwrap();
+        let mut w = c
+            .watch(forkd::pb::WatchRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let a = tokio::task::spawn_blocking({
+            let seed = seed.clone();
+            let addr = t.d.addr();
+            let tok = t.token_a.clone();
+            move || run_forkctl(&addr, Some(&tok), &["spawn", &seed])
+        });
+        let _ = a.await;
+        let mut n = 0;
+        while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(500), w.next()).await {
+            if ev.is_ok() {
+                n += 1;
+            }
+        }
+        n
+    });
+    assert_eq!(seen, 0, "b watched a's events");
+    // a's seed and instance are untouched; a still spawns.
+    let (code, out, _) = t.as_a(&["--json", "seed", "ls"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&seed));
+    still_serving(&t, &seed);
+}
+
+#[test]
+fn wrong_missing_and_foreign_credentials_are_refused() {
+    if !require_root("wrong_missing_and_foreign_credentials_are_refused") {
+        return;
+    }
+    let t = Tenanted::start("sec-creds", &[]);
+    let seed = t.confined_seed("a");
+    let wrong = t.d.dir.join("wrong");
+    std::fs::write(&wrong, "tenant-a-secreT\n").unwrap();
+    let (code, _, err) = run_forkctl(&t.tcp(), Some(&wrong), &["seed", "ls"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("wrong token"), "{err}");
+    let (code, _, err) = run_forkctl(&t.tcp(), None, &["seed", "ls"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("bearer token is required"), "{err}");
+    // Over TCP with its token, a tenant is itself.
+    let (code, out, err) = run_forkctl(&t.tcp(), Some(&t.token_a), &["--json", "seed", "ls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&seed));
+    // On the Unix socket: a local user who is no tenant is refused; a
+    // tenant's uid is that tenant.
+    let (code, _, err) = forkctl_as(1234, &t.d.addr(), &["seed", "ls"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("uid 1234 is neither root nor a configured tenant"),
+        "{err}"
+    );
+    let (code, out, err) = forkctl_as(UID_A, &t.d.addr(), &["--json", "seed", "ls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&seed));
+    let (code, out, err) = forkctl_as(UID_B, &t.d.addr(), &["--json", "seed", "ls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains(&seed));
+    // Only the operator names a seed's owner.
+    let prog = c_program("confined");
+    let (code, _, err) = t.as_b(&[
+        "seed",
+        "create",
+        "--owner",
+        "a",
+        "--ready-line",
+        "ready",
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("only the operator"), "{err}");
+    still_serving(&t, &seed);
+}
+
+#[test]
+fn commands_and_captures_only_as_the_caller_could_run_them() {
+    if !require_root("commands_and_captures_only_as_the_caller_could_run_them") {
+        return;
+    }
+    let t = Tenanted::start("sec-capture", &[]);
+    let seed = t.confined_seed("a");
+    let prog = c_program("confined");
+    // The node token over TCP: no commands unless the operator enables them.
+    let node_token = t.d.dir.join("token");
+    let (code, _, err) = run_forkctl(
+        &t.tcp(),
+        Some(&node_token),
+        &[
+            "seed",
+            "create",
+            "--ready-line",
+            "ready",
+            "--",
+            prog.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("over the network is off"), "{err}");
+    // b may not run commands at all; a's run as a.
+    let (code, _, err) = t.as_b(&[
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("may not create seeds from a command"), "{err}");
+    let (code, out, err) = t.as_a(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let own = id_of(&out);
+    let c = spawn_one(|a| t.as_a(a), &t.d.dir, &own, "report\nexit\n");
+    assert_eq!(lines(&c)[0]["uid"], UID_A, "{c}");
+
+    // Capture by pid: only what the caller could ptrace.
+    let root_proc = idle_python();
+    let pid = root_proc.pid().to_string();
+    let (code, _, err) = t.as_b(&["seed", "create", "--pid", &pid]);
+    assert_ne!(code, 0);
+    assert!(err.contains("may not capture"), "{err}");
+    let (code, _, err) = forkctl_as(UID_B, &t.d.addr(), &["seed", "create", "--pid", &pid]);
+    assert_ne!(code, 0);
+    assert!(err.contains("uid 2002 may not capture"), "{err}");
+    // Through the cooperative socket: the same rule, by SO_PEERCRED.
+    let coop = t.d.dir.join("sock.coop");
+    let answer = coop_as(
+        UID_B,
+        &coop,
+        &format!("{{\"op\":\"create_seed\",\"pid\":{pid}}}\n"),
+    );
+    assert!(
+        answer.contains("\"ok\":false") && answer.contains("may not capture"),
+        "{answer}"
+    );
+    drop(root_proc);
+    still_serving(&t, &seed);
+}
+
+#[test]
+fn children_that_signal_their_group_or_play_session_games_reach_only_themselves() {
+    if !require_root("children_that_signal_their_group_or_play_session_games_reach_only_themselves")
+    {
+        return;
+    }
+    let t = Tenanted::start("sec-games", &[]);
+    let seed = t.confined_seed("a");
+    let c = spawn_one(
+        |a| t.as_a(a),
+        &t.d.dir,
+        &seed,
+        "killgroup\njoinparent\noutlive\nreport\nexit\n",
+    );
+    let out = c["stdout"].as_str().unwrap().to_string();
+    assert!(out.contains("killgroup 0"), "{out}");
+    // Joining forkd's group from its own session: EPERM.
+    assert!(
+        out.contains(&format!("joinparent -1 {}", libc::EPERM)),
+        "{out}"
+    );
+    let g: i32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("outlive "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // forkd did not get the SIGTERM: it serves on.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(t.d.ctl(&["node"]).0 == 0, "forkd stopped");
+    still_serving(&t, &seed);
+    // The grandchild that outlives its parent runs as the tenant, not root.
+    let st = std::fs::read_to_string(format!("/proc/{g}/status")).unwrap_or_default();
+    assert!(st.contains(&format!("Uid:\t{UID_A}")), "{st}");
+    // SAFETY: plain kill(2) of the grandchild this test made.
+    unsafe { libc::kill(g, libc::SIGKILL) };
+}
+
+#[test]
+fn tenants_cannot_read_state_or_another_seeds_image() {
+    if !require_root("tenants_cannot_read_state_or_another_seeds_image") {
+        return;
+    }
+    let t = Tenanted::start("sec-state", &[]);
+    let seed_a = t.confined_seed("a");
+    let seed_b = t.confined_seed("b");
+    let pages = t.d.dir.join(format!("state/seeds/{seed_b}/pages.img"));
+    assert!(pages.exists());
+    // A child of a's tries b's page store.
+    let c = spawn_one(
+        |a| t.as_a(a),
+        &t.d.dir,
+        &seed_a,
+        &format!("read {}\nexit\n", pages.display()),
+    );
+    let out = c["stdout"].as_str().unwrap();
+    assert!(out.contains(&format!("read -1 {}", libc::EACCES)), "{out}");
+    // A local non-root user lists nothing of STATE.
+    let o = std::process::Command::new("ls")
+        .arg(t.d.dir.join("state/seeds"))
+        .uid(UID_B)
+        .gid(UID_B)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "uid {UID_B} listed STATE/seeds");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(t.d.dir.join("state"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "STATE is {mode:o}");
+    let mode = std::fs::metadata(&pages).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "pages.img is {mode:o}");
+    still_serving(&t, &seed_a);
+}
