@@ -208,7 +208,35 @@ fn a_tenants_child_of_a_root_parent_runs_as_the_tenant_with_the_parents_filter()
         return;
     }
     let t = Tenanted::start("sec-identity", &[]);
-    let seed = t.confined_seed("a");
+    // A root parent, confined by its own filter, captured by the operator
+    // for tenant a.
+    let prog = c_program("confined");
+    let parent = Target::start({
+        let mut c = std::process::Command::new(&prog);
+        c.arg("filter");
+        c
+    })
+    .0;
+    let (code, out, err) = t.d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--pid",
+        &parent.pid().to_string(),
+        "--owner",
+        "a",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seed = id_of(&out);
+    let (said, _) = parent.finish("report\nexit\n");
+    let pr: Value = serde_json::from_str(said.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (pr["uid"].as_u64(), pr["nnp"].as_u64()),
+        (Some(0), Some(0)),
+        "{pr}"
+    );
+    assert_ne!(pr["capeff"], "0000000000000000", "{pr}");
+
     let c = spawn_one(|a| t.as_a(a), &t.d.dir, &seed, "report\nexit\n");
     assert_eq!(c["exit_code"], 0, "{c}");
     let r = &lines(&c)[0];
@@ -244,25 +272,9 @@ fn a_tenants_child_of_a_root_parent_runs_as_the_tenant_with_the_parents_filter()
     let c = spawn_one(|a| t.d.ctl(a), &t.d.dir, &seed, "report\nexit\n");
     assert_eq!(lines(&c)[0]["uid"], UID_A, "{c}");
 
-    // An operator's seed of a root parent: root, the parent's capabilities
-    // and filter, not forkd's (more) freedom.
-    let prog = c_program("confined");
-    let parent = std::process::Command::new(&prog)
-        .arg("filter")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut parent = parent;
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(parent.stdout.as_mut().unwrap()),
-        &mut first,
-    )
-    .unwrap();
-    let pr: Value = serde_json::from_str(&first).unwrap();
-    let _ = parent.kill();
-    let _ = parent.wait();
+    // An operator's seed of a root parent: root, with the parent's
+    // capabilities, no_new_privs and filter (not forkd's freedom), whether
+    // forked from a template or restored from scratch.
     let seed = {
         let (code, out, err) = t.d.ctl(&[
             "--json",
@@ -273,10 +285,13 @@ fn a_tenants_child_of_a_root_parent_runs_as_the_tenant_with_the_parents_filter()
             "--",
             prog.to_str().unwrap(),
             "filter",
+            "dropcaps",
         ]);
         assert_eq!(code, 0, "{err}");
         id_of(&out)
     };
+    let lacks_net_raw =
+        |hex: &Value| u64::from_str_radix(hex.as_str().unwrap(), 16).unwrap() & (1 << 13) == 0;
     for extra in [&[][..], &["--count", "2"][..], &["--no-template"][..]] {
         let f = t.d.dir.join("report-input");
         std::fs::write(&f, "report\nexit\n").unwrap();
@@ -294,14 +309,19 @@ fn a_tenants_child_of_a_root_parent_runs_as_the_tenant_with_the_parents_filter()
         for c in v["children"].as_array().unwrap() {
             let r = &lines(c)[0];
             assert_eq!(r["uid"], 0, "{r}");
-            assert_eq!(r["capeff"], pr["capeff"], "{r} vs the parent's {pr}");
+            assert!(!lacks_net_raw(&pr["capeff"]), "{pr}");
+            assert!(
+                lacks_net_raw(&r["capeff"]) && lacks_net_raw(&r["capprm"]),
+                "{extra:?}: {r}"
+            );
+            assert!(lacks_net_raw(&r["capbnd"]), "{extra:?}: {r}");
             assert_eq!(r["nnp"], pr["nnp"], "{r}");
             assert_eq!(
                 (r["sysinfo"].as_i64(), r["errno"].as_i64()),
                 (Some(-1), Some(libc::EPERM as i64)),
                 "{r}"
             );
-            assert_eq!(r["sid"], r["pid"], "{r}");
+            assert_eq!(r["sid"], r["pid"], "{extra:?}: {r}");
         }
     }
 }
@@ -575,4 +595,112 @@ fn tenants_cannot_read_state_or_another_seeds_image() {
     let mode = std::fs::metadata(&pages).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "pages.img is {mode:o}");
     still_serving(&t, &seed_a);
+}
+
+/// One HTTP/1.1 request with an optional bearer token: (status, JSON body).
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gw\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn the_gateway_needs_a_credential_and_keeps_tenants_functions_apart() {
+    if !require_root("the_gateway_needs_a_credential_and_keeps_tenants_functions_apart") {
+        return;
+    }
+    let t = Tenanted::start("sec-gateway", &[]);
+    let tenants = t.d.dir.join("tenants.toml");
+    let admin = t.d.dir.join("admin-token");
+    std::fs::write(&admin, "gateway-admin\n").unwrap();
+    let gateway = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--node")
+            .arg(t.d.addr())
+            .args(extra)
+            .env("FORKD_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Beyond loopback without a credential: refused at start.
+    let o = gateway(&["--listen", "0.0.0.0:0"])
+        .wait_with_output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("beyond loopback"), "{err}");
+
+    let mut g = gateway(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--api-token-file",
+        admin.to_str().unwrap(),
+        "--tenants-file",
+        tenants.to_str().unwrap(),
+    ]);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(g.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("gateway listening on ")
+        .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
+        .to_string();
+    let prog = c_program("confined");
+    let spec = serde_json::json!({
+        "name": "f", "command": [prog, "filter"], "ready_line": "ready",
+    })
+    .to_string();
+    // No credential, a wrong one: 401, and nothing registered.
+    let (code, v) = http(&addr, "POST", "/functions", None, &spec);
+    assert_eq!(code, 401, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("bearer token"), "{v}");
+    let (code, _) = http(&addr, "POST", "/functions", Some("nope"), &spec);
+    assert_eq!(code, 401);
+    let (code, v) = http(&addr, "GET", "/healthz", None, "");
+    assert_eq!(code, 200, "{v}");
+    // a registers f; it runs as a, confined as its parent.
+    let (code, v) = http(&addr, "POST", "/functions", Some("tenant-a-secret"), &spec);
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = http(&addr, "POST", "/invoke/f", Some("tenant-a-secret"), "{}");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["uid"], UID_A, "{v}");
+    assert_eq!(v["errno"], libc::EPERM, "{v}");
+    // b sees no f, cannot call or remove it; its own f is another function.
+    let (code, v) = http(&addr, "GET", "/functions", Some("tenant-b-secret"), "");
+    assert_eq!(code, 200);
+    assert_eq!(v["functions"], serde_json::json!([]), "{v}");
+    let (code, _) = http(&addr, "POST", "/invoke/f", Some("tenant-b-secret"), "{}");
+    assert_eq!(code, 404);
+    let (code, _) = http(&addr, "DELETE", "/functions/f", Some("tenant-b-secret"), "");
+    assert_eq!(code, 404);
+    let (code, _) = http(&addr, "GET", "/metrics", Some("tenant-b-secret"), "");
+    assert_eq!(code, 403);
+    // a's f still answers.
+    let (code, v) = http(&addr, "POST", "/invoke/f", Some("tenant-a-secret"), "{}");
+    assert_eq!(code, 200, "{v}");
+    // SAFETY: plain kill(2) of our gateway.
+    unsafe { libc::kill(g.id() as i32, libc::SIGTERM) };
+    let _ = g.wait();
 }

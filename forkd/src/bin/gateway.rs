@@ -26,6 +26,15 @@ struct Cli {
     /// Bearer token file for the nodes' TCP gRPC.
     #[arg(long)]
     token_file: Option<String>,
+    /// The admin token clients must send (Authorization: Bearer ...) for
+    /// every path but /healthz and /openapi.json. Without it (and
+    /// without --tenants-file) the gateway listens on loopback only.
+    #[arg(long)]
+    api_token_file: Option<String>,
+    /// Tenants (as forkd's --tenants-file): each registers, lists,
+    /// invokes and removes only its own functions, which run as its uid.
+    #[arg(long)]
+    tenants_file: Option<String>,
     /// Where instances connect back.
     #[arg(long, default_value = "127.0.0.1:0")]
     worker_listen: String,
@@ -77,7 +86,36 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    let api_token = match &cli.api_token_file {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                eprintln!("gateway: {p} is empty");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("gateway: reading token file {p}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let auth = if api_token.is_some() || cli.tenants_file.is_some() {
+        match forkd::daemon::auth::Auth::new(
+            api_token.as_deref(),
+            cli.tenants_file.as_deref().map(std::path::Path::new),
+        ) {
+            Ok(a) => Some(std::sync::Arc::new(a)),
+            Err(e) => {
+                eprintln!("gateway: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let cfg = Config {
+        auth,
         listen: cli.listen,
         nodes: cli.nodes,
         token,

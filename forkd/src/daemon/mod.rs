@@ -759,8 +759,9 @@ impl Service {
         peer: Option<auth::Peer>,
         owner: String,
     ) -> Result<pb::Seed, Status> {
-        // Who the command runs as: a tenant's uid, a local caller's own;
-        // root only for root on the Unix socket and (if enabled) nodes.
+        // Who the command runs as: the seed's tenant, a local caller's own
+        // uid; root only for root on the Unix socket and (if enabled) nodes.
+        let for_tenant = self.state.auth.tenant_named(&owner).map(|t| (t.uid, t.gid));
         let run_as = match (who, peer) {
             (auth::Principal::Tenant(t), _) if !t.create_from_command => {
                 return Err(Status::permission_denied(format!(
@@ -768,10 +769,12 @@ impl Service {
                     t.name
                 )))
             }
+            // Not root: the seed's tenant.
+            _ if for_tenant.is_some() => for_tenant,
             (auth::Principal::Tenant(t), _) => Some((t.uid, t.gid)),
             (auth::Principal::Node, _) if !self.state.remote_commands => {
                 return Err(Status::permission_denied(
-                    "creating a seed from a command over the network is off on this node (forkd serve --remote-commands turns it on); capture a running process on the node instead",
+                    "creating a seed from a command over the network is off on this node (forkd serve --remote-commands turns it on); capture a running process on the node instead, or make the seed a tenant's (owner)",
                 ))
             }
             (_, Some(p)) if p.uid != 0 => Some((p.uid, p.gid)),
@@ -1093,7 +1096,7 @@ impl Forkd for Service {
         // The operator may make a seed for a tenant; no one else chooses.
         let owner = match (r.owner.as_str(), &who) {
             ("", _) => who.owner().to_string(),
-            (o, auth::Principal::Operator) => {
+            (o, auth::Principal::Operator | auth::Principal::Node) => {
                 if self.state.auth.tenant_named(o).is_none() {
                     return Err(Status::invalid_argument(format!(
                         "owner {o:?} is not a tenant of this node"
@@ -1103,7 +1106,7 @@ impl Forkd for Service {
             }
             (_, _) => {
                 return Err(Status::permission_denied(
-                    "only the operator (root on the Unix socket) may name a seed's owner",
+                    "only the operator (root on the Unix socket, or the node token) may name a seed's owner",
                 ))
             }
         };

@@ -164,6 +164,10 @@ pub struct Config {
     pub register_timeout: Duration,
     /// A request body larger than this is refused (413).
     pub max_body_bytes: usize,
+    /// Who may call the API: the admin token (all functions) and tenants
+    /// (their own functions, run as their uid). None: anyone who can
+    /// reach it, so only on loopback.
+    pub auth: Option<Arc<crate::daemon::auth::Auth>>,
 }
 
 impl Default for Config {
@@ -184,6 +188,7 @@ impl Default for Config {
             prefetch: "recorded".into(),
             register_timeout: Duration::from_secs(120),
             max_body_bytes: 2 << 20,
+            auth: None,
         }
     }
 }
@@ -270,7 +275,68 @@ fn err(status: StatusCode, msg: impl std::fmt::Display) -> Response {
 
 type Shared = State<Arc<Gateway>>;
 
-async fn invoke(State(g): Shared, Path(name): Path<String>, body: Bytes) -> Response {
+use crate::daemon::auth::Principal;
+
+/// Who is calling (set by [`authenticate`]).
+type Caller = Option<axum::Extension<Principal>>;
+
+/// The tenant's namespace: its functions are `tenant/name` inside.
+fn key_of(who: &Caller, name: &str) -> String {
+    match who.as_ref().map(|e| &e.0) {
+        Some(Principal::Tenant(t)) => format!("{}/{name}", t.name),
+        _ => name.to_string(),
+    }
+}
+
+/// May `who` see the function kept under `key`?
+fn owns(who: &Caller, key: &str) -> bool {
+    match who.as_ref().map(|e| &e.0) {
+        Some(Principal::Tenant(t)) => key
+            .strip_prefix(t.name.as_str())
+            .is_some_and(|r| r.starts_with('/')),
+        _ => true,
+    }
+}
+
+/// Every path but /healthz and /openapi.json needs a credential when the
+/// gateway has any configured; /metrics (every tenant's figures) needs the
+/// admin token.
+async fn authenticate(
+    State(g): Shared,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(auth) = &g.cfg.auth else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    if path == "/healthz" || path == "/openapi.json" {
+        return next.run(req).await;
+    }
+    let authz = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
+    let p = match auth.identify(authz.as_deref(), true, None) {
+        Ok(p) => p,
+        Err(e) => {
+            return err(
+                StatusCode::UNAUTHORIZED,
+                e.message().replace("on TCP", "by this gateway"),
+            )
+        }
+    };
+    if path == "/metrics" && matches!(p, Principal::Tenant(_)) {
+        return err(
+            StatusCode::FORBIDDEN,
+            "/metrics is the operator's (the admin token)",
+        );
+    }
+    req.extensions_mut().insert(p);
+    next.run(req).await
+}
+
+async fn invoke(State(g): Shared, who: Caller, Path(name): Path<String>, body: Bytes) -> Response {
     if body.iter().all(u8::is_ascii_whitespace) {
         return InvokeError::BadRequest("the body is empty; send the event, {} for none".into())
             .into_response();
@@ -279,7 +345,7 @@ async fn invoke(State(g): Shared, Path(name): Path<String>, body: Bytes) -> Resp
         .functions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get(&name)
+        .get(&key_of(&who, &name))
         .cloned();
     let Some(f) = f else {
         return InvokeError::Unknown(name).into_response();
@@ -297,14 +363,14 @@ async fn invoke(State(g): Shared, Path(name): Path<String>, body: Bytes) -> Resp
 /// Longest function name.
 const MAX_NAME: usize = 128;
 
-async fn register(State(g): Shared, body: Bytes) -> Response {
+async fn register(State(g): Shared, who: Caller, body: Bytes) -> Response {
     if body.iter().all(u8::is_ascii_whitespace) {
         return err(
             StatusCode::BAD_REQUEST,
             "the body is empty; send the function as JSON: {\"name\", \"command\": [...]}",
         );
     }
-    let spec: register::FunctionSpec = match serde_json::from_slice(&body) {
+    let mut spec: register::FunctionSpec = match serde_json::from_slice(&body) {
         Ok(s) => s,
         Err(e) => return err(StatusCode::BAD_REQUEST, format!("bad function spec: {e}")),
     };
@@ -323,6 +389,13 @@ async fn register(State(g): Shared, body: Bytes) -> Response {
             ),
         );
     }
+    // A tenant's function lives in its namespace, is made as its seed and
+    // runs as its uid.
+    spec.name = key_of(&who, &spec.name);
+    let tenant = match who.as_ref().map(|e| &e.0) {
+        Some(Principal::Tenant(t)) => Some(t.clone()),
+        _ => None,
+    };
     // The name is taken from here on, so two concurrent registrations of
     // one name cannot both make a seed.
     let name = spec.name.clone();
@@ -336,7 +409,7 @@ async fn register(State(g): Shared, body: Bytes) -> Response {
             );
         }
     }
-    let r = register::register(&g, spec).await;
+    let r = register::register(&g, spec, tenant.as_deref()).await;
     let resp = match r {
         Ok(f) => {
             let v = f.describe();
@@ -356,12 +429,13 @@ async fn register(State(g): Shared, body: Bytes) -> Response {
     resp
 }
 
-async fn list(State(g): Shared) -> Response {
+async fn list(State(g): Shared, who: Caller) -> Response {
     let fs: Vec<Value> = g
         .functions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .values()
+        .filter(|f| owns(&who, &f.name))
         .map(|f| f.describe())
         .collect();
     let nodes: Vec<Value> = g
@@ -375,12 +449,12 @@ async fn list(State(g): Shared) -> Response {
     axum::Json(json!({ "functions": fs, "nodes": nodes })).into_response()
 }
 
-async fn remove(State(g): Shared, Path(name): Path<String>) -> Response {
+async fn remove(State(g): Shared, who: Caller, Path(name): Path<String>) -> Response {
     let f = g
         .functions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .remove(&name);
+        .remove(&key_of(&who, &name));
     let Some(f) = f else {
         return InvokeError::Unknown(name).into_response();
     };
@@ -482,6 +556,16 @@ async fn json_errors(
     r
 }
 
+/// Is `HOST:PORT` a loopback address (or localhost)?
+fn is_loopback(listen: &str) -> bool {
+    let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
+}
+
 /// Run the gateway until SIGINT/SIGTERM; `ready` is told the HTTP address
 /// once it listens.
 pub async fn serve(
@@ -490,6 +574,12 @@ pub async fn serve(
 ) -> Result<(), GatewayError> {
     if cfg.nodes.is_empty() {
         return Err(GatewayError::Config("no nodes given (--node)".into()));
+    }
+    if cfg.auth.is_none() && !is_loopback(&cfg.listen) {
+        return Err(GatewayError::Config(format!(
+            "refusing to listen on {} beyond loopback with no credentials: give --api-token-file (and --tenants-file for tenants)",
+            cfg.listen
+        )));
     }
     cfg.prefetch
         .parse::<remotefork::pager::Prefetch>()
@@ -571,6 +661,10 @@ pub async fn serve(
         .with_state(g.clone());
     // Around the whole router (not each route), so that a 405's Allow
     // header, set by the router, is there to read.
+    let app = tower::Layer::layer(
+        &axum::middleware::from_fn_with_state(g.clone(), authenticate),
+        app,
+    );
     let app = tower::Layer::layer(
         &axum::middleware::from_fn_with_state(g.clone(), json_errors),
         app,

@@ -46,6 +46,7 @@ pub struct FunctionSpec {
 pub(crate) async fn register(
     g: &Arc<Gateway>,
     spec: FunctionSpec,
+    tenant: Option<&crate::daemon::auth::Tenant>,
 ) -> Result<Arc<Function>, String> {
     if spec.command.is_empty() {
         return Err("the function has no command".into());
@@ -53,8 +54,11 @@ pub(crate) async fn register(
     let t = Instant::now();
     let origin = 0;
     let (mode, seed) = match &spec.ready_line {
-        Some(line) => (Mode::OneShot, ready_line_seed(g, &spec, line).await?),
-        None => (Mode::Checkpoint, checkpoint_seed(g, &spec).await?),
+        Some(line) => (
+            Mode::OneShot,
+            ready_line_seed(g, &spec, line, tenant).await?,
+        ),
+        None => (Mode::Checkpoint, checkpoint_seed(g, &spec, tenant).await?),
     };
     let f = Function::new(
         spec.name.clone(),
@@ -77,6 +81,7 @@ async fn ready_line_seed(
     g: &Gateway,
     spec: &FunctionSpec,
     line: &str,
+    tenant: Option<&crate::daemon::auth::Tenant>,
 ) -> Result<pb::SeedRef, String> {
     let mut c = g.nodes[0].client.clone();
     let s = c
@@ -89,7 +94,9 @@ async fn ready_line_seed(
                 env: spec.env.clone().into_iter().collect(),
             })),
             name: spec.name.clone(),
-            owner: String::new(),
+            // The node runs a tenant's command as the tenant, and its
+            // children too.
+            owner: tenant.map(|t| t.name.clone()).unwrap_or_default(),
         })
         .await
         .map_err(|e| {
@@ -106,7 +113,11 @@ async fn ready_line_seed(
     })
 }
 
-async fn checkpoint_seed(g: &Gateway, spec: &FunctionSpec) -> Result<pb::SeedRef, String> {
+async fn checkpoint_seed(
+    g: &Gateway,
+    spec: &FunctionSpec,
+    tenant: Option<&crate::daemon::auth::Tenant>,
+) -> Result<pb::SeedRef, String> {
     let coop = g.nodes[0].spec.coop_socket().ok_or_else(|| {
         format!(
             "node {} has no known cooperative socket: give it coop=PATH",
@@ -123,6 +134,11 @@ async fn checkpoint_seed(g: &Gateway, spec: &FunctionSpec) -> Result<pb::SeedRef
         .kill_on_drop(true);
     if let Some(d) = &spec.cwd {
         cmd.current_dir(d);
+    }
+    // A tenant's runtime runs as the tenant: the node makes its seed the
+    // tenant's (by the caller's uid on the cooperative socket).
+    if let Some(t) = tenant {
+        cmd.uid(t.uid).gid(t.gid);
     }
     let mut child = cmd
         .spawn()

@@ -1,7 +1,9 @@
 // A parent that may confine itself ("filter": a seccomp filter under which
-// sysinfo(2) fails with EPERM), prints what it is and "ready", then obeys
+// sysinfo(2) fails with EPERM; "dropcaps": no CAP_NET_RAW, even in its
+// bounding set), prints "ready", then obeys
 // one command per stdin line:
-//   report          what it is now (uid, capabilities, filter, session)
+//   report          what it is now (uid, capabilities, filter, session);
+//                   also any JSON object (a gateway's event)
 //   killgroup       kill(0, SIGTERM) with SIGTERM ignored here
 //   joinparent      setpgid(0, getpgid(getppid())): join its parent's group
 //   outlive         fork a grandchild that leaves the session and sleeps
@@ -9,6 +11,7 @@
 //   exit            exit 0
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <signal.h>
@@ -42,21 +45,43 @@ static void report(void) {
     errno = 0;
     int r = sysinfo(&si);
     int e = errno;
-    char capeff[64], capprm[64], nnp[8], sec[8];
+    char capeff[64], capprm[64], capbnd[64], nnp[8], sec[8];
+    status_field("CapBnd", capbnd, sizeof capbnd);
     status_field("CapEff", capeff, sizeof capeff);
     status_field("CapPrm", capprm, sizeof capprm);
     status_field("NoNewPrivs", nnp, sizeof nnp);
     status_field("Seccomp", sec, sizeof sec);
     printf("{\"pid\":%d,\"uid\":%d,\"euid\":%d,\"gid\":%d,\"sid\":%d,\"pgid\":%d,"
            "\"sysinfo\":%d,\"errno\":%d,\"capeff\":\"%s\",\"capprm\":\"%s\","
-           "\"nnp\":%s,\"seccomp\":%s}\n",
+           "\"capbnd\":\"%s\",\"nnp\":%s,\"seccomp\":%s}\n",
            getpid(), getuid(), geteuid(), getgid(), getsid(0), getpgid(0), r, e,
-           capeff, capprm, nnp, sec);
+           capeff, capprm, capbnd, nnp, sec);
     fflush(stdout);
 }
 
 int main(int argc, char **argv) {
-    if (argc > 1 && strcmp(argv[1], "filter") == 0) {
+    int filter = 0, dropcaps = 0;
+    for (int i = 1; i < argc; i++) {
+        filter |= strcmp(argv[i], "filter") == 0;
+        dropcaps |= strcmp(argv[i], "dropcaps") == 0;
+    }
+    if (dropcaps) {
+        // Root without CAP_NET_RAW, in every set and the bounding set.
+        struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+        struct __user_cap_data_struct d[2];
+        if (syscall(SYS_capget, &h, d) != 0 || prctl(PR_CAPBSET_DROP, CAP_NET_RAW, 0, 0, 0) != 0) {
+            perror("dropping CAP_NET_RAW");
+            return 1;
+        }
+        d[0].effective &= ~(1u << CAP_NET_RAW);
+        d[0].permitted &= ~(1u << CAP_NET_RAW);
+        d[0].inheritable &= ~(1u << CAP_NET_RAW);
+        if (syscall(SYS_capset, &h, d) != 0) {
+            perror("capset");
+            return 1;
+        }
+    }
+    if (filter) {
         struct sock_filter f[] = {
             BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
             BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_sysinfo, 0, 1),
@@ -70,13 +95,12 @@ int main(int argc, char **argv) {
             return 1;
         }
     }
-    report();
     printf("ready\n");
     fflush(stdout);
     char line[4096];
     while (fgets(line, sizeof line, stdin)) {
         line[strcspn(line, "\n")] = 0;
-        if (strcmp(line, "report") == 0) {
+        if (strcmp(line, "report") == 0 || line[0] == '{') {
             report();
         } else if (strcmp(line, "killgroup") == 0) {
             signal(SIGTERM, SIG_IGN);
