@@ -404,3 +404,49 @@ fn hostile_page_server_clients_are_refused_and_others_unaffected() {
     let (code, v, err) = spawn_on(&n, 2, &r, 2, &input, &[]);
     assert_eq!(code, 0, "{err} {v}");
 }
+
+#[test]
+fn a_cached_remote_seed_is_served_only_to_the_holder_of_its_key() {
+    if !require_root("a_cached_remote_seed_is_served_only_to_the_holder_of_its_key") {
+        return;
+    }
+    let Some(n) = Nodes::up_n("nodes-cached-key", 2) else {
+        return;
+    };
+    let prog = c_program("confined");
+    let (code, out, err) = n.ctl(
+        1,
+        &[
+            "--json",
+            "seed",
+            "create",
+            "--ready-line",
+            "ready",
+            "--",
+            prog.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = n.seed_ref(1, &id);
+    let input = n.input("exit", "exit\n");
+    // With its key: node 2 fetches the seed and keeps it.
+    let (code, v, err) = spawn_on(&n, 2, &r, 1, &input, &[]);
+    assert_eq!(code, 0, "{err} {v}");
+    // The same id with any other key is refused, though node 2 has it.
+    let (origin_and_id, key) = r.split_once('#').unwrap();
+    let wrong: String = key
+        .chars()
+        .map(|c| if c == '0' { '1' } else { '0' })
+        .collect();
+    let bad = format!("{origin_and_id}#{wrong}");
+    let (code, _, err) = spawn_on(&n, 2, &bad, 1, &input, &[]);
+    assert_ne!(code, 0, "a wrong key spawned from the cached seed");
+    assert!(err.contains("wrong key"), "{err}");
+    // And the right key still works.
+    let (code, v, err) = spawn_on(&n, 2, &r, 1, &input, &[]);
+    assert_eq!(code, 0, "{err} {v}");
+}

@@ -704,3 +704,36 @@ fn the_gateway_needs_a_credential_and_keeps_tenants_functions_apart() {
     unsafe { libc::kill(g.id() as i32, libc::SIGTERM) };
     let _ = g.wait();
 }
+
+#[test]
+fn a_tenant_cannot_send_forkds_peer_token_to_an_address_it_names() {
+    if !require_root("a_tenant_cannot_send_forkds_peer_token_to_an_address_it_names") {
+        return;
+    }
+    // A listener standing in for an attacker's "node": it must never be
+    // called.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let trap_addr = trap.local_addr().unwrap().to_string();
+    trap.set_nonblocking(true).unwrap();
+    let t = Tenanted::start("sec-origin", &[]);
+    let seed = t.confined_seed("a");
+    let r = format!("{trap_addr}/0123456789abcdef#{}", "0".repeat(32));
+    let (code, _, err) = t.as_a(&["spawn", &r]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not one of this node's peers"), "{err}");
+    assert!(
+        trap.accept().is_err(),
+        "forkd connected to the tenant's address"
+    );
+    // With --peer, even the operator reaches only the peers listed.
+    drop(t);
+    let t = Tenanted::start("sec-origin-peers", &["--peer", "127.0.0.1:9"]);
+    let (code, _, err) = t.d.ctl(&["spawn", &r]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not one of this node's peers"), "{err}");
+    assert!(
+        trap.accept().is_err(),
+        "forkd connected to an unlisted address"
+    );
+    let _ = seed;
+}

@@ -155,6 +155,7 @@ fn seed_json(s: &pb::Seed) -> Value {
         "pause_ms": s.pause_us as f64 / 1e3, "capture_ms": s.capture_us as f64 / 1e3,
         "node": s.node, "children_spawned": s.children_spawned,
         "damaged": Some(&s.damaged).filter(|d| !d.is_empty()),
+        "owner": Some(&s.owner).filter(|o| !o.is_empty()),
     })
 }
 
@@ -627,7 +628,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|i| {
                         json!({ "id": i.id, "seed_id": i.seed_id, "pid": i.pid, "state": i.state,
-                                "labels": i.labels, "started_unix_ms": i.started_unix_ms })
+                                "labels": i.labels, "started_unix_ms": i.started_unix_ms,
+                                "notes": i.notes, "owner": Some(&i.owner).filter(|o| !o.is_empty()),
+                                "uid": i.uid })
                     })
                     .collect();
                 writeln!(out, "{}", Value::Array(v))?;
@@ -639,6 +642,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "STATE",
                     "STARTED (UTC)",
                     "LABELS",
+                    "NOTES",
                 ]);
                 for i in l {
                     let mut labels: Vec<String> =
@@ -651,6 +655,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         i.state,
                         utc(i.started_unix_ms),
                         labels.join(","),
+                        i.notes.join("; "),
                     ]);
                 }
                 t.write(&mut out)?;
@@ -672,6 +677,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "signal": (i.signal != 0).then_some(i.signal),
                     "reason": Some(i.reason.clone()).filter(|r| !r.is_empty()),
                     "adopted": i.adopted, "notes": i.notes, "labels": i.labels,
+                    "owner": Some(&i.owner).filter(|o| !o.is_empty()), "uid": i.uid,
                     "started_unix_ms": i.started_unix_ms,
                     "stdout": String::from_utf8_lossy(&i.stdout),
                     "stdout_bytes": i.stdout_bytes,

@@ -304,6 +304,10 @@ pub struct State {
     instance_tag: String,
     spawns: AtomicU64,
     spawn_failures: AtomicU64,
+    /// Children that started with notes (what they could not keep exactly).
+    children_with_notes: AtomicU64,
+    /// Notes already logged, per seed (each is logged once, not per child).
+    notes_logged: Mutex<std::collections::HashSet<(String, String)>>,
     /// Other nodes' seeds, fetched once each: concurrent first spawns of
     /// one seed wait for the same fetch (not over each other's files),
     /// while different seeds fetch in parallel.
@@ -1301,6 +1305,15 @@ impl Forkd for Service {
                         continue;
                     }
                 };
+                if !child.notes.is_empty() {
+                    st.children_with_notes.fetch_add(1, Ordering::Relaxed);
+                    let mut logged = st.notes_logged.lock().unwrap_or_else(|e| e.into_inner());
+                    for n in &child.notes {
+                        if logged.len() < 10_000 && logged.insert((target.id.clone(), n.clone())) {
+                            warn!(seed = %target.id, instance = %iid, note = %n, "a child differs from its parent (said on its Running event and in ListInstances)");
+                        }
+                    }
+                }
                 st.handover.child_started(
                     &iid,
                     base.index,
@@ -1792,6 +1805,7 @@ impl State {
         let _ = writeln!(o, "# HELP forkd_instances_running Children running.\n# TYPE forkd_instances_running gauge\nforkd_instances_running {running}");
         let _ = writeln!(o, "# HELP forkd_spawns_total Children started.\n# TYPE forkd_spawns_total counter\nforkd_spawns_total {}", self.spawns.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP forkd_spawn_failures_total Children that could not be started.\n# TYPE forkd_spawn_failures_total counter\nforkd_spawn_failures_total {}", self.spawn_failures.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP forkd_children_with_notes_total Children that started with notes: what they could not keep from their parent exactly.\n# TYPE forkd_children_with_notes_total counter\nforkd_children_with_notes_total {}", self.children_with_notes.load(Ordering::Relaxed));
         self.transports.metrics(&mut o);
         let seeds = self.registry.list();
         let mut started: Vec<_> = seeds
@@ -2054,6 +2068,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         instance_tag,
         spawns: AtomicU64::new(0),
         spawn_failures: AtomicU64::new(0),
+        children_with_notes: AtomicU64::new(0),
+        notes_logged: Mutex::new(Default::default()),
         remote: Mutex::new(HashMap::new()),
         remote_dir: cfg.state_dir.join("remote"),
         page_server: cfg
