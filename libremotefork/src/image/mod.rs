@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 
 pub use descriptor::*;
 
-use crate::PAGE_SIZE;
+use crate::{private_fs, PAGE_SIZE};
 
 /// Magic at the start of `descriptor.bin`.
 pub const MAGIC: [u8; 8] = *b"RFSEED\0\0";
@@ -432,10 +432,11 @@ pub struct ImageWriter {
 }
 
 impl ImageWriter {
-    /// Start an image in `dir` (created if missing). Any image already there
-    /// stops being valid at once: its descriptor is removed first.
+    /// Start an image in `dir` (created if missing, 0700 in any case). Any
+    /// image already there stops being valid at once: its descriptor is
+    /// removed first. Every file written is 0600 ([`crate::private_fs`]).
     pub fn create(dir: &Path) -> Result<ImageWriter, ImageError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        private_fs::dir(dir).map_err(io_err(dir))?;
         let dpath = dir.join(DESCRIPTOR_FILE);
         match fs::remove_file(&dpath) {
             Ok(()) => {}
@@ -443,7 +444,7 @@ impl ImageWriter {
             Err(e) => return Err(io_err(&dpath)(e)),
         }
         let ppath = dir.join(PAGES_FILE);
-        let pages = File::create(&ppath).map_err(io_err(&ppath))?;
+        let pages = private_fs::create(&ppath).map_err(io_err(&ppath))?;
         Ok(ImageWriter {
             dir: dir.to_path_buf(),
             pages,
@@ -501,7 +502,7 @@ impl ImageWriter {
             self.pages.sync_all().map_err(io_err(&ppath))?;
         }
         let bytes = encode(desc)?;
-        let mut df = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut df = private_fs::create(&tmp).map_err(io_err(&tmp))?;
         df.write_all(&bytes).map_err(io_err(&tmp))?;
         if durable {
             df.sync_all().map_err(io_err(&tmp))?;

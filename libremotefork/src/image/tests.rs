@@ -309,6 +309,30 @@ fn writes_and_opens_an_image_dir() {
 }
 
 #[test]
+fn an_image_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let dir = std::env::temp_dir().join(format!("rf-image-mode-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    // Left by an earlier writer with modes open to everyone.
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(dir.join(PAGES_FILE), b"old").unwrap();
+    fs::set_permissions(dir.join(PAGES_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+    write(&dir, &mut sample(), &sample_pages(), false).unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    let mut names = Vec::new();
+    for e in fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
+        names.push(e.file_name().into_string().unwrap());
+    }
+    names.sort();
+    assert_eq!(names, [DESCRIPTOR_FILE, PAGES_FILE]);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn restart_registers_like_the_kernel() {
     let r = Registers {
         rax: (-512i64) as u64,
