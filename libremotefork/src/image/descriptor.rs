@@ -22,6 +22,7 @@ pub struct PageDigests {
     /// Bytes per chunk, a multiple of the page size.
     pub chunk_bytes: u32,
     /// XXH3-64 of each chunk, in store order.
+    #[serde(deserialize_with = "super::limits::digests")]
     pub xxh3: Vec<u64>,
 }
 
@@ -67,10 +68,12 @@ pub struct Descriptor {
     /// General-purpose registers, as `PTRACE_GETREGS` reported them.
     pub registers: Registers,
     /// The full XSAVE area (`PTRACE_GETREGSET NT_X86_XSTATE`).
+    #[serde(deserialize_with = "super::limits::xstate")]
     pub xstate: Vec<u8>,
     /// Blocked signals.
     pub sigmask: u64,
     /// Disposition of every signal 1..=64.
+    #[serde(deserialize_with = "super::limits::sigactions")]
     pub sigactions: Vec<SigAction>,
     /// The alternate signal stack.
     pub sigaltstack: SigAltStack,
@@ -83,6 +86,7 @@ pub struct Descriptor {
     /// mm fields for `PR_SET_MM_MAP`.
     pub mm: MmFields,
     /// The auxiliary vector as (type, value) words.
+    #[serde(deserialize_with = "super::limits::auxv")]
     pub auxv: Vec<u64>,
     /// Path of the executable (`/proc/PID/exe`).
     pub exe: String,
@@ -91,6 +95,7 @@ pub struct Descriptor {
     /// Thread name.
     pub comm: String,
     /// Resource limits, indexed by `RLIMIT_*`: (soft, hard).
+    #[serde(deserialize_with = "super::limits::rlimits")]
     pub rlimits: Vec<(u64, u64)>,
     /// File-creation mask.
     pub umask: u32,
@@ -99,10 +104,13 @@ pub struct Descriptor {
     /// Credentials.
     pub creds: Credentials,
     /// Open file descriptors.
+    #[serde(deserialize_with = "super::limits::fds")]
     pub fds: Vec<FdEntry>,
     /// Files that file-backed mappings refer to, with their identity.
+    #[serde(deserialize_with = "super::limits::files")]
     pub files: Vec<FileRef>,
     /// Every mapping, in address order, with the source of each page.
+    #[serde(deserialize_with = "super::limits::vmas")]
     pub vmas: Vec<Vma>,
     /// SHA-256 of the parent's `[vdso]` (hex).
     pub vdso_hash: String,
@@ -327,6 +335,7 @@ pub struct Credentials {
     /// Real, effective, saved, filesystem gid.
     pub gid: [u32; 4],
     /// Supplementary groups.
+    #[serde(deserialize_with = "super::limits::groups")]
     pub groups: Vec<u32>,
 }
 
@@ -420,6 +429,7 @@ pub struct Vma {
     pub file_offset: u64,
     /// Where every page comes from, as runs covering `[start, end)` in order.
     /// Empty for kernel-provided mappings.
+    #[serde(deserialize_with = "super::limits::runs")]
     pub runs: Vec<PageRun>,
 }
 
