@@ -159,7 +159,8 @@ impl Keeper {
     /// Connect to the keeper of run directory `dir`, starting one (this
     /// executable, `keeper`, in its own session) if there is none.
     pub fn connect_or_start(dir: &Path, grace: Duration) -> Result<Keeper, KeeperError> {
-        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        // Owner only: it holds the keeper's socket and children's journals.
+        remotefork::private_fs::dir(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let path = dir.join(SOCKET);
         if let Ok(fd) = connect(&path) {
             return Ok(Keeper::from(fd, dir));

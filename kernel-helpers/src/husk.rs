@@ -2,14 +2,12 @@
 //! under `PTRACE_TRACEME` and stopped at its exec. Restore rebuilds a seed's
 //! process inside it.
 
-use std::ffi::CString;
+use std::ffi::CStr;
 use std::fs;
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::OnceLock;
 
 use crate::ptrace::{self, Stop, Tracee};
 
@@ -19,14 +17,23 @@ pub const BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rf-husk"));
 /// Address the husk's text is linked at.
 pub const BASE: &str = env!("RF_HUSK_BASE");
 
+/// Name of the memfd holding the husk: `/proc/PID/exe` of a husk reads
+/// `/memfd:rf-husk (deleted)`.
+pub const MEMFD_NAME: &CStr = c"rf-husk";
+
+/// The seals the husk's memfd carries: its content can never change again,
+/// and no more seals can be added or removed.
+pub const SEALS: libc::c_int =
+    libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+
 /// Errors starting a husk.
 #[derive(Debug, thiserror::Error)]
 pub enum HuskError {
-    /// Writing the husk binary out failed.
-    #[error("cannot install the husk binary at {path}: {source}")]
+    /// Putting the husk binary into its sealed memfd failed.
+    #[error("cannot put the husk binary in a sealed memfd ({step}): {source}")]
     Install {
-        /// Where.
-        path: PathBuf,
+        /// Which step failed.
+        step: &'static str,
         /// The underlying error.
         source: io::Error,
     },
@@ -46,40 +53,55 @@ pub enum HuskError {
     Ptrace(#[from] ptrace::PtraceError),
 }
 
-/// Write the husk to a temporary directory once (named by a hash of its
-/// bytes) and return its path. Safe to call from many threads at once: the
-/// first call installs (under a lock), later ones only check the file is
-/// still there.
-pub fn install() -> Result<PathBuf, HuskError> {
-    static INSTALLED: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
-    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = installed.as_ref() {
-        if p.exists() {
-            return Ok(p.clone());
-        }
+/// The husk binary in a sealed memfd, made once per process and kept open
+/// for its life (close-on-exec: no child inherits it). Husks are exec'd from
+/// this descriptor, never from a path: nothing on the file system (a planted
+/// directory or symlink in `/tmp`) can substitute another binary, and the
+/// seals stop anyone, this process included, from changing it. A path to it,
+/// if one is ever needed, is `/proc/self/fd/N` with N its raw descriptor.
+///
+/// Safe to call from many threads at once: two racing first calls may both
+/// build a memfd, and all but the one kept are closed.
+pub fn install() -> Result<BorrowedFd<'static>, HuskError> {
+    static SEALED: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = SEALED.get() {
+        return Ok(fd.as_fd());
     }
-    let h = BINARY.iter().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x100000001b3)
-    });
-    let dir = std::env::temp_dir().join(format!("remotefork-husk-{h:016x}"));
-    let path = dir.join("rf-husk");
-    if fs::read(&path).map(|b| b == BINARY).unwrap_or(false) {
-        *installed = Some(path.clone());
-        return Ok(path);
+    let fd = sealed_memfd()?;
+    let _ = SEALED.set(fd);
+    let fd = SEALED.get().ok_or_else(|| HuskError::Install {
+        step: "keeping it",
+        source: io::Error::other("the process-wide husk descriptor is not set"),
+    })?;
+    Ok(fd.as_fd())
+}
+
+/// A new memfd holding [`BINARY`], sealed with [`SEALS`].
+fn sealed_memfd() -> Result<OwnedFd, HuskError> {
+    let err = |step| move |source| HuskError::Install { step, source };
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // SAFETY: the name is a NUL-terminated static string; memfd_create
+    // returns a new descriptor or -1.
+    let mut raw = unsafe { libc::memfd_create(MEMFD_NAME.as_ptr(), flags | libc::MFD_EXEC) };
+    if raw < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // Before Linux 6.3 there is no MFD_EXEC: every memfd is executable.
+        // SAFETY: as above.
+        raw = unsafe { libc::memfd_create(MEMFD_NAME.as_ptr(), flags) };
     }
-    let err = |source| HuskError::Install {
-        path: path.clone(),
-        source,
-    };
-    fs::create_dir_all(&dir).map_err(err)?;
-    // Unique per process (other processes may install at the same time);
-    // within this one the lock serialises.
-    let tmp = dir.join(format!("rf-husk.{}", std::process::id()));
-    fs::write(&tmp, BINARY).map_err(err)?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).map_err(err)?;
-    fs::rename(&tmp, &path).map_err(err)?;
-    *installed = Some(path.clone());
-    Ok(path)
+    if raw < 0 {
+        // EACCES here: vm.memfd_noexec = 2 forbids executable memfds.
+        return Err(err("memfd_create")(io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a descriptor memfd_create just returned, owned by
+    // nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut f = fs::File::from(fd);
+    f.write_all(BINARY).map_err(err("writing"))?;
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } < 0 {
+        return Err(err("sealing")(io::Error::last_os_error()));
+    }
+    Ok(OwnedFd::from(f))
 }
 
 /// One of a husk's standard streams.
@@ -123,8 +145,12 @@ pub fn raw_stdio(stdio: &[Io; 3]) -> io::Result<(Option<fs::File>, [libc::c_int;
 }
 
 /// What the husk's starter needs, shared with it (it runs in our memory).
+/// Everything is prepared before the clone: the starter allocates nothing.
 struct Start {
-    path: CString,
+    /// The sealed memfd holding the husk, exec'd with `AT_EMPTY_PATH`.
+    exe: libc::c_int,
+    /// The empty path `execveat` takes with `AT_EMPTY_PATH`.
+    empty: *const libc::c_char,
     argv: [*const libc::c_char; 2],
     envp: [*const libc::c_char; 1],
     fds: [libc::c_int; 3],
@@ -165,9 +191,9 @@ extern "C" fn start_husk(arg: *mut libc::c_void) -> libc::c_int {
         }
     }
     // SAFETY: sigaction/sigprocmask on this task only (no CLONE_SIGHAND:
-    // the handler table is the starter's own copy); personality,
-    // ptrace(TRACEME) and execve take no pointers but the NUL-terminated
-    // path and arrays in `s`, alive and unchanged.
+    // the handler table is the starter's own copy); setsid, personality,
+    // ptrace(TRACEME) and execveat take no pointers but the NUL-terminated
+    // empty path and the arrays in `s`, alive and unchanged.
     unsafe {
         // No handler of forkd's may run here: every disposition back to
         // the default, then signals unblocked (the exec stop is a SIGTRAP,
@@ -182,6 +208,12 @@ extern "C" fn start_husk(arg: *mut libc::c_void) -> libc::c_int {
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // A session and process group of its own, as is every restored
+        // child and template built in it: a child's kill(0, sig) or a
+        // signal to forkd's group from its terminal never crosses over.
+        if libc::setsid() < 0 {
+            return fail(s);
+        }
         // A fixed layout: every husk's stack and vDSO land in the same place.
         if libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong) == -1 {
             return fail(s);
@@ -189,13 +221,23 @@ extern "C" fn start_husk(arg: *mut libc::c_void) -> libc::c_int {
         if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
             return fail(s);
         }
-        libc::execve(s.path.as_ptr(), s.argv.as_ptr(), s.envp.as_ptr());
+        // From the sealed memfd, by descriptor: no path to substitute.
+        libc::syscall(
+            libc::SYS_execveat,
+            s.exe,
+            s.empty,
+            s.argv.as_ptr(),
+            s.envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
     }
     fail(s)
 }
 
 /// Start a husk with the given stdio, traced by the calling thread and
 /// stopped at its exec. It dies if the tracer does (`PTRACE_O_EXITKILL`).
+/// It is exec'd from the sealed memfd of [`install`], and leads a session
+/// and process group of its own.
 ///
 /// It is started the way `posix_spawn` starts a program, with
 /// `clone(CLONE_VM | CLONE_VFORK)`: no copy of forkd's page tables or
@@ -204,19 +246,17 @@ extern "C" fn start_husk(arg: *mut libc::c_void) -> libc::c_int {
 /// starter resets every handler to the default before it unblocks them, so
 /// no handler of ours ever runs on its stack.
 pub fn spawn(stdin: Io, stdout: Io, stderr: Io) -> Result<Tracee, HuskError> {
-    let path = install()?;
+    let exe = install()?;
     let stdio = [stdin, stdout, stderr];
     let (null, fds) = raw_stdio(&stdio).map_err(HuskError::Spawn)?;
-    let cpath = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| HuskError::Spawn(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     let mut start = Start {
-        argv: [cpath.as_ptr(), std::ptr::null()],
+        exe: exe.as_raw_fd(),
+        empty: c"".as_ptr(),
+        argv: [MEMFD_NAME.as_ptr(), std::ptr::null()],
         envp: [std::ptr::null()],
-        path: cpath.clone(),
         fds,
         err: AtomicI32::new(0),
     };
-    start.argv[0] = start.path.as_ptr();
     let mut stack = vec![0u8; 64 * 1024];
     // SAFETY: the stack top is inside `stack`, 16-byte aligned; `start`
     // and `stack` outlive the clone (CLONE_VFORK: this thread waits until
@@ -273,5 +313,50 @@ mod tests {
         assert_eq!(&BINARY[..4], b"\x7fELF");
         assert!(BINARY.len() < 16 * 1024);
         assert!(BASE.starts_with("0x"));
+    }
+
+    #[test]
+    fn the_husk_is_one_sealed_memfd_holding_the_binary() {
+        let fd = install().unwrap();
+        assert_eq!(install().unwrap().as_raw_fd(), fd.as_raw_fd());
+        // SAFETY: fcntl on a descriptor the static keeps open.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        assert!(seals >= 0, "{}", io::Error::last_os_error());
+        assert_eq!(seals & SEALS, SEALS, "seals {seals:#x}");
+        // SAFETY: as above.
+        let fdflags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+        assert_ne!(fdflags & libc::FD_CLOEXEC, 0);
+        let link = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert!(
+            link.to_string_lossy().starts_with("/memfd:rf-husk"),
+            "{link:?}"
+        );
+        // Its content is the binary, and writing to it is refused.
+        // (pread/pwrite: the descriptor's offset is shared with the static.)
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::from(fd.try_clone_to_owned().unwrap());
+        assert_eq!(f.metadata().unwrap().len(), BINARY.len() as u64);
+        let mut back = vec![0u8; BINARY.len()];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, BINARY);
+        let e = f.write_at(b"x", 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    }
+
+    #[test]
+    fn a_husk_leads_its_own_session_and_process_group() {
+        let t = spawn(Io::Null, Io::Null, Io::Null).unwrap();
+        let pid = t.pid();
+        // SAFETY: getsid/getpgid take a pid and return a pid or -1.
+        let (sid, pgid, ours) =
+            unsafe { (libc::getsid(pid), libc::getpgid(pid), libc::getpgid(0)) };
+        assert_eq!(sid, pid);
+        assert_eq!(pgid, pid);
+        assert_ne!(ours, pid);
+        let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert!(
+            exe.to_string_lossy().starts_with("/memfd:rf-husk"),
+            "{exe:?}"
+        );
     }
 }

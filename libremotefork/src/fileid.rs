@@ -62,7 +62,8 @@ pub fn identify(path: &str) -> Result<FileRef, FileIdError> {
 /// `FICLONE`: share the source's blocks (btrfs, XFS); a plain copy elsewhere.
 const FICLONE: libc::c_ulong = 0x4004_9409;
 
-/// Copy `src` to `dst` as a new, read-only (0444) file of its own: a
+/// Copy `src` to `dst` as a new file of its own, readable by its owner
+/// only (0400: it may be a seed's private library or data file): a
 /// reflink where the filesystem can, else an in-kernel copy. Written under
 /// a temporary name and renamed, so `dst` is never seen half-written.
 pub fn copy_readonly(src: &Path, dst: &Path) -> io::Result<()> {
@@ -71,14 +72,14 @@ pub fn copy_readonly(src: &Path, dst: &Path) -> io::Result<()> {
     let tmp = dst.with_extension(format!("tmp-{}", std::process::id()));
     let from = File::open(src)?;
     let result = (|| {
-        let to = File::create(&tmp)?;
+        let to = crate::private_fs::create(&tmp)?;
         // SAFETY: FICLONE takes the source descriptor as its argument; both
         // descriptors are open for the duration of the call.
         let r = unsafe { libc::ioctl(to.as_raw_fd(), FICLONE, from.as_raw_fd()) };
         if r != 0 {
             io::copy(&mut &from, &mut &to)?;
         }
-        to.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+        to.set_permissions(std::fs::Permissions::from_mode(0o400))?;
         std::fs::rename(&tmp, dst)
     })();
     if result.is_err() {
@@ -229,5 +230,20 @@ mod tests {
         assert!(!matches(&r).unwrap());
         std::fs::remove_file(&p).unwrap();
         assert!(!matches(&r).unwrap());
+    }
+
+    #[test]
+    fn kept_copies_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let src = std::env::temp_dir().join(format!("rf-copy-src-{}", std::process::id()));
+        let dst = std::env::temp_dir().join(format!("rf-copy-dst-{}", std::process::id()));
+        std::fs::write(&src, b"library bytes").unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy_readonly(&src, &dst).unwrap();
+        let mode = std::fs::metadata(&dst).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o400, "{mode:o}");
+        assert_eq!(std::fs::read(&dst).unwrap(), b"library bytes");
+        std::fs::remove_file(&src).unwrap();
+        std::fs::remove_file(&dst).unwrap();
     }
 }

@@ -10,6 +10,7 @@ pub mod coop;
 pub mod fileid;
 pub mod image;
 pub mod pager;
+pub mod private_fs;
 pub mod procfs;
 pub mod restore;
 pub mod vdso;

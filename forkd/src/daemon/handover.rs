@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -78,7 +79,7 @@ impl Handover {
         let out_dir = run_dir.join("out");
         let journals = run_dir.join("journal");
         for d in [&out_dir, &journals] {
-            std::fs::create_dir_all(d).map_err(|source| KeeperError::Io {
+            remotefork::private_fs::dir(d).map_err(|source| KeeperError::Io {
                 what: format!("creating {}", d.display()),
                 source,
             })?;
@@ -272,6 +273,7 @@ impl OutputFile {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(remotefork::private_fs::FILE_MODE)
             .open(path)
             .map_err(|e| warn!(file = %path.display(), error = %e, "cannot keep a child's output"))
             .ok();

@@ -519,14 +519,14 @@ impl Service {
             self.state
                 .remote_dir
                 .join(format!("{}-{}", sr.id, &auth::hash_token(origin)[..8]));
-        std::fs::create_dir_all(&dir)
+        remotefork::private_fs::dir(&dir)
             .map_err(|e| Status::internal(format!("creating {}: {e}", dir.display())))?;
-        std::fs::write(dir.join(remotefork::image::DESCRIPTOR_FILE), &b.descriptor)
+        remotefork::private_fs::write(&dir.join(remotefork::image::DESCRIPTOR_FILE), &b.descriptor)
             .map_err(|e| Status::internal(e.to_string()))?;
         if !b.working_set.is_empty() {
             // Recorded on the seed's node: this node's first child is fast too.
-            std::fs::write(
-                dir.join(remotefork::restore::WORKING_SET_FILE),
+            remotefork::private_fs::write(
+                &dir.join(remotefork::restore::WORKING_SET_FILE),
                 &b.working_set,
             )
             .map_err(|e| Status::internal(e.to_string()))?;

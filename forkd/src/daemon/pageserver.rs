@@ -6,10 +6,17 @@
 //! bounds-checked, and checked against the registry: nothing is served from
 //! a dropped seed. A half frame followed by silence times out; a bad frame
 //! closes the connection; neither disturbs other connections.
+//!
+//! What one peer can hold is bounded ([`Limits`]): connections open at once
+//! per peer address and in all (more are closed as soon as accepted), time
+//! to send the hello, and time a response may wait on a client that does
+//! not read it, after which the connection, its task and its buffers go.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use remotefork::pager::wire::{self, hello_status, read_status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,28 +25,189 @@ use tracing::{debug, info, warn};
 
 use super::registry::Registry;
 
-/// Time a client has to finish a frame it started.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time a connection may sit idle between requests.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Connections one peer address may have open at once, by default.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// Connections open at once in all, by default.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Time a client has to send its hello, and to finish any frame it
+/// started, by default.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection may sit idle between requests, by default.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Time a write may make no progress (the client stopped reading) before
+/// the connection is dropped, by default.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A refused peer is named in the log at most once in this time.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Peers whose refusal was logged in the last [`REFUSAL_LOG_EVERY`] that
+/// are remembered; beyond, refusals of further peers are only counted.
+const REFUSAL_LOG_PEERS: usize = 4096;
 
-/// Serve page requests on `listener` until the process ends.
+/// What the page server allows its clients.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections one peer address may have open at once.
+    pub per_peer: usize,
+    /// Connections open at once in all.
+    pub total: usize,
+    /// Time to send the hello after connecting, and to finish a frame.
+    pub frame_timeout: Duration,
+    /// Time a connection may sit idle between requests.
+    pub idle_timeout: Duration,
+    /// Time a write may make no progress before the connection is dropped.
+    pub write_stall: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_peer: MAX_CONNECTIONS_PER_PEER,
+            total: MAX_CONNECTIONS,
+            frame_timeout: FRAME_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            write_stall: WRITE_STALL_TIMEOUT,
+        }
+    }
+}
+
+/// The page server: its limits and the connections it has open.
+#[derive(Debug)]
+pub struct PageServer {
+    limits: Limits,
+    open: Mutex<Census>,
+}
+
+/// Connections open, by peer, and recent refusals logged.
+#[derive(Debug, Default)]
+struct Census {
+    total: usize,
+    by_peer: HashMap<IpAddr, usize>,
+    logged: HashMap<IpAddr, Instant>,
+    /// Refusals not logged since the last line that was.
+    unlogged: u64,
+}
+
+/// A connection counted in the census until dropped.
+struct Admitted {
+    server: Arc<PageServer>,
+    peer: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut c = self.server.census();
+        c.total -= 1;
+        if let Some(n) = c.by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Serve page requests on `listener` until the process ends, with the
+/// default [`Limits`].
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
-    loop {
-        let (sock, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "page server accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+    PageServer::new(Limits::default())
+        .serve(listener, registry)
+        .await
+}
+
+impl PageServer {
+    /// A page server with these limits.
+    pub fn new(limits: Limits) -> Arc<PageServer> {
+        Arc::new(PageServer {
+            limits,
+            open: Mutex::new(Census::default()),
+        })
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.census().total
+    }
+
+    fn census(&self) -> std::sync::MutexGuard<'_, Census> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Count a new connection from `peer`, or say why it is refused (and
+    /// whether to log it).
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, (String, bool)> {
+        let mut c = self.census();
+        let from_peer = c.by_peer.get(&peer).copied().unwrap_or(0);
+        let why = if from_peer >= self.limits.per_peer {
+            format!(
+                "{from_peer} page connections from this peer already (limit {})",
+                self.limits.per_peer
+            )
+        } else if c.total >= self.limits.total {
+            format!(
+                "{} page connections open already (limit {})",
+                c.total, self.limits.total
+            )
+        } else {
+            c.total += 1;
+            *c.by_peer.entry(peer).or_default() += 1;
+            return Ok(Admitted {
+                server: self.clone(),
+                peer,
+            });
         };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            if let Err(reason) = connection(sock, &registry).await {
-                info!(%peer, reason, "page channel closed");
-            }
-        });
+        let now = Instant::now();
+        if c.logged.len() >= REFUSAL_LOG_PEERS {
+            c.logged
+                .retain(|_, t| now.duration_since(*t) < REFUSAL_LOG_EVERY);
+        }
+        let log = match c.logged.get(&peer) {
+            Some(t) if now.duration_since(*t) < REFUSAL_LOG_EVERY => false,
+            _ => c.logged.len() < REFUSAL_LOG_PEERS,
+        };
+        if log {
+            c.logged.insert(peer, now);
+        } else {
+            c.unlogged += 1;
+        }
+        Err((why, log))
+    }
+
+    /// Serve page requests on `listener` until the process ends.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, registry: Arc<Registry>) {
+        loop {
+            let (sock, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "page server accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let admitted = match self.admit(peer.ip().to_canonical()) {
+                Ok(a) => a,
+                Err((why, log)) => {
+                    if log {
+                        let unlogged = std::mem::take(&mut self.census().unlogged);
+                        warn!(
+                            %peer,
+                            why,
+                            other_refusals_not_logged = unlogged,
+                            "page connection refused and closed (this peer is named at most once a minute)"
+                        );
+                    }
+                    drop(sock);
+                    continue;
+                }
+            };
+            let registry = registry.clone();
+            let limits = self.limits.clone();
+            tokio::spawn(async move {
+                if let Err(reason) = connection(sock, &registry, &limits).await {
+                    info!(%peer, reason, "page channel closed");
+                }
+                drop(admitted);
+            });
+        }
     }
 }
 
@@ -51,27 +219,45 @@ async fn read_frame(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> Res
     }
 }
 
-async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), String> {
+/// Write all of `buf`, dropping the client if a write makes no progress
+/// for `stall` (it stopped reading).
+async fn write_within(s: &mut TcpStream, mut buf: &[u8], stall: Duration) -> Result<(), String> {
+    while !buf.is_empty() {
+        match tokio::time::timeout(stall, s.write(buf)).await {
+            Ok(Ok(0)) => return Err("the connection closed while writing".into()),
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(format!("writing: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "the client read nothing for {stall:?} with {} bytes still to send",
+                    buf.len()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn connection(mut s: TcpStream, registry: &Registry, limits: &Limits) -> Result<(), String> {
     let _ = s.set_nodelay(true);
+    let stall = limits.write_stall;
     let mut hello = [0u8; wire::HELLO_LEN];
-    read_frame(&mut s, &mut hello, FRAME_TIMEOUT).await?;
+    read_frame(&mut s, &mut hello, limits.frame_timeout).await?;
     let (id, key) = match wire::parse_hello(&hello) {
         Ok(x) => x,
         Err(why) => {
-            let _ = s
-                .write_all(&wire::hello_answer(hello_status::BAD_HELLO, 0, why))
-                .await;
+            let answer = wire::hello_answer(hello_status::BAD_HELLO, 0, why);
+            let _ = write_within(&mut s, &answer, stall).await;
             return Err(why.to_string());
         }
     };
     let Some(seed) = registry.get(&id) else {
-        let _ = s
-            .write_all(&wire::hello_answer(
-                hello_status::UNKNOWN_SEED,
-                0,
-                &format!("no seed {id} on this node"),
-            ))
-            .await;
+        let answer = wire::hello_answer(
+            hello_status::UNKNOWN_SEED,
+            0,
+            &format!("no seed {id} on this node"),
+        );
+        let _ = write_within(&mut s, &answer, stall).await;
         return Err(format!("unknown seed {id}"));
     };
     let want = wire::key_bytes(&seed.meta.key).unwrap_or([0; 16]);
@@ -82,13 +268,12 @@ async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), String>
         .fold(0u8, |acc, (a, b)| acc | (a ^ b))
         != 0
     {
-        let _ = s
-            .write_all(&wire::hello_answer(
-                hello_status::WRONG_KEY,
-                0,
-                &format!("wrong key for seed {id}"),
-            ))
-            .await;
+        let answer = wire::hello_answer(
+            hello_status::WRONG_KEY,
+            0,
+            &format!("wrong key for seed {id}"),
+        );
+        let _ = write_within(&mut s, &answer, stall).await;
         return Err(format!("wrong key for seed {id}"));
     }
     let file = std::sync::Arc::new(
@@ -97,14 +282,17 @@ async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), String>
     );
     let size = seed.image_bytes;
     drop(seed);
-    s.write_all(&wire::hello_answer(hello_status::OK, size, ""))
-        .await
-        .map_err(|e| e.to_string())?;
+    write_within(
+        &mut s,
+        &wire::hello_answer(hello_status::OK, size, ""),
+        stall,
+    )
+    .await?;
     debug!(seed = %id, "page channel open");
 
     let mut head = [0u8; 8];
     loop {
-        match tokio::time::timeout(IDLE_TIMEOUT, s.read_exact(&mut head)).await {
+        match tokio::time::timeout(limits.idle_timeout, s.read_exact(&mut head)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(Err(e)) => return Err(format!("reading: {e}")),
@@ -117,11 +305,11 @@ async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), String>
                 "{n} ranges in one request (1 to {} allowed)",
                 wire::MAX_RANGES
             );
-            reply_error(&mut s, req_id, read_status::TOO_LARGE, &msg).await;
+            reply_error(&mut s, req_id, read_status::TOO_LARGE, &msg, stall).await;
             return Err(msg);
         }
         let mut body = vec![0u8; n as usize * 12];
-        read_frame(&mut s, &mut body, FRAME_TIMEOUT).await?;
+        read_frame(&mut s, &mut body, limits.frame_timeout).await?;
         let ranges: Vec<(u64, u32)> = body
             .chunks_exact(12)
             .map(|c| {
@@ -137,6 +325,7 @@ async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), String>
                 req_id,
                 read_status::SEED_GONE,
                 &format!("seed {id} was dropped"),
+                stall,
             )
             .await;
             return Err(format!("seed {id} dropped"));
@@ -145,7 +334,7 @@ async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), String>
         if st != read_status::OK {
             let msg =
                 format!("request {req_id}: ranges outside the {size}-byte page store or too large");
-            reply_error(&mut s, req_id, st, &msg).await;
+            reply_error(&mut s, req_id, st, &msg, stall).await;
             // The request was well formed: the channel stays usable.
             continue;
         }
@@ -171,25 +360,261 @@ async fn connection(mut s: TcpStream, registry: &Registry) -> Result<(), String>
                     req_id,
                     read_status::READ_ERROR,
                     &format!("reading seed {id}: {e}"),
+                    stall,
                 )
                 .await;
                 continue;
             }
         };
-        s.write_all(&wire::response_header(
-            req_id,
-            read_status::OK,
-            total as u32,
-        ))
-        .await
-        .map_err(|e| e.to_string())?;
-        s.write_all(&data).await.map_err(|e| e.to_string())?;
+        let header = wire::response_header(req_id, read_status::OK, total as u32);
+        write_within(&mut s, &header, stall).await?;
+        write_within(&mut s, &data, stall).await?;
     }
 }
 
-async fn reply_error(s: &mut TcpStream, req_id: u32, status: u8, msg: &str) {
-    let _ = s
-        .write_all(&wire::response_header(req_id, status, msg.len() as u32))
+async fn reply_error(s: &mut TcpStream, req_id: u32, status: u8, msg: &str, stall: Duration) {
+    let header = wire::response_header(req_id, status, msg.len() as u32);
+    if write_within(s, &header, stall).await.is_ok() {
+        let _ = write_within(s, msg.as_bytes(), stall).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use remotefork::image::{
+        CaptureStats, Credentials, Descriptor, PageRun, PageState, Registers, SigAltStack,
+        SourceInfo, Vma, VmaKind, FORMAT_VERSION,
+    };
+    use remotefork::procfs::MmFields;
+
+    use super::super::registry::SeedMeta;
+    use super::*;
+
+    const SEED: &str = "00112233aabbccdd";
+    const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+    fn state_dir(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("forkd-pageserver-{name}-{}", std::process::id()))
+    }
+
+    /// A registry in a fresh state directory holding one seed of two pages.
+    fn registry(name: &str) -> (Arc<Registry>, Vec<u8>) {
+        let state = state_dir(name);
+        let _ = std::fs::remove_dir_all(&state);
+        let reg = Registry::open(&state).unwrap();
+        let pages: Vec<u8> = (0..2 * 4096).map(|i| (i % 251) as u8).collect();
+        let mut d = Descriptor {
+            format_version: FORMAT_VERSION,
+            source: SourceInfo {
+                pid: 1,
+                hostname: "test".into(),
+                kernel: "test".into(),
+                created_unix_ms: 0,
+            },
+            threads: 1,
+            registers: Registers::default(),
+            xstate: Vec::new(),
+            sigmask: 0,
+            sigactions: Vec::new(),
+            sigaltstack: SigAltStack::default(),
+            rseq: None,
+            robust_list: (0, 0),
+            clear_child_tid: 0,
+            mm: MmFields::default(),
+            auxv: Vec::new(),
+            exe: "/bin/true".into(),
+            personality: 0,
+            comm: "true".into(),
+            rlimits: Vec::new(),
+            umask: 0o22,
+            cwd: "/".into(),
+            creds: Credentials::default(),
+            fds: Vec::new(),
+            files: Vec::new(),
+            vmas: vec![Vma {
+                start: 0x10000,
+                end: 0x12000,
+                prot: 3,
+                shared: false,
+                kind: VmaKind::Anon,
+                path: String::new(),
+                file: None,
+                file_offset: 0,
+                runs: vec![PageRun {
+                    first: 0,
+                    count: 2,
+                    state: PageState::Stored { offset: 0 },
+                }],
+            }],
+            vdso_hash: String::new(),
+            pages_stored: 2,
+            image_bytes: pages.len() as u64,
+            stats: CaptureStats::default(),
+            digests: None,
+        };
+        remotefork::image::write(&reg.tmp_dir(SEED), &mut d, &pages, false).unwrap();
+        reg.commit(SeedMeta {
+            id: SEED.into(),
+            key: KEY.into(),
+            name: "pages".into(),
+            created_unix_ms: 0,
+            source_pid: 1,
+            pause_us: 0,
+            capture_us: 0,
+            cooperative: false,
+        })
+        .unwrap();
+        (Arc::new(reg), pages)
+    }
+
+    async fn start(name: &str, limits: Limits) -> (Arc<PageServer>, SocketAddr, Vec<u8>) {
+        let (reg, pages) = registry(name);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = PageServer::new(limits);
+        tokio::spawn(server.clone().serve(listener, reg));
+        (server, addr, pages)
+    }
+
+    /// Connect from `from` (a loopback address) and say hello; the answer's
+    /// status, or `None` if the server closed the connection instead.
+    async fn hello(addr: SocketAddr, from: &str) -> (TcpStream, Option<u8>) {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        let key = wire::key_bytes(KEY).unwrap();
+        // The server may have closed it already: a failed write is an answer too.
+        if s.write_all(&wire::hello(SEED, &key).unwrap())
+            .await
+            .is_err()
+        {
+            return (s, None);
+        }
+        let mut h = [0u8; 16];
+        let status = match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut h))
+            .await
+            .expect("the server neither answered nor closed the connection")
+        {
+            Ok(_) => Some(h[0]),
+            Err(_) => None,
+        };
+        (s, status)
+    }
+
+    /// Read pages `[offset, offset + len)` on an open channel.
+    async fn read_pages(s: &mut TcpStream, req_id: u32, offset: u64, len: u32) -> Vec<u8> {
+        s.write_all(&wire::request(req_id, &[(offset, len)]))
+            .await
+            .unwrap();
+        let mut h = [0u8; 12];
+        s.read_exact(&mut h).await.unwrap();
+        assert_eq!(h[..4], req_id.to_le_bytes());
+        assert_eq!(h[4], read_status::OK);
+        let mut data = vec![0u8; u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize];
+        s.read_exact(&mut data).await.unwrap();
+        data
+    }
+
+    /// Wait (up to 10 s) for `f` to hold.
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not within 10 s: {what}");
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_caps_are_closed_and_others_still_served() {
+        let limits = Limits {
+            per_peer: 2,
+            total: 3,
+            ..Limits::default()
+        };
+        let (server, addr, pages) = start("caps", limits).await;
+        let (mut a, st) = hello(addr, "127.0.0.1").await;
+        assert_eq!(st, Some(hello_status::OK));
+        let (b, st) = hello(addr, "127.0.0.1").await;
+        assert_eq!(st, Some(hello_status::OK));
+        // A third from the same peer: closed, twice.
+        for _ in 0..2 {
+            let (_, st) = hello(addr, "127.0.0.1").await;
+            assert_eq!(st, None);
+        }
+        // Another peer has its own count, but not past the total.
+        let (_c, st) = hello(addr, "127.0.0.2").await;
+        assert_eq!(st, Some(hello_status::OK));
+        let (_, st) = hello(addr, "127.0.0.2").await;
+        assert_eq!(st, None);
+        assert_eq!(server.open_connections(), 3);
+        // The first connection is served all along.
+        assert_eq!(read_pages(&mut a, 1, 4096, 4096).await, pages[4096..]);
+        assert_eq!(read_pages(&mut a, 2, 0, 8192).await, pages);
+        // A connection that ends gives its place back.
+        drop(b);
+        eventually("the closed connection is counted out", || {
+            server.open_connections() == 2
+        })
         .await;
-    let _ = s.write_all(msg.as_bytes()).await;
+        let (mut d, st) = hello(addr, "127.0.0.1").await;
+        assert_eq!(st, Some(hello_status::OK));
+        assert_eq!(read_pages(&mut d, 1, 0, 4096).await, pages[..4096]);
+        std::fs::remove_dir_all(state_dir("caps")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_dropped() {
+        let limits = Limits {
+            write_stall: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let (server, addr, _) = start("stall", limits).await;
+        let (mut s, st) = hello(addr, "127.0.0.1").await;
+        assert_eq!(st, Some(hello_status::OK));
+        // 4 x 8 MiB asked for, far more than the sockets' buffers hold,
+        // and nothing read.
+        let ranges = vec![(0u64, 8192u32); wire::MAX_RANGES as usize];
+        for id in 0..4 {
+            s.write_all(&wire::request(id, &ranges)).await.unwrap();
+        }
+        eventually("the stalled connection is dropped", || {
+            server.open_connections() == 0
+        })
+        .await;
+        // What was already in flight arrives, then the end: not all of it.
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n as u64,
+            }
+        }
+        assert!(got < 4 * (8 << 20), "{got} bytes");
+        std::fs::remove_dir_all(state_dir("stall")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_hello_is_dropped() {
+        let limits = Limits {
+            frame_timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let (server, addr, _) = start("silent", limits).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("the silent connection was not closed");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        eventually("the silent connection is counted out", || {
+            server.open_connections() == 0
+        })
+        .await;
+        std::fs::remove_dir_all(state_dir("silent")).unwrap();
+    }
 }

@@ -5,12 +5,17 @@
 //! name, origin). A seed is captured into `STATE/tmp/ID/`, fsynced, and
 //! renamed into `seeds/` only when complete: a crash mid-capture leaves
 //! only a `tmp/` directory, which the next start removes.
+//!
+//! Seeds hold processes' memory: the state directory and every directory
+//! made in it are 0700, tightened at start if found wider, and every file
+//! written 0600 ([`remotefork::private_fs`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use remotefork::image::SeedImage;
+use remotefork::private_fs;
 use remotefork::restore::Restorer;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -114,7 +119,7 @@ impl Seed {
         if g.is_none() {
             let why = self.restorer_if_started().and_then(|r| r.damaged())?;
             let f = self.dir.join(DAMAGED_FILE);
-            if let Err(e) = std::fs::write(&f, &why) {
+            if let Err(e) = private_fs::write(&f, why.as_bytes()) {
                 warn!(file = %f.display(), error = %e, "cannot note that the seed is damaged");
             }
             *g = Some(why);
@@ -162,20 +167,32 @@ pub struct Registry {
 
 impl Registry {
     /// Open the state directory, dropping half-written seeds and loading
-    /// every complete one.
+    /// every complete one. The directory and those it holds are made 0700
+    /// (a warning names each one that was wider).
     pub fn open(state: &Path) -> Result<Registry, RegistryError> {
         let seeds_dir = state.join("seeds");
         let tmp = state.join("tmp");
-        std::fs::create_dir_all(&seeds_dir)
-            .map_err(io(format!("creating {}", seeds_dir.display())))?;
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(format!("clearing {}", tmp.display())))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
         let reg = Registry {
             state: state.to_path_buf(),
             seeds: Mutex::new(HashMap::new()),
         };
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(format!("clearing {}", tmp.display())))?;
+        }
+        for d in [state, &seeds_dir, &tmp, &reg.file_store()] {
+            private_fs::dir(d).map_err(io(format!("creating {} (0700)", d.display())))?;
+        }
+        // Seeds written by an earlier forkd, before their modes were kept.
+        for e in std::fs::read_dir(&seeds_dir)
+            .map_err(io(format!("reading {}", seeds_dir.display())))?
+            .flatten()
+        {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Err(err) = private_fs::dir(&e.path()) {
+                    warn!(dir = %e.path().display(), error = %err, "cannot make a seed's directory 0700");
+                }
+            }
+        }
         for e in std::fs::read_dir(&seeds_dir)
             .map_err(io(format!("reading {}", seeds_dir.display())))?
             .flatten()
@@ -225,9 +242,7 @@ impl Registry {
             what: "encoding meta.json".into(),
             source: e.into(),
         })?;
-        std::fs::write(&m, bytes).map_err(io(format!("writing {}", m.display())))?;
-        std::fs::set_permissions(&m, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(io("chmod meta.json"))?;
+        private_fs::write(&m, &bytes).map_err(io(format!("writing {}", m.display())))?;
         std::fs::File::open(&m)
             .and_then(|f| f.sync_all())
             .map_err(io("fsync meta.json"))?;
@@ -306,5 +321,40 @@ impl Registry {
     /// No seeds?
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_state_directory_open_to_others_is_tightened() {
+        let state = std::env::temp_dir().join(format!("forkd-state-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        let old_seed = state.join("seeds").join("old");
+        std::fs::create_dir_all(&old_seed).unwrap();
+        for d in [&state, &state.join("seeds"), &old_seed] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let reg = Registry::open(&state).unwrap();
+        for d in [
+            state.clone(),
+            state.join("seeds"),
+            state.join("tmp"),
+            reg.file_store(),
+            old_seed,
+        ] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        // The seed that does not load is skipped, not an error.
+        assert!(reg.is_empty());
+        std::fs::remove_dir_all(&state).unwrap();
     }
 }

@@ -278,9 +278,15 @@ pub fn orphan_husks() -> Vec<i32> {
             .lines()
             .find_map(|l| l.strip_prefix("PPid:"))
             .map(|s| s.trim().to_string());
-        if comm.trim() == "rf-husk"
-            && (ppid.as_deref() == Some("1") || ppid.as_deref() == Some("0"))
-        {
+        // A husk is exec'd from a memfd named rf-husk: its comm is
+        // "memfd:rf-husk" (Linux 6.14+) or the descriptor's number before.
+        let comm = comm.trim();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        let husk = comm == "rf-husk"
+            || comm == "memfd:rf-husk"
+            || (comm.bytes().all(|b| b.is_ascii_digit())
+                && exe.to_string_lossy().starts_with("/memfd:rf-husk"));
+        if husk && (ppid.as_deref() == Some("1") || ppid.as_deref() == Some("0")) {
             out.push(pid);
         }
     }

@@ -26,6 +26,7 @@ pub struct PageDigests {
     /// Bytes per chunk, a multiple of the page size.
     pub chunk_bytes: u32,
     /// XXH3-64 of each chunk, in store order.
+    #[serde(deserialize_with = "super::limits::digests")]
     pub xxh3: Vec<u64>,
 }
 
@@ -71,10 +72,12 @@ pub struct Descriptor {
     /// General-purpose registers, as `PTRACE_GETREGS` reported them.
     pub registers: Registers,
     /// The full XSAVE area (`PTRACE_GETREGSET NT_X86_XSTATE`).
+    #[serde(deserialize_with = "super::limits::xstate")]
     pub xstate: Vec<u8>,
     /// Blocked signals.
     pub sigmask: u64,
     /// Disposition of every signal 1..=64.
+    #[serde(deserialize_with = "super::limits::sigactions")]
     pub sigactions: Vec<SigAction>,
     /// The alternate signal stack.
     pub sigaltstack: SigAltStack,
@@ -87,6 +90,7 @@ pub struct Descriptor {
     /// mm fields for `PR_SET_MM_MAP`.
     pub mm: MmFields,
     /// The auxiliary vector as (type, value) words.
+    #[serde(deserialize_with = "super::limits::auxv")]
     pub auxv: Vec<u64>,
     /// Path of the executable (`/proc/PID/exe`).
     pub exe: String,
@@ -95,6 +99,7 @@ pub struct Descriptor {
     /// Thread name.
     pub comm: String,
     /// Resource limits, indexed by `RLIMIT_*`: (soft, hard).
+    #[serde(deserialize_with = "super::limits::rlimits")]
     pub rlimits: Vec<(u64, u64)>,
     /// File-creation mask.
     pub umask: u32,
@@ -103,10 +108,13 @@ pub struct Descriptor {
     /// Credentials.
     pub creds: Credentials,
     /// Open file descriptors.
+    #[serde(deserialize_with = "super::limits::fds")]
     pub fds: Vec<FdEntry>,
     /// Files that file-backed mappings refer to, with their identity.
+    #[serde(deserialize_with = "super::limits::files")]
     pub files: Vec<FileRef>,
     /// Every mapping, in address order, with the source of each page.
+    #[serde(deserialize_with = "super::limits::vmas")]
     pub vmas: Vec<Vma>,
     /// SHA-256 of the parent's `[vdso]` (hex).
     pub vdso_hash: String,
@@ -362,6 +370,7 @@ pub struct Credentials {
     /// Real, effective, saved, filesystem gid.
     pub gid: [u32; 4],
     /// Supplementary groups.
+    #[serde(deserialize_with = "super::limits::groups")]
     pub groups: Vec<u32>,
 }
 
@@ -455,6 +464,7 @@ pub struct Vma {
     pub file_offset: u64,
     /// Where every page comes from, as runs covering `[start, end)` in order.
     /// Empty for kernel-provided mappings.
+    #[serde(deserialize_with = "super::limits::runs")]
     pub runs: Vec<PageRun>,
 }
 

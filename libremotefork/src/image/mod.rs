@@ -19,10 +19,12 @@
 //!
 //! Decoding is bounded: the body length is checked against the file and a
 //! hard limit before anything is allocated, the checksum before the body is
-//! parsed, and every offset and range after.
+//! parsed, every count against what a process can have while it is parsed
+//! ([`limits`]), and every address, offset and range after.
 
 mod descriptor;
 pub mod inspect;
+pub mod limits;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -33,7 +35,7 @@ use sha2::{Digest, Sha256};
 
 pub use descriptor::*;
 
-use crate::PAGE_SIZE;
+use crate::{private_fs, PAGE_SIZE};
 
 /// Magic at the start of `descriptor.bin`.
 pub const MAGIC: [u8; 8] = *b"RFSEED\0\0";
@@ -98,6 +100,26 @@ pub enum ImageError {
     /// The body does not decode.
     #[error("descriptor body does not decode: {0}")]
     Decode(#[from] postcard::Error),
+    /// The body does not decode, within one of its sequences.
+    #[error("descriptor body does not decode in {field}: {source}")]
+    DecodeIn {
+        /// The sequence (`vmas`, `vmas[].runs`, `fds`...).
+        field: &'static str,
+        /// postcard's error.
+        source: postcard::Error,
+    },
+    /// A field holds more entries than any process can have (see
+    /// [`limits`]); refused before they are allocated.
+    #[error("descriptor field {field}: {count} entries exceed the limit of {limit}")]
+    TooMany {
+        /// The field (`vmas`, `vmas[].runs` for all runs together, ...).
+        field: &'static str,
+        /// Entries it holds (when refused while decoding, the first count
+        /// found over the limit).
+        count: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The descriptor decodes but is inconsistent.
     #[error("descriptor is inconsistent: {0}")]
     Invalid(String),
@@ -175,19 +197,26 @@ pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageE
     if Sha256::digest(body).as_slice() != &bytes[24..56] {
         return Err(ImageError::Checksum);
     }
+    let scope = limits::Scope::enter();
     let desc: Descriptor = if version == FORMAT_V1 {
-        postcard::from_bytes(body)?
-    } else if version == FORMAT_V2 {
-        let (mut d, rest): (Descriptor, _) = postcard::take_from_bytes(body)?;
-        d.digests = Some(postcard::from_bytes(rest)?);
-        d
+        postcard::from_bytes(body).map_err(|e| scope.error(e))?
     } else {
-        let (mut d, rest): (Descriptor, _) = postcard::take_from_bytes(body)?;
-        let (g, rest) = postcard::take_from_bytes(rest)?;
-        d.digests = Some(g);
-        d.privileges = Some(postcard::from_bytes(rest)?);
+        let (mut d, rest): (Descriptor, _) =
+            postcard::take_from_bytes(body).map_err(|e| scope.error(e))?;
+        // The page store is checked before its digests are read, and no
+        // more of them are read than it has pages.
+        store_matches(&d, image_len)?;
+        scope.limit_digests(d.pages_stored);
+        if version == FORMAT_V2 {
+            d.digests = Some(postcard::from_bytes(rest).map_err(|e| scope.error(e))?);
+        } else {
+            let (g, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
+            d.digests = Some(g);
+            d.privileges = Some(postcard::from_bytes(rest).map_err(|e| scope.error(e))?);
+        }
         d
     };
+    drop(scope);
     if desc.format_version != version {
         return Err(ImageError::Invalid(format!(
             "the header says format {version}, the body {}",
@@ -217,10 +246,32 @@ fn le8(b: &[u8]) -> [u8; 8] {
     a
 }
 
+/// The page store's size, when known, and the descriptor's agree.
+fn store_matches(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError> {
+    match image_len {
+        Some(len) if len != d.image_bytes => Err(ImageError::Invalid(format!(
+            "page store is {len} bytes, descriptor says {}",
+            d.image_bytes
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Check a descriptor's internal consistency (and, when given, against the
 /// page store's size). Everything restore relies on is checked here.
 pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError> {
     let bad = |s: String| Err(ImageError::Invalid(s));
+    // Also refused while decoding; checked again for descriptors built here.
+    limits::check_count("xstate", d.xstate.len(), limits::MAX_XSTATE_BYTES)?;
+    limits::check_count("sigactions", d.sigactions.len(), limits::MAX_SIGACTIONS)?;
+    limits::check_count("auxv", d.auxv.len(), limits::MAX_AUXV_WORDS)?;
+    limits::check_count("rlimits", d.rlimits.len(), limits::MAX_RLIMITS)?;
+    limits::check_count("creds.groups", d.creds.groups.len(), limits::MAX_GROUPS)?;
+    limits::check_count("fds", d.fds.len(), limits::MAX_FDS)?;
+    limits::check_count("files", d.files.len(), limits::MAX_FILES)?;
+    limits::check_count("vmas", d.vmas.len(), limits::MAX_VMAS)?;
+    let runs: usize = d.vmas.iter().map(|v| v.runs.len()).sum();
+    limits::check_count("vmas[].runs", runs, limits::MAX_RUNS)?;
     if d.format_version != FORMAT_VERSION
         && d.format_version != FORMAT_V2
         && d.format_version != FORMAT_V1
@@ -229,8 +280,37 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
             found: d.format_version,
         });
     }
+    if d.threads != 1 {
+        return bad(format!(
+            "{} threads; only single-threaded seeds exist",
+            d.threads
+        ));
+    }
+    if d.image_bytes != d.pages_stored.saturating_mul(PAGE_SIZE) {
+        return bad(format!(
+            "image_bytes {} is not pages_stored {} x 4096",
+            d.image_bytes, d.pages_stored
+        ));
+    }
+    // No process has more memory than its address space.
+    if d.image_bytes > limits::USER_END {
+        return bad(format!(
+            "image_bytes {} is more than a {:#x}-byte address space",
+            d.image_bytes,
+            limits::USER_END
+        ));
+    }
+    store_matches(d, image_len)?;
     match (&d.privileges, d.format_version) {
         (Some(p), FORMAT_VERSION) => {
+            // The kernel's own limits: BPF_MAXINSNS per filter,
+            // MAX_INSNS_PER_PATH (32768) over a process's filters.
+            let total: usize = p.seccomp_filters.iter().map(|f| f.insns.len() + 4).sum();
+            if total > 32768 {
+                return bad(format!(
+                    "seccomp filters of {total} instructions in all (the kernel allows 32768)"
+                ));
+            }
             if p.seccomp_filters
                 .iter()
                 .any(|f| f.insns.is_empty() || f.insns.len() > 4096)
@@ -262,29 +342,6 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
         (Some(_), _) => return bad("page digests in a format 1 descriptor".into()),
         (None, _) => return bad("no page digests".into()),
     }
-    if d.threads != 1 {
-        return bad(format!(
-            "{} threads; only single-threaded seeds exist",
-            d.threads
-        ));
-    }
-    if d.image_bytes != d.pages_stored.saturating_mul(PAGE_SIZE) {
-        return bad(format!(
-            "image_bytes {} is not pages_stored {} x 4096",
-            d.image_bytes, d.pages_stored
-        ));
-    }
-    if let Some(len) = image_len {
-        if len != d.image_bytes {
-            return bad(format!(
-                "page store is {len} bytes, descriptor says {}",
-                d.image_bytes
-            ));
-        }
-    }
-    if d.sigactions.len() > 64 || d.rlimits.len() > 64 || d.auxv.len() > 4096 {
-        return bad("too many sigactions, rlimits or auxv words".into());
-    }
     let mut prev_end = 0u64;
     let mut stored = 0u64;
     for (i, v) in d.vmas.iter().enumerate() {
@@ -292,12 +349,29 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
         if v.start % PAGE_SIZE != 0 || v.end % PAGE_SIZE != 0 || v.start >= v.end {
             return bad(format!("{}: not a page-aligned, non-empty range", name()));
         }
+        if v.end > limits::USER_END {
+            return bad(format!(
+                "{}: beyond user space (which ends at {:#x})",
+                name(),
+                limits::USER_END
+            ));
+        }
         if v.start < prev_end {
             return bad(format!("{}: overlaps or is out of order", name()));
         }
         prev_end = v.end;
         match (v.kind.is_file_backed(), v.file) {
-            (true, Some(f)) if (f as usize) < d.files.len() => {}
+            (true, Some(f)) if (f as usize) < d.files.len() => {
+                // mmap's offset: page aligned, and the mapping's end within off_t.
+                let end = v.file_offset.checked_add(v.end - v.start);
+                if v.file_offset % PAGE_SIZE != 0 || end.is_none_or(|e| e > i64::MAX as u64) {
+                    return bad(format!(
+                        "{}: file offset {:#x} is unaligned or runs past the largest file",
+                        name(),
+                        v.file_offset
+                    ));
+                }
+            }
             (true, _) => {
                 return bad(format!(
                     "{}: file-backed without a valid file index",
@@ -462,10 +536,11 @@ pub struct ImageWriter {
 }
 
 impl ImageWriter {
-    /// Start an image in `dir` (created if missing). Any image already there
-    /// stops being valid at once: its descriptor is removed first.
+    /// Start an image in `dir` (created if missing, 0700 in any case). Any
+    /// image already there stops being valid at once: its descriptor is
+    /// removed first. Every file written is 0600 ([`crate::private_fs`]).
     pub fn create(dir: &Path) -> Result<ImageWriter, ImageError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        private_fs::dir(dir).map_err(io_err(dir))?;
         let dpath = dir.join(DESCRIPTOR_FILE);
         match fs::remove_file(&dpath) {
             Ok(()) => {}
@@ -473,7 +548,7 @@ impl ImageWriter {
             Err(e) => return Err(io_err(&dpath)(e)),
         }
         let ppath = dir.join(PAGES_FILE);
-        let pages = File::create(&ppath).map_err(io_err(&ppath))?;
+        let pages = private_fs::create(&ppath).map_err(io_err(&ppath))?;
         Ok(ImageWriter {
             dir: dir.to_path_buf(),
             pages,
@@ -536,7 +611,7 @@ impl ImageWriter {
             self.pages.sync_all().map_err(io_err(&ppath))?;
         }
         let bytes = encode(desc)?;
-        let mut df = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut df = private_fs::create(&tmp).map_err(io_err(&tmp))?;
         df.write_all(&bytes).map_err(io_err(&tmp))?;
         if durable {
             df.sync_all().map_err(io_err(&tmp))?;

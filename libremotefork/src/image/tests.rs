@@ -319,6 +319,30 @@ fn writes_and_opens_an_image_dir() {
 }
 
 #[test]
+fn an_image_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let dir = std::env::temp_dir().join(format!("rf-image-mode-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    // Left by an earlier writer with modes open to everyone.
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(dir.join(PAGES_FILE), b"old").unwrap();
+    fs::set_permissions(dir.join(PAGES_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+    write(&dir, &mut sample(), &sample_pages(), false).unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    let mut names = Vec::new();
+    for e in fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
+        names.push(e.file_name().into_string().unwrap());
+    }
+    names.sort();
+    assert_eq!(names, [DESCRIPTOR_FILE, PAGES_FILE]);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn restart_registers_like_the_kernel() {
     let r = Registers {
         rax: (-512i64) as u64,
@@ -427,4 +451,291 @@ fn format_2_descriptors_decode_without_privileges_and_format_3_needs_them() {
     d.privileges.as_mut().unwrap().seccomp_filters[0].insns = vec![0; 5000];
     let e = decode(&encode(&d).unwrap(), None).unwrap_err();
     assert!(e.to_string().contains("seccomp filter"), "{e}");
+}
+
+/// Counts the bytes each thread asks the allocator for, to show what a
+/// decode costs.
+struct CountingAlloc;
+
+thread_local! {
+    static ASKED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn note(bytes: usize) {
+    // A const-initialised thread-local of a plain integer: no allocation,
+    // no destructor, safe to touch from inside the allocator.
+    let _ = ASKED.try_with(|a| a.set(a.get().saturating_add(bytes)));
+}
+
+// SAFETY: every call is passed unchanged to the system allocator; counting
+// only adds to a thread-local integer.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        note(l.size());
+        // SAFETY: the caller's obligations are the system allocator's.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+
+    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        note(l.size());
+        // SAFETY: as above.
+        unsafe { std::alloc::System.alloc_zeroed(l) }
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        // SAFETY: `p` came from the system allocator with layout `l`.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        note(new);
+        // SAFETY: as for dealloc; `new` is the caller's valid size.
+        unsafe { std::alloc::System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// `f`'s result and the bytes this thread asked the allocator for during it.
+fn allocated_by<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let before = ASKED.with(|a| a.get());
+    let r = f();
+    (r, ASKED.with(|a| a.get()) - before)
+}
+
+fn varint(mut n: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// A descriptor file around `body`, with a correct checksum.
+fn sealed(version: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(body));
+    out.extend_from_slice(body);
+    out
+}
+
+/// The body of `desc` with the empty sequence that comes just before the
+/// encoded fields `tail` replaced by the bytes `seq` (its length and
+/// entries, as forged as wanted).
+fn forged_body(desc: &Descriptor, tail: &[u8], seq: &[u8]) -> Vec<u8> {
+    let body = postcard::to_allocvec(desc).unwrap();
+    let at = body.len() - tail.len() - 1;
+    assert_eq!(&body[at + 1..], tail);
+    assert_eq!(body[at], 0, "the sequence to replace is empty");
+    [&body[..at], seq, &body[at + 1..]].concat()
+}
+
+/// A format 1 sample (no digests: the body is the descriptor alone).
+fn sample_v1() -> Descriptor {
+    let mut d = sample();
+    d.format_version = FORMAT_V1;
+    d.digests = None;
+    d
+}
+
+fn tail_after_vmas(d: &Descriptor) -> Vec<u8> {
+    postcard::to_allocvec(&(&d.vdso_hash, d.pages_stored, d.image_bytes, &d.stats)).unwrap()
+}
+
+#[test]
+fn a_forged_huge_length_fails_fast_without_allocating() {
+    let mut d = sample_v1();
+    d.vmas.clear();
+    let tail = tail_after_vmas(&d);
+    // 2^60 mappings claimed, 64 bytes of them present.
+    let seq = [varint(1 << 60), vec![0u8; 64]].concat();
+    let bytes = sealed(FORMAT_V1, &forged_body(&d, &tail, &seq));
+    let t0 = std::time::Instant::now();
+    let (r, allocated) = allocated_by(|| decode(&bytes, None));
+    match r {
+        Err(ImageError::DecodeIn { field, .. }) => assert!(field.starts_with("vmas"), "{field}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(allocated < 1 << 20, "{allocated} bytes allocated");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+
+    // The same for the page digests of a format 2 descriptor.
+    let d = sample();
+    let mut body = postcard::to_allocvec(&d).unwrap();
+    body.extend(varint(DIGEST_CHUNK as u64));
+    body.extend(varint(1 << 60));
+    body.extend([0u8; 64]);
+    let bytes = sealed(FORMAT_VERSION, &body);
+    let (r, allocated) = allocated_by(|| decode(&bytes, None));
+    assert!(
+        matches!(
+            r,
+            Err(ImageError::TooMany {
+                field: "digests.xxh3",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(allocated < 1 << 20, "{allocated} bytes allocated");
+}
+
+#[test]
+fn more_entries_than_a_process_can_have_are_refused_before_they_are_made() {
+    // A million and one descriptors, 5 bytes each, really there: a
+    // 5 MiB body that would decode to 48 MiB.
+    let mut d = sample_v1();
+    d.fds.clear();
+    let tail = postcard::to_allocvec(&(
+        &d.files,
+        &d.vmas,
+        &d.vdso_hash,
+        d.pages_stored,
+        d.image_bytes,
+        &d.stats,
+    ))
+    .unwrap();
+    let entry = postcard::to_allocvec(&FdEntry {
+        fd: 0,
+        kind: FdKind::Pipe,
+        path: String::new(),
+        flags: 0,
+        offset: 0,
+    })
+    .unwrap();
+    let n = limits::MAX_FDS + 1;
+    let seq = [varint(n as u64), entry.repeat(n)].concat();
+    let bytes = sealed(FORMAT_V1, &forged_body(&d, &tail, &seq));
+    let (r, allocated) = allocated_by(|| decode(&bytes, None));
+    match r {
+        Err(ImageError::TooMany {
+            field: "fds",
+            count,
+            limit,
+        }) => assert_eq!((count, limit), (n as u64, limits::MAX_FDS as u64)),
+        other => panic!("{other:?}"),
+    }
+    assert!(allocated < 1 << 20, "{allocated} bytes allocated");
+
+    // Page runs: 3 bytes each, 32 decoded.
+    let mut d = sample_v1();
+    d.vmas.truncate(1);
+    d.vmas[0].runs.clear();
+    let tail = tail_after_vmas(&d);
+    let run = postcard::to_allocvec(&PageRun {
+        first: 0,
+        count: 1,
+        state: PageState::Zero,
+    })
+    .unwrap();
+    let n = limits::MAX_RUNS + 1;
+    let seq = [varint(n as u64), run.repeat(n)].concat();
+    let bytes = sealed(FORMAT_V1, &forged_body(&d, &tail, &seq));
+    let (r, allocated) = allocated_by(|| decode(&bytes, None));
+    assert!(
+        matches!(r, Err(ImageError::TooMany { field: "vmas[].runs", count, .. }) if count == n as u64),
+        "{r:?}"
+    );
+    assert!(allocated < 1 << 20, "{allocated} bytes allocated");
+
+    // Counts under the limits of the kernel, over those of a process.
+    let mut d = sample();
+    d.sigactions = vec![SigAction::default(); 65];
+    let e = decode(&encode(&d).unwrap(), None).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ImageError::TooMany {
+                field: "sigactions",
+                count: 65,
+                limit: 64
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("sigactions"), "{e}");
+    assert!(matches!(
+        validate(&d, None),
+        Err(ImageError::TooMany {
+            field: "sigactions",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_digest_table_longer_than_the_page_store_is_refused() {
+    // Three pages stored: no more than three digests are even read.
+    let d = sample();
+    let mut body = postcard::to_allocvec(&d).unwrap();
+    body.extend(
+        postcard::to_allocvec(&PageDigests {
+            chunk_bytes: 4096,
+            xxh3: vec![1, 2, 3, 4],
+        })
+        .unwrap(),
+    );
+    let bytes = sealed(FORMAT_VERSION, &body);
+    let e = decode(&bytes, None).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ImageError::TooMany {
+                field: "digests.xxh3",
+                count: 4,
+                limit: 3
+            }
+        ),
+        "{e}"
+    );
+    // Against a page store of another size, refused before the digests.
+    let e = decode(&bytes, Some(4096)).unwrap_err();
+    assert!(e.to_string().contains("page store is 4096 bytes"), "{e}");
+}
+
+#[test]
+fn mappings_outside_user_space_are_refused() {
+    let err = |d: &Descriptor| decode(&encode(d).unwrap(), None).unwrap_err().to_string();
+    // The vDSO moved to the first address past 47 bits.
+    let mut d = sample();
+    d.vmas[2].start = limits::USER_END;
+    d.vmas[2].end = limits::USER_END + 0x2000;
+    assert!(err(&d).contains("beyond user space"), "{}", err(&d));
+    // A 2^62-byte mapping.
+    let mut d = sample();
+    d.vmas[2].end = d.vmas[2].start + (1 << 62);
+    assert!(err(&d).contains("vma #2"), "{}", err(&d));
+    assert!(err(&d).contains("beyond user space"), "{}", err(&d));
+    // Empty, reversed, unaligned.
+    let mut d = sample();
+    d.vmas[1].end = d.vmas[1].start;
+    assert!(err(&d).contains("non-empty"), "{}", err(&d));
+    let mut d = sample();
+    d.vmas[1].start += 1;
+    assert!(err(&d).contains("page-aligned"), "{}", err(&d));
+    // A file offset mmap would refuse.
+    let mut d = sample();
+    d.vmas[0].file_offset = 100;
+    assert!(err(&d).contains("file offset 0x64"), "{}", err(&d));
+    let mut d = sample();
+    d.vmas[0].file_offset = !0xfff;
+    assert!(err(&d).contains("past the largest file"), "{}", err(&d));
+    // More memory stored than an address space holds.
+    let mut d = sample();
+    d.pages_stored = 1 << 40;
+    d.image_bytes = 1 << 52;
+    assert!(validate(&d, None)
+        .unwrap_err()
+        .to_string()
+        .contains("address space"));
 }

@@ -110,7 +110,7 @@ fn read_addrs(p: &std::path::Path) -> Option<Arc<Vec<u64>>> {
 fn save_addrs(p: &std::path::Path, pages: &[u64]) {
     let bytes: Vec<u8> = pages.iter().flat_map(|a| a.to_le_bytes()).collect();
     let tmp = p.with_extension("tmp");
-    if std::fs::write(&tmp, bytes)
+    if crate::private_fs::write(&tmp, &bytes)
         .and_then(|()| std::fs::rename(&tmp, p))
         .is_err()
     {
@@ -274,11 +274,7 @@ const JOURNAL_RECORD: usize = 25;
 impl Journal {
     /// A new, empty journal at `path`.
     pub fn create(path: PathBuf) -> std::io::Result<Journal> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)?;
+        let file = crate::private_fs::create(&path)?;
         Ok(Journal { file, path })
     }
 
