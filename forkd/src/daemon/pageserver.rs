@@ -453,6 +453,7 @@ mod tests {
             image_bytes: pages.len() as u64,
             stats: CaptureStats::default(),
             digests: None,
+            privileges: None,
         };
         remotefork::image::write(&reg.tmp_dir(SEED), &mut d, &pages, false).unwrap();
         reg.commit(SeedMeta {
@@ -464,6 +465,7 @@ mod tests {
             pause_us: 0,
             capture_us: 0,
             cooperative: false,
+            owner: String::new(),
         })
         .unwrap();
         (Arc::new(reg), pages)
