@@ -139,7 +139,7 @@ fn rdma(c: &mut Criterion, path: &Path) {
     let conn = Connection::new(imp, "bench-node1");
     conn.connect_with(|local| {
         exporter
-            .accept(conn.id(), local)
+            .accept(conn.id(), local, &seed)
             .map(|q| (q, ()))
             .map_err(|e| e.to_string())
     })

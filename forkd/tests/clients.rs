@@ -111,11 +111,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A forkd with TCP (token) and a page server.
+/// A forkd with TCP (token), a page server, and commands allowed over TCP
+/// (the clients create seeds from commands with the node token).
 fn daemon(name: &str, extra: &[&str]) -> (Daemon, String) {
     let dir = scratch(name);
     let page = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["--page-listen", page.as_str()];
+    let mut args = vec!["--page-listen", page.as_str(), "--remote-commands"];
     args.extend_from_slice(extra);
     let d = Daemon::start_with(&dir, true, &args);
     let token = std::fs::read_to_string(dir.join("token"))

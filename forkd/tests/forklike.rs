@@ -298,8 +298,8 @@ fn seed_files_are_copies_of_their_own() {
         let md = e.metadata().unwrap();
         assert_eq!(
             md.permissions().mode() & 0o777,
-            0o444,
-            "{:?} is read-only",
+            0o400,
+            "{:?} is read-only, and root's only",
             e.path()
         );
         assert_eq!(md.uid(), 0, "{:?} is forkd's", e.path());

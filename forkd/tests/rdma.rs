@@ -82,7 +82,8 @@ struct Pair {
     exp: Arc<RdmaNode>,
     imp: Arc<RdmaNode>,
     exporter: Arc<Exporter>,
-    conn: Arc<Connection>,
+    /// One connection per seed, as forkd makes them.
+    conns: Mutex<HashMap<String, Arc<Connection>>>,
     seeds: Arc<Mutex<HashMap<String, Arc<ExportedSeed>>>>,
 }
 
@@ -91,14 +92,23 @@ impl Pair {
         let exp = RdmaNode::open(Some(&env.dev1)).unwrap();
         let imp = RdmaNode::open(Some(&env.dev2)).unwrap();
         let exporter = Arc::new(Exporter::new(exp.clone(), 16));
-        let conn = Connection::new(imp.clone(), "node1");
         Pair {
             exp,
             imp,
             exporter,
-            conn,
+            conns: Default::default(),
             seeds: Default::default(),
         }
+    }
+
+    /// The importer's connection for seed `name`.
+    fn conn(&self, name: &str) -> Arc<Connection> {
+        self.conns
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_insert_with(|| Connection::new(self.imp.clone(), "node1"))
+            .clone()
     }
 
     fn export(&self, name: &str, path: &Path, size: u64) -> RemoteRegion {
@@ -120,34 +130,35 @@ impl Pair {
         let (exporter, seeds, id, name) = (
             self.exporter.clone(),
             self.seeds.clone(),
-            self.conn.id(),
+            self.conn(name).id(),
             name.to_string(),
         );
         move |local: &QpInfo| {
-            let r = seeds
+            let e = seeds
                 .lock()
                 .unwrap()
                 .get(&name)
-                .map(|e| e.region())
+                .cloned()
                 .ok_or_else(|| format!("no seed {name} (dropped)"))?;
-            let q = exporter.accept(id, local).map_err(|e| e.to_string())?;
-            Ok((q, r))
+            let q = exporter.accept(id, local, &e).map_err(|e| e.to_string())?;
+            Ok((q, e.region()))
         }
     }
 
-    /// A source for seed `name`, connecting the shared connection first
-    /// if needed; `reconnect` gives it the in-process exchange.
+    /// A source for seed `name`, connecting its connection first if
+    /// needed; `reconnect` gives it the in-process exchange.
     fn source(&self, name: &str, region: RemoteRegion, reconnect: bool) -> RdmaSource {
-        if !self.conn.is_connected() {
+        let conn = self.conn(name);
+        if !conn.is_connected() {
             let x = self.exchange(name);
-            self.conn.connect_with(|l| x(l)).unwrap();
+            conn.connect_with(|l| x(l)).unwrap();
         }
         let cb: Option<rdma::Reconnect> = if reconnect {
             Some(Box::new(self.exchange(name)))
         } else {
             None
         };
-        RdmaSource::new(self.conn.clone(), region, Duration::from_secs(5), cb)
+        RdmaSource::new(conn, region, Duration::from_secs(5), cb)
     }
 }
 
@@ -222,7 +233,7 @@ fn rdma_reads_return_exactly_the_image_bytes() {
     assert_eq!(pair.imp.qps_created(), 1, "one QP for both sources");
     println!(
         "rdma: {} batches on {} -> {}",
-        pair.conn.batches(),
+        pair.conn("s").batches(),
         env.dev2,
         env.dev1
     );
@@ -286,7 +297,7 @@ fn a_wrong_rkey_is_refused_and_the_connection_recovers() {
         ..good
     };
     let bad = pair.source("s", bad_region, false);
-    let gen0 = pair.conn.generation();
+    let gen0 = pair.conn("s").generation();
     let t = Instant::now();
     let e = bad.read(0, &mut vec![0u8; 4096]).unwrap_err().to_string();
     println!("wrong rkey: {e} ({:?})", t.elapsed());
@@ -298,13 +309,13 @@ fn a_wrong_rkey_is_refused_and_the_connection_recovers() {
     let mut b = vec![0u8; 3 * 4096];
     ok.read(4096, &mut b).unwrap();
     assert_eq!(b, want[4096..4 * 4096]);
-    assert!(pair.conn.generation() > gen0, "it reconnected");
+    assert!(pair.conn("s").generation() > gen0, "it reconnected");
     assert_eq!(pair.exporter.connections(), 1, "the old QP was replaced");
 }
 
 #[test]
-fn sixteen_concurrent_readers_share_one_queue_pair() {
-    let Some(env) = rdma_env("sixteen_concurrent_readers_share_one_queue_pair") else {
+fn sixteen_concurrent_readers_share_a_queue_pair_per_seed() {
+    let Some(env) = rdma_env("sixteen_concurrent_readers_share_a_queue_pair_per_seed") else {
         return;
     };
     let dir = scratch("rdma-16");
@@ -353,10 +364,54 @@ fn sixteen_concurrent_readers_share_one_queue_pair() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(pair.imp.qps_created(), 1, "one QP on the importer");
-    assert_eq!(pair.exp.qps_created(), 1, "one QP on the exporter");
-    assert_eq!(pair.exporter.connections(), 1);
-    println!("16 readers: {} batches on one QP", pair.conn.batches());
+    // One QP per seed on each side (each seed is its own protection domain).
+    assert_eq!(pair.imp.qps_created(), 2, "one QP per seed on the importer");
+    assert_eq!(pair.exp.qps_created(), 2, "one QP per seed on the exporter");
+    assert_eq!(pair.exporter.connections(), 2);
+    println!(
+        "16 readers: {} + {} batches on two QPs",
+        pair.conn("one").batches(),
+        pair.conn("two").batches()
+    );
+}
+
+#[test]
+fn a_peer_connected_for_one_seed_cannot_read_another_seeds_region() {
+    let Some(env) = rdma_env("a_peer_connected_for_one_seed_cannot_read_another_seeds_region")
+    else {
+        return;
+    };
+    let dir = scratch("rdma-cross");
+    let (pa, wa) = write_image(&dir, "a.img", 1 << 20);
+    let (pb, wb) = write_image(&dir, "b.img", 1 << 20);
+    let wb: Vec<u8> = wb.iter().map(|b| b ^ 0xa5).collect();
+    std::fs::write(&pb, &wb).unwrap();
+    let pair = Pair::new(&env);
+    let ra = pair.export("a", &pa, 1 << 20);
+    let rb = pair.export("b", &pb, 1 << 20);
+    // A peer holding seed a's key has a's connection and region. It
+    // guesses b's rkey and address exactly (the worst case) and reads
+    // through a's connection.
+    let legit = pair.source("a", ra, true);
+    let mut buf = vec![0u8; 4096];
+    legit.read(0, &mut buf).unwrap();
+    assert_eq!(buf, wa[..4096]);
+    let thief = RdmaSource::new(pair.conn("a"), rb, Duration::from_secs(5), None);
+    let mut stolen = vec![0x11u8; 8192];
+    let e = thief.read(4096, &mut stolen).unwrap_err().to_string();
+    println!("a's connection reading b's region: {e}");
+    assert!(e.contains("remote access"), "{e}");
+    assert!(
+        stolen.iter().all(|x| *x == 0x11),
+        "bytes of seed b were delivered"
+    );
+    // b's own holder reads b; a's holder reads a again (reconnected).
+    let b = pair.source("b", rb, true);
+    b.read(4096, &mut buf).unwrap();
+    assert_eq!(buf, wb[4096..8192]);
+    let a = pair.source("a", ra, true);
+    a.read(8192, &mut buf).unwrap();
+    assert_eq!(buf, wa[8192..12288]);
 }
 
 /// A `forkd serve` with arbitrary arguments, stopped on drop.

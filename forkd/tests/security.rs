@@ -737,3 +737,69 @@ fn a_tenant_cannot_send_forkds_peer_token_to_an_address_it_names() {
     );
     let _ = seed;
 }
+
+#[test]
+fn a_symlink_swapped_for_a_seed_file_is_refused() {
+    if !require_root("a_symlink_swapped_for_a_seed_file_is_refused") {
+        return;
+    }
+    let t = Tenanted::start("sec-symlink", &[]);
+    let seed_a = t.confined_seed("a");
+    // A parent with a file open; once captured, the file is swapped for a
+    // symlink to a secret.
+    let data = t.d.dir.join("data.txt");
+    std::fs::write(&data, "the seed's own data\n").unwrap();
+    let secret = t.d.dir.join("secret");
+    std::fs::write(&secret, "root's secret\n").unwrap();
+    let parent = Target::start({
+        let mut c = std::process::Command::new("bash");
+        c.arg("-c").arg(format!(
+            "exec 3<{}; echo ready; read x; cat <&3",
+            data.display()
+        ));
+        c
+    })
+    .0;
+    let (code, out, err) = t.d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--pid",
+        &parent.pid().to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seed = id_of(&out);
+    drop(parent);
+    // Unswapped, the child reads the file through its fd 3.
+    let c = spawn_one(|a| t.d.ctl(a), &t.d.dir, &seed, "go\n");
+    assert_eq!(c["stdout"], "the seed's own data\n", "{c}");
+    std::fs::remove_file(&data).unwrap();
+    std::os::unix::fs::symlink(&secret, &data).unwrap();
+    let f = t.d.dir.join("go");
+    std::fs::write(&f, "go\n").unwrap();
+    // Forked from the template built before the swap: the child shares the
+    // template's open file, the seed's own (as a fork child would), never
+    // what the symlink points to.
+    let (code, out, err) =
+        t.d.ctl(&["--json", "spawn", &seed, "--stdin", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(!out.contains("root's secret"), "{out}");
+    // Restored from scratch: the file is opened again, and the symlink is
+    // refused with the file named.
+    let (code, out, err) = t.d.ctl(&[
+        "--json",
+        "spawn",
+        &seed,
+        "--stdin",
+        f.to_str().unwrap(),
+        "--no-template",
+    ]);
+    assert_ne!(code, 0, "a child started through the symlink: {out}");
+    assert!(!out.contains("root's secret"), "{out}");
+    let said = format!("{out} {err}");
+    assert!(
+        said.contains(data.to_str().unwrap()),
+        "the file is not named: {said}"
+    );
+    still_serving(&t, &seed_a);
+}

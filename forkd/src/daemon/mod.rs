@@ -1818,7 +1818,11 @@ impl State {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
-                .filter_map(|(id, c)| Some((id.clone(), c.get()?.restorer.clone()))),
+                // Keyed by origin and id; labelled by id.
+                .filter_map(|(k, c)| {
+                    let id = k.rsplit_once('\n').map_or(k.as_str(), |x| x.1);
+                    Some((id.to_string(), c.get()?.restorer.clone()))
+                }),
         );
         type Get = fn(&remotefork::pager::SeedPages) -> u64;
         let per_seed: [(&str, &str, Get); 5] = [

@@ -188,23 +188,24 @@ impl Transports {
         );
     }
 
-    /// The seed's region, registering its page store on first use.
-    fn export(&self, seed: &registry::Seed) -> Result<RemoteRegion, String> {
+    /// The seed's export, registering its page store on first use.
+    fn export(&self, seed: &registry::Seed) -> Result<Arc<ExportedSeed>, String> {
         let Some(node) = &self.node else {
             return Err(self.rdma_reason.clone().unwrap_or_default());
         };
         let mut g = self.exported.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = g.get(&seed.meta.id) {
-            return Ok(e.region());
+            return Ok(e.clone());
         }
         let path = seed.dir.join(remotefork::image::PAGES_FILE);
         let e = node
             .export_file(&path, seed.image_bytes)
             .map_err(|e| format!("registering seed {}: {e}", seed.meta.id))?;
         let r = e.region();
-        info!(seed = %seed.meta.id, bytes = r.size, "seed exported for RDMA READ");
-        g.insert(seed.meta.id.clone(), Arc::new(e));
-        Ok(r)
+        info!(seed = %seed.meta.id, bytes = r.size, "seed exported for RDMA READ (its own protection domain)");
+        let e = Arc::new(e);
+        g.insert(seed.meta.id.clone(), e.clone());
+        Ok(e)
     }
 
     /// A dropped seed: deregister its memory region, so nothing more can
@@ -262,7 +263,7 @@ impl Transports {
                 tcp(why)
             };
         };
-        let region = match self.export(seed) {
+        let export = match self.export(seed) {
             Ok(r) => r,
             Err(why) if r.transport == "rdma" => return Err(Status::failed_precondition(why)),
             Err(why) => return tcp(why),
@@ -271,18 +272,20 @@ impl Transports {
             Some(q) => {
                 let peer = qp_from_pb(q).map_err(Status::invalid_argument)?;
                 let local = exporter
-                    .accept(r.connection_id, &peer)
+                    .accept(r.connection_id, &peer, &export)
                     .map_err(|e| Status::failed_precondition(format!("RDMA connection: {e}")))?;
                 Some(qp_to_pb(&local))
             }
-            None if exporter.has_connection(r.connection_id) => None,
+            // A connection reads the one seed it was made for.
+            None if exporter.has_connection(r.connection_id, &export) => None,
             None => {
                 return Err(Status::failed_precondition(format!(
-                    "unknown RDMA connection {:#x}: send a queue pair to connect",
-                    r.connection_id
+                    "unknown RDMA connection {:#x} for seed {}: send a queue pair to connect",
+                    r.connection_id, seed.meta.id
                 )))
             }
         };
+        let region = export.region();
         Ok(pb::OpenPageChannelResponse {
             transport: "rdma".into(),
             qp,
@@ -303,7 +306,9 @@ impl Transports {
     }
 
     /// An RDMA source for seed `sr` of the node at `origin` (gRPC), over
-    /// the one connection to that node (made or reused here).
+    /// this node's connection for that seed (made or reused here): one per
+    /// node and seed, as the exporter keeps each seed in a protection
+    /// domain of its own.
     pub async fn rdma_source(
         &self,
         origin: &str,
@@ -321,7 +326,7 @@ impl Transports {
             .peers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(origin.to_string())
+            .entry(format!("{origin}/{}", sr.id))
             .or_insert_with(|| Connection::new(node, origin))
             .clone();
         let mut region = None;

@@ -513,16 +513,25 @@ mod imp {
             self.qps_live.load(Ordering::Relaxed)
         }
 
-        /// A new RC queue pair in INIT, with its own completion queue.
+        /// A new RC queue pair in INIT, with its own completion queue, in
+        /// this node's protection domain.
         fn new_qp(&self, access: AccessFlags) -> Result<Qp, RdmaError> {
+            self.new_qp_in(&self.pd, access)
+        }
+
+        /// [`RdmaNode::new_qp`] in protection domain `pd`.
+        fn new_qp_in(
+            &self,
+            pd: &Arc<ProtectionDomain>,
+            access: AccessFlags,
+        ) -> Result<Qp, RdmaError> {
             let cq = self
                 .ctx
                 .create_cq_builder()
                 .setup_cqe(SQ_DEPTH * 2)
                 .build()
                 .map_err(|e| verbs("creating a completion queue", &e))?;
-            let mut qp = self
-                .pd
+            let mut qp = pd
                 .create_qp_builder()
                 .setup_send_cq(GenericCompletionQueue::Basic(cq.clone()))
                 .setup_recv_cq(GenericCompletionQueue::Basic(cq.clone()))
@@ -606,8 +615,24 @@ mod imp {
             len: usize,
             access: AccessFlags,
         ) -> Result<Arc<MemoryRegion>, RdmaError> {
+            // SAFETY: the caller's promise, passed on.
+            unsafe { self.register_in(&self.pd, addr, len, access) }
+        }
+
+        /// [`RdmaNode::register`] in protection domain `pd`.
+        ///
+        /// # Safety
+        ///
+        /// As [`RdmaNode::register`].
+        unsafe fn register_in(
+            &self,
+            pd: &Arc<ProtectionDomain>,
+            addr: usize,
+            len: usize,
+            access: AccessFlags,
+        ) -> Result<Arc<MemoryRegion>, RdmaError> {
             // SAFETY: the caller keeps the memory mapped while the region lives.
-            unsafe { self.pd.reg_mr(addr, len, access) }.map_err(|e| {
+            unsafe { pd.reg_mr(addr, len, access) }.map_err(|e| {
                 verbs(
                     format!(
                         "registering {len} bytes (needs CAP_IPC_LOCK or a large enough `ulimit -l`)"
@@ -618,8 +643,18 @@ mod imp {
         }
 
         /// Export the page store at `path` (`size` bytes): map it read-only
-        /// and register it for remote READ.
+        /// and register it for remote READ, in a protection domain of its
+        /// own. Queue pairs that read it are made in that domain too
+        /// ([`Exporter::accept`]), so a peer connected for one seed cannot
+        /// read another's region, whatever rkey and address it tries: the
+        /// device refuses a key of another domain.
         pub fn export_file(&self, path: &Path, size: u64) -> Result<ExportedSeed, RdmaError> {
+            let pd = self.ctx.alloc_pd().map_err(|e| {
+                verbs(
+                    format!("allocating a protection domain for {}", path.display()),
+                    &e,
+                )
+            })?;
             if size == 0 {
                 return Err(RdmaError::Invalid(format!(
                     "{} is an empty page store: nothing to export",
@@ -640,10 +675,11 @@ mod imp {
             // SAFETY: `map` is kept in the ExportedSeed next to the region
             // and dropped after it (field order). REMOTE_READ only: the
             // device never writes, so a read-only mapping is enough.
-            match unsafe { self.register(addr, len, AccessFlags::RemoteRead) } {
+            match unsafe { self.register_in(&pd, addr, len, AccessFlags::RemoteRead) } {
                 Ok(mr) => {
                     return Ok(ExportedSeed {
                         mr,
+                        pd,
                         _map: map,
                         size,
                     })
@@ -675,9 +711,10 @@ mod imp {
             }
             let addr = map.as_slice().as_ptr() as usize;
             // SAFETY: as above; this mapping is writable too.
-            let mr = unsafe { self.register(addr, len, AccessFlags::RemoteRead) }?;
+            let mr = unsafe { self.register_in(&pd, addr, len, AccessFlags::RemoteRead) }?;
             Ok(ExportedSeed {
                 mr,
+                pd,
                 _map: map,
                 size,
             })
@@ -689,6 +726,8 @@ mod imp {
     pub struct ExportedSeed {
         // Declared before the mapping: deregistered before it is unmapped.
         mr: Arc<MemoryRegion>,
+        /// Its own protection domain: its region's and its readers' QPs'.
+        pd: Arc<ProtectionDomain>,
         _map: Mapping,
         size: u64,
     }
@@ -702,6 +741,11 @@ mod imp {
     }
 
     impl ExportedSeed {
+        /// Which protection domain is its (an identity for the QPs made in it).
+        fn domain_id(&self) -> u64 {
+            Arc::as_ptr(&self.pd) as usize as u64
+        }
+
         /// What an importer needs to READ it.
         pub fn region(&self) -> RemoteRegion {
             RemoteRegion {
@@ -712,10 +756,12 @@ mod imp {
         }
     }
 
-    /// The exporter's queue pairs, one per importing connection.
+    /// The exporter's queue pairs, one per importing connection; each
+    /// connection reads one seed (its QP is in that seed's protection
+    /// domain).
     pub struct Exporter {
         node: Arc<RdmaNode>,
-        qps: Mutex<HashMap<u64, Qp>>,
+        qps: Mutex<HashMap<u64, (u64, Qp)>>,
         max: usize,
     }
 
@@ -742,10 +788,15 @@ mod imp {
             &self.node
         }
 
-        /// Connect a fresh queue pair to the importer's `peer` for its
-        /// connection `id` (replacing that connection's old QP) and return
-        /// ours.
-        pub fn accept(&self, id: u64, peer: &QpInfo) -> Result<QpInfo, RdmaError> {
+        /// Connect a fresh queue pair, in `seed`'s protection domain, to the
+        /// importer's `peer` for its connection `id` (replacing that
+        /// connection's old QP) and return ours.
+        pub fn accept(
+            &self,
+            id: u64,
+            peer: &QpInfo,
+            seed: &ExportedSeed,
+        ) -> Result<QpInfo, RdmaError> {
             peer.validate()?;
             let mut g = self.qps.lock().unwrap_or_else(|e| e.into_inner());
             if !g.contains_key(&id) && g.len() >= self.max {
@@ -757,20 +808,21 @@ mod imp {
             // The old QP of this connection goes first: it is broken or
             // about to be abandoned by the importer.
             g.remove(&id);
-            let mut q = self.node.new_qp(AccessFlags::RemoteRead)?;
+            let mut q = self.node.new_qp_in(&seed.pd, AccessFlags::RemoteRead)?;
             self.node.connect(&mut q, peer)?;
             let local = q.local;
-            g.insert(id, q);
+            g.insert(id, (seed.domain_id(), q));
             tracing::debug!(connection = id, peer = %gid_text(&peer.gid), qpn = peer.qpn, "RDMA connection accepted");
             Ok(local)
         }
 
-        /// Is connection `id` connected here?
-        pub fn has_connection(&self, id: u64) -> bool {
+        /// Is connection `id` connected here, for `seed`?
+        pub fn has_connection(&self, id: u64, seed: &ExportedSeed) -> bool {
             self.qps
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&id)
+                .get(&id)
+                .is_some_and(|(d, _)| *d == seed.domain_id())
         }
 
         /// Connections connected here.
@@ -1407,11 +1459,16 @@ mod imp {
             &self.node
         }
         /// Always fails in this build.
-        pub fn accept(&self, _id: u64, _peer: &QpInfo) -> Result<QpInfo, RdmaError> {
+        pub fn accept(
+            &self,
+            _id: u64,
+            _peer: &QpInfo,
+            _seed: &ExportedSeed,
+        ) -> Result<QpInfo, RdmaError> {
             Err(RdmaError::Unavailable(NOT_BUILT.into()))
         }
         /// Never.
-        pub fn has_connection(&self, _id: u64) -> bool {
+        pub fn has_connection(&self, _id: u64, _seed: &ExportedSeed) -> bool {
             false
         }
         /// None.

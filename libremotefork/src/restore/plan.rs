@@ -595,9 +595,10 @@ pub fn build(
                     }
                     let path = data.cstr(&file_paths[*i]);
                     map_ops.push(
-                        Op::new(
-                            libc::SYS_open,
-                            [Arg::Data(path), v(oflags as u64), v(0), v(0), v(0), v(0)],
+                        open_no_symlinks(
+                            &mut data,
+                            path,
+                            oflags as u64,
                             format!("open {}", file_paths[*i]),
                         )
                         .save(),
@@ -753,21 +754,16 @@ pub fn build(
     let exe_usable = files_find(desc, files, &desc.exe);
     if let Some(exe) = &exe_usable {
         let exe_at = data.cstr(exe);
+        let open_exe = open_no_symlinks(
+            &mut data,
+            exe_at,
+            (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+            format!("open exe {exe}"),
+        );
         state_ops.push(
             Op {
                 store: Some(mm_at + 100),
-                ..Op::new(
-                    libc::SYS_open,
-                    [
-                        Arg::Data(exe_at),
-                        v((libc::O_RDONLY | libc::O_CLOEXEC) as u64),
-                        v(0),
-                        v(0),
-                        v(0),
-                        v(0),
-                    ],
-                    format!("open exe {exe}"),
-                )
+                ..open_exe
             }
             .save(),
         );
@@ -910,9 +906,10 @@ pub fn build(
             (Some(f), Some(_)) => {
                 let p = data.cstr(&f.path);
                 state_ops.push(
-                    Op::new(
-                        libc::SYS_open,
-                        [Arg::Data(p), v(reopen_flags(f)), v(0), v(0), v(0), v(0)],
+                    open_no_symlinks(
+                        &mut data,
+                        p,
+                        reopen_flags(f),
                         format!("reopen fd {n} {}", f.path),
                     )
                     .expect(n as u64),
@@ -1361,6 +1358,28 @@ fn pdeathsig_op() -> Op {
             v(0),
         ],
         "prctl(PR_SET_PDEATHSIG)",
+    )
+}
+
+/// `openat2(AT_FDCWD, path, {flags, 0, RESOLVE_NO_SYMLINKS})`. The paths a
+/// seed records are the kernel's canonical ones (`/proc/PID/fd`,
+/// `/proc/PID/maps`), with no symlink in them; one found there now was
+/// swapped in since the capture, and the open fails (ELOOP) rather than
+/// open whatever it points to, as root, for the child.
+fn open_no_symlinks(data: &mut Data, path_at: usize, flags: u64, what: String) -> Op {
+    const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+    let how = data.words(&[flags, 0, RESOLVE_NO_SYMLINKS]);
+    Op::new(
+        libc::SYS_openat2,
+        [
+            v(libc::AT_FDCWD as i64 as u64),
+            Arg::Data(path_at),
+            Arg::Data(how),
+            v(24),
+            v(0),
+            v(0),
+        ],
+        what,
     )
 }
 

@@ -407,7 +407,11 @@ fn consecutive_mappings_of_one_file_share_one_open() {
     }];
     d.vmas.insert(1, second);
     let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
-    let opens = p.map_ops.iter().filter(|o| o.nr == libc::SYS_open).count();
+    let opens = p
+        .map_ops
+        .iter()
+        .filter(|o| o.nr == libc::SYS_openat2)
+        .count();
     let closes = p.map_ops.iter().filter(|o| o.nr == libc::SYS_close).count();
     assert_eq!(
         (opens, closes),

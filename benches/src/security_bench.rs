@@ -1,0 +1,200 @@
+//! What tenancy costs a child (issue 14), beside its baseline in the same
+//! run: the heap-walk Python of `forklike-bench` (a warm dict of 200,000
+//! entries, summed per request), one child at a time, time from the Spawn
+//! request to its first answer.
+//!
+//! - **without**: a forkd with no tenants; root on the Unix socket spawns
+//!   the operator's seed (the child runs as the parent's user, root).
+//! - **with**: a forkd with a tenants file; the tenant spawns over the same
+//!   kind of socket with its token (checked against the SHA-256 digests,
+//!   ownership checks), and its child runs as the tenant's uid with
+//!   no_new_privs, no capabilities, its own session.
+//!
+//! Both daemons run at once; the measurements alternate between them.
+//!
+//! Run: `sudo sh -c 'cargo build --release -p forkd && cargo run --release -p remotefork-benches --bin security-bench'`
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child as Proc, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use forkd::pb;
+
+const HEAP_WALK: &str = r#"
+import sys, time, json, os
+d = {i: i * 7 for i in range(200000)}
+print('ready', flush=True)
+for line in sys.stdin:
+    t = time.perf_counter()
+    s = sum(d.values())
+    ms = (time.perf_counter() - t) * 1e3
+    print(json.dumps({'sum': s, 'ms': ms, 'uid': os.getuid()}), flush=True)
+"#;
+
+const TOKEN: &str = "bench-tenant-token";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("no bin dir")?.to_path_buf())
+}
+
+struct Forkd {
+    child: Proc,
+    dir: PathBuf,
+}
+
+impl Forkd {
+    fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<Forkd> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let child = Command::new(bin_dir()?.join("forkd"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(dir.join("sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--handover-grace-s", "5"])
+            .args(extra)
+            .env("FORKD_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        let f = Forkd {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let t = Instant::now();
+        while !dir.join("sock").exists() {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("forkd did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(f)
+    }
+
+    fn addr(&self) -> String {
+        format!("unix:{}", self.dir.join("sock").display())
+    }
+}
+
+impl Drop for Forkd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A warm parent (root), captured by pid for `owner`.
+async fn seed(addr: &str, py: &str, owner: &str) -> anyhow::Result<String> {
+    let mut p = Command::new(py)
+        .args(["-c", HEAP_WALK])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut l = String::new();
+    BufReader::new(p.stdout.as_mut().context("stdout")?).read_line(&mut l)?;
+    common::wait_blocked_in_read(p.id() as i32)?;
+    let mut c = forkd::client::connect(addr, None).await?;
+    let s = c
+        .create_seed(pb::CreateSeedRequest {
+            source: Some(pb::create_seed_request::Source::Pid(p.id())),
+            name: String::new(),
+            owner: owner.into(),
+        })
+        .await?
+        .into_inner();
+    let _ = p.kill();
+    let _ = p.wait();
+    Ok(s.id)
+}
+
+/// One child: ms from the request to its first answer, and the answer.
+async fn first_answer(
+    addr: &str,
+    token: Option<&str>,
+    seed: &str,
+) -> anyhow::Result<(f64, serde_json::Value)> {
+    let mut c = forkd::client::connect(addr, token).await?;
+    let t0 = Instant::now();
+    let mut s = c
+        .spawn(pb::SpawnRequest {
+            seed: Some(pb::SeedRef {
+                id: seed.into(),
+                key: String::new(),
+            }),
+            count: 1,
+            stdin: b"go\n".to_vec(),
+            prefetch: "recorded".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut first = None;
+    let mut out = Vec::new();
+    while let Some(ev) = s.message().await? {
+        match ev.kind {
+            Some(pb::instance_event::Kind::Output(o)) => {
+                first.get_or_insert(t0.elapsed());
+                out.extend_from_slice(&o.data);
+            }
+            Some(pb::instance_event::Kind::Exited(_)) => break,
+            Some(pb::instance_event::Kind::Failed(x)) => bail!("a child failed: {}", x.reason),
+            _ => {}
+        }
+    }
+    let ms = first.context("no output")?.as_secs_f64() * 1e3;
+    Ok((ms, serde_json::from_slice(out.trim_ascii())?))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let py = common::python()?;
+    let work = std::env::temp_dir().join(format!("security-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let hash = forkd::daemon::auth::hash_token(TOKEN);
+    let tenants = work.join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        format!("[[tenant]]\nname = \"t\"\ntoken_sha256 = \"{hash}\"\nuid = 3001\ngid = 3001\n"),
+    )?;
+    let plain = Forkd::start(&work.join("plain"), &[])?;
+    let tenanted = Forkd::start(
+        &work.join("tenanted"),
+        &["--tenants-file", tenants.to_str().context("path")?],
+    )?;
+    let s_plain = seed(&plain.addr(), &py, "").await?;
+    let s_tenant = seed(&tenanted.addr(), &py, "t").await?;
+    // The first child of each builds the template and records the working set.
+    for _ in 0..2 {
+        first_answer(&plain.addr(), None, &s_plain).await?;
+        first_answer(&tenanted.addr(), Some(TOKEN), &s_tenant).await?;
+    }
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..21 {
+        let (ms, v) = first_answer(&plain.addr(), None, &s_plain).await?;
+        anyhow::ensure!(v["uid"] == 0, "the operator's child is not root: {v}");
+        without.push(ms);
+        let (ms, v) = first_answer(&tenanted.addr(), Some(TOKEN), &s_tenant).await?;
+        anyhow::ensure!(v["uid"] == 3001, "the tenant's child is not uid 3001: {v}");
+        with.push(ms);
+    }
+    let (a, b) = (median(without), median(with));
+    println!("time from Spawn to a child's first answer (heap walk, template, recorded; median of 21, alternating):");
+    println!("   without tenancy (root on the Unix socket, child as root):       {a:.2} ms");
+    println!(
+        "   with tenancy (token, ownership, child as uid 3001, no_new_privs): {b:.2} ms ({:+.1}%; goal under +10%)",
+        (b / a - 1.0) * 100.0
+    );
+    drop((plain, tenanted));
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
