@@ -184,7 +184,7 @@ impl Transports {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner()).len();
         let _ = writeln!(
             o,
-            "# HELP forkd_rdma_peer_connections RDMA connections to other nodes.\n# TYPE forkd_rdma_peer_connections gauge\nforkd_rdma_peer_connections {peers}"
+            "# HELP forkd_rdma_peer_connections RDMA connections to other nodes (one per node and seed).\n# TYPE forkd_rdma_peer_connections gauge\nforkd_rdma_peer_connections {peers}"
         );
     }
 
