@@ -10,7 +10,8 @@
 //!   ownership checks), and its child runs as the tenant's uid with
 //!   no_new_privs, no capabilities, its own session.
 //!
-//! Both daemons run at once; the measurements alternate between them.
+//! Both daemons run at once; the measurements alternate between them, and
+//! the median of the paired ratios is printed beside the two medians.
 //!
 //! Run: `sudo sh -c 'cargo build --release -p forkd && cargo run --release -p remotefork-benches --bin security-bench'`
 
@@ -36,6 +37,9 @@ for line in sys.stdin:
 "#;
 
 const TOKEN: &str = "bench-tenant-token";
+
+/// Children per side, alternating.
+const ROUNDS: usize = 61;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -117,12 +121,13 @@ async fn seed(addr: &str, py: &str, owner: &str) -> anyhow::Result<String> {
     Ok(s.id)
 }
 
-/// One child: ms from the request to its first answer, and the answer.
+/// One child: ms from the request to its first answer (and to running,
+/// as forkd measured it), and the answer.
 async fn first_answer(
     addr: &str,
     token: Option<&str>,
     seed: &str,
-) -> anyhow::Result<(f64, serde_json::Value)> {
+) -> anyhow::Result<(f64, f64, serde_json::Value)> {
     let mut c = forkd::client::connect(addr, token).await?;
     let t0 = Instant::now();
     let mut s = c
@@ -139,9 +144,11 @@ async fn first_answer(
         .await?
         .into_inner();
     let mut first = None;
+    let mut running = 0.0;
     let mut out = Vec::new();
     while let Some(ev) = s.message().await? {
         match ev.kind {
+            Some(pb::instance_event::Kind::Running(r)) => running = r.time_to_running_ms,
             Some(pb::instance_event::Kind::Output(o)) => {
                 first.get_or_insert(t0.elapsed());
                 out.extend_from_slice(&o.data);
@@ -152,7 +159,7 @@ async fn first_answer(
         }
     }
     let ms = first.context("no output")?.as_secs_f64() * 1e3;
-    Ok((ms, serde_json::from_slice(out.trim_ascii())?))
+    Ok((ms, running, serde_json::from_slice(out.trim_ascii())?))
 }
 
 #[tokio::main]
@@ -179,20 +186,41 @@ async fn main() -> anyhow::Result<()> {
         first_answer(&tenanted.addr(), Some(TOKEN), &s_tenant).await?;
     }
     let (mut without, mut with) = (Vec::new(), Vec::new());
-    for _ in 0..21 {
-        let (ms, v) = first_answer(&plain.addr(), None, &s_plain).await?;
+    let (mut run_without, mut run_with) = (Vec::new(), Vec::new());
+    let (mut walk_without, mut walk_with) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let (ms, run, v) = first_answer(&plain.addr(), None, &s_plain).await?;
         anyhow::ensure!(v["uid"] == 0, "the operator's child is not root: {v}");
         without.push(ms);
-        let (ms, v) = first_answer(&tenanted.addr(), Some(TOKEN), &s_tenant).await?;
+        run_without.push(run);
+        walk_without.push(v["ms"].as_f64().unwrap_or(0.0));
+        // Let each daemon's spare child be forked (after a spawn returns)
+        // before the other is measured, on a 2-core box.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (ms, run, v) = first_answer(&tenanted.addr(), Some(TOKEN), &s_tenant).await?;
         anyhow::ensure!(v["uid"] == 3001, "the tenant's child is not uid 3001: {v}");
         with.push(ms);
+        run_with.push(run);
+        walk_with.push(v["ms"].as_f64().unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let pair_ratio = median(without.iter().zip(&with).map(|(a, b)| b / a).collect());
     let (a, b) = (median(without), median(with));
-    println!("time from Spawn to a child's first answer (heap walk, template, recorded; median of 21, alternating):");
+    println!("time from Spawn to a child's first answer (heap walk, template, recorded; median of {ROUNDS}, alternating):");
     println!("   without tenancy (root on the Unix socket, child as root):       {a:.2} ms");
     println!(
         "   with tenancy (token, ownership, child as uid 3001, no_new_privs): {b:.2} ms ({:+.1}%; goal under +10%)",
         (b / a - 1.0) * 100.0
+    );
+    println!(
+        "   median of the {ROUNDS} paired ratios (with / without, same round): {pair_ratio:.3}"
+    );
+    println!(
+        "   of which: time to running {:.2} / {:.2} ms, the walk inside the child {:.2} / {:.2} ms (without / with)",
+        median(run_without),
+        median(run_with),
+        median(walk_without),
+        median(walk_with)
     );
     drop((plain, tenanted));
     let _ = std::fs::remove_dir_all(&work);
