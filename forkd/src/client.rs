@@ -1,4 +1,6 @@
-//! Connecting to a forkd: `unix:PATH` or `HOST:PORT` (TCP, with a token).
+//! Connecting to a forkd: `unix:PATH`, `HOST:PORT` (TCP, with a token) or
+//! `https://HOST:PORT` (TLS, checked against the CA of [`set_tls_ca`] or
+//! the file `FORKD_TLS_CA` names).
 
 use hyper_util::rt::TokioIo;
 use tonic::metadata::MetadataValue;
@@ -23,6 +25,31 @@ impl tonic::service::Interceptor for Token {
 /// A connected client.
 pub type Client = ForkdClient<InterceptedService<Channel, Token>>;
 
+/// The CA (PEM) that `https://` addresses are checked against.
+static TLS_CA: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// Check the servers of `https://` addresses against this CA (PEM), for
+/// the whole process (the first call wins).
+pub fn set_tls_ca(pem: Vec<u8>) {
+    let _ = TLS_CA.set(pem);
+}
+
+/// The CA for `https://` addresses: [`set_tls_ca`]'s, else the file
+/// `FORKD_TLS_CA` names.
+fn tls_ca() -> anyhow::Result<Vec<u8>> {
+    if let Some(c) = TLS_CA.get() {
+        return Ok(c.clone());
+    }
+    match std::env::var_os("FORKD_TLS_CA") {
+        Some(p) => std::fs::read(&p).map_err(|e| {
+            anyhow::anyhow!("reading FORKD_TLS_CA {}: {e}", p.to_string_lossy())
+        }),
+        None => Err(anyhow::anyhow!(
+            "an https:// address needs the CA that signed its certificate: --tls-ca FILE or FORKD_TLS_CA"
+        )),
+    }
+}
+
 /// Connect to `addr` (`unix:/path` or `host:port`), sending `token` if given.
 pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> {
     let channel = if let Some(path) = addr.strip_prefix("unix:") {
@@ -44,10 +71,14 @@ pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> 
         } else {
             format!("http://{addr}")
         };
-        Endpoint::try_from(url)?
-            .connect()
-            .await
-            .map_err(|e| unreachable(addr, &e))?
+        let mut e = Endpoint::try_from(url)?;
+        if addr.starts_with("https://") {
+            let ca = tonic::transport::Certificate::from_pem(tls_ca()?);
+            e = e
+                .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca))
+                .map_err(|e| anyhow::anyhow!("TLS for {addr}: {e}"))?;
+        }
+        e.connect().await.map_err(|e| unreachable(addr, &e))?
     };
     let t =
         match token {
@@ -57,6 +88,21 @@ pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> 
             None => None,
         };
     Ok(ForkdClient::with_interceptor(channel, Token(t)))
+}
+
+/// An error and its sources, in one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        let t = x.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = x.source();
+    }
+    s
 }
 
 /// What to tell someone whose forkd at `addr` could not be reached: which
@@ -69,6 +115,12 @@ fn unreachable(addr: &str, e: &tonic::transport::Error) -> anyhow::Error {
             io = Some(x);
         }
         src = s.source();
+    }
+    let text = chain(e);
+    if addr.starts_with("https://") && text.contains("certificate") {
+        return anyhow::anyhow!(
+            "cannot connect to forkd at {addr}: {text}; its certificate is not signed by the CA given (--tls-ca, FORKD_TLS_CA), or not for this address"
+        );
     }
     let start = match addr.strip_prefix("unix:") {
         Some(path) => format!(

@@ -171,6 +171,16 @@ enum Command {
         /// operator names, none a tenant names.
         #[arg(long = "peer")]
         peers: Vec<String>,
+        /// TLS on --listen: the certificate chain (PEM); with --tls-key.
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// The CA (PEM) other nodes' certificates are checked against, for
+        /// https:// origins.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
     },
     /// Print the SHA-256 of a token (read from stdin) as the tenants file
     /// wants it.
@@ -234,6 +244,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tenants_file,
             remote_commands,
             peers,
+            tls_cert,
+            tls_key,
+            tls_ca,
         } => {
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
@@ -284,6 +297,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if !peers.is_empty() {
                 cfg.peers = peers;
+            }
+            if tls_cert.is_some() {
+                cfg.tls_cert = tls_cert;
+            }
+            if tls_key.is_some() {
+                cfg.tls_key = tls_key;
+            }
+            if tls_ca.is_some() {
+                cfg.tls_ca = tls_ca;
             }
             if peer_token_file.is_some() {
                 cfg.peer_token_file = peer_token_file;

@@ -803,3 +803,126 @@ fn a_symlink_swapped_for_a_seed_file_is_refused() {
     );
     still_serving(&t, &seed_a);
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in
+/// `dir`: (ca, cert, key). A second, unrelated CA as `other-ca.pem`.
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = other_params.self_signed(&other_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("other-ca.pem"), other.pem()).unwrap();
+    paths
+}
+
+#[test]
+fn tcp_with_tls_serves_only_tls_clients_that_trust_its_ca() {
+    if !require_root("tcp_with_tls_serves_only_tls_clients_that_trust_its_ca") {
+        return;
+    }
+    let dir = scratch("sec-tls");
+    let (ca, cert, key) = certificates(&dir);
+    let page = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let d = Daemon::start_with(
+        &dir,
+        true,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--page-listen",
+            &page,
+        ],
+    );
+    let tcp = d.tcp.clone().unwrap();
+    let token = dir.join("token");
+    let tls_addr = format!("https://{tcp}");
+    // A TLS client that trusts the CA, with the token: served.
+    let run = |addr: &str, ca: Option<&Path>, args: &[&str]| {
+        let mut c = forkctl();
+        c.arg("--addr").arg(addr).arg("--token-file").arg(&token);
+        if let Some(ca) = ca {
+            c.arg("--tls-ca").arg(ca);
+        }
+        let o = c.args(args).output().unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&tls_addr, Some(&ca), &["--json", "node"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"version\""), "{out}");
+    // A plaintext client gets nothing (the token never crosses in clear).
+    let (code, _, err) = run(&tcp, None, &["node"]);
+    assert_ne!(code, 0, "a plaintext client was served by a TLS listener");
+    println!("plaintext: {err}");
+    // A client that trusts another CA refuses the server.
+    let (code, _, err) = run(&tls_addr, Some(&dir.join("other-ca.pem")), &["node"]);
+    assert_ne!(code, 0, "a client trusting another CA connected");
+    assert!(err.contains("not signed by the CA given"), "{err}");
+    // https:// without a CA: told what is missing.
+    let (code, _, err) = run(&tls_addr, None, &["node"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--tls-ca"), "{err}");
+    // The Unix socket is unchanged.
+    assert_eq!(d.ctl(&["node"]).0, 0);
+
+    // Another node fetches a seed's descriptor from this one over TLS.
+    let prog = c_program("confined");
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = id_of(&out);
+    let (code, r, err) = d.ctl(&["seed", "ref", &id, "--origin", &tls_addr]);
+    assert_eq!(code, 0, "{err}");
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("token"), "s3cret-token\n").unwrap();
+    let b = Daemon::start_with(
+        &other,
+        false,
+        &[
+            "--tls-ca",
+            ca.to_str().unwrap(),
+            "--peer-token-file",
+            token.to_str().unwrap(),
+            "--transport",
+            "tcp",
+        ],
+    );
+    let c = spawn_one(|a| b.ctl(a), &other, r.trim(), "report\nexit\n");
+    assert_eq!(c["exit_code"], 0, "{c}");
+    assert_eq!(lines(&c)[0]["uid"], 0, "{c}");
+}

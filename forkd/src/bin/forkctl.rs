@@ -27,6 +27,10 @@ struct Cli {
     /// File with the bearer token (TCP) [env FORKD_TOKEN_FILE].
     #[arg(long, global = true)]
     token_file: Option<String>,
+    /// The CA (PEM) an https://HOST:PORT forkd's certificate is checked
+    /// against [env FORKD_TLS_CA].
+    #[arg(long, global = true)]
+    tls_ca: Option<String>,
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
@@ -262,6 +266,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
+    if let Some(p) = &cli.tls_ca {
+        forkd::client::set_tls_ca(
+            std::fs::read(p).with_context(|| format!("reading --tls-ca {p}"))?,
+        );
+    }
     let mut c = forkd::client::connect(&addr, token.as_deref()).await?;
     let mut out = std::io::stdout().lock();
     match cli.cmd {

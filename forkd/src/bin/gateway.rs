@@ -26,6 +26,10 @@ struct Cli {
     /// Bearer token file for the nodes' TCP gRPC.
     #[arg(long)]
     token_file: Option<String>,
+    /// The CA (PEM) https:// nodes' certificates are checked against
+    /// [env FORKD_TLS_CA].
+    #[arg(long)]
+    tls_ca: Option<String>,
     /// The admin token clients must send (Authorization: Bearer ...) for
     /// every path but /healthz and /openapi.json. Without it (and
     /// without --tenants-file) the gateway listens on loopback only.
@@ -86,6 +90,15 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    if let Some(p) = &cli.tls_ca {
+        match std::fs::read(p) {
+            Ok(pem) => forkd::client::set_tls_ca(pem),
+            Err(e) => {
+                eprintln!("gateway: reading --tls-ca {p}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let api_token = match &cli.api_token_file {
         Some(p) => match std::fs::read_to_string(p) {
             Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),

@@ -95,6 +95,13 @@ pub struct Config {
     /// token to as a Spawn's `origin`. Empty: any origin the operator
     /// names; never one a tenant names.
     pub peers: Vec<String>,
+    /// TLS on the TCP listener: the certificate chain (PEM)...
+    pub tls_cert: Option<PathBuf>,
+    /// ...and its private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The CA that other nodes' certificates are checked against, for
+    /// `https://` origins (PEM).
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -120,6 +127,9 @@ impl Default for Config {
             tenants_file: None,
             remote_commands: false,
             peers: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 }
@@ -2030,6 +2040,29 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         auth::Auth::new(token.as_deref(), cfg.tenants_file.as_deref())
             .map_err(|e| ServeError::Config(e.to_string()))?,
     );
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read(p).map_err(|source| ServeError::Io {
+            what: format!("reading the TLS {what} {}", p.display()),
+            source,
+        })
+    };
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => Some(tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(read(c, "certificate")?, read(k, "key")?),
+        )),
+        (None, None) => None,
+        _ => {
+            return Err(ServeError::Config(
+                "--tls-cert and --tls-key go together".into(),
+            ))
+        }
+    };
+    if let Some(ca) = &cfg.tls_ca {
+        crate::client::set_tls_ca(read(ca, "CA")?);
+    }
+    if let (Some(addr), None) = (&cfg.listen, &tls) {
+        warn!(%addr, "TCP without TLS: tokens and seeds' descriptors cross the network in the clear (give --tls-cert and --tls-key)");
+    }
     if cfg.listen.is_some() && token.as_deref().is_none_or(|t| t.is_empty()) {
         return Err(ServeError::Config(
             "--listen needs --token-file with a non-empty token".into(),
@@ -2182,9 +2215,15 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
                         what: format!("binding {addr}"),
                         source,
                     })?;
-                info!(%addr, "forkd serving on TCP (token required)");
+                info!(%addr, tls = tls.is_some(), "forkd serving on TCP (token required)");
                 let check = auth.interceptor(true);
-                let remote = tonic::transport::Server::builder()
+                let mut builder = tonic::transport::Server::builder();
+                if let Some(t) = tls.clone() {
+                    builder = builder
+                        .tls_config(t)
+                        .map_err(|e| ServeError::Config(format!("TLS certificate or key: {e}")))?;
+                }
+                let remote = builder
                     // Health is open, as probes and load balancers send no token.
                     .add_service(health)
                     .add_service(tonic::service::interceptor::InterceptedService::new(
