@@ -925,4 +925,23 @@ fn tcp_with_tls_serves_only_tls_clients_that_trust_its_ca() {
     let c = spawn_one(|a| b.ctl(a), &other, r.trim(), "report\nexit\n");
     assert_eq!(c["exit_code"], 0, "{c}");
     assert_eq!(lines(&c)[0]["uid"], 0, "{c}");
+    // ...and its pages over TLS: the page server answers no plaintext hello.
+    {
+        use std::io::{Read, Write};
+        let (_, key) = r.trim().rsplit_once('#').unwrap();
+        let k = remotefork::pager::wire::key_bytes(key).unwrap();
+        let mut p = std::net::TcpStream::connect(&page).unwrap();
+        p.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        p.write_all(&remotefork::pager::wire::hello(&id, &k).unwrap())
+            .unwrap();
+        let mut h = [0u8; 16];
+        let got = p.read_exact(&mut h);
+        assert!(
+            got.is_err() || h[0] != remotefork::pager::wire::hello_status::OK,
+            "a plaintext client was served pages"
+        );
+    }
+    let (code, out, _) = d.ctl(&["--json", "node"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("tls://{page}")), "{out}");
 }

@@ -336,6 +336,8 @@ pub struct State {
     remote_commands: bool,
     /// See [`Config::peers`].
     peers: Vec<String>,
+    /// For `tls://` page servers of other nodes (from `--tls-ca`).
+    page_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 fn now_ms() -> u64 {
@@ -616,8 +618,9 @@ impl Service {
             }
         }
         let (id, key, ps) = (sr.id.clone(), sr.key.clone(), page_server.to_string());
+        let tls = self.state.page_tls.clone();
         let src = tokio::task::spawn_blocking(move || {
-            remotefork::pager::tcp::TcpSource::connect(&ps, &id, &key, deadline)
+            remotefork::pager::tcp::TcpSource::connect_tls(&ps, &id, &key, deadline, tls)
                 .map(|(s, _)| s)
                 .map_err(|e| e.to_string())
         })
@@ -2057,9 +2060,23 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             ))
         }
     };
+    let mut page_tls = None;
     if let Some(ca) = &cfg.tls_ca {
-        crate::client::set_tls_ca(read(ca, "CA")?);
+        let pem = read(ca, "CA")?;
+        page_tls = Some(
+            remotefork::pager::tcp::tls_client_config(&pem)
+                .map_err(|e| ServeError::Config(format!("--tls-ca {}: {e}", ca.display())))?,
+        );
+        crate::client::set_tls_ca(pem);
     }
+    // The page server speaks TLS too when forkd has a certificate.
+    let page_acceptor = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => Some(
+            pageserver::tls_acceptor(&read(c, "certificate")?, &read(k, "key")?)
+                .map_err(|e| ServeError::Config(format!("TLS certificate or key: {e}")))?,
+        ),
+        _ => None,
+    };
     if let (Some(addr), None) = (&cfg.listen, &tls) {
         warn!(%addr, "TCP without TLS: tokens and seeds' descriptors cross the network in the clear (give --tls-cert and --tls-key)");
     }
@@ -2112,7 +2129,11 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         page_server: cfg
             .page_advertise
             .clone()
-            .or_else(|| cfg.page_listen.clone()),
+            .or_else(|| cfg.page_listen.clone())
+            .map(|a| match page_acceptor {
+                Some(_) if !a.starts_with("tls://") => format!("tls://{a}"),
+                _ => a,
+            }),
         peer_token: match cfg.peer_token_file.as_deref() {
             Some(p) => Some(read_token(p)?),
             None => token.clone(),
@@ -2125,6 +2146,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         auth: auth.clone(),
         remote_commands: cfg.remote_commands,
         peers: cfg.peers.clone(),
+        page_tls,
     });
     let svc = Service {
         state: state.clone(),
@@ -2180,7 +2202,10 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
                 source,
             })?;
         info!(addr = %p, "page server listening");
-        tokio::spawn(pageserver::serve(l, state.registry.clone()));
+        tokio::spawn(
+            pageserver::PageServer::with_tls(pageserver::Limits::default(), page_acceptor)
+                .serve(l, state.registry.clone()),
+        );
     }
     if let Some(m) = &cfg.metrics {
         let l = tokio::net::TcpListener::bind(m)

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use remotefork::pager::wire::{self, hello_status, read_status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use super::registry::Registry;
@@ -71,10 +71,20 @@ impl Default for Limits {
 }
 
 /// The page server: its limits and the connections it has open.
-#[derive(Debug)]
 pub struct PageServer {
     limits: Limits,
     open: Mutex<Census>,
+    /// TLS for every connection, when forkd has a certificate.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for PageServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageServer")
+            .field("limits", &self.limits)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 /// Connections open, by peer, and recent refusals logged.
@@ -106,6 +116,28 @@ impl Drop for Admitted {
     }
 }
 
+/// A TLS acceptor for the page server from a certificate chain and its
+/// key (PEM).
+pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the certificate: {e}"))?;
+    if chain.is_empty() {
+        return Err("the certificate file holds no certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("the key: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
 /// Serve page requests on `listener` until the process ends, with the
 /// default [`Limits`].
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
@@ -117,9 +149,16 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
 impl PageServer {
     /// A page server with these limits.
     pub fn new(limits: Limits) -> Arc<PageServer> {
+        Self::with_tls(limits, None)
+    }
+
+    /// A page server with these limits speaking TLS (`tls`) on every
+    /// connection.
+    pub fn with_tls(limits: Limits, tls: Option<tokio_rustls::TlsAcceptor>) -> Arc<PageServer> {
         Arc::new(PageServer {
             limits,
             open: Mutex::new(Census::default()),
+            tls,
         })
     }
 
@@ -201,8 +240,25 @@ impl PageServer {
             };
             let registry = registry.clone();
             let limits = self.limits.clone();
+            let tls = self.tls.clone();
             tokio::spawn(async move {
-                if let Err(reason) = connection(sock, &registry, &limits).await {
+                let _ = sock.set_nodelay(true);
+                let r = match tls {
+                    None => connection(sock, &registry, &limits).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(limits.frame_timeout, acceptor.accept(sock))
+                            .await
+                        {
+                            Ok(Ok(t)) => connection(t, &registry, &limits).await,
+                            Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                            Err(_) => Err(format!(
+                                "no TLS handshake within {:?}",
+                                limits.frame_timeout
+                            )),
+                        }
+                    }
+                };
+                if let Err(reason) = r {
                     info!(%peer, reason, "page channel closed");
                 }
                 drop(admitted);
@@ -211,7 +267,11 @@ impl PageServer {
     }
 }
 
-async fn read_frame(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> Result<(), String> {
+async fn read_frame<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> Result<(), String> {
     match tokio::time::timeout(timeout, s.read_exact(buf)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("reading: {e}")),
@@ -221,7 +281,11 @@ async fn read_frame(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> Res
 
 /// Write all of `buf`, dropping the client if a write makes no progress
 /// for `stall` (it stopped reading).
-async fn write_within(s: &mut TcpStream, mut buf: &[u8], stall: Duration) -> Result<(), String> {
+async fn write_within<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    mut buf: &[u8],
+    stall: Duration,
+) -> Result<(), String> {
     while !buf.is_empty() {
         match tokio::time::timeout(stall, s.write(buf)).await {
             Ok(Ok(0)) => return Err("the connection closed while writing".into()),
@@ -238,8 +302,11 @@ async fn write_within(s: &mut TcpStream, mut buf: &[u8], stall: Duration) -> Res
     Ok(())
 }
 
-async fn connection(mut s: TcpStream, registry: &Registry, limits: &Limits) -> Result<(), String> {
-    let _ = s.set_nodelay(true);
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    registry: &Registry,
+    limits: &Limits,
+) -> Result<(), String> {
     let stall = limits.write_stall;
     let mut hello = [0u8; wire::HELLO_LEN];
     read_frame(&mut s, &mut hello, limits.frame_timeout).await?;
@@ -372,7 +439,13 @@ async fn connection(mut s: TcpStream, registry: &Registry, limits: &Limits) -> R
     }
 }
 
-async fn reply_error(s: &mut TcpStream, req_id: u32, status: u8, msg: &str, stall: Duration) {
+async fn reply_error<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    req_id: u32,
+    status: u8,
+    msg: &str,
+    stall: Duration,
+) {
     let header = wire::response_header(req_id, status, msg.len() as u32);
     if write_within(s, &header, stall).await.is_ok() {
         let _ = write_within(s, msg.as_bytes(), stall).await;
@@ -382,6 +455,7 @@ async fn reply_error(s: &mut TcpStream, req_id: u32, status: u8, msg: &str, stal
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
+    use tokio::net::TcpStream;
 
     use remotefork::image::{
         CaptureStats, Credentials, Descriptor, PageRun, PageState, Registers, SigAltStack,

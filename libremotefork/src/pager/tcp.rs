@@ -1,12 +1,73 @@
 //! The TCP page source: a seed's pages from another node's page server
 //! (`pager::wire`), batched (many ranges per request), with a deadline and
 //! reconnection. One connection per seed and node, shared by every child
-//! of that seed on this node.
+//! of that seed on this node. A page server at `tls://HOST:PORT` is spoken
+//! to over TLS (rustls), its certificate checked against the CA given.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// A connection to a page server: plain TCP or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(b),
+            Stream::Tls(t) => t.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(b),
+            Stream::Tls(t) => t.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// The TLS client configuration for `tls://` page servers: their
+/// certificates are checked against the CA certificates in `ca_pem`.
+pub fn tls_client_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        let c = c.map_err(|e| format!("the CA file: {e}"))?;
+        roots.add(c).map_err(|e| format!("the CA file: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("the CA file holds no certificate".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
 
 use super::source::{PageSource, SourceError};
 use super::wire;
@@ -18,8 +79,10 @@ pub struct TcpSource {
     key: [u8; 16],
     size: u64,
     deadline: Duration,
-    conn: Mutex<Option<(TcpStream, u32)>>,
+    conn: Mutex<Option<(Stream, u32)>>,
     requests: std::sync::atomic::AtomicU64,
+    /// For a `tls://` page server.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for TcpSource {
@@ -41,14 +104,27 @@ fn err(s: &TcpSource, offset: u64, len: usize, what: String) -> SourceError {
 }
 
 impl TcpSource {
-    /// A source for seed `seed_id` (key `key_hex`) at page server `addr`,
-    /// failing a read that cannot complete within `deadline`. Connects and
-    /// checks the key at once.
+    /// A source for seed `seed_id` (key `key_hex`) at page server `addr`
+    /// (`HOST:PORT`, or `tls://HOST:PORT` with `tls` given), failing a
+    /// read that cannot complete within `deadline`. Connects and checks the
+    /// key at once.
     pub fn connect(
         addr: &str,
         seed_id: &str,
         key_hex: &str,
         deadline: Duration,
+    ) -> Result<(TcpSource, u64), SourceError> {
+        Self::connect_tls(addr, seed_id, key_hex, deadline, None)
+    }
+
+    /// [`TcpSource::connect`] with the TLS configuration for `tls://`
+    /// page servers.
+    pub fn connect_tls(
+        addr: &str,
+        seed_id: &str,
+        key_hex: &str,
+        deadline: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<(TcpSource, u64), SourceError> {
         let key = wire::key_bytes(key_hex).ok_or_else(|| SourceError::Read {
             source_name: format!("tcp:{addr}"),
@@ -64,6 +140,7 @@ impl TcpSource {
             deadline,
             conn: Mutex::new(None),
             requests: Default::default(),
+            tls,
         };
         let (stream, size) = s.open(Instant::now() + deadline)?;
         s.size = size;
@@ -71,23 +148,61 @@ impl TcpSource {
         Ok((s, size))
     }
 
-    fn open(&self, until: Instant) -> Result<(TcpStream, u64), SourceError> {
+    fn open(&self, until: Instant) -> Result<(Stream, u64), SourceError> {
         let left = until
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
-        let sa = self
-            .addr
+        let (host_port, tls) = match self.addr.strip_prefix("tls://") {
+            Some(hp) => {
+                let cfg = self.tls.clone().ok_or_else(|| {
+                    err(
+                        self,
+                        0,
+                        0,
+                        format!(
+                            "{} is a TLS page server: this node needs --tls-ca",
+                            self.addr
+                        ),
+                    )
+                })?;
+                (hp, Some(cfg))
+            }
+            None => (self.addr.as_str(), None),
+        };
+        let sa = host_port
             .to_socket_addrs()
             .map_err(|e| err(self, 0, 0, format!("resolving {}: {e}", self.addr)))?
             .next()
             .ok_or_else(|| err(self, 0, 0, format!("{} resolves to nothing", self.addr)))?;
-        let mut s = TcpStream::connect_timeout(&sa, left)
+        let tcp = TcpStream::connect_timeout(&sa, left)
             .map_err(|e| err(self, 0, 0, format!("connecting: {e}")))?;
-        let _ = s.set_nodelay(true);
-        s.set_read_timeout(Some(left))
+        let _ = tcp.set_nodelay(true);
+        tcp.set_read_timeout(Some(left))
             .map_err(|e| err(self, 0, 0, e.to_string()))?;
-        s.set_write_timeout(Some(left))
+        tcp.set_write_timeout(Some(left))
             .map_err(|e| err(self, 0, 0, e.to_string()))?;
+        let mut s = match tls {
+            None => Stream::Plain(tcp),
+            Some(cfg) => {
+                let host = host_port
+                    .rsplit_once(':')
+                    .map_or(host_port, |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| err(self, 0, 0, format!("TLS name {host:?}: {e}")))?;
+                let c = rustls::ClientConnection::new(cfg, name)
+                    .map_err(|e| err(self, 0, 0, format!("TLS: {e}")))?;
+                let mut t = rustls::StreamOwned::new(c, tcp);
+                // The handshake now, so a certificate problem is named as one.
+                while t.conn.is_handshaking() {
+                    t.conn
+                        .complete_io(&mut t.sock)
+                        .map_err(|e| err(self, 0, 0, format!("TLS handshake: {e}")))?;
+                }
+                Stream::Tls(Box::new(t))
+            }
+        };
         let hello = wire::hello(&self.seed_id, &self.key)
             .ok_or_else(|| err(self, 0, 0, "seed id is not 16 hex digits".into()))?;
         s.write_all(&hello)
@@ -132,8 +247,8 @@ impl TcpSource {
         let left = until
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
-        let _ = s.set_read_timeout(Some(left));
-        let _ = s.set_write_timeout(Some(left));
+        let _ = s.tcp().set_read_timeout(Some(left));
+        let _ = s.tcp().set_write_timeout(Some(left));
         *next_id = next_id.wrapping_add(1);
         let id = *next_id;
         let ranges: Vec<(u64, u32)> = reqs.iter().map(|(o, b)| (*o, b.len() as u32)).collect();
