@@ -945,3 +945,75 @@ fn tcp_with_tls_serves_only_tls_clients_that_trust_its_ca() {
     assert_eq!(code, 0);
     assert!(out.contains(&format!("tls://{page}")), "{out}");
 }
+
+#[test]
+fn the_gateway_serves_https_with_its_certificate() {
+    if !require_root("the_gateway_serves_https_with_its_certificate") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let t = Tenanted::start("sec-gateway-tls", &[]);
+    let (ca, cert, key) = certificates(&t.d.dir);
+    let admin = t.d.dir.join("admin-token");
+    std::fs::write(&admin, "gateway-admin\n").unwrap();
+    let mut g = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--listen", "127.0.0.1:0", "--node"])
+        .arg(t.d.addr())
+        .arg("--api-token-file")
+        .arg(&admin)
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .env("FORKD_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(g.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("gateway listening on ")
+        .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
+        .to_string();
+    let https = |path: &str, token: Option<&str>| -> String {
+        let cfg = remotefork::pager::tcp::tls_client_config(&std::fs::read(&ca).unwrap()).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+        let sock = std::net::TcpStream::connect(&addr).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, sock);
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: gw\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let r = https("/healthz", None);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = https("/functions", None);
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    let r = https("/functions", Some("gateway-admin"));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // Plain HTTP on the HTTPS port gets no answer.
+    let mut p = std::net::TcpStream::connect(&addr).unwrap();
+    p.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    p.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = p.read_to_end(&mut out);
+    assert!(
+        !String::from_utf8_lossy(&out).contains("200 OK"),
+        "plain HTTP was served"
+    );
+    // SAFETY: plain kill(2) of our gateway.
+    unsafe { libc::kill(g.id() as i32, libc::SIGTERM) };
+    let _ = g.wait();
+}

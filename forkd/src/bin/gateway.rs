@@ -30,6 +30,12 @@ struct Cli {
     /// [env FORKD_TLS_CA].
     #[arg(long)]
     tls_ca: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM); with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<String>,
     /// The admin token clients must send (Authorization: Bearer ...) for
     /// every path but /healthz and /openapi.json. Without it (and
     /// without --tenants-file) the gateway listens on loopback only.
@@ -127,8 +133,25 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(c), Some(k)) => {
+            let read = |p: &str| std::fs::read(p).map_err(|e| format!("reading {p}: {e}"));
+            match read(c)
+                .and_then(|c| Ok((c, read(k)?)))
+                .and_then(|(c, k)| forkd::daemon::pageserver::tls_acceptor(&c, &k))
+            {
+                Ok(a) => Some(forkd::gateway::Tls(a)),
+                Err(e) => {
+                    eprintln!("gateway: TLS: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
     let cfg = Config {
         auth,
+        tls,
         listen: cli.listen,
         nodes: cli.nodes,
         token,

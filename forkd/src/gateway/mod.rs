@@ -168,6 +168,18 @@ pub struct Config {
     /// (their own functions, run as their uid). None: anyone who can
     /// reach it, so only on loopback.
     pub auth: Option<Arc<crate::daemon::auth::Auth>>,
+    /// HTTPS with this certificate, if given.
+    pub tls: Option<Tls>,
+}
+
+/// The gateway's TLS (its certificate and key, made ready).
+#[derive(Clone)]
+pub struct Tls(pub tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
 }
 
 impl Default for Config {
@@ -189,6 +201,7 @@ impl Default for Config {
             register_timeout: Duration::from_secs(120),
             max_body_bytes: 2 << 20,
             auth: None,
+            tls: None,
         }
     }
 }
@@ -556,6 +569,55 @@ async fn json_errors(
     r
 }
 
+/// HTTPS: every connection's TLS handshake (10 s at most), then HTTP/1.1
+/// or 2 on it, until `shutdown`.
+async fn serve_tls<A>(
+    http: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: A,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
+    A: tower::Service<
+            axum::extract::Request,
+            Response = Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    A::Future: Send + 'static,
+{
+    tokio::pin!(shutdown);
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = http.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => return info!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => return info!(%peer, "no TLS handshake within 10 s"),
+                };
+            let svc = hyper_util::service::TowerToHyperService::new(tower::util::MapRequest::new(
+                app,
+                |r: hyper::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
+            ));
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+        });
+    }
+}
+
 /// Is `HOST:PORT` a loopback address (or localhost)?
 fn is_loopback(listen: &str) -> bool {
     let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
@@ -680,13 +742,16 @@ pub async fn serve(
             _ = term.recv() => {},
         }
     };
-    axum::serve(http, axum::ServiceExt::into_make_service(app))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|error| GatewayError::Io {
-            what: "serving HTTP".into(),
-            error,
-        })?;
+    match g.cfg.tls.clone() {
+        None => axum::serve(http, axum::ServiceExt::into_make_service(app))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|error| GatewayError::Io {
+                what: "serving HTTP".into(),
+                error,
+            })?,
+        Some(Tls(acceptor)) => serve_tls(http, acceptor, app, shutdown).await,
+    }
     let fs: Vec<Arc<Function>> = g
         .functions
         .lock()
