@@ -9,14 +9,33 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::pb::forkd_client::ForkdClient;
 
-/// Adds the bearer token to every request.
+/// Adds the credential to every request: the bearer token on the Unix
+/// socket; over TCP a fresh signed, single-use credential per request
+/// (`daemon::auth::sign`: a copy of one seen on the way cannot be replayed).
 #[derive(Clone)]
-pub struct Token(Option<MetadataValue<tonic::metadata::Ascii>>);
+pub struct Token(Option<Credential>);
+
+#[derive(Clone)]
+enum Credential {
+    Bearer(MetadataValue<tonic::metadata::Ascii>),
+    Signed { token: String, audience: String },
+}
 
 impl tonic::service::Interceptor for Token {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(t) = &self.0 {
-            req.metadata_mut().insert("authorization", t.clone());
+        match &self.0 {
+            Some(Credential::Bearer(t)) => {
+                req.metadata_mut().insert("authorization", t.clone());
+            }
+            Some(Credential::Signed { token, audience }) => {
+                let v = crate::daemon::auth::sign(token, audience)
+                    .parse()
+                    .map_err(|_| {
+                        tonic::Status::internal("a signed credential is not a header value")
+                    })?;
+                req.metadata_mut().insert("authorization", v);
+            }
+            None => {}
         }
         Ok(req)
     }
@@ -80,13 +99,22 @@ pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> 
         }
         e.connect().await.map_err(|e| unreachable(addr, &e))?
     };
-    let t =
-        match token {
-            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
-                anyhow::anyhow!("the token has characters not allowed in a header")
-            })?),
-            None => None,
-        };
+    let t = match token {
+        Some(t) if addr.starts_with("unix:") => {
+            Some(Credential::Bearer(format!("Bearer {t}").parse().map_err(
+                |_| anyhow::anyhow!("the token has characters not allowed in a header"),
+            )?))
+        }
+        Some(t) => Some(Credential::Signed {
+            token: t.to_string(),
+            audience: addr
+                .trim_start_matches("https://")
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string(),
+        }),
+        None => None,
+    };
     Ok(ForkdClient::with_interceptor(channel, Token(t)))
 }
 

@@ -1017,3 +1017,66 @@ fn the_gateway_serves_https_with_its_certificate() {
     unsafe { libc::kill(g.id() as i32, libc::SIGTERM) };
     let _ = g.wait();
 }
+
+#[test]
+fn a_replayed_or_misaddressed_signed_credential_is_refused() {
+    if !require_root("a_replayed_or_misaddressed_signed_credential_is_refused") {
+        return;
+    }
+    let t = Tenanted::start("sec-replay", &[]);
+    let seed = t.confined_seed("a");
+    let tcp = t.tcp();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // A client sending exactly this header on every request.
+        let with = |cred: String| {
+            let tcp = tcp.clone();
+            async move {
+                let ch = tonic::transport::Endpoint::try_from(format!("http://{tcp}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let v: tonic::metadata::MetadataValue<_> = cred.parse().unwrap();
+                forkd::pb::forkd_client::ForkdClient::with_interceptor(
+                    ch,
+                    move |mut r: tonic::Request<()>| {
+                        r.metadata_mut().insert("authorization", v.clone());
+                        Ok(r)
+                    },
+                )
+            }
+        };
+        // Tenant a's signed credential, seen on its way (a log, a proxy).
+        let cred = forkd::daemon::auth::sign("tenant-a-secret", &tcp);
+        let mut c = with(cred.clone()).await;
+        let l = c
+            .list_seeds(forkd::pb::ListSeedsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(l.seeds.iter().any(|s| s.id == seed), "a sees its seed");
+        // Sent again: refused, and a learns nothing more.
+        let e = c
+            .list_seeds(forkd::pb::ListSeedsRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+        assert!(e.message().contains("replayed"), "{e}");
+        // One made for another node is refused here.
+        let other = forkd::daemon::auth::sign("tenant-a-secret", "127.0.0.1:1");
+        let e = with(other)
+            .await
+            .list_seeds(forkd::pb::ListSeedsRequest {})
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("addressed to"), "{e}");
+    });
+    // forkctl over TCP signs each request afresh: it works request after request.
+    for _ in 0..2 {
+        let (code, out, err) = run_forkctl(&tcp, Some(&t.token_a), &["--json", "seed", "ls"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(&seed));
+    }
+    still_serving(&t, &seed);
+}

@@ -199,6 +199,82 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct Auth {
     node_token: Option<[u8; 32]>,
     tenants: Vec<Arc<Tenant>>,
+    /// Where this forkd listens (`HOST:PORT`): signed credentials must be
+    /// addressed to it.
+    audience: Option<String>,
+    /// Nonces of signed credentials seen, with when they expire here.
+    nonces: std::sync::Mutex<std::collections::HashMap<[u8; 16], u64>>,
+}
+
+/// How far a signed credential's time may be from this node's, seconds.
+pub const SIGNED_SKEW_S: u64 = 120;
+
+/// Nonces remembered at most (beyond, the oldest are forgotten early and
+/// credentials older than that are refused as expired).
+const MAX_NONCES: usize = 1 << 20;
+
+/// HMAC-SHA256 (RFC 2104).
+fn hmac(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
+    let mut k = [0u8; 64];
+    k[..32].copy_from_slice(key);
+    let ipad: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
+    let opad: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
+    let inner = Sha256::new()
+        .chain_update(&ipad)
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(&opad)
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A single-use credential for one request to the forkd at `audience`
+/// (`HOST:PORT` as dialled), made from `token`: `RF1
+/// ts=SECONDS,nonce=HEX,aud=ADDR,mac=HEX`, the MAC an HMAC-SHA256 keyed
+/// with the token's SHA-256 (what the server keeps). Seen once, it is
+/// refused again ("replayed"); it expires after [`SIGNED_SKEW_S`].
+pub fn sign(token: &str, audience: &str) -> String {
+    let key: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+    let mut nonce = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut nonce);
+    }
+    sign_at(&key, audience, now_s(), &nonce)
+}
+
+fn sign_at(key: &[u8; 32], audience: &str, ts: u64, nonce: &[u8; 16]) -> String {
+    let n = hex(nonce);
+    let mac = hmac(key, format!("rf1\n{ts}\n{n}\n{audience}").as_bytes());
+    format!("RF1 ts={ts},nonce={n},aud={audience},mac={}", hex(&mac))
+}
+
+/// Does a credential addressed to `aud` reach a forkd listening on
+/// `listen`? The same port, and the same host unless it listens on all.
+fn audience_matches(aud: &str, listen: &str) -> bool {
+    let split = |a: &str| {
+        a.rsplit_once(':').map(|(h, p)| {
+            (
+                h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                p.to_string(),
+            )
+        })
+    };
+    match (split(aud), split(listen)) {
+        (Some((ah, ap)), Some((lh, lp))) => {
+            ap == lp && (ah == lh || lh == "0.0.0.0" || lh == "::" || lh.is_empty())
+        }
+        _ => false,
+    }
 }
 
 impl Auth {
@@ -211,7 +287,90 @@ impl Auth {
         Ok(Auth {
             node_token: node_token.map(|t| Sha256::digest(t.trim().as_bytes()).into()),
             tenants,
+            audience: None,
+            nonces: Default::default(),
         })
+    }
+
+    /// Accept signed credentials addressed to `listen` (`HOST:PORT`).
+    pub fn with_audience(mut self, listen: Option<&str>) -> Auth {
+        self.audience = listen.map(str::to_string);
+        self
+    }
+
+    /// Check a signed credential (`RF1 ...`, see [`sign`]): its MAC
+    /// against every configured token's digest (constant time), its time,
+    /// its audience, and that its nonce was not seen before.
+    fn by_signed(&self, v: &str) -> Result<Principal, Status> {
+        let bad = |why: &str| Status::unauthenticated(format!("signed credential: {why}"));
+        let mut ts = None;
+        let mut nonce = None;
+        let mut aud = None;
+        let mut mac = None;
+        for part in v.split(',') {
+            match part.trim().split_once('=') {
+                Some(("ts", x)) => ts = x.parse::<u64>().ok(),
+                Some(("nonce", x)) => nonce = Some(x.to_string()),
+                Some(("aud", x)) => aud = Some(x.to_string()),
+                Some(("mac", x)) => mac = Some(x.to_string()),
+                _ => return Err(bad("not ts=,nonce=,aud=,mac=")),
+            }
+        }
+        let (Some(ts), Some(nonce), Some(aud), Some(mac)) = (ts, nonce, aud, mac) else {
+            return Err(bad("ts, nonce, aud and mac are all needed"));
+        };
+        let unhex = |x: &str, n: usize| -> Option<Vec<u8>> {
+            (x.len() == 2 * n && x.bytes().all(|c| c.is_ascii_hexdigit())).then(|| {
+                (0..n)
+                    .map(|i| u8::from_str_radix(&x[2 * i..2 * i + 2], 16).unwrap_or(0))
+                    .collect()
+            })
+        };
+        let nonce_b: [u8; 16] = unhex(&nonce, 16)
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| bad("the nonce is not 32 hex digits"))?;
+        let mac_b = unhex(&mac, 32).ok_or_else(|| bad("the mac is not 64 hex digits"))?;
+        // Who made it: every configured digest is tried.
+        let msg = format!("rf1\n{ts}\n{nonce}\n{aud}");
+        let mut found = None;
+        if let Some(n) = &self.node_token {
+            if ct_eq(&hmac(n, msg.as_bytes()), &mac_b) {
+                found = Some(Principal::Node);
+            }
+        }
+        for t in &self.tenants {
+            if ct_eq(&hmac(&t.token_sha256, msg.as_bytes()), &mac_b) && found.is_none() {
+                found = Some(Principal::Tenant(t.clone()));
+            }
+        }
+        let p = found.ok_or_else(|| Status::unauthenticated("wrong token (signed credential)"))?;
+        let now = now_s();
+        if ts + SIGNED_SKEW_S < now || ts > now + SIGNED_SKEW_S {
+            return Err(bad(&format!(
+                "expired or from the future ({ts}, this node's time {now}; {SIGNED_SKEW_S} s allowed)"
+            )));
+        }
+        match &self.audience {
+            Some(l) if audience_matches(&aud, l) => {}
+            Some(l) => return Err(bad(&format!("addressed to {aud}, not to this forkd ({l})"))),
+            None => return Err(bad("this forkd takes no signed credentials here")),
+        }
+        let mut seen = self.nonces.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= MAX_NONCES {
+            seen.retain(|_, exp| *exp > now);
+        }
+        if seen.contains_key(&nonce_b) {
+            return Err(Status::unauthenticated(
+                "signed credential replayed: its nonce was used before",
+            ));
+        }
+        if seen.len() >= MAX_NONCES {
+            return Err(Status::resource_exhausted(
+                "too many signed credentials in the last minutes; try again",
+            ));
+        }
+        seen.insert(nonce_b, ts + 2 * SIGNED_SKEW_S);
+        Ok(p)
     }
 
     /// Are tenants configured (then the Unix socket is not open to all)?
@@ -255,8 +414,13 @@ impl Auth {
         peer_uid: Option<u32>,
     ) -> Result<Principal, Status> {
         if let Some(v) = authorization {
+            if let Some(signed) = v.strip_prefix("RF1 ") {
+                return self.by_signed(signed);
+            }
             let token = v.strip_prefix("Bearer ").ok_or_else(|| {
-                Status::unauthenticated("the authorization header must be \"Bearer <token>\"")
+                Status::unauthenticated(
+                    "the authorization header must be \"Bearer <token>\" or a signed \"RF1 ...\"",
+                )
             })?;
             return self
                 .by_token(token.trim())
@@ -390,7 +554,9 @@ mod tests {
     use super::*;
 
     fn auth() -> Auth {
-        let dir = std::env::temp_dir().join(format!("auth-test-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("auth-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("tenants.toml");
         std::fs::write(
@@ -453,6 +619,47 @@ mod tests {
         assert!(Principal::Operator.may_see("a"));
         assert_eq!(pa.run_as().unwrap().uid, 2001);
         assert!(Principal::Operator.run_as().is_none());
+    }
+
+    #[test]
+    fn a_signed_credential_is_good_once_for_its_audience_and_its_time() {
+        let a = auth().with_audience(Some("127.0.0.1:7070"));
+        let c = sign("token-a", "127.0.0.1:7070");
+        assert_eq!(a.identify(Some(&c), true, None).unwrap().owner(), "a");
+        let e = a.identify(Some(&c), true, None).unwrap_err();
+        assert!(e.message().contains("replayed"), "{}", e.message());
+        // Another node's, a wrong token's, an old one.
+        let e = a
+            .identify(Some(&sign("token-a", "127.0.0.1:7071")), true, None)
+            .unwrap_err();
+        assert!(e.message().contains("addressed to"), "{}", e.message());
+        let e = a
+            .identify(Some(&sign("nope", "127.0.0.1:7070")), true, None)
+            .unwrap_err();
+        assert!(e.message().contains("wrong token"), "{}", e.message());
+        let key: [u8; 32] = Sha256::digest(b"token-a").into();
+        let old = sign_at(&key, "127.0.0.1:7070", now_s() - 3600, &[7; 16]);
+        let e = a.identify(Some(&old), true, None).unwrap_err();
+        assert!(e.message().contains("expired"), "{}", e.message());
+        // A tampered MAC names no one.
+        let mut t = sign("node-token", "127.0.0.1:7070");
+        let last = t.pop().unwrap();
+        t.push(if last == '0' { '1' } else { '0' });
+        assert!(a.identify(Some(&t), true, None).is_err());
+        // A forkd listening on all addresses takes its port's.
+        assert!(audience_matches("10.0.0.1:7070", "0.0.0.0:7070"));
+        assert!(!audience_matches("10.0.0.1:7071", "0.0.0.0:7070"));
+    }
+
+    #[test]
+    fn hmac_is_rfc_4231_case_2() {
+        // Key "Jefe" padded with zeros is HMAC's own padding.
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(b"Jefe");
+        assert_eq!(
+            hex(&hmac(&key, b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]

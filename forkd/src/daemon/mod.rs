@@ -2041,7 +2041,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let token = cfg.token_file.as_deref().map(read_token).transpose()?;
     let auth = Arc::new(
         auth::Auth::new(token.as_deref(), cfg.tenants_file.as_deref())
-            .map_err(|e| ServeError::Config(e.to_string()))?,
+            .map_err(|e| ServeError::Config(e.to_string()))?
+            .with_audience(cfg.listen.as_deref()),
     );
     let read = |p: &std::path::Path, what: &str| {
         std::fs::read(p).map_err(|source| ServeError::Io {
