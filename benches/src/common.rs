@@ -1,9 +1,80 @@
 //! What the benchmark binaries share.
 
-use std::process::Command;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
+
+/// The median of `v` (the upper one of an even count).
+#[allow(dead_code)] // not every benchmark needs it
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The directory of this benchmark binary (and of `forkd`, built beside it).
+#[allow(dead_code)] // not every benchmark needs it
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("no bin dir")?.to_path_buf())
+}
+
+/// A forkd on its own socket and state directory, from this build.
+#[allow(dead_code)] // not every benchmark needs it
+pub struct Forkd {
+    child: Child,
+    dir: PathBuf,
+}
+
+#[allow(dead_code)] // not every benchmark needs it
+impl Forkd {
+    /// Start one in `dir` (emptied first) with `extra` flags.
+    pub fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<Forkd> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let child = Command::new(bin_dir()?.join("forkd"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(dir.join("sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--handover-grace-s", "5"])
+            .args(extra)
+            .env("FORKD_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        let f = Forkd {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let t = Instant::now();
+        while !dir.join("sock").exists() {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("forkd did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(f)
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Its Unix socket address.
+    pub fn addr(&self) -> String {
+        format!("unix:{}", self.dir.join("sock").display())
+    }
+}
+
+impl Drop for Forkd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// The real Python interpreter behind the `python3` shim.
 pub fn python() -> anyhow::Result<String> {

@@ -44,61 +44,7 @@ for line in sys.stdin:
     print(json.dumps({'sum': s, 'ms': ms, 'pid': os.getpid()}), flush=True)
 "#;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    Ok(exe.parent().context("no bin dir")?.to_path_buf())
-}
-
-/// A forkd on its own socket and state directory, from this build.
-struct Forkd {
-    child: Proc,
-    dir: PathBuf,
-}
-
-impl Forkd {
-    fn start(dir: &Path) -> anyhow::Result<Forkd> {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir)?;
-        let child = Command::new(bin_dir()?.join("forkd"))
-            .arg("serve")
-            .arg("--socket")
-            .arg(dir.join("sock"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--handover-grace-s", "5"])
-            .env("FORKD_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?;
-        let f = Forkd {
-            child,
-            dir: dir.to_path_buf(),
-        };
-        let t = Instant::now();
-        while !dir.join("sock").exists() {
-            if t.elapsed() > Duration::from_secs(60) {
-                bail!("forkd did not come up");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(f)
-    }
-
-    fn addr(&self) -> String {
-        format!("unix:{}", self.dir.join("sock").display())
-    }
-}
-
-impl Drop for Forkd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{median, Forkd};
 
 async fn seed_of(addr: &str, argv: Vec<String>) -> anyhow::Result<String> {
     let mut c = forkd::client::connect(addr, None).await?;
@@ -212,7 +158,7 @@ async fn heap_walk(py: &str, work: &Path) -> anyhow::Result<Value> {
     }
     let p_answer = median(parent.iter().map(|p| p.0).collect());
     let p_exit = median(parent.iter().map(|p| p.1).collect());
-    let f = Forkd::start(&work.join("walk"))?;
+    let f = Forkd::start(&work.join("walk"), &[])?;
     let addr = f.addr();
     let seed = seed_of(&addr, vec![py.into(), "-c".into(), HEAP_WALK.into()]).await?;
     // The first child records the working set; later ones get it.
@@ -314,13 +260,13 @@ async fn memory(prog: &Path, work: &Path) -> anyhow::Result<Value> {
         ("template, window", "window", false),
         ("no template", "window", true),
     ] {
-        let f = Forkd::start(&work.join(format!("mem-{prefetch}-{no_template}")))?;
+        let f = Forkd::start(&work.join(format!("mem-{prefetch}-{no_template}")), &[])?;
         let addr = f.addr();
         let seed = seed_of(&addr, vec![prog.display().to_string(), "256".into()]).await?;
         spawn(&addr, &seed, 1, b"sum\n", prefetch, no_template).await?;
         let release = work.join(format!("release-{prefetch}-{no_template}"));
         let input = format!("sum\nawait {}\n", release.display());
-        let fpid = f.child.id() as i32;
+        let fpid = f.pid();
         let handle = {
             let (seed, prefetch) = (seed.clone(), prefetch.to_string());
             tokio::spawn(async move {

@@ -18,8 +18,8 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child as Proc, Command, Stdio};
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -41,61 +41,7 @@ const TOKEN: &str = "bench-tenant-token";
 /// Children per side, alternating.
 const ROUNDS: usize = 61;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    Ok(exe.parent().context("no bin dir")?.to_path_buf())
-}
-
-struct Forkd {
-    child: Proc,
-    dir: PathBuf,
-}
-
-impl Forkd {
-    fn start(dir: &Path, extra: &[&str]) -> anyhow::Result<Forkd> {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir)?;
-        let child = Command::new(bin_dir()?.join("forkd"))
-            .arg("serve")
-            .arg("--socket")
-            .arg(dir.join("sock"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--handover-grace-s", "5"])
-            .args(extra)
-            .env("FORKD_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?;
-        let f = Forkd {
-            child,
-            dir: dir.to_path_buf(),
-        };
-        let t = Instant::now();
-        while !dir.join("sock").exists() {
-            if t.elapsed() > Duration::from_secs(60) {
-                bail!("forkd did not come up");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(f)
-    }
-
-    fn addr(&self) -> String {
-        format!("unix:{}", self.dir.join("sock").display())
-    }
-}
-
-impl Drop for Forkd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{median, Forkd};
 
 /// A warm parent (root), captured by pid for `owner`.
 async fn seed(addr: &str, py: &str, owner: &str) -> anyhow::Result<String> {

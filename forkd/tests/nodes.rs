@@ -466,23 +466,7 @@ fn a_cached_remote_seed_is_served_only_to_the_holder_of_its_key() {
         return;
     };
     let prog = c_program("confined");
-    let (code, out, err) = n.ctl(
-        1,
-        &[
-            "--json",
-            "seed",
-            "create",
-            "--ready-line",
-            "ready",
-            "--",
-            prog.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = command_seed(|a| n.ctl(1, a), &[], &[prog.to_str().unwrap()]);
     let r = n.seed_ref(1, &id);
     let input = n.input("exit", "exit\n");
     // With its key: node 2 fetches the seed and keeps it.

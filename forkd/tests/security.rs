@@ -87,20 +87,11 @@ impl Tenanted {
     /// A seed of `confined.c` (with its seccomp filter), captured by root.
     fn confined_seed(&self, owner: &str) -> String {
         let prog = c_program("confined");
-        let (code, out, err) = self.d.ctl(&[
-            "--json",
-            "seed",
-            "create",
-            "--owner",
-            owner,
-            "--ready-line",
-            "ready",
-            "--",
-            prog.to_str().unwrap(),
-            "filter",
-        ]);
-        assert_eq!(code, 0, "{err}");
-        id_of(&out)
+        command_seed(
+            |a| self.d.ctl(a),
+            &["--owner", owner],
+            &[prog.to_str().unwrap(), "filter"],
+        )
     }
 }
 
@@ -249,6 +240,8 @@ fn a_tenants_child_of_a_root_parent_runs_as_the_tenant_with_the_parents_filter()
     assert_eq!(r["capeff"], "0000000000000000", "{r}");
     assert_eq!(r["capprm"], "0000000000000000", "{r}");
     assert_eq!(r["nnp"], 1, "{r}");
+    // Dumpable as its parent was (a uid change would have cleared it).
+    assert_eq!(r["dumpable"], pr["dumpable"], "{r}");
     // ...and the parent's seccomp filter: sysinfo(2) fails with EPERM.
     assert_eq!(
         (
@@ -275,21 +268,11 @@ fn a_tenants_child_of_a_root_parent_runs_as_the_tenant_with_the_parents_filter()
     // An operator's seed of a root parent: root, with the parent's
     // capabilities, no_new_privs and filter (not forkd's freedom), whether
     // forked from a template or restored from scratch.
-    let seed = {
-        let (code, out, err) = t.d.ctl(&[
-            "--json",
-            "seed",
-            "create",
-            "--ready-line",
-            "ready",
-            "--",
-            prog.to_str().unwrap(),
-            "filter",
-            "dropcaps",
-        ]);
-        assert_eq!(code, 0, "{err}");
-        id_of(&out)
-    };
+    let seed = command_seed(
+        |a| t.d.ctl(a),
+        &[],
+        &[prog.to_str().unwrap(), "filter", "dropcaps", "nodump"],
+    );
     let lacks_net_raw =
         |hex: &Value| u64::from_str_radix(hex.as_str().unwrap(), 16).unwrap() & (1 << 13) == 0;
     for extra in [&[][..], &["--count", "2"][..], &["--no-template"][..]] {
@@ -315,6 +298,10 @@ fn a_tenants_child_of_a_root_parent_runs_as_the_tenant_with_the_parents_filter()
                 "{extra:?}: {r}"
             );
             assert!(lacks_net_raw(&r["capbnd"]), "{extra:?}: {r}");
+            assert_eq!(
+                r["dumpable"], 0,
+                "{extra:?}: the parent was not dumpable: {r}"
+            );
             assert_eq!(r["nnp"], pr["nnp"], "{r}");
             assert_eq!(
                 (r["sysinfo"].as_i64(), r["errno"].as_i64()),
@@ -432,16 +419,8 @@ fn wrong_missing_and_foreign_credentials_are_refused() {
     assert!(!out.contains(&seed));
     // Only the operator names a seed's owner.
     let prog = c_program("confined");
-    let (code, _, err) = t.as_b(&[
-        "seed",
-        "create",
-        "--owner",
-        "a",
-        "--ready-line",
-        "ready",
-        "--",
-        prog.to_str().unwrap(),
-    ]);
+    let (code, _, err) =
+        create_seed_cmd(|a| t.as_b(a), &["--owner", "a"], &[prog.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(err.contains("only the operator"), "{err}");
     still_serving(&t, &seed);
@@ -457,42 +436,16 @@ fn commands_and_captures_only_as_the_caller_could_run_them() {
     let prog = c_program("confined");
     // The node token over TCP: no commands unless the operator enables them.
     let node_token = t.d.dir.join("token");
-    let (code, _, err) = run_forkctl(
-        &t.tcp(),
-        Some(&node_token),
-        &[
-            "seed",
-            "create",
-            "--ready-line",
-            "ready",
-            "--",
-            prog.to_str().unwrap(),
-        ],
-    );
+    let argv = [prog.to_str().unwrap()];
+    let (code, _, err) =
+        create_seed_cmd(|a| run_forkctl(&t.tcp(), Some(&node_token), a), &[], &argv);
     assert_ne!(code, 0);
     assert!(err.contains("over the network is off"), "{err}");
     // b may not run commands at all; a's run as a.
-    let (code, _, err) = t.as_b(&[
-        "seed",
-        "create",
-        "--ready-line",
-        "ready",
-        "--",
-        prog.to_str().unwrap(),
-    ]);
+    let (code, _, err) = create_seed_cmd(|a| t.as_b(a), &[], &argv);
     assert_ne!(code, 0);
     assert!(err.contains("may not create seeds from a command"), "{err}");
-    let (code, out, err) = t.as_a(&[
-        "--json",
-        "seed",
-        "create",
-        "--ready-line",
-        "ready",
-        "--",
-        prog.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let own = id_of(&out);
+    let own = command_seed(|a| t.as_a(a), &[], &argv);
     let c = spawn_one(|a| t.as_a(a), &t.d.dir, &own, "report\nexit\n");
     assert_eq!(lines(&c)[0]["uid"], UID_A, "{c}");
 
@@ -597,6 +550,39 @@ fn tenants_cannot_read_state_or_another_seeds_image() {
     still_serving(&t, &seed_a);
 }
 
+/// A gateway for `t`'s forkd with `extra` flags: the process, unstarted
+/// (stdout and stderr piped).
+fn gateway_cmd(t: &Tenanted, extra: &[&std::ffi::OsStr]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--node")
+        .arg(t.d.addr())
+        .args(extra)
+        .env("FORKD_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// [`gateway_cmd`] listening on 127.0.0.1: the process and its address.
+fn gateway_up(t: &Tenanted, extra: &[&std::ffi::OsStr]) -> (std::process::Child, String) {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--listen".as_ref(), "127.0.0.1:0".as_ref()];
+    args.extend_from_slice(extra);
+    let mut g = gateway_cmd(t, &args);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(g.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("gateway listening on ")
+        .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
+        .to_string();
+    (g, addr)
+}
+
 /// One HTTP/1.1 request with an optional bearer token: (status, JSON body).
 fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
     use std::io::{Read, Write};
@@ -629,44 +615,23 @@ fn the_gateway_needs_a_credential_and_keeps_tenants_functions_apart() {
     let tenants = t.d.dir.join("tenants.toml");
     let admin = t.d.dir.join("admin-token");
     std::fs::write(&admin, "gateway-admin\n").unwrap();
-    let gateway = |extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .arg("--node")
-            .arg(t.d.addr())
-            .args(extra)
-            .env("FORKD_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
     // Beyond loopback without a credential: refused at start.
-    let o = gateway(&["--listen", "0.0.0.0:0"])
+    let o = gateway_cmd(&t, &["--listen".as_ref(), "0.0.0.0:0".as_ref()])
         .wait_with_output()
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("beyond loopback"), "{err}");
 
-    let mut g = gateway(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--api-token-file",
-        admin.to_str().unwrap(),
-        "--tenants-file",
-        tenants.to_str().unwrap(),
-    ]);
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(g.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("gateway listening on ")
-        .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
-        .to_string();
+    let (mut g, addr) = gateway_up(
+        &t,
+        &[
+            "--api-token-file".as_ref(),
+            admin.as_os_str(),
+            "--tenants-file".as_ref(),
+            tenants.as_os_str(),
+        ],
+    );
     let prog = c_program("confined");
     let spec = serde_json::json!({
         "name": "f", "command": [prog, "filter"], "ready_line": "ready",
@@ -894,17 +859,7 @@ fn tcp_with_tls_serves_only_tls_clients_that_trust_its_ca() {
 
     // Another node fetches a seed's descriptor from this one over TLS.
     let prog = c_program("confined");
-    let (code, out, err) = d.ctl(&[
-        "--json",
-        "seed",
-        "create",
-        "--ready-line",
-        "ready",
-        "--",
-        prog.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let id = id_of(&out);
+    let id = command_seed(|a| d.ctl(a), &[], &[prog.to_str().unwrap()]);
     let (code, r, err) = d.ctl(&["seed", "ref", &id, "--origin", &tls_addr]);
     assert_eq!(code, 0, "{err}");
     let other = dir.join("other");
@@ -956,30 +911,17 @@ fn the_gateway_serves_https_with_its_certificate() {
     let (ca, cert, key) = certificates(&t.d.dir);
     let admin = t.d.dir.join("admin-token");
     std::fs::write(&admin, "gateway-admin\n").unwrap();
-    let mut g = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["--listen", "127.0.0.1:0", "--node"])
-        .arg(t.d.addr())
-        .arg("--api-token-file")
-        .arg(&admin)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .env("FORKD_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(g.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("gateway listening on ")
-        .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
-        .to_string();
+    let (mut g, addr) = gateway_up(
+        &t,
+        &[
+            "--api-token-file".as_ref(),
+            admin.as_os_str(),
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ],
+    );
     let https = |path: &str, token: Option<&str>| -> String {
         let cfg = remotefork::pager::tcp::tls_client_config(&std::fs::read(&ca).unwrap()).unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
@@ -1079,4 +1021,57 @@ fn a_replayed_or_misaddressed_signed_credential_is_refused() {
         assert!(out.contains(&seed));
     }
     still_serving(&t, &seed);
+}
+
+#[test]
+fn a_planted_husk_path_changes_nothing_and_nothing_is_written_under_tmp() {
+    if !require_root("a_planted_husk_path_changes_nothing_and_nothing_is_written_under_tmp") {
+        return;
+    }
+    // Where the husk used to be written: a directory and a symlink to a
+    // program that is not the husk.
+    let tmp = std::env::temp_dir();
+    let planted = tmp.join(format!("remotefork-husk-{:016x}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&planted);
+    std::fs::create_dir_all(&planted).unwrap();
+    std::os::unix::fs::symlink("/bin/false", planted.join("rf-husk")).unwrap();
+    let husks = || -> Vec<String> {
+        std::fs::read_dir(&tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("remotefork-husk-"))
+            .collect()
+    };
+    let before = husks();
+    let t = Tenanted::start("sec-husk", &[]);
+    let seed = t.confined_seed("a");
+    for extra in [&[][..], &["--no-template"][..]] {
+        let f = t.d.dir.join("husk-in");
+        std::fs::write(&f, "report\nexit\n").unwrap();
+        let mut args = vec![
+            "--json",
+            "spawn",
+            seed.as_str(),
+            "--stdin",
+            f.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = t.as_a(&args);
+        assert_eq!(code, 0, "{extra:?}: {out} {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(lines(&v["children"][0])[0]["uid"], UID_A, "{v}");
+    }
+    assert_eq!(
+        husks(),
+        before,
+        "something was written under {}",
+        tmp.display()
+    );
+    assert_eq!(
+        std::fs::read_link(planted.join("rf-husk")).unwrap(),
+        Path::new("/bin/false"),
+        "the planted symlink was touched"
+    );
+    std::fs::remove_dir_all(&planted).unwrap();
 }

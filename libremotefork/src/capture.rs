@@ -776,6 +776,14 @@ fn read_clone(
         [libc::PR_GET_SECUREBITS as u64, 0, 0, 0, 0, 0],
         "prctl(PR_GET_SECUREBITS)",
     )? as u32;
+    let dumpable = inject_ok(
+        &mut clone,
+        insn,
+        &base,
+        libc::SYS_prctl,
+        [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
+        "prctl(PR_GET_DUMPABLE)",
+    )? as u32;
     // The clone inherited the parent's filters (fork keeps them).
     let seccomp_filters = clone
         .seccomp_filters()
@@ -845,6 +853,7 @@ fn read_clone(
             no_new_privs: status.no_new_privs,
             seccomp_mode: status.seccomp,
             seccomp_filters,
+            dumpable,
         }),
     };
     // Kill the clone now (Drop of `clone`), before the caller reaps it.

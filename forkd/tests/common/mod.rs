@@ -431,6 +431,34 @@ impl Drop for Daemon {
     }
 }
 
+/// `forkctl --json seed create --ready-line ready EXTRA... -- ARGV...`
+/// through `ctl`: (exit code, stdout, stderr).
+pub fn create_seed_cmd(
+    ctl: impl Fn(&[&str]) -> (i32, String, String),
+    extra: &[&str],
+    argv: &[&str],
+) -> (i32, String, String) {
+    let mut a = vec!["--json", "seed", "create", "--ready-line", "ready"];
+    a.extend_from_slice(extra);
+    a.push("--");
+    a.extend_from_slice(argv);
+    ctl(&a)
+}
+
+/// [`create_seed_cmd`] that must succeed: the new seed's id.
+pub fn command_seed(
+    ctl: impl Fn(&[&str]) -> (i32, String, String),
+    extra: &[&str],
+    argv: &[&str],
+) -> String {
+    let (code, out, err) = create_seed_cmd(ctl, extra, argv);
+    assert_eq!(code, 0, "seed create failed: {err}");
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// `forkctl --json seed create --ready-line ready -- python -c SCRIPT`
 /// through `ctl`; returns the new seed's id.
 pub fn python_seed(ctl: impl Fn(&[&str]) -> (i32, String, String), script: &str) -> String {

@@ -1,6 +1,6 @@
 // A parent that may confine itself ("filter": a seccomp filter under which
 // sysinfo(2) fails with EPERM; "dropcaps": no CAP_NET_RAW, even in its
-// bounding set), prints "ready", then obeys
+// bounding set; "nodump": PR_SET_DUMPABLE 0), prints "ready", then obeys
 // one command per stdin line:
 //   report          what it is now (uid, capabilities, filter, session);
 //                   also any JSON object (a gateway's event)
@@ -53,9 +53,9 @@ static void report(void) {
     status_field("Seccomp", sec, sizeof sec);
     printf("{\"pid\":%d,\"uid\":%d,\"euid\":%d,\"gid\":%d,\"sid\":%d,\"pgid\":%d,"
            "\"sysinfo\":%d,\"errno\":%d,\"capeff\":\"%s\",\"capprm\":\"%s\","
-           "\"capbnd\":\"%s\",\"nnp\":%s,\"seccomp\":%s}\n",
+           "\"capbnd\":\"%s\",\"nnp\":%s,\"seccomp\":%s,\"dumpable\":%d}\n",
            getpid(), getuid(), geteuid(), getgid(), getsid(0), getpgid(0), r, e,
-           capeff, capprm, capbnd, nnp, sec);
+           capeff, capprm, capbnd, nnp, sec, prctl(PR_GET_DUMPABLE, 0, 0, 0, 0));
     fflush(stdout);
 }
 
@@ -64,6 +64,7 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         filter |= strcmp(argv[i], "filter") == 0;
         dropcaps |= strcmp(argv[i], "dropcaps") == 0;
+        if (strcmp(argv[i], "nodump") == 0) prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
     if (dropcaps) {
         // Root without CAP_NET_RAW, in every set and the bounding set.

@@ -149,6 +149,8 @@ pub struct Privileges {
     pub seccomp_mode: u32,
     /// The seccomp filters, oldest first (the order to install them in).
     pub seccomp_filters: Vec<SeccompFilter>,
+    /// `PR_GET_DUMPABLE` (0: not dumpable, not ptraceable by its user).
+    pub dumpable: u32,
 }
 
 /// One seccomp filter program.

@@ -135,6 +135,7 @@ pub(crate) fn sample() -> Descriptor {
                 insns: vec![0x20, 0x7fff_0000_0000_0006],
                 flags: 0,
             }],
+            dumpable: 1,
         }),
     }
 }

@@ -1232,6 +1232,21 @@ pub fn build(
             "prctl(PR_SET_NO_NEW_PRIVS)",
         ));
     }
+    if let Some(p) = privs {
+        // A credential change resets it; the parent's, as a fork child has.
+        state_ops.push(Op::new(
+            libc::SYS_prctl,
+            [
+                v(libc::PR_SET_DUMPABLE as u64),
+                v(p.dumpable as u64),
+                v(0),
+                v(0),
+                v(0),
+                v(0),
+            ],
+            format!("prctl(PR_SET_DUMPABLE, {})", p.dumpable),
+        ));
+    }
     if lazy && dies_with_spawner() {
         // A child whose pager is gone must die, not run on: set after the
         // credential change, which clears it.

@@ -449,6 +449,7 @@ fn a_tenant_child_gets_its_uid_no_new_privs_and_the_parents_filters_last() {
                 flags: 2,
             },
         ],
+        dumpable: 1,
     });
     let run_as = Some(crate::restore::RunAs {
         uid: 2001,
@@ -467,7 +468,8 @@ fn a_tenant_child_gets_its_uid_no_new_privs_and_the_parents_filters_last() {
     let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
     let n = names.len();
     assert!(names[n - 2].starts_with("seccomp") && names[n - 1].starts_with("seccomp"));
-    assert_eq!(names[n - 3], "prctl(PR_SET_NO_NEW_PRIVS)");
+    assert_eq!(names[n - 3], "prctl(PR_SET_DUMPABLE, 1)");
+    assert_eq!(names[n - 4], "prctl(PR_SET_NO_NEW_PRIVS)");
     // The tenant's ids, not the parent's; no capability kept.
     let uid_op = &p.state_ops[names.iter().position(|n| *n == "setresuid").unwrap()];
     assert_eq!(uid_op.args[0], Arg::Val(2001));
@@ -505,6 +507,7 @@ fn a_root_parent_with_fewer_capabilities_gives_its_child_the_same() {
         no_new_privs: true,
         seccomp_mode: 0,
         seccomp_filters: vec![],
+        dumpable: 1,
     });
     let p = build(&d, &husk(0x7fff_f000_0000), &local(), false, None, 0, None).unwrap();
     let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
@@ -516,7 +519,8 @@ fn a_root_parent_with_fewer_capabilities_gives_its_child_the_same() {
     let capset = names.iter().position(|n| n.starts_with("capset")).unwrap();
     assert!(drop < uid && uid < capset, "{names:?}");
     assert!(names.contains(&"prctl(PR_CAP_AMBIENT_RAISE, 0)"));
-    assert_eq!(names.last(), Some(&"prctl(PR_SET_NO_NEW_PRIVS)"));
+    assert_eq!(names.last(), Some(&"prctl(PR_SET_DUMPABLE, 1)"));
+    assert_eq!(names[names.len() - 2], "prctl(PR_SET_NO_NEW_PRIVS)");
     let Arg::Data(c) = p.state_ops[capset].args[1] else {
         panic!("no capset data")
     };
