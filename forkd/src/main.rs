@@ -181,6 +181,10 @@ enum Command {
         /// https:// origins.
         #[arg(long)]
         tls_ca: Option<PathBuf>,
+        /// Children queued over every spawn, at most (then spawns get
+        /// RESOURCE_EXHAUSTED) [default: 200000].
+        #[arg(long)]
+        max_queued: Option<u64>,
     },
     /// Print the SHA-256 of a token (read from stdin) as the tenants file
     /// wants it.
@@ -247,6 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls_cert,
             tls_key,
             tls_ca,
+            max_queued,
         } => {
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
@@ -306,6 +311,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if tls_ca.is_some() {
                 cfg.tls_ca = tls_ca;
+            }
+            if let Some(v) = max_queued {
+                cfg.max_queued = v;
             }
             if peer_token_file.is_some() {
                 cfg.peer_token_file = peer_token_file;

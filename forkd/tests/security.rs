@@ -109,12 +109,26 @@ fn spawn_one(
     seed: &str,
     input: &str,
 ) -> Value {
+    spawn_with(ctl, dir, seed, input, &[])[0].clone()
+}
+
+/// Spawn through `ctl` with `input` and `extra` flags; must succeed: the
+/// children's reports.
+fn spawn_with(
+    ctl: impl Fn(&[&str]) -> (i32, String, String),
+    dir: &Path,
+    seed: &str,
+    input: &str,
+    extra: &[&str],
+) -> Vec<Value> {
     let f = dir.join(format!("input-{}", input.len()));
     std::fs::write(&f, input).unwrap();
-    let (code, out, err) = ctl(&["--json", "spawn", seed, "--stdin", f.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out} {err}");
+    let mut args = vec!["--json", "spawn", seed, "--stdin", f.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, out, err) = ctl(&args);
+    assert_eq!(code, 0, "{extra:?}: {out} {err}");
     let v: Value = serde_json::from_str(&out).unwrap();
-    v["children"][0].clone()
+    v["children"].as_array().unwrap().clone()
 }
 
 /// The JSON lines a child printed.
@@ -276,20 +290,7 @@ fn a_tenants_child_of_a_root_parent_runs_as_the_tenant_with_the_parents_filter()
     let lacks_net_raw =
         |hex: &Value| u64::from_str_radix(hex.as_str().unwrap(), 16).unwrap() & (1 << 13) == 0;
     for extra in [&[][..], &["--count", "2"][..], &["--no-template"][..]] {
-        let f = t.d.dir.join("report-input");
-        std::fs::write(&f, "report\nexit\n").unwrap();
-        let mut args = vec![
-            "--json",
-            "spawn",
-            seed.as_str(),
-            "--stdin",
-            f.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let (code, out, err) = t.d.ctl(&args);
-        assert_eq!(code, 0, "{out} {err}");
-        let v: Value = serde_json::from_str(&out).unwrap();
-        for c in v["children"].as_array().unwrap() {
+        for c in &spawn_with(|a| t.d.ctl(a), &t.d.dir, &seed, "report\nexit\n", extra) {
             let r = &lines(c)[0];
             assert_eq!(r["uid"], 0, "{r}");
             assert!(!lacks_net_raw(&pr["capeff"]), "{pr}");
@@ -1047,20 +1048,8 @@ fn a_planted_husk_path_changes_nothing_and_nothing_is_written_under_tmp() {
     let t = Tenanted::start("sec-husk", &[]);
     let seed = t.confined_seed("a");
     for extra in [&[][..], &["--no-template"][..]] {
-        let f = t.d.dir.join("husk-in");
-        std::fs::write(&f, "report\nexit\n").unwrap();
-        let mut args = vec![
-            "--json",
-            "spawn",
-            seed.as_str(),
-            "--stdin",
-            f.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let (code, out, err) = t.as_a(&args);
-        assert_eq!(code, 0, "{extra:?}: {out} {err}");
-        let v: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(lines(&v["children"][0])[0]["uid"], UID_A, "{v}");
+        let c = spawn_with(|a| t.as_a(a), &t.d.dir, &seed, "report\nexit\n", extra);
+        assert_eq!(lines(&c[0])[0]["uid"], UID_A, "{extra:?}: {}", c[0]);
     }
     assert_eq!(
         husks(),
@@ -1074,4 +1063,43 @@ fn a_planted_husk_path_changes_nothing_and_nothing_is_written_under_tmp() {
         "the planted symlink was touched"
     );
     std::fs::remove_dir_all(&planted).unwrap();
+}
+
+#[test]
+fn spawns_beyond_the_queue_limit_are_refused_and_the_count_comes_back() {
+    if !require_root("spawns_beyond_the_queue_limit_are_refused_and_the_count_comes_back") {
+        return;
+    }
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let t = Tenanted::start("sec-queue", &["--max-queued", "3", "--metrics", &metrics]);
+    let seed = t.confined_seed("a");
+    let f = t.d.dir.join("q-in");
+    std::fs::write(&f, "exit\n").unwrap();
+    let (code, _, err) = t.as_a(&[
+        "spawn",
+        &seed,
+        "--count",
+        "5",
+        "--stdin",
+        f.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "5 children passed a limit of 3");
+    assert!(err.contains("limit of 3"), "{err}");
+    let c = spawn_with(|a| t.as_a(a), &t.d.dir, &seed, "exit\n", &["--count", "3"]);
+    assert_eq!(c.len(), 3);
+    assert!(c.iter().all(|k| k["exit_code"] == 0), "{c:?}");
+    // Once started, they are out of the queue: the limit is whole again.
+    assert_eq!(
+        forkd::client::scrape_metric(&metrics, "forkd_spawns_total"),
+        3
+    );
+    assert_eq!(
+        forkd::client::scrape_metric(&metrics, "forkd_children_queued"),
+        0
+    );
+    let c = spawn_with(|a| t.as_a(a), &t.d.dir, &seed, "exit\n", &["--count", "3"]);
+    assert_eq!(c.len(), 3);
 }

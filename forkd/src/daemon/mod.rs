@@ -102,6 +102,9 @@ pub struct Config {
     /// The CA that other nodes' certificates are checked against, for
     /// `https://` origins (PEM).
     pub tls_ca: Option<PathBuf>,
+    /// Children queued (asked for, not started yet) over every spawn, at
+    /// most; beyond, spawns are refused with RESOURCE_EXHAUSTED.
+    pub max_queued: u64,
 }
 
 impl Default for Config {
@@ -130,6 +133,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            max_queued: 200_000,
         }
     }
 }
@@ -202,6 +206,28 @@ impl State {
             })?;
         *used = Instant::now();
         Ok(d.clone())
+    }
+}
+
+/// Takes a spawn's children out of the queue count as they start, and the
+/// rest if the spawn ends early.
+struct Unqueue {
+    state: Arc<State>,
+    left: u64,
+}
+
+impl Unqueue {
+    fn one(&mut self) {
+        if self.left > 0 {
+            self.left -= 1;
+            self.state.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Unqueue {
+    fn drop(&mut self) {
+        self.state.queued.fetch_sub(self.left, Ordering::SeqCst);
     }
 }
 
@@ -316,6 +342,10 @@ pub struct State {
     spawn_failures: AtomicU64,
     /// Children that started with notes (what they could not keep exactly).
     children_with_notes: AtomicU64,
+    /// Children asked for and not started yet (or failed), over every spawn.
+    queued: AtomicU64,
+    /// See [`Config::max_queued`].
+    max_queued: u64,
     /// Notes already logged, per seed (each is logged once, not per child).
     notes_logged: Mutex<std::collections::HashSet<(String, String)>>,
     /// Other nodes' seeds, fetched once each: concurrent first spawns of
@@ -1210,6 +1240,19 @@ impl Forkd for Service {
                 "count {count} is more than 100000"
             )));
         }
+        // Every spawn's children wait in one queue: it has a bound.
+        let before = self.state.queued.fetch_add(count as u64, Ordering::SeqCst);
+        let max = self.state.max_queued;
+        if before + count as u64 > max {
+            self.state.queued.fetch_sub(count as u64, Ordering::SeqCst);
+            return Err(Status::resource_exhausted(format!(
+                "{before} children are queued on this node already and {count} more would pass its limit of {max} (--max-queued); try again when they have started, or another node"
+            )));
+        }
+        let unqueue = Unqueue {
+            state: self.state.clone(),
+            left: count as u64,
+        };
         let prefetch = match r.prefetch.as_str() {
             "" => Prefetch::Window,
             p => p.parse::<Prefetch>().map_err(Status::invalid_argument)?,
@@ -1238,6 +1281,7 @@ impl Forkd for Service {
         let args = r.args;
         tokio::spawn(async move {
             let _work = work;
+            let mut unqueue = unqueue;
             let mut waiters = Vec::new();
             // Queue every child at once (the spawner threads take them in
             // order, as fast as they can), then follow each in turn.
@@ -1282,6 +1326,7 @@ impl Forkd for Service {
                         .unwrap_or_else(|_| Err("the spawner dropped the job".into())),
                     Err(e) => Err(e),
                 };
+                unqueue.one();
                 let (child, out, stdin_w) = match started {
                     Ok(x) => (x.child, x.stdout, x.stdin),
                     Err(reason) => {
@@ -1818,6 +1863,7 @@ impl State {
         let _ = writeln!(o, "# HELP forkd_instances_running Children running.\n# TYPE forkd_instances_running gauge\nforkd_instances_running {running}");
         let _ = writeln!(o, "# HELP forkd_spawns_total Children started.\n# TYPE forkd_spawns_total counter\nforkd_spawns_total {}", self.spawns.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP forkd_spawn_failures_total Children that could not be started.\n# TYPE forkd_spawn_failures_total counter\nforkd_spawn_failures_total {}", self.spawn_failures.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP forkd_children_queued Children asked for and not started yet (at most --max-queued).\n# TYPE forkd_children_queued gauge\nforkd_children_queued {}", self.queued.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP forkd_children_with_notes_total Children that started with notes: what they could not keep from their parent exactly.\n# TYPE forkd_children_with_notes_total counter\nforkd_children_with_notes_total {}", self.children_with_notes.load(Ordering::Relaxed));
         self.transports.metrics(&mut o);
         let seeds = self.registry.list();
@@ -2124,6 +2170,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         spawns: AtomicU64::new(0),
         spawn_failures: AtomicU64::new(0),
         children_with_notes: AtomicU64::new(0),
+        queued: AtomicU64::new(0),
+        max_queued: cfg.max_queued.max(1),
         notes_logged: Mutex::new(Default::default()),
         remote: Mutex::new(HashMap::new()),
         remote_dir: cfg.state_dir.join("remote"),
