@@ -739,6 +739,18 @@ fn a_symlink_swapped_for_a_seed_file_is_refused() {
     // Unswapped, the child reads the file through its fd 3.
     let c = spawn_one(|a| t.d.ctl(a), &t.d.dir, &seed, "go\n");
     assert_eq!(c["stdout"], "the seed's own data\n", "{c}");
+    // Replaced (renamed over) by another file: the child is told.
+    let other = t.d.dir.join("data.new");
+    std::fs::write(&other, "another file\n").unwrap();
+    std::fs::rename(&other, &data).unwrap();
+    let c = spawn_with(|a| t.d.ctl(a), &t.d.dir, &seed, "go\n", &["--no-template"]);
+    assert!(
+        c[0]["notes"]
+            .to_string()
+            .contains("is not the file the parent had open"),
+        "{}",
+        c[0]
+    );
     std::fs::remove_file(&data).unwrap();
     std::os::unix::fs::symlink(&secret, &data).unwrap();
     let f = t.d.dir.join("go");
@@ -1102,4 +1114,61 @@ fn spawns_beyond_the_queue_limit_are_refused_and_the_count_comes_back() {
     );
     let c = spawn_with(|a| t.as_a(a), &t.d.dir, &seed, "exit\n", &["--count", "3"]);
     assert_eq!(c.len(), 3);
+}
+
+#[test]
+fn an_unused_remote_seed_is_evicted_then_fetched_again_with_its_key() {
+    if !require_root("an_unused_remote_seed_is_evicted_then_fetched_again_with_its_key") {
+        return;
+    }
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let base = scratch("sec-evict");
+    let (da, db) = (base.join("a"), base.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let (page, metrics) = (free(), free());
+    let a = Daemon::start_with(&da, true, &["--page-listen", &page]);
+    let b = Daemon::start_with(
+        &db,
+        true,
+        &[
+            "--transport",
+            "tcp",
+            "--template-idle-s",
+            "1",
+            "--metrics",
+            &metrics,
+        ],
+    );
+    let prog = c_program("confined");
+    let id = command_seed(|x| a.ctl(x), &[], &[prog.to_str().unwrap()]);
+    let (code, r, err) = a.ctl(&["seed", "ref", &id, "--origin", &a.tcp.clone().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let c = spawn_with(|x| b.ctl(x), &db, r.trim(), "report\nexit\n", &[]);
+    assert_eq!(lines(&c[0])[0]["uid"], 0, "{c:?}");
+    assert_eq!(
+        forkd::client::scrape_metric(&metrics, "forkd_remote_seeds"),
+        1
+    );
+    // Unused for the idle time, no child left: evicted (checked for up to
+    // two minutes, for a loaded machine).
+    let t = std::time::Instant::now();
+    while forkd::client::scrape_metric(&metrics, "forkd_remote_seeds") != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the remote seed was never evicted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A wrong key does not bring it back; the right one does.
+    let (o, key) = r.trim().rsplit_once('#').unwrap();
+    let wrong = format!("{o}#{}", "0".repeat(key.len()));
+    let (code, _, err) = b.ctl(&["spawn", &wrong]);
+    assert_ne!(code, 0);
+    assert!(err.contains("wrong key"), "{err}");
+    let c = spawn_with(|x| b.ctl(x), &db, r.trim(), "report\nexit\n", &[]);
+    assert_eq!(lines(&c[0])[0]["uid"], 0, "{c:?}");
 }

@@ -784,6 +784,17 @@ fn read_clone(
         [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
         "prctl(PR_GET_DUMPABLE)",
     )? as u32;
+    // The files behind its descriptors (the clone shares them).
+    let open_files: Vec<(i32, u64, u64)> = frozen_fds
+        .iter()
+        .filter(|f| matches!(f.kind, procfs::FdKind::Regular | procfs::FdKind::Directory))
+        .filter_map(|f| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(format!("/proc/{cpid}/fd/{}", f.fd))
+                .ok()
+                .map(|m| (f.fd, m.dev(), m.ino()))
+        })
+        .collect();
     // The clone inherited the parent's filters (fork keeps them).
     let seccomp_filters = clone
         .seccomp_filters()
@@ -854,6 +865,7 @@ fn read_clone(
             seccomp_mode: status.seccomp,
             seccomp_filters,
             dumpable,
+            open_files,
         }),
     };
     // Kill the clone now (Drop of `clone`), before the caller reaps it.

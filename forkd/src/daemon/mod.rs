@@ -432,6 +432,9 @@ pub struct RemoteSeed {
     owner: String,
     cooperative: bool,
     restorer: Arc<remotefork::restore::Restorer>,
+    /// When a spawn last used it (ms since the epoch): unused for the
+    /// template idle time, and with no child running, it is evicted.
+    last_used: AtomicU64,
 }
 
 impl Service {
@@ -513,6 +516,7 @@ impl Service {
                     sr.id
                 )));
             }
+            rs.last_used.store(now_ms(), Ordering::Relaxed);
             Target {
                 id: sr.id.clone(),
                 cooperative: rs.cooperative,
@@ -604,6 +608,7 @@ impl Service {
             owner: b.owner,
             cooperative: b.cooperative,
             restorer: Arc::new(restorer),
+            last_used: AtomicU64::new(now_ms()),
         })
     }
 
@@ -1658,6 +1663,41 @@ impl Forkd for Service {
 }
 
 impl State {
+    /// Forget other nodes' seeds unused for `idle` whose children here
+    /// have all ended (their node cache goes with the last reference; a
+    /// later spawn fetches the seed again, with its key).
+    fn evict_remote(&self, idle: std::time::Duration) -> usize {
+        let running: std::collections::HashSet<String> = self
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .values()
+            .filter(|i| i.state == "running")
+            .map(|i| i.seed_id.clone())
+            .collect();
+        let now = now_ms();
+        let mut g = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let before = g.len();
+        g.retain(|k, cell| {
+            let id = k.rsplit_once('\n').map_or(k.as_str(), |x| x.1);
+            match cell.get() {
+                // Still being fetched: kept.
+                None => true,
+                Some(rs) => {
+                    let unused = now.saturating_sub(rs.last_used.load(Ordering::Relaxed))
+                        > idle.as_millis() as u64;
+                    let keep = !unused || running.contains(id);
+                    if !keep {
+                        info!(seed = %id, "another node's seed evicted from this node's cache: unused, no child left");
+                    }
+                    keep
+                }
+            }
+        });
+        before - g.len()
+    }
+
     /// May `who` see this event? Its instance's owner decides, or (for a
     /// spawn that failed before there was an instance) its seed's.
     fn event_visible(&self, ev: &pb::InstanceEvent, who: &auth::Principal) -> bool {
@@ -1863,6 +1903,8 @@ impl State {
         let _ = writeln!(o, "# HELP forkd_instances_running Children running.\n# TYPE forkd_instances_running gauge\nforkd_instances_running {running}");
         let _ = writeln!(o, "# HELP forkd_spawns_total Children started.\n# TYPE forkd_spawns_total counter\nforkd_spawns_total {}", self.spawns.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP forkd_spawn_failures_total Children that could not be started.\n# TYPE forkd_spawn_failures_total counter\nforkd_spawn_failures_total {}", self.spawn_failures.load(Ordering::Relaxed));
+        let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let _ = writeln!(o, "# HELP forkd_remote_seeds Other nodes' seeds this node holds (fetched, or being fetched).\n# TYPE forkd_remote_seeds gauge\nforkd_remote_seeds {remote}");
         let _ = writeln!(o, "# HELP forkd_children_queued Children asked for and not started yet (at most --max-queued).\n# TYPE forkd_children_queued gauge\nforkd_children_queued {}", self.queued.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP forkd_children_with_notes_total Children that started with notes: what they could not keep from their parent exactly.\n# TYPE forkd_children_with_notes_total counter\nforkd_children_with_notes_total {}", self.children_with_notes.load(Ordering::Relaxed));
         self.transports.metrics(&mut o);
@@ -2201,6 +2243,17 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         state: state.clone(),
     };
     svc.adopt(handed, orphans).await;
+    {
+        let st = state.clone();
+        let idle = std::time::Duration::from_secs(cfg.template_idle_s.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(idle.min(std::time::Duration::from_secs(30)));
+            loop {
+                tick.tick().await;
+                st.evict_remote(idle);
+            }
+        });
+    }
 
     if let Some(dir) = cfg.socket.parent() {
         std::fs::create_dir_all(dir).map_err(|source| ServeError::Io {

@@ -151,6 +151,10 @@ pub struct Privileges {
     pub seccomp_filters: Vec<SeccompFilter>,
     /// `PR_GET_DUMPABLE` (0: not dumpable, not ptraceable by its user).
     pub dumpable: u32,
+    /// The device and inode of the file behind each regular-file or
+    /// directory descriptor, (fd, dev, ino): a child's reopened file is
+    /// checked against them.
+    pub open_files: Vec<(i32, u64, u64)>,
 }
 
 /// One seccomp filter program.

@@ -136,6 +136,7 @@ pub(crate) fn sample() -> Descriptor {
                 flags: 0,
             }],
             dumpable: 1,
+            open_files: vec![],
         }),
     }
 }

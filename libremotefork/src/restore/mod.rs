@@ -809,6 +809,8 @@ impl Core {
             }
         }
 
+        notes.extend(replaced_files(d, pid));
+
         let child_vdso = d
             .vmas
             .iter()
@@ -1399,6 +1401,30 @@ fn own_vdso() -> Result<(String, u64), RestoreError> {
         detail: "none".into(),
     })?;
     Ok((v.hash, off))
+}
+
+/// Notes for the child's reopened files that are not the ones its parent
+/// had open (same path, another device or inode: replaced since the
+/// capture).
+fn replaced_files(d: &Descriptor, pid: i32) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(p) = &d.privileges else {
+        return Vec::new();
+    };
+    p.open_files
+        .iter()
+        .filter_map(|&(fd, dev, ino)| {
+            let m = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            let path = d.fds.iter().find(|f| f.fd == fd).map_or("", |f| f.path.as_str());
+            ((m.dev(), m.ino()) != (dev, ino)).then(|| {
+                format!(
+                    "fd {fd} ({path}) is not the file the parent had open: it was replaced since the capture (device {dev}, inode {ino} then; {}, {} now)",
+                    m.dev(),
+                    m.ino()
+                )
+            })
+        })
+        .collect()
 }
 
 fn has_cap(capeff: u64, cap: u32) -> bool {

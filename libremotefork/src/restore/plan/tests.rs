@@ -450,6 +450,7 @@ fn a_tenant_child_gets_its_uid_no_new_privs_and_the_parents_filters_last() {
             },
         ],
         dumpable: 1,
+        open_files: vec![],
     });
     let run_as = Some(crate::restore::RunAs {
         uid: 2001,
@@ -508,6 +509,7 @@ fn a_root_parent_with_fewer_capabilities_gives_its_child_the_same() {
         seccomp_mode: 0,
         seccomp_filters: vec![],
         dumpable: 1,
+        open_files: vec![],
     });
     let p = build(&d, &husk(0x7fff_f000_0000), &local(), false, None, 0, None).unwrap();
     let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
