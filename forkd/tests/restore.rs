@@ -9,6 +9,7 @@ mod common;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 use remotefork::image::{self, SeedImage};
@@ -499,4 +500,63 @@ print(json.dumps({{'first': first.decode(), 'next': os.read(fd, 3).decode(), 'pi
             );
         }
     }
+}
+
+#[test]
+fn a_hundred_restorers_with_children_leave_no_thread_and_no_cpu_behind() {
+    if !require_root("a_hundred_restorers_with_children_leave_no_thread_and_no_cpu_behind") {
+        return;
+    }
+    use remotefork::restore::{Io, Restorer, SpawnOptions};
+    let (dir, _) = seed_of(Command::new(c_program("confined")), "hundred-restorers");
+    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let cpu_ticks = || -> u64 {
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let after = &s[s.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = threads();
+    for _ in 0..100 {
+        let r = Restorer::new(SeedImage::open(&dir).unwrap()).unwrap();
+        // Lazy, restored from scratch (no template): the restorer's own
+        // pager threads serve it. Its stdin is /dev/null: it exits at once.
+        let opts = SpawnOptions {
+            template: false,
+            ..Default::default()
+        };
+        let child = r.spawn(Io::Null, Io::Null, Io::Null, &opts).unwrap();
+        // Its pager threads exist while it does.
+        assert!(threads() > before, "no pager thread for a lazy child");
+        let mut status = 0;
+        // SAFETY: reaping the child this thread started (its ptrace parent).
+        let w = unsafe { libc::waitpid(child.pid, &mut status, libc::__WALL) };
+        assert_eq!(w, child.pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+        drop(r);
+    }
+    // Every restorer's threads end once it is dropped and its child gone
+    // (looked at for up to two minutes, for a loaded machine).
+    let t = std::time::Instant::now();
+    while threads() > before {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "{} threads left of 100 restorers ({} before)",
+            threads() - before,
+            before
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And nothing spins: over 2 s this process uses well under a core.
+    let c0 = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks() - c0;
+    assert!(
+        used < 50,
+        "{used} clock ticks of CPU in 2 s with nothing to do"
+    );
 }
