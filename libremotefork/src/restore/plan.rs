@@ -11,7 +11,7 @@
 //!   (anonymous, shared anonymous, or the file when it can be used).
 //! - **state** (phase B): `PR_SET_MM_MAP`, signal handlers, sigaltstack,
 //!   rseq, robust list, `clear_child_tid`, personality, comm, umask, cwd,
-//!   rlimits, file descriptors, and credentials last.
+//!   file descriptors, the userfaultfd, rlimits, and credentials last.
 //!
 //! Then forkd unmaps the executor with one injected `munmap` and sets the
 //! registers, so no restore code stays in the child.
@@ -842,7 +842,7 @@ pub fn build(
         "set_tid_address",
     ));
 
-    // 6. personality, comm, umask, cwd, rlimits.
+    // 6. personality, comm, umask, cwd (rlimits come after the descriptors).
     state_ops.push(Op::new(
         libc::SYS_personality,
         [v(desc.personality as u64), v(0), v(0), v(0), v(0), v(0)],
@@ -873,23 +873,6 @@ pub fn build(
         result_at: slot,
         what: format!("chdir({})", desc.cwd),
     });
-    for (res, (soft, hard)) in desc.rlimits.iter().enumerate() {
-        let lim = data.words(&[*soft, *hard]);
-        let slot = data.slot();
-        state_ops.push(
-            Op::new(
-                libc::SYS_prlimit64,
-                [v(0), v(res as u64), Arg::Data(lim), v(0), v(0), v(0)],
-                format!("prlimit({res})"),
-            )
-            .soft(slot),
-        );
-        soft_steps.push(SoftStep {
-            result_at: slot,
-            what: format!("setting resource limit {res} to ({soft}, {hard})"),
-        });
-    }
-
     // 7. File descriptors. open() returns the lowest free number, so
     //    numbers are filled in ascending order, gaps with placeholders that
     //    are closed afterwards; EXPECT checks every number.
@@ -1002,7 +985,18 @@ pub fn build(
             .get(libc::RLIMIT_NOFILE as usize)
             .map(|l| l.0)
             .unwrap_or(1024);
-        let target = ((max_fd + 1) as u64).max(nofile_soft.min(1024).saturating_sub(24));
+        // High, out of the way, and below the soft RLIMIT_NOFILE (a fork
+        // of a template can place it only there): above the seed's
+        // descriptors if there is room, else in a gap between them.
+        let limit = nofile_soft.min(1024);
+        let target = if ((max_fd + 1) as u64) < limit {
+            ((max_fd + 1) as u64).max(limit.saturating_sub(24))
+        } else {
+            (3..limit)
+                .rev()
+                .find(|n| !desc.fds.iter().any(|f| f.fd as u64 == *n))
+                .unwrap_or((max_fd + 1) as u64)
+        };
         let slot = data.slot();
         state_ops.push(
             Op::new(
@@ -1040,6 +1034,26 @@ pub fn build(
             "close the first userfaultfd number",
         ));
         uffd_slot = Some(slot);
+    }
+
+    // Resource limits after every descriptor is in place (a fork child
+    // keeps descriptors above a lowered RLIMIT_NOFILE, but no new one can
+    // be made there), before the credentials (which may forbid them).
+    for (res, (soft, hard)) in desc.rlimits.iter().enumerate() {
+        let lim = data.words(&[*soft, *hard]);
+        let slot = data.slot();
+        state_ops.push(
+            Op::new(
+                libc::SYS_prlimit64,
+                [v(0), v(res as u64), Arg::Data(lim), v(0), v(0), v(0)],
+                format!("prlimit({res})"),
+            )
+            .soft(slot),
+        );
+        soft_steps.push(SoftStep {
+            result_at: slot,
+            what: format!("setting resource limit {res} to ({soft}, {hard})"),
+        });
     }
 
     // 8. Privileges and credentials, last: after them the child may no
@@ -1494,6 +1508,33 @@ pub fn fork_table(
                 "installing the child's userfaultfd".to_string(),
             )
         };
+        // The userfaultfd's number may be at or above the template's
+        // RLIMIT_NOFILE (a parent that lowered it below descriptors it
+        // has): the soft limit is lifted to the hard one for the dup, then
+        // put back, as the parent had it.
+        let (soft, hard) = desc
+            .rlimits
+            .get(libc::RLIMIT_NOFILE as usize)
+            .copied()
+            .unwrap_or((u64::MAX, u64::MAX));
+        // (Decided by the limits alone, not the number, so the table's
+        // size is known before the template's numbers are.)
+        let lift = i >= FORK_STDIO && soft < hard;
+        if lift {
+            let up = data.words(&[hard, hard]);
+            ops.push(Op::new(
+                libc::SYS_prlimit64,
+                [
+                    v(0),
+                    v(libc::RLIMIT_NOFILE as u64),
+                    Arg::Data(up),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                "lifting RLIMIT_NOFILE for the child's userfaultfd",
+            ));
+        }
         ops.push(Op::new(
             libc::SYS_dup3,
             [
@@ -1506,6 +1547,21 @@ pub fn fork_table(
             ],
             what,
         ));
+        if lift {
+            let back = data.words(&[soft, hard]);
+            ops.push(Op::new(
+                libc::SYS_prlimit64,
+                [
+                    v(0),
+                    v(libc::RLIMIT_NOFILE as u64),
+                    Arg::Data(back),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                "putting RLIMIT_NOFILE back",
+            ));
+        }
     }
     for &r in recv.iter().take(passed) {
         ops.push(Op::new(

@@ -530,3 +530,36 @@ fn a_root_parent_with_fewer_capabilities_gives_its_child_the_same() {
     let w = |i: usize| u32::from_le_bytes(p.data[c + 4 * i..c + 4 * i + 4].try_into().unwrap());
     assert_eq!((w(0), w(1), w(2)), (0x1, 0x3, 0));
 }
+
+#[test]
+fn the_userfaultfd_goes_below_a_lowered_descriptor_limit() {
+    // A parent that lowered RLIMIT_NOFILE to 100 below a descriptor it
+    // holds (251): the child's userfaultfd must go in a gap below 100 (a
+    // fork of a template can place it only there), and the limit is set
+    // after every descriptor is in place.
+    let mut d = sample();
+    d.rlimits[libc::RLIMIT_NOFILE as usize] = (100, 200);
+    d.fds.push(crate::procfs::FdEntry {
+        fd: 251,
+        kind: crate::procfs::FdKind::Pipe,
+        path: "pipe:[9]".into(),
+        flags: 0,
+        offset: 0,
+    });
+    let p = build4(&d, &husk(0x7fff_f000_0000), &local(), true).unwrap();
+    let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
+    let up = names
+        .iter()
+        .position(|n| *n == "move the userfaultfd up")
+        .unwrap();
+    let Arg::Val(target) = p.state_ops[up].args[2] else {
+        panic!("no target")
+    };
+    assert!((3..100).contains(&target), "target {target}");
+    let nofile = names
+        .iter()
+        .position(|n| *n == format!("prlimit({})", libc::RLIMIT_NOFILE))
+        .unwrap();
+    let last_fd = names.iter().rposition(|n| n.contains("fd 251")).unwrap();
+    assert!(nofile > last_fd && nofile > up, "{names:?}");
+}

@@ -1,0 +1,175 @@
+//! The restore-case corpus (`tests/programs/corpus.c`, CRIU's zdtm as the
+//! model): each case sets up one piece of process state or memory
+//! behaviour, and checks it after restore. Every case runs in every mode,
+//! each cell its own test (`corpus::CASE::MODE`):
+//!
+//! - `eager`: every page written before the child runs;
+//! - `lazy_window`, `lazy_off`, `lazy_recorded`: served by the pager, with
+//!   each prefetch (recorded: a first child records, a second uses it);
+//! - `template`: two children forked from the node template;
+//! - `remote_tcp`: a seed of one forkd, a child on another, paged over TCP;
+//! - `seed_of_seed`: a restored child, captured while it waits, restored.
+//!
+//! Root-only: real ptrace, userfaultfd and daemons.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+/// A seed of `corpus CASE` (captured with `forkd snapshot`).
+fn seed(case: &str, mode: &str) -> PathBuf {
+    let mut cmd = Command::new(c_program("corpus"));
+    cmd.arg(case);
+    seed_of(cmd, &format!("corpus-{case}-{mode}")).0
+}
+
+/// Restore `dir` with `args`, send the check: its answer.
+fn check(dir: &std::path::Path, args: &[&str]) -> Restored {
+    restore_and_talk(dir, args, "check\n", |_| {})
+}
+
+fn assert_ok(case: &str, mode: &str, r: &Restored) {
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (Some(0), "ok\n"),
+        "{case} in {mode}: {}{}",
+        r.stdout,
+        r.stderr
+    );
+}
+
+fn run(case: &str, mode: &str) {
+    if !require_root(&format!("corpus::{case}::{mode}")) {
+        return;
+    }
+    match mode {
+        "eager" => assert_ok(case, mode, &check(&seed(case, mode), &["--eager"])),
+        "lazy_window" => assert_ok(case, mode, &check(&seed(case, mode), &[])),
+        "lazy_off" => assert_ok(
+            case,
+            mode,
+            &check(&seed(case, mode), &["--prefetch", "off"]),
+        ),
+        "lazy_recorded" => {
+            let dir = seed(case, mode);
+            for _ in 0..2 {
+                assert_ok(case, mode, &check(&dir, &["--prefetch", "recorded"]));
+            }
+        }
+        "template" => {
+            let dir = seed(case, mode);
+            let r = check(&dir, &["--count", "2", "--json"]);
+            let report: Value = serde_json::from_str(r.stdout.trim())
+                .or_else(|_| serde_json::from_str(r.stderr.trim()))
+                .unwrap_or_else(|_| panic!("{case} in {mode}: {}{}", r.stdout, r.stderr));
+            let kids = report["children"].as_array().unwrap();
+            assert_eq!(kids.len(), 2, "{report}");
+            for k in kids {
+                assert_eq!(
+                    (k["exit_code"].as_i64(), k["stdout"].as_str()),
+                    (Some(0), Some("ok\n")),
+                    "{case} in {mode}: {k}"
+                );
+            }
+        }
+        "remote_tcp" => {
+            let free = || {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().to_string()
+            };
+            let base = scratch(&format!("corpus-{case}-remote"));
+            let (da, db) = (base.join("a"), base.join("b"));
+            std::fs::create_dir_all(&da).unwrap();
+            std::fs::create_dir_all(&db).unwrap();
+            let a = Daemon::start_with(&da, true, &["--page-listen", &free()]);
+            let b = Daemon::start_with(&db, true, &["--transport", "tcp"]);
+            let prog = c_program("corpus");
+            let id = command_seed(|x| a.ctl(x), &[], &[prog.to_str().unwrap(), case]);
+            let (code, r, err) = a.ctl(&["seed", "ref", &id, "--origin", &a.tcp.clone().unwrap()]);
+            assert_eq!(code, 0, "{err}");
+            let input = base.join("check");
+            std::fs::write(&input, "check\n").unwrap();
+            let (code, out, err) = b.ctl(&[
+                "--json",
+                "spawn",
+                r.trim(),
+                "--stdin",
+                input.to_str().unwrap(),
+            ]);
+            assert_eq!(code, 0, "{case} in {mode}: {out} {err}");
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["children"][0]["stdout"], "ok\n", "{case} in {mode}: {v}");
+        }
+        "seed_of_seed" => {
+            let dir = seed(case, mode);
+            let again = scratch(&format!("corpus-{case}-again")).join("seed");
+            // The restored child, waiting for its check, becomes a seed.
+            let r = restore_and_talk(&dir, &["--eager"], "check\n", |child| {
+                let (code, _, err) = run_forkd(&[
+                    "snapshot",
+                    "--pid",
+                    &child.to_string(),
+                    "--out",
+                    again.to_str().unwrap(),
+                ]);
+                assert_eq!(code, 0, "snapshot of a restored child: {err}");
+            });
+            assert_ok(case, "the first generation", &r);
+            assert_ok(case, mode, &check(&again, &[]));
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+macro_rules! corpus {
+    ($($case:ident),* $(,)?) => {
+        $(
+            #[allow(non_snake_case)]
+            mod $case {
+                #[test] fn eager() { super::run(stringify!($case), "eager") }
+                #[test] fn lazy_window() { super::run(stringify!($case), "lazy_window") }
+                #[test] fn lazy_off() { super::run(stringify!($case), "lazy_off") }
+                #[test] fn lazy_recorded() { super::run(stringify!($case), "lazy_recorded") }
+                #[test] fn template() { super::run(stringify!($case), "template") }
+                #[test] fn remote_tcp() { super::run(stringify!($case), "remote_tcp") }
+                #[test] fn seed_of_seed() { super::run(stringify!($case), "seed_of_seed") }
+            }
+        )*
+    };
+}
+
+corpus!(
+    sigmask,
+    sigaction,
+    sigign,
+    sigaltstack,
+    rlimit,
+    cwd,
+    umask,
+    personality,
+    environ,
+    auxv,
+    vdso,
+    rseq,
+    big,
+    sparse,
+    readonly,
+    guard,
+    shared_anon,
+    growsdown,
+    file_private,
+    jit,
+    fd_offset,
+    fd_append,
+    tls,
+    heap,
+    brk,
+    mxcsr,
+    comm,
+    dontneed,
+    mremap,
+);
