@@ -6,7 +6,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
+#include <sys/time.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdint.h>
@@ -65,6 +67,34 @@ static void *brk_start;
 static struct timespec mono_before;
 static char *environ_copy;
 static unsigned long at_random_copy[2];
+static int fd_dir;
+static char *thp, *untouched, *mixed;
+static const char *shared_ro;
+static size_t thp_len = 8 << 20, untouched_len = 16 << 20;
+static int rand_expect[8];
+static volatile int stack_sum;
+static pthread_mutex_t robust;
+static struct timeval real_before;
+static volatile sig_atomic_t got_info;
+static void on_info(int s, siginfo_t *si, void *u) {
+    (void)u;
+    if (s == SIGURG && si->si_signo == SIGURG) got_info++;
+}
+
+/* Deep recursion: the frames below the read stay live across restore. */
+static int deep_check(int depth, int (*at_bottom)(void));
+static int wait_line(void) {
+    char line[64];
+    return fgets(line, sizeof line, stdin) != NULL;
+}
+static int deep_check(int depth, int (*at_bottom)(void)) {
+    volatile char frame[1024];
+    for (int i = 0; i < 1024; i++) frame[i] = (char)(depth + i);
+    int r = depth == 0 ? at_bottom() : deep_check(depth - 1, at_bottom);
+    for (int i = 0; i < 1024; i++)
+        if (frame[i] != (char)(depth + i)) return -1;
+    return r;
+}
 
 static int setup(const char *c) {
     if (!strcmp(c, "sigmask")) {
@@ -204,6 +234,68 @@ static int setup(const char *c) {
         big = mremap(a, 4 * 4096, 64 * 4096, MREMAP_MAYMOVE);
         return big != MAP_FAILED;
     }
+    if (!strcmp(c, "dir_fd")) {
+        fd_dir = open("/usr", O_RDONLY | O_DIRECTORY);
+        return fd_dir >= 0;
+    }
+    if (!strcmp(c, "fd_gaps")) {
+        int n = open("/dev/null", O_RDWR);
+        if (n < 0 || dup2(n, 10) != 10 || dup2(n, 20) != 20) return 0;
+        close(n);
+        return 1;
+    }
+    if (!strcmp(c, "thp")) {
+        thp = mmap(NULL, thp_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (thp == MAP_FAILED) return 0;
+        madvise(thp, thp_len, MADV_HUGEPAGE);
+        for (size_t i = 0; i < thp_len; i += 4096) thp[i] = (char)(i >> 12);
+        return 1;
+    }
+    if (!strcmp(c, "file_shared_ro")) {
+        int fd = open("/usr/bin/env", O_RDONLY);
+        if (fd < 0) return 0;
+        shared_ro = mmap(NULL, 4096, PROT_READ, MAP_SHARED, fd, 0);
+        close(fd);
+        return shared_ro != MAP_FAILED;
+    }
+    if (!strcmp(c, "anon_untouched")) {
+        untouched = mmap(NULL, untouched_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        return untouched != MAP_FAILED;
+    }
+    if (!strcmp(c, "mixed_prot")) {
+        mixed = mmap(NULL, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mixed == MAP_FAILED) return 0;
+        for (int i = 0; i < 8; i++) mixed[i * 4096] = (char)('a' + i);
+        for (int i = 1; i < 8; i += 2)
+            if (mprotect(mixed + i * 4096, 4096, PROT_READ)) return 0;
+        return 1;
+    }
+    if (!strcmp(c, "rand_state")) {
+        srand(12345);
+        for (int i = 0; i < 100; i++) rand();
+        // What the parent itself would draw next: saved, then rewound.
+        srand(12345);
+        for (int i = 0; i < 100; i++) rand();
+        for (int i = 0; i < 8; i++) rand_expect[i] = rand();
+        srand(12345);
+        for (int i = 0; i < 100; i++) rand();
+        return 1;
+    }
+    if (!strcmp(c, "siginfo_onstack")) {
+        stack_t ss = {.ss_sp = malloc(65536), .ss_size = 65536};
+        struct sigaction sa = {0};
+        sa.sa_sigaction = on_info;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        return sigaltstack(&ss, NULL) == 0 && sigaction(SIGURG, &sa, NULL) == 0;
+    }
+    if (!strcmp(c, "realtime")) return gettimeofday(&real_before, NULL) == 0;
+    if (!strcmp(c, "robust_mutex")) {
+        pthread_mutexattr_t a;
+        pthread_mutexattr_init(&a);
+        pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+        return pthread_mutex_init(&robust, &a) == 0 && pthread_mutex_lock(&robust) == 0;
+    }
+    if (!strcmp(c, "deep_stack")) return 1;
     fprintf(stderr, "unknown case %s\n", c);
     return 0;
 }
@@ -368,6 +460,62 @@ static int check(const char *c) {
         CHECK(big[10 * 4096] == 0);
         return 1;
     }
+    if (!strcmp(c, "dir_fd")) {
+        struct stat st;
+        CHECK(fstat(fd_dir, &st) == 0 && S_ISDIR(st.st_mode));
+        CHECK(fchdir(fd_dir) == 0);
+        char b[64];
+        CHECK(getcwd(b, sizeof b) && !strcmp(b, "/usr"));
+        return 1;
+    }
+    if (!strcmp(c, "fd_gaps")) {
+        CHECK(fcntl(10, F_GETFD) >= 0 && fcntl(20, F_GETFD) >= 0);
+        CHECK(fcntl(11, F_GETFD) == -1 && errno == EBADF);
+        return 1;
+    }
+    if (!strcmp(c, "thp")) {
+        for (size_t i = 0; i < thp_len; i += 4096) CHECK(thp[i] == (char)(i >> 12));
+        return 1;
+    }
+    if (!strcmp(c, "file_shared_ro")) {
+        CHECK(shared_ro[0] == 0x7f && shared_ro[1] == 'E' && shared_ro[2] == 'L');
+        return 1;
+    }
+    if (!strcmp(c, "anon_untouched")) {
+        for (size_t i = 0; i < untouched_len; i += 512) CHECK(untouched[i] == 0);
+        return 1;
+    }
+    if (!strcmp(c, "mixed_prot")) {
+        for (int i = 0; i < 8; i++) CHECK(mixed[i * 4096] == (char)('a' + i));
+        for (int i = 0; i < 8; i++) CHECK(faults(mixed + i * 4096, 1) == (i % 2));
+        return 1;
+    }
+    if (!strcmp(c, "rand_state")) {
+        // A fork child draws what its parent would have drawn.
+        for (int i = 0; i < 8; i++) CHECK(rand() == rand_expect[i]);
+        return 1;
+    }
+    if (!strcmp(c, "siginfo_onstack")) {
+        struct sigaction sa;
+        sigaction(SIGURG, NULL, &sa);
+        CHECK((sa.sa_flags & (SA_SIGINFO | SA_ONSTACK)) == (SA_SIGINFO | SA_ONSTACK));
+        raise(SIGURG);
+        CHECK(got_info == 1);
+        return 1;
+    }
+    if (!strcmp(c, "realtime")) {
+        struct timeval now;
+        CHECK(gettimeofday(&now, NULL) == 0);
+        CHECK(now.tv_sec >= real_before.tv_sec);
+        return 1;
+    }
+    if (!strcmp(c, "robust_mutex")) {
+        CHECK(pthread_mutex_trylock(&robust) == EBUSY);
+        CHECK(pthread_mutex_unlock(&robust) == 0);
+        CHECK(pthread_mutex_lock(&robust) == 0);
+        return 1;
+    }
+    if (!strcmp(c, "deep_stack")) return 1;
     failure = "unknown case";
     return 0;
 }
@@ -383,6 +531,16 @@ int main(int argc, char **argv) {
     }
     printf("ready\n");
     fflush(stdout);
+    if (!strcmp(argv[1], "deep_stack")) {
+        // 200 frames of 1 KiB below the read; each checks its own after.
+        int r = deep_check(200, wait_line);
+        if (r == 1) {
+            printf("ok\n");
+            return 0;
+        }
+        printf(r == 0 ? "FAIL: no line\n" : "FAIL: a stack frame changed\n");
+        return 1;
+    }
     char line[64];
     if (!fgets(line, sizeof line, stdin)) return 3;
     if (check(argv[1])) {
