@@ -6,6 +6,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+/// A warm Python whose every request (a line on stdin) sums a
+/// 200,000-entry dict and answers `{"sum", "ms", "pid", "uid"}`.
+#[allow(dead_code)] // not every benchmark needs it
+pub const HEAP_WALK: &str = r#"
+import sys, time, json, os
+d = {i: i * 7 for i in range(200000)}
+print('ready', flush=True)
+for line in sys.stdin:
+    t = time.perf_counter()
+    s = sum(d.values())
+    ms = (time.perf_counter() - t) * 1e3
+    print(json.dumps({'sum': s, 'ms': ms, 'pid': os.getpid(), 'uid': os.getuid()}), flush=True)
+"#;
+
 /// The median of `v` (the upper one of an even count).
 #[allow(dead_code)] // not every benchmark needs it
 pub fn median(mut v: Vec<f64>) -> f64 {

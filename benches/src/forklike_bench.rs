@@ -33,18 +33,7 @@ use remotefork::pager::Prefetch;
 use remotefork::restore::{Io, Restorer, SpawnOptions};
 use serde_json::{json, Value};
 
-const HEAP_WALK: &str = r#"
-import sys, time, json, os
-d = {i: i * 7 for i in range(200000)}
-print('ready', flush=True)
-for line in sys.stdin:
-    t = time.perf_counter()
-    s = sum(d.values())
-    ms = (time.perf_counter() - t) * 1e3
-    print(json.dumps({'sum': s, 'ms': ms, 'pid': os.getpid()}), flush=True)
-"#;
-
-use common::{median, Forkd};
+use common::{median, Forkd, HEAP_WALK};
 
 async fn seed_of(addr: &str, argv: Vec<String>) -> anyhow::Result<String> {
     let mut c = forkd::client::connect(addr, None).await?;

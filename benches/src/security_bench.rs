@@ -25,23 +25,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use forkd::pb;
 
-const HEAP_WALK: &str = r#"
-import sys, time, json, os
-d = {i: i * 7 for i in range(200000)}
-print('ready', flush=True)
-for line in sys.stdin:
-    t = time.perf_counter()
-    s = sum(d.values())
-    ms = (time.perf_counter() - t) * 1e3
-    print(json.dumps({'sum': s, 'ms': ms, 'uid': os.getuid()}), flush=True)
-"#;
-
 const TOKEN: &str = "bench-tenant-token";
 
 /// Children per side, alternating.
 const ROUNDS: usize = 61;
 
-use common::{median, Forkd};
+use common::{median, Forkd, HEAP_WALK};
 
 /// A warm parent (root), captured by pid for `owner`.
 async fn seed(addr: &str, py: &str, owner: &str) -> anyhow::Result<String> {
