@@ -26,5 +26,7 @@ echo "== skipped (not counted as passed): $skipped"
 grep -o 'SKIPPED: .*' target/test-output.txt | sort -u || true
 passed=$(grep -E '^test result:' target/test-output.txt | awk '{s += $4} END {print s + 0}')
 failed=$(grep -E '^test result:' target/test-output.txt | awk '{s += $6} END {print s + 0}')
+echo "== the restore-case corpus (forkd/tests/corpus.rs), case x mode"
+bash forkd/scripts/corpus-matrix.sh target/test-output.txt || true
 echo "tests: $((passed - skipped)) passed, $failed failed, $skipped skipped"
 exit "$status"

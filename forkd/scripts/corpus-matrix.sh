@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Print the restore-case corpus as a matrix (case x mode) from a test
+# run's output (default target/test-output.txt): ok, FAIL, or skip (a cell
+# that could not run here, with its SKIPPED line in the output).
+set -euo pipefail
+out=${1:-target/test-output.txt}
+awk '
+  BEGIN {
+    nm = split("eager lazy_off lazy_window lazy_recorded template remote_tcp seed_of_seed", modes, " ")
+    for (j = 1; j <= nm; j++) mseen[modes[j]] = 1
+  }
+  /Running tests\/corpus\.rs/ { on = 1; next }
+  /^ *Running / { on = 0 }
+  on && /^test [a-z_]+::[a-z_]+ \.\.\. / {
+    split($2, p, "::"); c = p[1]; m = p[2]; r = $4
+    if (!(c in seen)) { seen[c] = 1; cases[++nc] = c }
+    if (!(m in mseen)) { mseen[m] = 1; modes[++nm] = m }
+    cell[c, m] = (r == "ok" ? "ok" : "FAIL")
+  }
+  on && /^SKIPPED: corpus::/ {
+    split($2, p, "::"); sub(/:$/, "", p[3]); skipped[p[2], p[3]] = 1
+  }
+  END {
+    if (nc == 0) { print "corpus: no cells ran"; exit 0 }
+    printf "%-16s", "case"
+    for (j = 1; j <= nm; j++) printf " %-13s", modes[j]
+    printf "\n"
+    for (i = 1; i <= nc; i++) {
+      printf "%-16s", cases[i]
+      for (j = 1; j <= nm; j++) {
+        v = cell[cases[i], modes[j]]
+        if (skipped[cases[i], modes[j]]) v = "skip"
+        if (v == "ok") ok++; else if (v == "FAIL") bad++; else sk++
+        printf " %-13s", (v == "" ? "-" : v)
+      }
+      printf "\n"
+    }
+    printf "corpus: %d cases x %d modes: %d ok, %d failed, %d skipped or not run\n", nc, nm, ok, bad, sk
+  }
+' "$out"
