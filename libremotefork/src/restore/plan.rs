@@ -1040,12 +1040,12 @@ pub fn build(
     // keeps descriptors above a lowered RLIMIT_NOFILE, but no new one can
     // be made there), before the credentials (which may forbid them).
     for (res, (soft, hard)) in desc.rlimits.iter().enumerate() {
-        let lim = data.words(&[*soft, *hard]);
         let slot = data.slot();
         state_ops.push(
-            Op::new(
-                libc::SYS_prlimit64,
-                [v(0), v(res as u64), Arg::Data(lim), v(0), v(0), v(0)],
+            prlimit_op(
+                &mut data,
+                res as u32,
+                (*soft, *hard),
                 format!("prlimit({res})"),
             )
             .soft(slot),
@@ -1366,6 +1366,16 @@ fn dies_with_spawner() -> bool {
     !OUTLIVE_SPAWNER.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// `prlimit64(0, resource, {soft, hard}, NULL)`: this process's limit.
+fn prlimit_op(data: &mut Data, resource: u32, (soft, hard): (u64, u64), what: String) -> Op {
+    let lim = data.words(&[soft, hard]);
+    Op::new(
+        libc::SYS_prlimit64,
+        [v(0), v(resource as u64), Arg::Data(lim), v(0), v(0), v(0)],
+        what,
+    )
+}
+
 /// The highest capability this kernel knows.
 fn cap_last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -1520,20 +1530,10 @@ pub fn fork_table(
         // (Decided by the limits alone, not the number, so the table's
         // size is known before the template's numbers are.)
         let lift = i >= FORK_STDIO && soft < hard;
+        let nofile = libc::RLIMIT_NOFILE;
         if lift {
-            let up = data.words(&[hard, hard]);
-            ops.push(Op::new(
-                libc::SYS_prlimit64,
-                [
-                    v(0),
-                    v(libc::RLIMIT_NOFILE as u64),
-                    Arg::Data(up),
-                    v(0),
-                    v(0),
-                    v(0),
-                ],
-                "lifting RLIMIT_NOFILE for the child's userfaultfd",
-            ));
+            let what = "lifting RLIMIT_NOFILE for the child's userfaultfd".to_string();
+            ops.push(prlimit_op(&mut data, nofile, (hard, hard), what));
         }
         ops.push(Op::new(
             libc::SYS_dup3,
@@ -1548,19 +1548,8 @@ pub fn fork_table(
             what,
         ));
         if lift {
-            let back = data.words(&[soft, hard]);
-            ops.push(Op::new(
-                libc::SYS_prlimit64,
-                [
-                    v(0),
-                    v(libc::RLIMIT_NOFILE as u64),
-                    Arg::Data(back),
-                    v(0),
-                    v(0),
-                    v(0),
-                ],
-                "putting RLIMIT_NOFILE back",
-            ));
+            let what = "putting RLIMIT_NOFILE back".to_string();
+            ops.push(prlimit_op(&mut data, nofile, (soft, hard), what));
         }
     }
     for &r in recv.iter().take(passed) {
