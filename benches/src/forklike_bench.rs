@@ -30,7 +30,7 @@ use forkd::pb;
 use remotefork::capture::{capture, CaptureOptions};
 use remotefork::image::SeedImage;
 use remotefork::pager::Prefetch;
-use remotefork::restore::{Io, Restorer, SpawnOptions};
+use remotefork::SpawnOptions;
 use serde_json::{json, Value};
 
 use common::{median, Forkd, HEAP_WALK};
@@ -315,10 +315,15 @@ fn heap_seed(prog: &Path, mb: u32, dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// Start one child of `r` reading `tsum`; its time to read the heap (µs)
 /// and faults.
-fn tsum(r: &Restorer, opts: &SpawnOptions) -> anyhow::Result<(f64, u64)> {
+fn tsum(r: &remotefork::Seed, opts: &SpawnOptions) -> anyhow::Result<(f64, u64)> {
     let (in_r, mut in_w) = std::io::pipe()?;
     let (out_r, out_w) = std::io::pipe()?;
-    let c = r.spawn(Io::fd(in_r), Io::fd(out_w), Io::Null, opts)?;
+    let mut c = r.spawn(
+        remotefork::Stdio::Fd(in_r.into()),
+        remotefork::Stdio::Fd(out_w.into()),
+        remotefork::Stdio::Null,
+        opts,
+    )?;
     in_w.write_all(b"tsum\n")?;
     drop(in_w);
     let mut l = String::new();
@@ -328,11 +333,9 @@ fn tsum(r: &Restorer, opts: &SpawnOptions) -> anyhow::Result<(f64, u64)> {
         .nth(2)
         .with_context(|| format!("child said {l:?}"))?
         .parse()?;
-    let mut st = 0;
-    // SAFETY: waitpid on our own child.
-    unsafe { libc::waitpid(c.pid, &mut st, 0) };
+    c.wait()?;
     let faults = c
-        .stats
+        .stats()
         .map(|s| {
             s.wait_finished(Duration::from_secs(5));
             s.faults.load(std::sync::atomic::Ordering::Relaxed)
@@ -342,13 +345,11 @@ fn tsum(r: &Restorer, opts: &SpawnOptions) -> anyhow::Result<(f64, u64)> {
 }
 
 fn scratch_opts(lazy: bool, prefetch: Prefetch, template: bool) -> SpawnOptions {
-    SpawnOptions {
-        lazy,
-        prefetch,
-        share: true,
-        template,
-        run_as: None,
-    }
+    SpawnOptions::default()
+        .lazy(lazy)
+        .prefetch(prefetch)
+        .share(true)
+        .template(template)
 }
 
 fn digests(prog: &Path, work: &Path) -> anyhow::Result<Value> {
@@ -373,7 +374,7 @@ fn digests(prog: &Path, work: &Path) -> anyhow::Result<Value> {
         let mut faults = 0;
         for _ in 0..5 {
             // A new restorer each time: a cold node cache, every page fetched.
-            let r = Restorer::new(SeedImage::open(dir)?)?;
+            let r = remotefork::Seed::new(SeedImage::open(dir)?)?;
             let (us, f) = tsum(&r, &opts)?;
             t.push(us / 1e3);
             faults = f;
@@ -394,7 +395,7 @@ fn digests(prog: &Path, work: &Path) -> anyhow::Result<Value> {
 fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
     let dir = heap_seed(prog, 1024, &work.join("gib"))?;
     let eager = {
-        let r = Restorer::new(SeedImage::open(&dir)?)?;
+        let r = remotefork::Seed::new(SeedImage::open(&dir)?)?;
         let mut t = Vec::new();
         for _ in 0..3 {
             t.push(tsum(&r, &scratch_opts(false, Prefetch::Off, false))?.0 / 1e3);
@@ -405,7 +406,7 @@ fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
     // path for eager spawns): pages shared copy-on-write, as a lazy
     // template's children's are.
     let eager_tpl = {
-        let r = Restorer::new(SeedImage::open(&dir)?)?;
+        let r = remotefork::Seed::new(SeedImage::open(&dir)?)?;
         let _ = tsum(&r, &scratch_opts(false, Prefetch::Off, true))?;
         let mut t = Vec::new();
         for _ in 0..3 {
@@ -413,7 +414,7 @@ fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
         }
         median(t)
     };
-    let r = Restorer::new(SeedImage::open(&dir)?)?;
+    let r = remotefork::Seed::new(SeedImage::open(&dir)?)?;
     let cold = tsum(&r, &scratch_opts(true, Prefetch::Window, false))?;
     let warm = tsum(&r, &scratch_opts(true, Prefetch::Window, false))?;
     // The first child recorded the working set: a template gets it.

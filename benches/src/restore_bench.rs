@@ -18,7 +18,8 @@ use common::{python, wait_blocked_in_read, SERVER};
 use remotefork::capture::{capture, CaptureOptions};
 use remotefork::image::SeedImage;
 use remotefork::pager::Prefetch;
-use remotefork::restore::{Io, Restorer, SpawnOptions};
+use remotefork::SpawnOptions;
+
 use serde_json::json;
 
 /// One way of starting children, measured.
@@ -154,7 +155,7 @@ fn main() -> anyhow::Result<()> {
     writeln!(pin, "quit")?;
     parent.wait()?;
     let t = Instant::now();
-    let restorer = Restorer::new(SeedImage::open(&dir)?)?;
+    let restorer = remotefork::Seed::new(SeedImage::open(&dir)?)?;
     let setup_ns = t.elapsed().as_nanos() as u64;
     let run =
         |opts: &SpawnOptions, req: &str, line: &mut String| -> anyhow::Result<(u64, u64, u64)> {
@@ -163,22 +164,27 @@ fn main() -> anyhow::Result<()> {
             writeln!(in_w, "{req}")?;
             drop(in_w);
             let t = Instant::now();
-            let child = restorer.spawn(Io::fd(in_r), Io::fd(out_w), Io::Inherit, opts)?;
+            let mut child = restorer.spawn(
+                remotefork::Stdio::Fd(in_r.into()),
+                remotefork::Stdio::Fd(out_w.into()),
+                remotefork::Stdio::Inherit,
+                opts,
+            )?;
             let mut out = BufReader::new(out_r);
             line.clear();
             out.read_line(line)?;
             let ns = t.elapsed().as_nanos() as u64;
             check_answer(line, req)?;
             let v: serde_json::Value = serde_json::from_str(line.trim())?;
-            if v["pid"] != child.pid {
+            if v["pid"] != child.pid() {
                 bail!(
                     "restored child reports pid {} but is {}",
                     v["pid"],
-                    child.pid
+                    child.pid()
                 );
             }
-            kernel_helpers_wait(child.pid)?;
-            let faults = match &child.stats {
+            child.wait()?;
+            let faults = match child.stats() {
                 Some(s) => {
                     s.wait_finished(Duration::from_secs(60));
                     if let Some(r) = s.killed_reason() {
@@ -188,7 +194,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => 0,
             };
-            Ok((ns, child.restore_ns, faults))
+            Ok((ns, child.restore_time().as_nanos() as u64, faults))
         };
     // Every way of starting a child, in this order: from scratch first (a
     // lazy one records the working set before the `recorded` rows), then
@@ -206,13 +212,11 @@ fn main() -> anyhow::Result<()> {
     ];
     let mut rows: Vec<Row> = Vec::new();
     for (name, lazy, prefetch, template) in modes {
-        let opts = SpawnOptions {
-            lazy,
-            prefetch,
-            share: true,
-            template,
-            run_as: None,
-        };
+        let opts = SpawnOptions::default()
+            .lazy(lazy)
+            .prefetch(prefetch)
+            .share(true)
+            .template(template);
         let mut first_ns = None;
         if template {
             first_ns = Some(run(&opts, "first", &mut line)?.0);
@@ -248,22 +252,20 @@ fn main() -> anyhow::Result<()> {
             let (out_r, out_w) = std::io::pipe()?;
             writeln!(in_w, "mem-{i}")?;
             let child = restorer.spawn(
-                Io::fd(in_r),
-                Io::fd(out_w),
-                Io::Inherit,
-                &SpawnOptions {
-                    lazy: true,
-                    prefetch: Prefetch::Recorded,
-                    share: true,
-                    template,
-                    run_as: None,
-                },
+                remotefork::Stdio::Fd(in_r.into()),
+                remotefork::Stdio::Fd(out_w.into()),
+                remotefork::Stdio::Inherit,
+                &SpawnOptions::default()
+                    .lazy(true)
+                    .prefetch(Prefetch::Recorded)
+                    .share(true)
+                    .template(template),
             )?;
             let mut out = BufReader::new(out_r);
             line.clear();
             out.read_line(&mut line)?;
             check_answer(&line, &format!("mem-{i}"))?;
-            alive.push((child.pid, in_w, out));
+            alive.push((child.pid(), in_w, out, child));
         }
         let mut pids: Vec<i32> = alive.iter().map(|a| a.0).collect();
         if template {
@@ -277,9 +279,9 @@ fn main() -> anyhow::Result<()> {
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
                 .unwrap_or(0);
         }
-        for (pid, in_w, _) in alive {
+        for (_, in_w, _, mut child) in alive {
             drop(in_w);
-            kernel_helpers_wait(pid)?;
+            child.wait()?;
         }
         memory.push((template, pss_kb));
     }
@@ -396,18 +398,4 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
-}
-
-/// Reap a restored child (it is our child: the husk was forked here).
-fn kernel_helpers_wait(pid: i32) -> anyhow::Result<()> {
-    loop {
-        let mut status = 0;
-        // SAFETY: status is a valid out-pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
-        if r == pid
-            || (r == -1 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR))
-        {
-            return Ok(());
-        }
-    }
 }

@@ -353,14 +353,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output_dir,
             json,
         } => {
-            let opts = remotefork::restore::SpawnOptions {
-                lazy: !eager,
-                prefetch: prefetch.parse().map_err(anyhow::Error::msg)?,
-                share: !no_share,
+            let opts = remotefork::SpawnOptions::default()
+                .lazy(!eager)
+                .prefetch(prefetch.parse().map_err(anyhow::Error::msg)?)
+                .share(!no_share)
                 // One child: restoring it directly is cheaper than a template.
-                template: count > 1 && !no_template,
-                run_as: None,
-            };
+                .template(count > 1 && !no_template);
             return restore_cmd::run(&dir, opts, count, detach, output_dir.as_deref(), json);
         }
         Command::Snapshot {

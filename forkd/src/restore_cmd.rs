@@ -8,66 +8,45 @@ use std::time::Instant;
 use anyhow::Context;
 use forkd::cli::{ChildReport, SpawnReport};
 use remotefork::image::SeedImage;
-use remotefork::restore::{Child, Io, Restorer, SpawnOptions};
+use remotefork::{Child, ExitReason, SpawnOptions, Stdio};
 use serde_json::json;
 
-/// How a child ended.
-enum Ended {
-    Code(i32),
-    Signal(i32),
-}
-
-impl Ended {
-    fn exit_code(&self) -> u8 {
-        match self {
-            Ended::Code(c) => *c as u8,
-            Ended::Signal(s) => 128u8.wrapping_add(*s as u8),
-        }
-    }
-    fn ok(&self) -> bool {
-        matches!(self, Ended::Code(0))
-    }
-    fn describe(&self) -> String {
-        match self {
-            Ended::Code(c) => format!("exit status {c}"),
-            Ended::Signal(s) => format!("signal {s}"),
-        }
-    }
-}
-
-fn wait_child(pid: i32) -> anyhow::Result<Ended> {
-    loop {
-        match kernel_helpers::ptrace::wait(pid)
-            .with_context(|| format!("waiting for child {pid}"))?
-        {
-            kernel_helpers::ptrace::Stop::Exited(c) => return Ok(Ended::Code(c)),
-            kernel_helpers::ptrace::Stop::Killed(s) => return Ok(Ended::Signal(s)),
-            _ => continue,
-        }
+/// What `forkd restore` exits with for a child that ended so.
+fn exit_code(e: &ExitReason) -> u8 {
+    match e {
+        ExitReason::Exited(c) => *c as u8,
+        ExitReason::Signaled(s) => 128u8.wrapping_add(*s as u8),
+        ExitReason::KilledByPager(_) => 128u8.wrapping_add(libc::SIGKILL as u8),
+        _ => 1,
     }
 }
 
 /// A child's report (docs/cli-schema.json), with the pager's figures
 /// once it has let go of it.
-fn child_report(index: u32, c: &Child, ended: &Ended) -> ChildReport {
+fn child_report(index: u32, c: &Child, ended: &ExitReason) -> ChildReport {
     let mut r = ChildReport {
         index,
-        pid: Some(c.pid as u32),
-        time_to_running_ms: Some(c.restore_ns as f64 / 1e6),
-        notes: c.notes.clone(),
+        pid: Some(c.pid() as u32),
+        time_to_running_ms: Some(c.restore_time().as_secs_f64() * 1e3),
+        notes: c.notes().to_vec(),
         ..Default::default()
     };
     match ended {
-        Ended::Code(code) => r.exit_code = Some(*code),
-        Ended::Signal(sig) => r.signal = Some(*sig),
+        ExitReason::Exited(code) => r.exit_code = Some(*code),
+        ExitReason::Signaled(sig) => r.signal = Some(*sig),
+        ExitReason::KilledByPager(why) => {
+            r.signal = Some(libc::SIGKILL);
+            r.reason = Some(why.clone());
+        }
+        _ => {}
     }
-    let mut local = json!({ "pages_written": c.pages_written });
-    if let Some(s) = &c.stats {
+    let mut local = json!({ "pages_written": c.pages_written() });
+    if let Some(s) = c.stats() {
         s.wait_finished(std::time::Duration::from_millis(200));
         let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         r.faults = g(&s.faults);
         r.pages_installed = g(&s.pages_installed);
-        r.reason = s.killed_reason();
+        r.reason = r.reason.take().or_else(|| s.killed_reason());
         local["pages_fetched"] = json!(g(&s.pages_fetched));
         local["pages_from_cache"] = json!(g(&s.pages_from_cache));
         local["zero_pages"] = json!(g(&s.zero_pages));
@@ -78,18 +57,15 @@ fn child_report(index: u32, c: &Child, ended: &Ended) -> ChildReport {
     r
 }
 
-fn report_kill(c: &Child) {
-    if let Some(r) = c.stats.as_ref().and_then(|s| {
-        s.wait_finished(std::time::Duration::from_millis(200));
-        s.killed_reason()
-    }) {
-        eprintln!("forkd: child {} was killed: {r}", c.pid);
+fn report_kill(c: &Child, ended: &ExitReason) {
+    if let ExitReason::KilledByPager(r) = ended {
+        eprintln!("forkd: child {} was killed: {r}", c.pid());
     }
 }
 
 fn warn_notes(child: &Child) {
-    for n in &child.notes {
-        eprintln!("forkd: warning: child {}: {n}", child.pid);
+    for n in child.notes() {
+        eprintln!("forkd: warning: child {}: {n}", child.pid());
     }
 }
 
@@ -106,23 +82,20 @@ pub fn run(
     let t0 = Instant::now();
     let image = SeedImage::open(dir)
         .with_context(|| format!("cannot read seed image {}", dir.display()))?;
-    let restorer =
-        Restorer::new(image).with_context(|| format!("cannot restore {}", dir.display()))?;
+    let restorer = remotefork::Seed::new(image)
+        .with_context(|| format!("cannot restore {}", dir.display()))?;
 
     if detach {
         // A detached child outlives this command, and with it the pager a
         // lazy child would need: detached children are restored eagerly.
-        let opts = SpawnOptions {
-            lazy: false,
-            ..opts
-        };
+        let opts = opts.lazy(false);
         let mut pids = Vec::new();
         for _ in 0..count {
             let c = restorer
-                .spawn(Io::Inherit, Io::Inherit, Io::Inherit, &opts)
+                .spawn(Stdio::Inherit, Stdio::Inherit, Stdio::Inherit, &opts)
                 .context("restore failed")?;
             warn_notes(&c);
-            pids.push(c.pid);
+            pids.push(c.pid());
         }
         let mut out = std::io::stdout().lock();
         if json {
@@ -137,20 +110,20 @@ pub fn run(
     }
 
     if count == 1 {
-        let c = restorer
-            .spawn(Io::Inherit, Io::Inherit, Io::Inherit, &opts)
+        let mut c = restorer
+            .spawn(Stdio::Inherit, Stdio::Inherit, Stdio::Inherit, &opts)
             .context("restore failed")?;
         warn_notes(&c);
-        let ended = wait_child(c.pid)?;
-        if !ended.ok() {
-            report_kill(&c);
+        let ended = c.wait()?;
+        if !ended.success() {
+            report_kill(&c, &ended);
         }
         if json {
             // The child has stdout: the report goes to stderr.
             let r = SpawnReport::new(1, vec![child_report(0, &c, &ended)], ms(t0));
             eprintln!("{}", serde_json::to_string(&r)?);
         }
-        return Ok(ExitCode::from(ended.exit_code()));
+        return Ok(ExitCode::from(exit_code(&ended)));
     }
 
     // Many children: one input for all, outputs collected in order.
@@ -160,12 +133,14 @@ pub fn run(
         .context("reading stdin")?;
     let mut running = Vec::with_capacity(count as usize);
     for i in 0..count {
-        let (in_r, mut in_w) = std::io::pipe().context("creating a pipe")?;
-        let (out_r, out_w) = std::io::pipe().context("creating a pipe")?;
-        let c = restorer
-            .spawn(Io::fd(in_r), Io::fd(out_w), Io::Inherit, &opts)
+        let mut c = restorer
+            .spawn(Stdio::Piped, Stdio::Piped, Stdio::Inherit, &opts)
             .with_context(|| format!("restoring child {i} failed"))?;
         warn_notes(&c);
+        let (mut in_w, out_r) = c
+            .take_stdin()
+            .zip(c.take_stdout())
+            .context("the child's pipes are missing")?;
         let data = input.clone();
         let feeder = std::thread::spawn(move || {
             // A child that exits without reading gets EPIPE here: not an error.
@@ -181,17 +156,13 @@ pub fn run(
     }
     let mut report = Vec::new();
     let mut stdout = std::io::stdout().lock();
-    for (i, (c, feeder, collector)) in (0u32..).zip(running) {
-        let ended = wait_child(c.pid)?;
+    for (i, (mut c, feeder, collector)) in (0u32..).zip(running) {
+        let ended = c.wait()?;
         let _ = feeder.join();
         let out = collector.join().unwrap_or_default();
-        if !ended.ok() {
-            eprintln!(
-                "forkd: child {i} (pid {}) failed: {}",
-                c.pid,
-                ended.describe()
-            );
-            report_kill(&c);
+        if !ended.success() {
+            eprintln!("forkd: child {i} (pid {}) failed: {ended}", c.pid());
+            report_kill(&c, &ended);
         }
         if let Some(d) = output_dir {
             forkd::cli::write_outputs(d, &[(i, &out)])?;

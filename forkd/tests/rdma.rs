@@ -22,7 +22,7 @@ use remotefork::pager::rdma::{
     self, Connection, ExportedSeed, Exporter, QpInfo, RdmaNode, RdmaSource, RemoteRegion,
 };
 use remotefork::pager::source::{PageSource, SeedCache, SourceError};
-use remotefork::pager::table::PageRef;
+use remotefork::pager::PageRef;
 use serde_json::Value;
 
 /// The two nodes' devices and addresses, if this is an RDMA environment.

@@ -507,7 +507,7 @@ fn a_hundred_restorers_with_children_leave_no_thread_and_no_cpu_behind() {
     if !require_root("a_hundred_restorers_with_children_leave_no_thread_and_no_cpu_behind") {
         return;
     }
-    use remotefork::restore::{Io, Restorer, SpawnOptions};
+    use remotefork::{ExitReason, Seed, SpawnOptions, Stdio};
     let (dir, _) = seed_of(Command::new(c_program("confined")), "hundred-restorers");
     let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
     let cpu_ticks = || -> u64 {
@@ -518,26 +518,20 @@ fn a_hundred_restorers_with_children_leave_no_thread_and_no_cpu_behind() {
         f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     };
     let before = threads();
-    for _ in 0..100 {
-        let r = Restorer::new(SeedImage::open(&dir).unwrap()).unwrap();
-        // Lazy, restored from scratch (no template): the restorer's own
-        // pager threads serve it. Its stdin is /dev/null: it exits at once.
-        let opts = SpawnOptions {
-            template: false,
-            ..Default::default()
-        };
-        let child = r.spawn(Io::Null, Io::Null, Io::Null, &opts).unwrap();
+    for i in 0..100 {
+        let seed = Seed::open(&dir).unwrap();
+        // Lazy: the seed's own pager threads serve it. Every tenth from a
+        // template (the template service thread, which also ends once no
+        // seed has templates and no child forked from one is left). Its
+        // stdin is /dev/null: it exits at once.
+        let opts = SpawnOptions::default().template(i % 10 == 0);
+        let mut child = seed
+            .spawn(Stdio::Null, Stdio::Null, Stdio::Null, &opts)
+            .unwrap();
         // Its pager threads exist while it does.
         assert!(threads() > before, "no pager thread for a lazy child");
-        let mut status = 0;
-        // SAFETY: reaping the child this thread started (its ptrace parent).
-        let w = unsafe { libc::waitpid(child.pid, &mut status, libc::__WALL) };
-        assert_eq!(w, child.pid);
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "status {status:#x}"
-        );
-        drop(r);
+        assert_eq!(child.wait().unwrap(), ExitReason::Exited(0), "child {i}");
+        drop(seed);
     }
     // Every restorer's threads end once it is dropped and its child gone
     // (looked at for up to two minutes, for a loaded machine).

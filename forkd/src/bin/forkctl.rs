@@ -148,6 +148,11 @@ enum SeedCmd {
         /// The node's gRPC address as other nodes reach it [default: --addr].
         #[arg(long)]
         origin: Option<String>,
+        /// Print the page-server reference instead (`ADDR/ID#KEY` with the
+        /// node's page server), for `remotefork::Seed::open_remote` and
+        /// `rf_seed_open_remote` in programs that link the library.
+        #[arg(long, conflicts_with = "origin")]
+        pages: bool,
     },
 }
 
@@ -430,7 +435,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     writeln!(out, "{}", json!({ "dropped": id }))?;
                 }
             }
-            SeedCmd::Ref { id, origin } => {
+            SeedCmd::Ref { id, origin, pages } => {
                 let s = c
                     .get_seed(pb::SeedRef {
                         id,
@@ -443,7 +448,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     !s.key.is_empty(),
                     "forkd gave no key: ask over its Unix socket"
                 );
-                let r = format!("{}/{}#{}", origin.unwrap_or(addr.clone()), s.id, s.key);
+                let at = if pages {
+                    let b = c
+                        .fetch_descriptor(pb::SeedRef {
+                            id: s.id.clone(),
+                            key: s.key.clone(),
+                        })
+                        .await
+                        .map_err(status_err)?
+                        .into_inner();
+                    anyhow::ensure!(
+                        !b.page_server.is_empty(),
+                        "forkd runs no page server (start it with --page-listen)"
+                    );
+                    b.page_server
+                } else {
+                    origin.unwrap_or(addr.clone())
+                };
+                let r = format!("{at}/{}#{}", s.id, s.key);
                 writeln!(
                     out,
                     "{}",

@@ -110,8 +110,8 @@ impl Principal {
     }
 
     /// Whom its children run as (the parent's user for the operator).
-    pub fn run_as(&self) -> Option<remotefork::restore::RunAs> {
-        self.tenant().map(|t| remotefork::restore::RunAs {
+    pub fn run_as(&self) -> Option<remotefork::RunAs> {
+        self.tenant().map(|t| remotefork::RunAs {
             uid: t.uid,
             gid: t.gid,
         })

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use remotefork::pager::{ForkEvent, Prefetch};
-use remotefork::restore::{Child, Restorer};
+use remotefork::Child;
 use serde_json::{json, Value};
 use tracing::warn;
 
@@ -87,8 +87,8 @@ impl Handover {
         let keeper = Keeper::connect_or_start(run_dir, grace)?;
         let handed = keeper.take()?;
         let orphans = keeper.orphans();
-        remotefork::restore::set_children_outlive_spawner(true);
-        remotefork::restore::set_journal_dir(Some(journals));
+        remotefork::node::set_children_outlive_spawner(true);
+        remotefork::node::set_journal_dir(Some(journals));
         Ok((
             Handover {
                 keeper: Arc::new(keeper),
@@ -109,7 +109,7 @@ impl Handover {
 
     /// Before the first child of `seed` on this forkd: hand over its
     /// cache, and have its grandchildren handed over as they are forked.
-    pub fn seed_in_use(&self, seed: &SeedPlace, r: &Arc<Restorer>) {
+    pub fn seed_in_use(&self, seed: &SeedPlace, r: &Arc<remotefork::Seed>) {
         if !self
             .seeds
             .lock()
@@ -197,14 +197,14 @@ impl Handover {
         m["uid"] = json!(uid);
         m["iid"] = json!(iid);
         m["index"] = json!(index);
-        m["pid"] = json!(child.pid);
+        m["pid"] = json!(child.pid());
         m["labels"] = json!(labels);
         m["started_unix_ms"] = json!(started_unix_ms);
         m["prefetch"] = json!(prefetch_name(prefetch));
-        m["notes"] = json!(child.notes);
+        m["notes"] = json!(child.notes());
         let mut fds: Vec<RawFd> = vec![pidfd.as_raw_fd()];
         let mut names = vec!["pidfd"];
-        if let Some(h) = &child.handover {
+        if let Some(h) = child.handover() {
             fds.push(h.uffd.as_raw_fd());
             names.push("uffd");
             m["regions"] = json!(h.regions);

@@ -25,7 +25,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use remotefork::capture::{capture, CaptureError, CaptureOptions};
 use remotefork::pager::Prefetch;
-use remotefork::restore::SpawnOptions;
+use remotefork::SpawnOptions;
 use serde::Deserialize;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -418,7 +418,7 @@ struct Target {
     cooperative: bool,
     /// The tenant that owns the seed ("" for the operator's).
     owner: String,
-    restorer: Arc<remotefork::restore::Restorer>,
+    restorer: Arc<remotefork::Seed>,
     local: Option<Arc<registry::Seed>>,
     /// Where the seed lives, for a later forkd.
     place: handover::SeedPlace,
@@ -431,7 +431,7 @@ pub struct RemoteSeed {
     /// Its owner on its node.
     owner: String,
     cooperative: bool,
-    restorer: Arc<remotefork::restore::Restorer>,
+    restorer: Arc<remotefork::Seed>,
     /// When a spawn last used it (ms since the epoch): unused for the
     /// template idle time, and with no child running, it is evicted.
     last_used: AtomicU64,
@@ -572,28 +572,25 @@ impl Service {
         if !b.working_set.is_empty() {
             // Recorded on the seed's node: this node's first child is fast too.
             remotefork::private_fs::write(
-                &dir.join(remotefork::restore::WORKING_SET_FILE),
+                &dir.join(remotefork::node::WORKING_SET_FILE),
                 &b.working_set,
             )
             .map_err(|e| Status::internal(e.to_string()))?;
         }
         let (source, via) = self.page_source(origin, sr, &b.page_server).await?;
-        let restorer = tokio::task::spawn_blocking(
-            move || -> Result<remotefork::restore::Restorer, String> {
-                let image = remotefork::image::SeedImage::open_descriptor(&dir)
-                    .map_err(|e| e.to_string())?;
-                let size = source.size();
-                if size != image.descriptor().image_bytes {
-                    return Err(format!(
-                        "{} offers {size} bytes, the descriptor says {}",
-                        source.name(),
-                        image.descriptor().image_bytes
-                    ));
-                }
-                remotefork::restore::Restorer::remote_adopting(image, source, cache)
-                    .map_err(|e| e.to_string())
-            },
-        )
+        let restorer = tokio::task::spawn_blocking(move || -> Result<remotefork::Seed, String> {
+            let image =
+                remotefork::image::SeedImage::open_descriptor(&dir).map_err(|e| e.to_string())?;
+            let size = source.size();
+            if size != image.descriptor().image_bytes {
+                return Err(format!(
+                    "{} offers {size} bytes, the descriptor says {}",
+                    source.name(),
+                    image.descriptor().image_bytes
+                ));
+            }
+            remotefork::Seed::remote_adopting(image, source, cache).map_err(|e| e.to_string())
+        })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| {
@@ -693,7 +690,7 @@ impl Service {
         &self,
         target: &Target,
         who: &auth::Principal,
-    ) -> Result<Option<remotefork::restore::RunAs>, Status> {
+    ) -> Result<Option<remotefork::RunAs>, Status> {
         if target.owner.is_empty() {
             return Ok(who.run_as());
         }
@@ -703,7 +700,7 @@ impl Service {
                 target.id, target.owner
             ))
         })?;
-        Ok(Some(remotefork::restore::RunAs {
+        Ok(Some(remotefork::RunAs {
             uid: t.uid,
             gid: t.gid,
         }))
@@ -949,8 +946,7 @@ impl Service {
                 rest.push(h);
             }
         }
-        let mut targets: HashMap<String, Result<Arc<remotefork::restore::Restorer>, String>> =
-            HashMap::new();
+        let mut targets: HashMap<String, Result<Arc<remotefork::Seed>, String>> = HashMap::new();
         for h in rest {
             let place = handover::SeedPlace::from_meta(&h.meta);
             let names: Vec<String> = h.meta["fds"]
@@ -1002,7 +998,7 @@ impl Service {
                         .starts_with("g/")
                         .then(|| st.handover.adopted_grandchild(&h.key, &h.meta));
                     let pidfd = fds.get("pidfd").and_then(|p| p.try_clone().ok());
-                    match r.adopt(remotefork::restore::Adopted {
+                    match r.adopt(remotefork::node::Adopted {
                         pid,
                         pidfd,
                         uffd,
@@ -1262,13 +1258,12 @@ impl Forkd for Service {
             "" => Prefetch::Window,
             p => p.parse::<Prefetch>().map_err(Status::invalid_argument)?,
         };
-        let opts = SpawnOptions {
-            lazy: !r.eager,
-            prefetch,
-            share: true,
-            template: !r.no_template,
-            run_as,
-        };
+        let opts = SpawnOptions::default()
+            .lazy(!r.eager)
+            .prefetch(prefetch)
+            .share(true)
+            .template(!r.no_template)
+            .run_as(run_as);
         let st = self.state.clone();
         let restorer = target.restorer.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::InstanceEvent, Status>>(1024);
@@ -1348,10 +1343,10 @@ impl Forkd for Service {
                     s.spawned.fetch_add(1, Ordering::Relaxed);
                 }
                 st.spawns.fetch_add(1, Ordering::Relaxed);
-                let pid = child.pid as u32;
-                info!(seed = %target.id, instance = %iid, pid, running_us = child.restore_ns / 1000, "child started");
+                let pid = child.pid() as u32;
+                info!(seed = %target.id, instance = %iid, pid, running_us = child.restore_time().as_micros() as u64, "child started");
                 let started_unix_ms = now_ms();
-                let pidfd = match kernel_helpers::uffd::pidfd_open(child.pid) {
+                let pidfd = match child.pidfd().try_clone_to_owned() {
                     Ok(p) => p,
                     Err(e) => {
                         // Gone already (it can exit that fast): reported as lost.
@@ -1368,10 +1363,10 @@ impl Forkd for Service {
                         continue;
                     }
                 };
-                if !child.notes.is_empty() {
+                if !child.notes().is_empty() {
                     st.children_with_notes.fetch_add(1, Ordering::Relaxed);
                     let mut logged = st.notes_logged.lock().unwrap_or_else(|e| e.into_inner());
-                    for n in &child.notes {
+                    for n in child.notes() {
                         if logged.len() < 10_000 && logged.insert((target.id.clone(), n.clone())) {
                             warn!(seed = %target.id, instance = %iid, note = %n, "a child differs from its parent (said on its Running event and in ListInstances)");
                         }
@@ -1407,7 +1402,7 @@ impl Forkd for Service {
                             started_unix_ms,
                             end: None,
                             adopted: false,
-                            notes: child.notes.clone(),
+                            notes: child.notes().to_vec(),
                             stdout: Vec::new(),
                             stdout_bytes: 0,
                             owner: owner.clone(),
@@ -1425,7 +1420,7 @@ impl Forkd for Service {
                     pid,
                     kind: Some(pb::instance_event::Kind::Running(pb::Running {
                         time_to_running_ms: ms,
-                        notes: child.notes.clone(),
+                        notes: child.notes().to_vec(),
                     })),
                     ..base.clone()
                 };
@@ -1436,7 +1431,7 @@ impl Forkd for Service {
                     pid,
                     pidfd,
                     out,
-                    stats: child.stats.clone(),
+                    stats: child.stats().cloned(),
                     tx: Some(tx2),
                     started: t,
                     ended: None,
@@ -1577,7 +1572,7 @@ impl Forkd for Service {
             version: env!("CARGO_PKG_VERSION").into(),
             hostname: self.state.hostname.clone(),
             kernel: remotefork::procfs::sysctl("kernel/osrelease"),
-            vdso_hash: remotefork::restore::node_vdso_hash().unwrap_or_default(),
+            vdso_hash: remotefork::node::vdso_hash().unwrap_or_default(),
             transports: self
                 .state
                 .transports
@@ -1607,7 +1602,7 @@ impl Forkd for Service {
         let descriptor = std::fs::read(s.dir.join(remotefork::image::DESCRIPTOR_FILE))
             .map_err(|e| Status::internal(format!("reading seed {}: {e}", s.meta.id)))?;
         let working_set =
-            std::fs::read(s.dir.join(remotefork::restore::WORKING_SET_FILE)).unwrap_or_default();
+            std::fs::read(s.dir.join(remotefork::node::WORKING_SET_FILE)).unwrap_or_default();
         let page_server = self.state.page_server.clone().ok_or_else(|| {
             Status::failed_precondition(
                 "this node runs no page server (start forkd with --page-listen HOST:PORT)",
@@ -2175,7 +2170,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         ));
     }
     let registry = Arc::new(Registry::open(&cfg.state_dir)?);
-    remotefork::restore::set_template_idle_timeout(std::time::Duration::from_secs(
+    remotefork::node::set_template_idle_timeout(std::time::Duration::from_secs(
         cfg.template_idle_s.max(1),
     ));
     let spawner = Spawner::new(cfg.spawner_threads).map_err(|source| ServeError::Io {

@@ -348,6 +348,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             .map_err(|e| format!("opening seed {id}: {e}"))?,
     );
     let size = seed.image_bytes;
+    let seed_dir = seed.dir.clone();
     drop(seed);
     write_within(
         &mut s,
@@ -367,6 +368,29 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let req_id = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
         let n = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if n == wire::DESCRIPTOR_REQUEST {
+            let (dir, id2) = (seed_dir.clone(), id.clone());
+            let bundle = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                let d = std::fs::read(dir.join(remotefork::image::DESCRIPTOR_FILE))?;
+                let ws =
+                    std::fs::read(dir.join(remotefork::node::WORKING_SET_FILE)).unwrap_or_default();
+                Ok(wire::descriptor_bundle(&d, &ws))
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(format!("reader task: {e}"))));
+            match bundle {
+                Ok(b) => {
+                    let header = wire::response_header(req_id, read_status::OK, b.len() as u32);
+                    write_within(&mut s, &header, stall).await?;
+                    write_within(&mut s, &b, stall).await?;
+                }
+                Err(e) => {
+                    let msg = format!("reading seed {id2}'s descriptor: {e}");
+                    reply_error(&mut s, req_id, read_status::READ_ERROR, &msg, stall).await;
+                }
+            }
+            continue;
+        }
         if n == 0 || n > wire::MAX_RANGES {
             let msg = format!(
                 "{n} ranges in one request (1 to {} allowed)",

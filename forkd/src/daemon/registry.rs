@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 
 use remotefork::image::SeedImage;
 use remotefork::private_fs;
-use remotefork::restore::Restorer;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -78,7 +77,7 @@ pub struct Seed {
     pub vmas: u32,
     /// Children started from it.
     pub spawned: std::sync::atomic::AtomicU64,
-    restorer: Mutex<Option<Arc<Restorer>>>,
+    restorer: Mutex<Option<Arc<remotefork::Seed>>>,
     /// Why it is damaged (a page that did not match its digest), kept in
     /// [`DAMAGED_FILE`] so a restarted forkd refuses it too.
     damaged: Mutex<Option<String>>,
@@ -90,7 +89,7 @@ pub const DAMAGED_FILE: &str = "DAMAGED";
 impl Seed {
     /// The seed's restorer, set up on first use and shared by its children
     /// (it owns the node-local cache and the pager).
-    pub fn restorer(&self) -> Result<Arc<Restorer>, remotefork::restore::RestoreError> {
+    pub fn restorer(&self) -> Result<Arc<remotefork::Seed>, remotefork::RestoreError> {
         self.restorer_adopting(None)
     }
 
@@ -99,15 +98,18 @@ impl Seed {
     pub fn restorer_adopting(
         &self,
         cache: Option<remotefork::pager::source::CacheFds>,
-    ) -> Result<Arc<Restorer>, remotefork::restore::RestoreError> {
+    ) -> Result<Arc<remotefork::Seed>, remotefork::RestoreError> {
         if let Some(why) = self.damaged() {
-            return Err(remotefork::restore::RestoreError::Damaged(why));
+            return Err(remotefork::RestoreError::Damaged(why));
         }
         let mut g = self.restorer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = g.as_ref() {
             return Ok(r.clone());
         }
-        let r = Arc::new(Restorer::new_adopting(SeedImage::open(&self.dir)?, cache)?);
+        let r = Arc::new(remotefork::Seed::new_adopting(
+            SeedImage::open(&self.dir)?,
+            cache,
+        )?);
         *g = Some(r.clone());
         Ok(r)
     }
@@ -128,7 +130,7 @@ impl Seed {
     }
 
     /// The restorer, if a child was ever started from this seed.
-    pub fn restorer_if_started(&self) -> Option<Arc<Restorer>> {
+    pub fn restorer_if_started(&self) -> Option<Arc<remotefork::Seed>> {
         self.restorer
             .lock()
             .unwrap_or_else(|e| e.into_inner())

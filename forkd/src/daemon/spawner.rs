@@ -11,13 +11,13 @@ use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use remotefork::restore::{Child, Io, Restorer, SpawnOptions};
+use remotefork::{Child, SpawnOptions, Stdio};
 use tokio::sync::oneshot;
 
 /// One child to start.
 pub struct Job {
     /// The seed's restorer.
-    pub restorer: Arc<Restorer>,
+    pub restorer: Arc<remotefork::Seed>,
     /// Given whole to the child as its stdin.
     pub stdin: Arc<Vec<u8>>,
     /// Capture its stdout (else /dev/null).
@@ -77,17 +77,19 @@ pub struct Started {
 }
 
 fn run(job: &Job) -> Result<Started, String> {
-    let (in_r, mut in_w) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
-    let (stdout, out_r) = if job.capture_stdout {
-        let (r, w) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
-        (Io::fd(w), Some(OwnedFd::from(r)))
+    let stdout = if job.capture_stdout {
+        Stdio::Piped
     } else {
-        (Io::Null, None)
+        Stdio::Null
     };
-    let child = job
+    let mut child = job
         .restorer
-        .spawn(Io::fd(in_r), stdout, Io::Null, &job.opts)
+        .spawn(Stdio::Piped, stdout, Stdio::Null, &job.opts)
         .map_err(|e| e.to_string())?;
+    let out_r = child.take_stdout().map(OwnedFd::from);
+    let mut in_w = child
+        .take_stdin()
+        .ok_or_else(|| "the child's stdin pipe is missing".to_string())?;
     // A fresh pipe holds a page without blocking: small inputs are written
     // here; larger ones by the daemon, as the child reads. A child that
     // exits without reading its input gets EPIPE, ignored.

@@ -20,11 +20,11 @@
 //! Decoding is bounded: the body length is checked against the file and a
 //! hard limit before anything is allocated, the checksum before the body is
 //! parsed, every count against what a process can have while it is parsed
-//! ([`limits`]), and every address, offset and range after.
+//! (the limits module), and every address, offset and range after.
 
 mod descriptor;
 pub mod inspect;
-pub mod limits;
+pub(crate) mod limits;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -46,7 +46,7 @@ pub const MAX_BODY_LEN: u64 = 256 << 20;
 /// Name of the descriptor file in an image directory.
 pub const DESCRIPTOR_FILE: &str = "descriptor.bin";
 /// Directory in an image holding the seed's copies of mapped files, named by
-/// [`crate::fileid::store_key`].
+/// their identity (device, inode, size, mtime), hashed.
 pub const FILES_DIR: &str = "files";
 /// Name of the page store in an image directory.
 pub const PAGES_FILE: &str = "pages.img";
@@ -109,7 +109,7 @@ pub enum ImageError {
         source: postcard::Error,
     },
     /// A field holds more entries than any process can have (see
-    /// [`limits`]); refused before they are allocated.
+    /// the limits module); refused before they are allocated.
     #[error("descriptor field {field}: {count} entries exceed the limit of {limit}")]
     TooMany {
         /// The field (`vmas`, `vmas[].runs` for all runs together, ...).

@@ -2,7 +2,7 @@
 //!
 //! A small pool of threads, each with one epoll over many children's
 //! userfaultfds (and their pidfds, to notice exits). Each child has a
-//! [`table::PageTable`] keyed by its current addresses. A fault on a stored
+//! page table keyed by its current addresses. A fault on a stored
 //! page is served from the node-local [`source::SeedCache`] (fetching from
 //! the [`source::PageSource`] on a miss), with a prefetch window or the
 //! seed's recorded working set; a fault on a zero page gets
@@ -16,7 +16,10 @@
 
 pub mod rdma;
 pub mod source;
-pub mod table;
+pub(crate) mod table;
+/// A page of a seed (where it lies in the page store, its digest), as
+/// [`source::SeedCache::ensure`] takes them.
+pub use table::PageRef;
 pub mod tcp;
 pub mod wire;
 
@@ -34,7 +37,7 @@ use tracing::{debug, warn};
 
 use crate::PAGE_SIZE;
 use source::SeedCache;
-use table::{Fill, Origin, PageRef, PageTable, Slot};
+use table::{Fill, Origin, PageTable, Slot};
 
 /// Pages copied per fault in window mode (the fault plus the next ones).
 pub const WINDOW_PAGES: usize = 16;

@@ -341,3 +341,62 @@ impl PageSource for TcpSource {
         format!("tcp:{}", self.addr)
     }
 }
+
+impl TcpSource {
+    /// The seed's descriptor and recorded working set, from its page
+    /// server (the [`wire::DESCRIPTOR_REQUEST`]).
+    pub fn fetch_descriptor(&self) -> Result<(Vec<u8>, Vec<u8>), SourceError> {
+        let until = Instant::now() + self.deadline;
+        let mut g = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            let (s, _) = self.open(until)?;
+            *g = Some((s, 0));
+        }
+        let Some((s, next_id)) = g.as_mut() else {
+            return Err(err(self, 0, 0, "no connection".into()));
+        };
+        *next_id = next_id.wrapping_add(1);
+        let id = *next_id;
+        let io = |e: std::io::Error| err(self, 0, 0, format!("descriptor request: {e}"));
+        s.write_all(&wire::descriptor_request(id)).map_err(io)?;
+        let mut h = [0u8; 12];
+        s.read_exact(&mut h).map_err(io)?;
+        let status = h[4];
+        let len = u32::from_le_bytes(h[8..12].try_into().unwrap_or([0; 4])) as usize;
+        if u32::from_le_bytes(h[..4].try_into().unwrap_or([0; 4])) != id {
+            *g = None;
+            return Err(err(self, 0, 0, "descriptor answer out of step".into()));
+        }
+        if status != wire::read_status::OK {
+            let mut msg = vec![0u8; len.min(4096)];
+            s.read_exact(&mut msg).map_err(io)?;
+            let why = String::from_utf8_lossy(&msg);
+            return Err(err(
+                self,
+                0,
+                0,
+                if status == wire::read_status::TOO_LARGE {
+                    format!(
+                        "the page server does not hand out descriptors (an older forkd?): {why}"
+                    )
+                } else {
+                    format!("page server: {why}")
+                },
+            ));
+        }
+        if len as u64 > crate::image::MAX_BODY_LEN + (64 << 20) {
+            *g = None;
+            return Err(err(
+                self,
+                0,
+                0,
+                format!("a descriptor of {len} bytes is too large"),
+            ));
+        }
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).map_err(io)?;
+        let (d, ws) = wire::parse_descriptor_bundle(&body)
+            .ok_or_else(|| err(self, 0, 0, "malformed descriptor answer".into()))?;
+        Ok((d.to_vec(), ws.to_vec()))
+    }
+}

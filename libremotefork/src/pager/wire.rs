@@ -138,6 +138,37 @@ pub fn response_header(req_id: u32, status: u8, len: u32) -> [u8; 12] {
     h
 }
 
+/// The range count that asks for the seed's descriptor instead of pages
+/// (`forkd` 0.1 from this version on; an older server answers
+/// [`read_status::TOO_LARGE`]). The answer's data is
+/// [`descriptor_bundle`].
+pub const DESCRIPTOR_REQUEST: u32 = u32::MAX;
+
+/// A descriptor request (no ranges follow).
+pub fn descriptor_request(req_id: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8);
+    v.extend_from_slice(&req_id.to_le_bytes());
+    v.extend_from_slice(&DESCRIPTOR_REQUEST.to_le_bytes());
+    v
+}
+
+/// The answer to a descriptor request: the descriptor's length (u32), the
+/// descriptor, then the recorded working set (the rest, maybe empty).
+pub fn descriptor_bundle(descriptor: &[u8], working_set: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + descriptor.len() + working_set.len());
+    v.extend_from_slice(&(descriptor.len() as u32).to_le_bytes());
+    v.extend_from_slice(descriptor);
+    v.extend_from_slice(working_set);
+    v
+}
+
+/// Split a [`descriptor_bundle`]: (descriptor, working set).
+pub fn parse_descriptor_bundle(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let rest = &b[4..];
+    (n <= rest.len()).then(|| rest.split_at(n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +216,12 @@ mod tests {
         assert_eq!(check_ranges(&big, 1 << 30), read_status::TOO_LARGE);
         assert_eq!(request(7, &[(1, 2)]).len(), 8 + 12);
         assert_eq!(&response_header(7, 3, 9)[..5], &[7, 0, 0, 0, 3]);
+        let b = descriptor_bundle(b"desc", b"ws");
+        assert_eq!(
+            parse_descriptor_bundle(&b),
+            Some((&b"desc"[..], &b"ws"[..]))
+        );
+        assert_eq!(parse_descriptor_bundle(&b[..5]), None);
+        assert_eq!(&descriptor_request(5)[4..], &u32::MAX.to_le_bytes());
     }
 }

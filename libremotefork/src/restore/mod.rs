@@ -1,8 +1,8 @@
 //! Restore: start a new running process from a seed image, on this node.
 //!
-//! A [`Restorer`] checks once what every child of an image needs (the vDSO
+//! A [`Seed`] checks once what every child of an image needs (the vDSO
 //! matches, the files resolve, the privileges are there) and builds nothing
-//! that can half-exist. [`Restorer::spawn`] then, per child:
+//! that can half-exist. [`Seed::spawn`] then, per child:
 //!
 //! 1. starts a husk under ptrace, stopped at its exec;
 //! 2. builds the [`plan::RestorePlan`] for that husk and maps the executor
@@ -15,11 +15,11 @@
 //!
 //! On any error the husk is killed and reaped: no half-built child remains.
 
-pub mod plan;
+pub(crate) mod plan;
 mod template;
 
-pub use plan::set_children_outlive_spawner;
-pub use template::set_idle_timeout as set_template_idle_timeout;
+pub(crate) use plan::set_children_outlive_spawner;
+pub(crate) use template::set_idle_timeout as set_template_idle_timeout;
 
 /// Where lazily served children's journals go (see
 /// [`crate::pager::Journal`]): set by a daemon that hands its children to
@@ -61,7 +61,7 @@ pub struct Handover {
 }
 
 /// A lazily served child (or forked grandchild) to take over from a
-/// process that served it before (see [`Restorer::adopt`]).
+/// process that served it before (see [`Seed::adopt`]).
 #[derive(Debug)]
 pub struct Adopted {
     /// Its pid, if known.
@@ -84,8 +84,8 @@ pub struct Adopted {
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// A child's standard stream, for [`Restorer::spawn`].
-pub use kernel_helpers::husk::Io;
+use crate::child::{Child, Started};
+
 use kernel_helpers::husk::{self, HuskError};
 use kernel_helpers::mapping::Mapping;
 use kernel_helpers::mem::{self, MemError, ProcMem, RemoteRange};
@@ -135,6 +135,16 @@ pub enum RestoreError {
     /// The seed's pages do not match their digests.
     #[error("the seed is damaged: {0}; drop it and capture it again")]
     Damaged(String),
+    /// A remote seed could not be opened.
+    #[error("seed {seed} at {addr}: {why}")]
+    Remote {
+        /// The seed's id.
+        seed: String,
+        /// Its page server.
+        addr: String,
+        /// What failed.
+        why: String,
+    },
     /// Restore lacks a privilege it needs.
     #[error("not permitted to restore: {0}")]
     NotPermitted(String),
@@ -190,25 +200,19 @@ pub enum RestoreError {
     },
 }
 
-/// A child that was started.
-#[derive(Debug)]
-pub struct Child {
-    /// Its pid.
-    pub pid: i32,
-    /// Steps that did not fully succeed and things the user should know.
-    pub notes: Vec<String>,
-    /// From starting the husk to the child running, in ns.
-    pub restore_ns: u64,
-    /// Pages written into it before it ran.
-    pub pages_written: u64,
-    /// The pager's statistics for it (lazy children).
-    pub stats: Option<Arc<ChildStats>>,
-    /// What another process needs to serve it on (lazy children).
-    pub handover: Option<Handover>,
-}
-
-/// How to start a child.
+/// How to start a child: build it from [`SpawnOptions::default`] (lazy,
+/// windowed prefetch, shared node cache, from a template) with its
+/// setters.
+///
+/// ```
+/// use remotefork::{Prefetch, SpawnOptions};
+/// let eager = SpawnOptions::default().lazy(false).template(false);
+/// assert!(!eager.lazy && !eager.template);
+/// let recorded = SpawnOptions::default().prefetch(Prefetch::Recorded);
+/// assert_eq!(recorded.prefetch, Prefetch::Recorded);
+/// ```
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct SpawnOptions {
     /// Serve anonymous memory on demand through userfaultfd (else write it all first).
     pub lazy: bool,
@@ -218,7 +222,7 @@ pub struct SpawnOptions {
     /// stay shared between children until written (else each gets copies).
     pub share: bool,
     /// Fork the child from this node's template of the seed (restored once,
-    /// never run; see [`template`]) instead of restoring it from scratch.
+    /// never run) instead of restoring it from scratch.
     /// The first child of a seed and mode builds the template.
     pub template: bool,
     /// Run the child as this user instead of the parent's (a tenant's
@@ -235,6 +239,40 @@ pub struct RunAs {
     pub gid: u32,
 }
 
+impl SpawnOptions {
+    /// Serve memory on demand (`true`) or write it all before the child runs.
+    pub fn lazy(mut self, lazy: bool) -> Self {
+        self.lazy = lazy;
+        self
+    }
+
+    /// What a lazy child's pager fetches beyond the faulting page.
+    pub fn prefetch(mut self, prefetch: Prefetch) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Map the node's cache of the seed, sharing pages between children
+    /// until written (`true`), or give each child copies.
+    pub fn share(mut self, share: bool) -> Self {
+        self.share = share;
+        self
+    }
+
+    /// Fork from this node's template of the seed (`true`) or restore from
+    /// scratch.
+    pub fn template(mut self, template: bool) -> Self {
+        self.template = template;
+        self
+    }
+
+    /// Run the child as another user (no capabilities, `no_new_privs`).
+    pub fn run_as(mut self, run_as: Option<RunAs>) -> Self {
+        self.run_as = run_as;
+        self
+    }
+}
+
 impl Default for SpawnOptions {
     fn default() -> Self {
         SpawnOptions {
@@ -249,11 +287,11 @@ impl Default for SpawnOptions {
 
 /// Everything needed to start children from one image.
 #[derive(Debug)]
-pub struct Restorer {
+pub struct Seed {
     core: Arc<Core>,
 }
 
-/// A [`Restorer`]'s state, shared with the template service thread.
+/// A [`Seed`]'s state, shared with the template service thread.
 #[derive(Debug)]
 struct Core {
     image: SeedImage,
@@ -276,10 +314,17 @@ struct Core {
     /// This node's templates of the seed, by (lazy, prefetch). Only the
     /// template service thread, their tracer, touches them.
     templates: std::sync::Mutex<template::Templates>,
-    /// The background drain was started ([`Restorer::drain_in_background`]).
+    /// The background drain was started ([`Seed::drain_in_background`]).
     drain_started: std::sync::atomic::AtomicBool,
     /// Every lazily served page is in the node cache.
     drained: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        // Its templates go with it: the template service may be done.
+        template::nudge();
+    }
 }
 
 /// What [`Core::build_child`] leaves: a husk holding the seed's process,
@@ -302,18 +347,21 @@ struct Built {
 /// buffer laid out like the page store.
 type Fetched = (Vec<bool>, Arc<Vec<u8>>);
 
-impl Restorer {
+impl Seed {
+    /// Open the seed in directory `dir` (written by [`crate::capture()`])
+    /// and check that its children can be started here.
+    pub fn open(dir: &Path) -> Result<Seed, RestoreError> {
+        Self::new(SeedImage::open(dir)?)
+    }
+
     /// Check that children of `image` can be started here.
-    pub fn new(image: SeedImage) -> Result<Restorer, RestoreError> {
+    pub fn new(image: SeedImage) -> Result<Seed, RestoreError> {
         Self::new_adopting(image, None)
     }
 
-    /// [`Restorer::new`] over the node cache an earlier process kept for
-    /// this seed (its children map it; see [`Restorer::cache_fds`]).
-    pub fn new_adopting(
-        image: SeedImage,
-        cache: Option<CacheFds>,
-    ) -> Result<Restorer, RestoreError> {
+    /// [`Seed::new`] over the node cache an earlier process kept for
+    /// this seed (its children map it; see [`Seed::cache_fds`]).
+    pub fn new_adopting(image: SeedImage, cache: Option<CacheFds>) -> Result<Seed, RestoreError> {
         let d = image.descriptor();
         let ppath = image.dir().join(PAGES_FILE);
         let f = std::fs::File::open(&ppath).map_err(|source| RestoreError::Io {
@@ -343,7 +391,7 @@ impl Restorer {
     /// For a seed whose pages come from another node: fetch every page its
     /// children may fault on into this node's cache, in the background, at
     /// a low priority and a bounded rate (1 MiB, then a pause). Once done
-    /// ([`Restorer::drained`]), children here no longer depend on the seed's
+    /// ([`Seed::drained`]), children here no longer depend on the seed's
     /// node: its loss kills none of them (their faults are served from the
     /// cache). Started once; a fetch that fails ends it (faults then fetch
     /// what they need, as before).
@@ -452,16 +500,16 @@ impl Restorer {
     /// (no page store here), `source` reaches its pages. A seed with a
     /// writable shared mapping of a file is refused: writes through it
     /// would land in this node's file, not the one the parent shares.
-    pub fn remote(image: SeedImage, source: Box<dyn PageSource>) -> Result<Restorer, RestoreError> {
+    pub fn remote(image: SeedImage, source: Box<dyn PageSource>) -> Result<Seed, RestoreError> {
         Self::remote_adopting(image, source, None)
     }
 
-    /// [`Restorer::remote`] over the node cache an earlier process kept.
+    /// [`Seed::remote`] over the node cache an earlier process kept.
     pub fn remote_adopting(
         image: SeedImage,
         source: Box<dyn PageSource>,
         cache: Option<CacheFds>,
-    ) -> Result<Restorer, RestoreError> {
+    ) -> Result<Seed, RestoreError> {
         let d = image.descriptor();
         if let Some(v) = d
             .vmas
@@ -482,7 +530,7 @@ impl Restorer {
         pages: Option<Mapping>,
         source: Box<dyn PageSource>,
         adopt: Option<CacheFds>,
-    ) -> Result<Restorer, RestoreError> {
+    ) -> Result<Seed, RestoreError> {
         let d = image.descriptor();
         let (here_hash, vdso_syscall_offset) = own_vdso()?;
         if here_hash != d.vdso_hash {
@@ -539,7 +587,7 @@ impl Restorer {
             | (have
                 & (uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_MINOR_SHMEM | uffd::FEATURE_POISON));
         let chunks = d.digests.as_ref().map_or(0, |g| g.xxh3.len());
-        Ok(Restorer {
+        Ok(Seed {
             core: Arc::new(Core {
                 image,
                 resolved,
@@ -583,14 +631,44 @@ impl Restorer {
         template::pids(&self.core)
     }
 
-    /// Start one child with the given stdio. It runs when this returns.
+    /// Start one child. It runs when this returns.
+    ///
+    /// The calling thread becomes the child's ptrace parent for the
+    /// restore and its parent thread after: a lazy child is set to die
+    /// with the thread that spawned it (`PR_SET_PDEATHSIG` belongs to the
+    /// parent *thread*), so spawn from threads that live as long as the
+    /// children should. The calling process reaps the child (see
+    /// [`Child`]).
     pub fn spawn(
+        &self,
+        stdin: Stdio,
+        stdout: Stdio,
+        stderr: Stdio,
+        opts: &SpawnOptions,
+    ) -> Result<Child, RestoreError> {
+        let mut pipes = crate::child::Pipes::default();
+        let stdin = stdin.into_io(true, &mut pipes.stdin)?;
+        let stdout = stdout.into_io(false, &mut pipes.stdout)?;
+        let stderr = stderr.into_io(false, &mut pipes.stderr)?;
+        let started = self.spawn_io(stdin, stdout, stderr, opts)?;
+        let pid = started.pid;
+        Child::new(started, pipes).map_err(|e| {
+            // Without its pidfd it cannot be handed out safely.
+            kernel_helpers::proc::kill_and_reap(pid);
+            RestoreError::Io {
+                what: format!("taking child {pid}'s pidfd"),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })
+    }
+
+    fn spawn_io(
         &self,
         stdin: husk::Io,
         stdout: husk::Io,
         stderr: husk::Io,
         opts: &SpawnOptions,
-    ) -> Result<Child, RestoreError> {
+    ) -> Result<Started, RestoreError> {
         if let Some(why) = self.core.seed.cache.damaged() {
             return Err(RestoreError::Damaged(why));
         }
@@ -602,6 +680,49 @@ impl Restorer {
     }
 }
 
+/// One of a child's standard streams, for [`Seed::spawn`].
+#[derive(Debug)]
+pub enum Stdio {
+    /// The caller's own.
+    Inherit,
+    /// `/dev/null`.
+    Null,
+    /// A new pipe; the caller's end is in the [`Child`]
+    /// ([`Child::take_stdin`], [`Child::take_stdout`], [`Child::take_stderr`]).
+    Piped,
+    /// This descriptor (a file, a socket, one end of the caller's pipe);
+    /// closed in the caller once the child has it.
+    Fd(std::os::fd::OwnedFd),
+}
+
+impl Stdio {
+    /// The stream as the husk takes it; a pipe's other end goes to `mine`.
+    fn into_io(
+        self,
+        input: bool,
+        mine: &mut Option<std::fs::File>,
+    ) -> Result<husk::Io, RestoreError> {
+        Ok(match self {
+            Stdio::Inherit => husk::Io::Inherit,
+            Stdio::Null => husk::Io::Null,
+            Stdio::Fd(fd) => husk::Io::Fd(fd),
+            Stdio::Piped => {
+                let (r, w) = std::io::pipe().map_err(|source| RestoreError::Io {
+                    what: "creating a pipe for the child".into(),
+                    source,
+                })?;
+                let (child_end, my_end): (std::os::fd::OwnedFd, std::os::fd::OwnedFd) = if input {
+                    (r.into(), w.into())
+                } else {
+                    (w.into(), r.into())
+                };
+                *mine = Some(my_end.into());
+                husk::Io::Fd(child_end)
+            }
+        })
+    }
+}
+
 impl Core {
     /// Restore one child from scratch in a new husk.
     fn spawn_direct(
@@ -610,7 +731,7 @@ impl Core {
         stdout: husk::Io,
         stderr: husk::Io,
         opts: &SpawnOptions,
-    ) -> Result<Child, RestoreError> {
+    ) -> Result<Started, RestoreError> {
         let d = self.image.descriptor();
         let Built {
             mut husk,
@@ -651,7 +772,7 @@ impl Core {
         husk.detach()?;
         let restore_ns = t0.elapsed().as_nanos() as u64;
         debug!(pid, us = restore_ns / 1000, "child running");
-        Ok(Child {
+        Ok(Started {
             pid,
             notes,
             restore_ns,

@@ -83,7 +83,9 @@ pub enum Arg {
     Val(u64),
     /// The address of `len` bytes at `offset` in the plan's data area.
     Data(usize),
-    /// The previous syscall's result.
+    /// The previous syscall's result (the executor has it; no plan step
+    /// chains results today).
+    #[allow(dead_code)]
     Prev,
     /// The last result saved with `save`.
     Saved,
@@ -185,7 +187,9 @@ pub struct RestorePlan {
     pub data: Vec<u8>,
     /// Per descriptor VMA: how its pages get filled.
     pub backing: Vec<Backing>,
-    /// Paths actually mapped, indexed by `Backing::File`.
+    /// Paths actually mapped, indexed by `Backing::File` (read by the
+    /// plan's tests; the steps carry the paths themselves).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub file_paths: Vec<String>,
     /// Steps whose failure is only reported (rlimits, cwd).
     pub soft_steps: Vec<SoftStep>,

@@ -46,7 +46,8 @@ use kernel_helpers::{executor, uffd};
 use tracing::{debug, info};
 
 use super::plan::{self, ForkTable, FORK_STDIO};
-use super::{errno_text, Child, Core, RestoreError, SpawnOptions};
+use super::{errno_text, Core, RestoreError, SpawnOptions};
+use crate::child::Started;
 use crate::pager::{ChildStats, LazyChild, Prefetch};
 
 /// Children kept forked ahead per template: a spawn then only finishes one
@@ -133,9 +134,35 @@ impl std::fmt::Debug for Template {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Run `job` on the template service thread.
+/// The template service thread's queue, while the thread runs.
+static SERVICE: Mutex<Option<Sender<Job>>> = Mutex::new(None);
+
+/// Wake the template service thread (a seed was dropped: the thread may
+/// have nothing left to do, and ends then).
+pub(super) fn nudge() {
+    if let Some(s) = SERVICE.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let _ = s.send(Box::new(|| {}));
+    }
+}
+
+/// Has the service thread nothing left to do: no seed with templates, and
+/// no process it is the parent thread of (children forked from templates
+/// die with it, `PR_SET_PDEATHSIG`; the caller reaps them)?
+fn nothing_left() -> bool {
+    {
+        let mut cores = CORES.lock().unwrap_or_else(|e| e.into_inner());
+        cores.retain(|w| w.strong_count() > 0);
+        if !cores.is_empty() {
+            return false;
+        }
+    }
+    // Unreadable: assume children, keep serving.
+    std::fs::read_to_string("/proc/thread-self/children").is_ok_and(|c| c.trim().is_empty())
+}
+
+/// Run `job` on the template service thread (started if it is not
+/// running; it ends once nothing is left for it, see [`nothing_left`]).
 fn submit(job: Job) -> Result<(), RestoreError> {
-    static SERVICE: Mutex<Option<Sender<Job>>> = Mutex::new(None);
     let mut g = SERVICE.lock().unwrap_or_else(|e| e.into_inner());
     if g.is_none() {
         let (jtx, jrx) = channel::<Job>();
@@ -144,8 +171,13 @@ fn submit(job: Job) -> Result<(), RestoreError> {
             .spawn(move || {
                 let mut swept = Instant::now();
                 loop {
-                    let period = (idle_timeout() / 2)
-                        .clamp(Duration::from_millis(100), Duration::from_secs(30));
+                    let period = if CORES.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                        // Only children left: look often whether they are gone.
+                        Duration::from_millis(100)
+                    } else {
+                        (idle_timeout() / 2)
+                            .clamp(Duration::from_millis(100), Duration::from_secs(30))
+                    };
                     match jrx.recv_timeout(period) {
                         Ok(job) => {
                             // A panicking job must not take the service (and
@@ -158,6 +190,22 @@ fn submit(job: Job) -> Result<(), RestoreError> {
                     if swept.elapsed() >= period {
                         let _ = std::panic::catch_unwind(sweep);
                         swept = Instant::now();
+                    }
+                    if nothing_left() {
+                        let mut g = SERVICE.lock().unwrap_or_else(|e| e.into_inner());
+                        // A job sent before the lock was taken is still run
+                        // here; later ones start a new thread.
+                        match jrx.try_recv() {
+                            Ok(job) => {
+                                drop(g);
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
+                            Err(_) => {
+                                *g = None;
+                                debug!("template service thread ends: no templates, no children");
+                                return;
+                            }
+                        }
                     }
                 }
             })
@@ -184,7 +232,7 @@ pub(super) fn spawn(
     stdout: Io,
     stderr: Io,
     opts: &SpawnOptions,
-) -> Result<Child, RestoreError> {
+) -> Result<Started, RestoreError> {
     let core = core.clone();
     let opts = *opts;
     // A template still to build: what it needs from a remote seed is
@@ -263,7 +311,7 @@ pub(super) fn pids(core: &Core) -> Vec<i32> {
     g.values().map(|t| t.tracee.pid()).collect()
 }
 
-fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Child, RestoreError> {
+fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Started, RestoreError> {
     let t0 = Instant::now();
     let key = key_of(opts);
     let prefetch = key.1;
@@ -520,7 +568,7 @@ fn finish(
     forked: Forked,
     stdio: [Io; 3],
     t0: Instant,
-) -> Result<Child, RestoreError> {
+) -> Result<Started, RestoreError> {
     let d = core.image.descriptor();
     let Forked {
         tracee: mut child,
@@ -618,7 +666,7 @@ fn finish(
         us = restore_ns / 1000,
         "child forked from the template"
     );
-    Ok(Child {
+    Ok(Started {
         pid,
         notes: t.notes.clone(),
         restore_ns,
