@@ -449,7 +449,7 @@ impl Auth {
     }
 
     /// A tonic interceptor that marks each request with its [`Principal`]
-    /// (and nodes as [`super::Remote`]).
+    /// (and nodes as remote callers).
     pub fn interceptor(
         self: &Arc<Self>,
         tcp: bool,

@@ -55,7 +55,7 @@ pub enum RewriteError {
     /// A frame's padding or priority fields overrun it.
     #[error("malformed HTTP/2 HEADERS frame on stream {0}")]
     Malformed(u32),
-    /// A header block grew past [`MAX_BLOCK`].
+    /// A header block grew past `MAX_BLOCK` bytes.
     #[error("HTTP/2 header block on stream {0} is larger than {MAX_BLOCK} bytes")]
     TooLarge(u32),
     /// Another frame came between a HEADERS frame and its last CONTINUATION.
@@ -86,7 +86,7 @@ struct Pending {
 }
 
 /// The client-to-server rewriting, as a pure byte transformation: bytes
-/// in with [`Rewriter::feed`], bytes out of [`Rewriter::take`].
+/// in with [`Rewriter::feed`], bytes out of [`Rewriter::ready`] and [`Rewriter::consume`].
 pub struct Rewriter {
     phase: Phase,
     input: Vec<u8>,

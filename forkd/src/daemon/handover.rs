@@ -46,7 +46,7 @@ impl SeedPlace {
         json!({ "seed": self.id, "origin": self.origin, "key": self.key })
     }
 
-    /// From what [`SeedPlace::json`] wrote.
+    /// From what `SeedPlace::json` wrote.
     pub fn from_meta(m: &Value) -> SeedPlace {
         let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
         SeedPlace {
