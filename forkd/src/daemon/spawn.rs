@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::{info, warn};
 
-use super::spawner::{Job, Started};
+use super::spawner::{Job, SpawnError, Started};
 use super::{auth, health, now_ms, Follow, InstanceRec, Service, State, Target};
 use crate::pb;
 
@@ -75,7 +75,7 @@ struct Queued {
 }
 
 /// The spawner's answer for a queued child, to wait for.
-type Submitted = Result<oneshot::Receiver<Result<Started, String>>, String>;
+type Submitted = Result<oneshot::Receiver<Result<Started, SpawnError>>, SpawnError>;
 
 impl Service {
     /// Whom a child of `target` runs as: the seed's tenant, else the
@@ -184,9 +184,7 @@ impl Batch {
         let mut waiters = Vec::new();
         for (q, submitted) in self.queue() {
             let started = match submitted {
-                Ok(wait) => wait
-                    .await
-                    .unwrap_or_else(|_| Err("the spawner dropped the job".into())),
+                Ok(wait) => wait.await.unwrap_or_else(|_| Err(SpawnError::JobDropped)),
                 Err(e) => Err(e),
             };
             unqueue.one();
@@ -250,7 +248,11 @@ impl Batch {
 
     /// A queued child started (or failed to): record it, report it, and
     /// follow it to its end in a task of its own, returned.
-    async fn started(&self, q: Queued, started: Result<Started, String>) -> Option<JoinHandle<()>> {
+    async fn started(
+        &self,
+        q: Queued,
+        started: Result<Started, SpawnError>,
+    ) -> Option<JoinHandle<()>> {
         let st = &self.st;
         let target = &self.target;
         let Queued {
@@ -261,10 +263,12 @@ impl Batch {
         } = q;
         let (child, out, stdin_w) = match started {
             Ok(x) => (x.child, x.stdout, x.stdin),
-            Err(reason) => {
+            Err(e) => {
                 st.spawn_failures.fetch_add(1, Ordering::Relaxed);
                 let ev = pb::InstanceEvent {
-                    kind: Some(pb::instance_event::Kind::Failed(pb::Failed { reason })),
+                    kind: Some(pb::instance_event::Kind::Failed(pb::Failed {
+                        reason: e.to_string(),
+                    })),
                     ..base
                 };
                 st.publish(&self.tx, ev).await;

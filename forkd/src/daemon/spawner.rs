@@ -11,7 +11,7 @@ use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use remotefork::restore::{Child, Io, Restorer, SpawnOptions};
+use remotefork::restore::{Child, Io, RestoreError, Restorer, SpawnOptions};
 use tokio::sync::oneshot;
 
 /// One child to start.
@@ -25,7 +25,24 @@ pub struct Job {
     /// How.
     pub opts: SpawnOptions,
     /// Where the result goes.
-    pub reply: oneshot::Sender<Result<Started, String>>,
+    pub reply: oneshot::Sender<Result<Started, SpawnError>>,
+}
+
+/// Why a child was not started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// A pipe for its stdin or stdout could not be made.
+    #[error("creating a pipe: {0}")]
+    Pipe(#[source] std::io::Error),
+    /// The restore failed.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    /// The spawner threads are gone: the job was not queued.
+    #[error("the spawner threads are gone")]
+    ThreadsGone,
+    /// The job was dropped without an answer.
+    #[error("the spawner dropped the job")]
+    JobDropped,
 }
 
 /// The spawner threads.
@@ -55,12 +72,12 @@ impl Spawner {
     }
 
     /// Queue a job.
-    pub fn submit(&self, job: Job) -> Result<(), String> {
+    pub fn submit(&self, job: Job) -> Result<(), SpawnError> {
         self.tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .send(job)
-            .map_err(|_| "the spawner threads are gone".to_string())
+            .map_err(|_| SpawnError::ThreadsGone)
     }
 }
 
@@ -76,18 +93,17 @@ pub struct Started {
     pub stdin: Option<OwnedFd>,
 }
 
-fn run(job: &Job) -> Result<Started, String> {
-    let (in_r, mut in_w) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
+fn run(job: &Job) -> Result<Started, SpawnError> {
+    let (in_r, mut in_w) = std::io::pipe().map_err(SpawnError::Pipe)?;
     let (stdout, out_r) = if job.capture_stdout {
-        let (r, w) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
+        let (r, w) = std::io::pipe().map_err(SpawnError::Pipe)?;
         (Io::fd(w), Some(OwnedFd::from(r)))
     } else {
         (Io::Null, None)
     };
     let child = job
         .restorer
-        .spawn(Io::fd(in_r), stdout, Io::Null, &job.opts)
-        .map_err(|e| e.to_string())?;
+        .spawn(Io::fd(in_r), stdout, Io::Null, &job.opts)?;
     // A fresh pipe holds a page without blocking: small inputs are written
     // here; larger ones by the daemon, as the child reads. A child that
     // exits without reading its input gets EPIPE, ignored.
