@@ -12,6 +12,27 @@ use tracing::info;
 use super::{auth, handover, now_ms, registry, transport, Service, State};
 use crate::pb;
 
+/// Why another node's seed cannot be restored on this node.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RemoteSeedError {
+    /// Its descriptor, as fetched, does not open.
+    #[error(transparent)]
+    Descriptor(#[from] remotefork::image::ImageError),
+    /// Its page source holds another size than the descriptor says.
+    #[error("{offered_by} offers {offered} bytes, the descriptor says {described}")]
+    SizeMismatch {
+        /// The page source.
+        offered_by: String,
+        /// The bytes it offers.
+        offered: u64,
+        /// The bytes the descriptor says the image has.
+        described: u64,
+    },
+    /// No restorer could be made over it.
+    #[error(transparent)]
+    Restore(#[from] remotefork::restore::RestoreError),
+}
+
 /// What a spawn starts children from: a seed of this node or of another.
 pub(super) struct Target {
     pub(super) id: String,
@@ -179,19 +200,19 @@ impl Service {
         }
         let (source, via) = self.page_source(origin, sr, &b.page_server).await?;
         let restorer = tokio::task::spawn_blocking(
-            move || -> Result<remotefork::restore::Restorer, String> {
-                let image = remotefork::image::SeedImage::open_descriptor(&dir)
-                    .map_err(|e| e.to_string())?;
+            move || -> Result<remotefork::restore::Restorer, RemoteSeedError> {
+                let image = remotefork::image::SeedImage::open_descriptor(&dir)?;
                 let size = source.size();
                 if size != image.descriptor().image_bytes {
-                    return Err(format!(
-                        "{} offers {size} bytes, the descriptor says {}",
-                        source.name(),
-                        image.descriptor().image_bytes
-                    ));
+                    return Err(RemoteSeedError::SizeMismatch {
+                        offered_by: source.name(),
+                        offered: size,
+                        described: image.descriptor().image_bytes,
+                    });
                 }
-                remotefork::restore::Restorer::remote_adopting(image, source, cache)
-                    .map_err(|e| e.to_string())
+                Ok(remotefork::restore::Restorer::remote_adopting(
+                    image, source, cache,
+                )?)
             },
         )
         .await
@@ -257,7 +278,6 @@ impl Service {
         let src = tokio::task::spawn_blocking(move || {
             remotefork::pager::tcp::TcpSource::connect_tls(&ps, &id, &key, deadline, tls)
                 .map(|(s, _)| s)
-                .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
