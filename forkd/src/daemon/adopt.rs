@@ -14,7 +14,7 @@ use remotefork::restore::{RestoreError, Restorer};
 use tonic::Status;
 use tracing::{info, warn};
 
-use super::{auth, handover, Follow, InstanceRec, Service, OUTPUT_KEPT};
+use super::{auth, handover, Follow, InstanceRec, Service, LOG, OUTPUT_KEPT};
 use crate::keeper::Handed;
 use crate::pb;
 
@@ -219,7 +219,7 @@ impl Service {
                         libc::SIGKILL,
                     );
                 }
-                warn!(key = %key, reason = %why, "a handed-over grandchild cannot be served again; killed");
+                warn!(target: LOG, key = %key, reason = %why, "a handed-over grandchild cannot be served again; killed");
                 st.handover.release(&key);
             }
             return;
@@ -246,7 +246,7 @@ impl Service {
             r.end = None;
             r.state = "running".into();
         }
-        info!(instance = %iid, pid = ?pid, ended = ?ended, "child handed over by an earlier forkd");
+        info!(target: LOG, instance = %iid, pid = ?pid, ended = ?ended, "child handed over by an earlier forkd");
         let follow = Follow {
             base: pb::InstanceEvent {
                 instance_id: iid.clone(),
@@ -282,7 +282,7 @@ impl Service {
                 libc::SIGKILL,
             );
         }
-        warn!(instance = %iid, %reason, "a handed-over child is killed");
+        warn!(target: LOG, instance = %iid, %reason, "a handed-over child is killed");
         let ex = pb::Exited {
             reason,
             signal: libc::SIGKILL,

@@ -7,9 +7,10 @@ use tonic::Status;
 use tracing::{info, info_span, Instrument};
 
 use super::registry::SeedMeta;
-use super::{auth, now_ms, readyline, Service};
+use super::{auth, now_ms, readyline, Service, LOG};
 use crate::pb;
 
+/// The gRPC status a failed capture answers with.
 fn capture_status(e: &CaptureError) -> Status {
     match e {
         CaptureError::NoSuchProcess(_) => Status::not_found(e.to_string()),
@@ -35,7 +36,7 @@ impl Service {
         let key = crate::random_hex(16).map_err(|e| Status::internal(e.to_string()))?;
         let dir = self.state.registry.tmp_dir(&id);
         let file_store = Some(self.state.registry.file_store());
-        let span = info_span!("create_seed", seed = %id, pid);
+        let span = info_span!(target: LOG, "create_seed", seed = %id, pid);
         // Should forkd die mid-capture, the keeper reaps the clone's zombie
         // in the captured process.
         let st = self.state.clone();
@@ -83,7 +84,7 @@ impl Service {
             .registry
             .commit(meta)
             .map_err(|e| Status::internal(e.to_string()))?;
-        info!(seed = %id, pid, "seed created");
+        info!(target: LOG, seed = %id, pid, "seed created");
         Ok(seed.to_pb(&self.state.hostname, true))
     }
 

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::info;
 
-use super::{auth, handover, State, OUTPUT_KEPT};
+use super::{auth, handover, State, LOG, OUTPUT_KEPT};
 use crate::pb;
 
 /// Largest output carried whole in the `Exited` event.
@@ -158,7 +158,7 @@ impl State {
             .unwrap_or_else(|e| e.into_inner())
             .end(&iid, &ex, stdout, stdout_bytes);
         self.handover.child_ended(&iid);
-        info!(seed = %base.seed_id, instance = %iid, pid, exit_code = ex.exit_code, signal = ex.signal, reason = %ex.reason, "child ended");
+        info!(target: LOG, seed = %base.seed_id, instance = %iid, pid, exit_code = ex.exit_code, signal = ex.signal, reason = %ex.reason, "child ended");
         let ev = pb::InstanceEvent {
             pid,
             kind: Some(pb::instance_event::Kind::Exited(ex)),

@@ -104,6 +104,11 @@ pub struct State {
     page_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// The target of the daemon's log events and spans: `forkd::daemon` for
+/// every file of this module, as when they were one (filters and log
+/// collectors key on it).
+const LOG: &str = "forkd::daemon";
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tonic::Status;
 use tracing::info;
 
-use super::{auth, handover, now_ms, registry, transport, Service, State};
+use super::{auth, handover, now_ms, registry, transport, Service, State, LOG};
 use crate::pb;
 
 /// Why another node's seed cannot be restored on this node.
@@ -223,7 +223,7 @@ impl Service {
                 sr.id
             ))
         })?;
-        info!(seed = %sr.id, %origin, transport = via, "remote seed ready");
+        info!(target: LOG, seed = %sr.id, %origin, transport = via, "remote seed ready");
         Ok(RemoteSeed {
             key: sr.key.clone(),
             owner: b.owner,
@@ -335,7 +335,7 @@ impl State {
                         > idle.as_millis() as u64;
                     let keep = !unused || running.contains(id);
                     if !keep {
-                        info!(seed = %id, "another node's seed evicted from this node's cache: unused, no child left");
+                        info!(target: LOG, seed = %id, "another node's seed evicted from this node's cache: unused, no child left");
                     }
                     keep
                 }

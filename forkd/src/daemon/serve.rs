@@ -18,7 +18,7 @@ use super::registry::Registry;
 use super::spawner::Spawner;
 use super::{
     auth, authority, handover, health, pageserver, transport, Config, Instances, ServeError,
-    Service, State,
+    Service, State, LOG,
 };
 use crate::pb::forkd_server::ForkdServer;
 
@@ -73,7 +73,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         _ => None,
     };
     if let (Some(addr), None) = (&cfg.listen, &tls) {
-        warn!(%addr, "TCP without TLS: tokens and seeds' descriptors cross the network in the clear (give --tls-cert and --tls-key)");
+        warn!(target: LOG, %addr, "TCP without TLS: tokens and seeds' descriptors cross the network in the clear (give --tls-cert and --tls-key)");
     }
     if cfg.listen.is_some() && token.as_deref().is_none_or(|t| t.is_empty()) {
         return Err(ServeError::Config(
@@ -209,7 +209,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
                 what: format!("binding the page server on {p}"),
                 source,
             })?;
-        info!(addr = %p, "page server listening");
+        info!(target: LOG, addr = %p, "page server listening");
         tokio::spawn(
             pageserver::PageServer::with_tls(pageserver::Limits::default(), page_acceptor)
                 .serve(l, state.registry.clone()),
@@ -222,10 +222,10 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
                 what: format!("binding metrics on {m}"),
                 source,
             })?;
-        info!(addr = %m, "metrics on /metrics");
+        info!(target: LOG, addr = %m, "metrics on /metrics");
         tokio::spawn(serve_metrics(l, state.clone()));
     }
-    info!(socket = %cfg.socket.display(), coop = %coop_path.display(), seeds = state.registry.len(), "forkd serving");
+    info!(target: LOG, socket = %cfg.socket.display(), coop = %coop_path.display(), seeds = state.registry.len(), "forkd serving");
     let (reflect_v1, reflect_v1alpha) =
         health::reflection().map_err(|e| ServeError::Config(format!("reflection: {e}")))?;
     // Unix socket clients whose :authority h2 refuses (grpcio) get theirs mended.
@@ -248,7 +248,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
                         what: format!("binding {addr}"),
                         source,
                     })?;
-                info!(%addr, tls = tls.is_some(), "forkd serving on TCP (token required)");
+                info!(target: LOG, %addr, tls = tls.is_some(), "forkd serving on TCP (token required)");
                 let check = auth.interceptor(true);
                 let mut builder = tonic::transport::Server::builder();
                 if let Some(t) = tls.clone() {
@@ -297,8 +297,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     };
     tokio::select! {
         r = servers => r?,
-        _ = stopped => tracing::warn!("connections still open after the stop; closing them"),
+        _ = stopped => tracing::warn!(target: LOG, "connections still open after the stop; closing them"),
     }
-    info!("forkd stopping");
+    info!(target: LOG, "forkd stopping");
     Ok(())
 }

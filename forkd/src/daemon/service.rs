@@ -9,10 +9,12 @@ use tracing::info;
 
 use super::inputs::MAX_INPUT;
 use super::metrics::node_pss_bytes;
-use super::{auth, registry, EventStream, Remote, Service};
+use super::{auth, registry, EventStream, Remote, Service, LOG};
 use crate::pb::{self, forkd_server::Forkd};
 
 impl Service {
+    /// This node's seed `r` names, if `who` may see it (and, for a
+    /// `remote` caller, with its key).
     pub(super) fn seed_for(
         &self,
         r: Option<&pb::SeedRef>,
@@ -129,7 +131,7 @@ impl Forkd for Service {
             .drop_seed(&s.meta.id)
             .map_err(|e| Status::internal(e.to_string()))?;
         self.state.transports.unexport(&s.meta.id);
-        info!(seed = %s.meta.id, "seed dropped");
+        info!(target: LOG, seed = %s.meta.id, "seed dropped");
         Ok(Response::new(pb::DropSeedResponse {}))
     }
 

@@ -16,7 +16,7 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use super::spawner::{Job, SpawnError, Started};
-use super::{auth, health, now_ms, Follow, InstanceRec, Service, State, Target};
+use super::{auth, health, now_ms, Follow, InstanceRec, Service, State, Target, LOG};
 use crate::pb;
 
 /// Takes a spawn's children out of the queue count as they start, and the
@@ -280,13 +280,13 @@ impl Batch {
         }
         st.spawns.fetch_add(1, Ordering::Relaxed);
         let pid = child.pid as u32;
-        info!(seed = %target.id, instance = %iid, pid, running_us = child.restore_ns / 1000, "child started");
+        info!(target: LOG, seed = %target.id, instance = %iid, pid, running_us = child.restore_ns / 1000, "child started");
         let started_unix_ms = now_ms();
         let pidfd = match kernel_helpers::uffd::pidfd_open(child.pid) {
             Ok(p) => p,
             Err(e) => {
                 // Gone already (it can exit that fast): reported as lost.
-                warn!(instance = %iid, error = %e, "no pidfd for a new child");
+                warn!(target: LOG, instance = %iid, error = %e, "no pidfd for a new child");
                 st.spawn_failures.fetch_add(1, Ordering::Relaxed);
                 let ev = pb::InstanceEvent {
                     pid,
@@ -304,7 +304,7 @@ impl Batch {
             let mut logged = st.notes_logged.lock().unwrap_or_else(|e| e.into_inner());
             for n in &child.notes {
                 if logged.len() < 10_000 && logged.insert((target.id.clone(), n.clone())) {
-                    warn!(seed = %target.id, instance = %iid, note = %n, "a child differs from its parent (said on its Running event and in ListInstances)");
+                    warn!(target: LOG, seed = %target.id, instance = %iid, note = %n, "a child differs from its parent (said on its Running event and in ListInstances)");
                 }
             }
         }
