@@ -11,7 +11,7 @@ use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use remotefork::{Child, SpawnOptions, Stdio};
+use remotefork::{Child, RestoreError, SpawnOptions, Stdio};
 use tokio::sync::oneshot;
 
 /// One child to start.
@@ -25,7 +25,24 @@ pub struct Job {
     /// How.
     pub opts: SpawnOptions,
     /// Where the result goes.
-    pub reply: oneshot::Sender<Result<Started, String>>,
+    pub reply: oneshot::Sender<Result<Started, SpawnError>>,
+}
+
+/// Why a child was not started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// A pipe for its stdin or stdout could not be made.
+    #[error("creating a pipe: {0}")]
+    Pipe(#[source] std::io::Error),
+    /// The restore failed.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    /// The spawner threads are gone: the job was not queued.
+    #[error("the spawner threads are gone")]
+    ThreadsGone,
+    /// The job was dropped without an answer.
+    #[error("the spawner dropped the job")]
+    JobDropped,
 }
 
 /// The spawner threads.
@@ -55,12 +72,12 @@ impl Spawner {
     }
 
     /// Queue a job.
-    pub fn submit(&self, job: Job) -> Result<(), String> {
+    pub fn submit(&self, job: Job) -> Result<(), SpawnError> {
         self.tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .send(job)
-            .map_err(|_| "the spawner threads are gone".to_string())
+            .map_err(|_| SpawnError::ThreadsGone)
     }
 }
 
@@ -76,7 +93,7 @@ pub struct Started {
     pub stdin: Option<OwnedFd>,
 }
 
-fn run(job: &Job) -> Result<Started, String> {
+fn run(job: &Job) -> Result<Started, SpawnError> {
     let stdout = if job.capture_stdout {
         Stdio::Piped
     } else {
@@ -84,12 +101,13 @@ fn run(job: &Job) -> Result<Started, String> {
     };
     let mut child = job
         .restorer
-        .spawn(Stdio::Piped, stdout, Stdio::Null, &job.opts)
-        .map_err(|e| e.to_string())?;
+        .spawn(Stdio::Piped, stdout, Stdio::Null, &job.opts)?;
     let out_r = child.take_stdout().map(OwnedFd::from);
     let mut in_w = child
         .take_stdin()
-        .ok_or_else(|| "the child's stdin pipe is missing".to_string())?;
+        .ok_or(SpawnError::Pipe(std::io::Error::other(
+            "the child's stdin pipe is missing",
+        )))?;
     // A fresh pipe holds a page without blocking: small inputs are written
     // here; larger ones by the daemon, as the child reads. A child that
     // exits without reading its input gets EPIPE, ignored.

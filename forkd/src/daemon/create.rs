@@ -1,0 +1,173 @@
+//! Making seeds: capture a running process (a pid, or a cooperative
+//! process asking on the coop socket), or start a command, wait for its
+//! ready line and capture it.
+
+use remotefork::capture::{capture, CaptureError, CaptureOptions};
+use tonic::Status;
+use tracing::{info, info_span, Instrument};
+
+use super::registry::SeedMeta;
+use super::{auth, now_ms, readyline, Service, LOG};
+use crate::pb;
+
+/// The gRPC status a failed capture answers with.
+fn capture_status(e: &CaptureError) -> Status {
+    match e {
+        CaptureError::NoSuchProcess(_) => Status::not_found(e.to_string()),
+        CaptureError::NotPermitted { .. } => Status::permission_denied(e.to_string()),
+        CaptureError::Zombie(_)
+        | CaptureError::MultiThreaded { .. }
+        | CaptureError::Exited { .. }
+        | CaptureError::NoVdso(_)
+        | CaptureError::Unsupported { .. } => Status::failed_precondition(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+impl Service {
+    pub(super) async fn create_from_pid(
+        &self,
+        pid: u32,
+        name: String,
+        cooperative: bool,
+        owner: String,
+    ) -> Result<pb::Seed, Status> {
+        let id = crate::random_hex(8).map_err(|e| Status::internal(e.to_string()))?;
+        let key = crate::random_hex(16).map_err(|e| Status::internal(e.to_string()))?;
+        let dir = self.state.registry.tmp_dir(&id);
+        let file_store = Some(self.state.registry.file_store());
+        let span = info_span!(target: LOG, "create_seed", seed = %id, pid);
+        // Should forkd die mid-capture, the keeper reaps the clone's zombie
+        // in the captured process.
+        let st = self.state.clone();
+        let zkey = format!("z/{id}");
+        let (st2, zkey2) = (st.clone(), zkey.clone());
+        let d = tokio::task::spawn_blocking(move || {
+            capture(
+                pid as i32,
+                &dir,
+                &CaptureOptions {
+                    durable: true,
+                    on_clone: Some(Box::new(move |clone| {
+                        st2.handover.note(
+                            &zkey2,
+                            &serde_json::json!({ "parent": pid, "clone": clone }),
+                        );
+                    })),
+                    file_store,
+                    ..Default::default()
+                },
+            )
+        })
+        .instrument(span)
+        .await
+        .map_err(|e| Status::internal(e.to_string()));
+        st.handover.release(&zkey);
+        let d = d?.map_err(|e| capture_status(&e))?;
+        let meta = SeedMeta {
+            id: id.clone(),
+            key,
+            name: if name.is_empty() {
+                format!("pid-{pid}")
+            } else {
+                name
+            },
+            created_unix_ms: now_ms(),
+            source_pid: pid,
+            pause_us: d.stats.pause_ns / 1000,
+            capture_us: d.stats.capture_ns / 1000,
+            cooperative,
+            owner,
+        };
+        let seed = self
+            .state
+            .registry
+            .commit(meta)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        info!(target: LOG, seed = %id, pid, "seed created");
+        Ok(seed.to_pb(&self.state.hostname, true))
+    }
+
+    pub(super) async fn create_from_command(
+        &self,
+        c: pb::StartCommand,
+        name: String,
+        who: &auth::Principal,
+        peer: Option<auth::Peer>,
+        owner: String,
+    ) -> Result<pb::Seed, Status> {
+        // Who the command runs as: the seed's tenant, a local caller's own
+        // uid; root only for root on the Unix socket and (if enabled) nodes.
+        let for_tenant = self.state.auth.tenant_named(&owner).map(|t| (t.uid, t.gid));
+        let run_as = match (who, peer) {
+            (auth::Principal::Tenant(t), _) if !t.create_from_command => {
+                return Err(Status::permission_denied(format!(
+                    "tenant {} may not create seeds from a command (create_from_command in the tenants file)",
+                    t.name
+                )))
+            }
+            // Not root: the seed's tenant.
+            _ if for_tenant.is_some() => for_tenant,
+            (auth::Principal::Tenant(t), _) => Some((t.uid, t.gid)),
+            (auth::Principal::Node, _) if !self.state.remote_commands => {
+                return Err(Status::permission_denied(
+                    "creating a seed from a command over the network is off on this node (forkd serve --remote-commands turns it on); capture a running process on the node instead, or make the seed a tenant's (owner)",
+                ))
+            }
+            (_, Some(p)) if p.uid != 0 => Some((p.uid, p.gid)),
+            _ => None,
+        };
+        if c.argv.is_empty() {
+            return Err(Status::invalid_argument("empty command"));
+        }
+        if c.ready_line.is_empty() {
+            return Err(Status::invalid_argument(
+                "a command needs a ready_line to know when to capture it",
+            ));
+        }
+        let mut cmd = tokio::process::Command::new(&c.argv[0]);
+        cmd.args(&c.argv[1..])
+            .envs(&c.env)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if !c.cwd.is_empty() {
+            cmd.current_dir(&c.cwd);
+        }
+        if let Some((uid, gid)) = run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        // Its own session: nothing it signals reaches forkd.
+        cmd.process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Status::invalid_argument(format!("cannot start {:?}: {e}", c.argv[0])))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| Status::internal("the command exited at once"))?;
+        let timeout = std::time::Duration::from_millis(if c.ready_timeout_ms == 0 {
+            30_000
+        } else {
+            c.ready_timeout_ms as u64
+        });
+        let result = match readyline::wait(&mut child, &c.argv, &c.ready_line, timeout).await {
+            Ok(()) => {
+                let default = std::path::Path::new(&c.argv[0])
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                self.create_from_pid(
+                    pid,
+                    if name.is_empty() { default } else { name },
+                    false,
+                    owner,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        // The seed holds the process now; the original is not needed.
+        let _ = child.kill().await;
+        result
+    }
+}
