@@ -383,6 +383,7 @@ pub(super) fn plan_cache_mappings(
     ));
 }
 
+/// The index of `s` in `v`, added at the end if it is not there yet.
 fn intern(v: &mut Vec<String>, s: &str) -> usize {
     match v.iter().position(|x| x == s) {
         Some(i) => i,
@@ -393,6 +394,7 @@ fn intern(v: &mut Vec<String>, s: &str) -> usize {
     }
 }
 
+/// Is this mapping part of the kernel's vDSO block?
 fn is_vdso_block(path: &str) -> bool {
     matches!(path, "[vdso]" | "[vvar]" | "[vvar_vclock]")
 }
