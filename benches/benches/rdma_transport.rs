@@ -120,9 +120,12 @@ fn rdma(c: &mut Criterion, path: &Path) {
         std::env::var("RF_RDMA_NODE1_DEV"),
         std::env::var("RF_RDMA_NODE2_DEV"),
     ) else {
-        let why = rdma::probe(None).err().unwrap_or_else(|| {
-            "a device, but RF_RDMA_NODE1_DEV/RF_RDMA_NODE2_DEV are not set".into()
-        });
+        let why = rdma::probe(None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| {
+                "a device, but RF_RDMA_NODE1_DEV/RF_RDMA_NODE2_DEV are not set".into()
+            });
         println!("SKIPPED: rdma-transport/rdma: no RDMA device ({why})");
         return;
     };
@@ -141,7 +144,7 @@ fn rdma(c: &mut Criterion, path: &Path) {
         exporter
             .accept(conn.id(), local, &seed)
             .map(|q| (q, ()))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.into())
     })
     .expect("connect");
     // Declared before the source, so dropped after it, also on a panic.

@@ -41,7 +41,7 @@ fn rdma_env(test: &str) -> Option<Env> {
                 "a device ({}) but RF_RDMA_NODE1_DEV/RF_RDMA_NODE2_DEV are not set",
                 d.device
             ),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         println!("SKIPPED: {test}: no RDMA device ({why})");
         return None;
@@ -126,7 +126,10 @@ impl Pair {
     }
 
     /// What a peer's OpenPageChannel does, in process.
-    fn exchange(&self, name: &str) -> impl Fn(&QpInfo) -> Result<(QpInfo, RemoteRegion), String> {
+    fn exchange(
+        &self,
+        name: &str,
+    ) -> impl Fn(&QpInfo) -> Result<(QpInfo, RemoteRegion), rdma::ExchangeError> {
         let (exporter, seeds, id, name) = (
             self.exporter.clone(),
             self.seeds.clone(),

@@ -313,7 +313,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     let (id, key) = match wire::parse_hello(&hello) {
         Ok(x) => x,
         Err(why) => {
-            let answer = wire::hello_answer(hello_status::BAD_HELLO, 0, why);
+            let answer = wire::hello_answer(hello_status::BAD_HELLO, 0, &why.to_string());
             let _ = write_within(&mut s, &answer, stall).await;
             return Err(why.to_string());
         }

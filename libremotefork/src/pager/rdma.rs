@@ -45,7 +45,7 @@ pub const BOUNCE_BYTES: usize = 4 << 20;
 pub enum RdmaError {
     /// No usable RDMA device (or no RDMA support in this build).
     #[error("RDMA unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(ProbeError),
     /// A verbs call failed.
     #[error("{what}: {error}")]
     Verbs {
@@ -54,18 +54,146 @@ pub enum RdmaError {
         /// The error, with its causes.
         error: String,
     },
-    /// Setting up or restoring a connection failed.
+    /// Setting up or restoring a connection failed: the exchange with the
+    /// peer over the control plane.
     #[error("connecting to {peer}: {reason}")]
     Connect {
         /// The peer.
         peer: String,
         /// Why.
-        reason: String,
+        reason: ExchangeError,
     },
-    /// Bad input (an empty page store, a malformed peer description).
+    /// A first connect found the connection already made by another thread.
+    #[error("connecting to {peer}: connected by another thread")]
+    ConnectedElsewhere {
+        /// The peer.
+        peer: String,
+    },
+    /// A peer's queue pair number is not 24 bits (or 0).
+    #[error("queue pair number {0:#x} is not a 24-bit QPN")]
+    BadQpn(u32),
+    /// A peer's first packet sequence number is more than 24 bits.
+    #[error("PSN {0:#x} is more than 24 bits")]
+    BadPsn(u32),
+    /// A peer's MTU is not one RDMA knows.
+    #[error("MTU {0} is not an RDMA MTU")]
+    BadMtu(u32),
+    /// A peer gave neither a GID nor a LID to address it by.
+    #[error("no GID and no LID")]
+    NoAddress,
+    /// The page store to export is empty.
+    #[error("{} is an empty page store: nothing to export", .0.display())]
+    EmptyPageStore(std::path::PathBuf),
+    /// The page store to export does not fit in this address space.
+    #[error("{0} bytes do not fit in memory")]
+    TooLarge(u64),
+    /// The exporter has as many connections as it accepts.
+    #[error("already {0} RDMA connections on this node")]
+    TooManyConnections(usize),
+    /// A batch of READs failed.
     #[error("{0}")]
-    Invalid(String),
+    Read(ReadFailure),
+    /// A batch failed, and after reconnecting the peer offers the seed at
+    /// another size.
+    #[error("{failure}; after reconnecting the peer offers {offered} bytes, not {expected}")]
+    Resized {
+        /// Why the batch failed.
+        failure: ReadFailure,
+        /// The size offered now.
+        offered: u64,
+        /// The size before.
+        expected: u64,
+    },
+    /// A batch failed, and so did reconnecting.
+    #[error("{failure}; reconnecting failed: {error}")]
+    ReconnectFailed {
+        /// Why the batch failed.
+        failure: ReadFailure,
+        /// Why reconnecting failed.
+        error: Box<RdmaError>,
+    },
 }
+
+/// Why no RDMA device port is usable ([`probe`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// This build has no RDMA.
+    #[error("this build has no RDMA support (cargo feature `rdma` is off)")]
+    NotBuilt,
+    /// The verbs library cannot be loaded.
+    #[error("libibverbs.so.1 cannot be loaded (install rdma-core and ibverbs-providers)")]
+    NoLibrary,
+    /// The kernel has no verbs support.
+    #[error("the kernel has no RDMA verbs support (no /sys/class/infiniband_verbs)")]
+    NoKernelSupport,
+    /// Listing the devices failed otherwise.
+    #[error("listing RDMA devices: {0}")]
+    List(String),
+    /// sideway met values it does not know (it panics on them).
+    #[error("the verbs library returned values sideway does not know")]
+    UnknownValues,
+    /// There is no RDMA device.
+    #[error("no RDMA device (/sys/class/infiniband is empty)")]
+    NoDevice,
+    /// The device asked for does not exist.
+    #[error("no RDMA device named {want:?} (have {})", have.join(", "))]
+    NoSuchDevice {
+        /// The name asked for.
+        want: String,
+        /// The devices there are.
+        have: Vec<String>,
+    },
+    /// No device has an active port with a usable GID.
+    #[error("no active RDMA port: {}", why.join("; "))]
+    NoActivePort {
+        /// Per device or port: why it is not usable.
+        why: Vec<String>,
+    },
+}
+
+/// Why a batch of READs failed. A connection whose batch failed keeps
+/// it as the reason its queue pair is unusable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadFailure {
+    /// The connection was never connected.
+    #[error("not connected yet")]
+    NotConnected,
+    /// An earlier failure left the queue pair unusable.
+    #[error("the queue pair is unusable ({0})")]
+    Unusable(Box<ReadFailure>),
+    /// The connection has no bounce buffer.
+    #[error("no bounce buffer")]
+    NoBounceBuffer,
+    /// The connection has no queue pair.
+    #[error("no queue pair")]
+    NoQueuePair,
+    /// Posting the work requests failed.
+    #[error("posting {count} READs: {cause}")]
+    Post {
+        /// Work requests posted.
+        count: usize,
+        /// The verbs error, with its causes.
+        cause: String,
+    },
+    /// A work request completed with an error.
+    #[error("READ failed: {} (status {status}, vendor error {vendor_err:#x})", wc_status_name(*status))]
+    Completion {
+        /// The work completion status.
+        status: u32,
+        /// The vendor's error code.
+        vendor_err: u32,
+    },
+    /// Polling the completion queue failed.
+    #[error("polling the completion queue: {0}")]
+    Poll(String),
+    /// The batch did not complete before its deadline.
+    #[error("no completion for {0} READs before the deadline")]
+    Deadline(usize),
+}
+
+/// Why the control-plane exchange of queue pairs with a peer failed: the
+/// caller's own error (a [`Reconnect`] or `connect_with` callback).
+pub type ExchangeError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The device and port this node uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,25 +260,16 @@ impl QpInfo {
     /// Check what a peer sent.
     pub fn validate(&self) -> Result<(), RdmaError> {
         if self.qpn == 0 || self.qpn > 0xff_ffff {
-            return Err(RdmaError::Invalid(format!(
-                "queue pair number {:#x} is not a 24-bit QPN",
-                self.qpn
-            )));
+            return Err(RdmaError::BadQpn(self.qpn));
         }
         if self.psn > 0xff_ffff {
-            return Err(RdmaError::Invalid(format!(
-                "PSN {:#x} is more than 24 bits",
-                self.psn
-            )));
+            return Err(RdmaError::BadPsn(self.psn));
         }
         if ![256, 512, 1024, 2048, 4096].contains(&self.mtu) {
-            return Err(RdmaError::Invalid(format!(
-                "MTU {} is not an RDMA MTU",
-                self.mtu
-            )));
+            return Err(RdmaError::BadMtu(self.mtu));
         }
         if self.gid == [0; 16] && self.lid == 0 {
-            return Err(RdmaError::Invalid("no GID and no LID".into()));
+            return Err(RdmaError::NoAddress);
         }
         Ok(())
     }
@@ -171,7 +290,8 @@ pub struct RemoteRegion {
 /// it asks the peer (over the control plane) to connect a fresh QP to it
 /// and returns the peer's QP and the seed's region (which a restarted peer
 /// may have moved).
-pub type Reconnect = Box<dyn Fn(&QpInfo) -> Result<(QpInfo, RemoteRegion), String> + Send + Sync>;
+pub type Reconnect =
+    Box<dyn Fn(&QpInfo) -> Result<(QpInfo, RemoteRegion), ExchangeError> + Send + Sync>;
 
 /// A random 24-bit PSN or a random connection id, from the kernel.
 pub fn random_u64() -> u64 {
@@ -253,7 +373,7 @@ mod imp {
     /// Why a batch failed.
     #[derive(Debug)]
     struct BatchError {
-        msg: String,
+        failure: ReadFailure,
         /// Worth a reconnect and one more try.
         retry: bool,
         /// The connection generation it failed on.
@@ -309,30 +429,29 @@ mod imp {
 
     /// Open a device (the named one, or the first with an active port) and
     /// pick its port and source GID.
-    fn find(device: Option<&str>) -> Result<(Arc<DeviceContext>, DeviceInfo, u8, u8), String> {
+    fn find(device: Option<&str>) -> Result<(Arc<DeviceContext>, DeviceInfo, u8, u8), ProbeError> {
         // sideway panics on enum values it does not know; a probe must
         // never take the daemon down.
         match std::panic::catch_unwind(|| find_inner(device)) {
             Ok(r) => r,
-            Err(_) => Err("the verbs library returned values sideway does not know".into()),
+            Err(_) => Err(ProbeError::UnknownValues),
         }
     }
 
     fn find_inner(
         device: Option<&str>,
-    ) -> Result<(Arc<DeviceContext>, DeviceInfo, u8, u8), String> {
+    ) -> Result<(Arc<DeviceContext>, DeviceInfo, u8, u8), ProbeError> {
         let list = DeviceList::new().map_err(|e| match &e.0 {
             GetDeviceListErrorKind::Ibverbs(io) if io.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                "libibverbs.so.1 cannot be loaded (install rdma-core and ibverbs-providers)"
-                    .to_string()
+                ProbeError::NoLibrary
             }
             GetDeviceListErrorKind::Ibverbs(io) if io.raw_os_error() == Some(libc::ENOSYS) => {
-                "the kernel has no RDMA verbs support (no /sys/class/infiniband_verbs)".to_string()
+                ProbeError::NoKernelSupport
             }
-            _ => format!("listing RDMA devices: {}", chain(&e)),
+            _ => ProbeError::List(chain(&e)),
         })?;
         if list.is_empty() {
-            return Err("no RDMA device (/sys/class/infiniband is empty)".into());
+            return Err(ProbeError::NoDevice);
         }
         let names: Vec<String> = list.iter().map(|d| d.name()).collect();
         let mut why = Vec::new();
@@ -430,16 +549,16 @@ mod imp {
             }
         }
         match device {
-            Some(want) if !names.iter().any(|n| n == want) => Err(format!(
-                "no RDMA device named {want:?} (have {})",
-                names.join(", ")
-            )),
-            _ => Err(format!("no active RDMA port: {}", why.join("; "))),
+            Some(want) if !names.iter().any(|n| n == want) => Err(ProbeError::NoSuchDevice {
+                want: want.to_string(),
+                have: names,
+            }),
+            _ => Err(ProbeError::NoActivePort { why }),
         }
     }
 
     /// An active device port usable for RDMA, or why there is none.
-    pub fn probe(device: Option<&str>) -> Result<DeviceInfo, String> {
+    pub fn probe(device: Option<&str>) -> Result<DeviceInfo, ProbeError> {
         find(device).map(|(_, info, _, _)| info)
     }
 
@@ -656,17 +775,13 @@ mod imp {
                 )
             })?;
             if size == 0 {
-                return Err(RdmaError::Invalid(format!(
-                    "{} is an empty page store: nothing to export",
-                    path.display()
-                )));
+                return Err(RdmaError::EmptyPageStore(path.to_path_buf()));
             }
             let file = std::fs::File::open(path).map_err(|e| RdmaError::Verbs {
                 what: format!("opening {}", path.display()),
                 error: e.to_string(),
             })?;
-            let len = usize::try_from(size)
-                .map_err(|_| RdmaError::Invalid(format!("{size} bytes do not fit in memory")))?;
+            let len = usize::try_from(size).map_err(|_| RdmaError::TooLarge(size))?;
             let map = Mapping::file_readonly(&file, len).map_err(|e| RdmaError::Verbs {
                 what: format!("mapping {}", path.display()),
                 error: e.to_string(),
@@ -800,10 +915,7 @@ mod imp {
             peer.validate()?;
             let mut g = self.qps.lock().unwrap_or_else(|e| e.into_inner());
             if !g.contains_key(&id) && g.len() >= self.max {
-                return Err(RdmaError::Invalid(format!(
-                    "already {} RDMA connections on this node",
-                    g.len()
-                )));
+                return Err(RdmaError::TooManyConnections(g.len()));
             }
             // The old QP of this connection goes first: it is broken or
             // about to be abandoned by the importer.
@@ -843,7 +955,7 @@ mod imp {
     struct Live {
         qp: Option<Qp>,
         /// Why the QP cannot be used (None when it can).
-        broken: Option<String>,
+        broken: Option<ReadFailure>,
         generation: u64,
         next_wr: u64,
         bounce: Option<(Arc<MemoryRegion>, Mapping)>,
@@ -877,7 +989,7 @@ mod imp {
                 id: random_u64(),
                 live: Mutex::new(Live {
                     qp: None,
-                    broken: Some("not connected yet".into()),
+                    broken: Some(ReadFailure::NotConnected),
                     generation: 0,
                     next_wr: 1,
                     bounce: None,
@@ -930,7 +1042,7 @@ mod imp {
         fn reconnect_inner<T>(
             &self,
             seen_generation: Option<u64>,
-            exchange: impl FnOnce(&QpInfo) -> Result<(QpInfo, T), String>,
+            exchange: impl FnOnce(&QpInfo) -> Result<(QpInfo, T), ExchangeError>,
         ) -> Result<Option<T>, RdmaError> {
             let mut g = self.live.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(seen) = seen_generation {
@@ -978,12 +1090,11 @@ mod imp {
         /// Connect the first time (or again, unconditionally).
         pub fn connect_with<T>(
             &self,
-            exchange: impl FnOnce(&QpInfo) -> Result<(QpInfo, T), String>,
+            exchange: impl FnOnce(&QpInfo) -> Result<(QpInfo, T), ExchangeError>,
         ) -> Result<T, RdmaError> {
             self.reconnect_inner(None, exchange)?
-                .ok_or_else(|| RdmaError::Connect {
+                .ok_or_else(|| RdmaError::ConnectedElsewhere {
                     peer: self.peer.clone(),
-                    reason: "connected by another thread".into(),
                 })
         }
 
@@ -1000,22 +1111,22 @@ mod imp {
             let generation = g.generation;
             if let Some(why) = &g.broken {
                 return Err(BatchError {
-                    msg: format!("the queue pair is unusable ({why})"),
+                    failure: ReadFailure::Unusable(Box::new(why.clone())),
                     retry: true,
                     generation,
                 });
             }
             self.batches.fetch_add(1, Ordering::Relaxed);
             let r = run_locked(&mut g, pieces, reqs, region, until);
-            if let Err(msg) = r {
+            if let Err(failure) = r {
                 // An error completion leaves the QP in the error state; a
                 // timeout leaves READs in flight. Either way it is destroyed
                 // now, before the caller's buffers are given back, so no
                 // late READ can land in them.
                 g.qp = None;
-                g.broken = Some(msg.clone());
+                g.broken = Some(failure.clone());
                 return Err(BatchError {
-                    msg,
+                    failure,
                     retry: true,
                     generation,
                 });
@@ -1031,7 +1142,7 @@ mod imp {
         reqs: &mut [(u64, &mut [u8])],
         region: &RemoteRegion,
         until: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReadFailure> {
         let direct: Vec<(u64, u32, u64, u32)> = pieces
             .iter()
             .filter_map(|p| match p.local {
@@ -1049,7 +1160,7 @@ mod imp {
         let mut i = 0;
         while i < bounced.len() {
             let Some((mr, map)) = &g.bounce else {
-                return Err("no bounce buffer".into());
+                return Err(ReadFailure::NoBounceBuffer);
             };
             let (base, lkey) = (map.as_slice().as_ptr() as u64, mr.lkey());
             // Fill the bounce buffer with as many pieces as fit.
@@ -1066,7 +1177,7 @@ mod imp {
             }
             post_wait(g, &round, region, until)?;
             let Some((_, map)) = &g.bounce else {
-                return Err("no bounce buffer".into());
+                return Err(ReadFailure::NoBounceBuffer);
             };
             let src = map.as_slice();
             let mut at = 0usize;
@@ -1088,14 +1199,14 @@ mod imp {
         wrs: &[(u64, u32, u64, u32)],
         region: &RemoteRegion,
         until: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReadFailure> {
         if wrs.is_empty() {
             return Ok(());
         }
         let id = g.next_wr;
         g.next_wr += 1;
         let Some(q) = g.qp.as_mut() else {
-            return Err("no queue pair".into());
+            return Err(ReadFailure::NoQueuePair);
         };
         let mut guard = q.qp.start_post_send();
         for (i, &(laddr, lkey, remote, len)) in wrs.iter().enumerate() {
@@ -1115,21 +1226,20 @@ mod imp {
             // against the region's size by the source.
             unsafe { h.setup_sge(lkey, laddr, len) };
         }
-        guard
-            .post()
-            .map_err(|e| format!("posting {} READs: {}", wrs.len(), chain(&e)))?;
+        guard.post().map_err(|e| ReadFailure::Post {
+            count: wrs.len(),
+            cause: chain(&e),
+        })?;
         let mut spins = 0u32;
         loop {
             match q.cq.start_poll() {
                 Ok(poller) => {
                     for wc in poller {
                         if wc.status() != 0 {
-                            return Err(format!(
-                                "READ failed: {} (status {}, vendor error {:#x})",
-                                wc_status_name(wc.status()),
-                                wc.status(),
-                                wc.vendor_err()
-                            ));
+                            return Err(ReadFailure::Completion {
+                                status: wc.status(),
+                                vendor_err: wc.vendor_err(),
+                            });
                         }
                         if wc.wr_id() == id {
                             return Ok(());
@@ -1137,13 +1247,10 @@ mod imp {
                     }
                 }
                 Err(PollCompletionQueueError::CompletionQueueEmpty) => {}
-                Err(e) => return Err(format!("polling the completion queue: {}", chain(&e))),
+                Err(e) => return Err(ReadFailure::Poll(chain(&e))),
             }
             if Instant::now() >= until {
-                return Err(format!(
-                    "no completion for {} READs before the deadline",
-                    wrs.len()
-                ));
+                return Err(ReadFailure::Deadline(wrs.len()));
             }
             spins += 1;
             if spins < 2000 {
@@ -1274,12 +1381,13 @@ mod imp {
             Ok(out)
         }
 
-        fn error(&self, offset: u64, len: usize, msg: String) -> SourceError {
+        /// A failed read of `len` bytes at `offset`.
+        fn error(&self, offset: u64, len: usize, error: RdmaError) -> SourceError {
             SourceError::Read {
                 source_name: self.name(),
                 offset,
                 len,
-                error: std::io::Error::other(msg),
+                error: std::io::Error::other(error),
             }
         }
     }
@@ -1308,9 +1416,7 @@ mod imp {
             if total == 0 {
                 return Ok(());
             }
-            let pieces = self
-                .plan(reqs)
-                .map_err(|e| self.error(first, total, e.to_string()))?;
+            let pieces = self.plan(reqs).map_err(|e| self.error(first, total, e))?;
             let until = Instant::now() + self.deadline;
             let span = tracing::debug_span!("rdma_batch", source = %self.name, ranges = reqs.len(), bytes = total);
             let _e = span.enter();
@@ -1324,35 +1430,33 @@ mod imp {
                     }
                     Err(e) => {
                         let Some(cb) = self.reconnect.as_ref() else {
-                            return Err(self.error(first, total, e.msg));
+                            return Err(self.error(first, total, RdmaError::Read(e.failure)));
                         };
                         if reconnected || !e.retry || Instant::now() >= until {
-                            return Err(self.error(first, total, e.msg));
+                            return Err(self.error(first, total, RdmaError::Read(e.failure)));
                         }
                         reconnected = true;
-                        tracing::info!(source = %self.name, reason = %e.msg, "RDMA batch failed; reconnecting once");
+                        tracing::info!(source = %self.name, reason = %e.failure, "RDMA batch failed; reconnecting once");
                         match self.conn.reconnect_inner(Some(e.generation), |q| cb(q)) {
                             Ok(Some(r)) => {
                                 if r.size != region.size {
-                                    return Err(self.error(
-                                        first,
-                                        total,
-                                        format!(
-                                            "{}; after reconnecting the peer offers {} bytes, not {}",
-                                            e.msg, r.size, region.size
-                                        ),
-                                    ));
+                                    let resized = RdmaError::Resized {
+                                        failure: e.failure,
+                                        offered: r.size,
+                                        expected: region.size,
+                                    };
+                                    return Err(self.error(first, total, resized));
                                 }
                                 region = r;
                                 *self.region.lock().unwrap_or_else(|p| p.into_inner()) = r;
                             }
                             Ok(None) => {}
                             Err(re) => {
-                                return Err(self.error(
-                                    first,
-                                    total,
-                                    format!("{}; reconnecting failed: {re}", e.msg),
-                                ))
+                                let failed = RdmaError::ReconnectFailed {
+                                    failure: e.failure,
+                                    error: Box::new(re),
+                                };
+                                return Err(self.error(first, total, failed));
                             }
                         }
                     }
@@ -1390,11 +1494,9 @@ mod imp {
     use std::sync::Arc;
     use std::time::Duration;
 
-    const NOT_BUILT: &str = "this build has no RDMA support (cargo feature `rdma` is off)";
-
     /// An active device port usable for RDMA, or why there is none.
-    pub fn probe(_device: Option<&str>) -> Result<DeviceInfo, String> {
-        Err(NOT_BUILT.into())
+    pub fn probe(_device: Option<&str>) -> Result<DeviceInfo, ProbeError> {
+        Err(ProbeError::NotBuilt)
     }
 
     /// This node's RDMA device (never opened in this build).
@@ -1406,7 +1508,7 @@ mod imp {
     impl RdmaNode {
         /// Always fails in this build.
         pub fn open(_device: Option<&str>) -> Result<Arc<RdmaNode>, RdmaError> {
-            Err(RdmaError::Unavailable(NOT_BUILT.into()))
+            Err(RdmaError::Unavailable(ProbeError::NotBuilt))
         }
         /// The device.
         pub fn info(&self) -> &DeviceInfo {
@@ -1426,7 +1528,7 @@ mod imp {
             _path: &std::path::Path,
             _size: u64,
         ) -> Result<ExportedSeed, RdmaError> {
-            Err(RdmaError::Unavailable(NOT_BUILT.into()))
+            Err(RdmaError::Unavailable(ProbeError::NotBuilt))
         }
     }
 
@@ -1465,7 +1567,7 @@ mod imp {
             _peer: &QpInfo,
             _seed: &ExportedSeed,
         ) -> Result<QpInfo, RdmaError> {
-            Err(RdmaError::Unavailable(NOT_BUILT.into()))
+            Err(RdmaError::Unavailable(ProbeError::NotBuilt))
         }
         /// Never.
         pub fn has_connection(&self, _id: u64, _seed: &ExportedSeed) -> bool {
@@ -1523,9 +1625,9 @@ mod imp {
         /// Always fails in this build.
         pub fn connect_with<T>(
             &self,
-            _exchange: impl FnOnce(&QpInfo) -> Result<(QpInfo, T), String>,
+            _exchange: impl FnOnce(&QpInfo) -> Result<(QpInfo, T), ExchangeError>,
         ) -> Result<T, RdmaError> {
-            Err(RdmaError::Unavailable(NOT_BUILT.into()))
+            Err(RdmaError::Unavailable(ProbeError::NotBuilt))
         }
     }
 
@@ -1566,7 +1668,7 @@ mod imp {
                 source_name: self.name(),
                 offset,
                 len: dst.len(),
-                error: std::io::Error::other(NOT_BUILT),
+                error: std::io::Error::other(ProbeError::NotBuilt),
             })
         }
         fn size(&self) -> u64 {
@@ -1621,10 +1723,10 @@ mod tests {
         // say why instead of failing in any other way.
         match probe(None) {
             Ok(info) => assert!(!info.device.is_empty()),
-            Err(why) => assert!(!why.is_empty()),
+            Err(why) => assert!(!why.to_string().is_empty()),
         }
         let e = probe(Some("no-such-device-xyz")).unwrap_err();
-        assert!(!e.is_empty());
+        assert!(!e.to_string().is_empty());
     }
 
     #[test]

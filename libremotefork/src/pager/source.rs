@@ -53,6 +53,15 @@ pub enum SourceError {
     },
 }
 
+/// Errors setting up a [`SeedCache`], returned inside an [`io::Error`].
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The memfds an earlier forkd handed over are smaller than this
+    /// seed's cache and present bits need.
+    #[error("the handed-over seed cache is smaller than this seed's")]
+    HandedOverTooSmall,
+}
+
 /// Reads ranges of a seed's page store into local memory. Implemented by
 /// the local image here; network transports plug in the same way.
 pub trait PageSource: Send + Sync {
@@ -259,9 +268,7 @@ impl SeedCache {
                         .map(|m| m.len())
                 };
                 if have(&f.cache)? < size || have(&f.present)? < present_bytes as u64 {
-                    return Err(io::Error::other(
-                        "the handed-over seed cache is smaller than this seed's",
-                    ));
+                    return Err(io::Error::other(CacheError::HandedOverTooSmall));
                 }
                 (f.cache, f.present)
             }

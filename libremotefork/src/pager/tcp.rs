@@ -48,22 +48,126 @@ impl Write for Stream {
     }
 }
 
+/// Errors of the TCP page source: setting up TLS, connecting to a page
+/// server, and its page requests. A source's errors reach its caller as
+/// the `error` of a [`SourceError::Read`].
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    /// The CA file is not PEM.
+    #[error("the CA file: {0}")]
+    CaPem(rustls::pki_types::pem::Error),
+    /// A certificate in the CA file is refused.
+    #[error("the CA file: {0}")]
+    CaCertificate(rustls::Error),
+    /// The CA file has no certificate in it.
+    #[error("the CA file holds no certificate")]
+    NoCaCertificate,
+    /// rustls refused the TLS configuration.
+    #[error("{0}")]
+    TlsConfig(rustls::Error),
+    /// The seed's key is malformed.
+    #[error("the seed key is not 32 hex digits")]
+    BadKey,
+    /// The seed id is malformed.
+    #[error("seed id is not 16 hex digits")]
+    BadSeedId,
+    /// A `tls://` page server, but no CA to check it against.
+    #[error("{addr} is a TLS page server: this node needs --tls-ca")]
+    NeedsCa {
+        /// The page server.
+        addr: String,
+    },
+    /// The page server's address does not resolve.
+    #[error("resolving {addr}: {error}")]
+    Resolve {
+        /// The page server.
+        addr: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The page server's address resolves to no address.
+    #[error("{addr} resolves to nothing")]
+    ResolvesToNothing {
+        /// The page server.
+        addr: String,
+    },
+    /// The TCP connection failed.
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
+    /// Setting the socket's timeouts failed.
+    #[error("{0}")]
+    Timeouts(std::io::Error),
+    /// The host is not a name TLS can check a certificate for.
+    #[error("TLS name {host:?}: {error}")]
+    TlsName {
+        /// The host.
+        host: String,
+        /// Why.
+        error: rustls::pki_types::InvalidDnsNameError,
+    },
+    /// The TLS connection could not be made.
+    #[error("TLS: {0}")]
+    Tls(rustls::Error),
+    /// The TLS handshake failed (a certificate problem is named here).
+    #[error("TLS handshake: {0}")]
+    TlsHandshake(std::io::Error),
+    /// Sending the page protocol handshake failed.
+    #[error("handshake: {0}")]
+    Handshake(std::io::Error),
+    /// Reading the handshake answer failed.
+    #[error("handshake answer: {0}")]
+    HandshakeAnswer(std::io::Error),
+    /// The page server refused the seed (unknown, wrong key...).
+    #[error("page server refused seed {seed_id}: {reason}")]
+    Refused {
+        /// The seed.
+        seed_id: String,
+        /// The page server's message.
+        reason: String,
+    },
+    /// No connection to send a request on.
+    #[error("no connection")]
+    NoConnection,
+    /// Sending a request or reading its answer failed.
+    #[error("page request: {0}")]
+    Request(std::io::Error),
+    /// An answer to another request than the one sent.
+    #[error("answer {answer} to request {request}: the stream is out of step")]
+    OutOfStep {
+        /// The answer's request id.
+        answer: u32,
+        /// The request's id.
+        request: u32,
+    },
+    /// The page server refused a request (a refusal is final).
+    #[error("page server: {0}")]
+    ReadRefused(String),
+    /// An answer of the wrong length.
+    #[error("answer of {len} bytes to a request of {total}")]
+    WrongLength {
+        /// Bytes the answer announces.
+        len: usize,
+        /// Bytes requested.
+        total: usize,
+    },
+}
+
 /// The TLS client configuration for `tls://` page servers: their
 /// certificates are checked against the CA certificates in `ca_pem`.
-pub fn tls_client_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn tls_client_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, TcpError> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
-        let c = c.map_err(|e| format!("the CA file: {e}"))?;
-        roots.add(c).map_err(|e| format!("the CA file: {e}"))?;
+        let c = c.map_err(TcpError::CaPem)?;
+        roots.add(c).map_err(TcpError::CaCertificate)?;
     }
     if roots.is_empty() {
-        return Err("the CA file holds no certificate".into());
+        return Err(TcpError::NoCaCertificate);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TcpError::TlsConfig)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(cfg))
@@ -94,7 +198,8 @@ impl std::fmt::Debug for TcpSource {
     }
 }
 
-fn err(s: &TcpSource, offset: u64, len: usize, what: String) -> SourceError {
+/// A failed read of `len` bytes at `offset` of `s`.
+fn err(s: &TcpSource, offset: u64, len: usize, what: TcpError) -> SourceError {
     SourceError::Read {
         source_name: s.name(),
         offset,
@@ -130,7 +235,7 @@ impl TcpSource {
             source_name: format!("tcp:{addr}"),
             offset: 0,
             len: 0,
-            error: std::io::Error::other("the seed key is not 32 hex digits"),
+            error: std::io::Error::other(TcpError::BadKey),
         })?;
         let mut s = TcpSource {
             addr: addr.to_string(),
@@ -155,15 +260,8 @@ impl TcpSource {
         let (host_port, tls) = match self.addr.strip_prefix("tls://") {
             Some(hp) => {
                 let cfg = self.tls.clone().ok_or_else(|| {
-                    err(
-                        self,
-                        0,
-                        0,
-                        format!(
-                            "{} is a TLS page server: this node needs --tls-ca",
-                            self.addr
-                        ),
-                    )
+                    let addr = self.addr.clone();
+                    err(self, 0, 0, TcpError::NeedsCa { addr })
                 })?;
                 (hp, Some(cfg))
             }
@@ -171,16 +269,22 @@ impl TcpSource {
         };
         let sa = host_port
             .to_socket_addrs()
-            .map_err(|e| err(self, 0, 0, format!("resolving {}: {e}", self.addr)))?
+            .map_err(|error| {
+                let addr = self.addr.clone();
+                err(self, 0, 0, TcpError::Resolve { addr, error })
+            })?
             .next()
-            .ok_or_else(|| err(self, 0, 0, format!("{} resolves to nothing", self.addr)))?;
+            .ok_or_else(|| {
+                let addr = self.addr.clone();
+                err(self, 0, 0, TcpError::ResolvesToNothing { addr })
+            })?;
         let tcp = TcpStream::connect_timeout(&sa, left)
-            .map_err(|e| err(self, 0, 0, format!("connecting: {e}")))?;
+            .map_err(|e| err(self, 0, 0, TcpError::Connect(e)))?;
         let _ = tcp.set_nodelay(true);
         tcp.set_read_timeout(Some(left))
-            .map_err(|e| err(self, 0, 0, e.to_string()))?;
+            .map_err(|e| err(self, 0, 0, TcpError::Timeouts(e)))?;
         tcp.set_write_timeout(Some(left))
-            .map_err(|e| err(self, 0, 0, e.to_string()))?;
+            .map_err(|e| err(self, 0, 0, TcpError::Timeouts(e)))?;
         let mut s = match tls {
             None => Stream::Plain(tcp),
             Some(cfg) => {
@@ -189,43 +293,41 @@ impl TcpSource {
                     .map_or(host_port, |(h, _)| h)
                     .trim_start_matches('[')
                     .trim_end_matches(']');
-                let name = rustls::pki_types::ServerName::try_from(host.to_string())
-                    .map_err(|e| err(self, 0, 0, format!("TLS name {host:?}: {e}")))?;
+                let name =
+                    rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|error| {
+                        let host = host.to_string();
+                        err(self, 0, 0, TcpError::TlsName { host, error })
+                    })?;
                 let c = rustls::ClientConnection::new(cfg, name)
-                    .map_err(|e| err(self, 0, 0, format!("TLS: {e}")))?;
+                    .map_err(|e| err(self, 0, 0, TcpError::Tls(e)))?;
                 let mut t = rustls::StreamOwned::new(c, tcp);
                 // The handshake now, so a certificate problem is named as one.
                 while t.conn.is_handshaking() {
                     t.conn
                         .complete_io(&mut t.sock)
-                        .map_err(|e| err(self, 0, 0, format!("TLS handshake: {e}")))?;
+                        .map_err(|e| err(self, 0, 0, TcpError::TlsHandshake(e)))?;
                 }
                 Stream::Tls(Box::new(t))
             }
         };
         let hello = wire::hello(&self.seed_id, &self.key)
-            .ok_or_else(|| err(self, 0, 0, "seed id is not 16 hex digits".into()))?;
+            .ok_or_else(|| err(self, 0, 0, TcpError::BadSeedId))?;
         s.write_all(&hello)
-            .map_err(|e| err(self, 0, 0, format!("handshake: {e}")))?;
+            .map_err(|e| err(self, 0, 0, TcpError::Handshake(e)))?;
         let mut h = [0u8; 16];
         s.read_exact(&mut h)
-            .map_err(|e| err(self, 0, 0, format!("handshake answer: {e}")))?;
+            .map_err(|e| err(self, 0, 0, TcpError::HandshakeAnswer(e)))?;
         let size = u64::from_le_bytes(h[4..12].try_into().unwrap_or([0; 8]));
         let msg_len = u32::from_le_bytes(h[12..16].try_into().unwrap_or([0; 4])).min(4096) as usize;
         let mut msg = vec![0u8; msg_len];
         s.read_exact(&mut msg)
-            .map_err(|e| err(self, 0, 0, format!("handshake answer: {e}")))?;
+            .map_err(|e| err(self, 0, 0, TcpError::HandshakeAnswer(e)))?;
         if h[0] != wire::hello_status::OK {
-            return Err(err(
-                self,
-                0,
-                0,
-                format!(
-                    "page server refused seed {}: {}",
-                    self.seed_id,
-                    String::from_utf8_lossy(&msg)
-                ),
-            ));
+            let refused = TcpError::Refused {
+                seed_id: self.seed_id.clone(),
+                reason: String::from_utf8_lossy(&msg).into_owned(),
+            };
+            return Err(err(self, 0, 0, refused));
         }
         Ok((s, size))
     }
@@ -242,7 +344,7 @@ impl TcpSource {
             *g = Some((s, 0));
         }
         let Some((s, next_id)) = g.as_mut() else {
-            return Err((true, err(self, 0, 0, "no connection".into())));
+            return Err((true, err(self, 0, 0, TcpError::NoConnection)));
         };
         let left = until
             .saturating_duration_since(Instant::now())
@@ -254,7 +356,7 @@ impl TcpSource {
         let ranges: Vec<(u64, u32)> = reqs.iter().map(|(o, b)| (*o, b.len() as u32)).collect();
         let first = reqs.first().map(|r| r.0).unwrap_or(0);
         let total: usize = reqs.iter().map(|r| r.1.len()).sum();
-        let io = |e: std::io::Error| (true, err(self, first, total, format!("page request: {e}")));
+        let io = |e: std::io::Error| (true, err(self, first, total, TcpError::Request(e)));
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         s.write_all(&wire::request(id, &ranges)).map_err(io)?;
@@ -264,40 +366,22 @@ impl TcpSource {
         let status = h[4];
         let len = u32::from_le_bytes(h[8..12].try_into().unwrap_or([0; 4])) as usize;
         if rid != id {
-            return Err((
-                true,
-                err(
-                    self,
-                    first,
-                    total,
-                    format!("answer {rid} to request {id}: the stream is out of step"),
-                ),
-            ));
+            let out_of_step = TcpError::OutOfStep {
+                answer: rid,
+                request: id,
+            };
+            return Err((true, err(self, first, total, out_of_step)));
         }
         if status != wire::read_status::OK {
             let mut msg = vec![0u8; len.min(4096)];
             s.read_exact(&mut msg).map_err(io)?;
             // A refusal is final: retrying cannot make it right.
-            return Err((
-                false,
-                err(
-                    self,
-                    first,
-                    total,
-                    format!("page server: {}", String::from_utf8_lossy(&msg)),
-                ),
-            ));
+            let refused = TcpError::ReadRefused(String::from_utf8_lossy(&msg).into_owned());
+            return Err((false, err(self, first, total, refused)));
         }
         if len != total {
-            return Err((
-                true,
-                err(
-                    self,
-                    first,
-                    total,
-                    format!("answer of {len} bytes to a request of {total}"),
-                ),
-            ));
+            let wrong = TcpError::WrongLength { len, total };
+            return Err((true, err(self, first, total, wrong)));
         }
         for (_, b) in reqs.iter_mut() {
             s.read_exact(b).map_err(io)?;

@@ -57,17 +57,35 @@ pub fn hello(seed_id: &str, key: &[u8; 16]) -> Option<[u8; HELLO_LEN]> {
     Some(b)
 }
 
+/// Why a client's handshake is refused. Its text is sent back to the
+/// client in the `BAD_HELLO` answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HelloError {
+    /// The magic is not [`MAGIC`].
+    #[error("not a remotefork page channel (bad magic)")]
+    BadMagic,
+    /// The version is not [`VERSION`].
+    #[error("unsupported page protocol version")]
+    Version,
+    /// The seed id has bytes outside ASCII.
+    #[error("seed id is not ASCII")]
+    IdNotAscii,
+    /// The seed id has characters other than hex digits.
+    #[error("seed id is not hex")]
+    IdNotHex,
+}
+
 /// Parse a handshake: (seed id, key), or why not.
-pub fn parse_hello(b: &[u8; HELLO_LEN]) -> Result<(String, [u8; 16]), &'static str> {
+pub fn parse_hello(b: &[u8; HELLO_LEN]) -> Result<(String, [u8; 16]), HelloError> {
     if b[..4] != MAGIC {
-        return Err("not a remotefork page channel (bad magic)");
+        return Err(HelloError::BadMagic);
     }
     if u16::from_le_bytes([b[4], b[5]]) != VERSION {
-        return Err("unsupported page protocol version");
+        return Err(HelloError::Version);
     }
-    let id = std::str::from_utf8(&b[8..24]).map_err(|_| "seed id is not ASCII")?;
+    let id = std::str::from_utf8(&b[8..24]).map_err(|_| HelloError::IdNotAscii)?;
     if !id.bytes().all(|c| c.is_ascii_hexdigit()) {
-        return Err("seed id is not hex");
+        return Err(HelloError::IdNotHex);
     }
     let mut key = [0u8; 16];
     key.copy_from_slice(&b[24..40]);
@@ -183,13 +201,18 @@ mod tests {
         );
         let mut bad = h;
         bad[0] = b'X';
-        assert!(parse_hello(&bad).is_err());
+        assert_eq!(parse_hello(&bad), Err(HelloError::BadMagic));
         let mut bad = h;
         bad[4] = 9;
-        assert!(parse_hello(&bad).is_err());
+        assert_eq!(parse_hello(&bad), Err(HelloError::Version));
         let mut bad = h;
         bad[10] = b'z';
-        assert!(parse_hello(&bad).is_err());
+        assert_eq!(parse_hello(&bad), Err(HelloError::IdNotHex));
+        // The refusal's text goes on the wire: it keeps its words.
+        assert_eq!(
+            HelloError::BadMagic.to_string(),
+            "not a remotefork page channel (bad magic)"
+        );
         assert!(hello("short", &k).is_none());
         assert!(key_bytes("zz").is_none());
     }
