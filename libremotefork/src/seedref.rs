@@ -186,7 +186,9 @@ impl crate::Seed {
             ));
         }
         let tls = match (r.addr.starts_with("tls://"), &opts.tls_ca) {
-            (true, Some(pem)) => Some(crate::pager::tcp::tls_client_config(pem).map_err(remote)?),
+            (true, Some(pem)) => {
+                Some(crate::pager::tcp::tls_client_config(pem).map_err(|e| remote(e.to_string()))?)
+            }
             (true, None) => {
                 return Err(remote(
                     "a tls:// page server needs a CA to trust (RemoteOptions::tls_ca)".into(),

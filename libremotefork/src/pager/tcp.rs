@@ -142,6 +142,15 @@ pub enum TcpError {
     /// The page server refused a request (a refusal is final).
     #[error("page server: {0}")]
     ReadRefused(String),
+    /// The page server does not answer descriptor requests.
+    #[error("the page server does not hand out descriptors (an older forkd?): {0}")]
+    NoDescriptors(String),
+    /// A descriptor answer larger than any descriptor can be.
+    #[error("a descriptor of {0} bytes is too large")]
+    DescriptorTooLarge(usize),
+    /// A descriptor answer that does not parse.
+    #[error("malformed descriptor answer")]
+    BadDescriptorAnswer,
     /// An answer of the wrong length.
     #[error("answer of {len} bytes to a request of {total}")]
     WrongLength {
@@ -437,50 +446,52 @@ impl TcpSource {
             *g = Some((s, 0));
         }
         let Some((s, next_id)) = g.as_mut() else {
-            return Err(err(self, 0, 0, "no connection".into()));
+            return Err(err(self, 0, 0, TcpError::NoConnection));
         };
         *next_id = next_id.wrapping_add(1);
         let id = *next_id;
-        let io = |e: std::io::Error| err(self, 0, 0, format!("descriptor request: {e}"));
+        let io = |e: std::io::Error| err(self, 0, 0, TcpError::Request(e));
         s.write_all(&wire::descriptor_request(id)).map_err(io)?;
         let mut h = [0u8; 12];
         s.read_exact(&mut h).map_err(io)?;
         let status = h[4];
         let len = u32::from_le_bytes(h[8..12].try_into().unwrap_or([0; 4])) as usize;
-        if u32::from_le_bytes(h[..4].try_into().unwrap_or([0; 4])) != id {
+        let answer = u32::from_le_bytes(h[..4].try_into().unwrap_or([0; 4]));
+        if answer != id {
             *g = None;
-            return Err(err(self, 0, 0, "descriptor answer out of step".into()));
+            return Err(err(
+                self,
+                0,
+                0,
+                TcpError::OutOfStep {
+                    answer,
+                    request: id,
+                },
+            ));
         }
         if status != wire::read_status::OK {
             let mut msg = vec![0u8; len.min(4096)];
             s.read_exact(&mut msg).map_err(io)?;
-            let why = String::from_utf8_lossy(&msg);
+            let why = String::from_utf8_lossy(&msg).into_owned();
             return Err(err(
                 self,
                 0,
                 0,
                 if status == wire::read_status::TOO_LARGE {
-                    format!(
-                        "the page server does not hand out descriptors (an older forkd?): {why}"
-                    )
+                    TcpError::NoDescriptors(why)
                 } else {
-                    format!("page server: {why}")
+                    TcpError::ReadRefused(why)
                 },
             ));
         }
         if len as u64 > crate::image::MAX_BODY_LEN + (64 << 20) {
             *g = None;
-            return Err(err(
-                self,
-                0,
-                0,
-                format!("a descriptor of {len} bytes is too large"),
-            ));
+            return Err(err(self, 0, 0, TcpError::DescriptorTooLarge(len)));
         }
         let mut body = vec![0u8; len];
         s.read_exact(&mut body).map_err(io)?;
         let (d, ws) = wire::parse_descriptor_bundle(&body)
-            .ok_or_else(|| err(self, 0, 0, "malformed descriptor answer".into()))?;
+            .ok_or_else(|| err(self, 0, 0, TcpError::BadDescriptorAnswer))?;
         Ok((d.to_vec(), ws.to_vec()))
     }
 }
