@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Print the restore-case corpus as a matrix (case x mode) from a test
 # run's output (default target/test-output.txt): ok, FAIL, or skip (a cell
-# that could not run here, with its SKIPPED line in the output).
+# that could not run here, with its SKIPPED line in the output). The
+# remote_rdma column runs in the Soft-RoCE VM (soft-rdma-tests/run prints
+# its PASS lines); on a host without RDMA it is "skip".
 set -euo pipefail
 out=${1:-target/test-output.txt}
 awk '
   BEGIN {
-    nm = split("eager lazy_off lazy_window lazy_recorded template remote_tcp seed_of_seed", modes, " ")
+    nm = split("eager lazy_off lazy_window lazy_recorded template remote_tcp seed_of_seed remote_rdma", modes, " ")
     for (j = 1; j <= nm; j++) mseen[modes[j]] = 1
   }
   /Running tests\/corpus\.rs/ { on = 1; next }

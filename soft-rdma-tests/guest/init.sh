@@ -280,11 +280,15 @@ run_one_test() {
 }
 
 run_test_binary() {
-    local cwd=$1 bin=$2 names
-    echo "rf-guest: test binary $bin (cwd $cwd)"
+    # $3, if given: run only the tests whose names end with it.
+    local cwd=$1 bin=$2 suffix=${3:-} names
+    echo "rf-guest: test binary $bin (cwd $cwd)${suffix:+, tests *$suffix}"
     if [ ! -x "$bin" ]; then fail "$(basename "$bin")" "test binary not found"; return; fi
     # `--list --format terse` prints "NAME: test" per test (and ": benchmark").
     names=$(cd "$cwd" && "$bin" --list --format terse 2>"$LOGDIR/list.err" | sed -n 's/: test$//p')
+    if [ -n "$suffix" ]; then
+        names=$(awk -v s="$suffix" 'length($0) >= length(s) && substr($0, length($0) - length(s) + 1) == s' <<<"$names")
+    fi
     if [ -z "$names" ]; then
         fail "$(basename "$bin")" "lists no tests"; sed 's/^/    | /' "$LOGDIR/list.err"; return
     fi
@@ -320,8 +324,11 @@ case "$RF_MODE" in
         modprobe sch_netem 2>/dev/null || true
         while read -r kind cwd bin only; do
             [ "$kind" = TEST ] || continue
-            if [ -n "$only" ]; then run_one_test "$cwd" "$bin" "$only"
-            else run_test_binary "$cwd" "$bin"; fi
+            case "$only" in
+                '') run_test_binary "$cwd" "$bin" ;;
+                '*'*) run_test_binary "$cwd" "$bin" "${only#\*}" ;;
+                *) run_one_test "$cwd" "$bin" "$only" ;;
+            esac
         done < "$RF_TESTS_FILE" ;;
     bench) run_bench ;;
     *) fail "mode:$RF_MODE" "unknown mode" ;;
