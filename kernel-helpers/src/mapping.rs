@@ -70,9 +70,10 @@ impl Mapping {
         )
     }
 
-    /// A read-only shared mapping of the first `len` bytes of `file`.
-    pub fn file_readonly(file: &File, len: usize) -> io::Result<Mapping> {
-        Self::map(len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd())
+    /// A read-only shared mapping of the first `len` bytes of `file`: a
+    /// [`ReadOnlyMapping`], which safe code can only read.
+    pub fn file_readonly(file: &File, len: usize) -> io::Result<ReadOnlyMapping> {
+        Self::map(len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd()).map(ReadOnlyMapping)
     }
 
     fn map(len: usize, prot: i32, flags: i32, fd: i32) -> io::Result<Mapping> {
@@ -97,9 +98,8 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
-    /// The mapped bytes, writable. Panics-free; writing to a read-only
-    /// mapping is prevented by only creating those through `file_readonly`
-    /// and never handing out `&mut` to them.
+    /// The mapped bytes, writable (read-only mappings are
+    /// [`ReadOnlyMapping`]s, which have no such method).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr..ptr+len is mapped for the lifetime of self and `&mut
         // self` guarantees exclusive access.
@@ -114,6 +114,28 @@ impl Mapping {
     /// Is it empty?
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// A read-only mapping (`PROT_READ`): its bytes can be read, and nothing
+/// in safe code can write them (a write would fault).
+#[derive(Debug)]
+pub struct ReadOnlyMapping(Mapping);
+
+impl ReadOnlyMapping {
+    /// The mapped bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Is it empty?
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

@@ -795,7 +795,7 @@ mod imp {
                     return Ok(ExportedSeed {
                         mr,
                         pd,
-                        _map: map,
+                        _map: Exported::InPlace(map),
                         size,
                     })
                 }
@@ -830,7 +830,7 @@ mod imp {
             Ok(ExportedSeed {
                 mr,
                 pd,
-                _map: map,
+                _map: Exported::Copy(map),
                 size,
             })
         }
@@ -843,8 +843,19 @@ mod imp {
         mr: Arc<MemoryRegion>,
         /// Its own protection domain: its region's and its readers' QPs'.
         pd: Arc<ProtectionDomain>,
-        _map: Mapping,
+        _map: Exported,
         size: u64,
+    }
+
+    /// The memory behind an [`ExportedSeed`]'s region, kept (never read:
+    /// the device reads it) while it is registered.
+    #[derive(Debug)]
+    #[allow(dead_code)]
+    enum Exported {
+        /// The page store file, mapped read-only.
+        InPlace(kernel_helpers::mapping::ReadOnlyMapping),
+        /// A copy of it in a memfd (kernels before 6.2).
+        Copy(Mapping),
     }
 
     impl std::fmt::Debug for ExportedSeed {

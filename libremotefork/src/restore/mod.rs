@@ -87,7 +87,7 @@ use std::time::Instant;
 use crate::child::{Child, Started};
 
 use kernel_helpers::husk::{self, HuskError};
-use kernel_helpers::mapping::Mapping;
+use kernel_helpers::mapping::ReadOnlyMapping;
 use kernel_helpers::mem::{self, MemError, ProcMem, RemoteRange};
 use kernel_helpers::ptrace::{PtraceError, Tracee};
 use kernel_helpers::{executor, PAGE_SIZE};
@@ -297,7 +297,7 @@ struct Core {
     image: SeedImage,
     resolved: Vec<ResolvedFile>,
     /// The page store mapped, for a local seed.
-    pages: Option<Mapping>,
+    pages: Option<ReadOnlyMapping>,
     /// Offset of a `syscall` instruction inside the vDSO.
     vdso_syscall_offset: u64,
     notes: Vec<String>,
@@ -368,7 +368,7 @@ impl Seed {
             what: format!("opening {}", ppath.display()),
             source,
         })?;
-        let pages = Mapping::file_readonly(&f, d.image_bytes as usize).map_err(|source| {
+        let pages = kernel_helpers::mapping::Mapping::file_readonly(&f, d.image_bytes as usize).map_err(|source| {
             RestoreError::Io {
                 what: format!("mapping {}", ppath.display()),
                 source,
@@ -527,7 +527,7 @@ impl Seed {
 
     fn build(
         image: SeedImage,
-        pages: Option<Mapping>,
+        pages: Option<ReadOnlyMapping>,
         source: Box<dyn PageSource>,
         adopt: Option<CacheFds>,
     ) -> Result<Seed, RestoreError> {
