@@ -8,7 +8,7 @@
 //! them; both may name the same device. Without them the RDMA group is
 //! skipped with the reason. Under the Soft-RoCE VM (TCG) the figures show
 //! relative costs only, not performance. The TCP side talks to a minimal
-//! in-process server of the same wire protocol (`pager::wire`), so the
+//! in-process server of the same wire protocol (`transport::wire`), so the
 //! figure is the client's and the protocol's cost, not forkd's scheduling.
 //!
 //! Run: `cargo bench -p remotefork-benches --bench rdma-transport`.
@@ -21,10 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use remotefork::pager::rdma::{self, Connection, Exporter, RdmaNode, RdmaSource};
-use remotefork::pager::source::PageSource;
-use remotefork::pager::tcp::TcpSource;
-use remotefork::pager::wire;
+use remotefork::transport::rdma::{self, Connection, Exporter, RdmaNode, RdmaSource};
+use remotefork::transport::tcp::TcpSource;
+use remotefork::transport::wire;
+use remotefork::transport::PageSource;
 
 const IMAGE: usize = 64 << 20;
 const SIZES: [usize; 2] = [4 << 10, 64 << 10];

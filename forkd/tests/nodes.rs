@@ -304,8 +304,8 @@ fn page_server(n: &Nodes) -> TcpStream {
 }
 
 fn hello(id: &str, key: &str) -> Vec<u8> {
-    let k = remotefork::pager::wire::key_bytes(key).unwrap();
-    remotefork::pager::wire::hello(id, &k).unwrap().to_vec()
+    let k = remotefork::transport::wire::key_bytes(key).unwrap();
+    remotefork::transport::wire::hello(id, &k).unwrap().to_vec()
 }
 
 fn answer_status(s: &mut TcpStream) -> Option<u8> {
@@ -322,7 +322,7 @@ fn hostile_page_server_clients_are_refused_and_others_unaffected() {
     if !require_root("hostile_page_server_clients_are_refused_and_others_unaffected") {
         return;
     }
-    use remotefork::pager::wire::{hello_status, read_status, request};
+    use remotefork::transport::wire::{hello_status, read_status, request};
     let Some(n) = Nodes::up("nodes-hostile") else {
         return;
     };

@@ -1,4 +1,4 @@
-//! The RDMA page transport (`remotefork::pager::rdma`, `docs/RDMA.md`).
+//! The RDMA page transport (`remotefork::transport::rdma`, `docs/RDMA.md`).
 //!
 //! Everything but the last test needs two RDMA devices: they run inside
 //! the Soft-RoCE VM of `soft-rdma-tests/run`, which sets `RF_RDMA_GUEST=1`,
@@ -18,11 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use remotefork::pager::rdma::{
+use remotefork::pager::cache::SeedCache;
+use remotefork::pager::PageRef;
+use remotefork::transport::rdma::{
     self, Connection, ExportedSeed, Exporter, QpInfo, RdmaNode, RdmaSource, RemoteRegion,
 };
-use remotefork::pager::source::{PageSource, SeedCache, SourceError};
-use remotefork::pager::PageRef;
+use remotefork::transport::{PageSource, SourceError};
 use serde_json::Value;
 
 /// The two nodes' devices and addresses, if this is an RDMA environment.

@@ -897,15 +897,15 @@ fn tcp_with_tls_serves_only_tls_clients_that_trust_its_ca() {
     {
         use std::io::{Read, Write};
         let (_, key) = r.trim().rsplit_once('#').unwrap();
-        let k = remotefork::pager::wire::key_bytes(key).unwrap();
+        let k = remotefork::transport::wire::key_bytes(key).unwrap();
         let mut p = std::net::TcpStream::connect(&page).unwrap();
         p.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        p.write_all(&remotefork::pager::wire::hello(&id, &k).unwrap())
+        p.write_all(&remotefork::transport::wire::hello(&id, &k).unwrap())
             .unwrap();
         let mut h = [0u8; 16];
         let got = p.read_exact(&mut h);
         assert!(
-            got.is_err() || h[0] != remotefork::pager::wire::hello_status::OK,
+            got.is_err() || h[0] != remotefork::transport::wire::hello_status::OK,
             "a plaintext client was served pages"
         );
     }
@@ -936,7 +936,8 @@ fn the_gateway_serves_https_with_its_certificate() {
         ],
     );
     let https = |path: &str, token: Option<&str>| -> String {
-        let cfg = remotefork::pager::tcp::tls_client_config(&std::fs::read(&ca).unwrap()).unwrap();
+        let cfg =
+            remotefork::transport::tcp::tls_client_config(&std::fs::read(&ca).unwrap()).unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let conn = rustls::ClientConnection::new(cfg, name).unwrap();
         let sock = std::net::TcpStream::connect(&addr).unwrap();

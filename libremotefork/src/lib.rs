@@ -70,7 +70,7 @@
 //! The modules follow the data flow: [`procfs`] reads what the kernel
 //! shows of a process, [`capture`](mod@capture) writes an [`image`], the
 //! restore builds children from it, the [`pager`] serves their memory from
-//! a page source (local, TCP, RDMA).
+//! a page source, one of the [`transport`]s (local, TCP, RDMA).
 
 #![deny(missing_docs)]
 
@@ -87,6 +87,7 @@ pub mod private_fs;
 pub mod procfs;
 pub(crate) mod restore;
 mod seedref;
+pub mod transport;
 pub(crate) mod vdso;
 
 pub use capture::{capture, CaptureError, CaptureOptions};

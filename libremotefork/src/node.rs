@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use crate::pager::source::CacheFds;
+pub use crate::pager::cache::CacheFds;
 pub use crate::restore::{Adopted, Handover, WORKING_SET_FILE};
 
 /// Let lazy children outlive the thread that spawned them (`true`): they

@@ -66,7 +66,7 @@ impl std::str::FromStr for SeedRef {
         if id.len() != 16 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
             return Err(SeedRefError::BadId(id.into()));
         }
-        if crate::pager::wire::key_bytes(key).is_none() {
+        if crate::transport::wire::key_bytes(key).is_none() {
             return Err(SeedRefError::BadKey(id.into()));
         }
         Ok(SeedRef {
@@ -186,9 +186,9 @@ impl crate::Seed {
             ));
         }
         let tls = match (r.addr.starts_with("tls://"), &opts.tls_ca) {
-            (true, Some(pem)) => {
-                Some(crate::pager::tcp::tls_client_config(pem).map_err(|e| remote(e.to_string()))?)
-            }
+            (true, Some(pem)) => Some(
+                crate::transport::tcp::tls_client_config(pem).map_err(|e| remote(e.to_string()))?,
+            ),
             (true, None) => {
                 return Err(remote(
                     "a tls:// page server needs a CA to trust (RemoteOptions::tls_ca)".into(),
@@ -196,9 +196,14 @@ impl crate::Seed {
             }
             (false, _) => None,
         };
-        let (source, size) =
-            crate::pager::tcp::TcpSource::connect_tls(&r.addr, &r.id, &r.key, opts.deadline, tls)
-                .map_err(|e| remote(e.to_string()))?;
+        let (source, size) = crate::transport::tcp::TcpSource::connect_tls(
+            &r.addr,
+            &r.id,
+            &r.key,
+            opts.deadline,
+            tls,
+        )
+        .map_err(|e| remote(e.to_string()))?;
         let (descriptor, working_set) = source
             .fetch_descriptor()
             .map_err(|e| remote(e.to_string()))?;

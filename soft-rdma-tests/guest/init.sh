@@ -263,7 +263,7 @@ run_one_test() {
     local cwd=$1 bin=$2 name=$3 base log rc
     base=$(basename "$bin")
     log="$LOGDIR/test-${base}-${name//[^A-Za-z0-9_.-]/_}.log"
-    ( cd "$cwd" && timeout -k 10 "${RF_TEST_TIMEOUT:-600}" "$bin" --exact "$name" --nocapture --test-threads=1 ) > "$log" 2>&1
+    ( cd "$cwd" && timeout -k 10 "${RF_TEST_TIMEOUT:-1500}" "$bin" --exact "$name" --nocapture --test-threads=1 ) > "$log" 2>&1
     rc=$?
     # Show the test's output on the console, indented, so failures can be read there.
     sed 's/^/    | /' "$log"
@@ -271,7 +271,16 @@ run_one_test() {
     # "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 5 filtered out; ..."
     local np= nf= ni=
     read -r np nf ni < <(sed -nE 's/^test result: [A-Za-z]+\. ([0-9]+) passed; ([0-9]+) failed; ([0-9]+) ignored.*/\1 \2 \3/p' "$log" | tail -n 1) || true
-    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then fail "$name" "timed out after ${RF_TEST_TIMEOUT:-600}s"
+    # A test may report cells of its own (the corpus over RDMA): each
+    # "CELL ok NAME" / "CELL FAIL NAME: why" line counts as a test.
+    local cell cname
+    while IFS= read -r cell; do
+        cname=${cell#CELL ok }
+        if [ "$cname" != "$cell" ]; then pass "$cname"; continue; fi
+        cname=${cell#CELL FAIL }
+        fail "${cname%%: *}" "${cname#*: }"
+    done < <(grep -E '^ *CELL (ok|FAIL) ' "$log" | sed 's/^ *//')
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then fail "$name" "timed out after ${RF_TEST_TIMEOUT:-1500}s"
     elif grep -q 'SKIPPED:' "$log"; then fail "$name" "SKIPPED inside the VM: $(grep -m1 -o 'SKIPPED:.*' "$log")"
     elif [ "$rc" != 0 ]; then fail "$name" "exit $rc"
     elif [ "$np" = 1 ] && [ "$nf" = 0 ]; then pass "$name"

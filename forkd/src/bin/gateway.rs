@@ -136,10 +136,9 @@ fn main() -> ExitCode {
     let tls = match (&cli.tls_cert, &cli.tls_key) {
         (Some(c), Some(k)) => {
             let read = |p: &str| std::fs::read(p).map_err(|e| format!("reading {p}: {e}"));
-            match read(c)
-                .and_then(|c| Ok((c, read(k)?)))
-                .and_then(|(c, k)| forkd::daemon::pageserver::tls_acceptor(&c, &k))
-            {
+            match read(c).and_then(|c| Ok((c, read(k)?))).and_then(|(c, k)| {
+                forkd::daemon::pageserver::tls_acceptor(&c, &k).map_err(|e| e.to_string())
+            }) {
                 Ok(a) => Some(forkd::gateway::Tls(a)),
                 Err(e) => {
                     eprintln!("gateway: TLS: {e}");

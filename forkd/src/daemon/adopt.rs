@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use remotefork::pager::source::CacheFds;
+use remotefork::pager::cache::CacheFds;
 use remotefork::pager::{ChildStats, Prefetch};
 use remotefork::RestoreError;
 use tonic::Status;

@@ -10,7 +10,8 @@ pub mod auth;
 pub mod authority;
 pub mod handover;
 pub mod health;
-pub mod pageserver;
+/// The TCP page server (in the library, beside the other transports).
+pub use remotefork::transport::tcp_server as pageserver;
 pub mod readyline;
 pub mod registry;
 pub mod spawner;

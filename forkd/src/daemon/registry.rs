@@ -97,7 +97,7 @@ impl Seed {
     /// (handed back by the keeper) if this forkd has none for it yet.
     pub fn restorer_adopting(
         &self,
-        cache: Option<remotefork::pager::source::CacheFds>,
+        cache: Option<remotefork::pager::cache::CacheFds>,
     ) -> Result<Arc<remotefork::Seed>, remotefork::RestoreError> {
         if let Some(why) = self.damaged() {
             return Err(remotefork::RestoreError::Damaged(why));
@@ -323,6 +323,19 @@ impl Registry {
     /// No seeds?
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The page server serves the registry's seeds (looked up at each request:
+/// a dropped seed is served no more).
+impl remotefork::transport::tcp_server::Seeds for Registry {
+    fn served(&self, id: &str) -> Option<remotefork::transport::tcp_server::ServedSeed> {
+        self.get(id)
+            .map(|s| remotefork::transport::tcp_server::ServedSeed {
+                key: s.meta.key.clone(),
+                dir: s.dir.clone(),
+                image_bytes: s.image_bytes,
+            })
     }
 }
 

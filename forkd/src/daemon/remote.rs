@@ -79,7 +79,7 @@ impl Service {
         r: Option<&pb::SeedRef>,
         origin: &str,
         remote: bool,
-        cache: Option<remotefork::pager::source::CacheFds>,
+        cache: Option<remotefork::pager::cache::CacheFds>,
         who: &auth::Principal,
     ) -> Result<Target, Status> {
         let sr = r.ok_or_else(|| Status::invalid_argument("no seed given"))?;
@@ -166,7 +166,7 @@ impl Service {
         &self,
         origin: &str,
         sr: &pb::SeedRef,
-        cache: Option<remotefork::pager::source::CacheFds>,
+        cache: Option<remotefork::pager::cache::CacheFds>,
     ) -> Result<RemoteSeed, Status> {
         let mut c = crate::client::connect(origin, self.state.peer_token.as_deref())
             .await
@@ -238,7 +238,7 @@ impl Service {
         origin: &str,
         sr: &pb::SeedRef,
         page_server: &str,
-    ) -> Result<(Box<dyn remotefork::pager::source::PageSource>, &'static str), Status> {
+    ) -> Result<(Box<dyn remotefork::transport::PageSource>, &'static str), Status> {
         let t = &self.state.transports;
         let deadline = self.state.page_deadline;
         let rdma = match t.configured() {
@@ -273,7 +273,7 @@ impl Service {
         let (id, key, ps) = (sr.id.clone(), sr.key.clone(), page_server.to_string());
         let tls = self.state.page_tls.clone();
         let src = tokio::task::spawn_blocking(move || {
-            remotefork::pager::tcp::TcpSource::connect_tls(&ps, &id, &key, deadline, tls)
+            remotefork::transport::tcp::TcpSource::connect_tls(&ps, &id, &key, deadline, tls)
                 .map(|(s, _)| s)
         })
         .await

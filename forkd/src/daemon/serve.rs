@@ -59,7 +59,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     if let Some(ca) = &cfg.tls_ca {
         let pem = read(ca, "CA")?;
         page_tls = Some(
-            remotefork::pager::tcp::tls_client_config(&pem)
+            remotefork::transport::tcp::tls_client_config(&pem)
                 .map_err(|e| ServeError::Config(format!("--tls-ca {}: {e}", ca.display())))?,
         );
         crate::client::set_tls_ca(pem);

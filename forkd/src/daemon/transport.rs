@@ -20,11 +20,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use remotefork::pager::rdma::{
+use remotefork::transport::rdma::{
     self, Connection, DeviceInfo, ExportedSeed, Exporter, QpInfo, RdmaNode, RdmaSource,
     RemoteRegion,
 };
-use remotefork::pager::source::{PageSource, SourceError};
+use remotefork::transport::{PageSource, SourceError};
 use tonic::Status;
 use tracing::{info, warn};
 

@@ -3,8 +3,8 @@
 //! A small pool of threads, each with one epoll over many children's
 //! userfaultfds (and their pidfds, to notice exits). Each child has a
 //! page table keyed by its current addresses. A fault on a stored
-//! page is served from the node-local [`source::SeedCache`] (fetching from
-//! the [`source::PageSource`] on a miss), with a prefetch window or the
+//! page is served from the node-local [`cache::SeedCache`] (fetching from
+//! the [`crate::transport::PageSource`] on a miss), with a prefetch window or the
 //! seed's recorded working set; a fault on a zero page gets
 //! `UFFDIO_ZEROPAGE`. `EVENT_REMOVE`, `EVENT_UNMAP`, `EVENT_REMAP` and
 //! `EVENT_FORK` keep the table true to the child's address space.
@@ -14,14 +14,11 @@
 //! for a forked grandchild whose pid the event does not give), and the
 //! reason is kept in its [`ChildStats`].
 
-pub mod rdma;
-pub mod source;
+pub mod cache;
 pub(crate) mod table;
 /// A page of a seed (where it lies in the page store, its digest), as
-/// [`source::SeedCache::ensure`] takes them.
+/// [`cache::SeedCache::ensure`] takes them.
 pub use table::PageRef;
-pub mod tcp;
-pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -36,7 +33,7 @@ use kernel_helpers::uffd::{Epoll, FillError, Msg, Uffd};
 use tracing::{debug, warn};
 
 use crate::PAGE_SIZE;
-use source::SeedCache;
+use cache::SeedCache;
 use table::{Fill, Origin, PageTable, Slot};
 
 /// Pages copied per fault in window mode (the fault plus the next ones).

@@ -95,10 +95,12 @@ use tracing::{debug, info_span, warn};
 
 use crate::fileid::{self, FileIdError};
 use crate::image::{Descriptor, ImageError, PageState, SeedImage, VmaKind, FILES_DIR, PAGES_FILE};
-use crate::pager::source::{CacheFds, LocalSource, PageSource, SeedCache, Verify, NO_SLOT};
+use crate::pager::cache::{CacheFds, SeedCache, Verify, NO_SLOT};
 use crate::pager::table::{Fill, Origin, PageRef, PageTable, Slot};
 use crate::pager::{ChildStats, LazyChild, Pager, Prefetch, SeedPages};
 use crate::procfs::{self, ProcfsError};
+use crate::transport::local::LocalSource;
+use crate::transport::PageSource;
 use kernel_helpers::uffd::{self, Uffd, UffdError};
 use std::sync::Arc;
 
@@ -368,12 +370,11 @@ impl Seed {
             what: format!("opening {}", ppath.display()),
             source,
         })?;
-        let pages = kernel_helpers::mapping::Mapping::file_readonly(&f, d.image_bytes as usize).map_err(|source| {
-            RestoreError::Io {
+        let pages = kernel_helpers::mapping::Mapping::file_readonly(&f, d.image_bytes as usize)
+            .map_err(|source| RestoreError::Io {
                 what: format!("mapping {}", ppath.display()),
                 source,
-            }
-        })?;
+            })?;
         let source =
             LocalSource::open(&ppath, d.image_bytes).map_err(|source| RestoreError::Io {
                 what: format!("opening {}", ppath.display()),

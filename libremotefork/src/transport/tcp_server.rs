@@ -1,5 +1,6 @@
 //! The page server: other nodes read this node's seeds' page stores over
-//! TCP (`remotefork::pager::wire`, `docs/PAGE_PROTOCOL.md`).
+//! TCP ([`super::wire`], `docs/PAGE_PROTOCOL.md`). forkd runs it over its
+//! registry of seeds ([`Seeds`]); built with the `server` feature.
 //!
 //! A connection names one seed and proves its key in the handshake; then
 //! it carries pipelined requests of many ranges each. Every request is
@@ -18,12 +19,31 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use remotefork::pager::wire::{self, hello_status, read_status};
+use std::path::PathBuf;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use super::registry::Registry;
+use super::wire::{self, hello_status, read_status};
+
+/// What the page server needs of a seed it serves.
+#[derive(Debug, Clone)]
+pub struct ServedSeed {
+    /// Its key, 32 hex digits: a client's hello must prove it.
+    pub key: String,
+    /// Its directory (the page store, descriptor and working set).
+    pub dir: PathBuf,
+    /// The page store's size.
+    pub image_bytes: u64,
+}
+
+/// The seeds a page server serves, looked up at every handshake and every
+/// request (a dropped seed is served no more).
+pub trait Seeds: Send + Sync + 'static {
+    /// The seed `id`, if it is served.
+    fn served(&self, id: &str) -> Option<ServedSeed>;
+}
 
 /// Connections one peer address may have open at once, by default.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
@@ -42,6 +62,80 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Peers whose refusal was logged in the last [`REFUSAL_LOG_EVERY`] that
 /// are remembered; beyond, refusals of further peers are only counted.
 const REFUSAL_LOG_PEERS: usize = 4096;
+
+/// Why a page channel was closed (logged; the client got its answer).
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// Reading from the client failed.
+    #[error("reading: {0}")]
+    Read(std::io::Error),
+    /// A frame did not arrive whole in time.
+    #[error("no complete frame within {0:?}")]
+    FrameTimeout(Duration),
+    /// The client closed the connection while the server wrote.
+    #[error("the connection closed while writing")]
+    ClosedWhileWriting,
+    /// Writing to the client failed.
+    #[error("writing: {0}")]
+    Write(std::io::Error),
+    /// The client stopped reading.
+    #[error("the client read nothing for {stall:?} with {left} bytes still to send")]
+    Stalled {
+        /// How long no write made progress.
+        stall: Duration,
+        /// Bytes not sent.
+        left: usize,
+    },
+    /// The hello was not one.
+    #[error("{0}")]
+    BadHello(wire::HelloError),
+    /// No such seed.
+    #[error("unknown seed {0}")]
+    UnknownSeed(String),
+    /// The key did not match.
+    #[error("wrong key for seed {0}")]
+    WrongKey(String),
+    /// The seed's page store could not be opened.
+    #[error("opening seed {id}: {error}")]
+    Open {
+        /// The seed.
+        id: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// No request for too long.
+    #[error("idle")]
+    Idle,
+    /// A malformed request (its range count).
+    #[error("{0} ranges in one request (1 to {max} allowed)", max = wire::MAX_RANGES)]
+    RangeCount(u32),
+    /// The seed was dropped while the channel was open.
+    #[error("seed {0} dropped")]
+    Dropped(String),
+    /// The TLS handshake failed.
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    /// No TLS handshake in time.
+    #[error("no TLS handshake within {0:?}")]
+    TlsTimeout(Duration),
+}
+
+/// Why the page server's TLS configuration could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// The certificate file is not PEM.
+    #[error("the certificate: {0}")]
+    Certificate(rustls::pki_types::pem::Error),
+    /// It holds no certificate.
+    #[error("the certificate file holds no certificate")]
+    NoCertificate,
+    /// The key file is not a PEM private key.
+    #[error("the key: {0}")]
+    Key(rustls::pki_types::pem::Error),
+    /// rustls refused the configuration.
+    #[error("{0}")]
+    Config(rustls::Error),
+}
 
 /// What the page server allows its clients.
 #[derive(Debug, Clone)]
@@ -118,29 +212,32 @@ impl Drop for Admitted {
 
 /// A TLS acceptor for the page server from a certificate chain and its
 /// key (PEM).
-pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> Result<tokio_rustls::TlsAcceptor, String> {
+pub fn tls_acceptor(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<tokio_rustls::TlsAcceptor, TlsSetupError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the certificate: {e}"))?;
+        .map_err(TlsSetupError::Certificate)?;
     if chain.is_empty() {
-        return Err("the certificate file holds no certificate".into());
+        return Err(TlsSetupError::NoCertificate);
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("the key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(TlsSetupError::Key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsSetupError::Config)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| e.to_string())?;
+        .map_err(TlsSetupError::Config)?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 /// Serve page requests on `listener` until the process ends, with the
 /// default [`Limits`].
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+pub async fn serve(listener: TcpListener, registry: Arc<dyn Seeds>) {
     PageServer::new(Limits::default())
         .serve(listener, registry)
         .await
@@ -212,7 +309,7 @@ impl PageServer {
     }
 
     /// Serve page requests on `listener` until the process ends.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, registry: Arc<Registry>) {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, registry: Arc<dyn Seeds>) {
         loop {
             let (sock, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -244,22 +341,19 @@ impl PageServer {
             tokio::spawn(async move {
                 let _ = sock.set_nodelay(true);
                 let r = match tls {
-                    None => connection(sock, &registry, &limits).await,
+                    None => connection(sock, &*registry, &limits).await,
                     Some(acceptor) => {
                         match tokio::time::timeout(limits.frame_timeout, acceptor.accept(sock))
                             .await
                         {
-                            Ok(Ok(t)) => connection(t, &registry, &limits).await,
-                            Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
-                            Err(_) => Err(format!(
-                                "no TLS handshake within {:?}",
-                                limits.frame_timeout
-                            )),
+                            Ok(Ok(t)) => connection(t, &*registry, &limits).await,
+                            Ok(Err(e)) => Err(ChannelError::Tls(e)),
+                            Err(_) => Err(ChannelError::TlsTimeout(limits.frame_timeout)),
                         }
                     }
                 };
                 if let Err(reason) = r {
-                    info!(%peer, reason, "page channel closed");
+                    info!(%peer, %reason, "page channel closed");
                 }
                 drop(admitted);
             });
@@ -271,11 +365,11 @@ async fn read_frame<S: AsyncRead + Unpin>(
     s: &mut S,
     buf: &mut [u8],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ChannelError> {
     match tokio::time::timeout(timeout, s.read_exact(buf)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("reading: {e}")),
-        Err(_) => Err(format!("no complete frame within {timeout:?}")),
+        Ok(Err(e)) => Err(ChannelError::Read(e)),
+        Err(_) => Err(ChannelError::FrameTimeout(timeout)),
     }
 }
 
@@ -285,17 +379,17 @@ async fn write_within<S: AsyncWrite + Unpin>(
     s: &mut S,
     mut buf: &[u8],
     stall: Duration,
-) -> Result<(), String> {
+) -> Result<(), ChannelError> {
     while !buf.is_empty() {
         match tokio::time::timeout(stall, s.write(buf)).await {
-            Ok(Ok(0)) => return Err("the connection closed while writing".into()),
+            Ok(Ok(0)) => return Err(ChannelError::ClosedWhileWriting),
             Ok(Ok(n)) => buf = &buf[n..],
-            Ok(Err(e)) => return Err(format!("writing: {e}")),
+            Ok(Err(e)) => return Err(ChannelError::Write(e)),
             Err(_) => {
-                return Err(format!(
-                    "the client read nothing for {stall:?} with {} bytes still to send",
-                    buf.len()
-                ))
+                return Err(ChannelError::Stalled {
+                    stall,
+                    left: buf.len(),
+                })
             }
         }
     }
@@ -304,9 +398,9 @@ async fn write_within<S: AsyncWrite + Unpin>(
 
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
-    registry: &Registry,
+    registry: &dyn Seeds,
     limits: &Limits,
-) -> Result<(), String> {
+) -> Result<(), ChannelError> {
     let stall = limits.write_stall;
     let mut hello = [0u8; wire::HELLO_LEN];
     read_frame(&mut s, &mut hello, limits.frame_timeout).await?;
@@ -315,19 +409,19 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         Err(why) => {
             let answer = wire::hello_answer(hello_status::BAD_HELLO, 0, &why.to_string());
             let _ = write_within(&mut s, &answer, stall).await;
-            return Err(why.to_string());
+            return Err(ChannelError::BadHello(why));
         }
     };
-    let Some(seed) = registry.get(&id) else {
+    let Some(seed) = registry.served(&id) else {
         let answer = wire::hello_answer(
             hello_status::UNKNOWN_SEED,
             0,
             &format!("no seed {id} on this node"),
         );
         let _ = write_within(&mut s, &answer, stall).await;
-        return Err(format!("unknown seed {id}"));
+        return Err(ChannelError::UnknownSeed(id));
     };
-    let want = wire::key_bytes(&seed.meta.key).unwrap_or([0; 16]);
+    let want = wire::key_bytes(&seed.key).unwrap_or([0; 16]);
     // Compare every byte, whatever the first difference.
     if want
         .iter()
@@ -341,11 +435,15 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             &format!("wrong key for seed {id}"),
         );
         let _ = write_within(&mut s, &answer, stall).await;
-        return Err(format!("wrong key for seed {id}"));
+        return Err(ChannelError::WrongKey(id));
     }
     let file = std::sync::Arc::new(
-        std::fs::File::open(seed.dir.join(remotefork::image::PAGES_FILE))
-            .map_err(|e| format!("opening seed {id}: {e}"))?,
+        std::fs::File::open(seed.dir.join(crate::image::PAGES_FILE)).map_err(|error| {
+            ChannelError::Open {
+                id: id.clone(),
+                error,
+            }
+        })?,
     );
     let size = seed.image_bytes;
     let seed_dir = seed.dir.clone();
@@ -363,17 +461,16 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         match tokio::time::timeout(limits.idle_timeout, s.read_exact(&mut head)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Ok(Err(e)) => return Err(format!("reading: {e}")),
-            Err(_) => return Err("idle".into()),
+            Ok(Err(e)) => return Err(ChannelError::Read(e)),
+            Err(_) => return Err(ChannelError::Idle),
         }
         let req_id = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
         let n = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
         if n == wire::DESCRIPTOR_REQUEST {
             let (dir, id2) = (seed_dir.clone(), id.clone());
             let bundle = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-                let d = std::fs::read(dir.join(remotefork::image::DESCRIPTOR_FILE))?;
-                let ws =
-                    std::fs::read(dir.join(remotefork::node::WORKING_SET_FILE)).unwrap_or_default();
+                let d = std::fs::read(dir.join(crate::image::DESCRIPTOR_FILE))?;
+                let ws = std::fs::read(dir.join(crate::node::WORKING_SET_FILE)).unwrap_or_default();
                 Ok(wire::descriptor_bundle(&d, &ws))
             })
             .await
@@ -392,12 +489,16 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             continue;
         }
         if n == 0 || n > wire::MAX_RANGES {
-            let msg = format!(
-                "{n} ranges in one request (1 to {} allowed)",
-                wire::MAX_RANGES
-            );
-            reply_error(&mut s, req_id, read_status::TOO_LARGE, &msg, stall).await;
-            return Err(msg);
+            let e = ChannelError::RangeCount(n);
+            reply_error(
+                &mut s,
+                req_id,
+                read_status::TOO_LARGE,
+                &e.to_string(),
+                stall,
+            )
+            .await;
+            return Err(e);
         }
         let mut body = vec![0u8; n as usize * 12];
         read_frame(&mut s, &mut body, limits.frame_timeout).await?;
@@ -410,7 +511,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 )
             })
             .collect();
-        if registry.get(&id).is_none() {
+        if registry.served(&id).is_none() {
             reply_error(
                 &mut s,
                 req_id,
@@ -419,7 +520,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 stall,
             )
             .await;
-            return Err(format!("seed {id} dropped"));
+            return Err(ChannelError::Dropped(id));
         }
         let st = wire::check_ranges(&ranges, size);
         if st != read_status::OK {
@@ -481,27 +582,34 @@ mod tests {
     use std::net::SocketAddr;
     use tokio::net::TcpStream;
 
-    use remotefork::image::{
+    use crate::image::{
         CaptureStats, Credentials, Descriptor, PageRun, PageState, Registers, SigAltStack,
         SourceInfo, Vma, VmaKind, FORMAT_VERSION,
     };
-    use remotefork::procfs::MmFields;
+    use crate::procfs::MmFields;
 
-    use super::super::registry::SeedMeta;
     use super::*;
+
+    /// Seeds by id, as a daemon's registry would hold them.
+    struct Table(Mutex<HashMap<String, ServedSeed>>);
+
+    impl Seeds for Table {
+        fn served(&self, id: &str) -> Option<ServedSeed> {
+            self.0.lock().unwrap().get(id).cloned()
+        }
+    }
 
     const SEED: &str = "00112233aabbccdd";
     const KEY: &str = "0123456789abcdef0123456789abcdef";
 
     fn state_dir(name: &str) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("forkd-pageserver-{name}-{}", std::process::id()))
+        std::env::temp_dir().join(format!("rf-pageserver-{name}-{}", std::process::id()))
     }
 
-    /// A registry in a fresh state directory holding one seed of two pages.
-    fn registry(name: &str) -> (Arc<Registry>, Vec<u8>) {
+    /// A table holding one seed of two pages, in a fresh directory.
+    fn registry(name: &str) -> (Arc<dyn Seeds>, Vec<u8>) {
         let state = state_dir(name);
         let _ = std::fs::remove_dir_all(&state);
-        let reg = Registry::open(&state).unwrap();
         let pages: Vec<u8> = (0..2 * 4096).map(|i| (i % 251) as u8).collect();
         let mut d = Descriptor {
             format_version: FORMAT_VERSION,
@@ -553,19 +661,14 @@ mod tests {
             digests: None,
             privileges: None,
         };
-        remotefork::image::write(&reg.tmp_dir(SEED), &mut d, &pages, false).unwrap();
-        reg.commit(SeedMeta {
-            id: SEED.into(),
+        let dir = state.join(SEED);
+        crate::image::write(&dir, &mut d, &pages, false).unwrap();
+        let seed = ServedSeed {
             key: KEY.into(),
-            name: "pages".into(),
-            created_unix_ms: 0,
-            source_pid: 1,
-            pause_us: 0,
-            capture_us: 0,
-            cooperative: false,
-            owner: String::new(),
-        })
-        .unwrap();
+            dir,
+            image_bytes: pages.len() as u64,
+        };
+        let reg = Table(Mutex::new(HashMap::from([(SEED.to_string(), seed)])));
         (Arc::new(reg), pages)
     }
 

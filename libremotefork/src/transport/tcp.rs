@@ -1,5 +1,5 @@
 //! The TCP page source: a seed's pages from another node's page server
-//! (`pager::wire`), batched (many ranges per request), with a deadline and
+//! (`transport::wire`), batched (many ranges per request), with a deadline and
 //! reconnection. One connection per seed and node, shared by every child
 //! of that seed on this node. A page server at `tls://HOST:PORT` is spoken
 //! to over TLS (rustls), its certificate checked against the CA given.
@@ -182,8 +182,8 @@ pub fn tls_client_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, Tcp
     Ok(Arc::new(cfg))
 }
 
-use super::source::{PageSource, SourceError};
 use super::wire;
+use super::{PageSource, SourceError};
 
 /// A seed's page store on another node.
 pub struct TcpSource {

@@ -27,7 +27,7 @@
 //! changes. Without the `rdma` cargo feature the types are still here but
 //! every constructor reports that the build has no RDMA.
 
-use super::source::{PageSource, SourceError};
+use super::{PageSource, SourceError};
 
 /// Largest single READ work request. Bigger ranges are split.
 pub const MAX_READ: usize = 1 << 20;

@@ -1,57 +1,14 @@
-//! Where a seed's pages come from (`PageSource`), and the node-local seed
-//! cache in front of it.
+//! The node-local seed cache in front of a seed's page source
+//! ([`crate::transport::PageSource`]).
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kernel_helpers::mapping::Mapping;
 
+use crate::transport::{PageSource, SourceError};
 use crate::PAGE_SIZE;
-
-/// Errors fetching pages.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// A read failed.
-    #[error("reading {len} bytes at offset {offset:#x} of {source_name} failed: {error}")]
-    Read {
-        /// The source.
-        source_name: String,
-        /// Offset in the page store.
-        offset: u64,
-        /// Length.
-        len: usize,
-        /// What went wrong.
-        error: io::Error,
-    },
-    /// Bytes read do not match the seed's digest of them.
-    #[error("chunk {chunk} of the page store (bytes {start:#x}..{end:#x}) read from {source_name} does not match its digest: the seed is damaged or the transfer corrupted it")]
-    Corrupt {
-        /// The source.
-        source_name: String,
-        /// Chunk index.
-        chunk: usize,
-        /// Its first byte in the page store.
-        start: u64,
-        /// Its end.
-        end: u64,
-    },
-    /// The seed was found damaged before; nothing more is read from it.
-    #[error("the seed is damaged ({0}); drop it and capture it again")]
-    Damaged(String),
-    /// A request outside the page store.
-    #[error("pages at offset {offset:#x} (+{len}) lie outside the {size}-byte page store")]
-    OutOfRange {
-        /// Offset.
-        offset: u64,
-        /// Length.
-        len: usize,
-        /// Store size.
-        size: u64,
-    },
-}
 
 /// Errors setting up a [`SeedCache`], returned inside an [`io::Error`].
 #[derive(Debug, thiserror::Error)]
@@ -60,89 +17,6 @@ pub enum CacheError {
     /// seed's cache and present bits need.
     #[error("the handed-over seed cache is smaller than this seed's")]
     HandedOverTooSmall,
-}
-
-/// Reads ranges of a seed's page store into local memory. Implemented by
-/// the local image here; network transports plug in the same way.
-pub trait PageSource: Send + Sync {
-    /// Fill `dst` with the page store's bytes at `offset`.
-    fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), SourceError>;
-    /// Fill each buffer with the bytes at its offset: one round trip where
-    /// the source can batch (the default reads one by one).
-    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
-        for (o, b) in reqs.iter_mut() {
-            self.read(*o, b)?;
-        }
-        Ok(())
-    }
-    /// Requests sent to the seed's node so far (0 for local sources).
-    fn round_trips(&self) -> u64 {
-        0
-    }
-    /// Told once by [`SeedCache::new`] where most reads will land (the
-    /// cache mapping), so a source that needs to prepare memory for
-    /// reading into it can do so once: the RDMA source registers it with
-    /// the device. Reads may still target other buffers. The default does
-    /// nothing.
-    ///
-    /// # Safety
-    ///
-    /// `base..base+len` must stay mapped and writable for as long as
-    /// `self` lives (the source may let a device write there).
-    unsafe fn attach_destination(&self, _base: *mut u8, _len: usize) {}
-    /// Size of the page store.
-    fn size(&self) -> u64;
-    /// A short name for messages and metrics (`local:/path`, `tcp:host`...).
-    fn name(&self) -> String;
-}
-
-/// The seed image on this node, read with `pread` (a truncated or removed
-/// image gives an error, never a `SIGBUS` in the pager).
-#[derive(Debug)]
-pub struct LocalSource {
-    file: File,
-    size: u64,
-    name: String,
-}
-
-impl LocalSource {
-    /// Open the page store at `path`.
-    pub fn open(path: &Path, size: u64) -> io::Result<LocalSource> {
-        Ok(LocalSource {
-            file: File::open(path)?,
-            size,
-            name: format!("local:{}", path.display()),
-        })
-    }
-}
-
-impl PageSource for LocalSource {
-    fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), SourceError> {
-        if offset
-            .checked_add(dst.len() as u64)
-            .is_none_or(|e| e > self.size)
-        {
-            return Err(SourceError::OutOfRange {
-                offset,
-                len: dst.len(),
-                size: self.size,
-            });
-        }
-        self.file
-            .read_exact_at(dst, offset)
-            .map_err(|error| SourceError::Read {
-                source_name: self.name.clone(),
-                offset,
-                len: dst.len(),
-                error,
-            })
-    }
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn name(&self) -> String {
-        self.name.clone()
-    }
 }
 
 /// The node-local seed cache: pages fetched once from the source stay here
@@ -722,18 +596,5 @@ mod tests {
         assert!(cache.ensure(&[r(0, 16)]).is_err(), "outside the cache");
         assert!(cache.ensure(&[r(8, 0)]).is_err(), "outside the store");
         assert!(cache.memfd_path().starts_with("/proc/"));
-    }
-
-    #[test]
-    fn local_source_reports_truncation() {
-        let p = std::env::temp_dir().join(format!("rf-src-{}", std::process::id()));
-        std::fs::write(&p, vec![7u8; 4096]).unwrap();
-        let s = LocalSource::open(&p, 8192).unwrap();
-        let mut b = vec![0u8; 4096];
-        s.read(0, &mut b).unwrap();
-        let e = s.read(4096, &mut b).unwrap_err();
-        assert!(e.to_string().contains("local:"), "{e}");
-        assert!(s.read(8192, &mut b).is_err());
-        std::fs::remove_file(&p).unwrap();
     }
 }
