@@ -87,6 +87,7 @@ pub mod private_fs;
 pub mod procfs;
 pub(crate) mod restore;
 mod seedref;
+mod tracer;
 pub(crate) mod vdso;
 
 pub use capture::{capture, CaptureError, CaptureOptions};

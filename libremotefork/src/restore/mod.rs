@@ -15,9 +15,9 @@
 //!
 //! On any error the husk is killed and reaped: no half-built child remains.
 
+mod finish;
 pub(crate) mod plan;
 mod template;
-mod tracer;
 
 pub(crate) use plan::set_children_outlive_spawner;
 pub(crate) use template::set_idle_timeout as set_template_idle_timeout;
@@ -111,8 +111,8 @@ const CACHE_SLACK: u64 = 1 << 40;
 
 /// File in an image directory holding the recorded working set.
 pub const WORKING_SET_FILE: &str = "workingset.bin";
+use finish::ExecutorArea;
 use plan::{Backing, HuskLayout, PlanError, ResolvedFile, RestorePlan, SharedCache};
-use tracer::ExecutorArea;
 
 /// `CAP_SETGID`, `CAP_SETUID`, `CAP_SYS_ADMIN`, `CAP_CHECKPOINT_RESTORE`.
 const CAP_SETGID: u32 = 6;
@@ -753,7 +753,7 @@ impl Core {
             base: plan.base,
             len: plan.area_len(),
         };
-        let (stats, handover) = tracer::finish(husk, &exec, d, || match uffd_fd {
+        let (stats, handover) = finish::finish(husk, &exec, d, || match uffd_fd {
             Some(fd) => {
                 let (s, h) = self.start_paging(pid, &plan, fd, opts, None)?;
                 Ok((Some(s), h))

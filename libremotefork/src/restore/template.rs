@@ -641,13 +641,13 @@ fn finish(
         });
     }
     let table_us = t0.elapsed().as_micros() as u64;
-    let exec = super::tracer::ExecutorArea {
+    let exec = super::finish::ExecutorArea {
         insn: t.insn,
         base_regs: t.base_regs,
         base: t.area.0,
         len: t.area.1,
     };
-    super::tracer::finish(child, &exec, d, || Ok(()))?;
+    super::finish::finish(child, &exec, d, || Ok(()))?;
     let restore_ns = t0.elapsed().as_nanos() as u64;
     debug!(
         pid,
