@@ -20,6 +20,8 @@ use kernel_helpers::mem::{self, MemError, ProcMem, RemoteRange};
 use kernel_helpers::pagemap::{Pagemap, PagemapError};
 use kernel_helpers::proc::{self as kproc, ProcError, RLIMIT_COUNT};
 use kernel_helpers::ptrace::{self, PtraceError, Stop, Tracee};
+
+use crate::tracer::Tracer;
 use libc::pid_t;
 use tracing::{debug, info, info_span, warn};
 
@@ -292,14 +294,11 @@ fn freeze(
         h(CapturePoint::ParentStopped);
     }
     let regs = parent.regs().map_err(pt)?;
-    // From here on the parent's registers are ours to change; put them back
-    // on every path, success or not.
-    let inner = freeze_stopped(&mut parent, pid, insn, &regs, pmaps);
-    let resume = resume_regs(&regs);
-    let restored = parent.set_regs(&resume).and_then(|()| parent.detach());
+    let frozen = while_stopped(parent, pid, &regs, |p| {
+        freeze_stopped(p, pid, insn, &regs, pmaps)
+    });
     let pause_ns = t.elapsed().as_nanos() as u64;
-    let mut frozen = inner?;
-    restored.map_err(pt)?;
+    let mut frozen = frozen?;
     frozen.pause_ns = pause_ns;
     debug!(
         pause_us = pause_ns / 1000,
@@ -307,6 +306,28 @@ fn freeze(
         "parent resumed"
     );
     Ok(frozen)
+}
+
+/// Run `stopped` on the stopped `parent` (whose registers were `regs`),
+/// then let the parent run on, whatever `stopped` returned: its registers
+/// put back (an interrupted syscall set to restart) and detached. From
+/// here on the parent's registers are ours to change, so this happens on
+/// every path; and it happens here, before the caller reads anything from
+/// the clone: the pause is only `stopped`. The error of `stopped` comes
+/// first, then that of resuming (dropping what `stopped` made: the clone
+/// is killed).
+fn while_stopped<T: Tracer, R>(
+    mut parent: T,
+    pid: pid_t,
+    regs: &libc::user_regs_struct,
+    stopped: impl FnOnce(&mut T) -> Result<R, CaptureError>,
+) -> Result<R, CaptureError> {
+    let inner = stopped(&mut parent);
+    let resume = resume_regs(regs);
+    let restored = parent.set_regs(&resume).and_then(|()| parent.detach());
+    let out = inner?;
+    restored.map_err(|e| CaptureError::from_ptrace(pid, e))?;
+    Ok(out)
 }
 
 fn freeze_stopped(
@@ -1143,5 +1164,90 @@ fn kind_of(
             false,
         )),
         None => Ok((anon_kind, None, !m.shared)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracer::recorder::{Call, Recorder};
+
+    /// A parent stopped in `read`, which the kernel reported as -ERESTARTSYS.
+    fn stopped_in_read() -> libc::user_regs_struct {
+        // SAFETY: user_regs_struct is plain integers; all zeros is valid.
+        let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+        r.orig_rax = 0;
+        r.rax = (-512i64) as u64; // ERESTARTSYS
+        r.rip = 0x401002;
+        r
+    }
+
+    /// What the freeze does while the parent is stopped, as far as the
+    /// tracer sees it: inject the clone.
+    fn make_clone<T: Tracer>(p: &mut T) -> Result<&'static str, CaptureError> {
+        p.inject_syscall(0x7fff_f000, &stopped_in_read(), libc::SYS_clone, [0; 6])
+            .map_err(|e| CaptureError::from_ptrace(42, e))?;
+        Ok("clone")
+    }
+
+    #[test]
+    fn the_parent_runs_again_right_after_the_clone_is_made() {
+        let t = Recorder::new();
+        let log = t.log.clone();
+        let r = while_stopped(t, 42, &stopped_in_read(), make_clone);
+        assert_eq!(r.unwrap(), "clone");
+        // Its interrupted read restarts: rax is the syscall number again,
+        // rip is back on the `syscall` instruction.
+        assert_eq!(
+            *log.borrow(),
+            vec![
+                Call::Syscall(libc::SYS_clone, [0; 6]),
+                Call::SetRegs {
+                    rip: 0x401000,
+                    rax: 0
+                },
+                Call::Detach,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_freeze_still_resumes_the_parent() {
+        let t = Recorder::new();
+        let log = t.log.clone();
+        let r: Result<(), _> = while_stopped(t, 42, &stopped_in_read(), |_| {
+            Err(CaptureError::MultiThreaded {
+                pid: 42,
+                threads: 2,
+            })
+        });
+        assert!(matches!(
+            r,
+            Err(CaptureError::MultiThreaded { threads: 2, .. })
+        ));
+        assert_eq!(
+            *log.borrow(),
+            vec![
+                Call::SetRegs {
+                    rip: 0x401000,
+                    rax: 0
+                },
+                Call::Detach,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_parent_whose_registers_cannot_be_put_back_fails_the_capture() {
+        let mut t = Recorder::new();
+        t.fail_at = Some(1); // the call after the clone: set_regs
+        let log = t.log.clone();
+        let e = while_stopped(t, 42, &stopped_in_read(), make_clone).unwrap_err();
+        assert!(e.to_string().contains("SETREGS"), "{e}");
+        // Not detached by a call: dropped (a seized parent is detached then).
+        assert_eq!(
+            *log.borrow(),
+            vec![Call::Syscall(libc::SYS_clone, [0; 6]), Call::Dropped]
+        );
     }
 }

@@ -87,6 +87,7 @@ pub mod private_fs;
 pub mod procfs;
 pub(crate) mod restore;
 mod seedref;
+mod tracer;
 pub mod transport;
 pub(crate) mod vdso;
 

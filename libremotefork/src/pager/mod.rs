@@ -15,6 +15,7 @@
 //! reason is kept in its [`ChildStats`].
 
 pub mod cache;
+mod fault_fd;
 pub(crate) mod table;
 /// A page of a seed (where it lies in the page store, its digest), as
 /// [`cache::SeedCache::ensure`] takes them.
@@ -34,6 +35,7 @@ use tracing::{debug, warn};
 
 use crate::PAGE_SIZE;
 use cache::SeedCache;
+use fault_fd::FaultFd;
 use table::{Fill, Origin, PageTable, Slot};
 
 /// Pages copied per fault in window mode (the fault plus the next ones).
@@ -226,14 +228,15 @@ impl ChildStats {
     }
 }
 
-/// A child handed to the pager.
-pub struct LazyChild {
+/// A child handed to the pager. `F` is its userfaultfd's type: a
+/// [`Uffd`] but in the pager's unit tests.
+pub struct LazyChild<F = Uffd> {
     /// Its pid (None for a forked grandchild until the pager finds it).
     pub pid: Option<i32>,
     /// A forked grandchild's: the pid of the process that forked it.
     pub parent_pid: Option<i32>,
     /// Its userfaultfd, set up and registered.
-    pub uffd: Uffd,
+    pub uffd: F,
     /// Its pidfd, to notice its exit.
     pub pidfd: Option<OwnedFd>,
     /// Its pages.
@@ -419,8 +422,8 @@ impl LazyChild {
     }
 }
 
-struct ChildState {
-    c: LazyChild,
+struct ChildState<F = Uffd> {
+    c: LazyChild<F>,
     first_fault_done: bool,
     /// Working-set runs still to install, in recorded order.
     ws_queue: std::collections::VecDeque<Vec<(u64, PageRef)>>,
@@ -746,7 +749,7 @@ fn forked_from(parent: i32, g: i32) -> bool {
     same_vm != 0 && crate::procfs::uffd_missing(g).is_ok_and(|r| !r.is_empty())
 }
 
-impl ChildState {
+impl<F: FaultFd> ChildState<F> {
     /// Add the cache-mapped pages it has copied on write by now (present,
     /// and no longer the cache's page) to its written set.
     fn sample_written(&mut self) {
@@ -797,7 +800,7 @@ impl ChildState {
             .is_none_or(|a| self.c.uffd.mm_alive(a))
     }
 
-    fn new(c: LazyChild) -> ChildState {
+    fn new(c: LazyChild<F>) -> ChildState<F> {
         // A template never runs: its children record.
         let record = c.seed.working_set().is_none() && c.pid.is_some() && c.on_fork.is_none();
         ChildState {
@@ -832,7 +835,7 @@ fn tell_forked(c: &LazyChild) {
     });
 }
 
-fn sink_of(c: &LazyChild) -> Option<ForkSink> {
+fn sink_of<F>(c: &LazyChild<F>) -> Option<ForkSink> {
     c.seed.fork_sink.lock().ok()?.clone()
 }
 
@@ -853,7 +856,7 @@ fn finish(epoll: &Epoll, st: ChildState) {
 }
 
 /// Kill a child whose memory cannot be served, and say why.
-fn fail(c: &LazyChild, page: Option<u64>, reason: &str) {
+fn fail<F: FaultFd>(c: &LazyChild<F>, page: Option<u64>, reason: &str) {
     warn!(pid = ?c.pid, reason, "killing a child that cannot be served");
     if let Ok(mut k) = c.stats.killed.lock() {
         if k.is_none() {
@@ -873,7 +876,7 @@ fn fail(c: &LazyChild, page: Option<u64>, reason: &str) {
 }
 
 /// Read and handle everything pending on one child's userfaultfd.
-fn service(st: &mut ChildState, forks: &mut Vec<LazyChild>) -> Result<(), String> {
+fn service<F: FaultFd>(st: &mut ChildState<F>, forks: &mut Vec<LazyChild>) -> Result<(), String> {
     let mut msgs = Vec::new();
     let mut retry: Vec<u64> = Vec::new();
     let mut spins = 0u32;
@@ -993,9 +996,17 @@ fn set_nonblocking(fd: &OwnedFd) {
 
 /// Install pages `run` = (address, page), consecutive in address within
 /// one region, from the node-local cache (fetching what it lacks).
-fn install(st: &mut ChildState, run: &[(u64, PageRef)], wake: bool) -> Result<Served, String> {
+fn install<F: FaultFd>(
+    st: &mut ChildState<F>,
+    run: &[(u64, PageRef)],
+    wake: bool,
+) -> Result<Served, String> {
     let refs: Vec<PageRef> = run.iter().map(|r| r.1).collect();
-    let fetched = st.c.seed.cache.ensure(&refs).map_err(|e| e.to_string())?;
+    // The source's error first (what failed, where), then the child's page.
+    let fetched = st.c.seed.cache.ensure(&refs).map_err(|e| match run.len() {
+        1 => format!("{e} (the child's page {:#x})", run[0].0),
+        n => format!("{e} (the child's {n} pages from {:#x})", run[0].0),
+    })?;
     st.c.stats
         .pages_fetched
         .fetch_add(fetched, Ordering::Relaxed);
@@ -1072,7 +1083,7 @@ fn install(st: &mut ChildState, run: &[(u64, PageRef)], wake: bool) -> Result<Se
 /// address-contiguous pages in recorded (first-touch) order. The pager
 /// installs them between faults, so the first fault is not held up by the
 /// whole set and the earliest-needed pages go in first.
-fn queue_working_set(st: &mut ChildState) {
+fn queue_working_set<F: FaultFd>(st: &mut ChildState<F>) {
     let Some(ws) = st.c.seed.working_set() else {
         return;
     };
@@ -1099,7 +1110,7 @@ fn queue_working_set(st: &mut ChildState) {
 }
 
 /// Install up to `budget` pages of the queued working set.
-fn install_queued(st: &mut ChildState, mut budget: usize) -> Result<(), String> {
+fn install_queued<F: FaultFd>(st: &mut ChildState<F>, mut budget: usize) -> Result<(), String> {
     while budget > 0 {
         let Some(run) = st.ws_queue.pop_front() else {
             return Ok(());
@@ -1136,7 +1147,11 @@ fn install_queued(st: &mut ChildState, mut budget: usize) -> Result<(), String> 
 }
 
 /// Install a zero page at `page` (`tracked`: record it in the table).
-fn zero_page(st: &mut ChildState, page: u64, tracked: bool) -> Result<Served, String> {
+fn zero_page<F: FaultFd>(
+    st: &mut ChildState<F>,
+    page: u64,
+    tracked: bool,
+) -> Result<Served, String> {
     match st.c.uffd.zero(page, PAGE_SIZE, true) {
         Ok(()) | Err(FillError::Gone) => {
             if tracked {
@@ -1159,7 +1174,7 @@ fn zero_page(st: &mut ChildState, page: u64, tracked: bool) -> Result<Served, St
     }
 }
 
-fn serve(st: &mut ChildState, addr: u64) -> Served {
+fn serve<F: FaultFd>(st: &mut ChildState<F>, addr: u64) -> Served {
     let page = addr & !(PAGE_SIZE - 1);
     if st.c.prefetch == Prefetch::Recorded && !st.first_fault_done {
         st.first_fault_done = true;
@@ -1209,6 +1224,235 @@ fn serve(st: &mut ChildState, addr: u64) -> Served {
 #[cfg(test)]
 mod pager_tests {
     use super::*;
+    use crate::transport::{PageSource, SourceError};
+    use fault_fd::recorder::{Op, Recorder};
+
+    /// Where the test child's region starts.
+    const BASE: u64 = 0x10_0000;
+    /// Its stored pages (page `i` is filled with `i + 1`), then its zero pages.
+    const STORED: u64 = 20;
+    const ZERO: u64 = 4;
+
+    fn page(i: u64) -> u64 {
+        BASE + i * PAGE_SIZE
+    }
+
+    /// The page store: page `i` is `i + 1` repeated; reads fail if `broken`.
+    struct Store {
+        broken: bool,
+    }
+
+    impl PageSource for Store {
+        fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+            if self.broken {
+                return Err(SourceError::Read {
+                    source_name: self.name(),
+                    offset,
+                    len: dst.len(),
+                    error: std::io::Error::from_raw_os_error(libc::ECONNRESET),
+                });
+            }
+            for (k, b) in dst.iter_mut().enumerate() {
+                *b = ((offset + k as u64) / PAGE_SIZE + 1) as u8;
+            }
+            Ok(())
+        }
+        fn size(&self) -> u64 {
+            STORED * PAGE_SIZE
+        }
+        fn name(&self) -> String {
+            "test:store".into()
+        }
+    }
+
+    /// A child (no pid: nothing real is signalled) whose one region is
+    /// `STORED` stored pages then `ZERO` zero pages, served over `uffd`.
+    fn child(uffd: Recorder, prefetch: Prefetch, broken: bool) -> ChildState<Recorder> {
+        let cache = SeedCache::new(Box::new(Store { broken }), STORED * PAGE_SIZE, 0).unwrap();
+        let mut slots: Vec<Slot> = (0..STORED)
+            .map(|i| {
+                Slot::Stored(PageRef {
+                    image: i * PAGE_SIZE,
+                    cache: i * PAGE_SIZE,
+                })
+            })
+            .collect();
+        slots.extend((0..ZERO).map(|_| Slot::Zero));
+        let mut table = PageTable::default();
+        table.insert(BASE, slots, Fill::Copy);
+        ChildState::new(LazyChild {
+            pid: None,
+            parent_pid: None,
+            uffd,
+            pidfd: None,
+            table,
+            seed: Arc::new(SeedPages::new(cache, None)),
+            prefetch,
+            stats: Arc::default(),
+            on_fork: None,
+            journal: None,
+            fork_id: None,
+            initial: Arc::default(),
+        })
+    }
+
+    /// The bytes of stored pages `from..to`.
+    fn bytes(from: u64, to: u64) -> Vec<u8> {
+        (from..to)
+            .flat_map(|i| std::iter::repeat_n((i + 1) as u8, PAGE_SIZE as usize))
+            .collect()
+    }
+
+    fn ops(st: &ChildState<Recorder>) -> Vec<Op> {
+        st.c.uffd.ops.borrow().clone()
+    }
+
+    #[test]
+    fn a_fault_on_a_stored_page_copies_that_page_from_the_cache() {
+        let mut st = child(Recorder::faulting(&[page(3) + 17]), Prefetch::Off, false);
+        service(&mut st, &mut Vec::new()).unwrap();
+        assert_eq!(
+            ops(&st),
+            vec![Op::Copy {
+                dst: page(3),
+                bytes: bytes(3, 4),
+                wake: true
+            }]
+        );
+        assert_eq!(
+            st.c.table.get(page(3)),
+            Some(Slot::Done(Origin::Stored(PageRef {
+                image: 3 * PAGE_SIZE,
+                cache: 3 * PAGE_SIZE
+            })))
+        );
+        assert_eq!(st.c.stats.faults.load(Ordering::Relaxed), 1);
+        assert_eq!(st.c.stats.pages_fetched.load(Ordering::Relaxed), 1);
+        // Its neighbour was not touched.
+        assert!(matches!(st.c.table.get(page(4)), Some(Slot::Stored(_))));
+    }
+
+    #[test]
+    fn a_fault_on_a_never_written_page_installs_the_zero_page() {
+        let outside = page(STORED + ZERO) + 5;
+        let mut st = child(
+            Recorder::faulting(&[page(STORED + 1) + 8, outside]),
+            Prefetch::Window,
+            false,
+        );
+        service(&mut st, &mut Vec::new()).unwrap();
+        assert_eq!(
+            ops(&st),
+            vec![
+                Op::Zero {
+                    dst: page(STORED + 1),
+                    len: PAGE_SIZE,
+                    wake: true
+                },
+                // Past the table (a mapping grown in place): zeros too.
+                Op::Zero {
+                    dst: page(STORED + ZERO),
+                    len: PAGE_SIZE,
+                    wake: true
+                },
+            ]
+        );
+        assert_eq!(
+            st.c.table.get(page(STORED + 1)),
+            Some(Slot::Done(Origin::Zero))
+        );
+        assert_eq!(st.c.stats.zero_pages.load(Ordering::Relaxed), 2);
+        assert_eq!(st.c.stats.pages_fetched.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_window_fault_copies_the_following_stored_pages_in_one_copy() {
+        let mut st = child(Recorder::faulting(&[page(2)]), Prefetch::Window, false);
+        service(&mut st, &mut Vec::new()).unwrap();
+        let end = 2 + WINDOW_PAGES as u64;
+        assert_eq!(
+            ops(&st),
+            vec![Op::Copy {
+                dst: page(2),
+                bytes: bytes(2, end),
+                wake: true
+            }]
+        );
+        for i in 2..end {
+            assert!(
+                matches!(st.c.table.get(page(i)), Some(Slot::Done(_))),
+                "{i}"
+            );
+        }
+        assert!(matches!(st.c.table.get(page(end)), Some(Slot::Stored(_))));
+
+        // The next fault, where the window ended, is a sequential reader's:
+        // the window stops at the last stored page, before the zero pages.
+        st.c.uffd
+            .events
+            .borrow_mut()
+            .push_back(vec![Msg::PageFault {
+                address: page(end),
+                flags: 0,
+            }]);
+        service(&mut st, &mut Vec::new()).unwrap();
+        assert_eq!(
+            ops(&st)[1],
+            Op::Copy {
+                dst: page(end),
+                bytes: bytes(end, STORED),
+                wake: true
+            }
+        );
+        assert_eq!(st.c.table.get(page(STORED)), Some(Slot::Zero));
+    }
+
+    #[test]
+    fn a_copy_answering_eexist_counts_as_served() {
+        let uffd = Recorder::faulting(&[page(5)]);
+        uffd.present.borrow_mut().insert(page(5));
+        let mut st = child(uffd, Prefetch::Off, false);
+        service(&mut st, &mut Vec::new()).unwrap();
+        let copy = Op::Copy {
+            dst: page(5),
+            bytes: bytes(5, 6),
+            wake: true,
+        };
+        // The run, then page by page, then the faulting thread is woken.
+        assert_eq!(
+            ops(&st),
+            vec![
+                copy.clone(),
+                copy,
+                Op::Wake {
+                    start: page(5),
+                    len: PAGE_SIZE
+                }
+            ]
+        );
+        assert!(matches!(st.c.table.get(page(5)), Some(Slot::Done(_))));
+        assert_eq!(st.c.stats.faults.load(Ordering::Relaxed), 1);
+        assert!(st.c.stats.killed_reason().is_none());
+    }
+
+    #[test]
+    fn a_source_failure_kills_the_child_naming_the_page() {
+        let mut st = child(Recorder::faulting(&[page(7) + 1]), Prefetch::Off, true);
+        let err = service(&mut st, &mut Vec::new()).unwrap_err();
+        let reason = st.c.stats.killed_reason().expect("killed");
+        assert_eq!(reason, err);
+        assert!(reason.contains(&format!("{:#x}", page(7))), "{reason}");
+        assert!(reason.contains("test:store"), "{reason}");
+        // Nothing was installed; with no pid, the page is poisoned (SIGBUS).
+        assert_eq!(
+            ops(&st),
+            vec![Op::Poison {
+                dst: page(7),
+                len: PAGE_SIZE
+            }]
+        );
+        assert!(matches!(st.c.table.get(page(7)), Some(Slot::Stored(_))));
+    }
 
     #[test]
     fn pager_threads_end_when_the_pager_is_dropped() {

@@ -15,6 +15,7 @@
 //!
 //! On any error the husk is killed and reaped: no half-built child remains.
 
+mod finish;
 pub(crate) mod plan;
 mod template;
 
@@ -112,6 +113,7 @@ const CACHE_SLACK: u64 = 1 << 40;
 
 /// File in an image directory holding the recorded working set.
 pub const WORKING_SET_FILE: &str = "workingset.bin";
+use finish::ExecutorArea;
 use plan::{Backing, HuskLayout, PlanError, ResolvedFile, RestorePlan, SharedCache};
 
 /// `CAP_SETGID`, `CAP_SETUID`, `CAP_SYS_ADMIN`, `CAP_CHECKPOINT_RESTORE`.
@@ -735,7 +737,7 @@ impl Core {
     ) -> Result<Started, RestoreError> {
         let d = self.image.descriptor();
         let Built {
-            mut husk,
+            husk,
             plan,
             base_regs,
             child_insn,
@@ -746,31 +748,19 @@ impl Core {
             ..
         } = self.build_child(stdin, stdout, stderr, opts, 0)?;
         let pid = husk.pid();
-        // Remove the executor, then become the parent.
-        let r = husk.inject_syscall(
-            child_insn,
-            &base_regs,
-            libc::SYS_munmap,
-            [plan.base, plan.area_len(), 0, 0, 0, 0],
-        )?;
-        if r.ret != 0 {
-            return Err(RestoreError::Step {
-                what: "unmapping the executor".into(),
-                detail: errno_text(r.ret),
-            });
-        }
-        let (stats, handover) = match uffd_fd {
+        let exec = ExecutorArea {
+            insn: child_insn,
+            base_regs,
+            base: plan.base,
+            len: plan.area_len(),
+        };
+        let (stats, handover) = finish::finish(husk, &exec, d, || match uffd_fd {
             Some(fd) => {
                 let (s, h) = self.start_paging(pid, &plan, fd, opts, None)?;
-                (Some(s), h)
+                Ok((Some(s), h))
             }
-            None => (None, None),
-        };
-        let regs = d.registers.restarted().to_user_regs();
-        husk.set_regs(&regs)?;
-        husk.set_xstate(&d.xstate)?;
-        husk.set_sigmask(d.sigmask)?;
-        husk.detach()?;
+            None => Ok((None, None)),
+        })?;
         let restore_ns = t0.elapsed().as_nanos() as u64;
         debug!(pid, us = restore_ns / 1000, "child running");
         Ok(Started {

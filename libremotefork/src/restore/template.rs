@@ -641,22 +641,13 @@ fn finish(
         });
     }
     let table_us = t0.elapsed().as_micros() as u64;
-    let r = child.inject_syscall(
-        t.insn,
-        &t.base_regs,
-        libc::SYS_munmap,
-        [t.area.0, t.area.1, 0, 0, 0, 0],
-    )?;
-    if r.ret != 0 {
-        return Err(RestoreError::Step {
-            what: "unmapping the executor".into(),
-            detail: errno_text(r.ret),
-        });
-    }
-    child.set_regs(&d.registers.restarted().to_user_regs())?;
-    child.set_xstate(&d.xstate)?;
-    child.set_sigmask(d.sigmask)?;
-    child.detach()?;
+    let exec = super::finish::ExecutorArea {
+        insn: t.insn,
+        base_regs: t.base_regs,
+        base: t.area.0,
+        len: t.area.1,
+    };
+    super::finish::finish(child, &exec, d, || Ok(()))?;
     let restore_ns = t0.elapsed().as_nanos() as u64;
     debug!(
         pid,
