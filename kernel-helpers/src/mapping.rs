@@ -50,24 +50,28 @@ impl Mapping {
         )
     }
 
-    /// A shared read-write mapping of the first `len` bytes of `file`.
-    pub fn file_shared(file: &File, len: usize, populate: bool) -> io::Result<Mapping> {
+    /// A shared read-write mapping of the first `len` bytes of `file`: a
+    /// [`SharedMapping`].
+    pub fn file_shared(file: &File, len: usize, populate: bool) -> io::Result<SharedMapping> {
         Self::map(
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED | pop(populate),
             file.as_raw_fd(),
         )
+        .map(SharedMapping)
     }
 
-    /// A shared read-write mapping of the first `len` bytes of `fd`.
-    pub fn fd_shared(fd: &impl AsRawFd, len: usize) -> io::Result<Mapping> {
+    /// A shared read-write mapping of the first `len` bytes of `fd`: a
+    /// [`SharedMapping`].
+    pub fn fd_shared(fd: &impl AsRawFd, len: usize) -> io::Result<SharedMapping> {
         Self::map(
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
             fd.as_raw_fd(),
         )
+        .map(SharedMapping)
     }
 
     /// A read-only shared mapping of the first `len` bytes of `file`: a
@@ -136,6 +140,99 @@ impl ReadOnlyMapping {
     /// Is it empty?
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// Memory shared with others (`MAP_SHARED`): other threads, other
+/// processes mapping the same file, the kernel (`UFFDIO_COPY` reads it), a
+/// device (RDMA writes it). Safe code only copies bytes in and out through
+/// raw pointers and reads atomics; a Rust slice over it is `unsafe`, for a
+/// caller that can show nothing else writes those bytes meanwhile (the
+/// model of rust-vmm's `vm-memory`).
+#[derive(Debug)]
+pub struct SharedMapping(Mapping);
+
+impl SharedMapping {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Is it empty?
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Its first byte, for system calls and devices that take an address.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.0.ptr
+    }
+
+    /// `[offset, offset + len)` if it lies inside the mapping.
+    pub fn range(&self, offset: usize, len: usize) -> Option<*mut u8> {
+        let end = offset.checked_add(len)?;
+        // SAFETY: offset <= end <= len of the mapping: inside it, or one past.
+        (end <= self.0.len).then(|| unsafe { self.0.ptr.add(offset) })
+    }
+
+    /// Copy `dst.len()` bytes at `offset` out; false if outside.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> bool {
+        let Some(p) = self.range(offset, dst.len()) else {
+            return false;
+        };
+        // SAFETY: `p` is readable for dst.len() bytes (inside the mapping),
+        // `dst` is a distinct private buffer; no reference to the shared
+        // bytes is made.
+        unsafe { std::ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), dst.len()) };
+        true
+    }
+
+    /// Copy `src` in at `offset`; false if outside.
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> bool {
+        let Some(p) = self.range(offset, src.len()) else {
+            return false;
+        };
+        // SAFETY: `p` is writable for src.len() bytes (inside the read-write
+        // mapping), `src` is a distinct buffer; no reference is made.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
+        true
+    }
+
+    /// The bytes `[offset, offset + len)` as a slice.
+    ///
+    /// # Safety
+    /// Nothing may write them while the slice lives (no thread, no other
+    /// process mapping the file, no device). Panics if outside.
+    pub unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
+        let p = self.range(offset, len).expect("slice outside the mapping");
+        // SAFETY: inside the mapping; the caller vouches nothing writes it.
+        unsafe { std::slice::from_raw_parts(p, len) }
+    }
+
+    /// The bytes `[offset, offset + len)` as a writable slice.
+    ///
+    /// # Safety
+    /// Nothing else may read or write them while the slice lives. Panics if
+    /// outside.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, offset: usize, len: usize) -> &mut [u8] {
+        let p = self.range(offset, len).expect("slice outside the mapping");
+        // SAFETY: inside the mapping; the caller vouches for exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(p, len) }
+    }
+
+    /// The mapping as 64-bit atomics (its length rounded down): atomics are
+    /// the one safe way to share words with other threads and processes.
+    pub fn atomic_u64s(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: mmap returns page-aligned memory (aligned for u64), valid
+        // for len bytes while self lives; AtomicU64 has u64's layout and any
+        // bit pattern is valid; shared access through atomics is sound.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.0.ptr.cast::<std::sync::atomic::AtomicU64>(),
+                self.0.len / 8,
+            )
+        }
     }
 }
 

@@ -136,7 +136,9 @@ impl Service {
         };
         let prefetch = match r.prefetch.as_str() {
             "" => Prefetch::Window,
-            p => p.parse::<Prefetch>().map_err(Status::invalid_argument)?,
+            p => p
+                .parse::<Prefetch>()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
         };
         let opts = SpawnOptions::default()
             .lazy(!r.eager)

@@ -645,7 +645,7 @@ pub async fn serve(
     }
     cfg.prefetch
         .parse::<remotefork::pager::Prefetch>()
-        .map_err(GatewayError::Config)?;
+        .map_err(|e| GatewayError::Config(e.to_string()))?;
     if cfg.nodes.len() > 1 && cfg.nodes[0].peer.is_none() {
         return Err(GatewayError::Config(format!(
             "node {} makes the seeds and other nodes must reach it: give it peer=HOST:PORT",

@@ -5,7 +5,7 @@ use std::io;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kernel_helpers::mapping::Mapping;
+use kernel_helpers::mapping::{Mapping, SharedMapping};
 
 use crate::transport::{PageSource, SourceError};
 use crate::PAGE_SIZE;
@@ -31,13 +31,17 @@ pub struct SeedCache {
     // mapping (`attach_destination`) is gone before it is unmapped.
     source: Box<dyn PageSource>,
     memfd: std::os::fd::OwnedFd,
-    mem: Mapping,
+    /// Shared with the source (an RDMA device may write it) and mapped by
+    /// children: only ever reached through raw copies or checked slices.
+    mem: SharedMapping,
     /// Which cache pages hold checked bytes: a bit per page, in a memfd of
     /// its own so that it outlives this process with the cache (a forkd
     /// restart hands both to the next forkd, whose children map the cache).
     present_fd: std::os::fd::OwnedFd,
-    present_map: Mapping,
+    present_map: SharedMapping,
     present_words: usize,
+    /// Held by a fetch without digests (pages without chunk locks).
+    unverified: std::sync::Mutex<()>,
     /// What fetched bytes are checked against, when the seed has digests.
     verify: Option<Verify>,
     /// Set at the first digest mismatch: every later read is refused.
@@ -156,7 +160,7 @@ impl SeedCache {
         // SAFETY: `mem` lives in the same SeedCache as `source` and is
         // dropped after it (field order), so it stays mapped and writable
         // for as long as the source lives.
-        unsafe { source.attach_destination(mem.as_slice().as_ptr().cast_mut(), mem.len()) };
+        unsafe { source.attach_destination(mem.as_ptr(), mem.len()) };
         Ok(SeedCache {
             source,
             memfd,
@@ -164,6 +168,7 @@ impl SeedCache {
             present_fd,
             present_map,
             present_words,
+            unverified: std::sync::Mutex::new(()),
             verify,
             damaged: std::sync::Mutex::new(None),
             fetched: AtomicU64::new(0),
@@ -231,18 +236,10 @@ impl SeedCache {
         self.mem.len() as u64
     }
 
-    /// The present bits, one per cache page.
+    /// The present bits, one per cache page (only ever accessed as
+    /// atomics, by this process and by a later forkd after this one).
     fn present(&self) -> &[AtomicU64] {
-        // SAFETY: the mapping is page aligned (so aligned for u64), at least
-        // `present_words * 8` bytes long, lives as long as `self`, and is
-        // only ever accessed through these atomics (by this process, and by
-        // a later forkd only after this one is gone).
-        unsafe {
-            std::slice::from_raw_parts(
-                self.present_map.as_slice().as_ptr().cast::<AtomicU64>(),
-                self.present_words,
-            )
-        }
+        &self.present_map.atomic_u64s()[..self.present_words]
     }
 
     fn is_present(&self, page: u64) -> bool {
@@ -302,21 +299,28 @@ impl SeedCache {
         if runs.is_empty() {
             return Ok(0);
         }
-        let base = self.mem.as_slice().as_ptr();
+        // One unverified fetch at a time: two threads never write the same
+        // cache page, and pages another fetch made present meanwhile are
+        // not fetched again.
+        let _one = self.unverified.lock().unwrap_or_else(|e| e.into_inner());
+        let runs: Vec<(usize, usize)> = runs
+            .into_iter()
+            .filter(|&(i, j)| {
+                pages[i..j]
+                    .iter()
+                    .any(|p| !self.is_present(p.cache / PAGE_SIZE))
+            })
+            .collect();
         let mut reqs: Vec<(u64, &mut [u8])> = runs
             .iter()
             .map(|&(i, j)| {
                 let len = (j - i) * PAGE_SIZE as usize;
                 // SAFETY: [cache, cache+len) lies inside the cache mapping
-                // (checked above), runs do not overlap, and two pager
-                // threads fetching the same page write the same bytes; no
-                // child maps a page before its present bit is set below.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        base.add(pages[i].cache as usize).cast_mut(),
-                        len,
-                    )
-                };
+                // (checked above), runs do not overlap, this thread holds
+                // the unverified-fetch lock (the only writer of pages not
+                // yet present), and no child maps a page, nor does the
+                // pager read it, before its present bit is set below.
+                let dst = unsafe { self.mem.slice_mut(pages[i].cache as usize, len) };
                 (pages[i].image, dst)
             })
             .collect();
@@ -407,7 +411,6 @@ impl SeedCache {
             })
             .sum();
         let mut scratch = vec![0u8; scratch_len as usize];
-        let base = self.mem.as_slice().as_ptr();
         let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(chunks.len());
         let mut rest: &mut [u8] = &mut scratch;
         for (&c, &d) in chunks.iter().zip(&direct) {
@@ -419,9 +422,7 @@ impl SeedCache {
                 // the mapping (checked by ensure's range checks and `direct`),
                 // none is present (so no child maps them), and this batch
                 // holds the chunk's fetch lock: nothing else writes them.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(base.add(first as usize).cast_mut(), len)
-                };
+                let dst = unsafe { self.mem.slice_mut(first as usize, len) };
                 reqs.push((a, dst));
             } else {
                 let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len);
@@ -439,16 +440,11 @@ impl SeedCache {
                 }
                 if !d {
                     let from = &bytes[k * PAGE_SIZE as usize..(k + 1) * PAGE_SIZE as usize];
-                    // SAFETY: `slot` is a cache page inside the mapping (the
-                    // slots were laid out with the cache), not present (no
-                    // child maps it) and under this batch's fetch lock.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            from.as_ptr(),
-                            base.add(slot as usize).cast_mut(),
-                            PAGE_SIZE as usize,
-                        )
-                    };
+                    // `slot` is a cache page inside the mapping (the slots
+                    // were laid out with the cache), not present (no child
+                    // maps it) and under this batch's fetch lock.
+                    let copied = self.mem.write_at(slot as usize, from);
+                    debug_assert!(copied, "cache slot {slot:#x} outside the cache");
                 }
                 self.set_present(slot / PAGE_SIZE);
                 fetched += 1;
@@ -536,9 +532,26 @@ impl SeedCache {
         Ok(())
     }
 
-    /// The cached bytes at `cache` offset (the page must have been ensured).
+    /// The cached bytes of the page at `cache` offset, which must be
+    /// present (ensured); panics if it is not.
     pub fn page(&self, cache: u64) -> &[u8] {
-        &self.mem.as_slice()[cache as usize..(cache + PAGE_SIZE) as usize]
+        self.pages(cache, PAGE_SIZE)
+    }
+
+    /// The cached bytes of the `len / PAGE_SIZE` consecutive pages from
+    /// `cache` offset, which must all be present; panics if one is not.
+    pub fn pages(&self, cache: u64, len: u64) -> &[u8] {
+        for p in (cache..cache + len).step_by(PAGE_SIZE as usize) {
+            assert!(
+                self.is_present(p / PAGE_SIZE),
+                "page at cache offset {p:#x} read before it was fetched"
+            );
+        }
+        // SAFETY: a present page is written once, before its present bit is
+        // set (Release; read here with Acquire), and never again: fetches
+        // write only pages not yet present. Children map the memfd
+        // privately, so their writes never reach it.
+        unsafe { self.mem.slice(cache as usize, len as usize) }
     }
 }
 

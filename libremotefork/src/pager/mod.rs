@@ -56,18 +56,70 @@ pub enum Prefetch {
     Recorded,
 }
 
+/// A prefetch mode's name is not one of `off`, `window`, `recorded`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown prefetch mode {0:?} (off, window, recorded)")]
+pub struct UnknownPrefetch(pub String);
+
 impl std::str::FromStr for Prefetch {
-    type Err = String;
+    type Err = UnknownPrefetch;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "off" => Ok(Prefetch::Off),
             "window" => Ok(Prefetch::Window),
             "recorded" => Ok(Prefetch::Recorded),
-            other => Err(format!(
-                "unknown prefetch mode {other:?} (off, window, recorded)"
-            )),
+            other => Err(UnknownPrefetch(other.to_string())),
         }
     }
+}
+
+/// Why the pager could not serve a child (it is killed with this reason).
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    /// Its userfaultfd could not be read.
+    #[error("reading its userfaultfd: {0}")]
+    Events(std::io::Error),
+    /// Pages could not be fetched: the source's error, then the child's
+    /// page(s).
+    #[error("{source} (the child's page {addr:#x})")]
+    Fetch {
+        /// What the source said.
+        source: crate::transport::SourceError,
+        /// The child's page.
+        addr: u64,
+    },
+    /// As [`PagerError::Fetch`], for a run of pages.
+    #[error("{source} (the child's {pages} pages from {addr:#x})")]
+    FetchRun {
+        /// What the source said.
+        source: crate::transport::SourceError,
+        /// The first of the child's pages.
+        addr: u64,
+        /// How many.
+        pages: usize,
+    },
+    /// `UFFDIO_COPY` or `UFFDIO_CONTINUE` failed.
+    #[error("filling {addr:#x}: {error}")]
+    Fill {
+        /// The child's page.
+        addr: u64,
+        /// The kernel's error.
+        error: std::io::Error,
+    },
+    /// `UFFDIO_ZEROPAGE` failed.
+    #[error("UFFDIO_ZEROPAGE at {addr:#x}: {error}")]
+    ZeroPage {
+        /// The child's page.
+        addr: u64,
+        /// The kernel's error.
+        error: std::io::Error,
+    },
+    /// Serving it panicked (a bug in the pager).
+    #[error("the pager failed serving it (a bug: {0})")]
+    Panicked(String),
+    /// The child's address space never settled.
+    #[error("the address space kept changing; gave up after 10000 retries")]
+    KeptChanging,
 }
 
 /// Metrics of one seed on this node.
@@ -388,7 +440,7 @@ impl LazyChild {
     /// Install the seed's recorded working set now, before the child runs
     /// (a node template's, so every child it forks has it). Returns the
     /// pages installed.
-    pub fn install_working_set(self) -> (LazyChild, Result<u64, String>) {
+    pub fn install_working_set(self) -> (LazyChild, Result<u64, PagerError>) {
         let mut st = ChildState::new(self);
         queue_working_set(&mut st);
         let r = install_queued(&mut st, usize::MAX);
@@ -441,7 +493,7 @@ struct ChildState<F = Uffd> {
 enum Served {
     Done,
     Again,
-    Failed(String),
+    Failed(PagerError),
 }
 
 /// The pool of pager threads.
@@ -583,8 +635,8 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
                             .cloned()
                             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                             .unwrap_or_default();
-                        let reason = format!("the pager failed serving it (a bug: {what})");
-                        fail(&st.c, None, &reason);
+                        let reason = PagerError::Panicked(what);
+                        fail(&st.c, None, &reason.to_string());
                         Err(reason)
                     });
                     if !st.ws_queue.is_empty() && !queued.contains(&id) {
@@ -605,7 +657,7 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
             if let Err(reason) = outcome {
                 if let Some(st) = children.remove(&id) {
                     finish(&epoll, st);
-                    debug!(reason, "stopped serving a child");
+                    debug!(%reason, "stopped serving a child");
                 }
             }
         }
@@ -876,16 +928,16 @@ fn fail<F: FaultFd>(c: &LazyChild<F>, page: Option<u64>, reason: &str) {
 }
 
 /// Read and handle everything pending on one child's userfaultfd.
-fn service<F: FaultFd>(st: &mut ChildState<F>, forks: &mut Vec<LazyChild>) -> Result<(), String> {
+fn service<F: FaultFd>(
+    st: &mut ChildState<F>,
+    forks: &mut Vec<LazyChild>,
+) -> Result<(), PagerError> {
     let mut msgs = Vec::new();
     let mut retry: Vec<u64> = Vec::new();
     let mut spins = 0u32;
     loop {
         msgs.clear();
-        let n =
-            st.c.uffd
-                .read_msgs(&mut msgs)
-                .map_err(|e| format!("reading its userfaultfd: {e}"))?;
+        let n = st.c.uffd.read_msgs(&mut msgs).map_err(PagerError::Events)?;
         if n == 0 && retry.is_empty() {
             return Ok(());
         }
@@ -966,7 +1018,7 @@ fn service<F: FaultFd>(st: &mut ChildState<F>, forks: &mut Vec<LazyChild>) -> Re
                 }
                 Served::Again => retry.push(addr),
                 Served::Failed(reason) => {
-                    fail(&st.c, Some(addr & !(PAGE_SIZE - 1)), &reason);
+                    fail(&st.c, Some(addr & !(PAGE_SIZE - 1)), &reason.to_string());
                     return Err(reason);
                 }
             }
@@ -974,9 +1026,12 @@ fn service<F: FaultFd>(st: &mut ChildState<F>, forks: &mut Vec<LazyChild>) -> Re
         if !retry.is_empty() {
             spins += 1;
             if spins > 10_000 {
-                let reason =
-                    "the address space kept changing; gave up after 10000 retries".to_string();
-                fail(&st.c, Some(retry[0] & !(PAGE_SIZE - 1)), &reason);
+                let reason = PagerError::KeptChanging;
+                fail(
+                    &st.c,
+                    Some(retry[0] & !(PAGE_SIZE - 1)),
+                    &reason.to_string(),
+                );
                 return Err(reason);
             }
             if msgs.is_empty() {
@@ -1000,13 +1055,24 @@ fn install<F: FaultFd>(
     st: &mut ChildState<F>,
     run: &[(u64, PageRef)],
     wake: bool,
-) -> Result<Served, String> {
+) -> Result<Served, PagerError> {
     let refs: Vec<PageRef> = run.iter().map(|r| r.1).collect();
     // The source's error first (what failed, where), then the child's page.
-    let fetched = st.c.seed.cache.ensure(&refs).map_err(|e| match run.len() {
-        1 => format!("{e} (the child's page {:#x})", run[0].0),
-        n => format!("{e} (the child's {n} pages from {:#x})", run[0].0),
-    })?;
+    let fetched =
+        st.c.seed
+            .cache
+            .ensure(&refs)
+            .map_err(|source| match run.len() {
+                1 => PagerError::Fetch {
+                    source,
+                    addr: run[0].0,
+                },
+                pages => PagerError::FetchRun {
+                    source,
+                    addr: run[0].0,
+                    pages,
+                },
+            })?;
     st.c.stats
         .pages_fetched
         .fetch_add(fetched, Ordering::Relaxed);
@@ -1024,10 +1090,8 @@ fn install<F: FaultFd>(
         match fill {
             Fill::Continue => st.c.uffd.continue_range(run[0].0, len, wake),
             Fill::Copy => {
-                let first = st.c.seed.cache.page(refs[0].cache).as_ptr();
-                // SAFETY: consecutive cache offsets are consecutive bytes of
-                // the cache mapping, all ensured present above.
-                let src = unsafe { std::slice::from_raw_parts(first, len as usize) };
+                // Consecutive cache offsets, all ensured present above.
+                let src = st.c.seed.cache.pages(refs[0].cache, len);
                 st.c.uffd.copy(run[0].0, src, wake)
             }
         }
@@ -1045,7 +1109,9 @@ fn install<F: FaultFd>(
                 match one {
                     Ok(()) | Err(FillError::Exists) | Err(FillError::Gone) => {}
                     Err(FillError::Again { .. }) => return Ok(Served::Again),
-                    Err(FillError::Other(e)) => return Err(format!("filling {addr:#x}: {e}")),
+                    Err(FillError::Other(error)) => {
+                        return Err(PagerError::Fill { addr: *addr, error })
+                    }
                 }
             }
             if wake {
@@ -1061,7 +1127,12 @@ fn install<F: FaultFd>(
             return Ok(Served::Again);
         }
         Err(FillError::Gone) => return Ok(Served::Done),
-        Err(FillError::Other(e)) => return Err(format!("filling {:#x}: {e}", run[0].0)),
+        Err(FillError::Other(error)) => {
+            return Err(PagerError::Fill {
+                addr: run[0].0,
+                error,
+            })
+        }
     }
     for (addr, r) in run {
         st.c.table.set(*addr, Slot::Done(Origin::Stored(*r)));
@@ -1110,7 +1181,7 @@ fn queue_working_set<F: FaultFd>(st: &mut ChildState<F>) {
 }
 
 /// Install up to `budget` pages of the queued working set.
-fn install_queued<F: FaultFd>(st: &mut ChildState<F>, mut budget: usize) -> Result<(), String> {
+fn install_queued<F: FaultFd>(st: &mut ChildState<F>, mut budget: usize) -> Result<(), PagerError> {
     while budget > 0 {
         let Some(run) = st.ws_queue.pop_front() else {
             return Ok(());
@@ -1151,7 +1222,7 @@ fn zero_page<F: FaultFd>(
     st: &mut ChildState<F>,
     page: u64,
     tracked: bool,
-) -> Result<Served, String> {
+) -> Result<Served, PagerError> {
     match st.c.uffd.zero(page, PAGE_SIZE, true) {
         Ok(()) | Err(FillError::Gone) => {
             if tracked {
@@ -1170,7 +1241,7 @@ fn zero_page<F: FaultFd>(
             Ok(Served::Done)
         }
         Err(FillError::Again { .. }) => Ok(Served::Again),
-        Err(FillError::Other(e)) => Err(format!("UFFDIO_ZEROPAGE at {page:#x}: {e}")),
+        Err(FillError::Other(error)) => Err(PagerError::ZeroPage { addr: page, error }),
     }
 }
 
@@ -1440,7 +1511,8 @@ mod pager_tests {
         let mut st = child(Recorder::faulting(&[page(7) + 1]), Prefetch::Off, true);
         let err = service(&mut st, &mut Vec::new()).unwrap_err();
         let reason = st.c.stats.killed_reason().expect("killed");
-        assert_eq!(reason, err);
+        assert_eq!(reason, err.to_string());
+        assert!(matches!(err, PagerError::Fetch { .. }), "{err:?}");
         assert!(reason.contains(&format!("{:#x}", page(7))), "{reason}");
         assert!(reason.contains("test:store"), "{reason}");
         // Nothing was installed; with no pid, the page is poisoned (SIGBUS).

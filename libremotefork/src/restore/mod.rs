@@ -1019,7 +1019,7 @@ impl Core {
                 Err(reason) => {
                     return Err(RestoreError::Step {
                         what: "installing the working set in the template".into(),
-                        detail: reason,
+                        detail: reason.to_string(),
                     })
                 }
             }

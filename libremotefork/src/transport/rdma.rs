@@ -812,19 +812,21 @@ mod imp {
                     error: e.to_string(),
                 }
             })?;
-            let mut map = Mapping::fd_shared(&fd, len).map_err(|e| RdmaError::Verbs {
+            let map = Mapping::fd_shared(&fd, len).map_err(|e| RdmaError::Verbs {
                 what: "mapping the page store's memfd".into(),
                 error: e.to_string(),
             })?;
             {
                 use std::os::unix::fs::FileExt;
-                file.read_exact_at(map.as_mut_slice(), 0)
+                // SAFETY: the mapping was just made and is not registered
+                // yet: nothing else can reach its bytes.
+                file.read_exact_at(unsafe { map.slice_mut(0, len) }, 0)
                     .map_err(|e| RdmaError::Verbs {
                         what: format!("reading {}", path.display()),
                         error: e.to_string(),
                     })?;
             }
-            let addr = map.as_slice().as_ptr() as usize;
+            let addr = map.as_ptr() as usize;
             // SAFETY: as above; this mapping is writable too.
             let mr = unsafe { self.register_in(&pd, addr, len, AccessFlags::RemoteRead) }?;
             Ok(ExportedSeed {
@@ -855,7 +857,7 @@ mod imp {
         /// The page store file, mapped read-only.
         InPlace(kernel_helpers::mapping::ReadOnlyMapping),
         /// A copy of it in a memfd (kernels before 6.2).
-        Copy(Mapping),
+        Copy(kernel_helpers::mapping::SharedMapping),
     }
 
     impl std::fmt::Debug for ExportedSeed {
@@ -969,7 +971,7 @@ mod imp {
         broken: Option<ReadFailure>,
         generation: u64,
         next_wr: u64,
-        bounce: Option<(Arc<MemoryRegion>, Mapping)>,
+        bounce: Option<(Arc<MemoryRegion>, kernel_helpers::mapping::SharedMapping)>,
     }
 
     /// The importer's RC connection to one peer node, shared by every
@@ -1083,11 +1085,8 @@ mod imp {
                 // SAFETY: the mapping is stored with the region in `bounce`
                 // and the pair is only dropped together (region first).
                 let mr = unsafe {
-                    self.node.register(
-                        map.as_slice().as_ptr() as usize,
-                        BOUNCE_BYTES,
-                        AccessFlags::LocalWrite,
-                    )
+                    self.node
+                        .register(map.as_ptr() as usize, BOUNCE_BYTES, AccessFlags::LocalWrite)
                 }?;
                 g.bounce = Some((mr, map));
             }
@@ -1173,7 +1172,7 @@ mod imp {
             let Some((mr, map)) = &g.bounce else {
                 return Err(ReadFailure::NoBounceBuffer);
             };
-            let (base, lkey) = (map.as_slice().as_ptr() as u64, mr.lkey());
+            let (base, lkey) = (map.as_ptr() as u64, mr.lkey());
             // Fill the bounce buffer with as many pieces as fit.
             let mut round: Vec<(u64, u32, u64, u32)> = Vec::new();
             let mut used = 0usize;
@@ -1190,12 +1189,15 @@ mod imp {
             let Some((_, map)) = &g.bounce else {
                 return Err(ReadFailure::NoBounceBuffer);
             };
-            let src = map.as_slice();
+            // The device's writes completed (post_wait polled them) and no
+            // READ into the buffer is outstanding: copy out, no slice made.
             let mut at = 0usize;
             for p in &bounced[start..i] {
                 if let Local::Bounce { req, at: off } = p.local {
                     let n = p.len as usize;
-                    reqs[req].1[off..off + n].copy_from_slice(&src[at..at + n]);
+                    if !map.read_at(at, &mut reqs[req].1[off..off + n]) {
+                        return Err(ReadFailure::NoBounceBuffer);
+                    }
                     at += n;
                 }
             }
