@@ -1,7 +1,9 @@
-//! The restore-case corpus (`tests/programs/corpus.c`, CRIU's zdtm as the
-//! model): each case sets up one piece of process state or memory
-//! behaviour, and checks it after restore. Every case runs in every mode,
-//! each cell its own test (`corpus::CASE::MODE`):
+//! The restore-case corpus (CRIU's zdtm as the model): each case is its own
+//! small C program, `tests/cases/CASE.c` (what every case shares is in
+//! `tests/cases/case.h`), that sets up one piece of process state or memory
+//! behaviour, prints "ready", and on a line from stdin checks it and prints
+//! "ok" or "FAIL: why". Every case runs in every mode, each cell its own
+//! test (`corpus::CASE::MODE`):
 //!
 //! - `eager`: every page written before the child runs;
 //! - `lazy_window`, `lazy_off`, `lazy_recorded`: served by the pager, with
@@ -27,11 +29,9 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-/// A seed of `corpus CASE` (captured with `forkd snapshot`).
+/// A seed of the program `tests/cases/CASE.c` (captured with `forkd snapshot`).
 fn seed(case: &str, mode: &str) -> PathBuf {
-    let mut cmd = Command::new(c_program("corpus"));
-    cmd.arg(case);
-    seed_of(cmd, &format!("corpus-{case}-{mode}")).0
+    seed_of(Command::new(c_case(case)), &format!("corpus-{case}-{mode}")).0
 }
 
 /// Restore `dir` with `args`, send the check: its answer.
@@ -94,8 +94,8 @@ fn run(case: &str, mode: &str) {
             std::fs::create_dir_all(&db).unwrap();
             let a = Daemon::start_with(&da, true, &["--page-listen", &free()]);
             let b = Daemon::start_with(&db, true, &["--transport", "tcp"]);
-            let prog = c_program("corpus");
-            let id = command_seed(|x| a.ctl(x), &[], &[prog.to_str().unwrap(), case]);
+            let prog = c_case(case);
+            let id = command_seed(|x| a.ctl(x), &[], &[prog.to_str().unwrap()]);
             let (code, r, err) = a.ctl(&["seed", "ref", &id, "--origin", &a.tcp.clone().unwrap()]);
             assert_eq!(code, 0, "{err}");
             let input = base.join("check");
@@ -132,6 +132,8 @@ fn run(case: &str, mode: &str) {
     }
 }
 
+/// One module per case, named after its program `tests/cases/CASE.c`; one
+/// test per mode.
 macro_rules! corpus {
     ($($case:ident),* $(,)?) => {
         /// Every case, in order.
@@ -242,14 +244,14 @@ fn remote_rdma_every_case() {
     let (b, _) = node("b", &ip2, &dev2);
     let (_, info, _) = b.ctl(&["--json", "node"]);
     assert!(info.contains(&dev2), "node b is not on {dev2}: {info}");
-    let prog = c_program("corpus");
     let input = base.join("check");
     std::fs::write(&input, "check\n").unwrap();
     let mut failed = Vec::new();
     for case in CASES {
         // Each cell on its own: one failing case does not hide the others.
         let cell = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let id = command_seed(|x| a.ctl(x), &[], &[prog.to_str().unwrap(), case]);
+            let prog = c_case(case);
+            let id = command_seed(|x| a.ctl(x), &[], &[prog.to_str().unwrap()]);
             let (code, r, err) = a.ctl(&["seed", "ref", &id, "--origin", &a_addr]);
             assert_eq!(code, 0, "{err}");
             // --transport rdma on node b: paged by RDMA READ or refused.

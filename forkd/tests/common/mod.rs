@@ -41,14 +41,26 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// Compile `tests/programs/NAME.c` once per test binary run.
 pub fn c_program(name: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/programs")
-        .join(format!("{name}.c"));
-    let out =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    compile_once(&format!("tests/programs/{name}.c"), name)
+}
+
+/// Compile the restore case `tests/cases/NAME.c` (with its `case.h`) once
+/// per test binary run.
+pub fn c_case(name: &str) -> PathBuf {
+    compile_once(&format!("tests/cases/{name}.c"), &format!("case-{name}"))
+}
+
+/// Compile the C file `src` (relative to forkd/) to the binary `out_name`
+/// under the target dir, once per test binary run.
+fn compile_once(src: &str, out_name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(src);
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{out_name}-{}", std::process::id()));
     // Tests of one binary run in parallel: build under a name of this
     // thread's, then rename, so no test ever executes a half-written file.
     if !out.exists() {
+        // (The target's tmp dir may have been emptied since cargo built us.)
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
         let tmp = out.with_extension(
             format!("tmp-{:?}", std::thread::current().id()).replace(['(', ')'], ""),
         );
