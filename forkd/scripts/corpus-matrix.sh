@@ -12,6 +12,8 @@ awk '
     nm = split("eager lazy_off lazy_window lazy_recorded template remote_tcp seed_of_seed remote_rdma", modes, " ")
     for (j = 1; j <= nm; j++) mseen[modes[j]] = 1
   }
+  # A VM console log ends its lines with CR.
+  { sub(/\r$/, "") }
   /Running tests\/corpus\.rs/ { on = 1; next }
   # Verdicts of the VM harness (its console log): PASS/FAIL corpus::CASE::MODE.
   /^(PASS|FAIL) corpus::[a-z_]+::[a-z_]+/ {
