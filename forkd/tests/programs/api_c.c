@@ -22,11 +22,12 @@ static int fail(const char *what) {
     return 1;
 }
 
-/* Wait until pid sleeps in read(0, ...) (x86_64 syscall 0). */
+/* Wait (up to 60 s: a loaded machine) until pid sleeps in read(0, ...)
+ * (x86_64 syscall 0). */
 static int blocked_in_read(int pid) {
     char path[64], buf[256];
     snprintf(path, sizeof path, "/proc/%d/syscall", pid);
-    for (int i = 0; i < 1000; i++) {
+    for (int i = 0; i < 6000; i++) {
         FILE *f = fopen(path, "r");
         if (f) {
             size_t n = fread(buf, 1, sizeof buf - 1, f);
