@@ -1199,8 +1199,17 @@ fn a_forkd_killed_mid_capture_leaves_no_zombie() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut create = create.spawn().unwrap();
-    // The clone exists: forkd dies while it copies 1 GiB out of it.
-    wait_for("the capture's clone", || !children(pid).is_empty());
+    // The clone exists and the target runs again (no longer traced: its
+    // pause is over): forkd dies while it copies 1 GiB out of the clone.
+    let traced = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+    };
+    wait_for("the capture's clone, and the target resumed", || {
+        !children(pid).is_empty() && !traced(pid)
+    });
     drop(d);
     let _ = create.wait();
     wait_for("the keeper to reap the clone in the target", || {
