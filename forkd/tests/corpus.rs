@@ -94,22 +94,9 @@ fn run(case: &str, mode: &str) {
             std::fs::create_dir_all(&db).unwrap();
             let a = Daemon::start_with(&da, true, &["--page-listen", &free()]);
             let b = Daemon::start_with(&db, true, &["--transport", "tcp"]);
-            let prog = c_case(case);
-            let id = command_seed(|x| a.ctl(x), &[], &[prog.to_str().unwrap()]);
-            let (code, r, err) = a.ctl(&["seed", "ref", &id, "--origin", &a.tcp.clone().unwrap()]);
-            assert_eq!(code, 0, "{err}");
             let input = base.join("check");
             std::fs::write(&input, "check\n").unwrap();
-            let (code, out, err) = b.ctl(&[
-                "--json",
-                "spawn",
-                r.trim(),
-                "--stdin",
-                input.to_str().unwrap(),
-            ]);
-            assert_eq!(code, 0, "{case} in {mode}: {out} {err}");
-            let v: Value = serde_json::from_str(&out).unwrap();
-            assert_eq!(v["children"][0]["stdout"], "ok\n", "{case} in {mode}: {v}");
+            remote_cell(case, &a, &a.tcp.clone().unwrap(), &b, &input);
         }
         "seed_of_seed" => {
             let dir = seed(case, mode);
@@ -134,6 +121,32 @@ fn run(case: &str, mode: &str) {
 
 /// One module per case, named after its program `tests/cases/CASE.c`; one
 /// test per mode.
+/// A seed of `case` on node `a` (reached by other nodes at `a_addr`), a
+/// child of it on node `b` given `input`: it must answer "ok". The seed id.
+fn remote_cell(
+    case: &str,
+    a: &Daemon,
+    a_addr: &str,
+    b: &Daemon,
+    input: &std::path::Path,
+) -> String {
+    let prog = c_case(case);
+    let id = command_seed(|x| a.ctl(x), &[], &[prog.to_str().unwrap()]);
+    let (code, r, err) = a.ctl(&["seed", "ref", &id, "--origin", a_addr]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = b.ctl(&[
+        "--json",
+        "spawn",
+        r.trim(),
+        "--stdin",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{case} remotely: {out} {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["children"][0]["stdout"], "ok\n", "{case} remotely: {v}");
+    id
+}
+
 macro_rules! corpus {
     ($($case:ident),* $(,)?) => {
         /// Every case, in order.
@@ -250,21 +263,8 @@ fn remote_rdma_every_case() {
     for case in CASES {
         // Each cell on its own: one failing case does not hide the others.
         let cell = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let prog = c_case(case);
-            let id = command_seed(|x| a.ctl(x), &[], &[prog.to_str().unwrap()]);
-            let (code, r, err) = a.ctl(&["seed", "ref", &id, "--origin", &a_addr]);
-            assert_eq!(code, 0, "{err}");
             // --transport rdma on node b: paged by RDMA READ or refused.
-            let (code, out, err) = b.ctl(&[
-                "--json",
-                "spawn",
-                r.trim(),
-                "--stdin",
-                input.to_str().unwrap(),
-            ]);
-            assert_eq!(code, 0, "{out} {err}");
-            let v: Value = serde_json::from_str(&out).unwrap();
-            assert_eq!(v["children"][0]["stdout"], "ok\n", "{v}");
+            let id = remote_cell(case, &a, &a_addr, &b, &input);
             let _ = a.ctl(&["seed", "drop", &id]);
         }));
         match cell {
