@@ -61,6 +61,22 @@ fn page_served_seed(name: &str) -> (Daemon, String) {
     (d, r)
 }
 
+/// A seed, captured through the library, of `/bin/sh -c SCRIPT` blocked in
+/// its first read; the parent is gone after. Its directory.
+fn shell_seed(script: &str, name: &str) -> PathBuf {
+    let mut parent = Command::new("/bin/sh")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_blocked_in_read(parent.id() as i32);
+    let dir = scratch(name).join("seed");
+    remotefork::capture(parent.id() as i32, &dir, &Default::default()).unwrap();
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    dir
+}
+
 #[test]
 fn crate_example_works() {
     if !require_root("crate_example_works") {
@@ -103,17 +119,8 @@ fn a_childs_events_run_from_running_to_exited() {
     if !require_root("a_childs_events_run_from_running_to_exited") {
         return;
     }
-    use remotefork::{capture, CaptureOptions, ChildEvent, ExitReason, Seed, SpawnOptions, Stdio};
-    let mut parent = Command::new("/bin/sh")
-        .args(["-c", "read x; echo got $x; exit 3"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_blocked_in_read(parent.id() as i32);
-    let dir = scratch("child-events").join("seed");
-    capture(parent.id() as i32, &dir, &CaptureOptions::default()).unwrap();
-    parent.kill().unwrap();
-    parent.wait().unwrap();
+    use remotefork::{ChildEvent, ExitReason, Seed, SpawnOptions, Stdio};
+    let dir = shell_seed("read x; echo got $x; exit 3", "child-events");
     let seed = Seed::open(&dir).unwrap();
     for opts in [
         SpawnOptions::default(),
@@ -223,18 +230,8 @@ fn the_example_scheduler_places_restarts_and_sums_up() {
         return;
     }
     let sched = example("scheduler");
-    // A seed in a directory, captured through the library by `forkd snapshot`.
-    let dir = scratch("scheduler");
-    let mut parent = Command::new("/bin/sh")
-        .args(["-c", "read x; echo $((x * x))"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_blocked_in_read(parent.id() as i32);
-    let seed = dir.join("seed");
-    remotefork::capture(parent.id() as i32, &seed, &Default::default()).unwrap();
-    parent.kill().unwrap();
-    parent.wait().unwrap();
+    // A seed in a directory, captured through the library.
+    let seed = shell_seed("read x; echo $((x * x))", "scheduler");
     let (d, r) = page_served_seed("scheduler-remote");
     for (how, arg) in [
         ("--seed", seed.to_str().unwrap()),
