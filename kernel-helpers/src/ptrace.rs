@@ -330,6 +330,51 @@ impl Tracee {
         self.wait_event_stop("waiting for the interrupt stop")
     }
 
+    /// Send `PTRACE_INTERRUPT` without waiting: stopping several threads
+    /// at once, the caller waits for each with [`Tracee::wait_event_stop`].
+    pub fn request_interrupt(&mut self) -> Result<(), PtraceError> {
+        // SAFETY: PTRACE_INTERRUPT takes no pointers.
+        unsafe {
+            ptrace_raw(
+                libc::PTRACE_INTERRUPT,
+                self.pid,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| self.req_err("INTERRUPT", e))
+    }
+
+    /// Wait for the first stop of a thread auto-attached by a traced
+    /// `clone`: `PTRACE_EVENT_STOP` if its creator was seized, `SIGSTOP`
+    /// if it was attached with `PTRACE_TRACEME` (a husk).
+    pub fn wait_new_thread(&mut self) -> Result<(), PtraceError> {
+        loop {
+            match self.wait_alive()? {
+                Stop::Event { event, .. } if event == libc::PTRACE_EVENT_STOP => return Ok(()),
+                Stop::Signal(libc::SIGSTOP) => return Ok(()),
+                Stop::Signal(sig) => {
+                    self.stashed_signals.push(sig);
+                    self.resume(libc::PTRACE_CONT, "CONT")?;
+                }
+                s => {
+                    return Err(PtraceError::UnexpectedStop {
+                        pid: self.pid,
+                        during: "waiting for a new thread's first stop",
+                        status: s.raw(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Forget a thread that has exited (its death was already collected):
+    /// nothing is detached or killed on drop.
+    pub fn forget(mut self) {
+        self.attached = false;
+    }
+
     /// Wait for a `PTRACE_EVENT_STOP` (initial stop of an auto-attached child,
     /// or an interrupt), stashing any signal that is delivered first.
     pub fn wait_event_stop(&mut self, during: &'static str) -> Result<(), PtraceError> {

@@ -1,7 +1,10 @@
-//! Capture: turn a running, single-threaded process into a seed image.
+//! Capture: turn a running process, with all its threads, into a seed image.
 //!
 //! The parent is stopped only long enough to make a copy-on-write clone of
-//! itself: forkd seizes it, reads its CPU state, injects one `clone()` (with
+//! itself: forkd seizes every thread (threads created or exiting meanwhile
+//! included), reads each one's CPU and per-thread state (registers, XSAVE,
+//! signal mask, alternate stack, rseq, robust list, `clear_child_tid`,
+//! name), injects one `clone()` into the main thread (with
 //! exit signal 0, so the parent is never sent a `SIGCHLD` for it), puts its
 //! registers back and lets it run. Everything else — page classification,
 //! reading memory, signal handlers, fds — is read from the frozen clone
@@ -29,8 +32,8 @@ use crate::classify::{build_runs, classify_page, is_zero_page, PageClass};
 use crate::fileid;
 use crate::image::{
     self, CaptureStats, Credentials, Descriptor, FileRef, ImageError, ImageWriter, Privileges,
-    Registers, Rseq, SeccompFilter, SigAction, SigAltStack, SourceInfo, Vma, VmaKind,
-    FORMAT_VERSION,
+    Registers, Rseq, SeccompFilter, SigAction, SigAltStack, SourceInfo, ThreadSet, ThreadState,
+    Vma, VmaKind, FORMAT_VERSION,
 };
 use crate::procfs::{self, MapsEntry, ProcfsError};
 use crate::PAGE_SIZE;
@@ -50,13 +53,26 @@ pub enum CaptureError {
     /// The process is a zombie: it has exited and has no memory left.
     #[error("process {0} is a zombie (it has exited and is waiting to be reaped); there is nothing to capture")]
     Zombie(pid_t),
-    /// Non-cooperative capture of several threads is not supported.
-    #[error("process {pid} has {threads} threads; only single-threaded processes can be captured from outside (use the cooperative checkpoint API, which captures the calling thread like fork())")]
-    MultiThreaded {
+    /// The main thread has exited and others run on: its pid is held by a
+    /// zombie, and a child's main thread would have nothing to be.
+    #[error("process {pid}: its main thread has exited while {threads} other threads run on; a process without its main thread cannot be captured")]
+    MainThreadExited {
         /// The process.
         pid: pid_t,
         /// Its thread count.
         threads: u32,
+    },
+    /// One thread cannot be captured.
+    #[error("process {pid}: thread {tid} ({comm}) cannot be captured: {why}")]
+    Thread {
+        /// The process.
+        pid: pid_t,
+        /// The thread.
+        tid: pid_t,
+        /// Its name.
+        comm: String,
+        /// Why.
+        why: String,
     },
     /// ptrace was refused.
     #[error("not permitted to capture process {pid}: {detail} (run forkd as root or with CAP_SYS_PTRACE)")]
@@ -238,12 +254,12 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
 /// Refuse what cannot be captured before touching the process.
 fn precheck(pid: pid_t) -> Result<(), CaptureError> {
     let (state, _) = procfs::stat(pid)?;
-    if state == 'Z' || state == 'X' {
+    let st = procfs::status(pid)?;
+    if (state == 'Z' || state == 'X') && st.threads <= 1 {
         return Err(CaptureError::Zombie(pid));
     }
-    let st = procfs::status(pid)?;
-    if st.threads > 1 {
-        return Err(CaptureError::MultiThreaded {
+    if state == 'Z' || state == 'X' {
+        return Err(CaptureError::MainThreadExited {
             pid,
             threads: st.threads,
         });
@@ -266,6 +282,10 @@ fn gone_or(pid: pid_t, e: CaptureError) -> CaptureError {
 /// What the pause produced.
 struct Frozen {
     clone: Tracee,
+    /// The threads besides the main one.
+    others: Vec<ThreadState>,
+    /// The main thread's `clear_child_tid` word held its tid.
+    main_tid_word: bool,
     regs: libc::user_regs_struct,
     xstate: Vec<u8>,
     sigmask: u64,
@@ -294,8 +314,11 @@ fn freeze(
         h(CapturePoint::ParentStopped);
     }
     let regs = parent.regs().map_err(pt)?;
-    let frozen = while_stopped(parent, pid, &regs, |p| {
-        freeze_stopped(p, pid, insn, &regs, pmaps)
+    let mut others = Vec::new();
+    let stopped = stop_other_threads(pid, &mut others);
+    let frozen = while_stopped(parent, &mut others, pid, &regs, |p, others| {
+        stopped?;
+        freeze_stopped(p, others, pid, insn, &regs, pmaps)
     });
     let pause_ns = t.elapsed().as_nanos() as u64;
     let mut frozen = frozen?;
@@ -303,48 +326,298 @@ fn freeze(
     debug!(
         pause_us = pause_ns / 1000,
         clone = frozen.clone.pid(),
+        threads = 1 + frozen.others.len(),
         "parent resumed"
     );
     Ok(frozen)
 }
 
-/// Run `stopped` on the stopped `parent` (whose registers were `regs`),
-/// then let the parent run on, whatever `stopped` returned: its registers
-/// put back (an interrupted syscall set to restart) and detached. From
-/// here on the parent's registers are ours to change, so this happens on
-/// every path; and it happens here, before the caller reads anything from
-/// the clone: the pause is only `stopped`. The error of `stopped` comes
-/// first, then that of resuming (dropping what `stopped` made: the clone
-/// is killed).
+/// The thread ids of process `pid`.
+fn task_ids(pid: pid_t) -> Result<Vec<pid_t>, CaptureError> {
+    let dir = format!("/proc/{pid}/task");
+    let rd = std::fs::read_dir(&dir).map_err(|source| {
+        gone_or(
+            pid,
+            CaptureError::Procfs(ProcfsError::Read {
+                path: dir.clone(),
+                source,
+            }),
+        )
+    })?;
+    let mut tids: Vec<pid_t> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+/// One line of `/proc/TID/status` (`SigPnd`, `TracerPid`...), trimmed.
+fn thread_status_field(tid: pid_t, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// Has thread `tid` exited (gone, or a zombie about to be)?
+fn thread_gone(tid: pid_t) -> bool {
+    match procfs::stat(tid) {
+        Ok((state, _)) => state == 'Z' || state == 'X',
+        Err(_) => true,
+    }
+}
+
+/// Stop every thread of `pid` but the main one (stopped already), into
+/// `out` with its registers. Threads created meanwhile are found by
+/// looking again until a look finds none new (a stopped thread creates
+/// none, and a thread created by one being stopped is attached to us by
+/// `PTRACE_O_TRACECLONE`); threads that exit meanwhile are left out.
+/// Whatever happens, what is in `out` is stopped and the caller resumes it.
+fn stop_other_threads(
+    pid: pid_t,
+    out: &mut Vec<(Tracee, libc::user_regs_struct)>,
+) -> Result<(), CaptureError> {
+    let me = std::process::id() as pid_t;
+    let mut known = std::collections::HashSet::from([pid]);
+    for _ in 0..10_000 {
+        let new: Vec<pid_t> = task_ids(pid)?
+            .into_iter()
+            .filter(|t| !known.contains(t))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Vec::with_capacity(new.len());
+        for tid in new {
+            known.insert(tid);
+            match Tracee::seize(tid) {
+                Ok(t) => batch.push((t, true)),
+                Err(PtraceError::NoSuchProcess { .. }) => {}
+                Err(_) if thread_gone(tid) => {}
+                Err(PtraceError::NotPermitted { .. })
+                    if thread_status_field(tid, "TracerPid").as_deref()
+                        == Some(me.to_string().as_str()) =>
+                {
+                    // Created by a thread we stopped: attached to us already.
+                    batch.push((Tracee::adopt(tid), false));
+                }
+                Err(e) => {
+                    let tracer = thread_status_field(tid, "TracerPid").unwrap_or_default();
+                    let why = if tracer != "0" && !tracer.is_empty() {
+                        format!("it is traced by process {tracer} (a debugger?)")
+                    } else {
+                        e.to_string()
+                    };
+                    return Err(CaptureError::Thread {
+                        pid,
+                        tid,
+                        comm: procfs::comm(tid).unwrap_or_default(),
+                        why,
+                    });
+                }
+            }
+        }
+        let mut waiting = Vec::with_capacity(batch.len());
+        for (mut t, seized) in batch {
+            if seized {
+                if let Err(e) = t.request_interrupt() {
+                    if !thread_gone(t.pid()) {
+                        return Err(CaptureError::from_ptrace(t.pid(), e));
+                    }
+                }
+            }
+            waiting.push(t);
+        }
+        // Seized or attached by a traced clone, each reports a
+        // PTRACE_EVENT_STOP (or its exit).
+        for mut t in waiting {
+            let tid = t.pid();
+            let stopped = t.wait_event_stop("stopping a thread");
+            match stopped {
+                Ok(()) => {
+                    let regs = t.regs().map_err(|e| CaptureError::from_ptrace(tid, e))?;
+                    out.push((t, regs));
+                }
+                Err(PtraceError::Gone { .. }) => t.forget(),
+                Err(e) => {
+                    return Err(CaptureError::Thread {
+                        pid,
+                        tid,
+                        comm: procfs::comm(tid).unwrap_or_default(),
+                        why: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+    Err(CaptureError::Thread {
+        pid,
+        tid: pid,
+        comm: procfs::comm(pid).unwrap_or_default(),
+        why: "its threads kept creating new threads faster than they could be stopped".into(),
+    })
+}
+
+/// Run `stopped` on the stopped `parent` (whose registers were `regs`)
+/// and its stopped `others` threads, then let them all run on, whatever
+/// `stopped` returned: each thread's registers put back (an interrupted
+/// syscall set to restart) and detached, the others first. From here on
+/// their registers are ours to change, so this happens on every path; and
+/// it happens here, before the caller reads anything from the clone: the
+/// pause is only `stopped`. The error of `stopped` comes first, then that
+/// of resuming (dropping what `stopped` made: the clone is killed).
 fn while_stopped<T: Tracer, R>(
     mut parent: T,
+    others: &mut Vec<(T, libc::user_regs_struct)>,
     pid: pid_t,
     regs: &libc::user_regs_struct,
-    stopped: impl FnOnce(&mut T) -> Result<R, CaptureError>,
+    stopped: impl FnOnce(&mut T, &mut [(T, libc::user_regs_struct)]) -> Result<R, CaptureError>,
 ) -> Result<R, CaptureError> {
-    let inner = stopped(&mut parent);
+    let inner = stopped(&mut parent, others);
+    let mut others_resumed = Ok(());
+    for (t, r) in others.drain(..) {
+        let res = t.set_regs(&resume_regs(&r)).and_then(|()| t.detach());
+        if others_resumed.is_ok() {
+            others_resumed = res;
+        }
+    }
     let resume = resume_regs(regs);
     let restored = parent.set_regs(&resume).and_then(|()| parent.detach());
     let out = inner?;
     restored.map_err(|e| CaptureError::from_ptrace(pid, e))?;
+    others_resumed.map_err(|e| CaptureError::from_ptrace(pid, e))?;
     Ok(out)
+}
+
+/// `tid` as its own pid namespace numbers it: what the process itself
+/// stores (glibc's thread descriptors hold it).
+fn tid_in_own_namespace(tid: pid_t) -> pid_t {
+    thread_status_field(tid, "NSpid")
+        .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        .unwrap_or(tid)
+}
+
+/// Does the word at `ctid` (a thread's `clear_child_tid`) hold `tid`, as
+/// glibc's thread descriptor does?
+fn holds_tid(t: &Tracee, ctid: u64, tid: pid_t) -> bool {
+    ctid != 0
+        && t.peek(ctid)
+            .map(|w| w as u32 == tid_in_own_namespace(tid) as u32)
+            .unwrap_or(false)
+}
+
+/// Everything of one stopped thread besides the main one (`regs` are its
+/// registers): what is per thread and not inherited by a fork child. Its
+/// alternate signal stack and `clear_child_tid` are asked inside the
+/// thread, borrowing three words at its stack pointer (put back).
+fn thread_state(
+    pid: pid_t,
+    t: &mut Tracee,
+    regs: &libc::user_regs_struct,
+    insn: u64,
+) -> Result<ThreadState, CaptureError> {
+    let tid = t.pid();
+    let comm = procfs::comm(tid).unwrap_or_default();
+    let refuse = |what: &str, e: &dyn std::fmt::Display| CaptureError::Thread {
+        pid,
+        tid,
+        comm: comm.clone(),
+        why: format!("{what}: {e}"),
+    };
+    let xstate = t
+        .xstate()
+        .map_err(|e| refuse("reading its XSAVE area", &e))?;
+    let sigmask = t
+        .sigmask()
+        .map_err(|e| refuse("reading its signal mask", &e))?;
+    let rseq = match t.rseq_config() {
+        Ok(c) if c.rseq_abi_pointer != 0 => Some(Rseq {
+            ptr: c.rseq_abi_pointer,
+            len: c.rseq_abi_size,
+            signature: c.signature,
+            flags: c.flags,
+        }),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(tid, error = %e, "rseq configuration unavailable; recording none");
+            None
+        }
+    };
+    let robust_list =
+        kproc::robust_list(tid).map_err(|e| refuse("reading its robust futex list", &e))?;
+    let pending = thread_status_field(tid, "SigPnd")
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .unwrap_or(0);
+    let scratch = regs.rsp & !7;
+    let mut saved = [0u64; 3];
+    for (i, w) in saved.iter_mut().enumerate() {
+        *w = t
+            .peek(scratch + 8 * i as u64)
+            .map_err(|e| refuse("reading its stack", &e))?;
+    }
+    let asked = (|| -> Result<(SigAltStack, u64), String> {
+        let r = t
+            .inject_syscall(insn, regs, libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0])
+            .map_err(|e| e.to_string())?;
+        r.result()
+            .map_err(|e| format!("sigaltstack() in the thread: {e}"))?;
+        let w: Vec<u64> = (0..3)
+            .map(|i| t.peek(scratch + 8 * i))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        let ss = SigAltStack {
+            sp: w[0],
+            flags: w[1] as u32,
+            size: w[2],
+        };
+        let r = t
+            .inject_syscall(
+                insn,
+                regs,
+                libc::SYS_prctl,
+                [PR_GET_TID_ADDRESS, scratch, 0, 0, 0, 0],
+            )
+            .map_err(|e| e.to_string())?;
+        let ctid = match r.result() {
+            Ok(_) => t.peek(scratch).map_err(|e| e.to_string())?,
+            Err(_) => 0,
+        };
+        Ok((ss, ctid))
+    })();
+    for (i, w) in saved.iter().enumerate() {
+        t.poke(scratch + 8 * i as u64, *w)
+            .map_err(|e| refuse("putting its stack back", &e))?;
+    }
+    let (sigaltstack, clear_child_tid) = asked.map_err(|e| refuse("asking its state", &e))?;
+    Ok(ThreadState {
+        tid,
+        registers: Registers::from(regs),
+        xstate,
+        sigmask,
+        pending,
+        sigaltstack,
+        rseq,
+        robust_list,
+        clear_child_tid,
+        tid_word: holds_tid(t, clear_child_tid, tid),
+        comm,
+    })
 }
 
 fn freeze_stopped(
     parent: &mut Tracee,
+    others: &mut [(Tracee, libc::user_regs_struct)],
     pid: pid_t,
     insn: u64,
     regs: &libc::user_regs_struct,
     pmaps: &[MapsEntry],
 ) -> Result<Frozen, CaptureError> {
     let pt = |e| CaptureError::from_ptrace(pid, e);
-    // A thread may have been created between the precheck and the stop.
-    let st = procfs::status(pid)?;
-    if st.threads > 1 {
-        return Err(CaptureError::MultiThreaded {
-            pid,
-            threads: st.threads,
-        });
+    // Each other thread's own state, before the clone is made: its stack
+    // words borrowed here are back in place when the clone copies them.
+    let mut threads = Vec::with_capacity(others.len());
+    for (t, r) in others.iter_mut() {
+        threads.push(thread_state(pid, t, r, insn)?);
     }
     let xstate = parent.xstate().map_err(pt)?;
     let sigmask = parent.sigmask().map_err(pt)?;
@@ -405,6 +678,7 @@ fn freeze_stopped(
         }
     };
     parent.poke(scratch, saved).map_err(pt)?;
+    let main_tid_word = holds_tid(parent, clear_child_tid, pid);
 
     // What the parent changes once it runs again and the clone would then
     // show: file offsets (the clone shares the parent's open files) and
@@ -414,6 +688,8 @@ fn freeze_stopped(
 
     Ok(Frozen {
         clone,
+        others: threads,
+        main_tid_word,
         regs: *regs,
         xstate,
         sigmask,
@@ -845,7 +1121,7 @@ fn read_clone(
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         },
-        threads: 1,
+        threads: 1 + frozen.others.len() as u32,
         registers: Registers::from(&frozen.regs),
         xstate: frozen.xstate,
         sigmask: frozen.sigmask,
@@ -888,6 +1164,10 @@ fn read_clone(
             dumpable,
             open_files,
         }),
+        thread_set: ThreadSet {
+            main_tid_word: frozen.main_tid_word,
+            others: frozen.others,
+        },
     };
     // Kill the clone now (Drop of `clone`), before the caller reaps it.
     clone.kill().map_err(ptc)?;
@@ -1194,7 +1474,9 @@ mod tests {
     fn the_parent_runs_again_right_after_the_clone_is_made() {
         let t = Recorder::new();
         let log = t.log.clone();
-        let r = while_stopped(t, 42, &stopped_in_read(), make_clone);
+        let r = while_stopped(t, &mut Vec::new(), 42, &stopped_in_read(), |p, _| {
+            make_clone(p)
+        });
         assert_eq!(r.unwrap(), "clone");
         // Its interrupted read restarts: rax is the syscall number again,
         // rip is back on the `syscall` instruction.
@@ -1215,16 +1497,15 @@ mod tests {
     fn a_failed_freeze_still_resumes_the_parent() {
         let t = Recorder::new();
         let log = t.log.clone();
-        let r: Result<(), _> = while_stopped(t, 42, &stopped_in_read(), |_| {
-            Err(CaptureError::MultiThreaded {
+        let r: Result<(), _> = while_stopped(t, &mut Vec::new(), 42, &stopped_in_read(), |_, _| {
+            Err(CaptureError::Thread {
                 pid: 42,
-                threads: 2,
+                tid: 43,
+                comm: "w".into(),
+                why: "no".into(),
             })
         });
-        assert!(matches!(
-            r,
-            Err(CaptureError::MultiThreaded { threads: 2, .. })
-        ));
+        assert!(matches!(r, Err(CaptureError::Thread { tid: 43, .. })));
         assert_eq!(
             *log.borrow(),
             vec![
@@ -1242,7 +1523,10 @@ mod tests {
         let mut t = Recorder::new();
         t.fail_at = Some(1); // the call after the clone: set_regs
         let log = t.log.clone();
-        let e = while_stopped(t, 42, &stopped_in_read(), make_clone).unwrap_err();
+        let e = while_stopped(t, &mut Vec::new(), 42, &stopped_in_read(), |p, _| {
+            make_clone(p)
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("SETREGS"), "{e}");
         // Not detached by a call: dropped (a seized parent is detached then).
         assert_eq!(

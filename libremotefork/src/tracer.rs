@@ -23,6 +23,20 @@ pub(crate) trait Tracer {
     fn set_xstate(&self, xstate: &[u8]) -> Result<(), PtraceError>;
     /// `PTRACE_SETSIGMASK`.
     fn set_sigmask(&self, mask: u64) -> Result<(), PtraceError>;
+    /// The traced thread's id.
+    fn pid(&self) -> libc::pid_t;
+    /// Write the 32-bit `tid` at `addr` with `process_vm_writev`, which
+    /// (unlike `PTRACE_POKEDATA`) waits for a lazy child's pager to
+    /// serve a missing page.
+    fn write_tid(&self, addr: u64, tid: libc::pid_t) -> Result<(), PtraceError>;
+    /// `PTRACE_POKEDATA`.
+    fn poke(&self, addr: u64, word: u64) -> Result<(), PtraceError>;
+    /// Take over thread `tid`, just made by a `clone` injected here (and
+    /// attached to us by `PTRACE_O_TRACECLONE`), once it is at its first
+    /// stop. Dropped without [`Tracer::detach`], it kills the process.
+    fn adopt_thread(&mut self, tid: libc::pid_t) -> Result<Self, PtraceError>
+    where
+        Self: Sized;
     /// Let the process run on. A tracer dropped without this kills it if it
     /// was made with `kill_on_drop` (a restore's child), else detaches it
     /// (a captured parent).
@@ -48,6 +62,31 @@ impl Tracer for Tracee {
     fn set_sigmask(&self, mask: u64) -> Result<(), PtraceError> {
         Tracee::set_sigmask(self, mask)
     }
+    fn pid(&self) -> libc::pid_t {
+        Tracee::pid(self)
+    }
+    fn write_tid(&self, addr: u64, tid: libc::pid_t) -> Result<(), PtraceError> {
+        let bytes = tid.to_le_bytes();
+        kernel_helpers::mem::write_ranges(
+            self.pid(),
+            &[&bytes],
+            &[kernel_helpers::mem::RemoteRange { addr, len: 4 }],
+        )
+        .map_err(|e| PtraceError::Request {
+            request: "process_vm_writev",
+            pid: self.pid(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+    fn poke(&self, addr: u64, word: u64) -> Result<(), PtraceError> {
+        Tracee::poke(self, addr, word)
+    }
+    fn adopt_thread(&mut self, tid: libc::pid_t) -> Result<Self, PtraceError> {
+        let mut t = Tracee::adopt(tid);
+        t.kill_on_drop();
+        t.wait_new_thread()?;
+        Ok(t)
+    }
     fn detach(self) -> Result<(), PtraceError> {
         Tracee::detach(self)
     }
@@ -70,6 +109,10 @@ pub(crate) mod recorder {
         SetXstate(Vec<u8>),
         /// `set_sigmask`.
         SetSigmask(u64),
+        /// `poke`: address and word.
+        Poke(u64, u64),
+        /// `adopt_thread`: a new thread's recorder starts logging.
+        Adopt(libc::pid_t),
         /// `detach`.
         Detach,
         /// Dropped without detaching (a restore's child is killed then).
@@ -85,7 +128,9 @@ pub(crate) mod recorder {
         pub log: Rc<RefCell<Vec<Call>>>,
         pub fail_at: Option<usize>,
         pub syscall_ret: i64,
-        calls: Cell<usize>,
+        /// The thread this recorder stands for (new threads count up).
+        pub tid: libc::pid_t,
+        calls: Rc<Cell<usize>>,
         detached: bool,
     }
 
@@ -95,7 +140,8 @@ pub(crate) mod recorder {
                 log: Rc::default(),
                 fail_at: None,
                 syscall_ret: 0,
-                calls: Cell::new(0),
+                tid: 1234,
+                calls: Rc::default(),
                 detached: false,
             }
         }
@@ -131,9 +177,15 @@ pub(crate) mod recorder {
             args: [u64; 6],
         ) -> Result<SyscallResult, PtraceError> {
             self.call(Call::Syscall(nr, args), "SYSCALL")?;
+            let clone = nr == libc::SYS_clone && self.syscall_ret >= 0;
+            let n = self.calls.get() as libc::pid_t;
             Ok(SyscallResult {
-                ret: self.syscall_ret,
-                new_child: None,
+                ret: if clone {
+                    2000 + n as i64
+                } else {
+                    self.syscall_ret
+                },
+                new_child: clone.then_some(2000 + n),
             })
         }
         fn set_regs(&self, regs: &libc::user_regs_struct) -> Result<(), PtraceError> {
@@ -150,6 +202,26 @@ pub(crate) mod recorder {
         }
         fn set_sigmask(&self, mask: u64) -> Result<(), PtraceError> {
             self.call(Call::SetSigmask(mask), "SETSIGMASK")
+        }
+        fn pid(&self) -> libc::pid_t {
+            self.tid
+        }
+        fn write_tid(&self, addr: u64, tid: libc::pid_t) -> Result<(), PtraceError> {
+            self.call(Call::Poke(addr, tid as u64), "process_vm_writev")
+        }
+        fn poke(&self, addr: u64, word: u64) -> Result<(), PtraceError> {
+            self.call(Call::Poke(addr, word), "POKEDATA")
+        }
+        fn adopt_thread(&mut self, tid: libc::pid_t) -> Result<Self, PtraceError> {
+            self.call(Call::Adopt(tid), "waitpid")?;
+            Ok(Recorder {
+                log: self.log.clone(),
+                fail_at: self.fail_at,
+                syscall_ret: self.syscall_ret,
+                tid,
+                calls: self.calls.clone(),
+                detached: false,
+            })
         }
         fn detach(mut self) -> Result<(), PtraceError> {
             self.call(Call::Detach, "DETACH")?;

@@ -16,7 +16,8 @@ fn capture_status(e: &CaptureError) -> Status {
         CaptureError::NoSuchProcess(_) => Status::not_found(e.to_string()),
         CaptureError::NotPermitted { .. } => Status::permission_denied(e.to_string()),
         CaptureError::Zombie(_)
-        | CaptureError::MultiThreaded { .. }
+        | CaptureError::MainThreadExited { .. }
+        | CaptureError::Thread { .. }
         | CaptureError::Exited { .. }
         | CaptureError::NoVdso(_)
         | CaptureError::Unsupported { .. } => Status::failed_precondition(e.to_string()),

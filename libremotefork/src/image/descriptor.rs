@@ -6,8 +6,13 @@ use serde::{Deserialize, Serialize};
 use crate::procfs::{FdEntry, MmFields};
 
 /// The descriptor format this build writes. It reads this one,
-/// [`FORMAT_V2`] (no privileges) and [`FORMAT_V1`] (no page digests).
-pub const FORMAT_VERSION: u32 = 3;
+/// [`FORMAT_V3`] (one thread), [`FORMAT_V2`] (no privileges) and
+/// [`FORMAT_V1`] (no page digests).
+pub const FORMAT_VERSION: u32 = 4;
+
+/// The third format: privileges, and only the main thread (no
+/// [`ThreadSet`]).
+pub const FORMAT_V3: u32 = 3;
 
 /// The second format: page digests, no privileges (capabilities,
 /// `no_new_privs`, seccomp filters). Its children keep forkd's.
@@ -67,7 +72,8 @@ pub struct Descriptor {
     pub format_version: u32,
     /// Where and when the seed was taken.
     pub source: SourceInfo,
-    /// Number of threads captured (1: only single-threaded capture exists).
+    /// Number of threads captured: the main thread, whose state is the
+    /// fields below, and [`ThreadSet::others`].
     pub threads: u32,
     /// General-purpose registers, as `PTRACE_GETREGS` reported them.
     pub registers: Registers,
@@ -132,6 +138,56 @@ pub struct Descriptor {
     /// the digests, in the same checksummed body.
     #[serde(skip)]
     pub privileges: Option<Privileges>,
+    /// The threads besides the main one (format 4; format 3 and before
+    /// have none). Encoded after the privileges, in the same checksummed
+    /// body.
+    #[serde(skip)]
+    pub thread_set: ThreadSet,
+}
+
+/// What format 4 adds: every thread besides the main one (the thread-group
+/// leader, whose state is the descriptor's own fields), and whether the
+/// main thread's `clear_child_tid` word held its tid.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadSet {
+    /// At capture, the main thread's `clear_child_tid` word held its tid
+    /// (glibc's thread descriptor keeps the tid there): a child's main
+    /// thread gets its own tid written there, as `fork()` does.
+    pub main_tid_word: bool,
+    /// The other threads, in the parent's tid order.
+    #[serde(deserialize_with = "super::limits::threads")]
+    pub others: Vec<ThreadState>,
+}
+
+/// One thread besides the main one, as it was at the frozen instant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadState {
+    /// Its tid in the parent (a child's thread gets a new one, as after
+    /// `fork()`).
+    pub tid: i32,
+    /// General-purpose registers, fs/gs base included.
+    pub registers: Registers,
+    /// The full XSAVE area.
+    #[serde(deserialize_with = "super::limits::xstate")]
+    pub xstate: Vec<u8>,
+    /// Blocked signals.
+    pub sigmask: u64,
+    /// Signals pending for this thread alone (`SigPnd`). Recorded, not
+    /// delivered: a `fork()` child starts with none pending.
+    pub pending: u64,
+    /// Its alternate signal stack.
+    pub sigaltstack: SigAltStack,
+    /// Its rseq registration.
+    pub rseq: Option<Rseq>,
+    /// Its robust futex list head and length.
+    pub robust_list: (u64, u64),
+    /// Its `clear_child_tid`.
+    pub clear_child_tid: u64,
+    /// The `clear_child_tid` word held its tid (glibc's thread descriptor):
+    /// the child's thread gets its own tid written there.
+    pub tid_word: bool,
+    /// Its name (`comm`).
+    pub comm: String,
 }
 
 /// What a process may do beyond its uid: its capability sets, securebits,
@@ -316,6 +372,28 @@ impl Registers {
                     r.rip -= 2;
                 }
                 _ => {}
+            }
+        }
+        r
+    }
+
+    /// The registers a *new* thread resumes with (a restored child's): as
+    /// [`Registers::restarted`], except that a syscall interrupted with
+    /// `ERESTART_RESTARTBLOCK` (a timed futex wait, `nanosleep`, `poll`)
+    /// is issued again with its own arguments. Its restart block (the time
+    /// left) lived in the parent's kernel thread and is not in the child's,
+    /// where `restart_syscall` would run whatever restart the husk's thread
+    /// last had. A relative timeout starts again in full: the child waits
+    /// at most that long, never less. An interrupted `restart_syscall`
+    /// itself returns `EINTR`, as after a signal handler.
+    pub fn restarted_in_child(&self) -> Registers {
+        let mut r = self.restarted();
+        if (self.orig_rax as i64) >= 0 && self.rax as i64 == restart::ERESTART_RESTARTBLOCK {
+            if self.orig_rax == restart::NR_RESTART_SYSCALL {
+                r.rax = (-libc::EINTR) as i64 as u64;
+                r.rip = self.rip;
+            } else {
+                r.rax = self.orig_rax;
             }
         }
         r

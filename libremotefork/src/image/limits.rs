@@ -56,6 +56,9 @@ pub const MAX_AUXV_WORDS: usize = 4096;
 /// XSAVE area: 11 KiB with AMX today; the kernel's own ceiling is what
 /// CPUID reports, well below this.
 pub const MAX_XSTATE_BYTES: usize = 64 << 10;
+/// Threads besides the main one: 2^15, the kernel's default `pid_max`
+/// (32,768) is the most a default system can hold in one process.
+pub const MAX_THREADS: usize = 1 << 15;
 
 /// A sequence that held more entries than its field may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +252,10 @@ bounded!(
 bounded!(
     /// `Descriptor::files`.
     files, super::FileRef, "files", MAX_FILES
+);
+bounded!(
+    /// `ThreadSet::others`.
+    threads, super::ThreadState, "thread_set.others", MAX_THREADS
 );
 bounded!(
     /// `Descriptor::vmas`.

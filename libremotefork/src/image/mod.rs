@@ -77,7 +77,7 @@ pub enum ImageError {
         found: [u8; 8],
     },
     /// A format version this build does not know.
-    #[error("unknown seed format version {found} (this build reads versions {FORMAT_V1} and {FORMAT_VERSION})")]
+    #[error("unknown seed format version {found} (this build reads versions {FORMAT_V1} to {FORMAT_VERSION})")]
     UnknownVersion {
         /// The version in the file.
         found: u32,
@@ -147,6 +147,9 @@ pub fn encode(desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
         })?;
         body.extend_from_slice(&postcard::to_allocvec(p)?);
     }
+    if desc.format_version >= 4 {
+        body.extend_from_slice(&postcard::to_allocvec(&desc.thread_set)?);
+    }
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&desc.format_version.to_le_bytes());
@@ -179,7 +182,7 @@ pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageE
         });
     }
     let version = u32::from_le_bytes(le4(&bytes[8..12]));
-    if version != FORMAT_VERSION && version != FORMAT_V2 && version != FORMAT_V1 {
+    if !(FORMAT_V1..=FORMAT_VERSION).contains(&version) {
         return Err(ImageError::UnknownVersion { found: version });
     }
     let body_len = u64::from_le_bytes(le8(&bytes[16..24]));
@@ -209,10 +212,16 @@ pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageE
         scope.limit_digests(d.pages_stored);
         if version == FORMAT_V2 {
             d.digests = Some(postcard::from_bytes(rest).map_err(|e| scope.error(e))?);
-        } else {
+        } else if version == FORMAT_V3 {
             let (g, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
             d.digests = Some(g);
             d.privileges = Some(postcard::from_bytes(rest).map_err(|e| scope.error(e))?);
+        } else {
+            let (g, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
+            d.digests = Some(g);
+            let (p, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
+            d.privileges = Some(p);
+            d.thread_set = postcard::from_bytes(rest).map_err(|e| scope.error(e))?;
         }
         d
     };
@@ -272,19 +281,32 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
     limits::check_count("vmas", d.vmas.len(), limits::MAX_VMAS)?;
     let runs: usize = d.vmas.iter().map(|v| v.runs.len()).sum();
     limits::check_count("vmas[].runs", runs, limits::MAX_RUNS)?;
-    if d.format_version != FORMAT_VERSION
-        && d.format_version != FORMAT_V2
-        && d.format_version != FORMAT_V1
-    {
+    if !(FORMAT_V1..=FORMAT_VERSION).contains(&d.format_version) {
         return Err(ImageError::UnknownVersion {
             found: d.format_version,
         });
     }
-    if d.threads != 1 {
+    limits::check_count(
+        "thread_set.others",
+        d.thread_set.others.len(),
+        limits::MAX_THREADS,
+    )?;
+    if d.threads as usize != 1 + d.thread_set.others.len() {
         return bad(format!(
-            "{} threads; only single-threaded seeds exist",
-            d.threads
+            "{} threads, but the main thread and {} others recorded",
+            d.threads,
+            d.thread_set.others.len()
         ));
+    }
+    for t in &d.thread_set.others {
+        if t.xstate.len() != d.xstate.len() {
+            return bad(format!(
+                "thread {}: an XSAVE area of {} bytes, the main thread's is {}",
+                t.tid,
+                t.xstate.len(),
+                d.xstate.len()
+            ));
+        }
     }
     if d.image_bytes != d.pages_stored.saturating_mul(PAGE_SIZE) {
         return bad(format!(
@@ -302,7 +324,7 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
     }
     store_matches(d, image_len)?;
     match (&d.privileges, d.format_version) {
-        (Some(p), FORMAT_VERSION) => {
+        (Some(p), FORMAT_V3 | FORMAT_VERSION) => {
             // The kernel's own limits: BPF_MAXINSNS per filter,
             // MAX_INSNS_PER_PATH (32768) over a process's filters.
             let total: usize = p.seccomp_filters.iter().map(|f| f.insns.len() + 4).sum();
@@ -322,11 +344,11 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
         }
         (None, FORMAT_V1 | FORMAT_V2) => {}
         (Some(_), _) => return bad("privileges in a format 1 or 2 descriptor".into()),
-        (None, _) => return bad("no privileges in a format 3 descriptor".into()),
+        (None, _) => return bad("no privileges in a format 3 or later descriptor".into()),
     }
     match (&d.digests, d.format_version) {
         (None, FORMAT_V1) => {}
-        (Some(g), FORMAT_V2 | FORMAT_VERSION) => {
+        (Some(g), FORMAT_V2 | FORMAT_V3 | FORMAT_VERSION) => {
             let cb = g.chunk_bytes as u64;
             if cb == 0 || !cb.is_multiple_of(PAGE_SIZE) || cb > 16 << 20 {
                 return bad(format!("digest chunks of {cb} bytes"));

@@ -17,7 +17,7 @@ pub(crate) fn sample() -> Descriptor {
             kernel: "6.18".into(),
             created_unix_ms: 1,
         },
-        threads: 1,
+        threads: 2,
         registers: Registers {
             rip: 0x401000,
             rsp: 0x7ffd0000,
@@ -138,6 +138,28 @@ pub(crate) fn sample() -> Descriptor {
             dumpable: 1,
             open_files: vec![],
         }),
+        thread_set: ThreadSet {
+            main_tid_word: true,
+            others: vec![ThreadState {
+                tid: 43,
+                registers: Registers {
+                    rip: 0x401100,
+                    rsp: 0x7ffc0000,
+                    rax: (-512i64) as u64,
+                    orig_rax: 202,
+                    ..Default::default()
+                },
+                xstate: vec![4, 5, 6],
+                sigmask: 1 << 9,
+                pending: 0,
+                sigaltstack: SigAltStack::default(),
+                rseq: None,
+                robust_list: (0x7100, 24),
+                clear_child_tid: 0x7200,
+                tid_word: true,
+                comm: "worker".into(),
+            }],
+        },
     }
 }
 
@@ -378,6 +400,8 @@ fn format_1_descriptors_without_digests_still_decode() {
     d.format_version = FORMAT_V1;
     d.digests = None;
     d.privileges = None;
+    d.threads = 1;
+    d.thread_set = ThreadSet::default();
     let back = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap();
     assert_eq!(back, d);
     // Format 2 needs them, and the right number of them.
@@ -436,10 +460,61 @@ fn the_writer_digests_chunks_across_unaligned_appends() {
 }
 
 #[test]
+fn format_3_descriptors_decode_with_the_main_thread_only() {
+    let mut d = sample();
+    d.format_version = FORMAT_V3;
+    d.threads = 1;
+    d.thread_set = ThreadSet::default();
+    let back = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap();
+    assert_eq!(back, d);
+    // Format 4 carries every thread through encode and decode, and its
+    // thread count must match them.
+    let d = sample();
+    let back = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap();
+    assert_eq!(back.thread_set, d.thread_set);
+    let mut d = sample();
+    d.threads = 3;
+    let e = decode(&encode(&d).unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("3 threads"), "{e}");
+    let mut d = sample();
+    d.thread_set.others[0].xstate.push(0);
+    let e = decode(&encode(&d).unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("XSAVE"), "{e}");
+}
+
+#[test]
+fn a_new_thread_issues_a_restart_block_syscall_again() {
+    // nanosleep interrupted: the parent restarts it through its restart
+    // block; a child's new thread issues nanosleep again.
+    let r = Registers {
+        rip: 0x1002,
+        rax: (-516i64) as u64,
+        orig_rax: 35,
+        ..Default::default()
+    };
+    assert_eq!((r.restarted().rax, r.restarted().rip), (219, 0x1000));
+    let c = r.restarted_in_child();
+    assert_eq!((c.rax, c.rip), (35, 0x1000));
+    // restart_syscall itself interrupted: EINTR.
+    let r = Registers { orig_rax: 219, ..r };
+    let c = r.restarted_in_child();
+    assert_eq!((c.rax as i64, c.rip), (-(libc::EINTR as i64), 0x1002));
+    // Other restart codes are as in the parent.
+    let r = Registers {
+        rax: (-512i64) as u64,
+        orig_rax: 202,
+        ..r
+    };
+    assert_eq!(r.restarted_in_child(), r.restarted());
+}
+
+#[test]
 fn format_2_descriptors_decode_without_privileges_and_format_3_needs_them() {
     let mut d = sample();
     d.format_version = FORMAT_V2;
     d.privileges = None;
+    d.threads = 1;
+    d.thread_set = ThreadSet::default();
     let back = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap();
     assert_eq!(back, d);
     // Format 3 carries the seccomp filters through encode and decode.
@@ -547,6 +622,9 @@ fn sample_v1() -> Descriptor {
     let mut d = sample();
     d.format_version = FORMAT_V1;
     d.digests = None;
+    d.privileges = None;
+    d.threads = 1;
+    d.thread_set = ThreadSet::default();
     d
 }
 

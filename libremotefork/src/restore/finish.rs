@@ -4,8 +4,20 @@
 //! double, without root.
 
 use super::{errno_text, RestoreError};
-use crate::image::Descriptor;
+use crate::image::{Descriptor, ThreadState};
 use crate::tracer::Tracer;
+
+/// The flags a restored thread is cloned with: a thread of the child,
+/// sharing all a thread shares (its TLS and registers are set by ptrace).
+const THREAD_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM) as u64;
+
+/// Where, in the scratch page, a thread's name is passed.
+const COMM_AT: u64 = 64;
 
 /// The executor area still mapped in a child, and how to run a syscall
 /// there: what [`finish`] unmaps.
@@ -23,10 +35,12 @@ pub(crate) struct ExecutorArea {
 
 /// Let a rebuilt child run as the seed: unmap the executor, run
 /// `before_start` (a lazy child's pager starts here, once the executor is
-/// gone and before the child runs), then set the seed's registers (an
-/// interrupted syscall set to restart), its XSAVE area and its signal
-/// mask, and detach. On an error the tracer is dropped without detaching,
-/// which kills the child.
+/// gone and before the child runs), give the main thread its own tid where
+/// the seed's kept its tid (glibc's thread descriptor), recreate every
+/// other thread of the seed ([`start_threads`]), then set the main
+/// thread's registers (an interrupted syscall set to restart), its XSAVE
+/// area and its signal mask, and detach: the other threads first. On an
+/// error the tracers are dropped without detaching, which kills the child.
 pub(crate) fn finish<T: Tracer, R>(
     mut t: T,
     exec: &ExecutorArea,
@@ -46,11 +60,183 @@ pub(crate) fn finish<T: Tracer, R>(
         });
     }
     let out = before_start()?;
-    t.set_regs(&d.registers.restarted().to_user_regs())?;
+    // After before_start: a lazy child's pages are served from here on,
+    // and these writes may fault.
+    if d.thread_set.main_tid_word {
+        let tid = own_namespace_tid(t.pid());
+        t.write_tid(d.clear_child_tid, tid)?;
+    }
+    let threads = start_threads(&mut t, exec, d)?;
+    t.set_regs(&d.registers.restarted_in_child().to_user_regs())?;
     t.set_xstate(&d.xstate)?;
     t.set_sigmask(d.sigmask)?;
+    for th in threads {
+        th.detach()?;
+    }
     t.detach()?;
     Ok(out)
+}
+
+/// `pid` as its own pid namespace numbers it (what it stores itself).
+fn own_namespace_tid(pid: libc::pid_t) -> libc::pid_t {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        })
+        .unwrap_or(pid)
+}
+
+/// Recreate the seed's other threads in the stopped child: each one cloned
+/// from the main thread with the thread flags (its `clear_child_tid` set,
+/// and its tid written there where the seed's thread kept its tid), held at
+/// its first stop, given its robust list, rseq area, alternate signal
+/// stack and name from inside itself, then its registers (an interrupted
+/// syscall set to restart), XSAVE area and signal mask. Returned stopped:
+/// the caller detaches them. A scratch page passes the structures and is
+/// unmapped before any thread runs.
+pub(crate) fn start_threads<T: Tracer>(
+    t: &mut T,
+    exec: &ExecutorArea,
+    d: &Descriptor,
+) -> Result<Vec<T>, RestoreError> {
+    let others = &d.thread_set.others;
+    if others.is_empty() {
+        return Ok(Vec::new());
+    }
+    let page = crate::PAGE_SIZE;
+    let r = t.inject_syscall(
+        exec.insn,
+        &exec.base_regs,
+        libc::SYS_mmap,
+        [
+            0,
+            page,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    if (-4095..0).contains(&r.ret) {
+        return Err(RestoreError::Step {
+            what: "mapping a scratch page to start the threads".into(),
+            detail: errno_text(r.ret),
+        });
+    }
+    let scratch = r.ret as u64;
+    let mut started = Vec::with_capacity(others.len());
+    for th in others {
+        let step = |what: &str, ret: i64| RestoreError::Step {
+            what: format!("{what} of thread {} ({})", th.tid, th.comm),
+            detail: errno_text(ret),
+        };
+        let mut flags = THREAD_FLAGS;
+        if th.clear_child_tid != 0 {
+            flags |= libc::CLONE_CHILD_CLEARTID as u64;
+            if th.tid_word {
+                flags |= libc::CLONE_CHILD_SETTID as u64;
+            }
+        }
+        let r = t.inject_syscall(
+            exec.insn,
+            &exec.base_regs,
+            libc::SYS_clone,
+            [flags, th.registers.rsp, 0, th.clear_child_tid, 0, 0],
+        )?;
+        if r.ret < 0 {
+            return Err(step("the clone()", r.ret));
+        }
+        let tid = r.new_child.ok_or_else(|| RestoreError::Step {
+            what: format!("the clone() of thread {} ({})", th.tid, th.comm),
+            detail: "no clone event for the new thread".into(),
+        })?;
+        let mut n = t.adopt_thread(tid)?;
+        thread_state(&mut n, exec, scratch, th)?;
+        started.push(n);
+    }
+    let r = t.inject_syscall(
+        exec.insn,
+        &exec.base_regs,
+        libc::SYS_munmap,
+        [scratch, page, 0, 0, 0, 0],
+    )?;
+    if r.ret != 0 {
+        return Err(RestoreError::Step {
+            what: "unmapping the threads' scratch page".into(),
+            detail: errno_text(r.ret),
+        });
+    }
+    Ok(started)
+}
+
+/// Give the new, stopped thread `n` the per-thread state of `th`.
+fn thread_state<T: Tracer>(
+    n: &mut T,
+    exec: &ExecutorArea,
+    scratch: u64,
+    th: &ThreadState,
+) -> Result<(), RestoreError> {
+    let run = |n: &mut T, nr: i64, args: [u64; 6], what: &str| -> Result<(), RestoreError> {
+        let r = n.inject_syscall(exec.insn, &exec.base_regs, nr, args)?;
+        if (-4095..0).contains(&r.ret) {
+            return Err(RestoreError::Step {
+                what: format!("{what} in thread {} ({})", th.tid, th.comm),
+                detail: errno_text(r.ret),
+            });
+        }
+        Ok(())
+    };
+    let (head, len) = th.robust_list;
+    if head != 0 {
+        run(
+            n,
+            libc::SYS_set_robust_list,
+            [head, len, 0, 0, 0, 0],
+            "set_robust_list",
+        )?;
+    }
+    if let Some(rs) = th.rseq {
+        run(
+            n,
+            libc::SYS_rseq,
+            [rs.ptr, rs.len as u64, 0, rs.signature as u64, 0, 0],
+            "rseq",
+        )?;
+    }
+    let ss = &th.sigaltstack;
+    if ss.flags & libc::SS_DISABLE as u32 == 0 && ss.size > 0 {
+        let flags = (ss.flags & !(libc::SS_ONSTACK as u32)) as u64;
+        for (i, w) in [ss.sp, flags, ss.size].into_iter().enumerate() {
+            n.poke(scratch + 8 * i as u64, w)?;
+        }
+        run(
+            n,
+            libc::SYS_sigaltstack,
+            [scratch, 0, 0, 0, 0, 0],
+            "sigaltstack",
+        )?;
+    }
+    let mut name = [0u8; 16];
+    let b = th.comm.as_bytes();
+    let k = b.len().min(15);
+    name[..k].copy_from_slice(&b[..k]);
+    for (i, c) in name.chunks(8).enumerate() {
+        let w = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        n.poke(scratch + COMM_AT + 8 * i as u64, w)?;
+    }
+    run(
+        n,
+        libc::SYS_prctl,
+        [libc::PR_SET_NAME as u64, scratch + COMM_AT, 0, 0, 0, 0],
+        "prctl(PR_SET_NAME)",
+    )?;
+    n.set_regs(&th.registers.restarted_in_child().to_user_regs())?;
+    n.set_xstate(&th.xstate)?;
+    n.set_sigmask(th.sigmask)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -75,6 +261,8 @@ mod tests {
         d.registers.rax = (-512i64) as u64; // ERESTARTSYS
         d.registers.rip = 0x401002;
         d.sigmask = 1 << 9;
+        d.threads = 1;
+        d.thread_set = Default::default();
         d
     }
 
@@ -193,6 +381,89 @@ mod tests {
             assert_eq!(calls.len(), fail_at + 2, "{calls:?}");
             assert!(!calls.contains(&Call::Detach));
             assert_eq!(calls.last(), Some(&Call::Dropped));
+        }
+    }
+
+    /// A seed with one more thread, blocked in a futex wait
+    /// (-ERESTARTSYS), whose tid word is glibc's.
+    fn two_threads() -> Descriptor {
+        let mut d = interrupted();
+        let full = crate::image::tests::sample();
+        d.threads = 2;
+        d.thread_set = full.thread_set;
+        d
+    }
+
+    #[test]
+    fn finish_recreates_each_thread_with_its_state_before_any_thread_runs() {
+        let d = two_threads();
+        let th = &d.thread_set.others[0];
+        let (r, calls) = run(Recorder::new(), &d);
+        r.unwrap();
+        let flags =
+            THREAD_FLAGS | libc::CLONE_CHILD_CLEARTID as u64 | libc::CLONE_CHILD_SETTID as u64;
+        let scratch = 0; // the recorder's mmap returns 0
+        let name = u64::from_le_bytes(*b"worker\0\0");
+        // Tracer calls are counted from 0 (the hook is none): the clone is
+        // call 3 and the recorder makes its tid 2000 + 4.
+        assert_eq!(
+            calls,
+            vec![
+                Call::Syscall(libc::SYS_munmap, [0x10_0000, 0x4000, 0, 0, 0, 0]),
+                Call::Hook,
+                // The main thread's tid word gets the child's own tid.
+                Call::Poke(d.clear_child_tid, 1234),
+                Call::Syscall(libc::SYS_mmap, [0, 4096, 3, 0x22, u64::MAX, 0]),
+                Call::Syscall(
+                    libc::SYS_clone,
+                    [flags, th.registers.rsp, 0, th.clear_child_tid, 0, 0]
+                ),
+                Call::Adopt(2004),
+                Call::Syscall(libc::SYS_set_robust_list, [0x7100, 24, 0, 0, 0, 0]),
+                Call::Poke(scratch + COMM_AT, name),
+                Call::Poke(scratch + COMM_AT + 8, 0),
+                Call::Syscall(
+                    libc::SYS_prctl,
+                    [libc::PR_SET_NAME as u64, scratch + COMM_AT, 0, 0, 0, 0]
+                ),
+                // Its futex wait restarts.
+                Call::SetRegs {
+                    rip: 0x401100 - 2,
+                    rax: 202
+                },
+                Call::SetXstate(vec![4, 5, 6]),
+                Call::SetSigmask(1 << 9),
+                Call::Syscall(libc::SYS_munmap, [scratch, 4096, 0, 0, 0, 0]),
+                Call::SetRegs {
+                    rip: 0x401000,
+                    rax: 0
+                },
+                Call::SetXstate(vec![1, 2, 3]),
+                Call::SetSigmask(1 << 9),
+                // The other thread is let go first, then the main one.
+                Call::Detach,
+                Call::Detach,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_thread_that_cannot_be_set_up_leaves_the_child_killed() {
+        // Fail each call from the tid write on: the main thread is dropped
+        // last, which kills the child with any new thread; before the
+        // detaches begin, nothing is let go.
+        let d = two_threads();
+        let (_, all) = run(Recorder::new(), &d);
+        let total = all.iter().filter(|c| !matches!(c, Call::Hook)).count();
+        for fail_at in 2..total {
+            let mut t = Recorder::new();
+            t.fail_at = Some(fail_at);
+            let (r, calls) = run(t, &d);
+            assert!(r.is_err(), "{fail_at}: {calls:?}");
+            if fail_at < total - 2 {
+                assert!(!calls.contains(&Call::Detach), "{fail_at}: {calls:?}");
+            }
+            assert_eq!(calls.last(), Some(&Call::Dropped), "{fail_at}: {calls:?}");
         }
     }
 }

@@ -660,6 +660,7 @@ mod tests {
             stats: CaptureStats::default(),
             digests: None,
             privileges: None,
+            thread_set: Default::default(),
         };
         let dir = state.join(SEED);
         crate::image::write(&dir, &mut d, &pages, false).unwrap();
