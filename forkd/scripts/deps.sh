@@ -8,8 +8,10 @@ need_apt=()
 # cmake, libclang-dev, clang and pkg-config build the `sideway` verbs
 # bindings (the RDMA transport); libibverbs1 and ibverbs-providers are what
 # it opens at run time (without them forkd runs with RDMA unavailable).
+# golang-go and ruby run the multi-threaded restore tests' Go and Ruby
+# programs (forkd/tests/threads.rs).
 DEB_PKGS=(build-essential iproute2 procps cmake libclang-dev clang pkg-config
-          libibverbs1 ibverbs-providers)
+          libibverbs1 ibverbs-providers golang-go ruby)
 for pkg in "${DEB_PKGS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
@@ -32,6 +34,11 @@ export PYTHON
 if ! "$PYTHON" -c 'import boto3' >/dev/null 2>&1; then
     echo "deps: installing boto3 for $PYTHON" >&2
     "$PYTHON" -m pip install -q boto3
+fi
+# numpy (with OpenBLAS's threads) for the multi-threaded restore tests.
+if ! "$PYTHON" -c 'import numpy' >/dev/null 2>&1; then
+    echo "deps: installing numpy for $PYTHON" >&2
+    "$PYTHON" -m pip install -q numpy
 fi
 
 # Stock gRPC clients for the conformance tests and the Python client

@@ -304,13 +304,53 @@ print(json.dumps({'got': line.strip(), 'sum': sum(state['squares']), 'region': s
     );
 }
 
+/// Threads are created and exit all the time (`thread_churn.c`): each of
+/// ten captures freezes some worker being created or exiting, and every
+/// child, eager and lazy, churns on (a worker lost or half-kept would hang
+/// its joiner).
 #[test]
-fn refuses_a_multithreaded_process_and_leaves_it_running() {
-    if !require_root("refuses_a_multithreaded_process_and_leaves_it_running") {
+fn a_process_whose_threads_come_and_go_is_captured_and_its_children_churn_on() {
+    if !require_root("a_process_whose_threads_come_and_go_is_captured_and_its_children_churn_on") {
         return;
     }
-    let (target, _) = Target::start(Command::new(c_program("threaded_target")));
-    let out = scratch("mt").join("seed");
+    let (target, _) = Target::start(Command::new(c_program("thread_churn")));
+    let dir = scratch("churn");
+    for i in 0..10 {
+        let out = dir.join(format!("seed{i}"));
+        let (code, _, stderr) = run_forkd(&[
+            "snapshot",
+            "--pid",
+            &target.pid().to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "capture {i}: {stderr}");
+        let d = SeedImage::open(&out).unwrap().descriptor().clone();
+        assert!(d.threads >= 2, "capture {i}: {} threads", d.threads);
+        let mode: &[&str] = if i % 2 == 0 { &["--eager"] } else { &[] };
+        let r = restore_and_talk(&out, mode, "go\n", |_| {});
+        assert_eq!(
+            (r.code, r.stdout.as_str()),
+            (Some(0), "ok 1\n"),
+            "capture {i} ({} threads) restored {mode:?}: {}",
+            d.threads,
+            r.stderr
+        );
+    }
+    let (rest, status) = target.finish("go\n");
+    assert!(status.success());
+    assert_eq!(rest, "ok 1\n");
+}
+
+/// A process whose main thread has exited (`pthread_exit`) while another
+/// runs on is refused, saying so, and runs on untouched.
+#[test]
+fn a_process_without_its_main_thread_is_refused_by_name_and_runs_on() {
+    if !require_root("a_process_without_its_main_thread_is_refused_by_name_and_runs_on") {
+        return;
+    }
+    let (target, _) = Target::start(Command::new(c_program("leaderless")));
+    let out = scratch("no-main-thread").join("seed");
     let (code, _, stderr) = run_forkd(&[
         "snapshot",
         "--pid",
@@ -319,7 +359,48 @@ fn refuses_a_multithreaded_process_and_leaves_it_running() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("has 2 threads"), "{stderr}");
+    assert!(stderr.contains("its main thread has exited"), "{stderr}");
+    assert!(!out.join("descriptor.bin").exists());
+    let (rest, status) = target.finish("x\n");
+    assert!(status.success());
+    assert_eq!(rest, "alive 2\n");
+}
+
+/// A thread another tracer holds (a debugger) cannot be frozen: the
+/// capture names that thread and its tracer, and the process runs on.
+#[test]
+fn a_thread_held_by_another_tracer_is_refused_by_name_and_the_process_runs_on() {
+    if !require_root("a_thread_held_by_another_tracer_is_refused_by_name_and_the_process_runs_on") {
+        return;
+    }
+    let (target, _) = Target::start(Command::new(c_program("threaded_target")));
+    let pid = target.pid();
+    let sleeper = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.parse::<i32>().ok())
+        .find(|&t| t != pid)
+        .expect("a second thread");
+    // This test process becomes the thread's tracer, as a debugger would.
+    let mut debugger = Tracee::seize(sleeper).unwrap();
+    let out = scratch("traced-thread").join("seed");
+    let (code, _, stderr) = run_forkd(&[
+        "snapshot",
+        "--pid",
+        &pid.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    // Let the thread go first (only a stopped thread can be detached),
+    // so that a failed check below does not leave it held.
+    debugger.interrupt().unwrap();
+    drop(debugger);
+    assert_eq!(code, 1);
+    let me = std::process::id();
+    assert!(
+        stderr.contains(&format!("thread {sleeper} (threaded_target)"))
+            && stderr.contains(&format!("traced by process {me}")),
+        "{stderr}"
+    );
     assert!(!out.join("descriptor.bin").exists());
     let (rest, status) = target.finish("x\n");
     assert!(status.success());

@@ -207,6 +207,7 @@ corpus!(
     realtime,
     robust_mutex,
     deep_stack,
+    threads_state,
 );
 
 #[test]

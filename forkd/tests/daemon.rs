@@ -210,10 +210,10 @@ fn bad_input_gets_clear_errors_and_forkd_keeps_serving() {
         code == 1 && err.contains("unknown prefetch mode") && err.contains("InvalidArgument"),
         "{err}"
     );
-    let (mt, _) = Target::start(Command::new(c_program("threaded_target")));
+    let (mt, _) = Target::start(Command::new(c_program("leaderless")));
     let (code, _, err) = d.ctl(&["seed", "create", "--pid", &mt.pid().to_string()]);
     assert!(
-        code == 1 && err.contains("has 2 threads") && err.contains("FailedPrecondition"),
+        code == 1 && err.contains("main thread has exited") && err.contains("FailedPrecondition"),
         "{err}"
     );
     let (code, _, err) = d.ctl(&[

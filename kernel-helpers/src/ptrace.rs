@@ -346,6 +346,21 @@ impl Tracee {
         .map_err(|e| self.req_err("INTERRUPT", e))
     }
 
+    /// `PTRACE_INTERRUPT` again while waiting for an interrupt's stop.
+    /// Harmless if one is pending; fails (ignored) for a tracee not
+    /// seized.
+    fn reinterrupt(&self) {
+        // SAFETY: PTRACE_INTERRUPT takes no pointers.
+        let _ = unsafe {
+            ptrace_raw(
+                libc::PTRACE_INTERRUPT,
+                self.pid,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
     /// Wait for the first stop of a thread auto-attached by a traced
     /// `clone`: `PTRACE_EVENT_STOP` if its creator was seized, `SIGSTOP`
     /// if it was attached with `PTRACE_TRACEME` (a husk).
@@ -384,10 +399,15 @@ impl Tracee {
                 Stop::Signal(sig) => {
                     // Keep the signal for later and let the interrupt take effect.
                     self.stashed_signals.push(sig);
+                    self.reinterrupt();
                     self.resume(libc::PTRACE_CONT, "CONT")?;
                 }
                 Stop::Syscall | Stop::Event { .. } => {
+                    // An event stop (a clone the thread was making) may
+                    // use up the pending interrupt: ask again, so the
+                    // thread stops once that syscall is done.
                     tracing::debug!(pid = self.pid, during, "ignoring a stale stop");
+                    self.reinterrupt();
                     self.resume(libc::PTRACE_CONT, "CONT")?;
                 }
                 s => {

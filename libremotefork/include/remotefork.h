@@ -4,7 +4,11 @@
  * has made a seed of it (out->seed_id, out->key); 1 in every child later
  * started from that seed (out->instance_id, out->index, out->args); -1 on
  * error (out->error). forkd's cooperative socket comes from
- * FORKD_COOP_SOCKET, default /run/forkd/forkd.sock.coop.
+ * FORKD_COOP_SOCKET, default /run/forkd/forkd.sock.coop. Like fork(),
+ * it keeps only the calling thread (a warning says how many others are
+ * left out); rf_checkpoint_all_threads() keeps every thread: the process
+ * itself is captured while the calling thread waits, and in each child
+ * every thread runs on where it was (no atfork handler runs).
  *
  * rf_on_restore(fn, arg) registers fn(arg) to run in every child started
  * from a later rf_checkpoint() of this process, before rf_checkpoint()
@@ -27,6 +31,7 @@ typedef struct rf_checkpoint {
 } rf_checkpoint_t;
 
 int rf_checkpoint(const char *name, rf_checkpoint_t *out);
+int rf_checkpoint_all_threads(const char *name, rf_checkpoint_t *out);
 int rf_on_restore(void (*fn)(void *arg), void *arg);
 
 /* The scheduler API: capture, open seeds, spawn and follow children.

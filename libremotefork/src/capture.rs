@@ -74,6 +74,17 @@ pub enum CaptureError {
         /// Why.
         why: String,
     },
+    /// The descriptor named for a cooperative all-threads checkpoint's
+    /// answer is not the caller's socket to forkd.
+    #[error("process {pid}: descriptor {fd}, named as the one its checkpoint waits on, cannot be: {why}")]
+    CoopReply {
+        /// The process.
+        pid: pid_t,
+        /// The descriptor.
+        fd: i32,
+        /// What it is instead.
+        why: String,
+    },
     /// ptrace was refused.
     #[error("not permitted to capture process {pid}: {detail} (run forkd as root or with CAP_SYS_PTRACE)")]
     NotPermitted {
@@ -189,6 +200,11 @@ pub struct CaptureOptions {
     /// seed's `files/` hard-links to that copy. Without it, every seed gets
     /// copies of its own.
     pub file_store: Option<std::path::PathBuf>,
+    /// The descriptor (a socket) on which a thread of the process waits for
+    /// the answer of a cooperative all-threads checkpoint: recorded as
+    /// [`procfs::FdKind::CoopReply`], so each child's thread reads its
+    /// stdin's first line there.
+    pub coop_reply_fd: Option<i32>,
 }
 
 impl std::fmt::Debug for CaptureOptions {
@@ -198,6 +214,7 @@ impl std::fmt::Debug for CaptureOptions {
             .field("hook", &self.hook.is_some())
             .field("on_clone", &self.on_clone.is_some())
             .field("file_store", &self.file_store)
+            .field("coop_reply_fd", &self.coop_reply_fd)
             .finish()
     }
 }
@@ -232,6 +249,25 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
     // reap its zombie in the parent.
     let reap_pause_ns = reap_clone(pid, clone_pid, insn);
     let (mut desc, writer) = result?;
+    if let Some(fd) = opts.coop_reply_fd {
+        match desc.fds.iter_mut().find(|f| f.fd == fd) {
+            Some(f) if f.kind == procfs::FdKind::Socket => f.kind = procfs::FdKind::CoopReply,
+            Some(f) => {
+                return Err(CaptureError::CoopReply {
+                    pid,
+                    fd,
+                    why: format!("it is {:?} {}, not a socket", f.kind, f.path),
+                })
+            }
+            None => {
+                return Err(CaptureError::CoopReply {
+                    pid,
+                    fd,
+                    why: "it is not open".into(),
+                })
+            }
+        }
+    }
     desc.stats.reap_pause_ns = reap_pause_ns;
     desc.stats.capture_ns = t0.elapsed().as_nanos() as u64;
     debug!(
@@ -377,7 +413,9 @@ fn stop_other_threads(
     pid: pid_t,
     out: &mut Vec<(Tracee, libc::user_regs_struct)>,
 ) -> Result<(), CaptureError> {
-    let me = std::process::id() as pid_t;
+    // TracerPid names the tracing thread: this one.
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::gettid() };
     let mut known = std::collections::HashSet::from([pid]);
     for _ in 0..10_000 {
         let new: Vec<pid_t> = task_ids(pid)?
@@ -402,9 +440,17 @@ fn stop_other_threads(
                     batch.push((Tracee::adopt(tid), false));
                 }
                 Err(e) => {
-                    let tracer = thread_status_field(tid, "TracerPid").unwrap_or_default();
-                    let why = if tracer != "0" && !tracer.is_empty() {
-                        format!("it is traced by process {tracer} (a debugger?)")
+                    let tracer: pid_t = thread_status_field(tid, "TracerPid")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    let why = if tracer > 0 {
+                        let process = thread_status_field(tracer, "Tgid")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(tracer);
+                        format!(
+                            "it is traced by process {process} ({}), a debugger or another tracer; only one tracer may hold a thread",
+                            procfs::comm(process).unwrap_or_default()
+                        )
                     } else {
                         e.to_string()
                     };

@@ -1,7 +1,16 @@
 //! The cooperative API: `checkpoint()` returns twice, like `fork()`.
 //!
-//! The caller forks (so `pthread_atfork` handlers run and the copy is
-//! single-threaded, exactly as with `fork()`); the copy waits reading its
+//! [`checkpoint`] keeps fork semantics: only the calling thread is in the
+//! seed, as only the calling thread is in a `fork()` child; the other
+//! threads of the caller are not (a warning says how many).
+//! [`checkpoint_all_threads`] keeps every thread instead: forkd captures
+//! the caller itself from outside (its parent pauses for that) while the
+//! calling thread waits for forkd's answer on its connection; in every
+//! child that connection is the child's stdin, and the same wait returns
+//! the child's first line. No atfork handler runs then: nothing is forked.
+//!
+//! With [`checkpoint`], the caller forks (so `pthread_atfork` handlers run
+//! and the copy is single-threaded, exactly as with `fork()`); the copy waits reading its
 //! stdin, and the caller asks forkd (over its cooperative Unix socket, one
 //! JSON line each way) to make that copy a seed, then removes the copy and
 //! returns [`Checkpoint::Parent`] with the seed id. Every child later
@@ -101,9 +110,60 @@ pub fn socket_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
-/// Checkpoint the calling thread into a seed named `name`.
+/// Checkpoint the calling thread into a seed named `name`, as `fork()`
+/// would copy it: the caller's other threads are not in the seed (a
+/// warning says so; [`checkpoint_all_threads`] keeps them).
 pub fn checkpoint(name: &str) -> Result<Checkpoint, CoopError> {
     checkpoint_at(&socket_path(), name)
+}
+
+/// Checkpoint the whole calling process, every thread, into a seed named
+/// `name`. Returns [`Checkpoint::Parent`] in the caller (whose threads ran
+/// on meanwhile, paused only while forkd froze them) and
+/// [`Checkpoint::Child`] in every child, where every other thread resumes
+/// where it was and the [`on_restore`] hooks run on the calling thread
+/// before this returns. Thread ids change, as after `fork()`.
+pub fn checkpoint_all_threads(name: &str) -> Result<Checkpoint, CoopError> {
+    checkpoint_all_threads_at(&socket_path(), name)
+}
+
+/// [`checkpoint_all_threads`] with an explicit socket.
+pub fn checkpoint_all_threads_at(socket: &Path, name: &str) -> Result<Checkpoint, CoopError> {
+    let hooks: Vec<RestoreHook> = RESTORE_HOOKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut s =
+        UnixStream::connect(socket).map_err(io("connecting to forkd's cooperative socket"))?;
+    let req = json!({
+        "op": "create_seed",
+        "pid": std::process::id(),
+        "name": name,
+        "all_threads": true,
+        "reply_fd": s.as_raw_fd(),
+    });
+    writeln!(s, "{req}").map_err(io("sending the checkpoint request"))?;
+    // Captured in this read. In the caller it returns forkd's answer; in
+    // every child this descriptor is the child's stdin, and it returns the
+    // child's first line.
+    let line = kproc::read_line_raw(s.as_raw_fd(), 64 * 1024)
+        .map_err(io("reading forkd's answer"))?
+        .ok_or_else(|| CoopError::Protocol("forkd closed the connection".into()))?;
+    if let Some(c) = parse_child(&line) {
+        drop(s);
+        for h in &hooks {
+            h();
+        }
+        return Ok(c);
+    }
+    parse_answer(&String::from_utf8_lossy(&line))
+}
+
+/// How many threads besides the caller this process has.
+fn other_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count().saturating_sub(1))
+        .unwrap_or(0)
 }
 
 /// [`checkpoint`] with an explicit socket.
@@ -144,6 +204,13 @@ pub fn checkpoint_at(socket: &Path, name: &str) -> Result<Checkpoint, CoopError>
         }
         Forked::Parent(pid) => {
             drop(r);
+            let others = other_threads();
+            if others > 0 {
+                tracing::warn!(
+                    others,
+                    "checkpoint() keeps only the calling thread, as fork() does: {others} other thread(s) of this process are not in the seed (checkpoint_all_threads() keeps them)"
+                );
+            }
             let result = wait_reading(pid).and_then(|()| ask_forkd(socket, pid, name));
             kproc::kill_and_reap(pid);
             drop(w);
@@ -184,13 +251,18 @@ fn ask_forkd(socket: &Path, pid: i32, name: &str) -> Result<Checkpoint, CoopErro
     BufReader::new(&s)
         .read_line(&mut line)
         .map_err(io("reading forkd's answer"))?;
+    parse_answer(&line)
+}
+
+/// forkd's answer to a checkpoint request.
+fn parse_answer(line: &str) -> Result<Checkpoint, CoopError> {
     let v: Value =
-        serde_json::from_str(line.trim()).map_err(|_| CoopError::Protocol(line.clone()))?;
+        serde_json::from_str(line.trim()).map_err(|_| CoopError::Protocol(line.to_string()))?;
     if v["ok"] == true {
         Ok(Checkpoint::Parent {
             seed_id: v["id"]
                 .as_str()
-                .ok_or_else(|| CoopError::Protocol(line.clone()))?
+                .ok_or_else(|| CoopError::Protocol(line.to_string()))?
                 .to_string(),
             key: v["key"].as_str().unwrap_or("").to_string(),
         })
@@ -291,7 +363,38 @@ pub mod ffi {
                 .to_string_lossy()
                 .into_owned()
         };
-        match super::checkpoint(&name) {
+        fill(out, super::checkpoint(&name))
+    }
+
+    /// As `rf_checkpoint`, keeping every thread of the process
+    /// ([`super::checkpoint_all_threads`]): 0 in the parent, 1 in a child
+    /// (where all its threads run on), -1 on error.
+    ///
+    /// # Safety
+    /// As `rf_checkpoint`.
+    #[no_mangle]
+    pub unsafe extern "C" fn rf_checkpoint_all_threads(
+        name: *const c_char,
+        out: *mut RfCheckpoint,
+    ) -> c_int {
+        if out.is_null() {
+            return -1;
+        }
+        // SAFETY: the caller passes a writable RfCheckpoint.
+        let out = unsafe { &mut *out };
+        let name = if name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: the caller passes a NUL-terminated string.
+            unsafe { CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        fill(out, super::checkpoint_all_threads(&name))
+    }
+
+    fn fill(out: &mut RfCheckpoint, r: Result<super::Checkpoint, super::CoopError>) -> c_int {
+        match r {
             Ok(super::Checkpoint::Parent { seed_id, key }) => {
                 out.is_child = 0;
                 put(&mut out.seed_id, &seed_id);

@@ -34,10 +34,12 @@
 //!
 //! # The API
 //!
-//! - [`capture()`] freezes a process for as long as a `fork()` takes and
-//!   writes a seed directory (a descriptor and a page store) from a
-//!   copy-on-write clone of it. A process can also capture itself with
-//!   [`checkpoint`] through a running `forkd`.
+//! - [`capture()`] freezes a process, every thread of it, for as long as a
+//!   `fork()` takes and writes a seed directory (a descriptor and a page
+//!   store) from a copy-on-write clone of it. A process can also capture
+//!   itself through a running `forkd`: [`checkpoint`] keeps the calling
+//!   thread only, as `fork()` does; [`checkpoint_all_threads`] keeps them
+//!   all.
 //! - [`Seed::open`] opens a seed on this node; [`Seed::open_remote`]
 //!   opens one held by another node's page server by its reference
 //!   `ADDR/ID#KEY` ([`SeedRef`]), checking the key and the size.
@@ -93,7 +95,7 @@ pub(crate) mod vdso;
 
 pub use capture::{capture, CaptureError, CaptureOptions};
 pub use child::{Child, ChildError, ChildEvent, Events, ExitReason};
-pub use coop::{checkpoint, on_restore, Checkpoint};
+pub use coop::{checkpoint, checkpoint_all_threads, on_restore, Checkpoint};
 pub use kernel_helpers::PAGE_SIZE;
 pub use pager::{ChildStats, Prefetch};
 pub use restore::{RestoreError, RunAs, Seed, SpawnOptions, Stdio};

@@ -448,6 +448,11 @@ pub enum FdKind {
     Deleted,
     /// Anything else.
     Other,
+    /// The socket on which a cooperative `checkpoint_all_threads()`
+    /// caller waits for forkd's answer (it was a socket in the parent): in
+    /// each child, a duplicate of its stdin, so the waiting thread reads
+    /// the child's first stdin line there instead.
+    CoopReply,
 }
 
 /// One open file descriptor.

@@ -1,5 +1,8 @@
 //! The cooperative socket (`--coop-socket`): JSON lines with which a
-//! process asks for itself to be captured as a seed (`remotefork::coop`).
+//! process asks for itself to be captured as a seed (`remotefork::coop`):
+//! a forked copy of its calling thread (`pid` is the copy), or, with
+//! `"all_threads":true`, the caller itself with all its threads while one
+//! of them waits on this connection (`reply_fd`, its number for it).
 
 use tokio::io::AsyncBufReadExt;
 
@@ -35,11 +38,24 @@ pub(super) async fn serve_coop(listener: tokio::net::UnixListener, svc: Service)
                                     .map(|t| t.name.clone())
                                     .unwrap_or_default(),
                             };
+                            // All threads: the caller itself is captured while
+                            // one of its threads waits on `reply_fd` (this
+                            // connection) for this answer.
+                            let reply_fd = match (v["all_threads"] == true, v["reply_fd"].as_i64()) {
+                                (false, _) => None,
+                                (true, Some(fd)) if (0..=i32::MAX as i64).contains(&fd) => Some(fd as i32),
+                                (true, _) => {
+                                    return Err(tonic::Status::invalid_argument(
+                                        "an all_threads checkpoint needs reply_fd, the descriptor it waits on",
+                                    ))
+                                }
+                            };
                             svc.create_from_pid(
                                 pid as u32,
                                 v["name"].as_str().unwrap_or("").to_string(),
                                 true,
                                 owner,
+                                reply_fd,
                             )
                             .await
                         }

@@ -17,6 +17,7 @@ fn capture_status(e: &CaptureError) -> Status {
         CaptureError::NotPermitted { .. } => Status::permission_denied(e.to_string()),
         CaptureError::Zombie(_)
         | CaptureError::MainThreadExited { .. }
+        | CaptureError::CoopReply { .. }
         | CaptureError::Thread { .. }
         | CaptureError::Exited { .. }
         | CaptureError::NoVdso(_)
@@ -32,6 +33,7 @@ impl Service {
         name: String,
         cooperative: bool,
         owner: String,
+        coop_reply_fd: Option<i32>,
     ) -> Result<pb::Seed, Status> {
         let id = crate::random_hex(8).map_err(|e| Status::internal(e.to_string()))?;
         let key = crate::random_hex(16).map_err(|e| Status::internal(e.to_string()))?;
@@ -56,6 +58,7 @@ impl Service {
                         );
                     })),
                     file_store,
+                    coop_reply_fd,
                     ..Default::default()
                 },
             )
@@ -162,6 +165,7 @@ impl Service {
                     if name.is_empty() { default } else { name },
                     false,
                     owner,
+                    None,
                 )
                 .await
             }

@@ -83,7 +83,7 @@ impl Forkd for Service {
                     (_, Some(p)) => auth::may_ptrace(p.uid, p.gid, pid)?,
                     _ => {}
                 }
-                self.create_from_pid(pid, r.name, false, owner)
+                self.create_from_pid(pid, r.name, false, owner, None)
                     .await
                     .map(Response::new)
             }

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kernel_helpers::uffd::{Epoll, FillError, Msg, Uffd};
 use tracing::{debug, warn};
@@ -118,7 +118,7 @@ pub enum PagerError {
     #[error("the pager failed serving it (a bug: {0})")]
     Panicked(String),
     /// The child's address space never settled.
-    #[error("the address space kept changing; gave up after 10000 retries")]
+    #[error("the address space kept changing; gave up after retrying for {} s", CHANGING_GIVE_UP.as_secs())]
     KeptChanging,
 }
 
@@ -150,6 +150,11 @@ pub struct SeedPages {
 
 /// Name of the written set beside the working set file.
 const WRITTEN_SET_EXT: &str = "written";
+
+/// How long a page may keep failing with `EAGAIN` (the address space
+/// changing under it) before its child is killed: far beyond any real
+/// burst of `munmap`s or thread exits, only a livelock lasts this long.
+const CHANGING_GIVE_UP: Duration = Duration::from_secs(60);
 
 fn read_addrs(p: &std::path::Path) -> Option<Arc<Vec<u64>>> {
     std::fs::read(p).ok().map(|b| {
@@ -935,6 +940,7 @@ fn service<F: FaultFd>(
     let mut msgs = Vec::new();
     let mut retry: Vec<u64> = Vec::new();
     let mut spins = 0u32;
+    let mut retrying_since: Option<Instant> = None;
     loop {
         msgs.clear();
         let n = st.c.uffd.read_msgs(&mut msgs).map_err(PagerError::Events)?;
@@ -1024,8 +1030,16 @@ fn service<F: FaultFd>(
             }
         }
         if !retry.is_empty() {
+            // EAGAIN: an event (a munmap, a madvise, a fork of a thread
+            // that churns threads) is in flight until the thread that
+            // made it runs again. Yield, then sleep a little to let it;
+            // give up only after a long time of nothing but that.
             spins += 1;
-            if spins > 10_000 {
+            let since = *retrying_since.get_or_insert_with(Instant::now);
+            if spins > 64 {
+                std::thread::sleep(Duration::from_micros(u64::from(spins.min(1000))));
+            }
+            if since.elapsed() > CHANGING_GIVE_UP {
                 let reason = PagerError::KeptChanging;
                 fail(
                     &st.c,
@@ -1037,6 +1051,9 @@ fn service<F: FaultFd>(
             if msgs.is_empty() {
                 std::thread::yield_now();
             }
+        } else {
+            spins = 0;
+            retrying_since = None;
         }
     }
 }

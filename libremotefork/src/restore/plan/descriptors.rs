@@ -19,6 +19,23 @@ pub(super) fn plan_fds(d: &mut Draft, desc: &Descriptor) -> Result<i32, PlanErro
         let f = desc.fds.iter().find(|f| f.fd == n);
         let reopen = f.filter(|f| reopenable(f));
         match (f, reopen) {
+            (Some(f), _) if f.kind == FdKind::CoopReply => {
+                // The caller of checkpoint_all_threads() reads its answer
+                // here: in a child, the child's stdin.
+                let cmd = if f.flags as i32 & libc::O_CLOEXEC != 0 {
+                    libc::F_DUPFD_CLOEXEC
+                } else {
+                    libc::F_DUPFD
+                };
+                d.state_ops.push(
+                    Op::new(
+                        libc::SYS_fcntl,
+                        [v(0), v(cmd as u64), v(n as u64), v(0), v(0), v(0)],
+                        format!("fd {n}: the checkpoint's answer, from stdin"),
+                    )
+                    .expect(n as u64),
+                );
+            }
             (Some(f), Some(_)) => {
                 let p = d.data.cstr(&f.path);
                 d.state_ops.push(

@@ -1,0 +1,720 @@
+//! Multi-threaded programs, captured while they run and restored: real
+//! interpreters and runtimes whose threads must all come back, each in its
+//! state, for the children to answer.
+//!
+//! Programs (in `tests/programs/`, and one restore case):
+//!
+//! - `numpy_server`: Python with numpy, OpenBLAS's worker threads started
+//!   by a first matrix product; answers "N" with the trace and sum of
+//!   `(N*A) @ B` (exact: small-integer matrices) and its thread count;
+//! - `thread_queue_server`: Python, a `threading.Thread` worker fed through
+//!   `queue.Queue`s; answers each line with its sha256, from the worker;
+//! - `goserver`: Go, a pool of goroutines fed over channels (the runtime's
+//!   threads); answers "N" with a sum of squares and a sha256;
+//! - `ruby_threads`: Ruby, two worker Threads with their own Queues;
+//! - `threads_state`: the restore case `tests/cases/threads_state.c`,
+//!   five threads each in a different state (condvar, sigwait with its own
+//!   mask, a user-mode spinner with live xmm/ymm values, a raw futex wait),
+//!   checking them all itself and printing "ok".
+//!
+//! Every program runs in every mode, each cell its own test
+//! (`threads::PROGRAM::MODE`), 20 children each:
+//!
+//! - `eager`: `forkd restore --eager --no-template --count 20`;
+//! - `lazy`: `forkd restore --no-template --count 20` (the pager);
+//! - `template`: `forkd restore --count 20` (lazy, every child forked from
+//!   the node's template of the seed);
+//! - `remote_tcp`: a seed made by one forkd (`forkctl seed create
+//!   --ready-line ready`), 20 children on another (`forkctl spawn REF
+//!   --count 20`), paged over TCP.
+//!
+//! In the local modes the seed is captured from outside (`forkd snapshot`)
+//! while the program waits for its input. Every child gets the same input;
+//! its whole output must equal what the program printed run on its own for
+//! that input, and that output is checked first against answers computed
+//! here. And `gateway_numpy_function_answers_200_concurrent_invocations`:
+//! numpy_server as a gateway function (`remotefork.runtime`), 200
+//! concurrent invocations, every answer checked.
+//!
+//! Root-only. A program whose interpreter or toolchain is missing (`go`,
+//! `ruby`, numpy; `forkd/scripts/deps.sh` installs them) is SKIPPED.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// Children per cell.
+const CHILDREN: u32 = 20;
+/// A restore or spawn of 20 children that takes longer than this is hung.
+const LIMIT: Duration = Duration::from_secs(300);
+
+fn manifest() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn program_file(file: &str) -> PathBuf {
+    manifest().join("tests/programs").join(file)
+}
+
+// ---- tools ----
+
+/// `name` on PATH, as an absolute path.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    })
+}
+
+/// Does `python()` import numpy?
+fn have_numpy() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        Command::new(python())
+            .args(["-c", "import numpy"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// Ruby, if it is installed (with its json library).
+fn ruby() -> Option<PathBuf> {
+    static RUBY: OnceLock<Option<PathBuf>> = OnceLock::new();
+    RUBY.get_or_init(|| {
+        let r = which("ruby")?;
+        Command::new(&r)
+            .args(["-e", "require 'json'"])
+            .status()
+            .ok()
+            .filter(|s| s.success())
+            .map(|_| r)
+    })
+    .clone()
+}
+
+/// `tests/programs/goserver.go` built once per test binary run (under the
+/// target dir, with the Go cache and GOPATH there too: HOME may be unset);
+/// None when `go` is not installed.
+fn go_binary() -> Option<PathBuf> {
+    static GO: OnceLock<Option<PathBuf>> = OnceLock::new();
+    GO.get_or_init(|| {
+        let go = which("go")?;
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("go");
+        std::fs::create_dir_all(&base).unwrap();
+        let out = base.join(format!("goserver-{}", std::process::id()));
+        let tmp = base.join(format!("goserver-{}.tmp", std::process::id()));
+        let o = Command::new(go)
+            .arg("build")
+            .arg("-o")
+            .arg(&tmp)
+            .arg(program_file("goserver.go"))
+            .current_dir(&base)
+            .env("GOCACHE", base.join("cache"))
+            .env("GOPATH", base.join("path"))
+            .env("HOME", &base)
+            .env("GOFLAGS", "")
+            .env("GOPROXY", "off")
+            .env("GOTOOLCHAIN", "local")
+            .output()
+            .expect("running go build");
+        assert!(
+            o.status.success(),
+            "go build of goserver.go failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::fs::rename(&tmp, &out).unwrap();
+        Some(out)
+    })
+    .clone()
+}
+
+// ---- the programs ----
+
+/// The command line of program `name`, or Err(why it cannot run here).
+fn argv(name: &str) -> Result<Vec<String>, String> {
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    match name {
+        "numpy_server" => {
+            if !have_numpy() {
+                return Err(format!("numpy is not installed for {}", python()));
+            }
+            Ok(vec![python().into(), s(&program_file("numpy_server.py"))])
+        }
+        "thread_queue_server" => Ok(vec![
+            python().into(),
+            s(&program_file("thread_queue_server.py")),
+        ]),
+        "goserver" => go_binary()
+            .map(|g| vec![s(&g)])
+            .ok_or_else(|| "go is not installed".to_string()),
+        "ruby_threads" => ruby()
+            .map(|r| vec![s(&r), s(&program_file("ruby_threads.rb"))])
+            .ok_or_else(|| "ruby is not installed".to_string()),
+        "threads_state" => Ok(vec![s(&c_case("threads_state"))]),
+        other => panic!("unknown program {other}"),
+    }
+}
+
+/// What every child of program `name` is given on stdin.
+fn input(name: &str) -> &'static str {
+    match name {
+        "numpy_server" => "1\n7\n123\n",
+        "thread_queue_server" => "hello\nremote fork\n\nw\u{f6}rld\n",
+        "goserver" => "0\n10\n1000000\n",
+        "ruby_threads" => "0\n3\n1000\n20000\n",
+        "threads_state" => "check\n",
+        other => panic!("unknown program {other}"),
+    }
+}
+
+fn numeric_lines(input: &str) -> impl Iterator<Item = u64> + '_ {
+    input.lines().map(|l| l.trim().parse::<u64>().unwrap())
+}
+
+/// sum of i*i for i in [0, n), mod 2^64.
+fn sum_of_squares(n: u64) -> u64 {
+    (0..n).fold(0u64, |s, i| s.wrapping_add(i.wrapping_mul(i)))
+}
+
+fn sha256_hex(s: &str) -> String {
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// numpy_server's matrices (as the program builds them).
+fn numpy_a(i: u64, k: u64) -> u64 {
+    (7 * i + 3 * k) % 10
+}
+fn numpy_b(k: u64, j: u64) -> u64 {
+    (5 * k + 11 * j) % 9
+}
+
+/// trace and sum of (n*A) @ B, computed here.
+fn numpy_expected(n: u64) -> (u64, u64) {
+    const SIZE: u64 = 200;
+    let trace: u64 = (0..SIZE)
+        .flat_map(|i| (0..SIZE).map(move |k| numpy_a(i, k) * numpy_b(k, i)))
+        .sum();
+    let sum: u64 = (0..SIZE)
+        .map(|k| {
+            let col_a: u64 = (0..SIZE).map(|i| numpy_a(i, k)).sum();
+            let row_b: u64 = (0..SIZE).map(|j| numpy_b(k, j)).sum();
+            col_a * row_b
+        })
+        .sum();
+    (n * trace, n * sum)
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// numpy_server's answer to `n` with `threads` tasks.
+fn numpy_answer(n: u64, threads: u64) -> Value {
+    let (trace, sum) = numpy_expected(n);
+    json!({"n": n, "trace": trace, "sum": sum, "threads": threads})
+}
+
+fn json_lines(name: &str, out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{name}: {l:?} is not JSON: {e}"))
+        })
+        .collect()
+}
+
+/// Check `out`, program `name`'s whole output for its `input`, against
+/// answers computed here.
+fn check_answers(name: &str, out: &str) {
+    let inp = input(name);
+    match name {
+        "numpy_server" => {
+            let got = json_lines(name, out);
+            assert_eq!(got.len(), inp.lines().count(), "{name}: {out}");
+            // OpenBLAS starts a thread per CPU (up to its limit); the count
+            // is whatever the warm process had, the same in every answer.
+            let threads = got[0]["threads"].as_u64().unwrap();
+            if cpus() > 1 {
+                assert!(threads > 1, "{name}: OpenBLAS started no threads: {out}");
+            }
+            for (g, n) in got.iter().zip(numeric_lines(inp)) {
+                assert_eq!(*g, numpy_answer(n, threads), "{name}: answer to {n}");
+            }
+        }
+        "thread_queue_server" => {
+            let got = json_lines(name, out);
+            assert_eq!(got.len(), inp.lines().count(), "{name}: {out}");
+            for (i, (g, line)) in got.iter().zip(inp.lines()).enumerate() {
+                let want = json!({
+                    "got": line, "sha256": sha256_hex(line), "seq": i + 1,
+                    "worker": "rf-worker", "tls": "worker-local", "threads": 2, "tasks": 2,
+                });
+                assert_eq!(*g, want, "{name}: answer to {line:?}");
+            }
+        }
+        "goserver" => {
+            let want: String = inp
+                .lines()
+                .map(|l| {
+                    let n: u64 = l.trim().parse().unwrap();
+                    format!(
+                        "n={n} sumsq={} sha256={}\n",
+                        sum_of_squares(n),
+                        sha256_hex(l)
+                    )
+                })
+                .collect();
+            assert_eq!(out, want, "{name}");
+        }
+        "ruby_threads" => {
+            let got = json_lines(name, out);
+            assert_eq!(got.len(), inp.lines().count(), "{name}: {out}");
+            for (k, (g, n)) in got.iter().zip(numeric_lines(inp)).enumerate() {
+                let w = k % 2;
+                let want = json!({
+                    "n": n, "sumsq": sum_of_squares(n), "worker": format!("rf-worker-{w}"),
+                    "seq": k / 2 + 1, "local": format!("local-{w}"),
+                    "comm": format!("rf-worker-{w}"), "threads": 3,
+                });
+                assert_eq!(*g, want, "{name}: answer to {n}");
+            }
+        }
+        "threads_state" => assert_eq!(out, "ok\n", "{name}"),
+        other => panic!("unknown program {other}"),
+    }
+}
+
+/// Program `name` run on its own with its input: its output, checked
+/// against the answers computed here. Every child must print exactly this.
+fn expected(name: &str) -> String {
+    static CACHE: OnceLock<std::sync::Mutex<std::collections::HashMap<String, String>>> =
+        OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(s) = cache.lock().unwrap().get(name) {
+        return s.clone();
+    }
+    let a = argv(name).unwrap();
+    let mut cmd = Command::new(&a[0]);
+    cmd.args(&a[1..]);
+    let (code, out, err) = run_bounded(cmd, input(name), &format!("{name} on its own"), &[]);
+    assert_eq!(code, Some(0), "{name} on its own failed: {out}{err}");
+    let out = out
+        .strip_prefix("ready\n")
+        .unwrap_or_else(|| panic!("{name} on its own did not start with ready: {out}"))
+        .to_string();
+    check_answers(name, &out);
+    cache.lock().unwrap().insert(name.to_string(), out.clone());
+    out
+}
+
+// ---- running things with a bound ----
+
+/// Every descendant of `root` (by parent pid, from /proc).
+fn descendants(root: i32) -> Vec<i32> {
+    let mut parent = std::collections::HashMap::<i32, Vec<i32>>::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+            parent.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for &c in parent.get(&p).into_iter().flatten() {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// SIGKILL every descendant of `root`.
+fn kill_descendants(root: i32) {
+    for p in descendants(root) {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+}
+
+/// Run `cmd` with `input` on its stdin: (exit code, stdout, stderr). A run
+/// longer than LIMIT is a hang: it, its descendants and those of `also`
+/// (a daemon whose children it started) are killed and the test fails.
+fn run_bounded(
+    mut cmd: Command,
+    input: &str,
+    what: &str,
+    also: &[i32],
+) -> (Option<i32>, String, String) {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_string();
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let reader = |mut r: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            let _ = tx.send(String::from_utf8_lossy(&s).into_owned());
+        });
+        rx
+    };
+    let out = reader(Box::new(child.stdout.take().unwrap()));
+    let err = reader(Box::new(child.stderr.take().unwrap()));
+    let t = Instant::now();
+    let hung = |child: &mut std::process::Child| -> ! {
+        kill_descendants(child.id() as i32);
+        for &a in also {
+            kill_descendants(a);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let so_far = err.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        panic!("{what}: still running after {LIMIT:?}, killed; its stderr: {so_far}");
+    };
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if t.elapsed() > LIMIT {
+            hung(&mut child);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let left = LIMIT.saturating_sub(t.elapsed()) + Duration::from_secs(10);
+    let out = out
+        .recv_timeout(left)
+        .unwrap_or_else(|_| panic!("{what}: ended but its stdout stayed open"));
+    let err = err
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_default();
+    (code, out, err)
+}
+
+// ---- the modes ----
+
+/// Every child in a `--json` spawn report answered exactly `want`.
+fn assert_children(name: &str, mode: &str, report: &Value, want: &str) {
+    let kids = report["children"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{name} {mode}: no children in {report}"));
+    assert_eq!(kids.len(), CHILDREN as usize, "{name} {mode}: {report}");
+    let mut pids = std::collections::HashSet::new();
+    let mut bad = Vec::new();
+    for k in kids {
+        let ok = k["exit_code"] == 0 && k["stdout"].as_str() == Some(want);
+        if !ok {
+            bad.push(format!(
+                "child {} (pid {}): exit {} signal {} reason {} notes {}; stdout {:?}",
+                k["index"],
+                k["pid"],
+                k["exit_code"],
+                k["signal"],
+                k["reason"],
+                k["notes"],
+                k["stdout"]
+            ));
+        }
+        if let Some(p) = k["pid"].as_i64() {
+            assert!(pids.insert(p), "{name} {mode}: two children with pid {p}");
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{name} {mode}: {} of {CHILDREN} children answered wrong (want {want:?}):\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    assert_eq!(report["failed"], 0, "{name} {mode}: {report}");
+}
+
+/// A seed of program `name` captured from outside (`forkd snapshot`) while
+/// it waits for input.
+fn local_seed(name: &str, mode: &str, a: &[String]) -> PathBuf {
+    let mut cmd = Command::new(&a[0]);
+    cmd.args(&a[1..]);
+    seed_of(cmd, &format!("threads-{name}-{mode}")).0
+}
+
+/// `forkd restore SEED ARGS --count 20 --json` with the program's input.
+fn restore_children(name: &str, mode: &str, seed: &Path, args: &[&str]) -> Value {
+    let mut cmd = forkd();
+    cmd.arg("restore")
+        .arg(seed)
+        .args(args)
+        .args(["--count", &CHILDREN.to_string(), "--json"]);
+    let what = format!("{name} {mode}: forkd restore {args:?}");
+    let (code, out, err) = run_bounded(cmd, input(name), &what, &[]);
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|_| panic!("{what}: exit {code:?}, no report: {out}{err}"))
+}
+
+/// A seed of program `name` on one forkd, 20 children on another paged
+/// over TCP.
+fn remote_children(name: &str, a_argv: &[String]) -> Value {
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let base = scratch(&format!("threads-{name}-remote"));
+    let (da, db) = (base.join("a"), base.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let a = Daemon::start_with(&da, true, &["--page-listen", &free()]);
+    let b = Daemon::start_with(&db, true, &["--transport", "tcp"]);
+    let argv: Vec<&str> = a_argv.iter().map(String::as_str).collect();
+    let id = command_seed(|x| a.ctl(x), &[], &argv);
+    let (code, r, err) = a.ctl(&["seed", "ref", &id, "--origin", &a.tcp.clone().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let stdin = base.join("input");
+    std::fs::write(&stdin, input(name)).unwrap();
+    let mut cmd = forkctl();
+    cmd.arg("--addr").arg(b.addr()).args([
+        "--json",
+        "spawn",
+        r.trim(),
+        "--count",
+        &CHILDREN.to_string(),
+        "--stdin",
+        stdin.to_str().unwrap(),
+    ]);
+    let what = format!("{name} remote_tcp: forkctl spawn on node b");
+    let (code, out, err) = run_bounded(cmd, "", &what, &[b.child.id() as i32]);
+    assert_eq!(code, Some(0), "{what}: {out}{err}");
+    let v = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{what}: {out}{err}"));
+    a.stop();
+    b.stop();
+    v
+}
+
+fn run(name: &str, mode: &str) {
+    let test = format!("threads::{name}::{mode}");
+    if !require_root(&test) {
+        return;
+    }
+    let a = match argv(name) {
+        Ok(a) => a,
+        Err(why) => {
+            println!("SKIPPED: {test}: {why} (forkd/scripts/deps.sh installs it)");
+            return;
+        }
+    };
+    let want = expected(name);
+    let report = match mode {
+        "eager" => restore_children(
+            name,
+            mode,
+            &local_seed(name, mode, &a),
+            &["--eager", "--no-template"],
+        ),
+        "lazy" => restore_children(name, mode, &local_seed(name, mode, &a), &["--no-template"]),
+        "template" => restore_children(name, mode, &local_seed(name, mode, &a), &[]),
+        "remote_tcp" => remote_children(name, &a),
+        other => panic!("unknown mode {other}"),
+    };
+    assert_children(name, mode, &report, &want);
+}
+
+macro_rules! programs {
+    ($($prog:ident),* $(,)?) => {
+        $(
+            #[allow(non_snake_case)]
+            mod $prog {
+                #[test] fn eager() { super::run(stringify!($prog), "eager") }
+                #[test] fn lazy() { super::run(stringify!($prog), "lazy") }
+                #[test] fn template() { super::run(stringify!($prog), "template") }
+                #[test] fn remote_tcp() { super::run(stringify!($prog), "remote_tcp") }
+            }
+        )*
+    };
+}
+
+programs!(
+    numpy_server,
+    thread_queue_server,
+    goserver,
+    ruby_threads,
+    threads_state,
+);
+
+// ---- numpy through the gateway ----
+
+/// A running gateway; stopped on drop.
+struct Gateway {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Gateway {
+    fn start(args: &[String]) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env(
+                "FORKD_LOG",
+                std::env::var("FORKD_LOG").unwrap_or("warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("gateway listening on ")
+            .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
+            .to_string();
+        Gateway { child, addr }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our child; SIGTERM lets it retire instances.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request: (status, JSON body).
+async fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn gateway_numpy_function_answers_200_concurrent_invocations() {
+    let test = "threads::gateway_numpy_function_answers_200_concurrent_invocations";
+    if !require_root(test) {
+        return;
+    }
+    if !have_numpy() {
+        println!(
+            "SKIPPED: {test}: numpy is not installed for {} (forkd/scripts/deps.sh installs it)",
+            python()
+        );
+        return;
+    }
+    const CALLS: u64 = 200;
+    // The warm process's thread count, as numpy_server has it on its own.
+    let threads = json_lines("numpy_server", &expected("numpy_server"))[0]["threads"]
+        .as_u64()
+        .unwrap();
+    let dir = scratch("threads-gw-numpy");
+    let d = Daemon::start(&dir, false);
+    let gw = Gateway::start(&[
+        "--node".into(),
+        d.addr(),
+        // At most 50 instances: 200 calls queue for them and reuse them.
+        "--max-instances-per-node".into(),
+        "50".into(),
+        "--timeout-ms".into(),
+        "60000".into(),
+        "--ready-timeout-ms".into(),
+        "60000".into(),
+        "--queue-timeout-ms".into(),
+        "240000".into(),
+    ]);
+    let a = gw.addr.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let register = json!({
+            "name": "numpy",
+            "command": [python(), "-m", "remotefork.runtime", program_file("numpy_server.py")],
+            "env": {"PYTHONPATH": manifest().join("../python")},
+        });
+        let (st, v) = http(&a, "POST", "/functions", &register.to_string()).await;
+        assert_eq!(st, 201, "{v}");
+        let t = Instant::now();
+        let calls: Vec<_> = (1..=CALLS)
+            .map(|n| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    (n, http(&a, "POST", "/invoke/numpy", &format!("{{\"n\": {n}}}")).await)
+                })
+            })
+            .collect();
+        let mut pids = std::collections::HashSet::new();
+        let mut bad = Vec::new();
+        for c in calls {
+            let (n, (st, mut v)) = c.await.unwrap();
+            let pid = v.as_object_mut().and_then(|o| o.remove("pid"));
+            if st != 200 || v != numpy_answer(n, threads) {
+                bad.push(format!("invocation {n}: {st} {v}"));
+                continue;
+            }
+            pids.insert(pid.and_then(|p| p.as_u64()).unwrap_or(0));
+        }
+        assert!(
+            bad.is_empty(),
+            "{} of {CALLS} invocations answered wrong (want {{n, trace, sum, threads: {threads}}}):\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
+        println!(
+            "gateway numpy: {CALLS} invocations answered in {:.2} s by {} instances",
+            t.elapsed().as_secs_f64(),
+            pids.len()
+        );
+    });
+}
