@@ -116,13 +116,8 @@ fn rust_checkpoint_returns_twice() {
     ten_children(&d, &seed, "rs-args", sum, None);
 }
 
-#[test]
-fn c_checkpoint_returns_twice() {
-    if !require_root("c_checkpoint_returns_twice") {
-        return;
-    }
-    let dir = scratch("coop-c");
-    let d = Daemon::start(&dir, false);
+/// Compile `tests/programs/NAME.c` against libremotefork into `dir`.
+fn compile_c(dir: &Path, name: &str) -> std::path::PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let exe = std::env::current_exe().unwrap();
     let libdir = exe.parent().unwrap().parent().unwrap().to_path_buf();
@@ -131,12 +126,13 @@ fn c_checkpoint_returns_twice() {
         "libremotefork.so not built in {}",
         libdir.display()
     );
-    let prog = dir.join("coop_c");
+    let prog = dir.join(name);
     let st = Command::new("cc")
         .arg("-O1")
+        .arg("-pthread")
         .arg("-o")
         .arg(&prog)
-        .arg(root.join("forkd/tests/programs/coop_c.c"))
+        .arg(root.join(format!("forkd/tests/programs/{name}.c")))
         .arg(format!(
             "-I{}",
             root.join("libremotefork/include").display()
@@ -147,9 +143,93 @@ fn c_checkpoint_returns_twice() {
         .status()
         .unwrap();
     assert!(st.success());
+    prog
+}
+
+#[test]
+fn c_checkpoint_returns_twice() {
+    if !require_root("c_checkpoint_returns_twice") {
+        return;
+    }
+    let dir = scratch("coop-c");
+    let d = Daemon::start(&dir, false);
+    let prog = compile_c(&dir, "coop_c");
     let seed = run_parent(&d, Command::new(&prog));
     let sum: u64 = (0..100_000u64).map(|i| i * 7 + 3).sum();
     ten_children(&d, &seed, "c-args", sum, None);
+}
+
+/// `checkpoint(all_threads=True)`: the worker thread and its queue are in
+/// the seed; every child hands it a job and gets the answer from it, with
+/// its own random numbers, hook and stdin. The parent's worker runs on.
+#[test]
+fn python_checkpoint_all_threads_keeps_the_worker_thread() {
+    if !require_root("python_checkpoint_all_threads_keeps_the_worker_thread") {
+        return;
+    }
+    let dir = scratch("coop-py-threads");
+    let d = Daemon::start(&dir, false);
+    let mut cmd = Command::new(python());
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/coop_python_threads.py"));
+    cmd.env(
+        "PYTHONPATH",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../python"),
+    );
+    let seed = run_parent(&d, cmd);
+    let sum: u64 = (0..50_000u64).map(|i| i * i).sum();
+    ten_children(&d, &seed, "py-args", sum, Some("the rest of stdin"));
+    // The answers came from the worker thread itself, alive in each child.
+    let (code, out, err) = d.ctl(&["--json", "spawn", &seed, "--count", "3"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    for c in v["children"].as_array().unwrap() {
+        let a: Value = serde_json::from_str(c["stdout"].as_str().unwrap().trim()).unwrap();
+        assert_eq!(
+            (a["worker"].as_str(), a["threads"].as_u64()),
+            (Some("rf-worker"), Some(2)),
+            "{a}"
+        );
+    }
+}
+
+/// `rf_checkpoint_all_threads()`: a worker parked on a condition variable
+/// is in the seed and computes each child's answer.
+#[test]
+fn c_checkpoint_all_threads_keeps_the_worker_thread() {
+    if !require_root("c_checkpoint_all_threads_keeps_the_worker_thread") {
+        return;
+    }
+    let dir = scratch("coop-c-threads");
+    let d = Daemon::start(&dir, false);
+    let prog = compile_c(&dir, "coop_c_threads");
+    let seed = run_parent(&d, Command::new(&prog));
+    let sum: u64 = (0..100_000u64).map(|i| i * 7 + 3).sum();
+    ten_children(&d, &seed, "c-args", sum, None);
+}
+
+/// The fork-like `checkpoint()` of a process with threads says that only
+/// the calling thread is kept.
+#[test]
+fn checkpoint_of_a_threaded_caller_says_only_its_thread_is_kept() {
+    let o = Command::new(python())
+        .args([
+            "-c",
+            "import threading, time, remotefork\n\
+             threading.Thread(target=time.sleep, args=(2,), daemon=True).start()\n\
+             try:\n    remotefork.checkpoint('x', socket_path='/nonexistent/forkd.coop')\n\
+             except remotefork.CheckpointError as e:\n    print('refused', e)\n",
+        ])
+        .env(
+            "PYTHONPATH",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../python"),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("keeps only the calling thread") && err.contains("1 other thread"),
+        "{err}"
+    );
 }
 
 #[test]

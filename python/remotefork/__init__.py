@@ -29,8 +29,11 @@ child first runs (``remotefork.runtime`` does, when its pid has changed).
 import ctypes
 import json
 import os
+import random
 import socket
+import threading
 import time
+import warnings
 
 __all__ = ["checkpoint", "Checkpoint", "CheckpointError", "DEFAULT_SOCKET", "on_restore", "after_restore"]
 
@@ -94,6 +97,42 @@ def _read_line_fd0(limit=65536):
     return bytes(line)
 
 
+def _read_line(fd, limit=65536):
+    # One byte at a time: nothing after the newline is consumed.
+    line = bytearray()
+    while len(line) < limit:
+        b = os.read(fd, 1)
+        if not b:
+            return bytes(line) if line else None
+        if b == b"\n":
+            return bytes(line)
+        line += b
+    return bytes(line)
+
+
+def _checkpoint_all_threads(name, path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        fd = s.fileno()
+        s.sendall((json.dumps({"op": "create_seed", "pid": os.getpid(), "name": name,
+                               "all_threads": True, "reply_fd": fd}) + "\n").encode())
+        # Captured in this read (os.read: a socket here, the child's stdin
+        # in a child). The caller gets forkd's answer, a child its first line.
+        line = _read_line(fd)
+    finally:
+        s.close()
+    info = json.loads(line or b"{}")
+    if "instance_id" in info:
+        random.seed()
+        for fn in list(_restore_hooks):
+            fn()
+        return Checkpoint(True, instance_id=info["instance_id"], index=info["index"], args=info.get("args", ""))
+    if not info.get("ok"):
+        raise CheckpointError(info.get("error", f"forkd answered {line!r}"))
+    return Checkpoint(False, seed_id=info["id"], key=info.get("key"))
+
+
 def _wait_reading(pid, timeout=5.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -119,10 +158,29 @@ def _wait_reading(pid, timeout=5.0):
     raise CheckpointError(f"the forked copy (pid {pid}) did not start waiting within {timeout} s (state {state}, syscall {where})")
 
 
-def checkpoint(name="", socket_path=None):
+def checkpoint(name="", socket_path=None, all_threads=False):
     """Make the calling process a seed; return a Checkpoint in the caller
-    and in every child started from the seed."""
+    and in every child started from the seed.
+
+    By default only the calling thread is in the seed, as only the calling
+    thread is in an ``os.fork()`` child (a RuntimeWarning says how many
+    threads are left out). With ``all_threads=True`` every thread is kept:
+    forkd captures this process itself while the calling thread waits for
+    its answer, and in each child every other thread runs on where it was.
+    Nothing is forked then, so the interpreter's after-fork handlers do not
+    run in the children (their threads are alive); ``random`` is reseeded
+    and the ``on_restore()`` hooks run."""
     path = socket_path or os.environ.get("FORKD_COOP_SOCKET", DEFAULT_SOCKET)
+    if all_threads:
+        return _checkpoint_all_threads(name, path)
+    others = threading.active_count() - 1
+    if others > 0:
+        warnings.warn(
+            f"checkpoint() keeps only the calling thread, as os.fork() does: {others} other "
+            "thread(s) are not in the seed (checkpoint(all_threads=True) keeps them)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -679,6 +679,16 @@ pub fn fork_table(
             ops.push(prlimit_op(&mut data, nofile, (soft, hard), what));
         }
     }
+    // A cooperative all-threads checkpoint's answer descriptor is the
+    // child's stdin (in the template it is the template's).
+    for f in desc.fds.iter().filter(|f| f.kind == FdKind::CoopReply) {
+        let cloexec = f.flags as i32 & libc::O_CLOEXEC;
+        ops.push(Op::new(
+            libc::SYS_dup3,
+            [v(0), v(f.fd as u64), v(cloexec as u64), v(0), v(0), v(0)],
+            format!("fd {}: the checkpoint's answer, from stdin", f.fd),
+        ));
+    }
     for &r in recv.iter().take(passed) {
         ops.push(Op::new(
             libc::SYS_close,
