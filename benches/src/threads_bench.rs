@@ -48,7 +48,7 @@ use serde_json::{json, Value};
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// The numpy fork twin: `numpy_server.py` imported (its directory is
-/// argv[1]) and warmed as it warms itself, answering "N" as it does. Also
+/// `argv[1]`) and warmed as it warms itself, answering "N" as it does. Also
 /// `fork` and `rawfork`: fork (`os.fork()`, its at-fork handlers included,
 /// or the bare fork syscall, x86-64 number 57), the child exits at once;
 /// prints the ns the fork took in the parent and the ns until the child

@@ -194,6 +194,42 @@ fn executor_area_avoids_every_mapping_and_auxv_is_patched() {
     );
 }
 
+/// A cooperative all-threads checkpoint's answer socket is the child's
+/// stdin, from scratch (duplicated at its number) and from a template
+/// (its fork table puts the child's stdin there), never /dev/null.
+#[test]
+fn the_checkpoint_answer_descriptor_is_the_childs_stdin() {
+    let mut d = sample();
+    d.fds = vec![FdEntry {
+        fd: 3,
+        kind: FdKind::CoopReply,
+        path: "socket:[7]".into(),
+        flags: libc::O_CLOEXEC as u32,
+        offset: 0,
+    }];
+    let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
+    let op = p
+        .state_ops
+        .iter()
+        .find(|o| o.what.contains("fd 3"))
+        .unwrap();
+    assert_eq!(op.nr, libc::SYS_fcntl);
+    assert_eq!(op.expect, Some(3));
+    assert!(matches!(
+        op.args[..3],
+        [Arg::Val(0), Arg::Val(c), Arg::Val(3)] if c == libc::F_DUPFD_CLOEXEC as u64
+    ));
+    assert!(p.notes.iter().all(|n| !n.contains("fd 3")), "{:?}", p.notes);
+    let f = fork_table(&d, 0x1000, 9, &[10, 11, 12], None);
+    assert!(
+        f.what
+            .iter()
+            .any(|w| w == "fd 3: the checkpoint's answer, from stdin"),
+        "{:?}",
+        f.what
+    );
+}
+
 #[test]
 fn fds_are_filled_in_order_with_placeholders_and_gaps() {
     let mut d = sample();
