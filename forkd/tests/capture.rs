@@ -168,7 +168,7 @@ fn c_program_capture_matches_the_live_process() {
     assert_eq!(children(pid), Vec::<i32>::new());
 
     let j = inspect_json(&out);
-    assert_eq!(j["format_version"], 3);
+    assert_eq!(j["format_version"], 4);
     assert_eq!(j["page_digests"]["chunk_bytes"], 65536);
     assert_eq!(j["threads"], 1);
     assert_eq!(j["vdso_hash"].as_str().unwrap().len(), 64);
@@ -302,6 +302,49 @@ print(json.dumps({'got': line.strip(), 'sum': sum(state['squares']), 'region': s
         v["region"].as_str().unwrap(),
         ready.split_whitespace().nth(1).unwrap()
     );
+}
+
+/// A two-thread process: both threads are recorded, the second one with
+/// its own state (its name, its syscall, glibc's tid word), and the
+/// process runs on as if nothing happened.
+#[test]
+fn a_threaded_process_is_captured_with_each_threads_own_state() {
+    if !require_root("a_threaded_process_is_captured_with_each_threads_own_state") {
+        return;
+    }
+    let (target, _) = Target::start(Command::new(c_program("threaded_target")));
+    let pid = target.pid();
+    wait_blocked_in_read(pid);
+    let sleeper = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.parse::<i32>().ok())
+        .find(|&t| t != pid)
+        .expect("a second thread");
+    let out = scratch("threaded").join("seed");
+    let (code, _, stderr) = run_forkd(&[
+        "snapshot",
+        "--pid",
+        &pid.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let j = inspect_json(&out);
+    assert_eq!(j["threads"], 2, "{j}");
+    assert_eq!(j["main_tid_word"], true, "{j}");
+    let t = &j["other_threads"][0];
+    assert_eq!(t["tid"], sleeper, "{t}");
+    assert_eq!(t["comm"], "threaded_target", "{t}");
+    // Parked in pause() (syscall 34), which restarts in a child.
+    assert_eq!(t["interrupted_syscall"], libc::SYS_pause, "{t}");
+    assert_eq!(t["tid_word"], true, "{t}");
+    assert_ne!(
+        t["fs_base"], j["registers"]["fs_base"],
+        "each thread its own TLS"
+    );
+    let (rest, status) = target.finish("x\n");
+    assert!(status.success());
+    assert_eq!(rest, "alive 2\n");
 }
 
 /// Threads are created and exit all the time (`thread_churn.c`): each of

@@ -636,7 +636,7 @@ fn thread_state(
     }
     let (sigaltstack, clear_child_tid) = asked.map_err(|e| refuse("asking its state", &e))?;
     Ok(ThreadState {
-        tid,
+        tid: tid_in_own_namespace(tid),
         registers: Registers::from(regs),
         xstate,
         sigmask,
@@ -1212,6 +1212,7 @@ fn read_clone(
         }),
         thread_set: ThreadSet {
             main_tid_word: frozen.main_tid_word,
+            main_tid: tid_in_own_namespace(parent_pid),
             others: frozen.others,
         },
     };

@@ -29,6 +29,9 @@ pub(crate) trait Tracer {
     /// (unlike `PTRACE_POKEDATA`) waits for a lazy child's pager to
     /// serve a missing page.
     fn write_tid(&self, addr: u64, tid: libc::pid_t) -> Result<(), PtraceError>;
+    /// Read the word at `addr` with `process_vm_readv` (waits for a lazy
+    /// child's pager, as [`Tracer::write_tid`]).
+    fn read_word(&self, addr: u64) -> Result<u64, PtraceError>;
     /// `PTRACE_POKEDATA`.
     fn poke(&self, addr: u64, word: u64) -> Result<(), PtraceError>;
     /// Take over thread `tid`, just made by a `clone` injected here (and
@@ -77,6 +80,20 @@ impl Tracer for Tracee {
             pid: self.pid(),
             source: std::io::Error::other(e.to_string()),
         })
+    }
+    fn read_word(&self, addr: u64) -> Result<u64, PtraceError> {
+        let mut w = [0u8; 8];
+        kernel_helpers::mem::read_ranges(
+            self.pid(),
+            &[kernel_helpers::mem::RemoteRange { addr, len: 8 }],
+            &mut w,
+        )
+        .map_err(|e| PtraceError::Request {
+            request: "process_vm_readv",
+            pid: self.pid(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(u64::from_le_bytes(w))
     }
     fn poke(&self, addr: u64, word: u64) -> Result<(), PtraceError> {
         Tracee::poke(self, addr, word)
@@ -130,6 +147,8 @@ pub(crate) mod recorder {
         pub syscall_ret: i64,
         /// The thread this recorder stands for (new threads count up).
         pub tid: libc::pid_t,
+        /// Words `read_word` finds (0 elsewhere), shared with new threads.
+        pub memory: Rc<RefCell<std::collections::HashMap<u64, u64>>>,
         calls: Rc<Cell<usize>>,
         detached: bool,
     }
@@ -141,6 +160,7 @@ pub(crate) mod recorder {
                 fail_at: None,
                 syscall_ret: 0,
                 tid: 1234,
+                memory: Rc::default(),
                 calls: Rc::default(),
                 detached: false,
             }
@@ -209,6 +229,9 @@ pub(crate) mod recorder {
         fn write_tid(&self, addr: u64, tid: libc::pid_t) -> Result<(), PtraceError> {
             self.call(Call::Poke(addr, tid as u64), "process_vm_writev")
         }
+        fn read_word(&self, addr: u64) -> Result<u64, PtraceError> {
+            Ok(self.memory.borrow().get(&addr).copied().unwrap_or(0))
+        }
         fn poke(&self, addr: u64, word: u64) -> Result<(), PtraceError> {
             self.call(Call::Poke(addr, word), "POKEDATA")
         }
@@ -219,6 +242,7 @@ pub(crate) mod recorder {
                 fail_at: self.fail_at,
                 syscall_ret: self.syscall_ret,
                 tid,
+                memory: self.memory.clone(),
                 calls: self.calls.clone(),
                 detached: false,
             })

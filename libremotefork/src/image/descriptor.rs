@@ -154,6 +154,9 @@ pub struct ThreadSet {
     /// (glibc's thread descriptor keeps the tid there): a child's main
     /// thread gets its own tid written there, as `fork()` does.
     pub main_tid_word: bool,
+    /// The main thread's tid as the process numbers it (its own pid
+    /// namespace's): what its robust futexes' owner words hold.
+    pub main_tid: i32,
     /// The other threads, in the parent's tid order.
     #[serde(deserialize_with = "super::limits::threads")]
     pub others: Vec<ThreadState>,
@@ -162,8 +165,9 @@ pub struct ThreadSet {
 /// One thread besides the main one, as it was at the frozen instant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThreadState {
-    /// Its tid in the parent (a child's thread gets a new one, as after
-    /// `fork()`).
+    /// Its tid in the parent, as the process numbers it (its own pid
+    /// namespace's; what its robust futexes' owner words hold). A child's
+    /// thread gets a new one, as after `fork()`.
     pub tid: i32,
     /// General-purpose registers, fs/gs base included.
     pub registers: Registers,

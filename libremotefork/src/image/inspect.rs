@@ -43,6 +43,22 @@ pub fn to_json(d: &Descriptor, image_dir: Option<&str>) -> Value {
         "image_dir": image_dir,
         "source": { "pid": d.source.pid, "hostname": d.source.hostname, "kernel": d.source.kernel, "created_unix_ms": d.source.created_unix_ms },
         "threads": d.threads,
+        "other_threads": d.thread_set.others.iter().map(|t| json!({
+            "tid": t.tid,
+            "comm": t.comm,
+            "rip": t.registers.rip,
+            "rsp": t.registers.rsp,
+            "fs_base": t.registers.fs_base,
+            "interrupted_syscall": t.registers.interrupted_syscall(),
+            "sigmask": t.sigmask,
+            "pending": t.pending,
+            "sigaltstack": { "sp": t.sigaltstack.sp, "flags": t.sigaltstack.flags, "size": t.sigaltstack.size },
+            "rseq": t.rseq.map(|x| x.ptr),
+            "robust_list": { "head": t.robust_list.0, "len": t.robust_list.1 },
+            "clear_child_tid": t.clear_child_tid,
+            "tid_word": t.tid_word,
+        })).collect::<Vec<_>>(),
+        "main_tid_word": d.thread_set.main_tid_word,
         "exe": d.exe,
         "comm": d.comm,
         "cwd": d.cwd,
@@ -104,6 +120,21 @@ pub fn to_text(d: &Descriptor) -> String {
     );
     if let Some(nr) = r.interrupted_syscall() {
         let _ = writeln!(s, "stopped inside syscall {nr} (restarts on resume)");
+    }
+    for t in &d.thread_set.others {
+        let _ = writeln!(
+            s,
+            "  thread {} {:?}: rip {:#x}  fs_base {:#x}  mask {:#x}{}",
+            t.tid,
+            t.comm,
+            t.registers.rip,
+            t.registers.fs_base,
+            t.sigmask,
+            match t.registers.interrupted_syscall() {
+                Some(nr) => format!("  in syscall {nr} (restarts)"),
+                None => String::new(),
+            }
+        );
     }
     let handlers = d.sigactions.iter().filter(|a| a.handler > 1).count();
     let _ = writeln!(

@@ -140,6 +140,7 @@ pub(crate) fn sample() -> Descriptor {
         }),
         thread_set: ThreadSet {
             main_tid_word: true,
+            main_tid: 42,
             others: vec![ThreadState {
                 tid: 43,
                 registers: Registers {

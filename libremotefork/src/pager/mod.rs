@@ -921,8 +921,15 @@ fn fail<F: FaultFd>(c: &LazyChild<F>, page: Option<u64>, reason: &str) {
         }
     }
     match (c.pid, page) {
-        (Some(pid), _) => {
+        (Some(pid), page) => {
             let _ = kernel_helpers::proc::signal(pid, libc::SIGKILL);
+            // Then whoever else waits for the page is woken with an error,
+            // not left waiting: forkd reaching into a child it is still
+            // setting up (its tid words, its robust lists). The child dies
+            // of the SIGKILL already pending, not of this.
+            if let Some(p) = page {
+                let _ = c.uffd.poison(p, PAGE_SIZE);
+            }
         }
         // A grandchild: no pid, but a poisoned page raises SIGBUS in it.
         (None, Some(p)) => {

@@ -62,9 +62,12 @@ pub(crate) fn finish<T: Tracer, R>(
     let out = before_start()?;
     // After before_start: a lazy child's pages are served from here on,
     // and these writes may fault.
+    let main_tid = own_namespace_tid(t.pid());
     if d.thread_set.main_tid_word {
-        let tid = own_namespace_tid(t.pid());
-        t.write_tid(d.clear_child_tid, tid)?;
+        t.write_tid(d.clear_child_tid, main_tid)?;
+    }
+    if d.format_version >= 4 {
+        rewrite_robust_owners(&t, d.robust_list.0, d.thread_set.main_tid, main_tid)?;
     }
     let threads = start_threads(&mut t, exec, d)?;
     t.set_regs(&d.registers.restarted_in_child().to_user_regs())?;
@@ -87,6 +90,52 @@ fn own_namespace_tid(pid: libc::pid_t) -> libc::pid_t {
                 .and_then(|v| v.split_whitespace().last()?.parse().ok())
         })
         .unwrap_or(pid)
+}
+
+/// Most robust-list entries walked, as the kernel's `ROBUST_LIST_LIMIT`.
+const ROBUST_LIST_LIMIT: usize = 2048;
+
+/// The tid bits of a futex word (`FUTEX_TID_MASK`).
+const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+
+/// A thread's robust futexes (the mutexes it holds, linked from its robust
+/// list head `head`, and the one pending) name their owner by tid: where
+/// one names `old`, the thread's tid in the seed, write `new`, its tid in
+/// the child. So the thread still owns what it held (it can unlock it, and
+/// the kernel marks it `OWNER_DIED` should the thread exit holding it).
+/// The list is the kernel's ABI: `{list, futex_offset, list_op_pending}`,
+/// a circular list of `next` pointers back to the head.
+pub(crate) fn rewrite_robust_owners<T: Tracer>(
+    t: &T,
+    head: u64,
+    old: libc::pid_t,
+    new: libc::pid_t,
+) -> Result<(), RestoreError> {
+    if head == 0 || old == new {
+        return Ok(());
+    }
+    let offset = t.read_word(head + 8)? as i64;
+    let fix = |entry: u64| -> Result<(), RestoreError> {
+        let at = entry.wrapping_add(offset as u64);
+        let w = t.read_word(at)?;
+        let word = w as u32;
+        if word & FUTEX_TID_MASK == old as u32 {
+            t.write_tid(at, ((word & !FUTEX_TID_MASK) | new as u32) as libc::pid_t)?;
+        }
+        Ok(())
+    };
+    let mut entry = t.read_word(head)?;
+    let mut n = 0;
+    while entry != 0 && entry != head && n < ROBUST_LIST_LIMIT {
+        fix(entry)?;
+        entry = t.read_word(entry)?;
+        n += 1;
+    }
+    let pending = t.read_word(head + 16)?;
+    if pending != 0 {
+        fix(pending)?;
+    }
+    Ok(())
 }
 
 /// Recreate the seed's other threads in the stopped child: each one cloned
@@ -155,6 +204,7 @@ pub(crate) fn start_threads<T: Tracer>(
         })?;
         let mut n = t.adopt_thread(tid)?;
         thread_state(&mut n, exec, scratch, th)?;
+        rewrite_robust_owners(&n, th.robust_list.0, th.tid, own_namespace_tid(tid))?;
         started.push(n);
     }
     let r = t.inject_syscall(
@@ -465,5 +515,39 @@ mod tests {
             }
             assert_eq!(calls.last(), Some(&Call::Dropped), "{fail_at}: {calls:?}");
         }
+    }
+
+    #[test]
+    fn robust_futexes_a_thread_held_name_its_new_tid() {
+        // head 0x1000 -> 0x2000 -> 0x3000 -> head; futex words 16 bytes
+        // past each entry; one pending entry at 0x4000.
+        let t = Recorder::new();
+        let log = t.log.clone();
+        {
+            let mut m = t.memory.borrow_mut();
+            m.extend([
+                (0x1000, 0x2000),
+                (0x1008, 16),
+                (0x1010, 0x4000),
+                (0x2000, 0x3000),
+                (0x2010, 0x8000_0000 | 42), // held by 42, waiters queued
+                (0x3000, 0x1000),
+                (0x3010, 99), // another thread's
+                (0x4010, 42),
+            ]);
+        }
+        rewrite_robust_owners(&t, 0x1000, 42, 7).unwrap();
+        assert_eq!(
+            *log.borrow(),
+            vec![
+                Call::Poke(0x2010, (0x8000_0007u32 as libc::pid_t) as u64),
+                Call::Poke(0x4010, 7),
+            ]
+        );
+        // No list, or the same tid: nothing is read or written.
+        rewrite_robust_owners(&t, 0, 42, 7).unwrap();
+        rewrite_robust_owners(&t, 0x1000, 42, 42).unwrap();
+        assert_eq!(log.borrow().len(), 2);
+        drop(t);
     }
 }
