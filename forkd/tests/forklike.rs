@@ -573,7 +573,14 @@ fn a_flipped_bit_on_the_wire_kills_the_remote_child_with_a_reason() {
     ]);
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out} {err}"));
     let kid = &v["children"][0];
-    assert_eq!(kid["signal"], 9, "the child ran and was killed: {kid}");
+    // The corrupt page is the child's first fault, or the first page forkd
+    // itself writes while it sets the child up (its thread's tid word):
+    // either way the child is killed, never runs on it, and the reason
+    // names the page's digest and where it came from.
+    assert!(
+        kid["signal"] == 9 || kid["pid"].is_null(),
+        "the child was killed (or never let run): {kid}"
+    );
     let why = kid["reason"].as_str().unwrap();
     assert!(
         why.contains("does not match its digest") && why.contains("tcp:"),

@@ -754,13 +754,16 @@ impl Core {
             base: plan.base,
             len: plan.area_len(),
         };
+        let mut paging: Option<Arc<ChildStats>> = None;
         let (stats, handover) = finish::finish(husk, &exec, d, || match uffd_fd {
             Some(fd) => {
                 let (s, h) = self.start_paging(pid, &plan, fd, opts, None)?;
+                paging = Some(s.clone());
                 Ok((Some(s), h))
             }
             None => Ok((None, None)),
-        })?;
+        })
+        .map_err(|e| served_or(e, paging.as_deref()))?;
         let restore_ns = t0.elapsed().as_nanos() as u64;
         debug!(pid, us = restore_ns / 1000, "child running");
         Ok(Started {
@@ -1397,6 +1400,19 @@ impl Core {
 /// segment: one copy per node template, shared by the children forked from
 /// it (a child restored from scratch has its own); named segments are
 /// copies, not the parent's own; and (`remote`) not shared across nodes.
+/// A restore step failed after the pager started: if the pager killed the
+/// child because a page could not be served (the step touched that page),
+/// that is the reason to give, not the step's own error.
+pub(super) fn served_or(e: RestoreError, stats: Option<&ChildStats>) -> RestoreError {
+    match stats.and_then(|s| s.killed_reason()) {
+        Some(why) => RestoreError::Step {
+            what: "starting the child".into(),
+            detail: format!("its memory could not be served, so it was killed: {why}"),
+        },
+        None => e,
+    }
+}
+
 fn shared_memory_notes(d: &Descriptor, remote: bool) -> Vec<String> {
     d.vmas
         .iter()

@@ -647,7 +647,8 @@ fn finish(
         base: t.area.0,
         len: t.area.1,
     };
-    super::finish::finish(child, &exec, d, || Ok(()))?;
+    super::finish::finish(child, &exec, d, || Ok(()))
+        .map_err(|e| super::served_or(e, stats.as_deref()))?;
     let restore_ns = t0.elapsed().as_nanos() as u64;
     debug!(
         pid,
