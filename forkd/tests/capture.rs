@@ -128,6 +128,17 @@ fn snapshot_json(pid: i32, out: &Path) -> Value {
     serde_json::from_str(&stdout).unwrap()
 }
 
+/// `forkd snapshot --pid PID --out OUT`: (exit code, stdout, stderr).
+fn snapshot(pid: i32, out: &Path) -> (i32, String, String) {
+    run_forkd(&[
+        "snapshot",
+        "--pid",
+        &pid.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 fn inspect_json(out: &Path) -> Value {
     let (code, stdout, stderr) = run_forkd(&["inspect", out.to_str().unwrap(), "--json"]);
     assert_eq!(code, 0, "inspect failed: {stderr}");
@@ -321,13 +332,7 @@ fn a_threaded_process_is_captured_with_each_threads_own_state() {
         .find(|&t| t != pid)
         .expect("a second thread");
     let out = scratch("threaded").join("seed");
-    let (code, _, stderr) = run_forkd(&[
-        "snapshot",
-        "--pid",
-        &pid.to_string(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, _, stderr) = snapshot(pid, &out);
     assert_eq!(code, 0, "{stderr}");
     let j = inspect_json(&out);
     assert_eq!(j["threads"], 2, "{j}");
@@ -360,13 +365,7 @@ fn a_process_whose_threads_come_and_go_is_captured_and_its_children_churn_on() {
     let dir = scratch("churn");
     for i in 0..10 {
         let out = dir.join(format!("seed{i}"));
-        let (code, _, stderr) = run_forkd(&[
-            "snapshot",
-            "--pid",
-            &target.pid().to_string(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let (code, _, stderr) = snapshot(target.pid(), &out);
         assert_eq!(code, 0, "capture {i}: {stderr}");
         let d = SeedImage::open(&out).unwrap().descriptor().clone();
         assert!(d.threads >= 2, "capture {i}: {} threads", d.threads);
@@ -394,13 +393,7 @@ fn a_process_without_its_main_thread_is_refused_by_name_and_runs_on() {
     }
     let (target, _) = Target::start(Command::new(c_program("leaderless")));
     let out = scratch("no-main-thread").join("seed");
-    let (code, _, stderr) = run_forkd(&[
-        "snapshot",
-        "--pid",
-        &target.pid().to_string(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, _, stderr) = snapshot(target.pid(), &out);
     assert_eq!(code, 1);
     assert!(stderr.contains("its main thread has exited"), "{stderr}");
     assert!(!out.join("descriptor.bin").exists());
@@ -426,13 +419,7 @@ fn a_thread_held_by_another_tracer_is_refused_by_name_and_the_process_runs_on() 
     // This test process becomes the thread's tracer, as a debugger would.
     let mut debugger = Tracee::seize(sleeper).unwrap();
     let out = scratch("traced-thread").join("seed");
-    let (code, _, stderr) = run_forkd(&[
-        "snapshot",
-        "--pid",
-        &pid.to_string(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, _, stderr) = snapshot(pid, &out);
     // Let the thread go first (only a stopped thread can be detached),
     // so that a failed check below does not leave it held.
     debugger.interrupt().unwrap();
@@ -459,13 +446,7 @@ fn refuses_a_missing_pid() {
     let pid = c.id();
     c.wait().unwrap();
     let out = scratch("nopid").join("seed");
-    let (code, _, stderr) = run_forkd(&[
-        "snapshot",
-        "--pid",
-        &pid.to_string(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, _, stderr) = snapshot(pid as i32, &out);
     assert_eq!(code, 1);
     assert!(
         stderr.contains(&format!("process {pid} does not exist")),
@@ -484,13 +465,7 @@ fn refuses_a_zombie() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let out = scratch("zombie").join("seed");
-    let (code, _, stderr) = run_forkd(&[
-        "snapshot",
-        "--pid",
-        &pid.to_string(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, _, stderr) = snapshot(pid, &out);
     assert_eq!(code, 1);
     assert!(stderr.contains("is a zombie"), "{stderr}");
     // Still our zombie to reap: capture did not disturb it.

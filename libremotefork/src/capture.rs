@@ -535,12 +535,22 @@ fn while_stopped<T: Tracer, R>(
     Ok(out)
 }
 
-/// `tid` as its own pid namespace numbers it: what the process itself
-/// stores (glibc's thread descriptors hold it).
-fn tid_in_own_namespace(tid: pid_t) -> pid_t {
-    thread_status_field(tid, "NSpid")
-        .and_then(|v| v.split_whitespace().last()?.parse().ok())
-        .unwrap_or(tid)
+/// A stopped thread's rseq registration (none if it has none, or if the
+/// kernel cannot say: a warning then).
+fn rseq_of(t: &Tracee) -> Option<Rseq> {
+    match t.rseq_config() {
+        Ok(c) if c.rseq_abi_pointer != 0 => Some(Rseq {
+            ptr: c.rseq_abi_pointer,
+            len: c.rseq_abi_size,
+            signature: c.signature,
+            flags: c.flags,
+        }),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(tid = t.pid(), error = %e, "rseq configuration unavailable; recording none");
+            None
+        }
+    }
 }
 
 /// Does the word at `ctid` (a thread's `clear_child_tid`) hold `tid`, as
@@ -548,7 +558,7 @@ fn tid_in_own_namespace(tid: pid_t) -> pid_t {
 fn holds_tid(t: &Tracee, ctid: u64, tid: pid_t) -> bool {
     ctid != 0
         && t.peek(ctid)
-            .map(|w| w as u32 == tid_in_own_namespace(tid) as u32)
+            .map(|w| w as u32 == procfs::own_namespace_pid(tid) as u32)
             .unwrap_or(false)
 }
 
@@ -576,19 +586,7 @@ fn thread_state(
     let sigmask = t
         .sigmask()
         .map_err(|e| refuse("reading its signal mask", &e))?;
-    let rseq = match t.rseq_config() {
-        Ok(c) if c.rseq_abi_pointer != 0 => Some(Rseq {
-            ptr: c.rseq_abi_pointer,
-            len: c.rseq_abi_size,
-            signature: c.signature,
-            flags: c.flags,
-        }),
-        Ok(_) => None,
-        Err(e) => {
-            warn!(tid, error = %e, "rseq configuration unavailable; recording none");
-            None
-        }
-    };
+    let rseq = rseq_of(t);
     let robust_list =
         kproc::robust_list(tid).map_err(|e| refuse("reading its robust futex list", &e))?;
     let pending = thread_status_field(tid, "SigPnd")
@@ -636,7 +634,7 @@ fn thread_state(
     }
     let (sigaltstack, clear_child_tid) = asked.map_err(|e| refuse("asking its state", &e))?;
     Ok(ThreadState {
-        tid: tid_in_own_namespace(tid),
+        tid: procfs::own_namespace_pid(tid),
         registers: Registers::from(regs),
         xstate,
         sigmask,
@@ -667,19 +665,7 @@ fn freeze_stopped(
     }
     let xstate = parent.xstate().map_err(pt)?;
     let sigmask = parent.sigmask().map_err(pt)?;
-    let rseq = match parent.rseq_config() {
-        Ok(c) if c.rseq_abi_pointer != 0 => Some(Rseq {
-            ptr: c.rseq_abi_pointer,
-            len: c.rseq_abi_size,
-            signature: c.signature,
-            flags: c.flags,
-        }),
-        Ok(_) => None,
-        Err(e) => {
-            warn!(error = %e, "rseq configuration unavailable; recording none");
-            None
-        }
-    };
+    let rseq = rseq_of(parent);
     let robust_list = kproc::robust_list(pid)?;
 
     // The clone: flags 0 means a plain fork whose exit signal is 0.
@@ -848,23 +834,9 @@ pub fn reap_leftover_clone(parent: pid_t, clone: pid_t) -> Result<(), CaptureErr
     Ok(())
 }
 
-/// `clone`'s pid as its own pid namespace numbers it (the parent's, for a
-/// fork): what `wait4` in the parent needs when the parent is in a pid
-/// namespace of its own (a container's init).
-fn pid_in_own_namespace(clone: pid_t) -> pid_t {
-    std::fs::read_to_string(format!("/proc/{clone}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|v| v.split_whitespace().last()?.parse().ok())
-        })
-        .unwrap_or(clone)
-}
-
 fn reap_clone(pid: pid_t, clone_pid: pid_t, insn: u64) -> u64 {
     let t = Instant::now();
-    let clone_pid = pid_in_own_namespace(clone_pid);
+    let clone_pid = procfs::own_namespace_pid(clone_pid);
     let run = || -> Result<(), PtraceError> {
         let mut p = Tracee::seize(pid)?;
         p.interrupt()?;
@@ -1212,7 +1184,7 @@ fn read_clone(
         }),
         thread_set: ThreadSet {
             main_tid_word: frozen.main_tid_word,
-            main_tid: tid_in_own_namespace(parent_pid),
+            main_tid: procfs::own_namespace_pid(parent_pid),
             others: frozen.others,
         },
     };

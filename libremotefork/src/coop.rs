@@ -350,20 +350,8 @@ pub mod ffi {
     /// a NUL-terminated string.
     #[no_mangle]
     pub unsafe extern "C" fn rf_checkpoint(name: *const c_char, out: *mut RfCheckpoint) -> c_int {
-        if out.is_null() {
-            return -1;
-        }
-        // SAFETY: the caller passes a writable RfCheckpoint.
-        let out = unsafe { &mut *out };
-        let name = if name.is_null() {
-            String::new()
-        } else {
-            // SAFETY: the caller passes a NUL-terminated string.
-            unsafe { CStr::from_ptr(name) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        fill(out, super::checkpoint(&name))
+        // SAFETY: as this function's contract.
+        unsafe { run(name, out, super::checkpoint) }
     }
 
     /// As `rf_checkpoint`, keeping every thread of the process
@@ -376,6 +364,19 @@ pub mod ffi {
     pub unsafe extern "C" fn rf_checkpoint_all_threads(
         name: *const c_char,
         out: *mut RfCheckpoint,
+    ) -> c_int {
+        // SAFETY: as this function's contract.
+        unsafe { run(name, out, super::checkpoint_all_threads) }
+    }
+
+    /// Call `checkpoint` with the C caller's `name` and fill in `out`.
+    ///
+    /// # Safety
+    /// As `rf_checkpoint`.
+    unsafe fn run(
+        name: *const c_char,
+        out: *mut RfCheckpoint,
+        checkpoint: fn(&str) -> Result<super::Checkpoint, super::CoopError>,
     ) -> c_int {
         if out.is_null() {
             return -1;
@@ -390,7 +391,7 @@ pub mod ffi {
                 .to_string_lossy()
                 .into_owned()
         };
-        fill(out, super::checkpoint_all_threads(&name))
+        fill(out, checkpoint(&name))
     }
 
     fn fill(out: &mut RfCheckpoint, r: Result<super::Checkpoint, super::CoopError>) -> c_int {

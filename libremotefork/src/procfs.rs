@@ -405,6 +405,21 @@ pub fn personality(pid: pid_t) -> Result<u32, ProcfsError> {
     })
 }
 
+/// `pid` (a process or a thread) as its own pid namespace numbers it, the
+/// last `NSpid` of `/proc/PID/status`: what the process itself stores (a
+/// `wait4` argument, glibc's thread descriptors, robust futex owners).
+/// `pid` itself when that cannot be read.
+pub fn own_namespace_pid(pid: pid_t) -> pid_t {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        })
+        .unwrap_or(pid)
+}
+
 /// `/proc/PID/comm` without the newline.
 pub fn comm(pid: pid_t) -> Result<String, ProcfsError> {
     Ok(read_string(pid, "comm")?.trim_end_matches('\n').to_string())

@@ -668,3 +668,76 @@ pub fn assert_checksum_children(v: &serde_json::Value, checksum: &str) {
         );
     }
 }
+
+/// A running gateway; killed on drop.
+pub struct Gateway {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Gateway {
+    pub fn start(args: &[String]) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env(
+                "FORKD_LOG",
+                std::env::var("FORKD_LOG").unwrap_or("warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("gateway listening on ")
+            .unwrap_or_else(|| panic!("gateway did not start: {line:?}"))
+            .to_string();
+        Gateway { child, addr }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our child; SIGTERM lets it retire instances.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request: (status, JSON body).
+pub async fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1);
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}

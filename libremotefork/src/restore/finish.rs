@@ -62,7 +62,7 @@ pub(crate) fn finish<T: Tracer, R>(
     let out = before_start()?;
     // After before_start: a lazy child's pages are served from here on,
     // and these writes may fault.
-    let main_tid = own_namespace_tid(t.pid());
+    let main_tid = crate::procfs::own_namespace_pid(t.pid());
     if d.thread_set.main_tid_word {
         t.write_tid(d.clear_child_tid, main_tid)?;
     }
@@ -78,18 +78,6 @@ pub(crate) fn finish<T: Tracer, R>(
     }
     t.detach()?;
     Ok(out)
-}
-
-/// `pid` as its own pid namespace numbers it (what it stores itself).
-fn own_namespace_tid(pid: libc::pid_t) -> libc::pid_t {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|v| v.split_whitespace().last()?.parse().ok())
-        })
-        .unwrap_or(pid)
 }
 
 /// Most robust-list entries walked, as the kernel's `ROBUST_LIST_LIMIT`.
@@ -204,7 +192,12 @@ pub(crate) fn start_threads<T: Tracer>(
         })?;
         let mut n = t.adopt_thread(tid)?;
         thread_state(&mut n, exec, scratch, th)?;
-        rewrite_robust_owners(&n, th.robust_list.0, th.tid, own_namespace_tid(tid))?;
+        rewrite_robust_owners(
+            &n,
+            th.robust_list.0,
+            th.tid,
+            crate::procfs::own_namespace_pid(tid),
+        )?;
         started.push(n);
     }
     let r = t.inject_syscall(
