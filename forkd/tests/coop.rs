@@ -30,6 +30,22 @@ fn run_parent(d: &Daemon, mut cmd: Command) -> String {
         .to_string()
 }
 
+/// The real Python running `tests/programs/FILE`, with the pure-Python
+/// client on its path.
+fn python_program(file: &str) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.arg(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/programs")
+            .join(file),
+    );
+    cmd.env(
+        "PYTHONPATH",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../python"),
+    );
+    cmd
+}
+
 /// Spawn ten children with `args` and check each knows its index.
 fn ten_children(d: &Daemon, seed: &str, args: &str, sum: u64, stdin_line: Option<&str>) {
     let input = d.dir.join(format!("in-{seed}"));
@@ -86,12 +102,7 @@ fn python_checkpoint_returns_twice() {
     }
     let dir = scratch("coop-py");
     let d = Daemon::start(&dir, false);
-    let mut cmd = Command::new(python());
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/coop_python.py"));
-    cmd.env(
-        "PYTHONPATH",
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../python"),
-    );
+    let cmd = python_program("coop_python.py");
     let seed = run_parent(&d, cmd);
     let sum: u64 = (0..50_000u64).map(|i| i * i).sum();
     ten_children(&d, &seed, "py-args", sum, Some("the rest of stdin"));
@@ -169,12 +180,7 @@ fn python_checkpoint_all_threads_keeps_the_worker_thread() {
     }
     let dir = scratch("coop-py-threads");
     let d = Daemon::start(&dir, false);
-    let mut cmd = Command::new(python());
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/coop_python_threads.py"));
-    cmd.env(
-        "PYTHONPATH",
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../python"),
-    );
+    let cmd = python_program("coop_python_threads.py");
     let seed = run_parent(&d, cmd);
     let sum: u64 = (0..50_000u64).map(|i| i * i).sum();
     ten_children(&d, &seed, "py-args", sum, Some("the rest of stdin"));
@@ -234,12 +240,7 @@ fn checkpoint_of_a_threaded_caller_says_only_its_thread_is_kept() {
 
 #[test]
 fn checkpoint_without_forkd_fails_clearly_in_the_parent() {
-    let mut cmd = Command::new(python());
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/coop_python.py"));
-    cmd.env(
-        "PYTHONPATH",
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../python"),
-    );
+    let mut cmd = python_program("coop_python.py");
     cmd.env("FORKD_COOP_SOCKET", "/nonexistent/forkd.sock.coop");
     let o = cmd.output().unwrap();
     assert!(!o.status.success());

@@ -317,22 +317,13 @@ impl Tracee {
     /// Stop the tracee with `PTRACE_INTERRUPT` and wait until it is in the
     /// resulting `PTRACE_EVENT_STOP`. Signals that arrive first are stashed.
     pub fn interrupt(&mut self) -> Result<(), PtraceError> {
-        // SAFETY: PTRACE_INTERRUPT takes no pointers.
-        unsafe {
-            ptrace_raw(
-                libc::PTRACE_INTERRUPT,
-                self.pid,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            )
-        }
-        .map_err(|e| self.req_err("INTERRUPT", e))?;
+        self.request_interrupt()?;
         self.wait_event_stop("waiting for the interrupt stop")
     }
 
     /// Send `PTRACE_INTERRUPT` without waiting: stopping several threads
     /// at once, the caller waits for each with [`Tracee::wait_event_stop`].
-    pub fn request_interrupt(&mut self) -> Result<(), PtraceError> {
+    pub fn request_interrupt(&self) -> Result<(), PtraceError> {
         // SAFETY: PTRACE_INTERRUPT takes no pointers.
         unsafe {
             ptrace_raw(
@@ -350,15 +341,7 @@ impl Tracee {
     /// Harmless if one is pending; fails (ignored) for a tracee not
     /// seized.
     fn reinterrupt(&self) {
-        // SAFETY: PTRACE_INTERRUPT takes no pointers.
-        let _ = unsafe {
-            ptrace_raw(
-                libc::PTRACE_INTERRUPT,
-                self.pid,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            )
-        };
+        let _ = self.request_interrupt();
     }
 
     /// Wait for the first stop of a thread auto-attached by a traced

@@ -464,7 +464,7 @@ fn stop_other_threads(
             }
         }
         let mut waiting = Vec::with_capacity(batch.len());
-        for (mut t, seized) in batch {
+        for (t, seized) in batch {
             if seized {
                 if let Err(e) = t.request_interrupt() {
                     if !thread_gone(t.pid()) {
