@@ -915,6 +915,7 @@ fn main() -> anyhow::Result<()> {
                     })),
                     name: "fanout".into(),
                     owner: String::new(),
+                    drop_unsupported_fds: false,
                 })
                 .await
                 .map_err(|e| anyhow::anyhow!("creating the seed: {}", e.message()))?

@@ -47,6 +47,7 @@ async fn seed_of(addr: &str, argv: Vec<String>) -> anyhow::Result<String> {
             })),
             name: String::new(),
             owner: String::new(),
+            drop_unsupported_fds: false,
         })
         .await?
         .into_inner();

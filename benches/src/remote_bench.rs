@@ -205,6 +205,7 @@ fn main() -> anyhow::Result<()> {
                 source: Some(pb::create_seed_request::Source::Command(pb::StartCommand { argv: vec![py.clone(), "-c".into(), SERVER.into()], ready_line: "ready".into(), ready_timeout_ms: 60_000, cwd: String::new(), env: Default::default() })),
                 name: "bench".into(),
                 owner: String::new(),
+                drop_unsupported_fds: false,
             })
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message()))?

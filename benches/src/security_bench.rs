@@ -48,6 +48,7 @@ async fn seed(addr: &str, py: &str, owner: &str) -> anyhow::Result<String> {
             source: Some(pb::create_seed_request::Source::Pid(p.id())),
             name: String::new(),
             owner: owner.into(),
+            drop_unsupported_fds: false,
         })
         .await?
         .into_inner();

@@ -34,7 +34,7 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
-    /// Capture a running single-threaded process into a seed image.
+    /// Capture a running process, every thread, into a seed image.
     Snapshot {
         /// The process to capture.
         #[arg(long)]
@@ -45,6 +45,11 @@ enum Command {
         /// fsync the image before it becomes visible.
         #[arg(long)]
         fsync: bool,
+        /// Close, in children, descriptors that cannot be recreated (an
+        /// inotify instance, a pipe shared with another process...) instead
+        /// of failing; each spawn's notes name them.
+        #[arg(long)]
+        drop_fds: bool,
         /// Print a JSON summary instead of text.
         #[arg(long)]
         json: bool,
@@ -211,6 +216,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    forkd::cloexec_inherited_fds();
     // The daemon tells what it does; the one-shot commands only warn.
     let default = if matches!(cli.command, Command::Serve { .. } | Command::Keeper { .. }) {
         "info"
@@ -365,10 +371,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pid,
             out,
             fsync,
+            drop_fds,
             json,
         } => {
             let opts = CaptureOptions {
                 durable: fsync,
+                drop_unsupported_fds: drop_fds,
                 ..Default::default()
             };
             let progress = progress::Capture::start(pid, &out);

@@ -208,6 +208,9 @@ corpus!(
     robust_mutex,
     deep_stack,
     threads_state,
+    event_loop,
+    fd_objects,
+    sockets,
 );
 
 #[test]

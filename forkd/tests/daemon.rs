@@ -400,6 +400,7 @@ fn grpc_api_directly_with_watch_and_malformed_input() {
                 source: None,
                 name: String::new(),
                 owner: String::new(),
+                drop_unsupported_fds: false,
             })
             .await
             .unwrap_err();
@@ -426,6 +427,7 @@ fn grpc_api_directly_with_watch_and_malformed_input() {
                 source: Some(pb::create_seed_request::Source::Pid(target.pid() as u32)),
                 name: "api".into(),
                 owner: String::new(),
+                drop_unsupported_fds: false,
             })
             .await
             .unwrap()

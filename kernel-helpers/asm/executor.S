@@ -5,6 +5,8 @@
  * It runs every entry, then stops with int3 and r13 == 0. On a failed
  * syscall (without IGNORE_ERR) or a failed EXPECT it stops with int3 and
  * r13 != 0: r15 is the failing entry's index and rax its result.
+ * With LOAD_ARG0 (flag bit 12) the first argument is the address of a
+ * 32-bit int (an fd pipe2() or socketpair() wrote) and that int is passed.
  * Registers used: r14 = previous result, rbp = saved result, rbx = flags. */
     .text
     .globl rf_executor
@@ -55,6 +57,9 @@ rf_executor:
 1:  bt $21, %rbx
     jnc 1f
     mov %rbp, %r9
+1:  bt $12, %rbx
+    jnc 1f
+    movslq (%rdi), %rdi
 1:  mov 0(%r12), %rax
     syscall
     mov %rax, %r14

@@ -25,6 +25,10 @@ pub const SAVE: u64 = 1 << 9;
 pub const STORE: u64 = 1 << 10;
 /// Flag: the result must equal `extra`, else the executor stops as failed.
 pub const EXPECT: u64 = 1 << 11;
+/// Flag: argument 0 is the address of a 32-bit int (as `pipe2` and
+/// `socketpair` write descriptor numbers), and the syscall gets that int,
+/// sign-extended, instead.
+pub const LOAD_ARG0: u64 = 1 << 12;
 
 /// One table entry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

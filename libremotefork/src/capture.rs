@@ -131,6 +131,9 @@ pub enum CaptureError {
     /// Reading procfs failed.
     #[error(transparent)]
     Procfs(ProcfsError),
+    /// A descriptor cannot be kept, or reading its kernel object failed.
+    #[error(transparent)]
+    Fd(#[from] crate::kobj::FdError),
     /// A ptrace operation failed.
     #[error(transparent)]
     Ptrace(PtraceError),
@@ -205,6 +208,11 @@ pub struct CaptureOptions {
     /// [`procfs::FdKind::CoopReply`], so each child's thread reads its
     /// stdin's first line there.
     pub coop_reply_fd: Option<i32>,
+    /// A descriptor that cannot be recreated in children (an inotify
+    /// instance, a netlink socket, a pipe shared with another process...)
+    /// is recorded as dropped, closed in children with a note at each
+    /// spawn, instead of failing the capture.
+    pub drop_unsupported_fds: bool,
 }
 
 impl std::fmt::Debug for CaptureOptions {
@@ -215,6 +223,7 @@ impl std::fmt::Debug for CaptureOptions {
             .field("on_clone", &self.on_clone.is_some())
             .field("file_store", &self.file_store)
             .field("coop_reply_fd", &self.coop_reply_fd)
+            .field("drop_unsupported_fds", &self.drop_unsupported_fds)
             .finish()
     }
 }
@@ -330,6 +339,8 @@ struct Frozen {
     clear_child_tid: u64,
     /// The parent's descriptors, offsets as they were while it was stopped.
     fds: Vec<procfs::FdEntry>,
+    /// The kernel objects behind them, as they were while it was stopped.
+    fd_objects: crate::kobj::FdObjects,
     /// The parent's stored shared memory as it was while stopped.
     shared: HashMap<u64, Vec<u8>>,
     pause_ns: u64,
@@ -354,7 +365,7 @@ fn freeze(
     let stopped = stop_other_threads(pid, &mut others);
     let frozen = while_stopped(parent, &mut others, pid, &regs, |p, others| {
         stopped?;
-        freeze_stopped(p, others, pid, insn, &regs, pmaps)
+        freeze_stopped(p, others, pid, insn, &regs, pmaps, opts)
     });
     let pause_ns = t.elapsed().as_nanos() as u64;
     let mut frozen = frozen?;
@@ -655,6 +666,7 @@ fn freeze_stopped(
     insn: u64,
     regs: &libc::user_regs_struct,
     pmaps: &[MapsEntry],
+    opts: &CaptureOptions,
 ) -> Result<Frozen, CaptureError> {
     let pt = |e| CaptureError::from_ptrace(pid, e);
     // Each other thread's own state, before the clone is made: its stack
@@ -716,6 +728,17 @@ fn freeze_stopped(
     // show: file offsets (the clone shares the parent's open files) and
     // the contents of shared memory. Taken now, at the frozen instant.
     let fds = procfs::fds(pid)?;
+    let (fd_objects, fd_notes) = crate::kobj::capture(
+        pid,
+        &fds,
+        &crate::kobj::FdPolicy {
+            drop_unsupported: opts.drop_unsupported_fds,
+            skip: opts.coop_reply_fd,
+        },
+    )?;
+    for n in &fd_notes {
+        warn!(pid, note = %n, "a descriptor children will not have as the parent does");
+    }
     let shared = snapshot_shared(pid, pmaps)?;
 
     Ok(Frozen {
@@ -729,6 +752,7 @@ fn freeze_stopped(
         robust_list,
         clear_child_tid,
         fds,
+        fd_objects,
         shared,
         pause_ns: 0,
     })
@@ -1187,6 +1211,7 @@ fn read_clone(
             main_tid: procfs::own_namespace_pid(parent_pid),
             others: frozen.others,
         },
+        fd_objects: frozen.fd_objects,
     };
     // Kill the clone now (Drop of `clone`), before the caller reaps it.
     clone.kill().map_err(ptc)?;

@@ -83,6 +83,7 @@ pub mod coop;
 pub mod ffi;
 pub(crate) mod fileid;
 pub mod image;
+pub mod kobj;
 pub mod node;
 pub mod pager;
 pub mod private_fs;

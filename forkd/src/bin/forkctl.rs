@@ -123,6 +123,11 @@ enum SeedCmd {
         /// spawns it; its children run as the tenant's uid).
         #[arg(long, default_value = "")]
         owner: String,
+        /// Close, in children, descriptors that cannot be recreated (an
+        /// inotify instance, a pipe shared with another process...) instead
+        /// of failing the capture; each spawn's notes name them.
+        #[arg(long)]
+        drop_fds: bool,
         /// The command and its arguments (after --).
         #[arg(last = true)]
         command: Vec<String>,
@@ -288,6 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 env,
                 cwd,
                 owner,
+                drop_fds,
                 command,
             } => {
                 let env = pairs("--env", &env)?;
@@ -317,6 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     source: Some(source),
                     name,
                     owner,
+                    drop_unsupported_fds: drop_fds,
                 });
                 let s = with_progress(!cli.json, "capturing", create)
                     .await

@@ -56,6 +56,7 @@ pub(super) async fn serve_coop(listener: tokio::net::UnixListener, svc: Service)
                                 true,
                                 owner,
                                 reply_fd,
+                                v["drop_fds"] == true,
                             )
                             .await
                         }

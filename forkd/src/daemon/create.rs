@@ -21,7 +21,10 @@ fn capture_status(e: &CaptureError) -> Status {
         | CaptureError::Thread { .. }
         | CaptureError::Exited { .. }
         | CaptureError::NoVdso(_)
-        | CaptureError::Unsupported { .. } => Status::failed_precondition(e.to_string()),
+        | CaptureError::Unsupported { .. }
+        | CaptureError::Fd(remotefork::kobj::FdError::Refused { .. }) => {
+            Status::failed_precondition(e.to_string())
+        }
         _ => Status::internal(e.to_string()),
     }
 }
@@ -34,6 +37,7 @@ impl Service {
         cooperative: bool,
         owner: String,
         coop_reply_fd: Option<i32>,
+        drop_fds: bool,
     ) -> Result<pb::Seed, Status> {
         let id = crate::random_hex(8).map_err(|e| Status::internal(e.to_string()))?;
         let key = crate::random_hex(16).map_err(|e| Status::internal(e.to_string()))?;
@@ -59,6 +63,7 @@ impl Service {
                     })),
                     file_store,
                     coop_reply_fd,
+                    drop_unsupported_fds: drop_fds,
                     ..Default::default()
                 },
             )
@@ -99,6 +104,7 @@ impl Service {
         who: &auth::Principal,
         peer: Option<auth::Peer>,
         owner: String,
+        drop_fds: bool,
     ) -> Result<pb::Seed, Status> {
         // Who the command runs as: the seed's tenant, a local caller's own
         // uid; root only for root on the Unix socket and (if enabled) nodes.
@@ -166,6 +172,7 @@ impl Service {
                     false,
                     owner,
                     None,
+                    drop_fds,
                 )
                 .await
             }

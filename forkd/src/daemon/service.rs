@@ -83,12 +83,12 @@ impl Forkd for Service {
                     (_, Some(p)) => auth::may_ptrace(p.uid, p.gid, pid)?,
                     _ => {}
                 }
-                self.create_from_pid(pid, r.name, false, owner, None)
+                self.create_from_pid(pid, r.name, false, owner, None, r.drop_unsupported_fds)
                     .await
                     .map(Response::new)
             }
             Some(pb::create_seed_request::Source::Command(c)) => self
-                .create_from_command(c, r.name, &who, peer, owner)
+                .create_from_command(c, r.name, &who, peer, owner, r.drop_unsupported_fds)
                 .await
                 .map(Response::new),
             None => Err(Status::invalid_argument("give a pid or a command")),

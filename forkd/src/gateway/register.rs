@@ -40,6 +40,10 @@ pub struct FunctionSpec {
     /// invocation per instance].
     #[serde(default)]
     pub keep_alive_ms: Option<u64>,
+    /// Close, in instances, descriptors of the warm process that cannot be
+    /// recreated, instead of failing the registration.
+    #[serde(default)]
+    pub drop_fds: bool,
 }
 
 /// Make the function's seed on the first node.
@@ -97,6 +101,7 @@ async fn ready_line_seed(
             // The node runs a tenant's command as the tenant, and its
             // children too.
             owner: tenant.map(|t| t.name.clone()).unwrap_or_default(),
+            drop_unsupported_fds: spec.drop_fds,
         })
         .await
         .map_err(|e| {

@@ -10,11 +10,21 @@ use std::time::{Duration, Instant};
 
 /// The forkd binary under test.
 pub fn forkd() -> Command {
+    no_inherited_fds();
     Command::new(env!("CARGO_BIN_EXE_forkd"))
+}
+
+/// The programs tests start must not get what the test binary inherited
+/// (a pipe of the shell that ran cargo): capture refuses a descriptor
+/// shared with another process. Marked close-on-exec once.
+pub fn no_inherited_fds() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(forkd::cloexec_inherited_fds);
 }
 
 /// True when running as root; otherwise prints why the test is skipped.
 pub fn require_root(test: &str) -> bool {
+    no_inherited_fds();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         println!("SKIPPED: {test}: needs root (ptrace of other processes, /proc/PID/mem)");

@@ -6,9 +6,14 @@ use serde::{Deserialize, Serialize};
 use crate::procfs::{FdEntry, MmFields};
 
 /// The descriptor format this build writes. It reads this one,
-/// [`FORMAT_V3`] (one thread), [`FORMAT_V2`] (no privileges) and
-/// [`FORMAT_V1`] (no page digests).
-pub const FORMAT_VERSION: u32 = 4;
+/// [`FORMAT_V4`] (no kernel objects), [`FORMAT_V3`] (one thread),
+/// [`FORMAT_V2`] (no privileges) and [`FORMAT_V1`] (no page digests).
+pub const FORMAT_VERSION: u32 = 5;
+
+/// The fourth format: every thread, but no kernel objects behind the
+/// descriptors ([`crate::kobj::FdObjects`]): its children get the
+/// descriptors that are not files refused.
+pub const FORMAT_V4: u32 = 4;
 
 /// The third format: privileges, and only the main thread (no
 /// [`ThreadSet`]).
@@ -143,6 +148,11 @@ pub struct Descriptor {
     /// body.
     #[serde(skip)]
     pub thread_set: ThreadSet,
+    /// The kernel objects behind the descriptors that are not reopened by
+    /// path (format 5; none before). Encoded after the thread set, in the
+    /// same checksummed body.
+    #[serde(skip)]
+    pub fd_objects: crate::kobj::FdObjects,
 }
 
 /// What format 4 adds: every thread besides the main one (the thread-group

@@ -147,8 +147,11 @@ pub fn encode(desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
         })?;
         body.extend_from_slice(&postcard::to_allocvec(p)?);
     }
-    if desc.format_version >= 4 {
+    if desc.format_version >= FORMAT_V4 {
         body.extend_from_slice(&postcard::to_allocvec(&desc.thread_set)?);
+    }
+    if desc.format_version >= 5 {
+        body.extend_from_slice(&postcard::to_allocvec(&desc.fd_objects)?);
     }
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
@@ -216,12 +219,20 @@ pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageE
             let (g, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
             d.digests = Some(g);
             d.privileges = Some(postcard::from_bytes(rest).map_err(|e| scope.error(e))?);
-        } else {
+        } else if version == FORMAT_V4 {
             let (g, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
             d.digests = Some(g);
             let (p, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
             d.privileges = Some(p);
             d.thread_set = postcard::from_bytes(rest).map_err(|e| scope.error(e))?;
+        } else {
+            let (g, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
+            d.digests = Some(g);
+            let (p, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
+            d.privileges = Some(p);
+            let (t, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
+            d.thread_set = t;
+            d.fd_objects = postcard::from_bytes(rest).map_err(|e| scope.error(e))?;
         }
         d
     };
@@ -298,6 +309,7 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
             d.thread_set.others.len()
         ));
     }
+    validate_objects(d)?;
     for t in &d.thread_set.others {
         if t.xstate.len() != d.xstate.len() {
             return bad(format!(
@@ -324,7 +336,7 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
     }
     store_matches(d, image_len)?;
     match (&d.privileges, d.format_version) {
-        (Some(p), FORMAT_V3 | FORMAT_VERSION) => {
+        (Some(p), FORMAT_V3 | FORMAT_V4 | FORMAT_VERSION) => {
             // The kernel's own limits: BPF_MAXINSNS per filter,
             // MAX_INSNS_PER_PATH (32768) over a process's filters.
             let total: usize = p.seccomp_filters.iter().map(|f| f.insns.len() + 4).sum();
@@ -348,7 +360,7 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
     }
     match (&d.digests, d.format_version) {
         (None, FORMAT_V1) => {}
-        (Some(g), FORMAT_V2 | FORMAT_V3 | FORMAT_VERSION) => {
+        (Some(g), FORMAT_V2 | FORMAT_V3 | FORMAT_V4 | FORMAT_VERSION) => {
             let cb = g.chunk_bytes as u64;
             if cb == 0 || !cb.is_multiple_of(PAGE_SIZE) || cb > 16 << 20 {
                 return bad(format!("digest chunks of {cb} bytes"));
@@ -662,3 +674,56 @@ pub fn write(
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+/// The kernel objects name descriptors the descriptor has, each once, in
+/// order; duplicates and peers point at other recorded descriptors.
+fn validate_objects(d: &Descriptor) -> Result<(), ImageError> {
+    use crate::kobj::Object;
+    let bad = |s: String| Err(ImageError::Invalid(s));
+    let objs = &d.fd_objects.objects;
+    limits::check_count("fd_objects", objs.len(), limits::MAX_FDS)?;
+    if d.format_version < FORMAT_VERSION && !objs.is_empty() {
+        return bad("kernel objects in a descriptor of format 4 or before".into());
+    }
+    let has = |fd: i32| d.fds.iter().any(|f| f.fd == fd);
+    let mut last = 2;
+    for o in objs {
+        if o.fd <= last || !has(o.fd) {
+            return bad(format!(
+                "kernel object for fd {}: not a recorded descriptor above 2, in ascending order",
+                o.fd
+            ));
+        }
+        last = o.fd;
+        let peer_ok = |p: &Option<i32>| p.is_none_or(|p| p != o.fd && p > 2 && has(p));
+        match &o.object {
+            Object::Dup { of } if *of >= o.fd || *of < 0 || !has(*of) => {
+                return bad(format!(
+                    "fd {} duplicates fd {of}, not a lower recorded descriptor",
+                    o.fd
+                ))
+            }
+            Object::Pipe { peer, .. } | Object::UnixPair { peer, .. } if !peer_ok(peer) => {
+                return bad(format!(
+                    "fd {}: its other end {peer:?} is not a recorded descriptor",
+                    o.fd
+                ))
+            }
+            Object::Epoll { watches } if watches.iter().any(|w| !has(w.fd) || w.fd == o.fd) => {
+                return bad(format!(
+                    "epoll fd {} watches a descriptor not recorded",
+                    o.fd
+                ))
+            }
+            Object::Epoll { watches } if watches.len() > limits::MAX_FDS => {
+                return bad(format!("epoll fd {} has {} watches", o.fd, watches.len()))
+            }
+            _ => {}
+        }
+    }
+    let bytes = d.fd_objects.content_bytes();
+    if bytes > 2 * crate::kobj::MAX_CONTENT_BYTES {
+        return bad(format!("kernel objects hold {bytes} bytes of contents"));
+    }
+    Ok(())
+}

@@ -1539,8 +1539,10 @@ fn replaced_files(d: &Descriptor, pid: i32) -> Vec<String> {
     let Some(p) = &d.privileges else {
         return Vec::new();
     };
+    // Stdio is the child's own; a duplicate is not reopened.
     p.open_files
         .iter()
+        .filter(|&&(fd, _, _)| fd >= 3 && d.fd_objects.get(fd).is_none())
         .filter_map(|&(fd, dev, ino)| {
             let m = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
             let path = d.fds.iter().find(|f| f.fd == fd).map_or("", |f| f.path.as_str());

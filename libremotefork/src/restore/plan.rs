@@ -79,6 +79,27 @@ pub enum PlanError {
     /// Too many file descriptors.
     #[error("file descriptor {0} is above the highest restore recreates ({MAX_FD})")]
     FdTooHigh(i32),
+    /// A descriptor of the seed cannot be opened on this node.
+    #[error("fd {fd} ({path}) cannot be reopened here: the file is missing on this node")]
+    FdUnavailable {
+        /// The descriptor.
+        fd: i32,
+        /// Its path.
+        path: String,
+    },
+    /// A seed of an older format has a descriptor whose kernel object it
+    /// did not record.
+    #[error("fd {fd} ({kind:?} {path}) cannot be recreated: the seed (format {format}) was captured before forkd recorded kernel objects; capture it again")]
+    FdNotRecorded {
+        /// The descriptor.
+        fd: i32,
+        /// Its kind.
+        kind: FdKind,
+        /// Its link.
+        path: String,
+        /// The seed's format.
+        format: u32,
+    },
 }
 
 /// An argument of a planned syscall.
@@ -94,6 +115,9 @@ pub enum Arg {
     Prev,
     /// The last result saved with `save`.
     Saved,
+    /// The 32-bit int at this data offset (a descriptor number `pipe2` or
+    /// `socketpair` wrote there). First argument only.
+    Load(usize),
 }
 
 /// One planned syscall.
@@ -333,6 +357,11 @@ fn encode_op(op: &Op, data_at: u64) -> Entry {
             Arg::Data(off) => e.args[i] = data_at + off as u64,
             Arg::Prev => e.flags |= executor::prev_to_arg(i as u32),
             Arg::Saved => e.flags |= executor::saved_to_arg(i as u32),
+            Arg::Load(off) => {
+                debug_assert_eq!(i, 0, "only the first argument is loaded");
+                e.args[i] = data_at + off as u64;
+                e.flags |= executor::LOAD_ARG0;
+            }
         }
     }
     if op.ignore_error {
@@ -689,6 +718,10 @@ pub fn fork_table(
             format!("fd {}: the checkpoint's answer, from stdin", f.fd),
         ));
     }
+    // Its own kernel objects where siblings must not share them (queues,
+    // counters, timers, epoll sets), made over what it inherited.
+    let (objects, _) = objects::plan_objects(&mut data, desc, objects::Context::Fork);
+    ops.extend(objects);
     for &r in recv.iter().take(passed) {
         ops.push(Op::new(
             libc::SYS_close,
@@ -744,6 +777,7 @@ fn find_free(occupied: &[(u64, u64)], len: u64, also: &[(u64, u64)]) -> Result<u
 
 mod descriptors;
 mod mappings;
+mod objects;
 mod privileges;
 mod process;
 

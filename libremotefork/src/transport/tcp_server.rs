@@ -661,6 +661,7 @@ mod tests {
             digests: None,
             privileges: None,
             thread_set: Default::default(),
+            fd_objects: Default::default(),
         };
         let dir = state.join(SEED);
         crate::image::write(&dir, &mut d, &pages, false).unwrap();

@@ -1,23 +1,27 @@
 //! The seed's file descriptors in the child, and (lazy plans) the child's
 //! userfaultfd.
 
+use super::objects::{self, Context};
 use super::{
     open_no_symlinks, v, Arg, Descriptor, Draft, FdEntry, FdKind, Op, PlanError, SoftStep, MAX_FD,
 };
+use crate::image::FORMAT_VERSION;
 
 /// 7. File descriptors. open() returns the lowest free number, so numbers
 ///    are filled in ascending order, gaps with placeholders that are closed
-///    afterwards; EXPECT checks every number. Returns the highest number.
+///    afterwards; EXPECT checks every number. Kernel objects get
+///    placeholders too, which their own steps replace ([`objects`]) while
+///    the gaps are still filled. Returns the highest number.
 pub(super) fn plan_fds(d: &mut Draft, desc: &Descriptor) -> Result<i32, PlanError> {
     let max_fd = desc.fds.iter().map(|f| f.fd).max().unwrap_or(2);
     if max_fd > MAX_FD {
         return Err(PlanError::FdTooHigh(max_fd));
     }
-    let devnull = d.data.cstr("/dev/null");
     let mut gaps = Vec::new();
     for n in 3..=max_fd {
         let f = desc.fds.iter().find(|f| f.fd == n);
         let reopen = f.filter(|f| reopenable(f));
+        let object = desc.fd_objects.get(n).is_some();
         match (f, reopen) {
             (Some(f), _) if f.kind == FdKind::CoopReply => {
                 // The caller of checkpoint_all_threads() reads its answer
@@ -35,6 +39,9 @@ pub(super) fn plan_fds(d: &mut Draft, desc: &Descriptor) -> Result<i32, PlanErro
                     )
                     .expect(n as u64),
                 );
+            }
+            (Some(_), _) if object => {
+                d.state_ops.push(placeholder(&mut d.data, n, "placeholder"));
             }
             (Some(f), Some(_)) => {
                 let p = d.data.cstr(&f.path);
@@ -70,52 +77,38 @@ pub(super) fn plan_fds(d: &mut Draft, desc: &Descriptor) -> Result<i32, PlanErro
                     });
                 }
             }
+            (Some(f), None) if desc.format_version < FORMAT_VERSION && !is_file(f) => {
+                return Err(PlanError::FdNotRecorded {
+                    fd: n,
+                    kind: f.kind,
+                    path: f.path.clone(),
+                    format: desc.format_version,
+                });
+            }
+            (Some(f), None) if is_file(f) => {
+                return Err(PlanError::FdUnavailable {
+                    fd: n,
+                    path: f.path.clone(),
+                });
+            }
             (Some(f), None) => {
-                let cloexec = if f.flags as i32 & libc::O_CLOEXEC != 0 {
-                    libc::O_CLOEXEC
-                } else {
-                    0
-                };
-                d.state_ops.push(
-                    Op::new(
-                        libc::SYS_open,
-                        [
-                            Arg::Data(devnull),
-                            v((libc::O_RDWR | cloexec) as u64),
-                            v(0),
-                            v(0),
-                            v(0),
-                            v(0),
-                        ],
-                        format!("placeholder for fd {n}"),
-                    )
-                    .expect(n as u64),
-                );
-                d.notes.push(format!(
-                    "fd {n} ({:?} {}) cannot be recreated; it is /dev/null in the child",
-                    f.kind, f.path
-                ));
+                // A format 5 seed records every other descriptor's object.
+                return Err(PlanError::FdNotRecorded {
+                    fd: n,
+                    kind: f.kind,
+                    path: f.path.clone(),
+                    format: desc.format_version,
+                });
             }
             (None, _) => {
-                d.state_ops.push(
-                    Op::new(
-                        libc::SYS_open,
-                        [
-                            Arg::Data(devnull),
-                            v(libc::O_RDONLY as u64),
-                            v(0),
-                            v(0),
-                            v(0),
-                            v(0),
-                        ],
-                        format!("gap filler fd {n}"),
-                    )
-                    .expect(n as u64),
-                );
+                d.state_ops.push(placeholder(&mut d.data, n, "gap filler"));
                 gaps.push(n);
             }
         }
     }
+    let (ops, notes) = objects::plan_objects(&mut d.data, desc, Context::Scratch { max_fd });
+    d.state_ops.extend(ops);
+    d.notes.extend(notes);
     for n in gaps {
         d.state_ops.push(Op::new(
             libc::SYS_close,
@@ -190,10 +183,34 @@ pub(super) fn plan_uffd(d: &mut Draft, desc: &Descriptor, max_fd: i32) -> usize 
 
 /// Is this descriptor of the seed opened again by path in a child?
 fn reopenable(f: &FdEntry) -> bool {
+    is_file(f) && std::path::Path::new(&f.path).exists()
+}
+
+/// Is it a file (or device) opened by path, rather than a kernel object?
+fn is_file(f: &FdEntry) -> bool {
     matches!(
         f.kind,
-        FdKind::Regular | FdKind::Directory | FdKind::CharDevice
-    ) && std::path::Path::new(&f.path).exists()
+        FdKind::Regular | FdKind::Directory | FdKind::CharDevice | FdKind::BlockDevice
+    )
+}
+
+/// `/dev/null` opened read-only at number `n` (the lowest free one),
+/// holding the number until something takes its place or it is closed.
+fn placeholder(data: &mut super::Data, n: i32, what: &str) -> Op {
+    let devnull = data.cstr("/dev/null");
+    Op::new(
+        libc::SYS_open,
+        [
+            Arg::Data(devnull),
+            v(libc::O_RDONLY as u64),
+            v(0),
+            v(0),
+            v(0),
+            v(0),
+        ],
+        format!("{what} fd {n}"),
+    )
+    .expect(n as u64)
 }
 
 /// The `open` flags a reopened descriptor gets: the seed's, less those that

@@ -200,6 +200,7 @@ fn executor_area_avoids_every_mapping_and_auxv_is_patched() {
 #[test]
 fn the_checkpoint_answer_descriptor_is_the_childs_stdin() {
     let mut d = sample();
+    d.fd_objects = Default::default();
     d.fds = vec![FdEntry {
         fd: 3,
         kind: FdKind::CoopReply,
@@ -233,6 +234,7 @@ fn the_checkpoint_answer_descriptor_is_the_childs_stdin() {
 #[test]
 fn fds_are_filled_in_order_with_placeholders_and_gaps() {
     let mut d = sample();
+    d.fd_objects = Default::default();
     d.fds = vec![
         FdEntry {
             fd: 0,
@@ -256,6 +258,19 @@ fn fds_are_filled_in_order_with_placeholders_and_gaps() {
             offset: 0,
         },
     ];
+    // Without its object (a format 4 seed, or a format 5 one that lacks
+    // it) fd 6 is refused, never made /dev/null.
+    let e = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap_err();
+    assert!(matches!(e, PlanError::FdNotRecorded { fd: 6, .. }), "{e}");
+    d.fd_objects.objects.push(crate::kobj::FdObject {
+        fd: 6,
+        object: crate::kobj::Object::Closed {
+            family: libc::AF_INET,
+            ty: libc::SOCK_STREAM,
+            protocol: 6,
+            what: "TCP 1.2.3.4:5 -> 6.7.8.9:10".into(),
+        },
+    });
     let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
     let fd_ops: Vec<(&str, Option<u64>)> = p
         .state_ops
@@ -270,18 +285,28 @@ fn fds_are_filled_in_order_with_placeholders_and_gaps() {
             ("reopen fd 4 /etc/hostname", Some(4)),
             ("lseek fd 4", None),
             ("gap filler fd 5", Some(5)),
-            ("placeholder for fd 6", Some(6)),
+            ("placeholder fd 6", Some(6)),
+            (
+                "fd 6: an unconnected socket for TCP 1.2.3.4:5 -> 6.7.8.9:10",
+                None
+            ),
+            ("fd 6: placing the socket", Some(6)),
+            ("fd 6: closing the socket's first number", None),
+            ("fd 6: its file status flags", None),
             ("close gap filler fd 3", None),
             ("close gap filler fd 5", None),
         ]
     );
     assert!(
-        p.notes
-            .iter()
-            .any(|n| n.contains("fd 6 (Socket socket:[9])")),
+        p.notes.iter().any(|n| n.contains("fd 6: TCP 1.2.3.4:5")),
         "{:?}",
         p.notes
     );
+    // A file missing on this node fails the spawn, naming it.
+    let mut gone = d.clone();
+    gone.fds.iter_mut().find(|f| f.fd == 4).unwrap().path = "/nonexistent/file".into();
+    let e = build4(&gone, &husk(0x7fff_f000_0000), &local(), false).unwrap_err();
+    assert!(e.to_string().contains("fd 4 (/nonexistent/file)"), "{e}");
     d.fds.push(FdEntry {
         fd: 100_000,
         kind: FdKind::Regular,
@@ -582,6 +607,15 @@ fn the_userfaultfd_goes_below_a_lowered_descriptor_limit() {
         flags: 0,
         offset: 0,
     });
+    d.fd_objects.objects.push(crate::kobj::FdObject {
+        fd: 251,
+        object: crate::kobj::Object::Pipe {
+            read: true,
+            peer: None,
+            data: b"hi".to_vec(),
+            size: 65536,
+        },
+    });
     let p = build4(&d, &husk(0x7fff_f000_0000), &local(), true).unwrap();
     let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
     let up = names
@@ -598,4 +632,117 @@ fn the_userfaultfd_goes_below_a_lowered_descriptor_limit() {
         .unwrap();
     let last_fd = names.iter().rposition(|n| n.contains("fd 251")).unwrap();
     assert!(nofile > last_fd && nofile > up, "{names:?}");
+}
+
+/// The sample's kernel objects (an eventfd at 3, an epoll at 4 watching it,
+/// fd 5 a dup of 3) plus a pipe with both ends (7 writes, 8 reads, 2 bytes
+/// queued) and a memfd at 9.
+fn with_objects() -> Descriptor {
+    use crate::kobj::{FdObject, MemoryKind, Object};
+    let mut d = sample();
+    let entry = |fd: i32, path: &str, flags: i32| FdEntry {
+        fd,
+        kind: crate::procfs::fd_kind(path, None),
+        path: path.into(),
+        flags: flags as u32,
+        offset: 0,
+    };
+    d.fds.push(entry(7, "pipe:[77]", libc::O_WRONLY));
+    d.fds
+        .push(entry(8, "pipe:[77]", libc::O_RDONLY | libc::O_NONBLOCK));
+    d.fds.push(entry(9, "/memfd:m (deleted)", libc::O_RDONLY));
+    d.fd_objects.objects.extend([
+        FdObject {
+            fd: 7,
+            object: Object::Pipe {
+                read: false,
+                peer: Some(8),
+                data: vec![],
+                size: 4096,
+            },
+        },
+        FdObject {
+            fd: 8,
+            object: Object::Pipe {
+                read: true,
+                peer: Some(7),
+                data: b"hi".to_vec(),
+                size: 4096,
+            },
+        },
+        FdObject {
+            fd: 9,
+            object: Object::Memory {
+                kind: MemoryKind::Memfd { name: "m".into() },
+                content: b"abc".to_vec(),
+                seals: 0,
+            },
+        },
+    ]);
+    d
+}
+
+#[test]
+fn kernel_objects_replace_placeholders_and_watches_come_last() {
+    let d = with_objects();
+    crate::image::validate(&d, None).unwrap();
+    let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
+    let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
+    let at = |s: &str| {
+        names
+            .iter()
+            .position(|n| *n == s)
+            .unwrap_or_else(|| panic!("no {s:?} in {names:#?}"))
+    };
+    // Every number is held before any object is made.
+    assert!(at("placeholder fd 9") < at("fd 3: eventfd2"));
+    // The counter is written, the pipe made once (at its lower end) with
+    // its bytes, the memfd at the first free number (10) with its contents.
+    assert!(at("fd 3: setting the eventfd's counter to 5") > at("fd 3: eventfd2"));
+    assert_eq!(names.iter().filter(|n| n.contains("pipe2")).count(), 1);
+    let write = &p.state_ops[at("fd 7: putting back the 2 bytes in the pipe")];
+    assert!(matches!(write.args[0], Arg::Load(_)), "{write:?}");
+    assert_eq!(p.state_ops[at("fd 9: memfd_create(m)")].expect, Some(10));
+    // Opened read-only as the parent had it: reopened through /proc.
+    assert_eq!(
+        p.state_ops[at("fd 9: reopening it with its access mode")].expect,
+        Some(11)
+    );
+    assert!(at("fd 5: a duplicate of fd 3") > at("fd 3: placing the eventfd"));
+    // The watch after everything, and before the gap fillers close.
+    let watch = at("fd 4: watching fd 3 (events 0x80000001)");
+    assert!(watch > at("fd 9: placing the file"));
+    assert!(
+        names[watch..]
+            .iter()
+            .any(|n| n.starts_with("close gap filler"))
+            || !names.iter().any(|n| n.starts_with("close gap filler"))
+    );
+    // The pipe's read end keeps O_NONBLOCK, its write end not.
+    let fl = |fd: &str| {
+        let o = &p.state_ops[at(&format!("fd {fd}: its file status flags"))];
+        o.args[2]
+    };
+    assert_eq!(fl("8"), Arg::Val(libc::O_NONBLOCK as u64));
+    assert_eq!(fl("7"), Arg::Val(0));
+}
+
+#[test]
+fn a_template_child_makes_its_own_queues_and_shares_files() {
+    let d = with_objects();
+    let t = fork_table(&d, 0x1000, 0, &[0, 1, 2], None);
+    let names: Vec<&str> = t.what.iter().map(|s| s.as_str()).collect();
+    // Its own eventfd, epoll (with the watch), pipe and the dup of its
+    // own eventfd; the memfd it shares with the template, as a fork child
+    // shares its parent's.
+    for want in [
+        "fd 3: eventfd2",
+        "fd 4: epoll_create1",
+        "fd 7: pipe2",
+        "fd 5: a duplicate of fd 3",
+        "fd 4: watching fd 3 (events 0x80000001)",
+    ] {
+        assert!(names.contains(&want), "no {want:?} in {names:#?}");
+    }
+    assert!(!names.iter().any(|n| n.contains("memfd")), "{names:#?}");
 }
