@@ -354,6 +354,8 @@ fn freeze(
     pmaps: &[MapsEntry],
 ) -> Result<Frozen, CaptureError> {
     let pt = |e| CaptureError::from_ptrace(pid, e);
+    // Read before the pause (smaps walks the page tables).
+    let dontfork = procfs::dontfork_ranges(pid);
     let t = Instant::now();
     let mut parent = Tracee::seize(pid).map_err(pt)?;
     parent.interrupt().map_err(pt)?;
@@ -365,7 +367,7 @@ fn freeze(
     let stopped = stop_other_threads(pid, &mut others);
     let frozen = while_stopped(parent, &mut others, pid, &regs, |p, others| {
         stopped?;
-        freeze_stopped(p, others, pid, insn, &regs, pmaps, opts)
+        freeze_stopped(p, others, pid, insn, &regs, (pmaps, &dontfork), opts)
     });
     let pause_ns = t.elapsed().as_nanos() as u64;
     let mut frozen = frozen?;
@@ -665,7 +667,7 @@ fn freeze_stopped(
     pid: pid_t,
     insn: u64,
     regs: &libc::user_regs_struct,
-    pmaps: &[MapsEntry],
+    (pmaps, dontfork): (&[MapsEntry], &[(u64, u64)]),
     opts: &CaptureOptions,
 ) -> Result<Frozen, CaptureError> {
     let pt = |e| CaptureError::from_ptrace(pid, e);
@@ -681,9 +683,21 @@ fn freeze_stopped(
     let robust_list = kproc::robust_list(pid)?;
 
     // The clone: flags 0 means a plain fork whose exit signal is 0.
-    let r = parent
-        .inject_syscall(insn, regs, libc::SYS_clone, [0; 6])
-        .map_err(pt)?;
+    // Mappings the process marked MADV_DONTFORK (V8's heap and code) are
+    // part of it all the same: the mark is lifted for the clone and put
+    // back at once.
+    let lifted = set_dontfork(parent, insn, regs, dontfork, libc::MADV_DOFORK);
+    let r = parent.inject_syscall(insn, regs, libc::SYS_clone, [0; 6]);
+    let back = set_dontfork(parent, insn, regs, &lifted, libc::MADV_DONTFORK);
+    if back.len() != lifted.len() {
+        warn!(
+            pid,
+            lifted = lifted.len(),
+            put_back = back.len(),
+            "MADV_DONTFORK could not be put back on every mapping"
+        );
+    }
+    let r = r.map_err(pt)?;
     let child = match (r.result(), r.new_child) {
         (Ok(_), Some(c)) => c,
         (Ok(c), None) => c as pid_t,
@@ -756,6 +770,31 @@ fn freeze_stopped(
         shared,
         pause_ns: 0,
     })
+}
+
+/// `madvise(advice)` on each range, injected into the stopped parent: the
+/// ranges it succeeded on (a range unmapped since it was listed fails).
+fn set_dontfork(
+    parent: &mut Tracee,
+    insn: u64,
+    regs: &libc::user_regs_struct,
+    ranges: &[(u64, u64)],
+    advice: i32,
+) -> Vec<(u64, u64)> {
+    let mut done = Vec::with_capacity(ranges.len());
+    for &(start, end) in ranges {
+        match parent.inject_syscall(
+            insn,
+            regs,
+            libc::SYS_madvise,
+            [start, end - start, advice as u64, 0, 0, 0],
+        ) {
+            Ok(r) if r.result().is_ok() => done.push((start, end)),
+            Ok(r) => debug!(start, end, advice, result = ?r.result(), "madvise failed"),
+            Err(e) => warn!(start, end, advice, error = %e, "madvise could not be injected"),
+        }
+    }
+    done
 }
 
 /// Is `m` shared memory whose contents capture stores (anonymous shared

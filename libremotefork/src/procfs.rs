@@ -525,6 +525,40 @@ pub fn parse_fdinfo(text: &str) -> (u64, u32) {
     (pos, flags)
 }
 
+/// The mappings of `pid` marked `MADV_DONTFORK` (`dc` in the `VmFlags` of
+/// `/proc/PID/smaps`), as (start, end); none if it cannot be read.
+pub fn dontfork_ranges(pid: pid_t) -> Vec<(u64, u64)> {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    parse_dontfork(&text)
+}
+
+/// [`dontfork_ranges`] from the text of `/proc/PID/smaps`.
+pub fn parse_dontfork(text: &str) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut range = None;
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some((a, b)) = range.take() {
+                if flags.split_whitespace().any(|f| f == "dc") {
+                    // Adjacent ones as one range: one madvise each way.
+                    match out.last_mut() {
+                        Some((_, end)) if *end == a => *end = b,
+                        _ => out.push((a, b)),
+                    }
+                }
+            }
+        } else if let Some((a, rest)) = line.split_once('-') {
+            let b = rest.split_whitespace().next().unwrap_or("");
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                range = Some((a, b));
+            }
+        }
+    }
+    out
+}
+
 /// All open file descriptors of `pid`, sorted by number.
 pub fn fds(pid: pid_t) -> Result<Vec<FdEntry>, ProcfsError> {
     let dir = format!("/proc/{pid}/fd");
@@ -623,6 +657,11 @@ mod tests {
         assert_eq!(fd_kind("/memfd:a (deleted)", None), FdKind::Deleted);
         assert_eq!(fd_kind("/x", None), FdKind::Other);
         assert_eq!(parse_fdinfo("pos:\t42\nflags:\t0100002\n"), (42, 0o100002));
+        let smaps = "f3371b80000-f3371bc0000 rw-p 00000000 00:00 0 \nSize:  256 kB\nVmFlags: rd wr mr mw me dc nr \n7f00-8000 r--p 00000000 00:00 0\nRss: 4 kB\nVmFlags: rd mr mw me \n";
+        assert_eq!(parse_dontfork(smaps), vec![(0xf3371b80000, 0xf3371bc0000)]);
+        let adjacent =
+            "1000-2000 rw-p 0 00:00 0\nVmFlags: rd dc\n2000-3000 ---p 0 00:00 0\nVmFlags: dc\n";
+        assert_eq!(parse_dontfork(adjacent), vec![(0x1000, 0x3000)]);
     }
 
     #[test]

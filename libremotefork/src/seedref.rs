@@ -220,13 +220,13 @@ impl crate::Seed {
         crate::private_fs::dir(&base).map_err(io(format!("creating {}", base.display())))?;
         crate::private_fs::dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
         let dpath = dir.join(crate::image::DESCRIPTOR_FILE);
-        crate::private_fs::write(&dpath, &descriptor)
+        crate::private_fs::replace(&dpath, &descriptor)
             .map_err(io(format!("writing {}", dpath.display())))?;
         let wpath = dir.join(crate::restore::WORKING_SET_FILE);
         if working_set.is_empty() {
             let _ = std::fs::remove_file(&wpath);
         } else {
-            crate::private_fs::write(&wpath, &working_set)
+            crate::private_fs::replace(&wpath, &working_set)
                 .map_err(io(format!("writing {}", wpath.display())))?;
         }
         let image = crate::image::SeedImage::open_descriptor(&dir)?;

@@ -188,11 +188,14 @@ impl Service {
                 .join(format!("{}-{}", sr.id, &auth::hash_token(origin)[..8]));
         remotefork::private_fs::dir(&dir)
             .map_err(|e| Status::internal(format!("creating {}: {e}", dir.display())))?;
-        remotefork::private_fs::write(&dir.join(remotefork::image::DESCRIPTOR_FILE), &b.descriptor)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        remotefork::private_fs::replace(
+            &dir.join(remotefork::image::DESCRIPTOR_FILE),
+            &b.descriptor,
+        )
+        .map_err(|e| Status::internal(e.to_string()))?;
         if !b.working_set.is_empty() {
             // Recorded on the seed's node: this node's first child is fast too.
-            remotefork::private_fs::write(
+            remotefork::private_fs::replace(
                 &dir.join(remotefork::node::WORKING_SET_FILE),
                 &b.working_set,
             )

@@ -2,6 +2,8 @@
 //! the C test programs, starting targets and talking to them.
 #![allow(dead_code)]
 
+pub mod runner;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -215,12 +217,35 @@ pub fn blocked_in_read(pid: i32) -> bool {
     false
 }
 
-/// Capture `cmd` once it is blocked reading stdin, then kill it.
+/// Wait up to 10 s for `pid`'s main thread to be asleep waiting for input
+/// or an event: in `read`, `poll`, `select`, an `epoll_wait` (an event
+/// loop's) or a futex (a JVM's launcher thread); false if it exits or
+/// never does.
+pub fn blocked_waiting(pid: i32) -> bool {
+    const WAITS: [&str; 9] = [
+        "0 ", "7 ", "23 ", "202 ", "232 ", "270 ", "271 ", "281 ", "441 ",
+    ];
+    for _ in 0..10_000 {
+        let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        match state(pid) {
+            Some('S') if WAITS.iter().any(|w| sc.starts_with(w)) => return true,
+            None | Some('Z') => return false,
+            _ => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    false
+}
+
+/// Capture `cmd` once it is blocked waiting for input, then kill it.
 /// Returns the image dir and the target's ready line.
 pub fn seed_of(cmd: Command, name: &str) -> (PathBuf, String) {
     let (target, ready) = Target::start(cmd);
     let pid = target.pid();
-    wait_blocked_in_read(pid);
+    assert!(
+        blocked_waiting(pid),
+        "process {pid} never blocked waiting for input"
+    );
     let out = scratch(name).join("seed");
     let (code, _, stderr) = run_forkd(&[
         "snapshot",

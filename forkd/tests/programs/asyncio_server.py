@@ -6,13 +6,21 @@ It starts a TCP server on 127.0.0.1 (port 0: the kernel picks;
 SO_REUSEPORT set) that answers each line it receives with the line in
 upper case, reads its stdin through loop.connect_read_pipe (a
 StreamReader), warms up (a few requests of every kind), prints
-"ready port=PORT", then answers each stdin line:
+"ready", then answers each stdin line:
 
     N    fib=<fib(N)> sleep=ok tcp=<HELLO: what its own server answered
-         to 'hello' over a new loopback connection>
+         to 'hello' over a new loopback connection; ERROR:<exception> if
+         none answered within 5 s>
     pid  pid=<os.getpid()>
 
-one line per request, in order, and exits 0 at end of input.
+one line per request, in order, and exits 0 at end of input. Its stdin
+must be a pipe, a socket or a terminal (epoll must accept it): otherwise
+it exits 1 at once.
+
+Note for restores: with SO_REUSEPORT, a child that binds a new listener
+on the same port joins the parent's group, and the kernel spreads new
+connections over the group by their addresses: those that land on a
+listener whose process does not accept (a stopped parent) wait there.
 """
 
 import asyncio
@@ -41,15 +49,40 @@ async def upper_echo(reader, writer):
 
 
 async def tcp_hello(port):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    """'HELLO' from a server listening on port, or what went wrong.
+
+    Children of one seed on one node each listen on the port
+    (SO_REUSEPORT), and the kernel spreads connections over all of them: a
+    connection may be queued at a sibling that exits before accepting it,
+    which resets it (unless net.ipv4.tcp_migrate_req is set), as for any
+    pre-fork server with SO_REUSEPORT. A client retries; so does this."""
+    last = "none"
+    for _ in range(20):
+        got = await tcp_hello_once(port)
+        if not got.startswith("ERROR:Connection"):
+            return got
+        last = got
+    return last
+
+
+async def tcp_hello_once(port):
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    except (OSError, asyncio.TimeoutError) as e:
+        return f"ERROR:{type(e).__name__}"
     try:
         writer.write(b"hello\n")
         await writer.drain()
-        reply = await asyncio.wait_for(reader.readline(), 10)
-        return reply.decode().strip() or "EOF"
+        reply = await asyncio.wait_for(reader.readline(), 5)
+        return reply.decode().strip() or "ERROR:ConnectionClosed"
+    except (OSError, asyncio.TimeoutError) as e:
+        return f"ERROR:{type(e).__name__}"
     finally:
         writer.close()
-        await writer.wait_closed()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
 
 
 async def answer(line, port):
@@ -83,31 +116,42 @@ def check_stdin():
         ep.close()
 
 
-async def main():
-    check_stdin()
+async def serve(port):
     loop = asyncio.get_running_loop()
-    server = await asyncio.start_server(upper_echo, host="127.0.0.1", port=0, reuse_port=True)
-    port = server.sockets[0].getsockname()[1]
-
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-
-    for i in range(20):
-        await answer(str(i), port)
-    print(f"ready port={port}", flush=True)
-
     while True:
         raw = await reader.readline()
         if not raw:
             break
         line = raw.decode().strip()
-        if not line:
-            continue
-        sys.stdout.write(await answer(line, port) + "\n")
-        sys.stdout.flush()
+        if line:
+            sys.stdout.write(await answer(line, port) + "\n")
+            sys.stdout.flush()
+
+
+def main():
+    check_stdin()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = loop.run_until_complete(
+        asyncio.start_server(upper_echo, host="127.0.0.1", port=0, reuse_port=True)
+    )
+    port = server.sockets[0].getsockname()[1]
+    for i in range(20):
+        loop.run_until_complete(answer(str(i), port))
+    print("ready", flush=True)
+    # Warm, the loop stopped, its epoll set, self-pipe and server in place:
+    # the process waits here for its first request. A process captured
+    # inside a running loop cannot run that loop in a child: CPython keeps
+    # the running loop with its pid, and in a child (another pid)
+    # get_running_loop() fails, as after os.fork().
+    select.select([0], [], [])
+    loop.run_until_complete(serve(port))
     server.close()
-    await server.wait_closed()
+    loop.run_until_complete(server.wait_closed())
+    loop.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

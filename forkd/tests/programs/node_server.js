@@ -7,7 +7,8 @@
 // pool, fires a timer), prints "ready", then answers each stdin line:
 //
 //   N    fib=<fib(N)> sha=<first 16 hex of sha256(line)> file=<bytes of
-//        this script, read with fs.promises.readFile> timer=ok
+//        this script, read with fs.promises.readFile (libuv's thread
+//        pool), or ERROR:<code>> timer=ok (after a 5 ms setTimeout)
 //   pid  pid=<this process's pid, read from /proc/self>
 //
 // (Not process.pid: Node stores the pid once, at start-up, as a plain
@@ -38,8 +39,11 @@ async function answer(line) {
   if (line === 'pid') return `pid=${fs.readlinkSync('/proc/self')}`;
   const n = Number.parseInt(line, 10);
   if (!Number.isInteger(n) || n < 0 || String(n) !== line) return `error=bad request ${JSON.stringify(line)}`;
-  const [data, fired] = await Promise.all([fs.promises.readFile(__filename), timer(5)]);
-  return `fib=${fib(n)} sha=${sha16(line)} file=${data.length} timer=${fired}`;
+  const [size, fired] = await Promise.all([
+    fs.promises.readFile(__filename).then((data) => data.length, (err) => `ERROR:${err.code || err.message}`),
+    timer(5),
+  ]);
+  return `fib=${fib(n)} sha=${sha16(line)} file=${size} timer=${fired}`;
 }
 
 async function warmup() {

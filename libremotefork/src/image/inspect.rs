@@ -87,6 +87,7 @@ pub fn to_json(d: &Descriptor, image_dir: Option<&str>) -> Value {
         "umask": d.umask,
         "creds": { "uid": d.creds.uid, "gid": d.creds.gid, "groups": d.creds.groups },
         "fds": serde_json::to_value(&d.fds).unwrap_or(Value::Null),
+        "fd_objects": d.fd_objects.objects.iter().map(object_json).collect::<Vec<_>>(),
         "files": serde_json::to_value(&d.files).unwrap_or(Value::Null),
         "vmas": vmas,
         "vdso_hash": d.vdso_hash,
@@ -190,9 +191,68 @@ pub fn to_text(d: &Descriptor) -> String {
     for f in &d.fds {
         let _ = writeln!(
             s,
-            "  fd {:>3} {:?} {} (flags {:o}, offset {})",
-            f.fd, f.kind, f.path, f.flags, f.offset
+            "  fd {:>3} {:?} {} (flags {:o}, offset {}){}",
+            f.fd,
+            f.kind,
+            f.path,
+            f.flags,
+            f.offset,
+            d.fd_objects
+                .get(f.fd)
+                .map(|o| format!(": {}", o.kind_name()))
+                .unwrap_or_default()
         );
     }
     s
+}
+
+/// One kernel object, its state without its contents (their size only).
+fn object_json(o: &crate::kobj::FdObject) -> Value {
+    use crate::kobj::Object;
+    let state = match &o.object {
+        Object::Dup { of } => json!({ "of": of }),
+        Object::EventFd { count, semaphore } => json!({ "count": count, "semaphore": semaphore }),
+        Object::Epoll { watches } => json!({ "watches": watches.iter().map(|w| json!({
+            "fd": w.fd, "events": w.events, "data": w.data })).collect::<Vec<_>>() }),
+        Object::TimerFd {
+            clock,
+            value,
+            interval,
+            ticks,
+        } => json!({
+            "clock": clock, "value": [value.0, value.1], "interval": [interval.0, interval.1], "ticks": ticks }),
+        Object::SignalFd { mask } => json!({ "mask": mask }),
+        Object::Pipe {
+            read,
+            peer,
+            data,
+            size,
+        } => json!({
+            "read_end": read, "peer": peer, "bytes": data.len(), "size": size }),
+        Object::UnixPair { ty, peer, queue } => json!({
+            "type": ty, "peer": peer, "queued": queue.iter().map(Vec::len).collect::<Vec<_>>() }),
+        Object::Memory {
+            kind,
+            content,
+            seals,
+        } => json!({
+            "file": match kind {
+                crate::kobj::MemoryKind::Memfd { name } => format!("memfd:{name}"),
+                crate::kobj::MemoryKind::Unlinked { dir } => format!("unlinked in {dir}"),
+            },
+            "bytes": content.len(), "seals": seals }),
+        Object::Listen {
+            addr,
+            reuse_addr,
+            reuse_port,
+            ..
+        } => json!({
+            "addr": crate::kobj::sockaddr_text(addr), "reuse_addr": reuse_addr, "reuse_port": reuse_port }),
+        Object::Udp { local, peer, .. } => json!({
+            "local": local.as_deref().map(crate::kobj::sockaddr_text),
+            "peer": peer.as_deref().map(crate::kobj::sockaddr_text) }),
+        Object::Closed { what, .. } => json!({ "was": what }),
+        Object::Dropped { why } => json!({ "why": why }),
+    };
+    json!({ "fd": o.fd, "kind": o.object.kind_name(), "state": state })
 }

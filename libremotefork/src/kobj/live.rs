@@ -152,6 +152,17 @@ pub fn capture(
             }
             Ok(None) => {}
             Err(Failure::Io(e)) => return Err(e),
+            // A userfaultfd serves the parent's own address space, not a
+            // child's: in a lazily restored child it is forkd's (the
+            // pager's copy). Never recreated, always dropped, and said.
+            Err(Failure::Refused(r)) if f.path == "anon_inode:[userfaultfd]" => {
+                let why = format!("{} ({}): {}", r.kind, f.path, r.why);
+                notes.push(format!("fd {} dropped: {why}", f.fd));
+                out.push(FdObject {
+                    fd: f.fd,
+                    object: Object::Dropped { why },
+                });
+            }
             Err(Failure::Refused(r)) if policy.drop_unsupported => {
                 let why = format!("{} ({}): {}", r.kind, f.path, r.why);
                 warn!(pid, fd = f.fd, %why, "dropping a descriptor children cannot have");
@@ -346,6 +357,10 @@ impl Ctx<'_> {
             "[signalfd]" => Ok(Object::SignalFd {
                 mask: parse_signalfd(&info).ok_or_else(|| bad("mask"))?,
             }),
+            "[userfaultfd]" => Err(refuse(
+                "userfaultfd",
+                "it serves the parent's memory (forkd's pager, when the parent is itself a restored child); a child gets its own",
+            ))?,
             "inotify" => Err(refuse(
                 "inotify",
                 "its watches are not recreated (add them again after restore)",

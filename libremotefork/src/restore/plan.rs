@@ -718,6 +718,7 @@ pub fn fork_table(
             format!("fd {}: the checkpoint's answer, from stdin", f.fd),
         ));
     }
+    ops.extend(descriptors::stdio_flags(desc));
     // Its own kernel objects where siblings must not share them (queues,
     // counters, timers, epoll sets), made over what it inherited.
     let (objects, _) = objects::plan_objects(&mut data, desc, objects::Context::Fork);

@@ -18,6 +18,7 @@ pub(super) fn plan_fds(d: &mut Draft, desc: &Descriptor) -> Result<i32, PlanErro
         return Err(PlanError::FdTooHigh(max_fd));
     }
     let mut gaps = Vec::new();
+    d.state_ops.extend(stdio_flags(desc));
     for n in 3..=max_fd {
         let f = desc.fds.iter().find(|f| f.fd == n);
         let reopen = f.filter(|f| reopenable(f));
@@ -226,4 +227,43 @@ fn reopen_flags(f: &FdEntry) -> u64 {
         | libc::O_DSYNC
         | libc::O_LARGEFILE;
     (f.flags as i32 & keep) as u64
+}
+
+/// The child's stdio get the parent's `O_NONBLOCK` and close-on-exec
+/// flags: a runtime that made its stdin non-blocking (libuv does) would
+/// block its event loop reading a blocking one.
+pub(super) fn stdio_flags(desc: &Descriptor) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for f in desc.fds.iter().filter(|f| (0..3).contains(&f.fd)) {
+        let nonblock = f.flags as i32 & libc::O_NONBLOCK;
+        if nonblock != 0 {
+            ops.push(Op::new(
+                libc::SYS_fcntl,
+                [
+                    v(f.fd as u64),
+                    v(libc::F_SETFL as u64),
+                    v(nonblock as u64),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                format!("fd {}: O_NONBLOCK, as the parent's", f.fd),
+            ));
+        }
+        if f.flags as i32 & libc::O_CLOEXEC != 0 {
+            ops.push(Op::new(
+                libc::SYS_fcntl,
+                [
+                    v(f.fd as u64),
+                    v(libc::F_SETFD as u64),
+                    v(libc::FD_CLOEXEC as u64),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                format!("fd {}: close-on-exec, as the parent's", f.fd),
+            ));
+        }
+    }
+    ops
 }

@@ -1,0 +1,204 @@
+//! Runtimes whose event loops hold kernel objects, captured warm from
+//! outside and restored: their epoll sets, eventfds, pipes (libuv's lock
+//! pipe holds one byte), socket pairs and listening sockets must come back
+//! for the children to answer.
+//!
+//! Programs (in `tests/programs/`, and one restore case):
+//!
+//! - `event_loop`: the restore case `tests/cases/event_loop.c`: an epoll
+//!   set over an eventfd at 5, a pipe holding bytes, a periodic timerfd and
+//!   a signalfd; it checks them all itself and prints "ok";
+//! - `asyncio_server`: CPython asyncio: its loop's epoll and self-pipe
+//!   socket pair, a TCP server on 127.0.0.1 (`SO_REUSEPORT`), stdin read
+//!   through `connect_read_pipe`; answers "N" with fib(N), an
+//!   `asyncio.sleep`, and what its own server answered over a new
+//!   connection;
+//! - `node_server`: Node.js (libuv's three loops, its thread pool, V8's
+//!   JIT), readline on stdin; answers "N" with fib(N) (BigInt), a sha256
+//!   (crypto), its own size read with `fs.promises.readFile` (the thread
+//!   pool) and a timer;
+//! - `java_fn`: a JVM (`JavaFn.java` compiled here with javac), JIT-warm
+//!   after 20,000 calls; answers "N" with fib(N), a SHA-256 and a sorted
+//!   list's sum.
+//!
+//! Every program runs in every mode of `common/runner.rs` (eager, lazy,
+//! template, remote_tcp), each cell its own test
+//! (`runtimes::PROGRAM::MODE`), 20 children each; every child's whole output
+//! must equal the program's own, which is checked first against answers
+//! computed here.
+//!
+//! Root-only. A program whose runtime is missing (`node`, `java`/`javac`;
+//! `forkd/scripts/deps.sh` installs them) is SKIPPED.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::runner::{self, program_file, which};
+use common::*;
+use sha2::{Digest, Sha256};
+
+/// Node with libuv's io_uring off (its rings cannot be recreated) and small
+/// pools.
+fn node_argv() -> Option<Vec<String>> {
+    let node = which("node").or_else(|| which("nodejs"))?;
+    Some(vec![
+        "/usr/bin/env".into(),
+        "UV_USE_IO_URING=0".into(),
+        "UV_THREADPOOL_SIZE=2".into(),
+        node.to_string_lossy().into_owned(),
+        "--v8-pool-size=2".into(),
+        program_file("node_server.js")
+            .to_string_lossy()
+            .into_owned(),
+    ])
+}
+
+/// `JavaFn.java` compiled once per test binary run, under the target dir.
+fn java_classes() -> Option<PathBuf> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let javac = which("javac")?;
+        which("java")?;
+        let dir =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("java-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let o = Command::new(javac)
+            .arg("-d")
+            .arg(&dir)
+            .arg(program_file("JavaFn.java"))
+            .output()
+            .expect("running javac");
+        assert!(
+            o.status.success(),
+            "javac JavaFn.java failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Some(dir)
+    })
+    .clone()
+}
+
+/// The JVM without its perf-data file (a shared mapping named after the
+/// parent's pid), with the serial collector and two compiler threads.
+fn java_argv() -> Option<Vec<String>> {
+    let classes = java_classes()?;
+    Some(vec![
+        which("java")?.to_string_lossy().into_owned(),
+        "-XX:-UsePerfData".into(),
+        "-XX:+UseSerialGC".into(),
+        "-XX:CICompilerCount=2".into(),
+        "-XX:-UseDynamicNumberOfCompilerThreads".into(),
+        "-cp".into(),
+        classes.to_string_lossy().into_owned(),
+        "JavaFn".into(),
+    ])
+}
+
+/// The command line of program `name`, or Err(why it cannot run here).
+fn argv(name: &str) -> Result<Vec<String>, String> {
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    match name {
+        "event_loop" => Ok(vec![s(&c_case("event_loop"))]),
+        "asyncio_server" => Ok(vec![python().into(), s(&program_file("asyncio_server.py"))]),
+        "node_server" => node_argv().ok_or_else(|| "node is not installed".to_string()),
+        "java_fn" => java_argv().ok_or_else(|| "java or javac is not installed".to_string()),
+        other => panic!("unknown program {other}"),
+    }
+}
+
+/// What every child of program `name` is given on stdin.
+fn input(name: &str) -> &'static str {
+    match name {
+        "event_loop" => "check\n",
+        _ => "0\n10\n93\n",
+    }
+}
+
+fn fib(n: u32) -> u128 {
+    let (mut a, mut b) = (0u128, 1u128);
+    for _ in 0..n {
+        (a, b) = (b, a + b);
+    }
+    a
+}
+
+fn sha16(s: &str) -> String {
+    Sha256::digest(s.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The answer of program `name` to line `n`, computed here.
+fn answer(name: &str, n: u32) -> String {
+    match name {
+        "asyncio_server" => format!("fib={} sleep=ok tcp=HELLO", fib(n)),
+        "node_server" => {
+            let size = std::fs::metadata(program_file("node_server.js"))
+                .unwrap()
+                .len();
+            format!(
+                "fib={} sha={} file={size} timer=ok",
+                fib(n),
+                sha16(&n.to_string())
+            )
+        }
+        "java_fn" => format!(
+            "fib={} sha={} list={}",
+            fib(n),
+            sha16(&n.to_string()),
+            (0..=n as u64).sum::<u64>()
+        ),
+        other => panic!("no answers for {other}"),
+    }
+}
+
+/// Program `name` run on its own: its output, checked against the answers
+/// computed here. Every child must print exactly this.
+fn expected(name: &str, a: &[String]) -> String {
+    let out = runner::alone(name, a, input(name));
+    let want: String = match name {
+        "event_loop" => "ok\n".into(),
+        _ => input(name)
+            .lines()
+            .map(|l| answer(name, l.parse().unwrap()) + "\n")
+            .collect(),
+    };
+    assert_eq!(out, want, "{name} on its own");
+    out
+}
+
+fn run(name: &str, mode: &str) {
+    let test = format!("runtimes::{name}::{mode}");
+    if !require_root(&test) {
+        return;
+    }
+    let a = match argv(name) {
+        Ok(a) => a,
+        Err(why) => {
+            println!("SKIPPED: {test}: {why} (forkd/scripts/deps.sh installs it)");
+            return;
+        }
+    };
+    let want = expected(name, &a);
+    runner::cell(name, mode, &a, input(name), &want);
+}
+
+macro_rules! programs {
+    ($($prog:ident),* $(,)?) => {
+        $(
+            #[allow(non_snake_case)]
+            mod $prog {
+                #[test] fn eager() { super::run(stringify!($prog), "eager") }
+                #[test] fn lazy() { super::run(stringify!($prog), "lazy") }
+                #[test] fn template() { super::run(stringify!($prog), "template") }
+                #[test] fn remote_tcp() { super::run(stringify!($prog), "remote_tcp") }
+            }
+        )*
+    };
+}
+
+programs!(event_loop, asyncio_server, node_server, java_fn);
