@@ -9,9 +9,12 @@ need_apt=()
 # bindings (the RDMA transport); libibverbs1 and ibverbs-providers are what
 # it opens at run time (without them forkd runs with RDMA unavailable).
 # golang-go and ruby run the multi-threaded restore tests' Go and Ruby
-# programs (forkd/tests/threads.rs).
+# programs (forkd/tests/threads.rs); the JDK (javac, for the Java programs
+# and clients/java) and the JRE run the runtimes tests' JVM
+# (forkd/tests/runtimes.rs).
 DEB_PKGS=(build-essential iproute2 procps cmake libclang-dev clang pkg-config
-          libibverbs1 ibverbs-providers golang-go ruby)
+          libibverbs1 ibverbs-providers golang-go ruby
+          openjdk-17-jre-headless openjdk-17-jdk-headless)
 for pkg in "${DEB_PKGS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

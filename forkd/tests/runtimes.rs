@@ -32,7 +32,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -202,3 +202,237 @@ macro_rules! programs {
 }
 
 programs!(event_loop, asyncio_server, node_server, java_fn);
+
+// ---- through the gateway ----
+
+/// The gateway's answer to `{"n": n}`, computed here, for the function of
+/// `runtime` ("node" or "java"), without what differs by instance.
+fn gateway_answer(runtime: &str, n: u32) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "n": n, "fib": fib(n).to_string(), "sha": sha16(&n.to_string()),
+    });
+    if runtime == "node" {
+        v["file"] = std::fs::metadata(program_file("node_handler.js"))
+            .unwrap()
+            .len()
+            .into();
+    } else {
+        v["list"] = (0..=n as u64).sum::<u64>().into();
+    }
+    v
+}
+
+/// `register` as a gateway function on one forkd, then 200 concurrent
+/// invocations, every answer checked. Returns the answers' `rnd` values
+/// (Node) and the instances' pids.
+fn gateway_200(test: &str, runtime: &str, register: serde_json::Value) {
+    const CALLS: u32 = 200;
+    let dir = scratch(&format!("runtimes-gw-{runtime}"));
+    let d = Daemon::start(&dir, false);
+    let gw = Gateway::start(&[
+        "--node".into(),
+        d.addr(),
+        // At most 50 instances: 200 calls queue for them.
+        "--max-instances-per-node".into(),
+        "50".into(),
+        "--timeout-ms".into(),
+        "120000".into(),
+        "--ready-timeout-ms".into(),
+        "120000".into(),
+        "--queue-timeout-ms".into(),
+        "600000".into(),
+    ]);
+    let a = gw.addr.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (st, v) = http(&a, "POST", "/functions", &register.to_string()).await;
+        assert_eq!(st, 201, "{test}: registering: {v}");
+        let t = std::time::Instant::now();
+        let calls: Vec<_> = (1..=CALLS)
+            .map(|n| {
+                let a = a.clone();
+                let name = runtime.to_string();
+                tokio::spawn(async move {
+                    let body = format!("{{\"n\": {}}}", n % 90);
+                    (
+                        n % 90,
+                        http(&a, "POST", &format!("/invoke/{name}"), &body).await,
+                    )
+                })
+            })
+            .collect();
+        let mut bad = Vec::new();
+        let mut pids = std::collections::HashSet::new();
+        let mut rnds = std::collections::HashSet::new();
+        for c in calls {
+            let (n, (st, mut v)) = c.await.unwrap();
+            let o = v.as_object_mut();
+            let pid = o
+                .as_ref()
+                .and_then(|o| o.get("pid"))
+                .and_then(|p| p.as_u64());
+            let rnd = o
+                .and_then(|o| {
+                    o.remove("pid");
+                    o.remove("rnd")
+                })
+                .and_then(|r| r.as_f64());
+            if st != 200 || v != gateway_answer(runtime, n) {
+                bad.push(format!("invocation {n}: {st} {v}"));
+                continue;
+            }
+            pids.extend(pid);
+            if let Some(r) = rnd {
+                if !rnds.insert(r.to_bits()) {
+                    bad.push(format!("invocation {n}: Math.random() gave {r} again"));
+                }
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "{test}: {} of {CALLS} invocations answered wrong:\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
+        println!(
+            "gateway {runtime}: {CALLS} invocations answered in {:.2} s{}",
+            t.elapsed().as_secs_f64(),
+            if pids.is_empty() {
+                String::new()
+            } else {
+                format!(" by {} instances", pids.len())
+            }
+        );
+    });
+}
+
+#[test]
+fn gateway_node_function_answers_200_concurrent_invocations() {
+    let test = "runtimes::gateway_node_function_answers_200_concurrent_invocations";
+    if !require_root(test) {
+        return;
+    }
+    let Some(node) = which("node").or_else(|| which("nodejs")) else {
+        println!("SKIPPED: {test}: node is not installed (forkd/scripts/deps.sh installs it)");
+        return;
+    };
+    let runtime = Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/node/runtime.js");
+    // Checkpoint mode: the runtime checkpoints itself (the JavaScript
+    // cooperative client, every thread), instances serve many calls each.
+    gateway_200(
+        test,
+        "node",
+        serde_json::json!({
+            "name": "node",
+            "command": [node, runtime, program_file("node_handler.js")],
+            "env": {"UV_USE_IO_URING": "0"},
+        }),
+    );
+}
+
+#[test]
+fn gateway_java_function_answers_200_concurrent_invocations() {
+    let test = "runtimes::gateway_java_function_answers_200_concurrent_invocations";
+    if !require_root(test) {
+        return;
+    }
+    let (Some(java), Some(classes)) = (which("java"), java_gateway_classes()) else {
+        println!(
+            "SKIPPED: {test}: java or javac is not installed (forkd/scripts/deps.sh installs them)"
+        );
+        return;
+    };
+    // One-shot mode: captured from outside once warm, one call per child.
+    gateway_200(
+        test,
+        "java",
+        serde_json::json!({
+            "name": "java",
+            "command": [java, "-XX:-UsePerfData", "-XX:+UseSerialGC", "-XX:CICompilerCount=2",
+                        "-XX:-UseDynamicNumberOfCompilerThreads", "-cp", classes,
+                        "remotefork.Runtime", "JavaHandler", "--ready-line", "ready"],
+            "ready_line": "ready",
+        }),
+    );
+}
+
+/// The Java runtime (clients/java) and the test's handler, compiled once.
+fn java_gateway_classes() -> Option<PathBuf> {
+    let javac = which("javac")?;
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("java-gw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = Command::new(javac)
+        .arg("-d")
+        .arg(&dir)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/java/remotefork/Runtime.java"))
+        .arg(program_file("JavaHandler.java"))
+        .output()
+        .expect("running javac");
+    assert!(
+        o.status.success(),
+        "javac failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Some(dir)
+}
+
+#[test]
+fn gateway_python_async_handler_answers_on_its_restored_loop() {
+    let test = "runtimes::gateway_python_async_handler_answers_on_its_restored_loop";
+    if !require_root(test) {
+        return;
+    }
+    const CALLS: u32 = 60;
+    let dir = scratch("runtimes-gw-async");
+    let d = Daemon::start(&dir, false);
+    let gw = Gateway::start(&[
+        "--node".into(),
+        d.addr(),
+        "--max-instances-per-node".into(),
+        "20".into(),
+        "--timeout-ms".into(),
+        "60000".into(),
+        "--queue-timeout-ms".into(),
+        "240000".into(),
+    ]);
+    let a = gw.addr.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let register = serde_json::json!({
+            "name": "asyncpy",
+            "command": [python(), "-m", "remotefork.runtime", program_file("async_handler.py")],
+            "env": {"PYTHONPATH": Path::new(env!("CARGO_MANIFEST_DIR")).join("../python")},
+        });
+        let (st, v) = http(&a, "POST", "/functions", &register.to_string()).await;
+        assert_eq!(st, 201, "{v}");
+        let calls: Vec<_> = (0..CALLS)
+            .map(|n| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    (n, http(&a, "POST", "/invoke/asyncpy", &format!("{{\"n\": {n}}}")).await)
+                })
+            })
+            .collect();
+        let mut bad = Vec::new();
+        for c in calls {
+            let (n, (st, mut v)) = c.await.unwrap();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("pid");
+            }
+            let want = serde_json::json!({"n": n, "fib": fib(n).to_string(), "slept": true, "woken": 2 * n});
+            if st != 200 || v != want {
+                bad.push(format!("invocation {n}: {st} {v}"));
+            }
+        }
+        assert!(bad.is_empty(), "{test}:\n{}", bad.join("\n"));
+    });
+}

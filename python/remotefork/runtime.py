@@ -25,6 +25,13 @@ The first line a child sends is its hello: {"hello": INSTANCE_ID, "function": NA
 A handler that raises answers an error and the instance lives on; one that
 crashes the process or hangs is the gateway's to deal with.
 
+The handler (and ``warmup``) may be ``async def``: the runtime makes one
+asyncio event loop before the checkpoint (its epoll set and self-pipe are
+in the seed, recreated in every child) and runs each call on it with
+``run_until_complete``. The loop never runs across the checkpoint: CPython
+keeps a running loop with the pid it runs in, and a child (another pid)
+could not go on with it, as after ``os.fork()``.
+
 With ``--ready-line LINE`` the runtime instead prints LINE once warm (a seed
 made by forkd's CreateSeed with a ready line), then reads one event line from
 stdin, prints the result as one JSON line and exits: one invocation per child.
@@ -34,8 +41,10 @@ state, the module's ``on_restore`` hooks) as the checkpoint path does.
 """
 
 import argparse
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import socket
@@ -69,9 +78,24 @@ def load_handler(spec):
     return module, fn
 
 
+_loop = None
+
+
+def _run(value):
+    """`value`, or what it resolves to if it is awaitable (on the runtime's
+    event loop, made once)."""
+    global _loop
+    if not inspect.isawaitable(value):
+        return value
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_loop)
+    return _loop.run_until_complete(value)
+
+
 def _call(handler, event):
     try:
-        return {"ok": True, "result": handler(event)}
+        return {"ok": True, "result": _run(handler(event))}
     except Exception as e:  # the handler's own errors travel back to the caller
         return {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=5)}
 
@@ -105,7 +129,9 @@ def main(argv=None):
     module, handler = load_handler(a.handler)
     warmup = getattr(module, "warmup", None)
     if callable(warmup):
-        warmup()
+        _run(warmup())
+    if inspect.iscoroutinefunction(handler):
+        _run(asyncio.sleep(0))  # the loop exists before the checkpoint
     if a.ready_line is not None:
         warm_pid = os.getpid()
         print(a.ready_line, flush=True)
