@@ -68,6 +68,8 @@ fn summary(mut ns: Vec<u64>) -> (f64, f64, f64, f64) {
 }
 
 fn main() -> anyhow::Result<()> {
+    // What started this run (a shell's pipe) is not the programs' to hold.
+    forkd::cloexec_inherited_fds();
     let args = parse_args()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

@@ -91,6 +91,7 @@ impl Drop for Forkd {
 }
 
 /// The real Python interpreter behind the `python3` shim.
+#[allow(dead_code)] // not every benchmark needs it
 pub fn python() -> anyhow::Result<String> {
     let out = Command::new("python3")
         .args(["-c", "import sys; print(sys.executable)"])
@@ -139,3 +140,98 @@ for line in sys.stdin:
     else:
         print(answer(line), flush=True)
 "#;
+
+/// Lines read from a pipe, each waited for at most a bound (a hung child
+/// fails its row instead of the run).
+#[allow(dead_code)] // not every benchmark needs it
+pub struct Lines<R> {
+    r: R,
+    buf: Vec<u8>,
+}
+
+#[allow(dead_code)] // not every benchmark needs it
+impl<R: std::io::Read + std::os::fd::AsRawFd> Lines<R> {
+    pub fn new(r: R) -> Self {
+        Lines { r, buf: Vec::new() }
+    }
+
+    /// The next line, without its newline.
+    pub fn next(&mut self, limit: Duration) -> anyhow::Result<String> {
+        let t = Instant::now();
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Ok(String::from_utf8_lossy(&line[..i]).into_owned());
+            }
+            let left = limit.saturating_sub(t.elapsed());
+            if left.is_zero() {
+                bail!(
+                    "no line within {limit:?} (so far: {:?})",
+                    String::from_utf8_lossy(&self.buf)
+                );
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+            // SAFETY: one pollfd, valid for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            if n == 0 {
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            let got = self.r.read(&mut chunk)?;
+            if got == 0 {
+                bail!(
+                    "output ended before a whole line (so far: {:?})",
+                    String::from_utf8_lossy(&self.buf)
+                );
+            }
+            self.buf.extend_from_slice(&chunk[..got]);
+        }
+    }
+}
+
+/// `argv` as a Command.
+#[allow(dead_code)] // not every benchmark needs it
+pub fn command(argv: &[String]) -> Command {
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..]);
+    c
+}
+
+/// The resident set of `pid`, KiB.
+#[allow(dead_code)] // not every benchmark needs it
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Wait until `pid`'s main thread sleeps waiting for input or an event
+/// (`read`, `poll`, `epoll_wait`, a futex: an event loop's or a JVM
+/// launcher's).
+#[allow(dead_code)] // not every benchmark needs it
+pub fn wait_idle(pid: i32) -> anyhow::Result<()> {
+    const WAITS: [&str; 7] = ["0 ", "7 ", "202 ", "232 ", "271 ", "281 ", "441 "];
+    for _ in 0..5000 {
+        let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        if WAITS.iter().any(|w| sc.starts_with(w)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    bail!("process {pid} never went idle")
+}

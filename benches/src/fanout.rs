@@ -830,6 +830,8 @@ fn result_json(m: &MethodResult, parent_rss: u64) -> Value {
 }
 
 fn main() -> anyhow::Result<()> {
+    // What started this run (a shell's pipe) is not the programs' to hold.
+    forkd::cloexec_inherited_fds();
     let opts = parse()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

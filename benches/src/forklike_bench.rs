@@ -457,6 +457,8 @@ fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // What started this run (a shell's pipe) is not the programs' to hold.
+    forkd::cloexec_inherited_fds();
     let json_out = std::env::args()
         .skip_while(|a| a != "--json")
         .nth(1)

@@ -85,6 +85,8 @@ async fn spawn_one(
 }
 
 fn main() -> anyhow::Result<()> {
+    // What started this run (a shell's pipe) is not the programs' to hold.
+    forkd::cloexec_inherited_fds();
     let mut iterations = 10usize;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {

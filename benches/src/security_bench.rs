@@ -100,6 +100,8 @@ async fn first_answer(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // What started this run (a shell's pipe) is not the programs' to hold.
+    forkd::cloexec_inherited_fds();
     let py = common::python()?;
     let work = std::env::temp_dir().join(format!("security-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;

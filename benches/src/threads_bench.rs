@@ -29,15 +29,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use common::{bin_dir, python, wait_blocked_in_read};
+use common::{bin_dir, command, python, rss_kb, wait_blocked_in_read, Lines};
 use remotefork::capture::{capture, CaptureOptions};
 use remotefork::image::{Descriptor, SeedImage};
 use remotefork::pager::Prefetch;
@@ -185,64 +184,6 @@ fn median_u64(v: &[u64]) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-/// Lines read from a pipe, each waited for at most a bound (a hung child
-/// fails its row instead of the run).
-struct Lines<R> {
-    r: R,
-    buf: Vec<u8>,
-}
-
-impl<R: Read + AsRawFd> Lines<R> {
-    fn new(r: R) -> Self {
-        Lines { r, buf: Vec::new() }
-    }
-
-    /// The next line, without its newline.
-    fn next(&mut self, limit: Duration) -> anyhow::Result<String> {
-        let t = Instant::now();
-        loop {
-            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=i).collect();
-                return Ok(String::from_utf8_lossy(&line[..i]).into_owned());
-            }
-            let left = limit.saturating_sub(t.elapsed());
-            if left.is_zero() {
-                bail!(
-                    "no line within {limit:?} (so far: {:?})",
-                    String::from_utf8_lossy(&self.buf)
-                );
-            }
-            let mut pfd = libc::pollfd {
-                fd: self.r.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
-            // SAFETY: one pollfd, valid for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.into());
-            }
-            if n == 0 {
-                continue;
-            }
-            let mut chunk = [0u8; 4096];
-            let got = self.r.read(&mut chunk)?;
-            if got == 0 {
-                bail!(
-                    "output ended before a whole line (so far: {:?})",
-                    String::from_utf8_lossy(&self.buf)
-                );
-            }
-            self.buf.extend_from_slice(&chunk[..got]);
-        }
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Numpy,
@@ -260,12 +201,6 @@ struct Program {
     cmd: Vec<String>,
     /// Its fork twin's command line.
     twin: Vec<String>,
-}
-
-fn command(argv: &[String]) -> Command {
-    let mut c = Command::new(&argv[0]);
-    c.args(&argv[1..]);
-    c
 }
 
 /// numpy_server's matrices (as the program builds them).
@@ -323,15 +258,6 @@ fn request(kind: Kind, i: usize) -> u64 {
         Kind::Numpy => 1 + i as u64 % 1000,
         Kind::Go => 100_000 + i as u64,
     }
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn tasks(pid: i32) -> u64 {
@@ -995,6 +921,8 @@ fn report_json(p: &Program, r: &Report) -> Value {
 }
 
 fn main() -> anyhow::Result<()> {
+    // What started this run (a shell's pipe) is not the programs' to hold.
+    forkd::cloexec_inherited_fds();
     let args = parse_args()?;
     let cmd = "cargo run --release -p remotefork-benches --bin threads-bench";
     let given: Vec<String> = std::env::args().skip(1).collect();

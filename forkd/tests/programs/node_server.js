@@ -57,7 +57,8 @@ async function warmup() {
 }
 
 async function main() {
-  await warmup();
+  // RF_NO_WARMUP set: a plain cold start (the benchmark's baseline).
+  if (!process.env.RF_NO_WARMUP) await warmup();
   process.stdout.write('ready\n');
   const rl = readline.createInterface({ input: process.stdin, crlfDelay: Infinity, terminal: false });
   // Answers go out in request order: each waits for the one before it.
