@@ -172,36 +172,12 @@ fn expected(name: &str, a: &[String]) -> String {
 }
 
 fn run(name: &str, mode: &str) {
-    let test = format!("runtimes::{name}::{mode}");
-    if !require_root(&test) {
-        return;
-    }
-    let a = match argv(name) {
-        Ok(a) => a,
-        Err(why) => {
-            println!("SKIPPED: {test}: {why} (forkd/scripts/deps.sh installs it)");
-            return;
-        }
-    };
-    let want = expected(name, &a);
-    runner::cell(name, mode, &a, input(name), &want);
+    runner::run("runtimes", name, mode, argv(name), input(name), |a| {
+        expected(name, a)
+    });
 }
 
-macro_rules! programs {
-    ($($prog:ident),* $(,)?) => {
-        $(
-            #[allow(non_snake_case)]
-            mod $prog {
-                #[test] fn eager() { super::run(stringify!($prog), "eager") }
-                #[test] fn lazy() { super::run(stringify!($prog), "lazy") }
-                #[test] fn template() { super::run(stringify!($prog), "template") }
-                #[test] fn remote_tcp() { super::run(stringify!($prog), "remote_tcp") }
-            }
-        )*
-    };
-}
-
-programs!(event_loop, asyncio_server, node_server, java_fn);
+common::runner::cells!(event_loop, asyncio_server, node_server, java_fn);
 
 // ---- through the gateway ----
 
@@ -222,19 +198,19 @@ fn gateway_answer(runtime: &str, n: u32) -> serde_json::Value {
     v
 }
 
-/// `register` as a gateway function on one forkd, then 200 concurrent
-/// invocations, every answer checked. Returns the answers' `rnd` values
-/// (Node) and the instances' pids.
-fn gateway_200(test: &str, runtime: &str, register: serde_json::Value) {
-    const CALLS: u32 = 200;
-    let dir = scratch(&format!("runtimes-gw-{runtime}"));
-    let d = Daemon::start(&dir, false);
+/// A forkd and a gateway in front of it (at most `max` instances), and
+/// `f(gateway address)` run to its end on a runtime of two threads.
+fn with_gateway<F: std::future::Future<Output = ()>>(
+    name: &str,
+    max: u32,
+    f: impl FnOnce(String) -> F,
+) {
+    let d = Daemon::start(&scratch(name), false);
     let gw = Gateway::start(&[
         "--node".into(),
         d.addr(),
-        // At most 50 instances: 200 calls queue for them.
         "--max-instances-per-node".into(),
-        "50".into(),
+        max.to_string(),
         "--timeout-ms".into(),
         "120000".into(),
         "--ready-timeout-ms".into(),
@@ -242,13 +218,21 @@ fn gateway_200(test: &str, runtime: &str, register: serde_json::Value) {
         "--queue-timeout-ms".into(),
         "600000".into(),
     ]);
-    let a = gw.addr.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
+        .unwrap()
+        .block_on(f(gw.addr.clone()));
+}
+
+/// `register` as a gateway function on one forkd, then 200 concurrent
+/// invocations, every answer checked. Returns the answers' `rnd` values
+/// (Node) and the instances' pids.
+fn gateway_200(test: &str, runtime: &str, register: serde_json::Value) {
+    const CALLS: u32 = 200;
+    // At most 50 instances: 200 calls queue for them.
+    with_gateway(&format!("runtimes-gw-{runtime}"), 50, |a| async move {
         let (st, v) = http(&a, "POST", "/functions", &register.to_string()).await;
         assert_eq!(st, 201, "{test}: registering: {v}");
         let t = std::time::Instant::now();
@@ -388,25 +372,7 @@ fn gateway_python_async_handler_answers_on_its_restored_loop() {
         return;
     }
     const CALLS: u32 = 60;
-    let dir = scratch("runtimes-gw-async");
-    let d = Daemon::start(&dir, false);
-    let gw = Gateway::start(&[
-        "--node".into(),
-        d.addr(),
-        "--max-instances-per-node".into(),
-        "20".into(),
-        "--timeout-ms".into(),
-        "60000".into(),
-        "--queue-timeout-ms".into(),
-        "240000".into(),
-    ]);
-    let a = gw.addr.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    with_gateway("runtimes-gw-async", 20, |a| async move {
         let register = serde_json::json!({
             "name": "asyncpy",
             "command": [python(), "-m", "remotefork.runtime", program_file("async_handler.py")],
@@ -418,7 +384,10 @@ fn gateway_python_async_handler_answers_on_its_restored_loop() {
             .map(|n| {
                 let a = a.clone();
                 tokio::spawn(async move {
-                    (n, http(&a, "POST", "/invoke/asyncpy", &format!("{{\"n\": {n}}}")).await)
+                    (
+                        n,
+                        http(&a, "POST", "/invoke/asyncpy", &format!("{{\"n\": {n}}}")).await,
+                    )
                 })
             })
             .collect();

@@ -294,35 +294,12 @@ fn expected(name: &str) -> String {
 }
 
 fn run(name: &str, mode: &str) {
-    let test = format!("threads::{name}::{mode}");
-    if !require_root(&test) {
-        return;
-    }
-    let a = match argv(name) {
-        Ok(a) => a,
-        Err(why) => {
-            println!("SKIPPED: {test}: {why} (forkd/scripts/deps.sh installs it)");
-            return;
-        }
-    };
-    runner::cell(name, mode, &a, input(name), &expected(name));
+    runner::run("threads", name, mode, argv(name), input(name), |_| {
+        expected(name)
+    });
 }
 
-macro_rules! programs {
-    ($($prog:ident),* $(,)?) => {
-        $(
-            #[allow(non_snake_case)]
-            mod $prog {
-                #[test] fn eager() { super::run(stringify!($prog), "eager") }
-                #[test] fn lazy() { super::run(stringify!($prog), "lazy") }
-                #[test] fn template() { super::run(stringify!($prog), "template") }
-                #[test] fn remote_tcp() { super::run(stringify!($prog), "remote_tcp") }
-            }
-        )*
-    };
-}
-
-programs!(
+common::runner::cells!(
     numpy_server,
     thread_queue_server,
     goserver,

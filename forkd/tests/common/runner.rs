@@ -56,6 +56,32 @@ pub fn alone(name: &str, argv: &[String], input: &str) -> String {
     }
 }
 
+/// The test of one cell of `suite`: program `name` in `mode`, its command
+/// line `argv` (or why it cannot run here: the test says SKIPPED), every
+/// child given `input` and printing what `expected(argv)` says.
+pub fn run(
+    suite: &str,
+    name: &str,
+    mode: &str,
+    argv: Result<Vec<String>, String>,
+    input: &str,
+    expected: impl FnOnce(&[String]) -> String,
+) {
+    let test = format!("{suite}::{name}::{mode}");
+    if !require_root(&test) {
+        return;
+    }
+    let a = match argv {
+        Ok(a) => a,
+        Err(why) => {
+            println!("SKIPPED: {test}: {why} (forkd/scripts/deps.sh installs it)");
+            return;
+        }
+    };
+    let want = expected(&a);
+    cell(name, mode, &a, input, &want);
+}
+
 /// One cell: program `name` (`argv`) in `mode`, 20 children given `input`,
 /// each of whose whole output must be `want`.
 pub fn cell(name: &str, mode: &str, argv: &[String], input: &str, want: &str) {
@@ -262,3 +288,22 @@ pub fn remote_children(name: &str, a_argv: &[String], input: &str) -> Value {
     b.stop();
     v
 }
+
+/// One module per program, one test per mode, each calling the suite's
+/// `run(program, mode)`.
+#[allow(unused_macros)] // not every test binary has cells
+macro_rules! cells {
+    ($($prog:ident),* $(,)?) => {
+        $(
+            #[allow(non_snake_case)]
+            mod $prog {
+                #[test] fn eager() { super::run(stringify!($prog), "eager") }
+                #[test] fn lazy() { super::run(stringify!($prog), "lazy") }
+                #[test] fn template() { super::run(stringify!($prog), "template") }
+                #[test] fn remote_tcp() { super::run(stringify!($prog), "remote_tcp") }
+            }
+        )*
+    };
+}
+#[allow(unused_imports)] // not every test binary has cells
+pub(crate) use cells;

@@ -237,31 +237,16 @@ pub(super) fn stdio_flags(desc: &Descriptor) -> Vec<Op> {
     for f in desc.fds.iter().filter(|f| (0..3).contains(&f.fd)) {
         let nonblock = f.flags as i32 & libc::O_NONBLOCK;
         if nonblock != 0 {
-            ops.push(Op::new(
-                libc::SYS_fcntl,
-                [
-                    v(f.fd as u64),
-                    v(libc::F_SETFL as u64),
-                    v(nonblock as u64),
-                    v(0),
-                    v(0),
-                    v(0),
-                ],
-                format!("fd {}: O_NONBLOCK, as the parent's", f.fd),
-            ));
+            let what = format!("fd {}: O_NONBLOCK, as the parent's", f.fd);
+            ops.push(objects::fcntl(f.fd, libc::F_SETFL, nonblock as u64, what));
         }
         if f.flags as i32 & libc::O_CLOEXEC != 0 {
-            ops.push(Op::new(
-                libc::SYS_fcntl,
-                [
-                    v(f.fd as u64),
-                    v(libc::F_SETFD as u64),
-                    v(libc::FD_CLOEXEC as u64),
-                    v(0),
-                    v(0),
-                    v(0),
-                ],
-                format!("fd {}: close-on-exec, as the parent's", f.fd),
+            let what = format!("fd {}: close-on-exec, as the parent's", f.fd);
+            ops.push(objects::fcntl(
+                f.fd,
+                libc::F_SETFD,
+                libc::FD_CLOEXEC as u64,
+                what,
             ));
         }
     }

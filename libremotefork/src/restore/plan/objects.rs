@@ -219,43 +219,23 @@ pub(super) fn plan_objects(
                     _ => &[],
                 };
                 if !queued.is_empty() {
-                    let b = data.bytes(queued);
-                    ops.push(
-                        Op::new(
-                            libc::SYS_write,
-                            [
-                                Arg::Load(arr + 4),
-                                Arg::Data(b),
-                                v(queued.len() as u64),
-                                v(0),
-                                v(0),
-                                v(0),
-                            ],
-                            format!(
-                                "fd {n}: putting back the {} bytes in the pipe",
-                                queued.len()
-                            ),
-                        )
-                        .expect(queued.len() as u64),
-                    );
-                }
-                for (end, at) in [(r, arr), (w, arr + 4)] {
-                    if let Some(e) = end.and_then(&entry) {
-                        ops.push(dup3(
-                            Arg::Load(at),
-                            e.fd,
-                            e,
-                            format!("fd {}: the pipe's end", e.fd),
-                        ));
-                        ops.push(setfl(e));
-                    }
-                }
-                for at in [arr, arr + 4] {
-                    ops.push(close(
-                        Arg::Load(at),
-                        format!("fd {n}: closing the new pipe's first numbers"),
+                    ops.push(write_loaded(
+                        data,
+                        arr + 4,
+                        queued,
+                        format!(
+                            "fd {n}: putting back the {} bytes in the pipe",
+                            queued.len()
+                        ),
                     ));
                 }
+                place_pair(
+                    &mut ops,
+                    arr,
+                    [r.and_then(&entry), w.and_then(&entry)],
+                    n,
+                    "pipe",
+                );
             }
             Object::UnixPair { ty, peer, queue } => {
                 if peer.is_some_and(|p| p < n) {
@@ -292,44 +272,24 @@ pub(super) fn plan_objects(
                     (&peer_queue.to_vec(), arr, peer.unwrap_or(-1)),
                 ] {
                     for m in msgs.iter().filter(|m| !m.is_empty()) {
-                        let b = data.bytes(m);
-                        ops.push(
-                            Op::new(
-                                libc::SYS_write,
-                                [
-                                    Arg::Load(via),
-                                    Arg::Data(b),
-                                    v(m.len() as u64),
-                                    v(0),
-                                    v(0),
-                                    v(0),
-                                ],
-                                format!(
-                                    "fd {whose}: putting back {} bytes queued on the socket",
-                                    m.len()
-                                ),
-                            )
-                            .expect(m.len() as u64),
-                        );
-                    }
-                }
-                for (end, at) in [(Some(n), arr), (*peer, arr + 4)] {
-                    if let Some(e) = end.and_then(&entry) {
-                        ops.push(dup3(
-                            Arg::Load(at),
-                            e.fd,
-                            e,
-                            format!("fd {}: the socket pair's end", e.fd),
+                        ops.push(write_loaded(
+                            data,
+                            via,
+                            m,
+                            format!(
+                                "fd {whose}: putting back {} bytes queued on the socket",
+                                m.len()
+                            ),
                         ));
-                        ops.push(setfl(e));
                     }
                 }
-                for at in [arr, arr + 4] {
-                    ops.push(close(
-                        Arg::Load(at),
-                        format!("fd {n}: closing the new pair's first numbers"),
-                    ));
-                }
+                place_pair(
+                    &mut ops,
+                    arr,
+                    [Some(f), peer.and_then(&entry)],
+                    n,
+                    "socket pair",
+                );
             }
             Object::Memory {
                 kind,
@@ -514,6 +474,48 @@ pub(super) fn plan_objects(
     (ops, notes)
 }
 
+/// Move the two new descriptors `pipe2`/`socketpair` wrote at `arr` to
+/// the numbers of `ends` (those the process has), set their flags, and
+/// close the first numbers.
+fn place_pair(ops: &mut Vec<Op>, arr: usize, ends: [Option<&FdEntry>; 2], n: i32, what: &str) {
+    for (end, at) in ends.into_iter().zip([arr, arr + 4]) {
+        if let Some(e) = end {
+            ops.push(dup3(
+                Arg::Load(at),
+                e.fd,
+                e,
+                format!("fd {}: the {what}'s end", e.fd),
+            ));
+            ops.push(setfl(e));
+        }
+    }
+    for at in [arr, arr + 4] {
+        ops.push(close(
+            Arg::Load(at),
+            format!("fd {n}: closing the new {what}'s first numbers"),
+        ));
+    }
+}
+
+/// `write` of `bytes` (all of them) to the descriptor whose number is the
+/// int at data offset `fd_at`.
+fn write_loaded(data: &mut Data, fd_at: usize, bytes: &[u8], what: String) -> Op {
+    let b = data.bytes(bytes);
+    Op::new(
+        libc::SYS_write,
+        [
+            Arg::Load(fd_at),
+            Arg::Data(b),
+            v(bytes.len() as u64),
+            v(0),
+            v(0),
+            v(0),
+        ],
+        what,
+    )
+    .expect(bytes.len() as u64)
+}
+
 /// Move the saved new descriptor to its number and set its flags.
 fn place(ops: &mut Vec<Op>, n: i32, f: &FdEntry, what: &str) {
     ops.push(dup3(
@@ -547,17 +549,20 @@ fn close(fd: Arg, what: String) -> Op {
 /// `O_APPEND`).
 fn setfl(f: &FdEntry) -> Op {
     let fl = f.flags as i32 & (libc::O_NONBLOCK | libc::O_APPEND);
+    fcntl(
+        f.fd,
+        libc::F_SETFL,
+        fl as u64,
+        format!("fd {}: its file status flags", f.fd),
+    )
+}
+
+/// `fcntl(fd, cmd, arg)`.
+pub(super) fn fcntl(fd: i32, cmd: i32, arg: u64, what: String) -> Op {
     Op::new(
         libc::SYS_fcntl,
-        [
-            v(f.fd as u64),
-            v(libc::F_SETFL as u64),
-            v(fl as u64),
-            v(0),
-            v(0),
-            v(0),
-        ],
-        format!("fd {}: its file status flags", f.fd),
+        [v(fd as u64), v(cmd as u64), v(arg), v(0), v(0), v(0)],
+        what,
     )
 }
 
@@ -659,16 +664,10 @@ fn memory(
         );
     }
     if seals != 0 {
-        ops.push(Op::new(
-            libc::SYS_fcntl,
-            [
-                v(temp as u64),
-                v(libc::F_ADD_SEALS as u64),
-                v(seals as u64),
-                v(0),
-                v(0),
-                v(0),
-            ],
+        ops.push(fcntl(
+            temp,
+            libc::F_ADD_SEALS,
+            seals as u64,
             format!("fd {n}: its seals {seals:#x}"),
         ));
     }
