@@ -1,8 +1,9 @@
 // Descriptors that are not files reopened by path, each with state:
 //   mfd    a sealed memfd ("memfd contents", F_SEAL_SHRINK|F_SEAL_GROW),
 //          offset 3;
-//   ufd    an unlinked regular file in /tmp ("unlinked contents"),
-//          O_APPEND, offset 2;
+//   ufd    an unlinked regular file in /tmp, else /dev/shm (where
+//          O_TMPFILE works: not on overlayfs before Linux 6.6; "unlinked
+//          contents"), O_APPEND, offset 2;
 //   rofd   the memfd opened again read-only (through /proc);
 //   s0/s1  a stream socket pair, "to-s0" queued for s0, "to-s1" for s1;
 //   d0/d1  a datagram socket pair, two datagrams queued for d0;
@@ -32,6 +33,7 @@ static int setup(void) {
     snprintf(p, sizeof p, "/proc/self/fd/%d", mfd);
     rofd = open(p, O_RDONLY);
     ufd = open("/tmp", O_TMPFILE | O_RDWR | O_APPEND, 0600);
+    if (ufd < 0) ufd = open("/dev/shm", O_TMPFILE | O_RDWR | O_APPEND, 0600);
     if (ufd < 0 || write(ufd, "unlinked contents", 17) != 17) return 0;
     if (lseek(ufd, 2, SEEK_SET) != 2) return 0;
     int sp[2], dp[2];

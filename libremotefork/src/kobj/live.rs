@@ -319,6 +319,13 @@ impl Ctx<'_> {
         match name {
             "[eventfd]" => {
                 let (count, semaphore) = parse_eventfd(&info).ok_or_else(|| bad("counter"))?;
+                if !info.contains("eventfd-semaphore:") {
+                    warn!(
+                        pid = self.pid,
+                        fd = f.fd,
+                        "this kernel does not show EFD_SEMAPHORE (before Linux 6.4): the eventfd is recreated in counter mode"
+                    );
+                }
                 Ok(Object::EventFd { count, semaphore })
             }
             "[eventpoll]" => {

@@ -663,7 +663,9 @@ fn memory(
             .expect(content.len() as u64),
         );
     }
-    if seals != 0 {
+    // Only a memfd made with MFD_ALLOW_SEALING takes seals; a tmpfs file
+    // (an unlinked one in /dev/shm) reports F_SEAL_SEAL, as a new one has.
+    if seals != 0 && matches!(kind, MemoryKind::Memfd { .. }) {
         ops.push(fcntl(
             temp,
             libc::F_ADD_SEALS,

@@ -746,3 +746,44 @@ fn a_template_child_makes_its_own_queues_and_shares_files() {
     }
     assert!(!names.iter().any(|n| n.contains("memfd")), "{names:#?}");
 }
+
+#[test]
+fn only_a_memfd_gets_its_seals_back() {
+    use crate::kobj::{MemoryKind, Object};
+    // An unlinked tmpfs file reports F_SEAL_SEAL (every tmpfs file does): a
+    // new one has it already, and adding it again would fail.
+    let mut d = with_objects();
+    d.fds.push(FdEntry {
+        fd: 10,
+        kind: crate::procfs::FdKind::Deleted,
+        path: "/dev/shm/#12 (deleted)".into(),
+        flags: libc::O_RDWR as u32,
+        offset: 0,
+    });
+    d.fd_objects.objects.push(crate::kobj::FdObject {
+        fd: 10,
+        object: Object::Memory {
+            kind: MemoryKind::Unlinked {
+                dir: "/dev/shm".into(),
+            },
+            content: b"x".to_vec(),
+            seals: libc::F_SEAL_SEAL as u32,
+        },
+    });
+    if let Some(Object::Memory { seals, .. }) = d
+        .fd_objects
+        .objects
+        .iter_mut()
+        .find(|o| o.fd == 9)
+        .map(|o| &mut o.object)
+    {
+        *seals = libc::F_SEAL_GROW as u32;
+    }
+    let p = build4(&d, &husk(0x7fff_f000_0000), &local(), false).unwrap();
+    let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
+    assert!(names.contains(&"fd 9: its seals 0x4"), "{names:#?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("fd 10: its seals")),
+        "{names:#?}"
+    );
+}
