@@ -10,7 +10,11 @@
 //! - its stdio and, when lazy, its own userfaultfd, passed over a datagram
 //!   socket that is the template's fd 0 (`SCM_RIGHTS`, received in the
 //!   child by the executor, still mapped from the template);
-//! - its own open file descriptions for the seed's reopened files;
+//! - its own kernel objects whose state siblings must not share (pipes and
+//!   socket pairs with their bytes, eventfds, timers, epoll sets); files
+//!   and listening sockets it shares with the template and its siblings,
+//!   one open file description each, as `fork()` children share their
+//!   parent's;
 //! - the robust list and parent-death signal, which `fork()` clears.
 //!
 //! Then the executor is unmapped and the registers, XSAVE state and signal
