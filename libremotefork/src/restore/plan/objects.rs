@@ -335,22 +335,15 @@ pub(super) fn plan_objects(
                         "IPV6_V6ONLY",
                     ));
                 }
-                let a = data.bytes(addr);
                 let hint = if *reuse_port {
                     ""
                 } else {
                     " (the parent did not set SO_REUSEPORT: a child on its node cannot listen on its port while it does)"
                 };
-                ops.push(Op::new(
+                ops.push(with_addr(
+                    data,
                     libc::SYS_bind,
-                    [
-                        Arg::Saved,
-                        Arg::Data(a),
-                        v(addr.len() as u64),
-                        v(0),
-                        v(0),
-                        v(0),
-                    ],
+                    addr,
                     format!("fd {n}: binding the listening socket to {text}{hint}"),
                 ));
                 ops.push(Op::new(
@@ -390,21 +383,12 @@ pub(super) fn plan_objects(
                     (None, None) => (0, &Vec::new(), ""),
                 };
                 if nr != 0 {
-                    let a = data.bytes(addr);
-                    ops.push(Op::new(
+                    let text = crate::kobj::sockaddr_text(addr);
+                    ops.push(with_addr(
+                        data,
                         nr,
-                        [
-                            Arg::Saved,
-                            Arg::Data(a),
-                            v(addr.len() as u64),
-                            v(0),
-                            v(0),
-                            v(0),
-                        ],
-                        format!(
-                            "fd {n}: {what} the UDP socket to {}",
-                            crate::kobj::sockaddr_text(addr)
-                        ),
+                        addr,
+                        format!("fd {n}: {what} the UDP socket to {text}"),
                     ));
                 }
                 place(&mut ops, n, f, "UDP socket");
@@ -514,6 +498,24 @@ fn write_loaded(data: &mut Data, fd_at: usize, bytes: &[u8], what: String) -> Op
         what,
     )
     .expect(bytes.len() as u64)
+}
+
+/// `bind` or `connect` (`nr`) of the saved socket to `addr` (sockaddr
+/// bytes).
+fn with_addr(data: &mut Data, nr: i64, addr: &[u8], what: String) -> Op {
+    let a = data.bytes(addr);
+    Op::new(
+        nr,
+        [
+            Arg::Saved,
+            Arg::Data(a),
+            v(addr.len() as u64),
+            v(0),
+            v(0),
+            v(0),
+        ],
+        what,
+    )
 }
 
 /// Move the saved new descriptor to its number and set its flags.
