@@ -235,3 +235,49 @@ pub fn wait_idle(pid: i32) -> anyhow::Result<()> {
     }
     bail!("process {pid} never went idle")
 }
+
+/// The arguments of the benchmarks that time cold starts and children:
+/// `--iterations N`, `--cold N`, `--children N` (where `children` has a
+/// default), `--json FILE`; `--bench` (from `cargo bench`) is ignored.
+#[allow(dead_code)] // not every benchmark needs it
+pub struct Args {
+    pub iterations: usize,
+    pub cold: usize,
+    pub children: usize,
+    pub json: Option<PathBuf>,
+}
+
+/// Parse [`Args`]; `children` is its default, `None` where the benchmark
+/// takes no `--children`.
+#[allow(dead_code)] // not every benchmark needs it
+pub fn parse_args(children: Option<usize>) -> anyhow::Result<Args> {
+    let mut a = Args {
+        iterations: 10,
+        cold: 5,
+        children: children.unwrap_or(0),
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{k} needs a value"));
+        match k.as_str() {
+            "--iterations" => a.iterations = val()?.parse()?,
+            "--cold" => a.cold = val()?.parse()?,
+            "--children" if children.is_some() => a.children = val()?.parse()?,
+            "--json" => a.json = Some(val()?.into()),
+            "--bench" => {}
+            other => bail!(
+                "unknown argument {other:?} (use --iterations N, --cold N{}, --json FILE)",
+                if children.is_some() {
+                    ", --children N"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+    if a.iterations == 0 || a.cold == 0 {
+        bail!("--iterations and --cold must be at least 1");
+    }
+    Ok(a)
+}

@@ -30,7 +30,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use common::{bin_dir, command, rss_kb, wait_idle, Lines};
+use common::{bin_dir, command, parse_args, rss_kb, wait_idle, Args, Lines};
 use remotefork::capture::{capture, CaptureOptions};
 use remotefork::image::SeedImage;
 use remotefork::pager::Prefetch;
@@ -39,37 +39,6 @@ use serde_json::{json, Value};
 
 /// A child (or a cold start) that has not answered in this long is hung.
 const LIMIT: Duration = Duration::from_secs(120);
-
-struct Args {
-    iterations: usize,
-    cold: usize,
-    children: usize,
-    json: Option<PathBuf>,
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        iterations: 10,
-        cold: 5,
-        children: 100,
-        json: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut val = || it.next().with_context(|| format!("{k} needs a value"));
-        match k.as_str() {
-            "--iterations" => a.iterations = val()?.parse()?,
-            "--cold" => a.cold = val()?.parse()?,
-            "--children" => a.children = val()?.parse()?,
-            "--json" => a.json = Some(val()?.into()),
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    if a.iterations == 0 || a.cold == 0 {
-        bail!("--iterations and --cold must be at least 1");
-    }
-    Ok(a)
-}
 
 fn median_ms(ns: &[u64]) -> f64 {
     let mut v = ns.to_vec();
@@ -502,7 +471,7 @@ fn print_report(p: &Program, args: &Args, r: &Report) -> Value {
 fn main() -> anyhow::Result<()> {
     // What started this run (a shell's pipe) is not the programs' to hold.
     forkd::cloexec_inherited_fds();
-    let args = parse_args()?;
+    let args = parse_args(Some(100))?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root (ptrace, userfaultfd)");

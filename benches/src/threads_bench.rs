@@ -36,7 +36,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use common::{bin_dir, command, python, rss_kb, wait_blocked_in_read, Lines};
+use common::{bin_dir, command, parse_args, python, rss_kb, wait_blocked_in_read, Args, Lines};
 use remotefork::capture::{capture, CaptureOptions};
 use remotefork::image::{Descriptor, SeedImage};
 use remotefork::pager::Prefetch;
@@ -128,38 +128,6 @@ func forkOnSignal(ch <-chan os.Signal) {
 	}
 }
 "#;
-
-struct Args {
-    iterations: usize,
-    cold: usize,
-    json: Option<PathBuf>,
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        iterations: 10,
-        cold: 5,
-        json: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--iterations" => {
-                a.iterations = it.next().context("--iterations needs a value")?.parse()?
-            }
-            "--cold" => a.cold = it.next().context("--cold needs a value")?.parse()?,
-            "--json" => a.json = Some(it.next().context("--json needs a file")?.into()),
-            "--bench" => {}
-            other => {
-                bail!("unknown argument {other:?} (use --iterations N, --cold N, --json FILE)")
-            }
-        }
-    }
-    if a.iterations == 0 || a.cold == 0 {
-        bail!("--iterations and --cold must be at least 1");
-    }
-    Ok(a)
-}
 
 /// (median, p90, min, max) in milliseconds.
 fn summary(ns: &[u64]) -> (f64, f64, f64, f64) {
@@ -923,7 +891,7 @@ fn report_json(p: &Program, r: &Report) -> Value {
 fn main() -> anyhow::Result<()> {
     // What started this run (a shell's pipe) is not the programs' to hold.
     forkd::cloexec_inherited_fds();
-    let args = parse_args()?;
+    let args = parse_args(None)?;
     let cmd = "cargo run --release -p remotefork-benches --bin threads-bench";
     let given: Vec<String> = std::env::args().skip(1).collect();
     let command_line = format!("{cmd} -- {}", given.join(" "));

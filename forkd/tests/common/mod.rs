@@ -205,16 +205,7 @@ pub fn wait_blocked_in_read(pid: i32) {
 /// Wait up to 10 s for `pid` to be asleep inside read(2); false if it
 /// exits or never does.
 pub fn blocked_in_read(pid: i32) -> bool {
-    for _ in 0..10_000 {
-        let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
-        match state(pid) {
-            Some('S') if sc.starts_with("0 ") => return true,
-            None | Some('Z') => return false,
-            _ => {}
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    false
+    blocked_in(pid, &["0 "])
 }
 
 /// Wait up to 10 s for `pid`'s main thread to be asleep waiting for input
@@ -222,13 +213,22 @@ pub fn blocked_in_read(pid: i32) -> bool {
 /// loop's) or a futex (a JVM's launcher thread); false if it exits or
 /// never does.
 pub fn blocked_waiting(pid: i32) -> bool {
-    const WAITS: [&str; 9] = [
-        "0 ", "7 ", "23 ", "202 ", "232 ", "270 ", "271 ", "281 ", "441 ",
-    ];
+    blocked_in(
+        pid,
+        &[
+            "0 ", "7 ", "23 ", "202 ", "232 ", "270 ", "271 ", "281 ", "441 ",
+        ],
+    )
+}
+
+/// Wait up to 10 s for `pid` to be asleep in one of the syscalls whose
+/// `/proc/PID/syscall` starts with one of `waits` ("NR "); false if it
+/// exits or never does.
+fn blocked_in(pid: i32, waits: &[&str]) -> bool {
     for _ in 0..10_000 {
         let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
         match state(pid) {
-            Some('S') if WAITS.iter().any(|w| sc.starts_with(w)) => return true,
+            Some('S') if waits.iter().any(|w| sc.starts_with(w)) => return true,
             None | Some('Z') => return false,
             _ => {}
         }
