@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . forkd/scripts/deps.sh
 
+# No incremental caches: a clean run would write GBs of them and never
+# read them back. The disk this starts with, and ends with, is printed.
+export CARGO_INCREMENTAL=0
+echo "== disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy --all-targets -- -D warnings"
@@ -31,5 +35,8 @@ passed=$(grep -E '^test result:' target/test-output.txt | awk '{s += $4} END {pr
 failed=$(grep -E '^test result:' target/test-output.txt | awk '{s += $6} END {print s + 0}')
 echo "== the restore-case corpus (forkd/tests/corpus.rs), case x mode"
 bash forkd/scripts/corpus-matrix.sh target/test-output.txt || true
+# The last binary's scratch is kept only when something failed.
+[ "$status" = 0 ] && [ -z "${RF_KEEP_SCRATCH:-}" ] && rm -rf target/tmp
+echo "== disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free, target/ $(du -sh target | cut -f1)"
 echo "tests: $((passed - skipped)) passed, $failed failed, $skipped skipped"
 exit "$status"

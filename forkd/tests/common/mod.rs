@@ -42,13 +42,75 @@ pub fn has_avx2() -> bool {
         .unwrap_or(false)
 }
 
-/// A scratch directory under the target dir, fresh for each call.
+/// A scratch directory under the target dir, fresh for each call. The
+/// first call of a test binary removes what earlier, finished test
+/// binaries left there ([`sweep_finished`]).
 pub fn scratch(name: &str) -> PathBuf {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    SWEPT.get_or_init(|| sweep_finished(&base));
     let d = base.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Remove every `NAME-PID` entry under `base` whose PID is no longer a
+/// running process: the scratch of test binaries that have finished.
+/// Seeds of real runtimes are hundreds of MB (a JVM's keeps a copy of its
+/// 130 MB `modules` file); kept for a whole run they filled a CI disk.
+/// Binaries run one after another, so what stays is one binary's scratch
+/// (and the last one's, to look at after a failure). Nothing is removed
+/// when `RF_KEEP_SCRATCH` is set.
+fn sweep_finished(base: &Path) {
+    if std::env::var_os("RF_KEEP_SCRATCH").is_some() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            remove_tree(&e.path());
+        }
+    }
+}
+
+/// Remove `path` and what is under it, never crossing into another
+/// filesystem: a test may have left something mounted inside, and what
+/// is mounted is not the test's to delete. Errors are ignored (a busy
+/// mount point stays).
+fn remove_tree(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    fn on_dev(path: &Path, dev: u64) {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        if meta.dev() != dev {
+            return;
+        }
+        if !meta.is_dir() {
+            let _ = std::fs::remove_file(path);
+            return;
+        }
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for e in entries.flatten() {
+                on_dev(&e.path(), dev);
+            }
+        }
+        let _ = std::fs::remove_dir(path);
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        on_dev(path, meta.dev());
+    }
 }
 
 /// Compile `tests/programs/NAME.c` once per test binary run.
