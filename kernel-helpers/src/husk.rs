@@ -40,6 +40,14 @@ pub enum HuskError {
     /// Starting it failed.
     #[error("cannot start the husk: {0}")]
     Spawn(io::Error),
+    /// A step of setting up its container failed (before its exec).
+    #[error("cannot set up the child's container: {step}: {source}")]
+    Setup {
+        /// The step, as the caller gave it.
+        step: String,
+        /// The underlying error.
+        source: io::Error,
+    },
     /// It did not stop at its exec as expected.
     #[error("the husk (pid {pid}) did not stop at exec: {what}")]
     NoExecStop {
@@ -154,8 +162,225 @@ struct Start {
     argv: [*const libc::c_char; 2],
     envp: [*const libc::c_char; 1],
     fds: [libc::c_int; 3],
+    /// The container steps to run first ([`Isolation`]), and how many.
+    steps: *const RawStep,
+    n_steps: usize,
     /// errno of the step that failed before exec, 0 if it exec'd.
     err: AtomicI32,
+    /// Which container step failed (an index into `steps`), or -1.
+    failed_step: AtomicI32,
+}
+
+/// A child's own namespaces, and what is set up in them before the husk
+/// execs (run by the starter, so as root in forkd's user namespace).
+#[derive(Debug, Clone, Default)]
+pub struct Isolation {
+    /// `CLONE_NEW*` flags for the clone.
+    pub namespaces: libc::c_int,
+    /// Run in order; the first failure fails the spawn, naming the step.
+    pub steps: Vec<Setup>,
+}
+
+/// One step of a child's container setup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Setup {
+    /// `mount(source, target, fstype, flags, data)`.
+    Mount {
+        /// The source ("tmpfs", "overlay", a path for a bind mount).
+        source: String,
+        /// Where.
+        target: String,
+        /// The filesystem type; empty for bind and propagation changes.
+        fstype: String,
+        /// `MS_*` flags.
+        flags: u64,
+        /// Filesystem options; may be empty.
+        data: String,
+    },
+    /// `mkdir(path, mode)`; an existing directory is fine.
+    Mkdir {
+        /// The directory.
+        path: String,
+        /// Its mode.
+        mode: u32,
+    },
+    /// `mknod(path, mode, dev)`.
+    Mknod {
+        /// The node.
+        path: String,
+        /// Type and permission bits.
+        mode: u32,
+        /// `makedev(major, minor)`.
+        dev: u64,
+    },
+    /// `symlink(target, link)`; an existing link is fine.
+    Symlink {
+        /// What it points at.
+        target: String,
+        /// The link.
+        link: String,
+    },
+    /// `sethostname`.
+    Hostname(String),
+    /// The loopback interface brought up.
+    LoopbackUp,
+}
+
+const STEP_MOUNT: u32 = 1;
+const STEP_MKDIR: u32 = 2;
+const STEP_MKNOD: u32 = 3;
+const STEP_SYMLINK: u32 = 4;
+const STEP_HOSTNAME: u32 = 5;
+const STEP_LO_UP: u32 = 6;
+
+/// A [`Setup`] as the starter reads it: pointers into `CString`s the
+/// spawning call keeps alive.
+#[repr(C)]
+struct RawStep {
+    kind: u32,
+    mode: u32,
+    a: *const libc::c_char,
+    b: *const libc::c_char,
+    c: *const libc::c_char,
+    d: *const libc::c_char,
+    flags: u64,
+}
+
+/// The raw steps and the strings they point into.
+fn raw_steps(steps: &[Setup]) -> io::Result<(Vec<RawStep>, Vec<std::ffi::CString>)> {
+    let mut strings = Vec::new();
+    let mut c = |s: &str| -> io::Result<*const libc::c_char> {
+        let cs = std::ffi::CString::new(s).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} holds a NUL"))
+        })?;
+        let p = cs.as_ptr();
+        // The CString's buffer does not move when the CString does.
+        strings.push(cs);
+        Ok(p)
+    };
+    let null = std::ptr::null();
+    let mut raw = Vec::with_capacity(steps.len());
+    for s in steps {
+        raw.push(match s {
+            Setup::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+            } => RawStep {
+                kind: STEP_MOUNT,
+                mode: 0,
+                a: c(source)?,
+                b: c(target)?,
+                c: if fstype.is_empty() { null } else { c(fstype)? },
+                d: if data.is_empty() { null } else { c(data)? },
+                flags: *flags,
+            },
+            Setup::Mkdir { path, mode } => RawStep {
+                kind: STEP_MKDIR,
+                mode: *mode,
+                a: c(path)?,
+                b: null,
+                c: null,
+                d: null,
+                flags: 0,
+            },
+            Setup::Mknod { path, mode, dev } => RawStep {
+                kind: STEP_MKNOD,
+                mode: *mode,
+                a: c(path)?,
+                b: null,
+                c: null,
+                d: null,
+                flags: *dev,
+            },
+            Setup::Symlink { target, link } => RawStep {
+                kind: STEP_SYMLINK,
+                mode: 0,
+                a: c(target)?,
+                b: c(link)?,
+                c: null,
+                d: null,
+                flags: 0,
+            },
+            Setup::Hostname(h) => RawStep {
+                kind: STEP_HOSTNAME,
+                mode: 0,
+                a: c(h)?,
+                b: null,
+                c: null,
+                d: null,
+                flags: h.len() as u64,
+            },
+            Setup::LoopbackUp => RawStep {
+                kind: STEP_LO_UP,
+                mode: 0,
+                a: null,
+                b: null,
+                c: null,
+                d: null,
+                flags: 0,
+            },
+        });
+    }
+    Ok((raw, strings))
+}
+
+/// Run one step in the starter. Only raw syscalls.
+///
+/// # Safety
+///
+/// `s`'s pointers are NULL or NUL-terminated strings alive for the call.
+unsafe fn run_step(s: &RawStep) -> libc::c_int {
+    // SAFETY: the caller's contract; every call takes those strings or
+    // plain integers, and `ifr` is a local the ioctls read and write.
+    unsafe {
+        match s.kind {
+            STEP_MOUNT => libc::mount(s.a, s.b, s.c, s.flags as libc::c_ulong, s.d.cast()),
+            STEP_MKDIR => {
+                let r = libc::mkdir(s.a, s.mode as libc::mode_t);
+                if r < 0 && *libc::__errno_location() == libc::EEXIST {
+                    0
+                } else {
+                    r
+                }
+            }
+            STEP_MKNOD => libc::mknod(s.a, s.mode as libc::mode_t, s.flags as libc::dev_t),
+            STEP_SYMLINK => {
+                let r = libc::symlink(s.a, s.b);
+                if r < 0 && *libc::__errno_location() == libc::EEXIST {
+                    0
+                } else {
+                    r
+                }
+            }
+            STEP_HOSTNAME => libc::sethostname(s.a, s.flags as usize),
+            STEP_LO_UP => {
+                let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+                if sock < 0 {
+                    return -1;
+                }
+                let mut ifr: libc::ifreq = std::mem::zeroed();
+                for (i, b) in b"lo".iter().enumerate() {
+                    ifr.ifr_name[i] = *b as libc::c_char;
+                }
+                let mut r = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr);
+                if r == 0 {
+                    ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+                    r = libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr);
+                }
+                let e = *libc::__errno_location();
+                libc::close(sock);
+                *libc::__errno_location() = e;
+                r
+            }
+            _ => {
+                *libc::__errno_location() = libc::EINVAL;
+                -1
+            }
+        }
+    }
 }
 
 /// The starter: runs on its own stack in our address space (`CLONE_VM`),
@@ -193,7 +418,9 @@ extern "C" fn start_husk(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: sigaction/sigprocmask on this task only (no CLONE_SIGHAND:
     // the handler table is the starter's own copy); setsid, personality,
     // ptrace(TRACEME) and execveat take no pointers but the NUL-terminated
-    // empty path and the arrays in `s`, alive and unchanged.
+    // empty path and the arrays in `s`, alive and unchanged; `s.steps`
+    // points at `s.n_steps` steps whose strings the spawning call keeps
+    // alive until this execs or exits (run_step's contract).
     unsafe {
         // No handler of forkd's may run here: every disposition back to
         // the default, then signals unblocked (the exec stop is a SIGTRAP,
@@ -208,6 +435,13 @@ extern "C" fn start_husk(arg: *mut libc::c_void) -> libc::c_int {
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // The container, in the namespaces the clone made.
+        for i in 0..s.n_steps {
+            if run_step(&*s.steps.add(i)) < 0 {
+                s.failed_step.store(i as i32, Ordering::Relaxed);
+                return fail(s);
+            }
+        }
         // A session and process group of its own, as is every restored
         // child and template built in it: a child's kill(0, sig) or a
         // signal to forkd's group from its terminal never crosses over.
@@ -246,20 +480,41 @@ extern "C" fn start_husk(arg: *mut libc::c_void) -> libc::c_int {
 /// starter resets every handler to the default before it unblocks them, so
 /// no handler of ours ever runs on its stack.
 pub fn spawn(stdin: Io, stdout: Io, stderr: Io) -> Result<Tracee, HuskError> {
+    spawn_in(stdin, stdout, stderr, None)
+}
+
+/// [`spawn`], in new namespaces set up by `isolation` (a container child)
+/// when given.
+pub fn spawn_in(
+    stdin: Io,
+    stdout: Io,
+    stderr: Io,
+    isolation: Option<&Isolation>,
+) -> Result<Tracee, HuskError> {
     let exe = install()?;
     let stdio = [stdin, stdout, stderr];
     let (null, fds) = raw_stdio(&stdio).map_err(HuskError::Spawn)?;
+    let no_steps: &[Setup] = &[];
+    let steps = isolation.map_or(no_steps, |i| &i.steps);
+    let (raw, _strings) = raw_steps(steps).map_err(|source| HuskError::Setup {
+        step: "its arguments".into(),
+        source,
+    })?;
+    let namespaces = isolation.map_or(0, |i| i.namespaces);
     let mut start = Start {
         exe: exe.as_raw_fd(),
         empty: c"".as_ptr(),
         argv: [MEMFD_NAME.as_ptr(), std::ptr::null()],
         envp: [std::ptr::null()],
         fds,
+        steps: raw.as_ptr(),
+        n_steps: raw.len(),
         err: AtomicI32::new(0),
+        failed_step: AtomicI32::new(-1),
     };
     let mut stack = vec![0u8; 64 * 1024];
-    // SAFETY: the stack top is inside `stack`, 16-byte aligned; `start`
-    // and `stack` outlive the clone (CLONE_VFORK: this thread waits until
+    // SAFETY: the stack top is inside `stack`, 16-byte aligned; `start`,
+    // the steps it points at (`raw`, `_strings`) and `stack` outlive the clone (CLONE_VFORK: this thread waits until
     // the starter has exec'd or exited); signals are blocked around it so
     // no handler runs on the starter's stack, and the mask is restored.
     let pid = unsafe {
@@ -272,7 +527,7 @@ pub fn spawn(stdin: Io, stdout: Io, stderr: Io) -> Result<Tracee, HuskError> {
         let pid = libc::clone(
             start_husk,
             top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD | namespaces,
             (&mut start as *mut Start).cast::<libc::c_void>(),
         );
         let e = io::Error::last_os_error();
@@ -287,7 +542,14 @@ pub fn spawn(stdin: Io, stdout: Io, stderr: Io) -> Result<Tracee, HuskError> {
     if err != 0 {
         // It exited before exec: reap it.
         let _ = ptrace::wait(pid);
-        return Err(HuskError::Spawn(io::Error::from_raw_os_error(err)));
+        let source = io::Error::from_raw_os_error(err);
+        if let Ok(i) = usize::try_from(start.failed_step.load(Ordering::Relaxed)) {
+            return Err(HuskError::Setup {
+                step: format!("{:?}", steps[i]),
+                source,
+            });
+        }
+        return Err(HuskError::Spawn(source));
     }
     let mut t = Tracee::adopt(pid);
     t.kill_on_drop();

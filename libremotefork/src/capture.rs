@@ -47,6 +47,9 @@ const PR_GET_TID_ADDRESS: u64 = 40;
 /// Errors of capture. Each says which process and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
+    /// Its container could not be captured.
+    #[error(transparent)]
+    Container(#[from] crate::container::ContainerError),
     /// No such process.
     #[error("process {0} does not exist")]
     NoSuchProcess(pid_t),
@@ -213,6 +216,10 @@ pub struct CaptureOptions {
     /// is recorded as dropped, closed in children with a note at each
     /// spawn, instead of failing the capture.
     pub drop_unsupported_fds: bool,
+    /// Where a container parent's root filesystem is kept, once per
+    /// content digest (a daemon's state directory has one). Without it,
+    /// the seed keeps its own under `rootfs/`.
+    pub rootfs_store: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for CaptureOptions {
@@ -224,6 +231,7 @@ impl std::fmt::Debug for CaptureOptions {
             .field("file_store", &self.file_store)
             .field("coop_reply_fd", &self.coop_reply_fd)
             .field("drop_unsupported_fds", &self.drop_unsupported_fds)
+            .field("rootfs_store", &self.rootfs_store)
             .finish()
     }
 }
@@ -234,6 +242,8 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
     let _g = span.enter();
     let t0 = Instant::now();
     precheck(pid)?;
+    // A process in a container: its files are looked up in its own root.
+    let in_container = crate::container::is_container(pid).map_err(|e| gone_or(pid, e.into()))?;
 
     // Find a `syscall` instruction in the parent's vDSO, and hash the vDSO,
     // before stopping anything.
@@ -253,7 +263,8 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
         h(CapturePoint::CloneStopped);
     }
 
-    let result = read_clone(pid, frozen, insn, vdso_hash, out);
+    let root = in_container.then_some(pid);
+    let result = read_clone(pid, frozen, insn, vdso_hash, out, root);
     // Whatever happened, the clone is dead now (its Tracee was dropped):
     // reap its zombie in the parent.
     let reap_pause_ns = reap_clone(pid, clone_pid, insn);
@@ -283,7 +294,17 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
         us = t0.elapsed().as_micros() as u64,
         "captured; writing image"
     );
-    keep_file_copies(out, &desc.files, opts.file_store.as_deref());
+    if in_container {
+        // Its rootfs is kept whole (its mapped files are in it).
+        let store = opts
+            .rootfs_store
+            .clone()
+            .unwrap_or_else(|| out.join(image::ROOTFS_DIR));
+        desc.container =
+            Some(crate::container::capture(pid, &store).map_err(|e| gone_or(pid, e.into()))?);
+    } else {
+        keep_file_copies(out, &desc.files, opts.file_store.as_deref());
+    }
     writer.finish(&mut desc, opts.durable)?;
     desc.stats.capture_ns = t0.elapsed().as_nanos() as u64;
     info!(
@@ -956,6 +977,7 @@ fn read_clone(
     insn: u64,
     vdso_hash: String,
     out: &Path,
+    root: Option<pid_t>,
 ) -> Result<(Descriptor, ImageWriter), CaptureError> {
     let t = Instant::now();
     let frozen_fds = frozen.fds;
@@ -980,7 +1002,7 @@ fn read_clone(
         if m.path == "[vsyscall]" {
             continue; // fixed by the kernel in every process
         }
-        let (kind, file, store_all) = kind_of(parent_pid, &m, &mut files, &mut file_index)?;
+        let (kind, file, store_all) = kind_of(parent_pid, &m, &mut files, &mut file_index, root)?;
         let store_all = store_all || lazy_maps.contains(&m.start);
         let pages = ((m.end - m.start) / PAGE_SIZE) as usize;
         let classes = if kind.is_kernel_provided() {
@@ -1251,6 +1273,7 @@ fn read_clone(
             others: frozen.others,
         },
         fd_objects: frozen.fd_objects,
+        container: None,
     };
     // Kill the clone now (Drop of `clone`), before the caller reaps it.
     clone.kill().map_err(ptc)?;
@@ -1464,6 +1487,7 @@ fn kind_of(
     m: &MapsEntry,
     files: &mut Vec<FileRef>,
     index: &mut HashMap<String, Option<u32>>,
+    root: Option<pid_t>,
 ) -> Result<(VmaKind, Option<u32>, bool), CaptureError> {
     let anon_kind = if m.shared {
         VmaKind::Shmem
@@ -1502,7 +1526,11 @@ fn kind_of(
     let idx = match index.get(p) {
         Some(i) => *i,
         None => {
-            let i = match fileid::identify(p) {
+            let at = match root {
+                Some(pid) => std::path::PathBuf::from(crate::container::in_root(pid, p)),
+                None => std::path::PathBuf::from(p),
+            };
+            let i = match fileid::identify_at(p, &at) {
                 Ok(r) => {
                     files.push(r);
                     Some((files.len() - 1) as u32)

@@ -35,6 +35,12 @@ pub enum ExitReason {
     /// seed's pages became unreachable or did not match their digests).
     /// The text names the page and the failure.
     KilledByPager(String),
+    /// The kernel's OOM killer killed it: its container went past its
+    /// memory limit (bytes).
+    OutOfMemory {
+        /// The limit.
+        limit: u64,
+    },
 }
 
 impl ExitReason {
@@ -50,6 +56,11 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Exited(c) => write!(f, "exited with status {c}"),
             ExitReason::Signaled(s) => write!(f, "killed by signal {s}"),
             ExitReason::KilledByPager(why) => write!(f, "killed by the pager: {why}"),
+            ExitReason::OutOfMemory { limit } => write!(
+                f,
+                "killed by the OOM killer: its container went past its memory limit of {} MiB",
+                limit >> 20
+            ),
         }
     }
 }
@@ -102,6 +113,8 @@ pub enum ChildError {
 #[derive(Debug)]
 pub struct Child {
     pid: i32,
+    /// A container child's cgroup (removed when the child is dropped).
+    cgroup: Option<crate::container::ChildCgroup>,
     pidfd: OwnedFd,
     notes: Vec<String>,
     restore_ns: u64,
@@ -126,6 +139,8 @@ pub(crate) struct Started {
     pub(crate) pages_written: u64,
     pub(crate) stats: Option<Arc<ChildStats>>,
     pub(crate) handover: Option<Handover>,
+    /// A container child's cgroup.
+    pub(crate) cgroup: Option<crate::container::ChildCgroup>,
 }
 
 /// The caller's ends of a child's piped streams.
@@ -165,6 +180,7 @@ impl Child {
             pages_written: s.pages_written,
             stats: s.stats,
             handover: s.handover,
+            cgroup: s.cgroup,
             stdin: pipes.stdin,
             stdout: pipes.stdout,
             stderr: pipes.stderr,
@@ -177,6 +193,18 @@ impl Child {
     /// Its pid (in the caller's pid namespace).
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// A container child's cgroup: its limits and usage.
+    pub fn cgroup(&self) -> Option<&crate::container::ChildCgroup> {
+        self.cgroup.as_ref()
+    }
+
+    /// Take a container child's cgroup, to keep it for as long as the
+    /// child runs while this handle goes (it is removed when dropped).
+    /// [`Child::wait`] then no longer tells an OOM kill from a SIGKILL.
+    pub fn take_cgroup(&mut self) -> Option<crate::container::ChildCgroup> {
+        self.cgroup.take()
     }
 
     /// Its pidfd: poll it for readability to learn that it ended.
@@ -298,6 +326,16 @@ impl Child {
     fn reason(&self, e: Ended) -> ExitReason {
         if let Some(why) = self.stats.as_ref().and_then(|s| s.killed_reason()) {
             return ExitReason::KilledByPager(why);
+        }
+        if let Some(cg) = &self.cgroup {
+            cg.mark_reaped();
+        }
+        if let (Ended::Killed(libc::SIGKILL), Some(cg)) = (&e, &self.cgroup) {
+            if cg.oom_killed() {
+                return ExitReason::OutOfMemory {
+                    limit: cg.limits.memory_bytes.unwrap_or(0),
+                };
+            }
         }
         match e {
             Ended::Exited(c) => ExitReason::Exited(c),

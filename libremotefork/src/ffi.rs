@@ -346,6 +346,10 @@ pub unsafe extern "C" fn rf_child_wait(child: *mut Child) -> c_int {
             fail(format!("killed by the pager: {why}"));
             128 + libc::SIGKILL
         }
+        Ok(r @ ExitReason::OutOfMemory { .. }) => {
+            fail(r.to_string());
+            128 + libc::SIGKILL
+        }
         Err(e) => {
             fail(e);
             -1

@@ -35,11 +35,17 @@ const PT_NOTE: u32 = 4;
 
 /// Identify the file at `path`.
 pub fn identify(path: &str) -> Result<FileRef, FileIdError> {
+    identify_at(path, Path::new(path))
+}
+
+/// Identify the file a process knows as `path`, which forkd opens at `at`
+/// (a container's file, under `/proc/PID/root`).
+pub fn identify_at(path: &str, at: &Path) -> Result<FileRef, FileIdError> {
     let err = |source| FileIdError::Io {
         path: path.to_string(),
         source,
     };
-    let f = File::open(path).map_err(err)?;
+    let f = File::open(at).map_err(err)?;
     let md = f.metadata().map_err(err)?;
     let mtime_ns = md
         .mtime()

@@ -79,6 +79,7 @@
 pub mod capture;
 mod child;
 pub(crate) mod classify;
+pub mod container;
 pub mod coop;
 pub mod ffi;
 pub(crate) mod fileid;
@@ -99,5 +100,5 @@ pub use child::{Child, ChildError, ChildEvent, Events, ExitReason};
 pub use coop::{checkpoint, checkpoint_all_threads, on_restore, Checkpoint};
 pub use kernel_helpers::PAGE_SIZE;
 pub use pager::{ChildStats, Prefetch};
-pub use restore::{RestoreError, RunAs, Seed, SpawnOptions, Stdio};
+pub use restore::{set_rootfs_store, RestoreError, RunAs, Seed, SpawnOptions, Stdio};
 pub use seedref::{RemoteOptions, SeedRef, SeedRefError, Transport};

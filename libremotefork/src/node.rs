@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use crate::pager::cache::CacheFds;
-pub use crate::restore::{Adopted, Handover, WORKING_SET_FILE};
+pub use crate::restore::{rootfs_stores, Adopted, Handover, WORKING_SET_FILE};
 
 /// Let lazy children outlive the thread that spawned them (`true`): they
 /// keep running when it exits, waiting for a successor to take over their

@@ -6,9 +6,12 @@ use serde::{Deserialize, Serialize};
 use crate::procfs::{FdEntry, MmFields};
 
 /// The descriptor format this build writes. It reads this one,
-/// [`FORMAT_V4`] (no kernel objects), [`FORMAT_V3`] (one thread),
+/// [`FORMAT_V5`] (no container), [`FORMAT_V4`] (no kernel objects), [`FORMAT_V3`] (one thread),
 /// [`FORMAT_V2`] (no privileges) and [`FORMAT_V1`] (no page digests).
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
+
+/// Format 5: no container section.
+pub const FORMAT_V5: u32 = 5;
 
 /// The fourth format: every thread, but no kernel objects behind the
 /// descriptors ([`crate::kobj::FdObjects`]): its children get the
@@ -153,6 +156,11 @@ pub struct Descriptor {
     /// same checksummed body.
     #[serde(skip)]
     pub fd_objects: crate::kobj::FdObjects,
+    /// The container the parent ran in, if it ran in one (format 6; none
+    /// before). Encoded after the kernel objects, in the same checksummed
+    /// body.
+    #[serde(skip)]
+    pub container: Option<crate::container::ContainerInfo>,
 }
 
 /// What format 4 adds: every thread besides the main one (the thread-group

@@ -88,6 +88,7 @@ pub fn to_json(d: &Descriptor, image_dir: Option<&str>) -> Value {
         "creds": { "uid": d.creds.uid, "gid": d.creds.gid, "groups": d.creds.groups },
         "fds": serde_json::to_value(&d.fds).unwrap_or(Value::Null),
         "fd_objects": d.fd_objects.objects.iter().map(object_json).collect::<Vec<_>>(),
+        "container": serde_json::to_value(&d.container).unwrap_or(Value::Null),
         "files": serde_json::to_value(&d.files).unwrap_or(Value::Null),
         "vmas": vmas,
         "vdso_hash": d.vdso_hash,
@@ -121,6 +122,32 @@ pub fn to_text(d: &Descriptor) -> String {
     );
     if let Some(nr) = r.interrupted_syscall() {
         let _ = writeln!(s, "stopped inside syscall {nr} (restarts on resume)");
+    }
+    if let Some(c) = &d.container {
+        let _ = writeln!(
+            s,
+            "container: rootfs {} ({} files, {} MiB{}), hostname {:?}, namespaces {}, {} mounts for children",
+            c.rootfs_digest,
+            c.rootfs_files,
+            c.rootfs_bytes >> 20,
+            if c.readonly_root { ", read-only" } else { "" },
+            c.hostname,
+            c.namespaces.join(","),
+            c.mounts.len()
+        );
+        let l = c.limits;
+        let _ = writeln!(
+            s,
+            "  limits: memory {}  pids {}  cpu {}",
+            l.memory_bytes
+                .map_or("none".into(), |m| format!("{} MiB", m >> 20)),
+            l.pids.map_or("none".into(), |p| p.to_string()),
+            l.cpu_micros
+                .map_or("none".into(), |c| format!("{} CPUs", c as f64 / 1e6))
+        );
+        for n in &c.not_kept {
+            let _ = writeln!(s, "  not in children: {n}");
+        }
     }
     for t in &d.thread_set.others {
         let _ = writeln!(

@@ -282,3 +282,27 @@ pub(super) fn digests<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Er
         0,
     )
 }
+
+/// A container seed's mounts, `not_kept` notes, namespaces and interfaces.
+pub const MAX_CONTAINER_LIST: usize = 1024;
+/// Entries of one of a container's tmpfs mounts kept for children (`/dev`).
+pub const MAX_TMPFS_ENTRIES: usize = 1 << 16;
+
+/// `ContainerInfo::mounts`.
+pub(crate) fn container_mounts<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<crate::container::ChildMount>, D::Error> {
+    seq(d, "container.mounts", MAX_CONTAINER_LIST, 0)
+}
+
+/// `ChildMount::Tmpfs::entries`.
+pub(crate) fn tmpfs_entries<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<crate::container::TmpfsEntry>, D::Error> {
+    seq(d, "container.mounts[].entries", MAX_TMPFS_ENTRIES, 0)
+}
+
+/// The container's lists of strings.
+pub(crate) fn container_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    seq(d, "container lists", MAX_CONTAINER_LIST, 0)
+}

@@ -48,6 +48,9 @@ pub const DESCRIPTOR_FILE: &str = "descriptor.bin";
 /// Directory in an image holding the seed's copies of mapped files, named by
 /// their identity (device, inode, size, mtime), hashed.
 pub const FILES_DIR: &str = "files";
+/// The subdirectory a container seed captured without a shared store
+/// keeps its rootfs in, under its digest.
+pub const ROOTFS_DIR: &str = "rootfs";
 /// Name of the page store in an image directory.
 pub const PAGES_FILE: &str = "pages.img";
 
@@ -153,6 +156,9 @@ pub fn encode(desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
     if desc.format_version >= 5 {
         body.extend_from_slice(&postcard::to_allocvec(&desc.fd_objects)?);
     }
+    if desc.format_version >= 6 {
+        body.extend_from_slice(&postcard::to_allocvec(&desc.container)?);
+    }
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&desc.format_version.to_le_bytes());
@@ -225,7 +231,7 @@ pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageE
             let (p, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
             d.privileges = Some(p);
             d.thread_set = postcard::from_bytes(rest).map_err(|e| scope.error(e))?;
-        } else {
+        } else if version == FORMAT_V5 {
             let (g, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
             d.digests = Some(g);
             let (p, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
@@ -233,6 +239,16 @@ pub fn decode(bytes: &[u8], image_len: Option<u64>) -> Result<Descriptor, ImageE
             let (t, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
             d.thread_set = t;
             d.fd_objects = postcard::from_bytes(rest).map_err(|e| scope.error(e))?;
+        } else {
+            let (g, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
+            d.digests = Some(g);
+            let (p, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
+            d.privileges = Some(p);
+            let (t, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
+            d.thread_set = t;
+            let (o, rest) = postcard::take_from_bytes(rest).map_err(|e| scope.error(e))?;
+            d.fd_objects = o;
+            d.container = postcard::from_bytes(rest).map_err(|e| scope.error(e))?;
         }
         d
     };
@@ -281,6 +297,9 @@ fn store_matches(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageErro
 /// page store's size). Everything restore relies on is checked here.
 pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError> {
     let bad = |s: String| Err(ImageError::Invalid(s));
+    if let Some(c) = &d.container {
+        crate::container::validate(c).map_err(ImageError::Invalid)?;
+    }
     // Also refused while decoding; checked again for descriptors built here.
     limits::check_count("xstate", d.xstate.len(), limits::MAX_XSTATE_BYTES)?;
     limits::check_count("sigactions", d.sigactions.len(), limits::MAX_SIGACTIONS)?;
@@ -336,7 +355,7 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
     }
     store_matches(d, image_len)?;
     match (&d.privileges, d.format_version) {
-        (Some(p), FORMAT_V3 | FORMAT_V4 | FORMAT_VERSION) => {
+        (Some(p), FORMAT_V3 | FORMAT_V4 | FORMAT_V5 | FORMAT_VERSION) => {
             // The kernel's own limits: BPF_MAXINSNS per filter,
             // MAX_INSNS_PER_PATH (32768) over a process's filters.
             let total: usize = p.seccomp_filters.iter().map(|f| f.insns.len() + 4).sum();
@@ -360,7 +379,7 @@ pub fn validate(d: &Descriptor, image_len: Option<u64>) -> Result<(), ImageError
     }
     match (&d.digests, d.format_version) {
         (None, FORMAT_V1) => {}
-        (Some(g), FORMAT_V2 | FORMAT_V3 | FORMAT_V4 | FORMAT_VERSION) => {
+        (Some(g), FORMAT_V2 | FORMAT_V3 | FORMAT_V4 | FORMAT_V5 | FORMAT_VERSION) => {
             let cb = g.chunk_bytes as u64;
             if cb == 0 || !cb.is_multiple_of(PAGE_SIZE) || cb > 16 << 20 {
                 return bad(format!("digest chunks of {cb} bytes"));

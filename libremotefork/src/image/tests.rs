@@ -185,6 +185,7 @@ pub(crate) fn sample() -> Descriptor {
                 comm: "worker".into(),
             }],
         },
+        container: None,
         fd_objects: FdObjects {
             objects: vec![
                 FdObject {
@@ -911,4 +912,76 @@ fn format_5_carries_kernel_objects_and_checks_them() {
     };
     let e = decode(&encode(&bad).unwrap(), None).unwrap_err();
     assert!(e.to_string().contains("watches"), "{e}");
+}
+
+fn container_seed() -> Descriptor {
+    use crate::container::{ChildMount, ContainerInfo, TmpfsEntry};
+    let mut d = sample();
+    d.container = Some(ContainerInfo {
+        rootfs_digest: format!("sha256:{}", "ab".repeat(32)),
+        rootfs_files: 3,
+        rootfs_bytes: 100,
+        readonly_root: true,
+        hostname: "rf-container".into(),
+        namespaces: vec!["pid".into(), "mnt".into()],
+        mounts: vec![
+            ChildMount::Tmpfs {
+                at: "/dev".into(),
+                flags: 0,
+                data: "mode=755".into(),
+                entries: vec![TmpfsEntry::Node {
+                    path: "null".into(),
+                    mode: libc::S_IFCHR | 0o666,
+                    rdev: libc::makedev(1, 3),
+                }],
+            },
+            ChildMount::Bind {
+                from: "/dev/null".into(),
+                at: "/proc/kcore".into(),
+                flags: 0,
+            },
+        ],
+        not_kept: vec!["x".into()],
+        interfaces: vec!["lo".into()],
+        uid_map: "0 0 4294967295".into(),
+        limits: Default::default(),
+    });
+    d
+}
+
+#[test]
+fn a_container_section_round_trips_in_format_6() {
+    let d = container_seed();
+    let back = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap();
+    assert_eq!(back.container, d.container);
+}
+
+#[test]
+fn a_container_section_that_escapes_the_root_or_makes_a_disk_node_is_refused() {
+    use crate::container::{ChildMount, TmpfsEntry};
+    let mut d = container_seed();
+    if let Some(c) = d.container.as_mut() {
+        c.mounts[1] = ChildMount::Bind {
+            from: "/../../etc/shadow".into(),
+            at: "/x".into(),
+            flags: 0,
+        };
+    }
+    let e = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap_err();
+    assert!(e.to_string().contains("without \"..\""), "{e}");
+    let mut d = container_seed();
+    if let Some(c) = d.container.as_mut() {
+        c.mounts[0] = ChildMount::Tmpfs {
+            at: "/dev".into(),
+            flags: 0,
+            data: String::new(),
+            entries: vec![TmpfsEntry::Node {
+                path: "sda".into(),
+                mode: libc::S_IFBLK | 0o666,
+                rdev: libc::makedev(8, 0),
+            }],
+        };
+    }
+    let e = decode(&encode(&d).unwrap(), Some(d.image_bytes)).unwrap_err();
+    assert!(e.to_string().contains("device node sda (8:0)"), "{e}");
 }

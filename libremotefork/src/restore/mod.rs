@@ -33,6 +33,28 @@ pub fn set_journal_dir(dir: Option<PathBuf>) {
     *JOURNAL_DIR.lock().unwrap_or_else(|e| e.into_inner()) = dir;
 }
 
+/// Where this node keeps container rootfs copies by digest (a daemon's
+/// state directory has one); a seed's own `rootfs/` is looked in first.
+static ROOTFS_STORE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Look for container seeds' rootfs copies in `dir` too.
+pub fn set_rootfs_store(dir: Option<PathBuf>) {
+    *ROOTFS_STORE.lock().unwrap_or_else(|e| e.into_inner()) = dir;
+}
+
+/// Where a container seed in `seed_dir` may find its rootfs.
+pub fn rootfs_stores(seed_dir: &Path) -> Vec<PathBuf> {
+    let mut v = vec![seed_dir.join(crate::image::ROOTFS_DIR)];
+    if let Some(d) = ROOTFS_STORE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    {
+        v.push(d);
+    }
+    v
+}
+
 /// A new journal for the child `pid`, if journals are kept.
 fn new_journal(pid: i32) -> Option<crate::pager::Journal> {
     let dir = JOURNAL_DIR
@@ -202,6 +224,9 @@ pub enum RestoreError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A container child could not be made.
+    #[error(transparent)]
+    Container(#[from] crate::container::ContainerError),
 }
 
 /// How to start a child: build it from [`SpawnOptions::default`] (lazy,
@@ -232,6 +257,9 @@ pub struct SpawnOptions {
     /// Run the child as this user instead of the parent's (a tenant's
     /// uid): no capabilities, `no_new_privs`, the parent's seccomp filters.
     pub run_as: Option<RunAs>,
+    /// What a child of a container seed gets: limits (each unset one is
+    /// the parent container's) and network. Ignored for other seeds.
+    pub container: crate::container::ChildSpec,
 }
 
 /// The user a child runs as when it is not the parent's.
@@ -275,6 +303,12 @@ impl SpawnOptions {
         self.run_as = run_as;
         self
     }
+
+    /// Limits and network of a container seed's child.
+    pub fn container(mut self, spec: crate::container::ChildSpec) -> Self {
+        self.container = spec;
+        self
+    }
 }
 
 impl Default for SpawnOptions {
@@ -285,6 +319,7 @@ impl Default for SpawnOptions {
             share: true,
             template: true,
             run_as: None,
+            container: Default::default(),
         }
     }
 }
@@ -300,6 +335,11 @@ pub struct Seed {
 struct Core {
     image: SeedImage,
     resolved: Vec<ResolvedFile>,
+    /// A container seed's rootfs on this node.
+    rootfs: Option<PathBuf>,
+    /// A container seed's files as a child outside any container maps
+    /// them ([`crate::container::ChildSpec::host`]): from `rootfs`.
+    resolved_host: Vec<ResolvedFile>,
     /// The page store mapped, for a local seed.
     pages: Option<ReadOnlyMapping>,
     /// Offset of a `syscall` instruction inside the vDSO.
@@ -345,6 +385,10 @@ struct Built {
     notes: Vec<String>,
     pages_written: u64,
     t0: Instant,
+    /// A container child's cgroup.
+    cgroup: Option<crate::container::ChildCgroup>,
+    /// Its move into that cgroup, to wait for before it runs.
+    attaching: Option<crate::container::cgroup::Attaching>,
 }
 
 /// Stored pages fetched for a plan: which mappings were lazy, and the
@@ -544,7 +588,42 @@ impl Seed {
         }
         check_privileges(d)?;
         let mut notes = shared_memory_notes(d, pages.is_none());
-        let resolved = resolve_files(image.dir(), d, &mut notes)?;
+        let (resolved, rootfs) =
+            match &d.container {
+                Some(c) => {
+                    let stores = rootfs_stores(image.dir());
+                    let dir = crate::container::rootfs::find(&c.rootfs_digest, &stores)
+                        .ok_or_else(|| crate::container::ContainerError::RootfsMissing {
+                            digest: c.rootfs_digest.clone(),
+                            looked: stores
+                                .iter()
+                                .map(|s| s.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        })?;
+                    notes.extend(c.not_kept.iter().map(|n| format!("not in children: {n}")));
+                    (resolve_container_files(&dir, d, &mut notes)?, Some(dir))
+                }
+                None => (resolve_files(image.dir(), d, &mut notes)?, None),
+            };
+        let resolved_host = match &rootfs {
+            Some(dir) => {
+                let inside = resolve_container_files(dir, d, &mut Vec::new())?;
+                let root = crate::container::assembly_dir().join("root");
+                inside
+                    .into_iter()
+                    .map(|f| match f {
+                        ResolvedFile::Local(p) => ResolvedFile::Local(
+                            dir.join(Path::new(&p).strip_prefix(&root).unwrap_or(Path::new(&p)))
+                                .to_string_lossy()
+                                .into_owned(),
+                        ),
+                        other => other,
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let (cache_base, cache_size) = plan::cache_layout(d);
         let verify = d.digests.clone().map(|digests| Verify {
             digests,
@@ -594,6 +673,8 @@ impl Seed {
             core: Arc::new(Core {
                 image,
                 resolved,
+                rootfs,
+                resolved_host,
                 pages,
                 vdso_syscall_offset,
                 notes,
@@ -675,7 +756,15 @@ impl Seed {
         if let Some(why) = self.core.seed.cache.damaged() {
             return Err(RestoreError::Damaged(why));
         }
-        if opts.template {
+        if opts.template && self.core.rootfs.is_some() {
+            // A template is one process in one set of namespaces: its
+            // forks would share them. Container children are built alone.
+            let mut started = self.core.spawn_direct(stdin, stdout, stderr, opts)?;
+            started.notes.push(
+                "a container seed's children are restored from scratch, each in its own namespaces (templates do not hold containers)".into(),
+            );
+            Ok(started)
+        } else if opts.template {
             template::spawn(&self.core, stdin, stdout, stderr, opts)
         } else {
             self.core.spawn_direct(stdin, stdout, stderr, opts)
@@ -745,8 +834,14 @@ impl Core {
             notes,
             pages_written,
             t0,
+            cgroup,
+            attaching,
             ..
         } = self.build_child(stdin, stdout, stderr, opts, 0)?;
+        if let Some(a) = attaching {
+            a.wait().map_err(crate::container::ContainerError::from)?;
+            debug!(us = t0.elapsed().as_micros() as u64, "in its cgroup");
+        }
         let pid = husk.pid();
         let exec = ExecutorArea {
             insn: child_insn,
@@ -773,6 +868,7 @@ impl Core {
             pages_written,
             stats,
             handover,
+            cgroup,
         })
     }
 
@@ -791,8 +887,56 @@ impl Core {
         let span = info_span!("restore", seed_pid = d.source.pid);
         let _g = span.enter();
         let t0 = Instant::now();
-        let mut husk = husk::spawn(stdin, stdout, stderr)?;
+        let host = opts.container.host;
+        let isolation = match (&d.container, &self.rootfs) {
+            (Some(c), Some(lower)) if !host => {
+                Some(crate::container::child_isolation(c, lower, &opts.container))
+            }
+            _ => None,
+        };
+        if isolation.is_some() {
+            std::fs::create_dir_all(crate::container::assembly_dir()).map_err(|source| {
+                RestoreError::Io {
+                    what: "making the directory container roots are assembled in".into(),
+                    source,
+                }
+            })?;
+        }
+        let mut husk = husk::spawn_in(stdin, stdout, stderr, isolation.as_ref())?;
         let pid = husk.pid();
+        if isolation.is_some() {
+            debug!(
+                us = t0.elapsed().as_micros() as u64,
+                "container husk started"
+            );
+        }
+        // Its cgroup before it runs a single instruction of the child.
+        let cgroup = match &d.container {
+            Some(c) if !host => {
+                let limits = opts.container.limits.or(c.limits);
+                let cg = crate::container::ChildCgroup::create(
+                    &format!("{}-{pid}", std::process::id()),
+                    limits,
+                )
+                .map_err(crate::container::ContainerError::from)?;
+                // Moved in while the restore goes on; waited for before the
+                // child runs.
+                let attaching = cg.attach_in_background(pid);
+                debug!(us = t0.elapsed().as_micros() as u64, "cgroup made");
+                Some((cg, attaching))
+            }
+            _ => None,
+        };
+        let (cgroup, attaching) = match cgroup {
+            Some((cg, a)) => (Some(cg), Some(a)),
+            None => (None, None),
+        };
+        let container_root = isolation.as_ref().map(|_| {
+            crate::container::assembly_dir()
+                .join("root")
+                .to_string_lossy()
+                .into_owned()
+        });
         let layout = HuskLayout {
             maps: procfs::maps(pid)?
                 .into_iter()
@@ -810,11 +954,18 @@ impl Core {
         let plan = plan::build(
             d,
             &layout,
-            &self.resolved,
+            if host && self.rootfs.is_some() {
+                &self.resolved_host
+            } else {
+                &self.resolved
+            },
             opts.lazy,
             can_share.then_some(&shared),
             extra,
-            opts.run_as,
+            plan::Who {
+                run_as: opts.run_as,
+                container_root: container_root.as_deref(),
+            },
         )?;
         let base_regs = husk.regs()?;
         let here_xstate = husk.xstate()?.len();
@@ -945,6 +1096,8 @@ impl Core {
             notes,
             pages_written,
             t0,
+            cgroup,
+            attaching,
         })
     }
 
@@ -1593,6 +1746,33 @@ fn check_privileges(d: &Descriptor) -> Result<(), RestoreError> {
         )));
     }
     Ok(())
+}
+
+/// How every file of a container seed resolves: in its rootfs (`rootfs`
+/// on this node), opened by the child's executor under the root its
+/// starter assembled, before it becomes `/`.
+fn resolve_container_files(
+    rootfs: &Path,
+    d: &Descriptor,
+    notes: &mut Vec<String>,
+) -> Result<Vec<ResolvedFile>, RestoreError> {
+    let root = crate::container::assembly_dir().join("root");
+    let mut out = Vec::with_capacity(d.files.len());
+    for f in &d.files {
+        let rel = f.path.trim_start_matches('/');
+        if fileid::matches_at(f, &rootfs.join(rel))? {
+            out.push(ResolvedFile::Local(
+                root.join(rel).to_string_lossy().into_owned(),
+            ));
+        } else {
+            notes.push(format!(
+                "{} is not in the container's rootfs (a file of another mount of the parent's)",
+                f.path
+            ));
+            out.push(ResolvedFile::Unavailable);
+        }
+    }
+    Ok(out)
 }
 
 /// How every file of the seed resolves here: the node's own copy if it is the

@@ -413,6 +413,16 @@ pub struct HuskLayout {
     pub maps: Vec<MapsEntry>,
 }
 
+/// Who and where the child is, besides what its seed records.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Who<'a> {
+    /// Another user than the parent's (a tenant's).
+    pub run_as: Option<super::RunAs>,
+    /// A container child: where its starter assembled its root, which
+    /// becomes `/` once the seed's files are mapped.
+    pub container_root: Option<&'a str>,
+}
+
 /// Build the plan. `files[i]` is how `desc.files[i]` resolved on this node.
 ///
 /// The phases run in the order their ops run in the husk, each appending
@@ -424,8 +434,12 @@ pub fn build(
     lazy: bool,
     shared_cache: Option<&SharedCache>,
     extra: u64,
-    run_as: Option<super::RunAs>,
+    who: Who<'_>,
 ) -> Result<RestorePlan, PlanError> {
+    let Who {
+        run_as,
+        container_root,
+    } = who;
     let mut d = Draft::default();
     mappings::check_user_space(desc)?;
     let m = mappings::decide(desc, files, lazy, shared_cache, &mut d.notes)?;
@@ -444,6 +458,9 @@ pub fn build(
     process::plan_close_inherited(&mut d);
     process::plan_protections(&mut d, desc, &m.write_first);
     process::plan_mm(&mut d, desc, files);
+    if let Some(root) = container_root {
+        process::plan_enter_root(&mut d, root);
+    }
     process::plan_signals(&mut d, desc);
     process::plan_process_attrs(&mut d, desc);
     let max_fd = descriptors::plan_fds(&mut d, desc)?;

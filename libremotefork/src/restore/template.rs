@@ -398,6 +398,7 @@ fn build(
         // page-table entries of a private file mapping that has an anon_vma.
         share: true,
         template: false,
+        container: Default::default(),
         run_as,
     };
     let b = core.build_child(
@@ -669,5 +670,6 @@ fn finish(
         pages_written: t.pages_written,
         stats,
         handover,
+        cgroup: None,
     })
 }

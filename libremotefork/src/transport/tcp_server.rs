@@ -662,6 +662,7 @@ mod tests {
             privileges: None,
             thread_set: Default::default(),
             fd_objects: Default::default(),
+            container: None,
         };
         let dir = state.join(SEED);
         crate::image::write(&dir, &mut d, &pages, false).unwrap();

@@ -159,6 +159,46 @@ pub(super) fn plan_signals(d: &mut Draft, desc: &Descriptor) {
     ));
 }
 
+/// 5b. A container child: its root, assembled by the husk's starter at
+///     `root` in the child's own mount namespace, becomes `/` once the
+///     seed's files are mapped and the exe is set (their paths are under
+///     `root`); everything after (cwd, descriptors by path) is the
+///     container's. `pivot_root(".", ".")` stacks the old root under the
+///     new one, and the lazy unmount takes it away: nothing of the node's
+///     filesystem is left reachable.
+pub(super) fn plan_enter_root(d: &mut Draft, root: &str) {
+    let at = d.data.cstr(root);
+    let dot = d.data.cstr(".");
+    let slash = d.data.cstr("/");
+    d.state_ops.push(Op::new(
+        libc::SYS_chdir,
+        [Arg::Data(at), v(0), v(0), v(0), v(0), v(0)],
+        format!("chdir({root})"),
+    ));
+    d.state_ops.push(Op::new(
+        libc::SYS_pivot_root,
+        [Arg::Data(dot), Arg::Data(dot), v(0), v(0), v(0), v(0)],
+        "pivot_root into the container's root",
+    ));
+    d.state_ops.push(Op::new(
+        libc::SYS_umount2,
+        [
+            Arg::Data(dot),
+            v(libc::MNT_DETACH as u64),
+            v(0),
+            v(0),
+            v(0),
+            v(0),
+        ],
+        "unmounting the node's root",
+    ));
+    d.state_ops.push(Op::new(
+        libc::SYS_chdir,
+        [Arg::Data(slash), v(0), v(0), v(0), v(0), v(0)],
+        "chdir(/)",
+    ));
+}
+
 /// 6. personality, comm, umask, cwd (rlimits come after the descriptors).
 pub(super) fn plan_process_attrs(d: &mut Draft, desc: &Descriptor) {
     d.state_ops.push(Op::new(

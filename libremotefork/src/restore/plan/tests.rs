@@ -8,7 +8,7 @@ fn build4(
     f: &[ResolvedFile],
     lazy: bool,
 ) -> Result<RestorePlan, PlanError> {
-    build(d, h, f, lazy, None, 0, None)
+    build(d, h, f, lazy, None, 0, Who::default())
 }
 
 fn husk(vdso_at: u64) -> HuskLayout {
@@ -407,7 +407,7 @@ fn shared_cache_plans_map_anonymous_memory_from_the_cache() {
         true,
         Some(&cache),
         0,
-        None,
+        Who::default(),
     )
     .unwrap();
     assert_eq!(p.from_cache, vec![false, true, false]);
@@ -442,7 +442,7 @@ fn shared_cache_plans_map_anonymous_memory_from_the_cache() {
         false,
         Some(&cache),
         0,
-        None,
+        Who::default(),
     )
     .unwrap();
     assert_eq!(e.from_cache, vec![false, false, false]);
@@ -524,7 +524,10 @@ fn a_tenant_child_gets_its_uid_no_new_privs_and_the_parents_filters_last() {
         false,
         None,
         0,
-        run_as,
+        Who {
+            run_as,
+            container_root: None,
+        },
     )
     .unwrap();
     let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
@@ -572,7 +575,16 @@ fn a_root_parent_with_fewer_capabilities_gives_its_child_the_same() {
         dumpable: 1,
         open_files: vec![],
     });
-    let p = build(&d, &husk(0x7fff_f000_0000), &local(), false, None, 0, None).unwrap();
+    let p = build(
+        &d,
+        &husk(0x7fff_f000_0000),
+        &local(),
+        false,
+        None,
+        0,
+        Who::default(),
+    )
+    .unwrap();
     let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
     let drop = names
         .iter()
@@ -786,4 +798,46 @@ fn only_a_memfd_gets_its_seals_back() {
         !names.iter().any(|n| n.starts_with("fd 10: its seals")),
         "{names:#?}"
     );
+}
+
+#[test]
+fn a_container_child_enters_its_root_after_its_files_are_mapped_and_before_its_cwd() {
+    let d = sample();
+    let p = build(
+        &d,
+        &husk(0x7fff_f000_0000),
+        &local(),
+        false,
+        None,
+        0,
+        Who {
+            run_as: None,
+            container_root: Some("/tmp/remotefork-containers/root"),
+        },
+    )
+    .unwrap();
+    let names: Vec<&str> = p.state_ops.iter().map(|o| o.what.as_str()).collect();
+    let pivot = names
+        .iter()
+        .position(|n| *n == "pivot_root into the container's root")
+        .unwrap();
+    assert_eq!(names[pivot - 1], "chdir(/tmp/remotefork-containers/root)");
+    assert_eq!(names[pivot + 1], "unmounting the node's root");
+    assert_eq!(names[pivot + 2], "chdir(/)");
+    let cwd = names.iter().position(|n| *n == "chdir").unwrap();
+    assert!(cwd > pivot, "{names:?}");
+    // Nothing is mapped by path after the root changes.
+    assert!(p.map_ops.iter().all(|o| o.nr != libc::SYS_pivot_root));
+    // Without a container, no root change.
+    let plain = build(
+        &d,
+        &husk(0x7fff_f000_0000),
+        &local(),
+        false,
+        None,
+        0,
+        Who::default(),
+    )
+    .unwrap();
+    assert!(plain.state_ops.iter().all(|o| o.nr != libc::SYS_pivot_root));
 }
