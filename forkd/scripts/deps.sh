@@ -11,10 +11,11 @@ need_apt=()
 # golang-go and ruby run the multi-threaded restore tests' Go and Ruby
 # programs (forkd/tests/threads.rs); the JDK (javac, for the Java programs
 # and clients/java) and the JRE run the runtimes tests' JVM
-# (forkd/tests/runtimes.rs).
+# (forkd/tests/runtimes.rs). runc runs the container tests' OCI bundle,
+# whose rootfs is built from Debian's python3 (forkd/scripts/oci-bundle.sh).
 DEB_PKGS=(build-essential iproute2 procps cmake libclang-dev clang pkg-config
           libibverbs1 ibverbs-providers golang-go ruby
-          openjdk-17-jre-headless openjdk-17-jdk-headless)
+          openjdk-17-jre-headless openjdk-17-jdk-headless runc python3)
 for pkg in "${DEB_PKGS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

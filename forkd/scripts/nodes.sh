@@ -70,7 +70,10 @@ up)
         ip -n "$ns" addr add "$ip/24" dev "${prefix}p$i"
         ip -n "$ns" link set "${prefix}p$i" up
         mkdir -p "$dir/n$i"
-        ip netns exec "$ns" "$forkd" serve --socket "$dir/n$i.sock" --state-dir "$dir/n$i" \
+        # nsenter joins the network namespace only: `ip netns exec` also
+        # remounts /sys for it, which hides the cgroup hierarchies that
+        # runc and container children's limits need.
+        nsenter --net="/run/netns/$ns" -- "$forkd" serve --socket "$dir/n$i.sock" --state-dir "$dir/n$i" \
             --listen "$ip:7070" --page-listen "$ip:7071" --metrics "$ip:7072" --token-file "$dir/token" ${FORKD_TRANSPORT:+--transport "$FORKD_TRANSPORT"} \
             --page-deadline-ms "${PAGE_DEADLINE_MS:-3000}" > "$dir/n$i.log" 2>&1 &
         echo $! > "$dir/n$i.pid"

@@ -96,6 +96,22 @@ enum Command {
         /// Print a JSON report (on stderr for a single child whose stdout is the terminal's).
         #[arg(long)]
         json: bool,
+        /// A container seed's children: memory limit of each (bytes, or
+        /// with K, M, G) [default: the parent container's].
+        #[arg(long, value_parser = remotefork::container::parse_size)]
+        memory_limit: Option<u64>,
+        /// A container seed's children: most processes and threads each
+        /// may have [default: the parent container's].
+        #[arg(long)]
+        pids_limit: Option<u64>,
+        /// A container seed's children: CPUs each may use, e.g. 0.5
+        /// [default: the parent container's].
+        #[arg(long, value_parser = remotefork::container::parse_cpus)]
+        cpu_limit: Option<u64>,
+        /// A container seed's children: their network, "loopback" (a
+        /// namespace of their own with lo up) or "none" (nothing up).
+        #[arg(long, default_value = "loopback")]
+        net: remotefork::container::Network,
     },
     /// Run the node daemon: gRPC on a Unix socket (and TCP with a token).
     Serve {
@@ -358,13 +374,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             detach,
             output_dir,
             json,
+            memory_limit,
+            pids_limit,
+            cpu_limit,
+            net,
         } => {
             let opts = remotefork::SpawnOptions::default()
                 .lazy(!eager)
                 .prefetch(prefetch.parse().map_err(anyhow::Error::msg)?)
                 .share(!no_share)
                 // One child: restoring it directly is cheaper than a template.
-                .template(count > 1 && !no_template);
+                .template(count > 1 && !no_template)
+                .container(remotefork::container::ChildSpec {
+                    limits: remotefork::container::Limits {
+                        memory_bytes: memory_limit,
+                        pids: pids_limit,
+                        cpu_micros: cpu_limit,
+                    },
+                    network: net,
+                    upper_bytes: 0,
+                    host: false,
+                });
             return restore_cmd::run(&dir, opts, count, detach, output_dir.as_deref(), json);
         }
         Command::Snapshot {

@@ -16,7 +16,9 @@ fn exit_code(e: &ExitReason) -> u8 {
     match e {
         ExitReason::Exited(c) => *c as u8,
         ExitReason::Signaled(s) => 128u8.wrapping_add(*s as u8),
-        ExitReason::KilledByPager(_) => 128u8.wrapping_add(libc::SIGKILL as u8),
+        ExitReason::KilledByPager(_) | ExitReason::OutOfMemory { .. } => {
+            128u8.wrapping_add(libc::SIGKILL as u8)
+        }
         _ => 1,
     }
 }
@@ -38,6 +40,10 @@ fn child_report(index: u32, c: &Child, ended: &ExitReason) -> ChildReport {
             r.signal = Some(libc::SIGKILL);
             r.reason = Some(why.clone());
         }
+        e @ ExitReason::OutOfMemory { .. } => {
+            r.signal = Some(libc::SIGKILL);
+            r.reason = Some(e.to_string());
+        }
         _ => {}
     }
     let mut local = json!({ "pages_written": c.pages_written() });
@@ -58,8 +64,10 @@ fn child_report(index: u32, c: &Child, ended: &ExitReason) -> ChildReport {
 }
 
 fn report_kill(c: &Child, ended: &ExitReason) {
-    if let ExitReason::KilledByPager(r) = ended {
-        eprintln!("forkd: child {} was killed: {r}", c.pid());
+    match ended {
+        ExitReason::KilledByPager(r) => eprintln!("forkd: child {} was killed: {r}", c.pid()),
+        e @ ExitReason::OutOfMemory { .. } => eprintln!("forkd: child {} was {e}", c.pid()),
+        _ => {}
     }
 }
 

@@ -74,6 +74,22 @@ enum Cmd {
         /// For cooperative seeds: what checkpoint() returns as args in each child.
         #[arg(long, default_value = "")]
         args: String,
+        /// A container seed's children: memory limit of each (bytes, or
+        /// with K, M, G) [default: the parent container's].
+        #[arg(long, value_parser = remotefork::container::parse_size)]
+        memory_limit: Option<u64>,
+        /// A container seed's children: most processes and threads each may
+        /// have [default: the parent container's].
+        #[arg(long)]
+        pids_limit: Option<u64>,
+        /// A container seed's children: CPUs each may use, e.g. 0.5
+        /// [default: the parent container's].
+        #[arg(long, value_parser = remotefork::container::parse_cpus)]
+        cpu_limit: Option<u64>,
+        /// A container seed's children: "loopback" (their own network
+        /// namespace, lo up) or "none".
+        #[arg(long, default_value = "loopback")]
+        net: String,
     },
     /// List instances.
     Ps {
@@ -98,12 +114,25 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum SeedCmd {
-    /// Capture a running process (--pid) or start a command and capture it
-    /// once it prints --ready-line.
+    /// Capture a running process (--pid), a running container
+    /// (--container), or start a command or an OCI bundle (--oci-bundle)
+    /// and capture it once it prints --ready-line.
     Create {
         /// The process to capture.
-        #[arg(long, conflicts_with = "ready_line")]
+        #[arg(long, conflicts_with_all = ["ready_line", "oci_bundle", "container"])]
         pid: Option<u32>,
+        /// Run this OCI bundle (config.json and rootfs) with runc or crun
+        /// and capture its process once it prints --ready-line: a
+        /// container seed. A command after -- replaces its process.args.
+        #[arg(long, conflicts_with = "container")]
+        oci_bundle: Option<String>,
+        /// Capture the process of this running container (its id in the
+        /// OCI runtime).
+        #[arg(long, conflicts_with = "ready_line")]
+        container: Option<String>,
+        /// The OCI runtime for --oci-bundle and --container: runc or crun.
+        #[arg(long, default_value = "runc")]
+        runtime: String,
         /// The line the command prints when it is warm.
         #[arg(long)]
         ready_line: Option<String>,
@@ -287,6 +316,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Seed { cmd } => match cmd {
             SeedCmd::Create {
                 pid,
+                oci_bundle,
+                container,
+                runtime,
                 ready_line,
                 timeout_ms,
                 name,
@@ -298,6 +330,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } => {
                 let env = pairs("--env", &env)?;
                 let source = match (pid, ready_line) {
+                    _ if container.is_some() => {
+                        anyhow::ensure!(
+                            env.is_empty() && cwd.is_none() && command.is_empty(),
+                            "--env, --cwd and a command go with --ready-line, not --container"
+                        );
+                        pb::create_seed_request::Source::Container(pb::RuntimeContainer {
+                            id: container.unwrap_or_default(),
+                            runtime,
+                        })
+                    }
+                    (None, ready) if oci_bundle.is_some() => {
+                        anyhow::ensure!(
+                            env.is_empty() && cwd.is_none(),
+                            "--env and --cwd are the bundle's (its config.json)"
+                        );
+                        let bundle = std::path::absolute(oci_bundle.unwrap_or_default())
+                            .context("--oci-bundle")?;
+                        pb::create_seed_request::Source::OciBundle(pb::OciBundle {
+                            bundle: bundle.to_string_lossy().into_owned(),
+                            argv: command,
+                            ready_line: ready.context("--oci-bundle needs --ready-line TEXT")?,
+                            ready_timeout_ms: timeout_ms,
+                            runtime,
+                        })
+                    }
                     (Some(pid), _) => {
                         anyhow::ensure!(
                             env.is_empty() && cwd.is_none() && command.is_empty(),
@@ -316,7 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         })
                     }
                     (None, None) => {
-                        anyhow::bail!("give --pid PID, or --ready-line TEXT -- CMD ARGS...")
+                        anyhow::bail!("give --pid PID, --container ID, --oci-bundle DIR --ready-line TEXT, or --ready-line TEXT -- CMD ARGS...")
                     }
                 };
                 let create = c.create_seed(pb::CreateSeedRequest {
@@ -494,6 +551,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_template,
             labels,
             args,
+            memory_limit,
+            pids_limit,
+            cpu_limit,
+            net,
         } => {
             let t0 = std::time::Instant::now();
             let (origin, r) = parse_ref(&seed);
@@ -528,6 +589,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args,
                 origin: origin.unwrap_or_default(),
                 no_template,
+                container: Some(pb::ContainerLimits {
+                    memory_bytes: memory_limit.unwrap_or(0),
+                    pids: pids_limit.unwrap_or(0),
+                    cpus: cpu_limit.map_or(0.0, |c| c as f64 / 1e6),
+                    network: net,
+                }),
             };
             let mut stream = c.spawn(req).await.map_err(status_err)?.into_inner();
             let mut children: Vec<ChildReport> = (0..count)
@@ -665,36 +732,49 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let v: Vec<Value> = l
                     .iter()
                     .map(|i| {
-                        json!({ "id": i.id, "seed_id": i.seed_id, "pid": i.pid, "state": i.state,
+                        let mut v = json!({ "id": i.id, "seed_id": i.seed_id, "pid": i.pid, "state": i.state,
                                 "labels": i.labels, "started_unix_ms": i.started_unix_ms,
                                 "notes": i.notes, "owner": Some(&i.owner).filter(|o| !o.is_empty()),
-                                "uid": i.uid })
+                                "uid": i.uid });
+                        if let Some(c) = &i.container {
+                            v["container"] = container_json(c);
+                        }
+                        v
                     })
                     .collect();
                 writeln!(out, "{}", Value::Array(v))?;
             } else {
-                let mut t = Table::new(&[
+                let containers = l.iter().any(|i| i.container.is_some());
+                let mut header = vec![
                     "INSTANCE",
                     "SEED",
                     ">PID",
                     "STATE",
                     "STARTED (UTC)",
                     "LABELS",
-                    "NOTES",
-                ]);
+                ];
+                if containers {
+                    header.push("CONTAINER (MEMORY, PIDS, CPU)");
+                }
+                header.push("NOTES");
+                let mut t = Table::new(&header);
                 for i in l {
                     let mut labels: Vec<String> =
                         i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     labels.sort_by(|a, b| natural_cmp(a, b));
-                    t.row(vec![
+                    let mut row = vec![
                         i.id,
                         i.seed_id,
                         i.pid.to_string(),
                         i.state,
                         utc(i.started_unix_ms),
                         labels.join(","),
-                        i.notes.join("; "),
-                    ]);
+                    ];
+                    if containers {
+                        row.push(i.container.as_ref().map(container_cell).unwrap_or_default());
+                    }
+                    row.push(i.notes.join("; "));
+                    t.row(row);
                 }
                 t.write(&mut out)?;
             }
@@ -835,4 +915,44 @@ async fn with_progress<F: std::future::Future>(show: bool, what: &str, f: F) -> 
             }
         }
     }
+}
+
+/// A container child's container, for `ps --json` and `instance --json`.
+fn container_json(c: &pb::ContainerStatus) -> Value {
+    let opt = |v: u64| (v > 0).then_some(v);
+    json!({
+        "cgroups": c.cgroups,
+        "namespaces": c.namespaces,
+        "network": c.network,
+        "rootfs_digest": c.rootfs_digest,
+        "memory_limit_bytes": opt(c.memory_limit_bytes),
+        "pids_limit": opt(c.pids_limit),
+        "cpu_limit": (c.cpu_limit > 0.0).then_some(c.cpu_limit),
+        "memory_bytes": c.memory_bytes,
+        "pids": c.pids,
+        "cpu_ms": c.cpu_us as f64 / 1e3,
+    })
+}
+
+/// A container child's usage and limits, in a table cell.
+fn container_cell(c: &pb::ContainerStatus) -> String {
+    let lim = |v: u64, f: &dyn Fn(u64) -> String| {
+        if v > 0 {
+            format!("/{}", f(v))
+        } else {
+            String::new()
+        }
+    };
+    let cpu = if c.cpu_limit > 0.0 {
+        format!(" cpu {:.0} ms/{} CPU", c.cpu_us as f64 / 1e3, c.cpu_limit)
+    } else {
+        format!(" cpu {:.0} ms", c.cpu_us as f64 / 1e3)
+    };
+    format!(
+        "{}{} MiB, pids {}{},{cpu}",
+        forkd::cli::mib(c.memory_bytes),
+        lim(c.memory_limit_bytes, &|v| forkd::cli::mib(v)),
+        c.pids,
+        lim(c.pids_limit, &|v| v.to_string()),
+    )
 }

@@ -262,6 +262,7 @@ impl Service {
             tx: None,
             started: Instant::now(),
             ended,
+            cgroup: None,
         };
         let st2 = st.clone();
         tokio::spawn(async move { st2.follow(follow).await });
@@ -320,6 +321,7 @@ impl Service {
                 stdout_bytes: 0,
                 owner: meta["owner"].as_str().unwrap_or_default().to_string(),
                 uid: meta["uid"].as_u64().unwrap_or(0) as u32,
+                container: None,
             },
         );
         g.end(iid, ex, out.into_iter().take(OUTPUT_KEPT).collect(), bytes);

@@ -28,6 +28,8 @@ pub(super) struct Follow {
     pub(super) started: Instant,
     /// It ended already, while no forkd watched (a handed-over child).
     pub(super) ended: Option<kernel_helpers::proc::Ended>,
+    /// A container child's cgroup (the instance table holds it too).
+    pub(super) cgroup: Option<Arc<remotefork::container::ChildCgroup>>,
 }
 
 impl State {
@@ -73,6 +75,7 @@ impl State {
             tx,
             started,
             ended,
+            cgroup,
         } = f;
         let iid = base.instance_id.clone();
         let out_path = self.handover.out_path(&iid);
@@ -153,10 +156,20 @@ impl State {
                 ex.reason = r;
             }
         }
+        if let Some(cg) = &cgroup {
+            cg.mark_reaped();
+            if ex.signal == libc::SIGKILL && ex.reason.is_empty() && cg.oom_killed() {
+                ex.reason = remotefork::ExitReason::OutOfMemory {
+                    limit: cg.limits.memory_bytes.unwrap_or(0),
+                }
+                .to_string();
+            }
+        }
         self.instances
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .end(&iid, &ex, stdout, stdout_bytes);
+
         self.handover.child_ended(&iid);
         info!(target: LOG, seed = %base.seed_id, instance = %iid, pid, exit_code = ex.exit_code, signal = ex.signal, reason = %ex.reason, "child ended");
         let ev = pb::InstanceEvent {
@@ -165,6 +178,12 @@ impl State {
             ..base
         };
         self.publish_opt(tx.as_ref(), ev).await;
+        if let Some(cg) = cgroup {
+            // Removing it waits for what its pid namespace held to go.
+            let t = std::time::Instant::now();
+            let _ = tokio::task::spawn_blocking(move || drop(cg)).await;
+            tracing::debug!(target: LOG, instance = %iid, us = t.elapsed().as_micros() as u64, "container cgroup removed");
+        }
     }
 
     /// Write a child's input (larger than a pipe takes at once) as it reads

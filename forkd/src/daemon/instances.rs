@@ -28,6 +28,58 @@ pub(super) struct InstanceRec {
     pub(super) owner: String,
     /// The uid it runs as.
     pub(super) uid: u32,
+    /// A container seed's child: its container.
+    pub(super) container: Option<ContainerRec>,
+}
+
+/// A container child's container, as the instance table shows it.
+pub(super) struct ContainerRec {
+    /// Its cgroup while it runs (usage is read live); none after.
+    pub(super) cgroup: Option<std::sync::Arc<remotefork::container::ChildCgroup>>,
+    /// What `ListInstances` shows (usage as last read).
+    pub(super) status: pb::ContainerStatus,
+}
+
+impl ContainerRec {
+    /// The record of a child with this cgroup.
+    pub(super) fn new(
+        cg: std::sync::Arc<remotefork::container::ChildCgroup>,
+        spec: &remotefork::container::ChildSpec,
+        info: Option<&remotefork::container::ContainerInfo>,
+    ) -> ContainerRec {
+        let l = cg.limits;
+        let status = pb::ContainerStatus {
+            cgroups: cg.paths().iter().map(|p| p.display().to_string()).collect(),
+            memory_limit_bytes: l.memory_bytes.unwrap_or(0),
+            pids_limit: l.pids.unwrap_or(0),
+            cpu_limit: l.cpu_micros.map_or(0.0, |c| c as f64 / 1e6),
+            network: match spec.network {
+                remotefork::container::Network::Loopback => "loopback".into(),
+                remotefork::container::Network::None => "none".into(),
+            },
+            namespaces: ["pid", "mnt", "uts", "ipc", "net"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            rootfs_digest: info.map(|i| i.rootfs_digest.clone()).unwrap_or_default(),
+            ..Default::default()
+        };
+        ContainerRec {
+            cgroup: Some(cg),
+            status,
+        }
+    }
+
+    fn to_pb(&self) -> pb::ContainerStatus {
+        let mut s = self.status.clone();
+        if let Some(cg) = &self.cgroup {
+            let u = cg.usage();
+            s.memory_bytes = u.memory_bytes;
+            s.pids = u.pids;
+            s.cpu_us = u.cpu_us;
+        }
+        s
+    }
 }
 
 impl InstanceRec {
@@ -54,6 +106,7 @@ impl InstanceRec {
             stdout_bytes: self.stdout_bytes,
             owner: self.owner.clone(),
             uid: self.uid,
+            container: self.container.as_ref().map(ContainerRec::to_pb),
         }
     }
 }
@@ -88,6 +141,11 @@ impl Instances {
         });
         i.stdout = stdout;
         i.stdout_bytes = stdout_bytes;
+        if let Some(c) = i.container.as_mut() {
+            // The last usage read stays; the cgroup goes with the child.
+            c.status = c.to_pb();
+            c.cgroup = None;
+        }
         self.ended.push_back(id.to_string());
         while self.ended.len() > ENDED_KEPT {
             if let Some(old) = self.ended.pop_front() {
@@ -119,6 +177,7 @@ mod instances_tests {
             stdout_bytes: 0,
             owner: String::new(),
             uid: 0,
+            container: None,
         }
     }
 

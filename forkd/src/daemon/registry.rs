@@ -75,6 +75,8 @@ pub struct Seed {
     pub image_bytes: u64,
     /// Mappings.
     pub vmas: u32,
+    /// A container seed's rootfs digest ("" otherwise).
+    pub container_rootfs: String,
     /// Children started from it.
     pub spawned: std::sync::atomic::AtomicU64,
     restorer: Mutex<Option<Arc<remotefork::Seed>>>,
@@ -157,6 +159,7 @@ impl Seed {
             children_spawned: self.spawned.load(std::sync::atomic::Ordering::Relaxed),
             damaged: self.damaged().unwrap_or_default(),
             owner: self.meta.owner.clone(),
+            container_rootfs: self.container_rootfs.clone(),
         }
     }
 }
@@ -222,6 +225,11 @@ impl Registry {
         Ok(Seed {
             image_bytes: d.image_bytes,
             vmas: d.vmas.len() as u32,
+            container_rootfs: d
+                .container
+                .as_ref()
+                .map(|c| c.rootfs_digest.clone())
+                .unwrap_or_default(),
             meta,
             dir: dir.to_path_buf(),
             spawned: Default::default(),
@@ -313,6 +321,11 @@ impl Registry {
     /// file once (seeds hard-link to them).
     pub fn file_store(&self) -> PathBuf {
         self.state.join("files")
+    }
+
+    /// Container seeds' root filesystems, one copy per content digest.
+    pub fn rootfs_store(&self) -> PathBuf {
+        self.state.join("rootfs")
     }
 
     /// Number of seeds.

@@ -201,6 +201,8 @@ impl Service {
             )
             .map_err(|e| Status::internal(e.to_string()))?;
         }
+        self.fetch_rootfs_if_needed(&mut c, origin, sr, &dir)
+            .await?;
         let (source, via) = self.page_source(origin, sr, &b.page_server).await?;
         let restorer =
             tokio::task::spawn_blocking(move || -> Result<remotefork::Seed, RemoteSeedError> {
@@ -231,6 +233,86 @@ impl Service {
             restorer: Arc::new(restorer),
             last_used: AtomicU64::new(now_ms()),
         })
+    }
+
+    /// A container seed whose rootfs this node lacks (by digest): get it
+    /// from its node once, checked, into this node's store.
+    async fn fetch_rootfs_if_needed(
+        &self,
+        c: &mut crate::client::Client,
+        origin: &str,
+        sr: &pb::SeedRef,
+        dir: &std::path::Path,
+    ) -> Result<(), Status> {
+        let img = remotefork::image::SeedImage::open_descriptor(dir).map_err(|e| {
+            Status::failed_precondition(format!("seed {} from {origin}: {e}", sr.id))
+        })?;
+        let Some(digest) = img
+            .descriptor()
+            .container
+            .as_ref()
+            .map(|c| c.rootfs_digest.clone())
+        else {
+            return Ok(());
+        };
+        let store = self.state.registry.rootfs_store();
+        if remotefork::container::rootfs::find(&digest, std::slice::from_ref(&store)).is_some() {
+            return Ok(());
+        }
+        let t = std::time::Instant::now();
+        let mut stream = c
+            .fetch_rootfs(sr.clone())
+            .await
+            .map_err(|e| {
+                Status::new(
+                    e.code(),
+                    format!(
+                        "{origin} did not send seed {}'s rootfs: {}",
+                        sr.id,
+                        e.message()
+                    ),
+                )
+            })?
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        let d2 = digest.clone();
+        let unpack = tokio::task::spawn_blocking(move || {
+            remotefork::container::rootfs::unpack(&mut ChannelReader::new(rx), &store, &d2)
+        });
+        let mut sent = 0u64;
+        let mut failed = None;
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => {
+                    sent += chunk.data.len() as u64;
+                    if tx.send(chunk.data).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let kept = unpack.await.map_err(|e| Status::internal(e.to_string()))?;
+        if let Some(e) = failed {
+            return Err(Status::unavailable(format!(
+                "seed {}'s rootfs from {origin} broke off after {sent} bytes: {}",
+                sr.id,
+                e.message()
+            )));
+        }
+        let kept = kept.map_err(|e| {
+            Status::failed_precondition(format!(
+                "seed {}'s rootfs from {origin} was refused: {e}",
+                sr.id
+            ))
+        })?;
+        info!(target: LOG, seed = %sr.id, %origin, digest = %kept.digest, files = kept.files, bytes = sent, ms = t.elapsed().as_millis() as u64, "container rootfs received");
+        Ok(())
     }
 
     /// Where a remote seed's pages come from, per `--transport`: RDMA
@@ -342,5 +424,40 @@ impl State {
             }
         });
         before - g.len()
+    }
+}
+
+/// A blocking reader over the chunks an async task receives.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl ChannelReader {
+    fn new(rx: tokio::sync::mpsc::Receiver<Vec<u8>>) -> ChannelReader {
+        ChannelReader {
+            rx,
+            buf: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(b) => {
+                    self.buf = b;
+                    self.at = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }

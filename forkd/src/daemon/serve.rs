@@ -81,6 +81,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         ));
     }
     let registry = Arc::new(Registry::open(&cfg.state_dir)?);
+    remotefork::set_rootfs_store(Some(registry.rootfs_store()));
     remotefork::node::set_template_idle_timeout(std::time::Duration::from_secs(
         cfg.template_idle_s.max(1),
     ));

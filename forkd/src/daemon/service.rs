@@ -91,7 +91,17 @@ impl Forkd for Service {
                 .create_from_command(c, r.name, &who, peer, owner, r.drop_unsupported_fds)
                 .await
                 .map(Response::new),
-            None => Err(Status::invalid_argument("give a pid or a command")),
+            Some(pb::create_seed_request::Source::OciBundle(b)) => self
+                .create_from_oci(b, r.name, &who, owner, r.drop_unsupported_fds)
+                .await
+                .map(Response::new),
+            Some(pb::create_seed_request::Source::Container(c)) => self
+                .create_from_container(c, r.name, &who, owner, r.drop_unsupported_fds)
+                .await
+                .map(Response::new),
+            None => Err(Status::invalid_argument(
+                "give a pid, a command, an OCI bundle or a container id",
+            )),
         }
     }
 
@@ -326,6 +336,51 @@ impl Forkd for Service {
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map(Response::new)
+    }
+
+    type FetchRootfsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::RootfsChunk, Status>>;
+
+    async fn fetch_rootfs(
+        &self,
+        req: Request<pb::SeedRef>,
+    ) -> Result<Response<Self::FetchRootfsStream>, Status> {
+        // Always keyed, as FetchDescriptor.
+        let who = auth::principal(&req);
+        let s = self.seed_for(Some(req.get_ref()), true, &who)?;
+        let img = remotefork::image::SeedImage::open_descriptor(&s.dir)
+            .map_err(|e| Status::internal(format!("reading seed {}: {e}", s.meta.id)))?;
+        let digest = img
+            .descriptor()
+            .container
+            .as_ref()
+            .map(|c| c.rootfs_digest.clone())
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("seed {} is not a container seed", s.meta.id))
+            })?;
+        let stores = remotefork::node::rootfs_stores(&s.dir);
+        let dir = remotefork::container::rootfs::find(&digest, &stores).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "seed {}'s rootfs {digest} is not on this node",
+                s.meta.id
+            ))
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let id = s.meta.id.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = remotefork::container::rootfs::pack(&dir, 1 << 20, |data| {
+                tx.blocking_send(Ok(pb::RootfsChunk { data })).is_ok()
+            });
+            if let Err(e) = r {
+                let _ = tx.blocking_send(Err(Status::internal(format!(
+                    "sending seed {id}'s rootfs: {e}"
+                ))));
+            }
+        });
+        info!(target: LOG, seed = %s.meta.id, %digest, "sending a container rootfs to a node");
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     type WatchStream = EventStream;

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::{info, warn};
 
+use super::instances::ContainerRec;
 use super::spawner::{Job, SpawnError, Started};
 use super::{auth, health, now_ms, Follow, InstanceRec, Service, State, Target, LOG};
 use crate::pb;
@@ -145,7 +146,8 @@ impl Service {
             .prefetch(prefetch)
             .share(true)
             .template(!r.no_template)
-            .run_as(run_as);
+            .run_as(run_as)
+            .container(container_spec(r.container.as_ref())?);
         let (tx, rx) = mpsc::channel::<Result<pb::InstanceEvent, Status>>(1024);
         let stdin = match (r.stdin_ref.as_str(), r.stdin.is_empty()) {
             ("", _) => Arc::new(r.stdin),
@@ -262,7 +264,7 @@ impl Batch {
             t,
             stdin,
         } = q;
-        let (child, out, stdin_w) = match started {
+        let (mut child, out, stdin_w) = match started {
             Ok(x) => (x.child, x.stdout, x.stdin),
             Err(e) => {
                 st.spawn_failures.fetch_add(1, Ordering::Relaxed);
@@ -324,6 +326,7 @@ impl Batch {
         if let Some(w) = stdin_w {
             st.clone().write_stdin(iid.clone(), w, stdin.clone());
         }
+        let cgroup = child.take_cgroup().map(Arc::new);
         st.instances
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -343,6 +346,13 @@ impl Batch {
                     stdout_bytes: 0,
                     owner: self.owner.clone(),
                     uid: self.uid,
+                    container: cgroup.as_ref().map(|cg| {
+                        ContainerRec::new(
+                            cg.clone(),
+                            &self.opts.container,
+                            target.restorer.image().descriptor().container.as_ref(),
+                        )
+                    }),
                 },
             );
         let ev = pb::InstanceEvent {
@@ -371,7 +381,37 @@ impl Batch {
             tx: Some(tx2),
             started: t,
             ended: None,
+            cgroup,
         };
         Some(tokio::spawn(async move { st2.follow(follow).await }))
     }
+}
+
+/// A container child's limits and network from a spawn request.
+fn container_spec(
+    c: Option<&pb::ContainerLimits>,
+) -> Result<remotefork::container::ChildSpec, Status> {
+    let Some(c) = c else {
+        return Ok(Default::default());
+    };
+    if !(c.cpus == 0.0 || (0.001..=4096.0).contains(&c.cpus)) {
+        return Err(Status::invalid_argument(format!(
+            "container cpus {}: between 0.001 and 4096",
+            c.cpus
+        )));
+    }
+    let network = match c.network.as_str() {
+        "" => Default::default(),
+        n => n.parse().map_err(Status::invalid_argument)?,
+    };
+    Ok(remotefork::container::ChildSpec {
+        limits: remotefork::container::Limits {
+            memory_bytes: (c.memory_bytes > 0).then_some(c.memory_bytes),
+            pids: (c.pids > 0).then_some(c.pids),
+            cpu_micros: (c.cpus > 0.0).then(|| (c.cpus * 1e6).round() as u64),
+        },
+        network,
+        upper_bytes: 0,
+        host: false,
+    })
 }

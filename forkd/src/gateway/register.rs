@@ -22,7 +22,17 @@ pub struct FunctionSpec {
     /// The function's name (letters, digits, `-`, `_`, `.`).
     pub name: String,
     /// The command that warms up and checkpoints (or prints `ready_line`).
+    /// With `oci_bundle`: the process to run instead of the bundle's
+    /// (optional).
+    #[serde(default)]
     pub command: Vec<String>,
+    /// Run this OCI bundle (with `runtime`) and capture its process at
+    /// `ready_line`: every instance is a container of its own.
+    #[serde(default)]
+    pub oci_bundle: Option<String>,
+    /// The OCI runtime for `oci_bundle`: runc (default) or crun.
+    #[serde(default)]
+    pub runtime: Option<String>,
     /// Its working directory.
     #[serde(default)]
     pub cwd: Option<String>,
@@ -52,8 +62,14 @@ pub(crate) async fn register(
     spec: FunctionSpec,
     tenant: Option<&crate::daemon::auth::Tenant>,
 ) -> Result<Arc<Function>, String> {
-    if spec.command.is_empty() {
-        return Err("the function has no command".into());
+    if spec.command.is_empty() && spec.oci_bundle.is_none() {
+        return Err("the function has no command (or oci_bundle)".into());
+    }
+    if spec.oci_bundle.is_some() && spec.ready_line.is_none() {
+        return Err(
+            "a function from an OCI bundle needs ready_line (its instances serve one invocation each, stdin in, stdout out)"
+                .into(),
+        );
     }
     let t = Instant::now();
     let origin = 0;
@@ -90,13 +106,22 @@ async fn ready_line_seed(
     let mut c = g.nodes[0].client.clone();
     let s = c
         .create_seed(pb::CreateSeedRequest {
-            source: Some(pb::create_seed_request::Source::Command(pb::StartCommand {
-                argv: spec.command.clone(),
-                ready_line: line.to_string(),
-                ready_timeout_ms: g.cfg.register_timeout.as_millis() as u32,
-                cwd: spec.cwd.clone().unwrap_or_default(),
-                env: spec.env.clone().into_iter().collect(),
-            })),
+            source: Some(match &spec.oci_bundle {
+                Some(b) => pb::create_seed_request::Source::OciBundle(pb::OciBundle {
+                    bundle: b.clone(),
+                    argv: spec.command.clone(),
+                    ready_line: line.to_string(),
+                    ready_timeout_ms: g.cfg.register_timeout.as_millis() as u32,
+                    runtime: spec.runtime.clone().unwrap_or_default(),
+                }),
+                None => pb::create_seed_request::Source::Command(pb::StartCommand {
+                    argv: spec.command.clone(),
+                    ready_line: line.to_string(),
+                    ready_timeout_ms: g.cfg.register_timeout.as_millis() as u32,
+                    cwd: spec.cwd.clone().unwrap_or_default(),
+                    env: spec.env.clone().into_iter().collect(),
+                }),
+            }),
             name: spec.name.clone(),
             // The node runs a tenant's command as the tenant, and its
             // children too.

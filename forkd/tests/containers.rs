@@ -1,0 +1,510 @@
+//! Container seeds (issue 17): a Python function (boto3) in a runc
+//! container whose rootfs is not the host's becomes a seed, and every
+//! child is a lean container of its own: its own pid 1, mounts, hostname,
+//! network, a writable layer that vanishes with it, and a cgroup with
+//! memory and pids limits.
+//!
+//! The bundle is built by `forkd/scripts/oci-bundle.sh` (Debian's CPython
+//! 3.11, boto3 from PyPI, an /etc/os-release and a module only it has);
+//! the function is `tests/programs/container/fn.py`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use common::*;
+use remotefork::container::{ChildSpec, Limits, Network};
+use remotefork::{ExitReason, Seed, SpawnOptions};
+use serde_json::Value;
+
+/// The test bundle, built once per run; None (after SKIPPED) without runc.
+fn bundle(test: &str) -> Option<PathBuf> {
+    if !require_root(test) {
+        return None;
+    }
+    if Command::new("runc").arg("--version").output().is_err() {
+        println!("SKIPPED: {test}: runc is not installed (forkd/scripts/deps.sh installs it)");
+        return None;
+    }
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    Some(
+        BUILT
+            .get_or_init(|| {
+                let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("oci-bundle");
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/oci-bundle.sh");
+                let st = Command::new("bash")
+                    .arg(&script)
+                    .arg(&out)
+                    .env("PYTHON", python())
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "oci-bundle.sh failed");
+                out
+            })
+            .clone(),
+    )
+}
+
+/// A container runc runs from the bundle, waiting for input once warm.
+struct Container {
+    id: String,
+    runc: std::process::Child,
+    pid: i32,
+}
+
+impl Container {
+    fn run(bundle: &Path, name: &str) -> Container {
+        let id = format!("rf-test-{name}-{}", std::process::id());
+        let _ = Command::new("runc").args(["delete", "-f", &id]).output();
+        let mut runc = Command::new("runc")
+            .args(["run", "--bundle"])
+            .arg(bundle)
+            .arg(&id)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(runc.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "the container did not start");
+        let st = Command::new("runc").args(["state", &id]).output().unwrap();
+        let v: Value = serde_json::from_slice(&st.stdout).unwrap();
+        let pid = v["pid"].as_i64().unwrap() as i32;
+        wait_blocked_in_read(pid);
+        Container { id, runc, pid }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("runc")
+            .args(["kill", &self.id, "KILL"])
+            .output();
+        let _ = self.runc.kill();
+        let _ = self.runc.wait();
+        let _ = Command::new("runc")
+            .args(["delete", "-f", &self.id])
+            .output();
+    }
+}
+
+/// A seed of the bundle's function, captured from outside (`forkd
+/// snapshot`) in a scratch directory: (its directory, the scratch dir).
+fn snapshot_seed(bundle: &Path, name: &str) -> PathBuf {
+    let c = Container::run(bundle, name);
+    let dir = scratch(name).join("seed");
+    let (code, _, err) = run_forkd(&[
+        "snapshot",
+        "--pid",
+        &c.pid.to_string(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "snapshot of the container failed: {err}");
+    dir
+}
+
+/// One child, talked to a line at a time.
+struct Talk {
+    child: remotefork::Child,
+    to: std::fs::File,
+    from: BufReader<std::fs::File>,
+}
+
+impl Talk {
+    fn spawn(seed: &Seed, spec: ChildSpec) -> Talk {
+        let opts = SpawnOptions::default()
+            .lazy(true)
+            .template(false)
+            .container(spec);
+        let mut child = seed
+            .spawn(
+                remotefork::Stdio::Piped,
+                remotefork::Stdio::Piped,
+                remotefork::Stdio::Inherit,
+                &opts,
+            )
+            .unwrap();
+        let to = child.take_stdin().unwrap();
+        let from = BufReader::new(child.take_stdout().unwrap());
+        Talk { child, to, from }
+    }
+
+    /// Send one command; its answer, or None if the child ended.
+    fn ask(&mut self, cmd: &str) -> Option<Value> {
+        writeln!(self.to, "{cmd}").ok()?;
+        let mut line = String::new();
+        match self.from.read_line(&mut line) {
+            Ok(n) if n > 0 => Some(serde_json::from_str(&line).unwrap()),
+            _ => None,
+        }
+    }
+}
+
+fn host_pid_of(t: &Talk) -> i32 {
+    t.child.pid()
+}
+
+#[test]
+fn children_of_a_container_seed_see_its_rootfs_and_only_themselves() {
+    let Some(b) = bundle("children_of_a_container_seed_see_its_rootfs_and_only_themselves") else {
+        return;
+    };
+    let host_release = std::fs::read_to_string("/etc/os-release").unwrap();
+    assert!(!host_release.contains("remotefork test rootfs"));
+    let dir = snapshot_seed(&b, "ctr-rootfs");
+    let seed = Seed::open(&dir).unwrap();
+    let mut a = Talk::spawn(&seed, ChildSpec::default());
+    let mut b2 = Talk::spawn(&seed, ChildSpec::default());
+    let info = a.ask("info").unwrap();
+    // The container's files, not the host's.
+    assert_eq!(info["os"], "remotefork test rootfs 1", "{info}");
+    assert_eq!(info["marker"], "only in the container rootfs");
+    assert_eq!(info["region"], "eu-west-1");
+    // Its own pid namespace, as the parent's: it is pid 1 and alone.
+    assert_eq!(info["pid"], 1);
+    assert_eq!(info["procs"], serde_json::json!([1]), "{info}");
+    assert_eq!(info["hostname"], "rf-container");
+    assert_eq!(info["net"], serde_json::json!(["lo"]));
+    assert_eq!(a.ask("tcp").unwrap()["ok"], true);
+    // It cannot reach its sibling, the test (forkd's place) or pid 1 of
+    // the node: none of them exists in its pid namespace.
+    for pid in [host_pid_of(&b2), std::process::id() as i32] {
+        let r = a.ask(&format!("kill {pid} 15")).unwrap();
+        assert_eq!(r["ok"], false, "kill {pid}: {r}");
+        assert_eq!(r["error"], "No such process", "kill {pid}: {r}");
+    }
+    assert!(b2.ask("info").is_some(), "the sibling was hurt");
+    // Its writes land in its own layer: the sibling, the seed's rootfs and
+    // the bundle never see them.
+    assert_eq!(a.ask("write /etc/motd from a").unwrap()["ok"], true);
+    assert_eq!(a.ask("read /etc/motd").unwrap()["text"], "from a");
+    assert_eq!(b2.ask("read /etc/motd").unwrap()["ok"], false);
+    assert!(!b.join("rootfs/etc/motd").exists());
+    let store = std::fs::read_dir(dir.join("rootfs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(!store.join("etc/motd").exists());
+    // A new child starts from the seed's rootfs again.
+    drop(a);
+    let mut c = Talk::spawn(&seed, ChildSpec::default());
+    assert_eq!(c.ask("read /etc/motd").unwrap()["ok"], false);
+    // "none": a network namespace of its own with nothing up.
+    let mut d = Talk::spawn(
+        &seed,
+        ChildSpec {
+            network: Network::None,
+            ..Default::default()
+        },
+    );
+    let r = d.ask("tcp").unwrap();
+    assert_eq!(r["ok"], false, "loopback is down: {r}");
+}
+
+#[test]
+fn a_child_past_its_memory_limit_is_oom_killed_and_its_sibling_goes_on() {
+    let Some(b) = bundle("a_child_past_its_memory_limit_is_oom_killed_and_its_sibling_goes_on")
+    else {
+        return;
+    };
+    let dir = snapshot_seed(&b, "ctr-oom");
+    let seed = Seed::open(&dir).unwrap();
+    let spec = ChildSpec {
+        limits: Limits {
+            memory_bytes: Some(128 << 20),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut a = Talk::spawn(&seed, spec);
+    let mut b2 = Talk::spawn(&seed, spec);
+    let cg = a.child.cgroup().expect("a container child has a cgroup");
+    assert_eq!(cg.limits.memory_bytes, Some(128 << 20));
+    assert!(cg.usage().memory_bytes > 0);
+    assert_eq!(a.ask("alloc 16").unwrap()["ok"], true);
+    // Past the limit: no answer, killed by the OOM killer, and told so.
+    assert_eq!(a.ask("alloc 400"), None);
+    let ended = a.child.wait().unwrap();
+    assert_eq!(ended, ExitReason::OutOfMemory { limit: 128 << 20 });
+    assert!(
+        ended.to_string().contains("memory limit of 128 MiB"),
+        "{ended}"
+    );
+    // The sibling, in a cgroup of its own, goes on.
+    assert_eq!(b2.ask("alloc 32").unwrap()["ok"], true);
+    assert_eq!(b2.ask("info").unwrap()["pid"], 1);
+}
+
+#[test]
+fn a_fork_bomb_stops_at_the_pids_limit() {
+    let Some(b) = bundle("a_fork_bomb_stops_at_the_pids_limit") else {
+        return;
+    };
+    let dir = snapshot_seed(&b, "ctr-pids");
+    let seed = Seed::open(&dir).unwrap();
+    let mut a = Talk::spawn(
+        &seed,
+        ChildSpec {
+            limits: Limits {
+                pids: Some(16),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    let r = a.ask("forkbomb 200").unwrap();
+    let made = r["made"].as_u64().unwrap();
+    assert!(made < 16, "{r}");
+    assert_eq!(r["error"], "Resource temporarily unavailable", "{r}");
+    let usage = a.child.cgroup().unwrap().usage();
+    assert!(usage.pids <= 16, "{usage:?}");
+    // The function still answers; its forks are its own (it sees them).
+    let info = a.ask("info").unwrap();
+    assert_eq!(info["procs"].as_array().unwrap().len() as u64, made + 1);
+    let paths = a.child.cgroup().unwrap().paths();
+    // When it goes, its pid namespace and cgroup go with it.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    drop(a);
+    for p in paths {
+        assert!(!p.exists(), "{} is left", p.display());
+    }
+}
+
+#[test]
+fn the_daemon_makes_a_seed_from_an_oci_bundle_and_50_containerized_children_answer() {
+    let Some(b) =
+        bundle("the_daemon_makes_a_seed_from_an_oci_bundle_and_50_containerized_children_answer")
+    else {
+        return;
+    };
+    let dir = scratch("ctr-daemon");
+    let d = Daemon::start(&dir, false);
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--oci-bundle",
+        b.to_str().unwrap(),
+        "--ready-line",
+        "ready",
+    ]);
+    assert_eq!(code, 0, "seed create --oci-bundle failed: {err}");
+    let seed: Value = serde_json::from_str(&out).unwrap();
+    let id = seed["id"].as_str().unwrap().to_string();
+    // The runtime's container is gone: the seed holds the process.
+    let list = Command::new("runc").arg("list").output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains("remotefork-"),
+        "{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+    let input = dir.join("input");
+    std::fs::write(&input, "info\n").unwrap();
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "spawn",
+        &id,
+        "--count",
+        "50",
+        "--stdin",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "spawn failed: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let kids = v["children"].as_array().unwrap();
+    assert_eq!(kids.len(), 50);
+    for k in kids {
+        let lines = stdout_lines(k);
+        assert_eq!(lines.len(), 1, "{k}");
+        assert_eq!(lines[0]["os"], "remotefork test rootfs 1", "{k}");
+        assert_eq!(lines[0]["marker"], "only in the container rootfs");
+        assert_eq!(lines[0]["procs"], serde_json::json!([1]), "{k}");
+    }
+    // Limits through the API: past 96 MiB, the Exited event says why.
+    std::fs::write(&input, "alloc 400\n").unwrap();
+    let (_, out, _) = d.ctl(&[
+        "--json",
+        "spawn",
+        &id,
+        "--memory-limit",
+        "96M",
+        "--stdin",
+        input.to_str().unwrap(),
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let k = &v["children"][0];
+    assert_eq!(k["signal"], 9, "{k}");
+    assert!(
+        k["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("memory limit of 96 MiB"),
+        "{k}"
+    );
+}
+
+/// 50 children on `node` of the seed `r`, each given "info": every one
+/// answers from the container's rootfs, alone in its pid namespace.
+fn assert_50_container_children(n: &Nodes, node: u32, r: &str, input: &str) {
+    let (code, out, err) = n.ctl(
+        node,
+        &["--json", "spawn", r, "--count", "50", "--stdin", input],
+    );
+    assert_eq!(code, 0, "node {node}: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let kids = v["children"].as_array().unwrap();
+    assert_eq!(kids.len(), 50);
+    for k in kids {
+        let lines = stdout_lines(k);
+        assert_eq!(lines.len(), 1, "node {node}: {k}");
+        assert_eq!(lines[0]["os"], "remotefork test rootfs 1", "{k}");
+        assert_eq!(lines[0]["marker"], "only in the container rootfs");
+        assert_eq!(lines[0]["procs"], serde_json::json!([1]), "{k}");
+        assert_eq!(lines[0]["region"], "eu-west-1");
+    }
+}
+
+#[test]
+fn a_second_node_gets_the_rootfs_once_and_its_children_page_over_tcp() {
+    let Some(b) = bundle("a_second_node_gets_the_rootfs_once_and_its_children_page_over_tcp")
+    else {
+        return;
+    };
+    let Some(n) = Nodes::up_n("ctr-nodes", 2) else {
+        return;
+    };
+    let (code, out, err) = n.ctl(
+        1,
+        &[
+            "--json",
+            "seed",
+            "create",
+            "--oci-bundle",
+            b.to_str().unwrap(),
+            "--ready-line",
+            "ready",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = n.seed_ref(1, &id);
+    let input = n.input("info", "info\n");
+    assert_50_container_children(&n, 1, &id, &input);
+    // Node 2 has no copy of the rootfs: it gets it from node 1, checked
+    // against the digest, and keeps it.
+    let store2 = n.dir.join("n2/rootfs");
+    assert!(!store2.exists() || std::fs::read_dir(&store2).unwrap().next().is_none());
+    assert_50_container_children(&n, 2, &r, &input);
+    let kept: Vec<_> = std::fs::read_dir(&store2)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].starts_with("sha256-"), "{kept:?}");
+    assert_eq!(
+        std::fs::read_to_string(store2.join(&kept[0]).join("etc/os-release"))
+            .unwrap()
+            .lines()
+            .next(),
+        Some("PRETTY_NAME=\"remotefork test rootfs 1\"")
+    );
+    let fetched = forkd::client::scrape_metric(&n.get("NODE2_METRICS"), "forkd_page_bytes_total");
+    assert!(fetched > 0, "node 2 fetched no page bytes");
+}
+
+#[test]
+fn the_gateway_serves_1000_invocations_over_2_nodes_each_in_its_own_container() {
+    let Some(b) =
+        bundle("the_gateway_serves_1000_invocations_over_2_nodes_each_in_its_own_container")
+    else {
+        return;
+    };
+    let Some(n) = Nodes::up_n("ctr-gw", 2) else {
+        return;
+    };
+    let burst: u64 = std::env::var("RF_GATEWAY_BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let ip1 = n.get("NODE1_IP");
+    let host_ip = format!("{}.254", ip1.rsplit_once('.').unwrap().0);
+    let gw = Gateway::start(&[
+        "--node".into(),
+        format!("{},peer={}", n.sock(1), n.get("NODE1_ADDR")),
+        "--node".into(),
+        n.sock(2),
+        "--token-file".into(),
+        n.get("TOKEN_FILE"),
+        "--worker-listen".into(),
+        "0.0.0.0:0".into(),
+        "--worker-advertise".into(),
+        format!("{host_ip}:0"),
+        "--keep-alive-ms".into(),
+        "0".into(),
+        "--timeout-ms".into(),
+        "120000".into(),
+        "--ready-timeout-ms".into(),
+        "120000".into(),
+        "--queue-timeout-ms".into(),
+        "120000".into(),
+    ]);
+    let a = gw.addr.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let spec = serde_json::json!({
+            "name": "ctr",
+            "oci_bundle": b,
+            "ready_line": "ready",
+        });
+        let (st, v) = http(&a, "POST", "/functions", &spec.to_string()).await;
+        assert_eq!(st, 201, "{v}");
+        let t = std::time::Instant::now();
+        let calls: Vec<_> = (0..burst)
+            .map(|i| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    (
+                        i,
+                        http(&a, "POST", "/invoke/ctr", &format!("{{\"n\": {i}}}")).await,
+                    )
+                })
+            })
+            .collect();
+        for c in calls {
+            let (i, (st, v)) = c.await.unwrap();
+            assert_eq!(st, 200, "invocation {i}: {v}");
+            assert_eq!(v["square"].as_u64(), Some(i * i), "invocation {i}: {v}");
+            assert_eq!(v["os"], "remotefork test rootfs 1", "invocation {i}: {v}");
+            // Its own container: pid 1, alone.
+            assert_eq!(v["procs"], serde_json::json!([1]), "invocation {i}: {v}");
+        }
+        println!(
+            "gateway, containers: {burst} invocations answered in {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+        let (_, v) = http(&a, "GET", "/functions", "").await;
+        assert_eq!(v["functions"][0]["spawned"].as_u64(), Some(burst), "{v}");
+        let nodes = v["nodes"].as_array().unwrap();
+        assert!(
+            nodes.iter().all(|x| x["spawned"].as_u64().unwrap() > 0),
+            "both nodes used: {v}"
+        );
+    });
+}
