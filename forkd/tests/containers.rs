@@ -508,3 +508,39 @@ fn the_gateway_serves_1000_invocations_over_2_nodes_each_in_its_own_container() 
         );
     });
 }
+
+#[test]
+fn a_running_container_is_captured_by_its_id_and_keeps_running() {
+    let Some(b) = bundle("a_running_container_is_captured_by_its_id_and_keeps_running") else {
+        return;
+    };
+    let dir = scratch("ctr-by-id");
+    let d = Daemon::start(&dir, false);
+    let mut c = Container::run(&b, "by-id");
+    let (code, out, err) = d.ctl(&["--json", "seed", "create", "--container", &c.id]);
+    assert_eq!(code, 0, "seed create --container failed: {err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let input = dir.join("input");
+    std::fs::write(&input, "{\"n\": 12}\n").unwrap();
+    let (code, out, err) = d.ctl(&["--json", "spawn", &id, "--stdin", input.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let lines = stdout_lines(&v["children"][0]);
+    assert_eq!(lines[0]["square"], 144, "{v}");
+    assert_eq!(lines[0]["os"], "remotefork test rootfs 1");
+    // The container itself goes on: it still answers.
+    let stdin = c.runc.stdin.as_mut().unwrap();
+    writeln!(stdin, "{{\"n\": 3}}").unwrap();
+    let mut line = String::new();
+    BufReader::new(c.runc.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&line).unwrap()["square"], 9);
+    // An unknown id is a clear error.
+    let (code, _, err) = d.ctl(&["seed", "create", "--container", "no-such-container"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no container \"no-such-container\""), "{err}");
+}

@@ -653,7 +653,7 @@ pub fn assembly_dir() -> PathBuf {
 /// The namespaces and setup steps of one child of a container seed whose
 /// rootfs is at `lower`: run by the husk's starter before it execs. The
 /// child's root is then `assembly_dir()/root`, entered by the restore plan
-/// once the seed's files are mapped ([`enter_root_ops`](crate::restore)).
+/// once the seed's files are mapped (the plan's root change).
 pub fn child_isolation(info: &ContainerInfo, lower: &Path, spec: &ChildSpec) -> Isolation {
     let base = assembly_dir();
     let b = |rel: &str| base.join(rel).to_string_lossy().into_owned();
