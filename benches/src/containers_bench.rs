@@ -4,10 +4,11 @@
 //! captured from outside, and:
 //!
 //! - cold start: `runc run` of the bundle until its first answer;
-//! - a child's time to first answer, restored lazily from scratch, in a
-//!   container of its own (pid, mount, uts, ipc and network namespaces, an
-//!   overlay root, a cgroup) and, beside it, outside any container
-//!   (`ChildSpec::host`: the same seed, mapped from the same rootfs copy);
+//! - a child's time to first answer, lazy, forked from the node's template
+//!   (and restored from scratch), in a container of its own (pid, mount,
+//!   uts, ipc and network namespaces, an overlay root, a cgroup) and,
+//!   beside it, outside any container (`ChildSpec::host`: the same seed,
+//!   mapped from the same rootfs copy);
 //! - `--children N` containerized children started one after another from
 //!   2 threads, each answering one request, all done: the wall time.
 //!
@@ -115,11 +116,12 @@ fn cold(bundle: &Path, k: usize) -> anyhow::Result<u64> {
     r
 }
 
-/// A child of `seed` with `spec`: spawn to first answer, ns.
-fn child(seed: &Seed, spec: ChildSpec, n: u64) -> anyhow::Result<u64> {
+/// A child of `seed` with `spec` (forked from the node's template, or
+/// restored from scratch): spawn to first answer, ns.
+fn child(seed: &Seed, spec: ChildSpec, n: u64, template: bool) -> anyhow::Result<u64> {
     let opts = SpawnOptions::default()
         .lazy(true)
-        .template(false)
+        .template(template)
         .container(spec);
     let t = Instant::now();
     let mut c = seed.spawn(
@@ -183,29 +185,24 @@ fn main() -> anyhow::Result<()> {
         c.rootfs_bytes >> 20
     );
     let seed = Seed::open(&dir)?;
-    // Warm both paths once (page cache, the seed cache).
-    child(&seed, ChildSpec::default(), 1)?;
-    child(
-        &seed,
-        ChildSpec {
-            host: true,
-            ..Default::default()
-        },
-        1,
-    )?;
-    let mut in_ctr = Vec::new();
-    let mut on_host = Vec::new();
+    let host = ChildSpec {
+        host: true,
+        ..Default::default()
+    };
+    // Warm every path once (page cache, the seed cache, the templates).
+    for template in [false, true] {
+        child(&seed, ChildSpec::default(), 1, template)?;
+        child(&seed, host, 1, template)?;
+    }
+    let (mut in_ctr, mut on_host, mut ctr_scratch, mut host_scratch) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for k in 0..args.iterations {
-        // Alternated, so load changes hit both alike.
-        in_ctr.push(child(&seed, ChildSpec::default(), k as u64)?);
-        on_host.push(child(
-            &seed,
-            ChildSpec {
-                host: true,
-                ..Default::default()
-            },
-            k as u64,
-        )?);
+        // Alternated, so load changes hit all alike.
+        let k = k as u64;
+        in_ctr.push(child(&seed, ChildSpec::default(), k, true)?);
+        on_host.push(child(&seed, host, k, true)?);
+        ctr_scratch.push(child(&seed, ChildSpec::default(), k, false)?);
+        host_scratch.push(child(&seed, host, k, false)?);
     }
 
     // Fan-out: N containerized children, 2 threads, each one request.
@@ -217,7 +214,7 @@ fn main() -> anyhow::Result<()> {
             let seed = seed.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
                 for k in 0..per {
-                    child(&seed, ChildSpec::default(), (w * per + k) as u64)?;
+                    child(&seed, ChildSpec::default(), (w * per + k) as u64, true)?;
                 }
                 Ok(())
             })
@@ -234,6 +231,12 @@ fn main() -> anyhow::Result<()> {
         "  runc cold start to first answer:          {cold_ms:8.2} ms (median of {})",
         cold_ns.len()
     );
+    println!(
+        "  restored from scratch: outside a container {:.2} ms, in one {:.2} ms",
+        median_ms(&host_scratch),
+        median_ms(&ctr_scratch)
+    );
+    println!("  forked from the node template:");
     println!("  child outside any container:              {host_ms:8.2} ms");
     println!(
         "  child in its own container:               {ctr_ms:8.2} ms  (+{:.2} ms; goal under 2 ms) {}",
@@ -263,6 +266,8 @@ fn main() -> anyhow::Result<()> {
                 "child_on_host_ms": host_ms,
                 "container_overhead_ms": ctr_ms - host_ms,
                 "speedup_vs_runc": cold_ms / ctr_ms,
+                "scratch_child_in_container_ms": median_ms(&ctr_scratch),
+                "scratch_child_on_host_ms": median_ms(&host_scratch),
                 "children": per * 2,
                 "children_s": fan_s,
             }))?,

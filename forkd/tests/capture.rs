@@ -179,7 +179,7 @@ fn c_program_capture_matches_the_live_process() {
     assert_eq!(children(pid), Vec::<i32>::new());
 
     let j = inspect_json(&out);
-    assert_eq!(j["format_version"], 5);
+    assert_eq!(j["format_version"], 6);
     assert_eq!(j["page_digests"]["chunk_bytes"], 65536);
     assert_eq!(j["threads"], 1);
     assert_eq!(j["vdso_hash"].as_str().unwrap().len(), 64);

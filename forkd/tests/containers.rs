@@ -119,9 +119,14 @@ struct Talk {
 
 impl Talk {
     fn spawn(seed: &Seed, spec: ChildSpec) -> Talk {
+        Talk::spawn_mode(seed, spec, false)
+    }
+
+    /// Restored from scratch, or forked from the seed's template.
+    fn spawn_mode(seed: &Seed, spec: ChildSpec, template: bool) -> Talk {
         let opts = SpawnOptions::default()
             .lazy(true)
-            .template(false)
+            .template(template)
             .container(spec);
         let mut child = seed
             .spawn(
@@ -160,16 +165,25 @@ fn children_of_a_container_seed_see_its_rootfs_and_only_themselves() {
     assert!(!host_release.contains("remotefork test rootfs"));
     let dir = snapshot_seed(&b, "ctr-rootfs");
     let seed = Seed::open(&dir).unwrap();
-    let mut a = Talk::spawn(&seed, ChildSpec::default());
-    let mut b2 = Talk::spawn(&seed, ChildSpec::default());
+    for template in [false, true] {
+        isolated_children(&b, &dir, &seed, template);
+    }
+}
+
+/// Two children (restored from scratch, or forked from the template) and
+/// what each can see and touch.
+fn isolated_children(b: &Path, dir: &Path, seed: &Seed, template: bool) {
+    let mode = if template { "template" } else { "scratch" };
+    let mut a = Talk::spawn_mode(seed, ChildSpec::default(), template);
+    let mut b2 = Talk::spawn_mode(seed, ChildSpec::default(), template);
     let info = a.ask("info").unwrap();
     // The container's files, not the host's.
-    assert_eq!(info["os"], "remotefork test rootfs 1", "{info}");
+    assert_eq!(info["os"], "remotefork test rootfs 1", "{mode}: {info}");
     assert_eq!(info["marker"], "only in the container rootfs");
     assert_eq!(info["region"], "eu-west-1");
     // Its own pid namespace, as the parent's: it is pid 1 and alone.
     assert_eq!(info["pid"], 1);
-    assert_eq!(info["procs"], serde_json::json!([1]), "{info}");
+    assert_eq!(info["procs"], serde_json::json!([1]), "{mode}: {info}");
     assert_eq!(info["hostname"], "rf-container");
     assert_eq!(info["net"], serde_json::json!(["lo"]));
     assert_eq!(a.ask("tcp").unwrap()["ok"], true);
@@ -178,7 +192,7 @@ fn children_of_a_container_seed_see_its_rootfs_and_only_themselves() {
     for pid in [host_pid_of(&b2), std::process::id() as i32] {
         let r = a.ask(&format!("kill {pid} 15")).unwrap();
         assert_eq!(r["ok"], false, "kill {pid}: {r}");
-        assert_eq!(r["error"], "No such process", "kill {pid}: {r}");
+        assert_eq!(r["error"], "No such process", "{mode}: kill {pid}: {r}");
     }
     assert!(b2.ask("info").is_some(), "the sibling was hurt");
     // Its writes land in its own layer: the sibling, the seed's rootfs and
@@ -196,18 +210,19 @@ fn children_of_a_container_seed_see_its_rootfs_and_only_themselves() {
     assert!(!store.join("etc/motd").exists());
     // A new child starts from the seed's rootfs again.
     drop(a);
-    let mut c = Talk::spawn(&seed, ChildSpec::default());
+    let mut c = Talk::spawn_mode(seed, ChildSpec::default(), template);
     assert_eq!(c.ask("read /etc/motd").unwrap()["ok"], false);
     // "none": a network namespace of its own with nothing up.
-    let mut d = Talk::spawn(
-        &seed,
+    let mut d = Talk::spawn_mode(
+        seed,
         ChildSpec {
             network: Network::None,
             ..Default::default()
         },
+        template,
     );
     let r = d.ask("tcp").unwrap();
-    assert_eq!(r["ok"], false, "loopback is down: {r}");
+    assert_eq!(r["ok"], false, "{mode}: loopback is down: {r}");
 }
 
 #[test]
@@ -301,13 +316,12 @@ fn the_daemon_makes_a_seed_from_an_oci_bundle_and_50_containerized_children_answ
     assert_eq!(code, 0, "seed create --oci-bundle failed: {err}");
     let seed: Value = serde_json::from_str(&out).unwrap();
     let id = seed["id"].as_str().unwrap().to_string();
-    // The runtime's container is gone: the seed holds the process.
+    // The runtime's container is gone: the seed holds the process. (Other
+    // tests' containers may be running: only this daemon's are looked for,
+    // by their staged bundle under its state directory.)
     let list = Command::new("runc").arg("list").output().unwrap();
-    assert!(
-        !String::from_utf8_lossy(&list.stdout).contains("remotefork-"),
-        "{}",
-        String::from_utf8_lossy(&list.stdout)
-    );
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(!list.contains(dir.to_str().unwrap()), "{list}");
     let input = dir.join("input");
     std::fs::write(&input, "info\n").unwrap();
     let (code, out, err) = d.ctl(&[

@@ -243,7 +243,17 @@ pub fn capture(pid: pid_t, out: &Path, opts: &CaptureOptions) -> Result<Descript
     let t0 = Instant::now();
     precheck(pid)?;
     // A process in a container: its files are looked up in its own root.
-    let in_container = crate::container::is_container(pid).map_err(|e| gone_or(pid, e.into()))?;
+    // A root the caller may not read is one it may not ptrace either: the
+    // freeze then says so, naming what is missing.
+    let in_container = match crate::container::is_container(pid) {
+        Ok(c) => c,
+        Err(crate::container::ContainerError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            false
+        }
+        Err(e) => return Err(gone_or(pid, e.into())),
+    };
 
     // Find a `syscall` instruction in the parent's vDSO, and hash the vDSO,
     // before stopping anything.

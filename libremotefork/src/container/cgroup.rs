@@ -180,6 +180,16 @@ impl ChildCgroup {
     /// pids are always accounted (a child's usage is shown even without a
     /// limit); cpu only when limited.
     pub fn create(name: &str, limits: Limits) -> Result<ChildCgroup, CgroupError> {
+        Self::make(name, limits, false)
+    }
+
+    /// [`ChildCgroup::create`] in the cpu hierarchy too, limited or not,
+    /// so that [`ChildCgroup::set_limits`] can give it any limit later.
+    pub fn create_all(name: &str, limits: Limits) -> Result<ChildCgroup, CgroupError> {
+        Self::make(name, limits, true)
+    }
+
+    fn make(name: &str, limits: Limits, all: bool) -> Result<ChildCgroup, CgroupError> {
         let me = std::process::id().to_string();
         let mut dirs: Vec<(Hier, &'static str, PathBuf)> = Vec::new();
         let wanted: [(&'static str, bool, &'static str); 3] = [
@@ -196,7 +206,7 @@ impl ChildCgroup {
                     }
                     continue;
                 };
-                if c == "cpu" && !needed {
+                if c == "cpu" && !needed && !all {
                     continue;
                 }
                 let ours = path_of(&me, &h).unwrap_or_else(|| "/".into());
@@ -242,6 +252,16 @@ impl ChildCgroup {
         std::fs::write(&p, value).map_err(io(&p))
     }
 
+    /// Change its limits (a spare child's cgroup, made with the seed's,
+    /// given this spawn's).
+    pub fn set_limits(&mut self, limits: Limits) -> Result<(), CgroupError> {
+        if limits == self.limits {
+            return Ok(());
+        }
+        self.limits = limits;
+        self.apply()
+    }
+
     fn apply(&self) -> Result<(), CgroupError> {
         let l = self.limits;
         if let (Some(m), Some((h, d))) = (l.memory_bytes, self.file("memory")) {
@@ -262,6 +282,12 @@ impl ChildCgroup {
         }
         if let (Some(p), Some((_, d))) = (l.pids, self.file("pids")) {
             self.write(d, "pids.max", &p.to_string())?;
+        }
+        if l.cpu_micros.is_some() && self.file("cpu").is_none() {
+            return Err(CgroupError::NoController {
+                what: "a cpu limit",
+                v1: "cpu",
+            });
         }
         if let (Some(c), Some((h, d))) = (l.cpu_micros, self.file("cpu")) {
             let quota = (c * CPU_PERIOD_US / 1_000_000).max(1000);

@@ -572,7 +572,7 @@ pub fn capture(pid: pid_t, store: &Path) -> Result<ContainerInfo, ContainerError
 }
 
 /// The network a container child gets.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Network {
     /// A network namespace of its own with only its loopback, up.
     #[default]
@@ -655,15 +655,7 @@ pub fn assembly_dir() -> PathBuf {
 /// child's root is then `assembly_dir()/root`, entered by the restore plan
 /// once the seed's files are mapped (the plan's root change).
 pub fn child_isolation(info: &ContainerInfo, lower: &Path, spec: &ChildSpec) -> Isolation {
-    let base = assembly_dir();
-    let b = |rel: &str| base.join(rel).to_string_lossy().into_owned();
-    let root = b("root");
-    let at = |p: &str| format!("{root}{p}");
-    let upper = if spec.upper_bytes == 0 {
-        64 << 20
-    } else {
-        spec.upper_bytes
-    };
+    let base = assembly_dir().to_string_lossy().into_owned();
     let mut steps = vec![
         // Nothing mounted here is seen outside, nor anything outside here.
         Setup::Mount {
@@ -673,9 +665,70 @@ pub fn child_isolation(info: &ContainerInfo, lower: &Path, spec: &ChildSpec) -> 
             flags: libc::MS_REC | libc::MS_PRIVATE,
             data: String::new(),
         },
+    ];
+    steps.extend(assemble_root(
+        info,
+        &base,
+        &lower.to_string_lossy(),
+        spec.upper_bytes,
+    ));
+    if !info.hostname.is_empty() {
+        steps.push(Setup::Hostname(info.hostname.clone()));
+    }
+    if spec.network == Network::Loopback {
+        steps.push(Setup::LoopbackUp);
+    }
+    Isolation {
+        namespaces: libc::CLONE_NEWPID
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWNET,
+        steps,
+    }
+}
+
+/// The namespaces of a child forked from a container seed's template (the
+/// template itself is not a pid namespace's init: `CLONE_PARENT` is
+/// refused to one).
+pub const FORK_NAMESPACES: libc::c_int = libc::CLONE_NEWPID
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWNET;
+
+/// What a child forked from a container seed's template does first, in
+/// its new namespaces, still privileged: its own root, assembled on a
+/// staging tmpfs over the template's `/proc` (whose pid namespace is not
+/// the child's) with the template's root, which it sees as `/`, as the
+/// overlay's lower layer (`lowerdir=/`, two overlays deep), and the
+/// parent's mounts made anew in it. The caller then pivots into
+/// [`FORK_ROOT`], sets the cwd, and brings up loopback.
+pub fn fork_steps(info: &ContainerInfo, spec: &ChildSpec) -> Vec<Setup> {
+    assemble_root(info, FORK_STAGING, "/", spec.upper_bytes)
+}
+
+/// Where a template's child assembles its root (see [`fork_steps`]).
+pub const FORK_STAGING: &str = "/proc";
+/// Its root, under [`FORK_STAGING`].
+pub const FORK_ROOT: &str = "/proc/root";
+
+/// Steps that build a child's root at `base/root`: a tmpfs of
+/// `upper_bytes` (0: 64 MiB) over `base`, an overlay of `lower` with its
+/// upper on that tmpfs, and the parent's mounts.
+fn assemble_root(info: &ContainerInfo, base: &str, lower: &str, upper_bytes: u64) -> Vec<Setup> {
+    let b = |rel: &str| format!("{base}/{rel}");
+    let root = b("root");
+    let at = |p: &str| format!("{root}{p}");
+    let upper = if upper_bytes == 0 {
+        64 << 20
+    } else {
+        upper_bytes
+    };
+    let mut steps = vec![
         Setup::Mount {
             source: "tmpfs".into(),
-            target: base.to_string_lossy().into_owned(),
+            target: base.to_string(),
             fstype: "tmpfs".into(),
             flags: libc::MS_NOSUID | libc::MS_NODEV,
             data: format!("size={upper},mode=0700"),
@@ -702,8 +755,7 @@ pub fn child_isolation(info: &ContainerInfo, lower: &Path, spec: &ChildSpec) -> 
                 0
             },
             data: format!(
-                "lowerdir={},upperdir={},workdir={}",
-                lower.display(),
+                "lowerdir={lower},upperdir={},workdir={}",
                 b("upper"),
                 b("work")
             ),
@@ -773,20 +825,7 @@ pub fn child_isolation(info: &ContainerInfo, lower: &Path, spec: &ChildSpec) -> 
             }
         }
     }
-    if !info.hostname.is_empty() {
-        steps.push(Setup::Hostname(info.hostname.clone()));
-    }
-    if spec.network == Network::Loopback {
-        steps.push(Setup::LoopbackUp);
-    }
-    Isolation {
-        namespaces: libc::CLONE_NEWPID
-            | libc::CLONE_NEWNS
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWNET,
-        steps,
-    }
+    steps
 }
 
 /// A bind mount made read-only (and the other per-mount flags) in place.

@@ -756,15 +756,7 @@ impl Seed {
         if let Some(why) = self.core.seed.cache.damaged() {
             return Err(RestoreError::Damaged(why));
         }
-        if opts.template && self.core.rootfs.is_some() {
-            // A template is one process in one set of namespaces: its
-            // forks would share them. Container children are built alone.
-            let mut started = self.core.spawn_direct(stdin, stdout, stderr, opts)?;
-            started.notes.push(
-                "a container seed's children are restored from scratch, each in its own namespaces (templates do not hold containers)".into(),
-            );
-            Ok(started)
-        } else if opts.template {
+        if opts.template {
             template::spawn(&self.core, stdin, stdout, stderr, opts)
         } else {
             self.core.spawn_direct(stdin, stdout, stderr, opts)
@@ -837,7 +829,7 @@ impl Core {
             cgroup,
             attaching,
             ..
-        } = self.build_child(stdin, stdout, stderr, opts, 0)?;
+        } = self.build_child(stdin, stdout, stderr, opts, 0, false)?;
         if let Some(a) = attaching {
             a.wait().map_err(crate::container::ContainerError::from)?;
             debug!(us = t0.elapsed().as_micros() as u64, "in its cgroup");
@@ -882,6 +874,7 @@ impl Core {
         stderr: husk::Io,
         opts: &SpawnOptions,
         extra: u64,
+        template: bool,
     ) -> Result<Built, RestoreError> {
         let d = self.image.descriptor();
         let span = info_span!("restore", seed_pid = d.source.pid);
@@ -890,7 +883,14 @@ impl Core {
         let host = opts.container.host;
         let isolation = match (&d.container, &self.rootfs) {
             (Some(c), Some(lower)) if !host => {
-                Some(crate::container::child_isolation(c, lower, &opts.container))
+                let mut iso = crate::container::child_isolation(c, lower, &opts.container);
+                if template {
+                    // Its children are forked with CLONE_PARENT, which the
+                    // init of a pid namespace may not use; each child gets
+                    // its pid namespace at the fork.
+                    iso.namespaces &= !libc::CLONE_NEWPID;
+                }
+                Some(iso)
             }
             _ => None,
         };
@@ -912,7 +912,7 @@ impl Core {
         }
         // Its cgroup before it runs a single instruction of the child.
         let cgroup = match &d.container {
-            Some(c) if !host => {
+            Some(c) if !host && !template => {
                 let limits = opts.container.limits.or(c.limits);
                 let cg = crate::container::ChildCgroup::create(
                     &format!("{}-{pid}", std::process::id()),
@@ -965,6 +965,7 @@ impl Core {
             plan::Who {
                 run_as: opts.run_as,
                 container_root: container_root.as_deref(),
+                defer_privileges: template && isolation.is_some(),
             },
         )?;
         let base_regs = husk.regs()?;

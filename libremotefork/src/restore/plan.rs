@@ -421,6 +421,10 @@ pub struct Who<'a> {
     /// A container child: where its starter assembled its root, which
     /// becomes `/` once the seed's files are mapped.
     pub container_root: Option<&'a str>,
+    /// A container seed's template: it keeps root's privileges (its
+    /// children need them to make their namespaces and mounts, and take
+    /// the seed's credentials after, in the fork table).
+    pub defer_privileges: bool,
 }
 
 /// Build the plan. `files[i]` is how `desc.files[i]` resolved on this node.
@@ -439,6 +443,7 @@ pub fn build(
     let Who {
         run_as,
         container_root,
+        defer_privileges,
     } = who;
     let mut d = Draft::default();
     mappings::check_user_space(desc)?;
@@ -466,7 +471,9 @@ pub fn build(
     let max_fd = descriptors::plan_fds(&mut d, desc)?;
     let uffd_slot = lazy.then(|| descriptors::plan_uffd(&mut d, desc, max_fd));
     process::plan_rlimits(&mut d, desc);
-    privileges::plan_privileges(&mut d, desc, run_as, lazy);
+    if !defer_privileges {
+        privileges::plan_privileges(&mut d, desc, run_as, lazy);
+    }
 
     d.finish(m, uffd_slot, extra, &occupied)
 }
@@ -629,6 +636,10 @@ pub struct ForkTable {
     pub table: (u64, u64),
     /// What each entry does, for error messages.
     pub what: Vec<String>,
+    /// A container child's own root and network, made by a second table
+    /// run as soon as the child is forked (a spare's, long before its
+    /// spawn): address and entry count, and what each entry does.
+    pub prepare: Option<((u64, u64), Vec<String>)>,
 }
 
 /// Descriptors passed to a forked child, in this order: its stdin, stdout,
@@ -652,8 +663,10 @@ pub fn fork_table(
     sock: i32,
     recv: &[i32],
     uffd_target: Option<i32>,
+    container: Option<&ForkContainer<'_>>,
 ) -> ForkTable {
-    let mut data = Data::default();
+    let mut d = Draft::default();
+    let data = &mut d.data;
     // recvmsg's buffers. Absolute addresses: the data area starts at `at`.
     let buf = data.words(&[0]);
     let iov = data.words(&[0, 1]);
@@ -662,11 +675,11 @@ pub fn fork_table(
     let patch = |d: &mut Data, off: usize, word: u64| {
         d.0[off..off + 8].copy_from_slice(&word.to_le_bytes());
     };
-    patch(&mut data, iov, at + buf as u64);
-    patch(&mut data, msghdr + 16, at + iov as u64); // msg_iov
-    patch(&mut data, msghdr + 24, 1); // msg_iovlen
-    patch(&mut data, msghdr + 32, at + control as u64); // msg_control
-    patch(&mut data, msghdr + 40, 64); // msg_controllen
+    patch(data, iov, at + buf as u64);
+    patch(data, msghdr + 16, at + iov as u64); // msg_iov
+    patch(data, msghdr + 24, 1); // msg_iovlen
+    patch(data, msghdr + 32, at + control as u64); // msg_control
+    patch(data, msghdr + 40, 64); // msg_controllen
     let mut ops = vec![Op::new(
         libc::SYS_recvmsg,
         [
@@ -706,7 +719,7 @@ pub fn fork_table(
         let nofile = libc::RLIMIT_NOFILE;
         if lift {
             let what = "lifting RLIMIT_NOFILE for the child's userfaultfd".to_string();
-            ops.push(prlimit_op(&mut data, nofile, (hard, hard), what));
+            ops.push(prlimit_op(&mut d.data, nofile, (hard, hard), what));
         }
         ops.push(Op::new(
             libc::SYS_dup3,
@@ -722,7 +735,7 @@ pub fn fork_table(
         ));
         if lift {
             let what = "putting RLIMIT_NOFILE back".to_string();
-            ops.push(prlimit_op(&mut data, nofile, (soft, hard), what));
+            ops.push(prlimit_op(&mut d.data, nofile, (soft, hard), what));
         }
     }
     // A cooperative all-threads checkpoint's answer descriptor is the
@@ -738,7 +751,7 @@ pub fn fork_table(
     ops.extend(descriptors::stdio_flags(desc));
     // Its own kernel objects where siblings must not share them (queues,
     // counters, timers, epoll sets), made over what it inherited.
-    let (objects, _) = objects::plan_objects(&mut data, desc, objects::Context::Fork);
+    let (objects, _) = objects::plan_objects(&mut d.data, desc, objects::Context::Fork);
     ops.extend(objects);
     for &r in recv.iter().take(passed) {
         ops.push(Op::new(
@@ -756,19 +769,180 @@ pub fn fork_table(
         "setsid",
     ));
     ops.extend(robust_list_op(desc));
-    if uffd_target.is_some() && dies_with_spawner() {
-        ops.push(pdeathsig_op());
+    let mut prep_ops = Vec::new();
+    match container {
+        Some(c) => {
+            // Its own container (in the prepare table), then the parent's
+            // credentials (the template kept root's, to make the
+            // namespaces and mounts).
+            plan_fork_container(&mut d, desc, c);
+            prep_ops = std::mem::take(&mut d.state_ops);
+            d.state_ops = ops;
+            privileges::plan_privileges(&mut d, desc, c.run_as, uffd_target.is_some());
+            ops = std::mem::take(&mut d.state_ops);
+        }
+        None => {
+            if uffd_target.is_some() && dies_with_spawner() {
+                ops.push(pdeathsig_op());
+            }
+        }
     }
-    let table_at = at + align8(data.0.len()) as u64;
-    let mut bytes = data.0;
+    let table_at = at + align8(d.data.0.len()) as u64;
+    let mut bytes = std::mem::take(&mut d.data.0);
+    for (ptr_at, target) in &d.pointers {
+        let addr = at + *target as u64;
+        bytes[*ptr_at..*ptr_at + 8].copy_from_slice(&addr.to_le_bytes());
+    }
     bytes.resize(align8(bytes.len()), 0);
     for op in &ops {
         encode_op(op, at).encode(&mut bytes);
     }
+    let prepare = (!prep_ops.is_empty()).then(|| {
+        let prep_at = at + bytes.len() as u64;
+        for op in &prep_ops {
+            encode_op(op, at).encode(&mut bytes);
+        }
+        (
+            (prep_at, prep_ops.len() as u64),
+            prep_ops.into_iter().map(|o| o.what).collect(),
+        )
+    });
     ForkTable {
         bytes,
         table: (table_at, ops.len() as u64),
         what: ops.into_iter().map(|o| o.what).collect(),
+        prepare,
+    }
+}
+
+/// What a child forked from a container seed's template does besides what
+/// any forked child does (see [`fork_table`]).
+#[derive(Debug, Clone)]
+pub struct ForkContainer<'a> {
+    /// Its root assembled ([`crate::container::fork_steps`]).
+    pub steps: &'a [kernel_helpers::husk::Setup],
+    /// Bring loopback up.
+    pub loopback: bool,
+    /// Whom it runs as (the seed's user when none).
+    pub run_as: Option<super::RunAs>,
+}
+
+/// A forked container child: its root made ([`ForkContainer::steps`]),
+/// entered (pivot, the node's... the template's root unmounted), the cwd
+/// set again, loopback up.
+fn plan_fork_container(d: &mut Draft, desc: &Descriptor, c: &ForkContainer<'_>) {
+    use kernel_helpers::husk::Setup;
+    for s in c.steps {
+        let op = match s {
+            Setup::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+            } => {
+                let a = d.data.cstr(source);
+                let b = d.data.cstr(target);
+                let t = if fstype.is_empty() {
+                    v(0)
+                } else {
+                    Arg::Data(d.data.cstr(fstype))
+                };
+                let o = if data.is_empty() {
+                    v(0)
+                } else {
+                    Arg::Data(d.data.cstr(data))
+                };
+                Op::new(
+                    libc::SYS_mount,
+                    [Arg::Data(a), Arg::Data(b), t, v(*flags), o, v(0)],
+                    format!("mount {source} ({fstype}) on {target}"),
+                )
+            }
+            Setup::Mkdir { path, mode } => {
+                let p = d.data.cstr(path);
+                let mut op = Op::new(
+                    libc::SYS_mkdir,
+                    [Arg::Data(p), v(*mode as u64), v(0), v(0), v(0), v(0)],
+                    format!("mkdir {path}"),
+                );
+                // It may be in the lower layer already.
+                op.ignore_error = true;
+                op
+            }
+            Setup::Mknod { path, mode, dev } => {
+                let p = d.data.cstr(path);
+                Op::new(
+                    libc::SYS_mknod,
+                    [Arg::Data(p), v(*mode as u64), v(*dev), v(0), v(0), v(0)],
+                    format!("mknod {path}"),
+                )
+            }
+            Setup::Symlink { target, link } => {
+                let t = d.data.cstr(target);
+                let l = d.data.cstr(link);
+                let mut op = Op::new(
+                    libc::SYS_symlink,
+                    [Arg::Data(t), Arg::Data(l), v(0), v(0), v(0), v(0)],
+                    format!("symlink {link}"),
+                );
+                op.ignore_error = true;
+                op
+            }
+            // Its uts namespace is a copy of the template's: the hostname
+            // is set; loopback is below.
+            Setup::Hostname(_) | Setup::LoopbackUp => continue,
+        };
+        d.state_ops.push(op);
+    }
+    process::plan_enter_root(d, crate::container::FORK_ROOT);
+    let cwd = d.data.cstr(&desc.cwd);
+    let mut op = Op::new(
+        libc::SYS_chdir,
+        [Arg::Data(cwd), v(0), v(0), v(0), v(0), v(0)],
+        format!("chdir({})", desc.cwd),
+    );
+    op.ignore_error = true;
+    d.state_ops.push(op);
+    if c.loopback {
+        // struct ifreq: the name, then the flags (a short at offset 16).
+        let mut ifr = [0u8; 40];
+        ifr[..2].copy_from_slice(b"lo");
+        let flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as u16;
+        ifr[16..18].copy_from_slice(&flags.to_le_bytes());
+        let ifr_at = d.data.bytes(&ifr);
+        d.state_ops.push(
+            Op::new(
+                libc::SYS_socket,
+                [
+                    v(libc::AF_INET as u64),
+                    v((libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64),
+                    v(0),
+                    v(0),
+                    v(0),
+                    v(0),
+                ],
+                "a socket to bring loopback up",
+            )
+            .save(),
+        );
+        d.state_ops.push(Op::new(
+            libc::SYS_ioctl,
+            [
+                Arg::Saved,
+                v(libc::SIOCSIFFLAGS),
+                Arg::Data(ifr_at),
+                v(0),
+                v(0),
+                v(0),
+            ],
+            "bringing loopback up",
+        ));
+        d.state_ops.push(Op::new(
+            libc::SYS_close,
+            [Arg::Saved, v(0), v(0), v(0), v(0), v(0)],
+            "closing that socket",
+        ));
     }
 }
 

@@ -124,6 +124,9 @@ pub(super) struct Template {
     last_used: Instant,
     notes: Vec<String>,
     pages_written: u64,
+    /// A container seed's template: children are forked into namespaces
+    /// of their own and each gets a cgroup.
+    container: bool,
 }
 
 impl std::fmt::Debug for Template {
@@ -286,11 +289,24 @@ fn key_of(opts: &SpawnOptions) -> Key {
     } else {
         Prefetch::Off
     };
-    (opts.lazy, prefetch, opts.run_as)
+    (
+        opts.lazy,
+        prefetch,
+        opts.run_as,
+        opts.container.network,
+        opts.container.host,
+    )
 }
 
-/// A template per mode and user: lazy, prefetch, whom its children run as.
-pub(super) type Key = (bool, Prefetch, Option<super::RunAs>);
+/// A template per mode and user: lazy, prefetch, whom its children run as
+/// (and, for a container seed, their network: the fork table differs).
+pub(super) type Key = (
+    bool,
+    Prefetch,
+    Option<super::RunAs>,
+    crate::container::Network,
+    bool,
+);
 
 /// Fork spare children of the template for `key` up to [`SPARES`].
 fn refill(core: &Core, key: Key) {
@@ -333,7 +349,7 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Started,
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {
             let tb = Instant::now();
-            let t = build(core, opts.lazy, prefetch, want_ws, opts.run_as)?;
+            let t = build(core, opts, prefetch, want_ws)?;
             info!(
                 pid = t.tracee.pid(),
                 lazy = opts.lazy,
@@ -354,7 +370,7 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Started,
             None => break fork_raw(core, t)?,
         }
     };
-    finish(core, t, forked, stdio, t0)
+    finish(core, t, forked, stdio, opts, t0)
 }
 
 /// Has the template not died? (It is ours: a death is collected here.)
@@ -373,12 +389,24 @@ fn alive(pid: i32) -> bool {
 /// fd 0 is our socket and whose executor area keeps the fork table.
 fn build(
     core: &Core,
-    lazy: bool,
+    child_opts: &SpawnOptions,
     prefetch: Prefetch,
     want_ws: bool,
-    run_as: Option<super::RunAs>,
 ) -> Result<Template, RestoreError> {
+    let (lazy, run_as) = (child_opts.lazy, child_opts.run_as);
     let d = core.image.descriptor();
+    // A container seed's children make their own root at the fork.
+    let steps = match (&d.container, &core.rootfs) {
+        (Some(c), Some(_)) if !child_opts.container.host => {
+            Some(crate::container::fork_steps(c, &child_opts.container))
+        }
+        _ => None,
+    };
+    let fc = steps.as_ref().map(|steps| plan::ForkContainer {
+        steps,
+        loopback: child_opts.container.network == crate::container::Network::Loopback,
+        run_as,
+    });
     let io_err = |what: &str| {
         let what = what.to_string();
         move |source| RestoreError::Io { what, source }
@@ -386,7 +414,14 @@ fn build(
     let (ours, theirs) = proc::fd_socketpair().map_err(io_err("creating the template's socket"))?;
     // The table's size depends only on the descriptor.
     let passed = FORK_STDIO + usize::from(lazy);
-    let sizing = plan::fork_table(d, 0, 0, &[0; FORK_STDIO + 1], lazy.then_some(0));
+    let sizing = plan::fork_table(
+        d,
+        0,
+        0,
+        &[0; FORK_STDIO + 1],
+        lazy.then_some(0),
+        fc.as_ref(),
+    );
     let opts = SpawnOptions {
         lazy,
         prefetch,
@@ -398,7 +433,7 @@ fn build(
         // page-table entries of a private file mapping that has an anon_vma.
         share: true,
         template: false,
-        container: Default::default(),
+        container: child_opts.container,
         run_as,
     };
     let b = core.build_child(
@@ -407,6 +442,7 @@ fn build(
         Io::Null,
         &opts,
         sizing.bytes.len() as u64,
+        true,
     )?;
     let pid = b.husk.pid();
     let open = proc::open_fds(pid).map_err(io_err("listing the template's descriptors"))?;
@@ -420,7 +456,7 @@ fn build(
         None => None,
     };
     let at = b.plan.extra_at();
-    let fork = plan::fork_table(d, at, 0, &recv, uffd_target);
+    let fork = plan::fork_table(d, at, 0, &recv, uffd_target, fc.as_ref());
     mem::write_ranges(
         pid,
         &[&fork.bytes],
@@ -451,6 +487,7 @@ fn build(
         last_used: Instant::now(),
         notes: b.notes,
         pages_written: b.pages_written,
+        container: fc.is_some(),
     })
 }
 
@@ -459,6 +496,11 @@ pub(super) struct Forked {
     tracee: Tracee,
     /// Its userfaultfd and page table (lazy), not yet served: it has not run.
     lazy: Option<LazyChild>,
+    /// A container child's cgroup, and its move into it under way.
+    cgroup: Option<(
+        crate::container::ChildCgroup,
+        crate::container::cgroup::Attaching,
+    )>,
 }
 
 /// Fork a child from `t` and hold it at its first stop.
@@ -468,7 +510,10 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
     if let Some(rx) = &t.forks {
         while rx.try_recv().is_ok() {}
     }
-    let flags = (libc::CLONE_PARENT | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;
+    let mut flags = (libc::CLONE_PARENT | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;
+    if t.container {
+        flags |= crate::container::FORK_NAMESPACES as u64;
+    }
     let r = t.tracee.inject_syscall(
         t.insn,
         &t.base_regs,
@@ -501,12 +546,46 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
         ),
         None => None,
     };
+    // A container child's cgroup, moved into while it waits (a spare's
+    // move is done long before its spawn).
+    let cgroup = match (&d.container, t.container) {
+        (Some(c), true) => {
+            // Every hierarchy: its spawn may ask for any limit.
+            let cg = crate::container::ChildCgroup::create_all(
+                &format!("{}-{pid}", std::process::id()),
+                c.limits,
+            )
+            .map_err(crate::container::ContainerError::from)?;
+            let attaching = cg.attach_in_background(pid);
+            Some((cg, attaching))
+        }
+        _ => None,
+    };
     match ptrace::wait(pid) {
         Ok(Stop::Signal(libc::SIGSTOP)) => {
             if let Some(c) = &lazy {
                 precopy_written(core, t, c, pid);
             }
-            Ok(Forked { tracee, lazy })
+            if let Some(((at, n), what)) = &t.fork.prepare {
+                // Its own root and network, now: a spare has them before
+                // its spawn comes.
+                let regs = executor::start_regs(&t.base_regs, t.code, *at, *n);
+                let at_trap = tracee.run_until_trap(&regs)?;
+                if let executor::Outcome::Failed { index, result } = executor::outcome(&at_trap) {
+                    return Err(RestoreError::Step {
+                        what: what
+                            .get(index as usize)
+                            .cloned()
+                            .unwrap_or_else(|| "(unknown step)".into()),
+                        detail: errno_text(result),
+                    });
+                }
+            }
+            Ok(Forked {
+                tracee,
+                lazy,
+                cgroup,
+            })
         }
         Ok(other) => Err(RestoreError::Step {
             what: "starting the forked child".into(),
@@ -572,13 +651,28 @@ fn finish(
     t: &Template,
     forked: Forked,
     stdio: [Io; 3],
+    opts: &SpawnOptions,
     t0: Instant,
 ) -> Result<Started, RestoreError> {
     let d = core.image.descriptor();
     let Forked {
         tracee: mut child,
         lazy,
+        cgroup,
     } = forked;
+    // In its cgroup, with this spawn's limits, before it runs.
+    let cgroup = match cgroup {
+        Some((mut cg, attaching)) => {
+            attaching
+                .wait()
+                .map_err(crate::container::ContainerError::from)?;
+            let seed = d.container.as_ref().map(|c| c.limits).unwrap_or_default();
+            cg.set_limits(opts.container.limits.or(seed))
+                .map_err(crate::container::ContainerError::from)?;
+            Some(cg)
+        }
+        None => None,
+    };
     let pid = child.pid();
     // A lazy child is served from now on.
     let mut own_uffd: Option<OwnedFd> = None;
@@ -670,6 +764,6 @@ fn finish(
         pages_written: t.pages_written,
         stats,
         handover,
-        cgroup: None,
+        cgroup,
     })
 }

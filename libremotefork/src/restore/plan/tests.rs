@@ -221,7 +221,7 @@ fn the_checkpoint_answer_descriptor_is_the_childs_stdin() {
         [Arg::Val(0), Arg::Val(c), Arg::Val(3)] if c == libc::F_DUPFD_CLOEXEC as u64
     ));
     assert!(p.notes.iter().all(|n| !n.contains("fd 3")), "{:?}", p.notes);
-    let f = fork_table(&d, 0x1000, 9, &[10, 11, 12], None);
+    let f = fork_table(&d, 0x1000, 9, &[10, 11, 12], None, None);
     assert!(
         f.what
             .iter()
@@ -527,6 +527,7 @@ fn a_tenant_child_gets_its_uid_no_new_privs_and_the_parents_filters_last() {
         Who {
             run_as,
             container_root: None,
+            defer_privileges: false,
         },
     )
     .unwrap();
@@ -742,7 +743,7 @@ fn kernel_objects_replace_placeholders_and_watches_come_last() {
 #[test]
 fn a_template_child_makes_its_own_queues_and_shares_files() {
     let d = with_objects();
-    let t = fork_table(&d, 0x1000, 0, &[0, 1, 2], None);
+    let t = fork_table(&d, 0x1000, 0, &[0, 1, 2], None, None);
     let names: Vec<&str> = t.what.iter().map(|s| s.as_str()).collect();
     // Its own eventfd, epoll (with the watch), pipe and the dup of its
     // own eventfd; the memfd it shares with the template, as a fork child
@@ -813,6 +814,7 @@ fn a_container_child_enters_its_root_after_its_files_are_mapped_and_before_its_c
         Who {
             run_as: None,
             container_root: Some("/tmp/remotefork-containers/root"),
+            defer_privileges: false,
         },
     )
     .unwrap();
@@ -840,4 +842,54 @@ fn a_container_child_enters_its_root_after_its_files_are_mapped_and_before_its_c
     )
     .unwrap();
     assert!(plain.state_ops.iter().all(|o| o.nr != libc::SYS_pivot_root));
+}
+
+#[test]
+fn a_child_forked_from_a_container_template_makes_its_root_then_drops_root() {
+    use crate::container::{fork_steps, ChildSpec, ContainerInfo};
+    let mut d = sample();
+    d.container = Some(ContainerInfo {
+        rootfs_digest: format!("sha256:{}", "ab".repeat(32)),
+        hostname: "h".into(),
+        ..Default::default()
+    });
+    let steps = fork_steps(d.container.as_ref().unwrap(), &ChildSpec::default());
+    let fc = ForkContainer {
+        steps: &steps,
+        loopback: true,
+        run_as: None,
+    };
+    let t = fork_table(&d, 0x1000, 0, &[0, 1, 2], None, Some(&fc));
+    // The root and network in the prepare table (run at the fork), the
+    // credentials in the table run at the spawn.
+    let ((prep_at, n), prep) = t.prepare.clone().unwrap();
+    assert_eq!(n as usize, prep.len());
+    assert!(prep_at > t.table.0);
+    let setresuid = t.what.iter().position(|x| x.contains("setresuid")).unwrap();
+    assert!(setresuid > 0);
+    let w: Vec<&str> = prep.iter().map(String::as_str).collect();
+    let overlay = w
+        .iter()
+        .position(|x| x.starts_with("mount overlay"))
+        .unwrap();
+    let pivot = w
+        .iter()
+        .position(|x| *x == "pivot_root into the container's root")
+        .unwrap();
+    let lo = w.iter().position(|x| *x == "bringing loopback up").unwrap();
+    // Root made on the staging tmpfs, entered, loopback up.
+    assert!(
+        w[..overlay]
+            .iter()
+            .any(|x| x.starts_with("mount tmpfs (tmpfs) on /proc")),
+        "{w:?}"
+    );
+    assert!(overlay < pivot && pivot < lo, "{w:?}");
+    assert_eq!(w[pivot - 1], "chdir(/proc/root)");
+    // The same table without a container has none of it.
+    let plain = fork_table(&d, 0x1000, 0, &[0, 1, 2], None, None);
+    assert!(!plain
+        .what
+        .iter()
+        .any(|x| x.contains("pivot_root") || x.contains("setresuid")));
 }
