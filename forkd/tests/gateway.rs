@@ -189,10 +189,8 @@ fn gateway_answers_503_beyond_capacity_and_recovers() {
         "4".into(),
         "--queue-timeout-ms".into(),
         "500".into(),
-        // Not a deadline this test is about: a loaded machine starts an
-        // instance in more than 500 ms (it failed a run so).
         "--ready-timeout-ms".into(),
-        "20000".into(),
+        "500".into(),
     ]);
     let a = gw.addr.clone();
     rt().block_on(async {
