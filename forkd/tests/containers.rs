@@ -344,6 +344,58 @@ fn the_daemon_makes_a_seed_from_an_oci_bundle_and_50_containerized_children_answ
         assert_eq!(lines[0]["marker"], "only in the container rootfs");
         assert_eq!(lines[0]["procs"], serde_json::json!([1]), "{k}");
     }
+    // While a child runs, `ps` shows its container: cgroups, limits, usage.
+    std::fs::write(&input, "sleep 30\n").unwrap();
+    let spawn = {
+        let (addr, input, id) = (d.addr(), input.clone(), id.clone());
+        std::thread::spawn(move || {
+            run_forkctl(
+                &addr,
+                None,
+                &[
+                    "--json",
+                    "spawn",
+                    &id,
+                    "--memory-limit",
+                    "200M",
+                    "--pids-limit",
+                    "32",
+                    "--stdin",
+                    input.to_str().unwrap(),
+                ],
+            )
+        })
+    };
+    let shown = (0..600).find_map(|_| {
+        let (_, out, _) = d.ctl(&["--json", "ps"]);
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let running = v.as_array()?.iter().find(|i| {
+            i["state"] == "running" && i["container"]["memory_limit_bytes"] == 200 << 20
+        })?;
+        Some(running.clone())
+    });
+    let shown = shown.expect("ps never showed the running container child");
+    let c = &shown["container"];
+    assert_eq!(c["pids_limit"], 32, "{shown}");
+    assert_eq!(c["network"], "loopback");
+    assert!(c["memory_bytes"].as_u64().unwrap() > 0, "{shown}");
+    assert!(c["pids"].as_u64().unwrap() >= 1, "{shown}");
+    assert!(
+        c["cgroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("/remotefork/")),
+        "{shown}"
+    );
+    let (table_code, table, _) = d.ctl(&["ps"]);
+    assert_eq!(table_code, 0);
+    assert!(
+        table.contains("CONTAINER (MEMORY, PIDS, CPU)") && table.contains("/200.0 MiB"),
+        "{table}"
+    );
+    let _ = d.ctl(&["kill", shown["id"].as_str().unwrap()]);
+    let _ = spawn.join();
     // Limits through the API: past 96 MiB, the Exited event says why.
     std::fs::write(&input, "alloc 400\n").unwrap();
     let (_, out, _) = d.ctl(&[

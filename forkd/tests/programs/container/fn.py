@@ -12,6 +12,7 @@ prints its ready line and answers one JSON line per command on stdin:
   alloc MB          allocate and touch MB MiB
   forkbomb N        fork N children that sleep; how many were made
   tcp               listen on 127.0.0.1 and connect to it: is loopback up?
+  sleep S           answer after S seconds
   {"n": N}          an invocation (the gateway's one-shot mode): N squared,
                     with the os-release and pids this instance sees
 """
@@ -108,6 +109,9 @@ def answer(cmd):
                 os._exit(0)
             made += 1
         return {"made": made, "error": error}
+    if op == "sleep":
+        time.sleep(float(words[1]))
+        return {"ok": True}
     if op == "tcp":
         try:
             with socket.socket() as srv, socket.socket() as cli:
