@@ -506,6 +506,7 @@ pub(super) struct Forked {
 /// Fork a child from `t` and hold it at its first stop.
 fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
     let d = core.image.descriptor();
+    let t0 = Instant::now();
     // Left over from a fork that failed half-way: never hand it to another.
     if let Some(rx) = &t.forks {
         while rx.try_recv().is_ok() {}
@@ -566,6 +567,7 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
             if let Some(c) = &lazy {
                 precopy_written(core, t, c, pid);
             }
+            let forked_us = t0.elapsed().as_micros() as u64;
             if let Some(((at, n), what)) = &t.fork.prepare {
                 // Its own root and network, now: a spare has them before
                 // its spawn comes.
@@ -580,6 +582,12 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
                         detail: errno_text(result),
                     });
                 }
+                debug!(
+                    pid,
+                    forked_us,
+                    prepared_us = t0.elapsed().as_micros() as u64,
+                    "container child forked and prepared"
+                );
             }
             Ok(Forked {
                 tracee,
