@@ -164,6 +164,33 @@ fn children_of_a_container_seed_see_its_rootfs_and_only_themselves() {
     let host_release = std::fs::read_to_string("/etc/os-release").unwrap();
     assert!(!host_release.contains("remotefork test rootfs"));
     let dir = snapshot_seed(&b, "ctr-rootfs");
+    // What the seed recorded of its container, as `forkd inspect` shows it.
+    let (code, text, err) = run_forkd(&["inspect", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("container: rootfs sha256:") && text.contains("hostname \"rf-container\""),
+        "{text}"
+    );
+    let (_, json, _) = run_forkd(&["inspect", "--json", dir.to_str().unwrap()]);
+    let j: Value = serde_json::from_str(&json).unwrap();
+    let c = &j["container"];
+    assert_eq!(j["format_version"], 6);
+    assert!(c["rootfs_files"].as_u64().unwrap() > 1000, "{c}");
+    for ns in ["pid", "mnt", "uts", "ipc", "net"] {
+        assert!(
+            c["namespaces"].as_array().unwrap().iter().any(|n| n == ns),
+            "{ns}: {c}"
+        );
+    }
+    // runc's masked paths are kept: /proc/keys is /dev/null in children.
+    assert!(
+        c["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["Bind"]["at"] == "/proc/keys" && m["Bind"]["from"] == "/dev/null"),
+        "{c}"
+    );
     let seed = Seed::open(&dir).unwrap();
     for template in [false, true] {
         isolated_children(&b, &dir, &seed, template);
