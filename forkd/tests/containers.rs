@@ -351,26 +351,7 @@ fn the_daemon_makes_a_seed_from_an_oci_bundle_and_50_containerized_children_answ
     assert!(!list.contains(dir.to_str().unwrap()), "{list}");
     let input = dir.join("input");
     std::fs::write(&input, "info\n").unwrap();
-    let (code, out, err) = d.ctl(&[
-        "--json",
-        "spawn",
-        &id,
-        "--count",
-        "50",
-        "--stdin",
-        input.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "spawn failed: {err}");
-    let v: Value = serde_json::from_str(&out).unwrap();
-    let kids = v["children"].as_array().unwrap();
-    assert_eq!(kids.len(), 50);
-    for k in kids {
-        let lines = stdout_lines(k);
-        assert_eq!(lines.len(), 1, "{k}");
-        assert_eq!(lines[0]["os"], "remotefork test rootfs 1", "{k}");
-        assert_eq!(lines[0]["marker"], "only in the container rootfs");
-        assert_eq!(lines[0]["procs"], serde_json::json!([1]), "{k}");
-    }
+    assert_50_container_children(|a| d.ctl(a), "the node", &id, input.to_str().unwrap());
     // While a child runs, `ps` shows its container: cgroups, limits, usage.
     std::fs::write(&input, "sleep 30\n").unwrap();
     let spawn = {
@@ -446,14 +427,17 @@ fn the_daemon_makes_a_seed_from_an_oci_bundle_and_50_containerized_children_answ
     );
 }
 
-/// 50 children on `node` of the seed `r`, each given "info": every one
-/// answers from the container's rootfs, alone in its pid namespace.
-fn assert_50_container_children(n: &Nodes, node: u32, r: &str, input: &str) {
-    let (code, out, err) = n.ctl(
-        node,
-        &["--json", "spawn", r, "--count", "50", "--stdin", input],
-    );
-    assert_eq!(code, 0, "node {node}: {err}");
+/// 50 children of the seed `r` through `ctl` (a node's forkctl), each
+/// given "info": every one answers from the container's rootfs, alone in
+/// its pid namespace.
+fn assert_50_container_children(
+    ctl: impl Fn(&[&str]) -> (i32, String, String),
+    node: &str,
+    r: &str,
+    input: &str,
+) {
+    let (code, out, err) = ctl(&["--json", "spawn", r, "--count", "50", "--stdin", input]);
+    assert_eq!(code, 0, "{node}: {err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     let kids = v["children"].as_array().unwrap();
     assert_eq!(kids.len(), 50);
@@ -495,12 +479,12 @@ fn a_second_node_gets_the_rootfs_once_and_its_children_page_over_tcp() {
         .to_string();
     let r = n.seed_ref(1, &id);
     let input = n.input("info", "info\n");
-    assert_50_container_children(&n, 1, &id, &input);
+    assert_50_container_children(|a| n.ctl(1, a), "node 1", &id, &input);
     // Node 2 has no copy of the rootfs: it gets it from node 1, checked
     // against the digest, and keeps it.
     let store2 = n.dir.join("n2/rootfs");
     assert!(!store2.exists() || std::fs::read_dir(&store2).unwrap().next().is_none());
-    assert_50_container_children(&n, 2, &r, &input);
+    assert_50_container_children(|a| n.ctl(2, a), "node 2", &r, &input);
     let kept: Vec<_> = std::fs::read_dir(&store2)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

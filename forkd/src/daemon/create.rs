@@ -158,32 +158,35 @@ impl Service {
         let pid = child
             .id()
             .ok_or_else(|| Status::internal("the command exited at once"))?;
-        let timeout = std::time::Duration::from_millis(if c.ready_timeout_ms == 0 {
-            30_000
-        } else {
-            c.ready_timeout_ms as u64
-        });
+        let timeout = ready_timeout(c.ready_timeout_ms);
         let result = match readyline::wait(&mut child, &c.argv, &c.ready_line, timeout).await {
             Ok(()) => {
                 let default = std::path::Path::new(&c.argv[0])
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                self.create_from_pid(
-                    pid,
-                    if name.is_empty() { default } else { name },
-                    false,
-                    owner,
-                    None,
-                    drop_fds,
-                )
-                .await
+                self.create_from_pid(pid, name_or(name, default), false, owner, None, drop_fds)
+                    .await
             }
             Err(e) => Err(e),
         };
         // The seed holds the process now; the original is not needed.
         let _ = child.kill().await;
         result
+    }
+}
+
+/// How long to wait for a ready line: `ms`, or 30 s when 0.
+fn ready_timeout(ms: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(if ms == 0 { 30_000 } else { ms as u64 })
+}
+
+/// The seed's name: the one given, else `default`.
+fn name_or(name: String, default: String) -> String {
+    if name.is_empty() {
+        default
+    } else {
+        name
     }
 }
 
@@ -312,11 +315,7 @@ impl Service {
             Status::internal(format!("cannot start {runtime}: {e}"))
         })?;
         let argv = vec![runtime.clone(), "run".into(), b.bundle.clone()];
-        let timeout = std::time::Duration::from_millis(if b.ready_timeout_ms == 0 {
-            30_000
-        } else {
-            b.ready_timeout_ms as u64
-        });
+        let timeout = ready_timeout(b.ready_timeout_ms);
         let result = match readyline::wait(&mut child, &argv, &b.ready_line, timeout).await {
             Ok(()) => match container_pid(&runtime, &cid).await {
                 Ok(pid) => {
@@ -324,15 +323,8 @@ impl Service {
                         .file_name()
                         .map(|f| f.to_string_lossy().into_owned())
                         .unwrap_or_else(|| cid.clone());
-                    self.create_from_pid(
-                        pid,
-                        if name.is_empty() { default } else { name },
-                        false,
-                        owner,
-                        None,
-                        drop_fds,
-                    )
-                    .await
+                    self.create_from_pid(pid, name_or(name, default), false, owner, None, drop_fds)
+                        .await
                 }
                 Err(e) => Err(e),
             },
@@ -371,7 +363,7 @@ impl Service {
         let pid = container_pid(&runtime, &c.id).await?;
         self.create_from_pid(
             pid,
-            if name.is_empty() { c.id.clone() } else { name },
+            name_or(name, c.id.clone()),
             false,
             owner,
             None,
