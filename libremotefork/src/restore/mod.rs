@@ -606,19 +606,20 @@ impl Seed {
                 }
                 None => (resolve_files(image.dir(), d, &mut notes)?, None),
             };
+        // The same files, as a child outside any container maps them:
+        // from the rootfs copy itself (already checked above).
         let resolved_host = match &rootfs {
             Some(dir) => {
-                let inside = resolve_container_files(dir, d, &mut Vec::new())?;
                 let root = crate::container::assembly_dir().join("root");
-                inside
-                    .into_iter()
+                resolved
+                    .iter()
                     .map(|f| match f {
                         ResolvedFile::Local(p) => ResolvedFile::Local(
-                            dir.join(Path::new(&p).strip_prefix(&root).unwrap_or(Path::new(&p)))
+                            dir.join(Path::new(p).strip_prefix(&root).unwrap_or(Path::new(p)))
                                 .to_string_lossy()
                                 .into_owned(),
                         ),
-                        other => other,
+                        other => other.clone(),
                     })
                     .collect()
             }
