@@ -48,6 +48,25 @@ fn bundle(test: &str) -> Option<PathBuf> {
     )
 }
 
+/// `forkctl seed create --oci-bundle BUNDLE --ready-line ready` through
+/// `ctl`, which must succeed: the new seed's id.
+fn oci_seed(ctl: impl Fn(&[&str]) -> (i32, String, String), bundle: &Path) -> String {
+    let (code, out, err) = ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--oci-bundle",
+        bundle.to_str().unwrap(),
+        "--ready-line",
+        "ready",
+    ]);
+    assert_eq!(code, 0, "seed create --oci-bundle failed: {err}");
+    serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// A container runc runs from the bundle, waiting for input once warm.
 struct Container {
     id: String,
@@ -331,18 +350,7 @@ fn the_daemon_makes_a_seed_from_an_oci_bundle_and_50_containerized_children_answ
     };
     let dir = scratch("ctr-daemon");
     let d = Daemon::start(&dir, false);
-    let (code, out, err) = d.ctl(&[
-        "--json",
-        "seed",
-        "create",
-        "--oci-bundle",
-        b.to_str().unwrap(),
-        "--ready-line",
-        "ready",
-    ]);
-    assert_eq!(code, 0, "seed create --oci-bundle failed: {err}");
-    let seed: Value = serde_json::from_str(&out).unwrap();
-    let id = seed["id"].as_str().unwrap().to_string();
+    let id = oci_seed(|a| d.ctl(a), &b);
     // The runtime's container is gone: the seed holds the process. (Other
     // tests' containers may be running: only this daemon's are looked for,
     // by their staged bundle under its state directory.)
@@ -460,23 +468,7 @@ fn a_second_node_gets_the_rootfs_once_and_its_children_page_over_tcp() {
     let Some(n) = Nodes::up_n("ctr-nodes", 2) else {
         return;
     };
-    let (code, out, err) = n.ctl(
-        1,
-        &[
-            "--json",
-            "seed",
-            "create",
-            "--oci-bundle",
-            b.to_str().unwrap(),
-            "--ready-line",
-            "ready",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = oci_seed(|a| n.ctl(1, a), &b);
     let r = n.seed_ref(1, &id);
     let input = n.input("info", "info\n");
     assert_50_container_children(|a| n.ctl(1, a), "node 1", &id, &input);
@@ -539,12 +531,7 @@ fn the_gateway_serves_1000_invocations_over_2_nodes_each_in_its_own_container() 
         "120000".into(),
     ]);
     let a = gw.addr.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    rt().block_on(async {
         let spec = serde_json::json!({
             "name": "ctr",
             "oci_bundle": b,

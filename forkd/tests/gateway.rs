@@ -17,14 +17,6 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn register_body(name: &str, extra: Value) -> String {
     let handler = repo().join("python/examples/s3_handler.py");
     let mut v = json!({

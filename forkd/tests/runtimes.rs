@@ -218,12 +218,7 @@ fn with_gateway<F: std::future::Future<Output = ()>>(
         "--queue-timeout-ms".into(),
         "600000".into(),
     ]);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f(gw.addr.clone()));
+    rt().block_on(f(gw.addr.clone()));
 }
 
 /// `register` as a gateway function on one forkd, then 200 concurrent

@@ -343,12 +343,7 @@ fn gateway_numpy_function_answers_200_concurrent_invocations() {
         "240000".into(),
     ]);
     let a = gw.addr.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    rt().block_on(async {
         let register = json!({
             "name": "numpy",
             "command": [python(), "-m", "remotefork.runtime", program_file("numpy_server.py")],

@@ -176,6 +176,17 @@ impl Service {
     }
 }
 
+/// Refused (PERMISSION_DENIED) unless `who` is the operator: root on the
+/// Unix socket, or the node token.
+fn operator_only(who: &auth::Principal, what: &str) -> Result<(), Status> {
+    match who {
+        auth::Principal::Operator | auth::Principal::Node => Ok(()),
+        _ => Err(Status::permission_denied(format!(
+            "only the operator (root on the Unix socket, or the node token) may {what}"
+        ))),
+    }
+}
+
 /// How long to wait for a ready line: `ms`, or 30 s when 0.
 fn ready_timeout(ms: u32) -> std::time::Duration {
     std::time::Duration::from_millis(if ms == 0 { 30_000 } else { ms as u64 })
@@ -286,11 +297,7 @@ impl Service {
         owner: String,
         drop_fds: bool,
     ) -> Result<pb::Seed, Status> {
-        if !matches!(who, auth::Principal::Operator | auth::Principal::Node) {
-            return Err(Status::permission_denied(
-                "only the operator (root on the Unix socket, or the node token) may run an OCI bundle: the runtime runs it as root",
-            ));
-        }
+        operator_only(who, "run an OCI bundle: the runtime runs it as root")?;
         if b.ready_line.is_empty() {
             return Err(Status::invalid_argument(
                 "an OCI bundle needs a ready_line to know when to capture it",
@@ -354,11 +361,7 @@ impl Service {
         owner: String,
         drop_fds: bool,
     ) -> Result<pb::Seed, Status> {
-        if !matches!(who, auth::Principal::Operator | auth::Principal::Node) {
-            return Err(Status::permission_denied(
-                "only the operator (root on the Unix socket, or the node token) may capture a container by id",
-            ));
-        }
+        operator_only(who, "capture a container by id")?;
         let runtime = oci_runtime(&c.runtime)?;
         let pid = container_pid(&runtime, &c.id).await?;
         self.create_from_pid(

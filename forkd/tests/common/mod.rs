@@ -838,3 +838,12 @@ pub async fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, ser
         serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// A tokio runtime of two threads, for the tests that talk HTTP or gRPC.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
