@@ -554,7 +554,7 @@ async fn burst(
     for c in nodes {
         let info = c
             .clone()
-            .node_info(pb::NodeInfoRequest {})
+            .node_info(pb::NodeInfoRequest::default())
             .await
             .map_err(|e| anyhow::anyhow!("node info: {}", e.message()))?
             .into_inner();

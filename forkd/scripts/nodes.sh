@@ -5,6 +5,7 @@
 #   nodes.sh up DIR [N] [FORKD]   start N nodes (default 3); writes DIR/nodes.env
 #   nodes.sh down DIR             stop them and remove every namespace and link
 #
+# FORKD_ARGS adds flags to every forkd (e.g. --remote-commands).
 # DIR/nodes.env has, per node i: NODEi_NS, NODEi_IP, NODEi_SOCK (Unix socket,
 # reachable from the host), NODEi_ADDR (gRPC on TCP), NODEi_METRICS
 # (Prometheus text over HTTP), NODEi_VETH (host side
@@ -75,7 +76,7 @@ up)
         # runc and container children's limits need.
         nsenter --net="/run/netns/$ns" -- "$forkd" serve --socket "$dir/n$i.sock" --state-dir "$dir/n$i" \
             --listen "$ip:7070" --page-listen "$ip:7071" --metrics "$ip:7072" --token-file "$dir/token" ${FORKD_TRANSPORT:+--transport "$FORKD_TRANSPORT"} \
-            --page-deadline-ms "${PAGE_DEADLINE_MS:-3000}" > "$dir/n$i.log" 2>&1 &
+            --page-deadline-ms "${PAGE_DEADLINE_MS:-3000}" ${FORKD_ARGS:-} > "$dir/n$i.log" 2>&1 &
         echo $! > "$dir/n$i.pid"
         {
             echo "NODE${i}_NS=$ns"

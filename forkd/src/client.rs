@@ -41,8 +41,12 @@ impl tonic::service::Interceptor for Token {
     }
 }
 
+/// A connection to a forkd that adds the credential: what every client of
+/// it (forkd's own, the standard health service's) is made over.
+pub type Service = InterceptedService<Channel, Token>;
+
 /// A connected client.
-pub type Client = ForkdClient<InterceptedService<Channel, Token>>;
+pub type Client = ForkdClient<Service>;
 
 /// The CA (PEM) that `https://` addresses are checked against.
 static TLS_CA: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
@@ -71,6 +75,12 @@ fn tls_ca() -> anyhow::Result<Vec<u8>> {
 
 /// Connect to `addr` (`unix:/path` or `host:port`), sending `token` if given.
 pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> {
+    Ok(ForkdClient::new(connect_service(addr, token).await?))
+}
+
+/// [`connect`], as the connection any gRPC client can be made over (the
+/// health service's, for one).
+pub async fn connect_service(addr: &str, token: Option<&str>) -> anyhow::Result<Service> {
     let channel = if let Some(path) = addr.strip_prefix("unix:") {
         let path = path.to_string();
         Endpoint::try_from("http://forkd.local")?
@@ -115,7 +125,7 @@ pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Client> 
         }),
         None => None,
     };
-    Ok(ForkdClient::with_interceptor(channel, Token(t)))
+    Ok(InterceptedService::new(channel, Token(t)))
 }
 
 /// An error and its sources, in one line.

@@ -500,7 +500,7 @@ fn grpc_api_directly_with_watch_and_malformed_input() {
             seen += 1;
         }
         let info = c
-            .node_info(pb::NodeInfoRequest {})
+            .node_info(pb::NodeInfoRequest::default())
             .await
             .unwrap()
             .into_inner();
@@ -613,7 +613,9 @@ fn tcp_grpc_connections_have_nodelay() {
         let mut c = forkd::client::connect(&addr, Some("s3cret-token"))
             .await
             .unwrap();
-        c.node_info(forkd::pb::NodeInfoRequest {}).await.unwrap();
+        c.node_info(forkd::pb::NodeInfoRequest::default())
+            .await
+            .unwrap();
         let fds = established_fds(d.child.id() as i32, port);
         assert!(!fds.is_empty(), "no established connection found in forkd");
         let pidfd = kernel_helpers::uffd::pidfd_open(d.child.id() as i32).unwrap();

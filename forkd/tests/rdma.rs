@@ -648,7 +648,7 @@ fn auto_falls_back_to_tcp_with_a_reason_without_a_device() {
         .unwrap();
     let n = rt.block_on(async {
         let mut c = forkd::client::connect(&f.sock(), None).await.unwrap();
-        c.node_info(forkd::pb::NodeInfoRequest {})
+        c.node_info(forkd::pb::NodeInfoRequest::default())
             .await
             .unwrap()
             .into_inner()

@@ -141,7 +141,12 @@ def main(argv=None):
             after_restore()
         answer = _call(handler, json.loads(line) if line.strip() else None)
         print(json.dumps(answer), flush=True)
-        sys.exit(0 if answer["ok"] else 1)
+        # Skip interpreter teardown, as a checkpointed instance does: it
+        # would touch (and, in a lazily paged child, fault in) every object
+        # of the warm process for nothing; 200 ms of a 230 ms one-shot
+        # invocation of the boto3 example.
+        sys.stderr.flush()
+        os._exit(0 if answer["ok"] else 1)
     cp = checkpoint(a.name or a.handler)
     if not cp.is_child:
         print("remotefork-seed " + json.dumps({"id": cp.seed_id, "key": cp.key}), flush=True)

@@ -821,7 +821,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Node => {
             let n = c
-                .node_info(pb::NodeInfoRequest {})
+                .node_info(pb::NodeInfoRequest::default())
                 .await
                 .map_err(status_err)?
                 .into_inner();

@@ -21,8 +21,34 @@ struct Cli {
     /// A forkd node: `ADDR[,peer=HOST:PORT][,coop=PATH]`; repeat for more.
     /// The first makes the seeds (its cooperative socket, default the Unix
     /// socket path + `.coop`, must be reachable from here).
-    #[arg(long = "node", required = true)]
+    #[arg(long = "node", required_unless_present = "discover")]
     nodes: Vec<NodeSpec>,
+    /// Find (more) nodes where the cluster publishes them, asked again
+    /// every --discover-interval-ms: `dns:NAME:PORT` (A/AAAA records of a
+    /// headless Service), `srv:NAME` (its SRV records) or
+    /// `k8s:NAMESPACE/SERVICE[:PORT_NAME]` (its EndpointSlices, from the
+    /// Kubernetes API). Nodes no longer published are drained.
+    #[arg(long)]
+    discover: Option<forkd::gateway::discovery::Source>,
+    /// The DNS server discovery asks (`IP:PORT`) [default: /etc/resolv.conf's].
+    #[arg(long)]
+    dns_server: Option<std::net::SocketAddr>,
+    /// How often discovery asks again.
+    #[arg(long, default_value_t = 5000)]
+    discover_interval_ms: u64,
+    /// How often each node is asked for its load, memory and cached seeds.
+    #[arg(long, default_value_t = 2000)]
+    node_poll_ms: u64,
+    /// The Kubernetes API for k8s: discovery outside a pod (`https://HOST:PORT`)
+    /// [default: the pod's service account]; with --kube-token-file and --kube-ca.
+    #[arg(long, requires_all = ["kube_token_file", "kube_ca"])]
+    kube_api: Option<String>,
+    /// The bearer token for --kube-api.
+    #[arg(long)]
+    kube_token_file: Option<std::path::PathBuf>,
+    /// The CA (PEM) --kube-api's certificate is checked against.
+    #[arg(long)]
+    kube_ca: Option<std::path::PathBuf>,
     /// Bearer token file for the nodes' TCP gRPC.
     #[arg(long)]
     token_file: Option<String>,
@@ -148,11 +174,26 @@ fn main() -> ExitCode {
         }
         _ => None,
     };
+    let kube = match (&cli.kube_api, &cli.kube_token_file, &cli.kube_ca) {
+        (Some(url), Some(t), Some(ca)) => match forkd::gateway::kube::KubeApi::new(url, t, ca) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("gateway: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     let cfg = Config {
         auth,
         tls,
         listen: cli.listen,
         nodes: cli.nodes,
+        discover: cli.discover,
+        dns_server: cli.dns_server,
+        kube,
+        discover_interval: Duration::from_millis(cli.discover_interval_ms.max(50)),
+        node_poll: Duration::from_millis(cli.node_poll_ms.max(50)),
         token,
         worker_listen: cli.worker_listen,
         worker_advertise: cli.worker_advertise,

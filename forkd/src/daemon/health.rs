@@ -99,6 +99,11 @@ impl Lifecycle {
         Ok(work)
     }
 
+    /// Whether forkd is draining (no new work).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// Work under way.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)

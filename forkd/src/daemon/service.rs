@@ -254,21 +254,36 @@ impl Forkd for Service {
 
     async fn node_info(
         &self,
-        _req: Request<pb::NodeInfoRequest>,
+        req: Request<pb::NodeInfoRequest>,
     ) -> Result<Response<pb::NodeInfoResponse>, Status> {
+        let skip_pss = req.get_ref().skip_pss;
         let running = self
             .state
             .instances
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .running();
-        let mem = std::fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024;
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib = |field: &str| {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        };
+        let mut cached_seeds: Vec<String> = self
+            .state
+            .remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            // Keyed by origin and id; fetched ones only.
+            .filter(|(_, c)| c.get().is_some())
+            .filter_map(|(k, _)| Some(k.rsplit_once('\n')?.1.to_string()))
+            .collect();
+        cached_seeds.sort();
+        cached_seeds.dedup();
         Ok(Response::new(pb::NodeInfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             hostname: self.state.hostname.clone(),
@@ -281,15 +296,22 @@ impl Forkd for Service {
             cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),
-            memory_bytes: mem,
+            memory_bytes: kib("MemTotal:"),
+            memory_available_bytes: kib("MemAvailable:"),
+            cached_seeds,
+            draining: self.state.life.draining(),
             seeds: self.state.registry.len() as u32,
             instances_running: running as u32,
             transport: self.state.transport.clone(),
             transport_selected: self.state.transports.selection().0.into(),
             transport_reason: self.state.transports.selection().1,
-            pss_bytes: tokio::task::spawn_blocking(node_pss_bytes)
-                .await
-                .unwrap_or(0),
+            pss_bytes: if skip_pss {
+                0
+            } else {
+                tokio::task::spawn_blocking(node_pss_bytes)
+                    .await
+                    .unwrap_or(0)
+            },
         }))
     }
 

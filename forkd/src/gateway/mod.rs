@@ -30,13 +30,16 @@
 //! node is at its instance limit, invocations queue for an idle instance up
 //! to the queue timeout and then fail with 503; so does a queue that is full.
 
+pub mod discovery;
+pub mod kube;
+mod nodes;
 mod pool;
 mod register;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -49,7 +52,6 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::pb;
 pub use pool::{Function, Mode};
 
 /// Errors starting the gateway.
@@ -136,8 +138,18 @@ impl NodeSpec {
 pub struct Config {
     /// HTTP `HOST:PORT`.
     pub listen: String,
-    /// The nodes; the first one makes the seeds.
+    /// The nodes given; the first one makes the seeds.
     pub nodes: Vec<NodeSpec>,
+    /// Where more nodes are published (DNS, SRV, the Kubernetes API).
+    pub discover: Option<discovery::Source>,
+    /// The DNS server discovery asks [default: the system's resolvers].
+    pub dns_server: Option<std::net::SocketAddr>,
+    /// The Kubernetes API for `k8s:` discovery [default: in-cluster].
+    pub kube: Option<kube::KubeApi>,
+    /// How often discovery asks again.
+    pub discover_interval: Duration,
+    /// How often each node is asked what it has (for placement).
+    pub node_poll: Duration,
     /// Bearer token for the nodes' TCP gRPC.
     pub token: Option<String>,
     /// Where instances connect back (`HOST:PORT`, port 0 = any).
@@ -176,6 +188,12 @@ pub struct Config {
 #[derive(Clone)]
 pub struct Tls(pub tokio_rustls::TlsAcceptor);
 
+impl std::fmt::Debug for kube::KubeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeApi")
+    }
+}
+
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Tls")
@@ -187,6 +205,11 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:8080".into(),
             nodes: Vec::new(),
+            discover: None,
+            dns_server: None,
+            kube: None,
+            discover_interval: Duration::from_secs(5),
+            node_poll: Duration::from_secs(2),
             token: None,
             worker_listen: "127.0.0.1:0".into(),
             worker_advertise: None,
@@ -206,20 +229,11 @@ impl Default for Config {
     }
 }
 
-/// A node as the gateway sees it.
-pub(crate) struct Node {
-    pub spec: NodeSpec,
-    pub client: crate::client::Client,
-    /// Instances placed here and not yet exited (or being started).
-    pub live: AtomicUsize,
-    /// Children started here.
-    pub spawned: AtomicU64,
-}
-
 /// The gateway's shared state.
 pub(crate) struct Gateway {
     pub cfg: Config,
-    pub nodes: Vec<Node>,
+    /// The nodes now: given, and discovered.
+    pub nodes: RwLock<Vec<Arc<nodes::Node>>>,
     pub functions: Mutex<HashMap<String, Arc<Function>>>,
     /// Names whose registration is under way.
     pub registering: Mutex<std::collections::HashSet<String>>,
@@ -422,7 +436,7 @@ async fn register(State(g): Shared, who: Caller, body: Bytes) -> Response {
             );
         }
     }
-    let r = register::register(&g, spec, tenant.as_deref()).await;
+    let r = register::register(&g, spec, tenant).await;
     let resp = match r {
         Ok(f) => {
             let v = f.describe();
@@ -452,11 +466,16 @@ async fn list(State(g): Shared, who: Caller) -> Response {
         .map(|f| f.describe())
         .collect();
     let nodes: Vec<Value> = g
-        .nodes
+        .node_list()
         .iter()
         .map(|n| {
+            let r = n.reported();
             json!({"addr": n.spec.addr, "live": n.live.load(Ordering::Relaxed),
-                   "spawned": n.spawned.load(Ordering::Relaxed)})
+                   "spawned": n.spawned.load(Ordering::Relaxed),
+                   "state": n.state(), "why": n.why(), "discovered": n.discovered,
+                   "hostname": r.hostname, "cpus": r.cpus,
+                   "memory_available_bytes": r.memory_available_bytes,
+                   "cached_seeds": r.cached_seeds})
         })
         .collect();
     axum::Json(json!({ "functions": fs, "nodes": nodes })).into_response()
@@ -472,9 +491,10 @@ async fn remove(State(g): Shared, who: Caller, Path(name): Path<String>) -> Resp
         return InvokeError::Unknown(name).into_response();
     };
     f.retire_all().await;
-    let mut c = g.nodes[f.origin].client.clone();
-    if let Err(e) = c.drop_seed(f.seed.clone()).await {
-        warn!(function = %name, "dropping seed {}: {}", f.seed.id, e.message());
+    let (seed, origin) = f.seed();
+    let mut c = origin.client.clone();
+    if let Err(e) = c.drop_seed(seed.clone()).await {
+        warn!(function = %name, "dropping seed {}: {}", seed.id, e.message());
     }
     info!(function = %name, "function removed");
     axum::Json(json!({ "removed": name })).into_response()
@@ -488,15 +508,23 @@ async fn metrics(State(g): Shared) -> Response {
         f.metrics(&mut s);
     }
     s.push_str("# TYPE gateway_node_instances gauge\n");
-    for n in &g.nodes {
+    let nodes = g.node_list();
+    for n in &nodes {
         s.push_str(&format!(
-            "gateway_node_instances{{node=\"{}\"}} {}\ngateway_node_spawned_total{{node=\"{}\"}} {}\n",
+            "gateway_node_instances{{node=\"{}\"}} {}\ngateway_node_spawned_total{{node=\"{}\"}} {}\ngateway_node_placeable{{node=\"{}\"}} {}\n",
             n.spec.addr,
             n.live.load(Ordering::Relaxed),
             n.spec.addr,
-            n.spawned.load(Ordering::Relaxed)
+            n.spawned.load(Ordering::Relaxed),
+            n.spec.addr,
+            u8::from(n.placeable()),
         ));
     }
+    s.push_str(&format!(
+        "# TYPE gateway_nodes gauge\ngateway_nodes{{state=\"serving\"}} {}\ngateway_nodes{{state=\"draining\"}} {}\n",
+        nodes.iter().filter(|n| n.placeable()).count(),
+        nodes.iter().filter(|n| !n.placeable()).count(),
+    ));
     s.into_response()
 }
 
@@ -634,8 +662,10 @@ pub async fn serve(
     cfg: Config,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), GatewayError> {
-    if cfg.nodes.is_empty() {
-        return Err(GatewayError::Config("no nodes given (--node)".into()));
+    if cfg.nodes.is_empty() && cfg.discover.is_none() {
+        return Err(GatewayError::Config(
+            "no nodes: give --node, or --discover to find them".into(),
+        ));
     }
     if cfg.auth.is_none() && !is_loopback(&cfg.listen) {
         return Err(GatewayError::Config(format!(
@@ -646,37 +676,31 @@ pub async fn serve(
     cfg.prefetch
         .parse::<remotefork::pager::Prefetch>()
         .map_err(|e| GatewayError::Config(e.to_string()))?;
-    if cfg.nodes.len() > 1 && cfg.nodes[0].peer.is_none() {
+    if (cfg.nodes.len() > 1 || cfg.discover.is_some())
+        && cfg.nodes.first().is_some_and(|n| n.peer.is_none())
+    {
         return Err(GatewayError::Config(format!(
             "node {} makes the seeds and other nodes must reach it: give it peer=HOST:PORT",
             cfg.nodes[0].addr
         )));
     }
-    let mut nodes = Vec::new();
+    let mut given = Vec::new();
     for spec in &cfg.nodes {
-        let client = crate::client::connect(&spec.addr, cfg.token.as_deref())
+        let n = nodes::connect(spec, cfg.token.as_deref(), false)
             .await
-            .map_err(|e| GatewayError::Node {
+            .map_err(|error| GatewayError::Node {
                 addr: spec.addr.clone(),
-                error: e.to_string(),
+                error,
             })?;
-        let mut c = client.clone();
-        let info = c
-            .node_info(pb::NodeInfoRequest {})
-            .await
-            .map_err(|e| GatewayError::Node {
-                addr: spec.addr.clone(),
-                error: e.message().to_string(),
-            })?
-            .into_inner();
-        info!(node = %spec.addr, host = %info.hostname, "node ready");
-        nodes.push(Node {
-            spec: spec.clone(),
-            client,
-            live: AtomicUsize::new(0),
-            spawned: AtomicU64::new(0),
-        });
+        given.push(n);
     }
+    let discoverer = match &cfg.discover {
+        Some(src) => Some(
+            discovery::Discoverer::new(src.clone(), cfg.dns_server, cfg.kube.clone())
+                .map_err(|e| GatewayError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
     let workers = TcpListener::bind(&cfg.worker_listen)
         .await
         .map_err(|error| GatewayError::Io {
@@ -704,11 +728,18 @@ pub async fn serve(
     })?;
     let g = Arc::new(Gateway {
         cfg,
-        nodes,
+        nodes: RwLock::new(Vec::new()),
         functions: Mutex::new(HashMap::new()),
         registering: Mutex::new(Default::default()),
         worker_addr,
     });
+    for n in given {
+        nodes::add(&g, n);
+    }
+    if let Some(d) = discoverer {
+        info!(source = %d.source(), every_ms = g.cfg.discover_interval.as_millis() as u64, "discovering nodes");
+        tokio::spawn(nodes::discover(g.clone(), d));
+    }
     tokio::spawn(pool::accept_workers(g.clone(), workers));
     tokio::spawn(pool::reaper(g.clone()));
     let app = Router::new()
@@ -732,7 +763,7 @@ pub async fn serve(
         app,
     );
     // The line scripts and tests wait for.
-    info!(http = %local, workers = %g.worker_addr, nodes = g.nodes.len(), "gateway listening");
+    info!(http = %local, workers = %g.worker_addr, nodes = g.node_list().len(), "gateway listening");
     ready(local);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

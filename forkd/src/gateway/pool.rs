@@ -14,8 +14,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
+use super::nodes::{self, Candidate, Node};
 use super::{Gateway, InvokeError};
 use crate::pb;
+
+/// Tries of one invocation whose instance's node went away under it (or
+/// refused to start one because it is shutting down) before it fails.
+const ATTEMPTS: usize = 3;
 
 /// Longest line an instance may send (a result), and the hello's deadline.
 const MAX_LINE: u64 = 64 << 20;
@@ -37,7 +42,7 @@ pub enum Mode {
 /// A connected instance, idle or serving one invocation.
 pub(crate) struct Instance {
     id: String,
-    node: usize,
+    node: Arc<Node>,
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     idle_since: Instant,
@@ -53,7 +58,7 @@ struct Pool {
     /// Children asked for and not yet connected, failed or exited.
     starting: usize,
     /// Started children: their node, and whether they connected yet.
-    started: HashMap<String, (usize, bool)>,
+    started: HashMap<String, (Arc<Node>, bool)>,
     exits: HashMap<String, String>,
 }
 
@@ -69,6 +74,8 @@ struct Stats {
     spawned: AtomicU64,
     spawn_failures: AtomicU64,
     reused: AtomicU64,
+    /// Invocations tried again because their node went away.
+    retried: AtomicU64,
 }
 
 /// A registered function.
@@ -77,10 +84,14 @@ pub struct Function {
     pub name: String,
     /// How its children serve.
     pub mode: Mode,
-    /// Its seed.
-    pub seed: pb::SeedRef,
-    /// The node holding the seed (index into the gateway's nodes).
-    pub origin: usize,
+    /// Its seed, and the node holding it.
+    seed: Mutex<(pb::SeedRef, Arc<Node>)>,
+    /// How it was registered, to make its seed again on another node when
+    /// the seed's node goes away.
+    spec: super::register::FunctionSpec,
+    tenant: Option<Arc<crate::daemon::auth::Tenant>>,
+    /// A new seed is being made.
+    remaking: std::sync::atomic::AtomicBool,
     /// Idle instances are kept this long.
     pub keep_alive: Duration,
     /// One invocation may take this long.
@@ -94,11 +105,13 @@ pub struct Function {
 }
 
 impl Function {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         name: String,
         mode: Mode,
-        seed: pb::SeedRef,
-        origin: usize,
+        seed: (pb::SeedRef, Arc<Node>),
+        spec: super::register::FunctionSpec,
+        tenant: Option<Arc<crate::daemon::auth::Tenant>>,
         keep_alive: Duration,
         timeout: Duration,
         register_ms: f64,
@@ -106,8 +119,10 @@ impl Function {
         Function {
             name,
             mode,
-            seed,
-            origin,
+            seed: Mutex::new(seed),
+            spec,
+            tenant,
+            remaking: Default::default(),
             keep_alive,
             timeout,
             register_ms,
@@ -122,14 +137,21 @@ impl Function {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Its seed and the node holding it, now.
+    pub(crate) fn seed(&self) -> (pb::SeedRef, Arc<Node>) {
+        self.seed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The function as JSON (for `GET /functions`).
     pub fn describe(&self) -> Value {
+        let (seed, origin) = self.seed();
         let p = self.pool();
         let s = &self.stats;
         json!({
             "name": self.name,
             "mode": match self.mode { Mode::Checkpoint => "checkpoint", Mode::OneShot => "one-shot" },
-            "seed": self.seed.id,
+            "seed": seed.id,
+            "seed_node": origin.spec.addr,
             "register_ms": self.register_ms,
             "keep_alive_ms": self.keep_alive.as_millis() as u64,
             "timeout_ms": self.timeout.as_millis() as u64,
@@ -140,6 +162,7 @@ impl Function {
             "ok": s.ok.load(Ordering::Relaxed),
             "spawned": s.spawned.load(Ordering::Relaxed),
             "reused": s.reused.load(Ordering::Relaxed),
+            "retried": s.retried.load(Ordering::Relaxed),
         })
     }
 
@@ -164,11 +187,13 @@ impl Function {
             "gateway_instances_spawned_total{{function=\"{n}\"}} {}\n\
              gateway_spawn_failures_total{{function=\"{n}\"}} {}\n\
              gateway_instances_reused_total{{function=\"{n}\"}} {}\n\
+             gateway_invocations_retried_total{{function=\"{n}\"}} {}\n\
              gateway_instances_idle{{function=\"{n}\"}} {}\n\
              gateway_invocations_waiting{{function=\"{n}\"}} {}\n",
             s.spawned.load(Ordering::Relaxed),
             s.spawn_failures.load(Ordering::Relaxed),
             s.reused.load(Ordering::Relaxed),
+            s.retried.load(Ordering::Relaxed),
             p.idle.len(),
             p.waiters.len(),
         ));
@@ -299,12 +324,47 @@ async fn acquire(g: &Gateway, f: &Function) -> Result<Instance, InvokeError> {
     }
 }
 
+/// One try of an invocation: its outcome, or why it should be tried again
+/// (its node went away under it).
+type Try = Result<Result<Value, InvokeError>, String>;
+
+/// Run `one` up to [`ATTEMPTS`] times while its node goes away under it.
+async fn with_retries<'a, F, Fut>(f: &'a Function, mut one: F) -> Result<Value, InvokeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Try> + 'a,
+{
+    let mut attempt = 1;
+    loop {
+        match one().await {
+            Ok(r) => return r,
+            Err(why) if attempt < ATTEMPTS => {
+                attempt += 1;
+                f.stats.retried.fetch_add(1, Ordering::Relaxed);
+                info!(function = %f.name, attempt, "{why}; trying the invocation on another node");
+            }
+            Err(why) => {
+                return Err(InvokeError::Unavailable(format!(
+                    "{why}, {ATTEMPTS} times in a row"
+                )))
+            }
+        }
+    }
+}
+
 async fn invoke_connected(
     g: &Arc<Gateway>,
     f: &Arc<Function>,
     event: Value,
 ) -> Result<Value, InvokeError> {
-    let mut inst = acquire(g, f).await?;
+    with_retries(f, || try_connected(g, f, &event)).await
+}
+
+async fn try_connected(g: &Arc<Gateway>, f: &Arc<Function>, event: &Value) -> Try {
+    let mut inst = match acquire(g, f).await {
+        Ok(i) => i,
+        Err(e) => return Ok(Err(e)),
+    };
     let call = f.next_call.fetch_add(1, Ordering::Relaxed);
     let mut msg = json!({ "id": call, "event": event }).to_string();
     msg.push('\n');
@@ -316,25 +376,33 @@ async fn invoke_connected(
         Ok(Ok(Some(line))) => line,
         Ok(Ok(None)) | Ok(Err(_)) => {
             // The connection broke: the instance died. forkd's exit event
-            // says how, usually within a moment.
+            // says how, usually within a moment; or its node went away.
             let mut reason = None;
             for _ in 0..50 {
                 reason = f.exit_reason(&inst.id);
-                if reason.is_some() {
+                if reason.is_some() || !inst.node.placeable() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let reason = reason.unwrap_or_else(|| "its connection closed".into());
+            if !inst.node.placeable() {
+                return Err(format!(
+                    "instance {} on node {} ({}) ended mid-invocation: {reason}",
+                    inst.id,
+                    inst.node.spec.addr,
+                    inst.node.why()
+                ));
+            }
             warn!(function = %f.name, instance = %inst.id, %reason, "instance crashed");
-            return Err(InvokeError::Crashed(format!(
+            return Ok(Err(InvokeError::Crashed(format!(
                 "instance {}: {reason}",
                 inst.id
-            )));
+            ))));
         }
         Err(_) => {
             warn!(function = %f.name, instance = %inst.id, "handler timed out; killing the instance");
-            let mut c = g.nodes[inst.node].client.clone();
+            let mut c = inst.node.client.clone();
             if let Err(e) = c
                 .kill_instance(pb::KillInstanceRequest {
                     instance_id: inst.id.clone(),
@@ -343,29 +411,33 @@ async fn invoke_connected(
             {
                 warn!(instance = %inst.id, "kill: {}", e.message());
             }
-            return Err(InvokeError::Timeout(f.timeout.as_millis()));
+            return Ok(Err(InvokeError::Timeout(f.timeout.as_millis())));
         }
     };
-    let v: Value = serde_json::from_str(&answer).map_err(|e| {
-        InvokeError::Crashed(format!(
-            "instance {} answered something that is not JSON: {e}",
-            inst.id
-        ))
-    })?;
+    let v: Value = match serde_json::from_str(&answer) {
+        Ok(v) => v,
+        Err(e) => {
+            return Ok(Err(InvokeError::Crashed(format!(
+                "instance {} answered something that is not JSON: {e}",
+                inst.id
+            ))))
+        }
+    };
     if v.get("id").and_then(Value::as_u64) != Some(call) {
-        return Err(InvokeError::Crashed(format!(
+        return Ok(Err(InvokeError::Crashed(format!(
             "instance {} answered call {:?}, not {call}",
             inst.id,
             v.get("id")
-        )));
+        ))));
     }
-    // The instance is healthy either way: back to the pool.
-    if f.keep_alive.is_zero() {
+    // The instance is healthy either way: back to the pool, unless its
+    // node is being drained.
+    if f.keep_alive.is_zero() || !inst.node.placeable() {
         retire(inst).await;
     } else {
         f.deliver(inst, false);
     }
-    handler_answer(&v)
+    Ok(handler_answer(&v))
 }
 
 /// The runtime's answer, `{"ok": true, "result": ...}` or `{"ok": false,
@@ -383,30 +455,68 @@ fn handler_answer(v: &Value) -> Result<Value, InvokeError> {
     }
 }
 
-/// The least-loaded node with room, counted as taken.
-fn place(g: &Gateway) -> Option<usize> {
+/// The node to start one more instance of `f` on, counted as taken: a
+/// placeable node with room, the least loaded per CPU, preferring the
+/// nodes that hold the seed's pages ([`nodes::choose`]).
+fn place(g: &Gateway, f: &Function) -> Option<Arc<Node>> {
+    let (seed, origin) = f.seed();
     let cap = g.cfg.max_instances_per_node;
-    let i = (0..g.nodes.len())
-        .filter(|&i| g.nodes[i].live.load(Ordering::Relaxed) < cap)
-        .min_by_key(|&i| g.nodes[i].live.load(Ordering::Relaxed))?;
-    g.nodes[i].live.fetch_add(1, Ordering::Relaxed);
-    Some(i)
+    let nodes: Vec<Arc<Node>> = g
+        .node_list()
+        .into_iter()
+        .filter(|n| n.placeable())
+        // Other nodes page from the seed's node: it must be reachable.
+        .filter(|n| Arc::ptr_eq(n, &origin) || origin.spec.peer.is_some())
+        .collect();
+    let cands: Vec<Candidate> = nodes
+        .iter()
+        .map(|n| {
+            let r = n.reported();
+            Candidate {
+                live: n.live.load(Ordering::Relaxed),
+                cap,
+                cpus: r.cpus,
+                memory_available: r.memory_available_bytes,
+                memory_total: r.memory_bytes,
+                local: Arc::ptr_eq(n, &origin) || n.holds(&seed.id),
+            }
+        })
+        .collect();
+    let n = nodes.into_iter().nth(nodes::choose(&cands)?)?;
+    n.live.fetch_add(1, Ordering::Relaxed);
+    Some(n)
 }
 
-fn spawn_request(g: &Gateway, f: &Function, node: usize, count: u32) -> pb::SpawnRequest {
-    let origin = if node == f.origin {
+fn spawn_request(f: &Function, node: &Node, count: u32) -> pb::SpawnRequest {
+    let (seed, origin) = f.seed();
+    let origin = if std::ptr::eq(node, &*origin) {
         String::new()
     } else {
-        g.nodes[f.origin].spec.peer.clone().unwrap_or_default()
+        origin.spec.peer.clone().unwrap_or_default()
     };
     pb::SpawnRequest {
-        seed: Some(f.seed.clone()),
+        seed: Some(seed),
         count,
-        prefetch: g.cfg.prefetch.clone(),
+        prefetch: String::new(),
         origin,
         labels: [("gateway-function".to_string(), f.name.clone())].into(),
         ..Default::default()
     }
+}
+
+/// Whether a refused or broken `Spawn` on `n` says the node is going away
+/// (shutting down, unreachable), so the children it was for belong on
+/// another node; the node is drained from placement then.
+fn node_lost(g: &Arc<Gateway>, n: &Arc<Node>, s: &tonic::Status) -> bool {
+    use tonic::Code;
+    let lost = matches!(
+        s.code(),
+        Code::Unavailable | Code::Cancelled | Code::Unknown
+    ) || !n.placeable();
+    if lost {
+        nodes::lost(g, n, s.message());
+    }
+    lost
 }
 
 async fn invoke_one_shot(
@@ -414,60 +524,97 @@ async fn invoke_one_shot(
     f: &Arc<Function>,
     event: Value,
 ) -> Result<Value, InvokeError> {
+    with_retries(f, || try_one_shot(g, f, &event)).await
+}
+
+async fn try_one_shot(g: &Arc<Gateway>, f: &Arc<Function>, event: &Value) -> Try {
     let deadline = Instant::now() + g.cfg.queue_timeout;
-    let node = loop {
-        if let Some(n) = place(g) {
+    let n = loop {
+        if let Some(n) = place(g, f) {
             break n;
         }
         if Instant::now() >= deadline {
-            return Err(InvokeError::Unavailable(format!(
-                "every node is at its limit of {} instances",
-                g.cfg.max_instances_per_node
-            )));
+            return Ok(Err(InvokeError::Unavailable(if g.node_list().is_empty() {
+                "no forkd node is known (none given, none discovered yet)".to_string()
+            } else {
+                format!(
+                    "every node is at its limit of {} instances or is draining",
+                    g.cfg.max_instances_per_node
+                )
+            })));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let n = &g.nodes[node];
-    let mut req = spawn_request(g, f, node, 1);
+    let mut req = spawn_request(f, &n, 1);
+    req.prefetch = g.cfg.prefetch.clone();
     req.stdin = format!("{event}\n").into_bytes();
     req.stdout = pb::StdoutMode::Capture as i32;
     let mut c = n.client.clone();
     // The started child's id (read after a timeout, to kill it).
     let mut id = String::new();
+    let seed_id = req.seed.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+    // Ok: the child's end; Err(Ok): the invocation's failure; Err(Err):
+    // the node went away, try another.
     let run = async {
-        let mut s = c
-            .spawn(req)
-            .await
-            .map_err(|e| InvokeError::Unavailable(e.message().to_string()))?
-            .into_inner();
-        while let Some(ev) = s
-            .message()
-            .await
-            .map_err(|e| InvokeError::Crashed(e.message().to_string()))?
-        {
+        let mut s = match c.spawn(req).await {
+            Ok(s) => s.into_inner(),
+            Err(e) if node_lost(g, &n, &e) => {
+                return Err(Err(format!(
+                    "node {} refused the instance: {}",
+                    n.spec.addr,
+                    e.message()
+                )))
+            }
+            Err(e) => return Err(Ok(InvokeError::Unavailable(e.message().to_string()))),
+        };
+        loop {
+            let ev = match s.message().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) if !n.placeable() => {
+                    return Err(Err(format!(
+                        "node {} went away mid-invocation",
+                        n.spec.addr
+                    )))
+                }
+                Ok(None) => {
+                    return Err(Ok(InvokeError::Crashed(
+                        "the node stopped reporting".into(),
+                    )))
+                }
+                Err(e) if node_lost(g, &n, &e) => {
+                    return Err(Err(format!(
+                        "node {} went away mid-invocation: {}",
+                        n.spec.addr,
+                        e.message()
+                    )))
+                }
+                Err(e) => return Err(Ok(InvokeError::Crashed(e.message().to_string()))),
+            };
             match ev.kind {
                 Some(pb::instance_event::Kind::Started(_)) => {
                     id = ev.instance_id;
                     n.spawned.fetch_add(1, Ordering::Relaxed);
+                    n.used(&seed_id);
                     f.stats.spawned.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(pb::instance_event::Kind::Failed(x)) => {
                     f.stats.spawn_failures.fetch_add(1, Ordering::Relaxed);
-                    return Err(InvokeError::Unavailable(format!(
+                    return Err(Ok(InvokeError::Unavailable(format!(
                         "no instance could be started: {}",
                         x.reason
-                    )));
+                    ))));
                 }
                 Some(pb::instance_event::Kind::Exited(x)) => return Ok(x),
                 _ => {}
             }
         }
-        Err(InvokeError::Crashed("the node stopped reporting".into()))
     };
     let r = tokio::time::timeout(f.timeout, run).await;
     n.live.fetch_sub(1, Ordering::Relaxed);
     let x = match r {
-        Ok(r) => r?,
+        Ok(Ok(x)) => x,
+        Ok(Err(Ok(e))) => return Ok(Err(e)),
+        Ok(Err(Err(why))) => return Err(why),
         Err(_) => {
             if !id.is_empty() {
                 warn!(function = %f.name, instance = %id, "handler timed out; killing the instance");
@@ -476,7 +623,7 @@ async fn invoke_one_shot(
                     .kill_instance(pb::KillInstanceRequest { instance_id: id })
                     .await;
             }
-            return Err(InvokeError::Timeout(f.timeout.as_millis()));
+            return Ok(Err(InvokeError::Timeout(f.timeout.as_millis())));
         }
     };
     let out = String::from_utf8_lossy(&x.stdout);
@@ -486,7 +633,7 @@ async fn invoke_one_shot(
         .find(|l| !l.trim().is_empty())
         .unwrap_or("");
     let v: Option<Value> = serde_json::from_str(last).ok();
-    match v {
+    Ok(match v {
         Some(v) if v.get("ok").is_some() => handler_answer(&v),
         Some(v) if x.exit_code == 0 && x.signal == 0 => Ok(v),
         _ => Err(InvokeError::Crashed(format!(
@@ -498,7 +645,7 @@ async fn invoke_one_shot(
                 format!(" ({})", x.reason)
             }
         ))),
-    }
+    })
 }
 
 fn describe_exit(x: &pb::Exited) -> String {
@@ -533,12 +680,15 @@ pub(crate) async fn spawner(g: Arc<Gateway>, f: Arc<Function>) {
         if need == 0 {
             continue;
         }
-        let mut per_node = vec![0u32; g.nodes.len()];
+        let mut per_node: Vec<(Arc<Node>, u32)> = Vec::new();
         let mut placed = 0;
         for _ in 0..need {
-            match place(&g) {
-                Some(i) => {
-                    per_node[i] += 1;
+            match place(&g, &f) {
+                Some(n) => {
+                    match per_node.iter_mut().find(|(m, _)| Arc::ptr_eq(m, &n)) {
+                        Some((_, k)) => *k += 1,
+                        None => per_node.push((n, 1)),
+                    }
                     placed += 1;
                 }
                 None => break,
@@ -548,46 +698,69 @@ pub(crate) async fn spawner(g: Arc<Gateway>, f: Arc<Function>) {
             debug!(function = %f.name, need, placed, "nodes at capacity; the rest wait for idle instances");
         }
         f.pool().starting += placed;
-        for (node, mut k) in per_node.into_iter().enumerate() {
+        for (node, mut k) in per_node {
             while k > 0 {
                 let batch = k.min(g.cfg.spawn_batch.max(1));
                 k -= batch;
-                tokio::spawn(spawn_batch(g.clone(), f.clone(), node, batch));
+                tokio::spawn(spawn_batch(g.clone(), f.clone(), node.clone(), batch));
             }
         }
     }
 }
 
 /// One `Spawn` call of `count` children on `node`, followed to its end.
-async fn spawn_batch(g: Arc<Gateway>, f: Arc<Function>, node: usize, count: u32) {
-    let n = &g.nodes[node];
-    let mut req = spawn_request(&g, &f, node, count);
+async fn spawn_batch(g: Arc<Gateway>, f: Arc<Function>, node: Arc<Node>, count: u32) {
+    let n = &node;
+    let mut req = spawn_request(&f, n, count);
+    req.prefetch = g.cfg.prefetch.clone();
     req.stdout = pb::StdoutMode::Null as i32;
+    let seed_id = req.seed.as_ref().map(|s| s.id.clone()).unwrap_or_default();
     req.args = json!({ "gateway": g.worker_addr, "function": f.name }).to_string();
     let mut c = n.client.clone();
     // Children this call has not accounted for yet (started nor failed).
     let mut unresolved = count as usize;
     let mut running: Vec<String> = Vec::new();
-    let lost = match c.spawn(req).await {
-        Err(e) => format!("node {} refused to spawn: {}", n.spec.addr, e.message()),
+    // Why the rest is lost, and whether the node went away (then the
+    // invocations waiting for those children get children elsewhere).
+    let (lost, gone) = match c.spawn(req).await {
+        Err(e) => (
+            format!("node {} refused to spawn: {}", n.spec.addr, e.message()),
+            node_lost(&g, n, &e),
+        ),
         Ok(s) => {
             let mut s = s.into_inner();
             loop {
                 let ev = match s.message().await {
                     Ok(Some(ev)) => ev,
-                    Ok(None) => break format!("node {} ended the spawn stream", n.spec.addr),
-                    Err(e) => break format!("lost node {}: {}", n.spec.addr, e.message()),
+                    Ok(None) => {
+                        break (
+                            format!("node {} ended the spawn stream", n.spec.addr),
+                            !n.placeable(),
+                        )
+                    }
+                    Err(e) => {
+                        break (
+                            format!("lost node {}: {}", n.spec.addr, e.message()),
+                            node_lost(&g, n, &e),
+                        )
+                    }
                 };
                 match ev.kind {
                     Some(pb::instance_event::Kind::Started(_)) => {
                         unresolved -= 1;
                         n.spawned.fetch_add(1, Ordering::Relaxed);
+                        n.used(&seed_id);
                         f.stats.spawned.fetch_add(1, Ordering::Relaxed);
                         f.pool()
                             .started
-                            .insert(ev.instance_id.clone(), (node, false));
+                            .insert(ev.instance_id.clone(), (node.clone(), false));
                         running.push(ev.instance_id.clone());
-                        tokio::spawn(hello_deadline(g.clone(), f.clone(), node, ev.instance_id));
+                        tokio::spawn(hello_deadline(
+                            g.clone(),
+                            f.clone(),
+                            node.clone(),
+                            ev.instance_id,
+                        ));
                     }
                     Some(pb::instance_event::Kind::Failed(x)) => {
                         unresolved -= 1;
@@ -614,13 +787,17 @@ async fn spawn_batch(g: Arc<Gateway>, f: Arc<Function>, node: usize, count: u32)
             }
         }
     };
-    // The node is gone or refused: whatever was not accounted for is lost.
+    // The node is gone or refused: whatever was not accounted for is
+    // lost; the invocations waiting for it get children elsewhere when the
+    // node went away, else they fail with the reason.
     if unresolved > 0 {
-        warn!(function = %f.name, "{lost}");
+        warn!(function = %f.name, retry_elsewhere = gone, "{lost}");
         n.live.fetch_sub(unresolved, Ordering::Relaxed);
         f.pool().starting -= unresolved;
-        for _ in 0..unresolved {
-            f.fail_one(&lost);
+        if !gone {
+            for _ in 0..unresolved {
+                f.fail_one(&lost);
+            }
         }
     }
     for id in running {
@@ -629,7 +806,7 @@ async fn spawn_batch(g: Arc<Gateway>, f: Arc<Function>, node: usize, count: u32)
     f.wake.notify_one();
 }
 
-fn exited(f: &Function, n: &super::Node, id: &str, reason: String) {
+fn exited(f: &Function, n: &Node, id: &str, reason: String) {
     n.live.fetch_sub(1, Ordering::Relaxed);
     let mut p = f.pool();
     let connected = p.started.remove(id).map(|(_, c)| c);
@@ -638,12 +815,17 @@ fn exited(f: &Function, n: &super::Node, id: &str, reason: String) {
     }
     p.exits.insert(id.to_string(), reason.clone());
     // Gone before it said hello: the invocation it was for fails with
-    // the reason (no respawn loop for a function that cannot start).
+    // the reason (no respawn loop for a function that cannot start),
+    // unless its node went away: then it gets a child elsewhere.
     if connected == Some(false) {
         p.starting -= 1;
         drop(p);
-        warn!(function = %f.name, instance = %id, %reason, "instance died before it was ready");
-        f.fail_one(&format!("instance {id} died before it was ready: {reason}"));
+        if n.placeable() {
+            warn!(function = %f.name, instance = %id, %reason, "instance died before it was ready");
+            f.fail_one(&format!("instance {id} died before it was ready: {reason}"));
+        } else {
+            info!(function = %f.name, instance = %id, node = %n.spec.addr, "instance lost with its node before it was ready; starting another elsewhere");
+        }
     } else {
         p.idle.retain(|i| i.id != id);
     }
@@ -651,11 +833,11 @@ fn exited(f: &Function, n: &super::Node, id: &str, reason: String) {
     f.wake.notify_one();
 }
 
-async fn hello_deadline(g: Arc<Gateway>, f: Arc<Function>, node: usize, id: String) {
+async fn hello_deadline(g: Arc<Gateway>, f: Arc<Function>, node: Arc<Node>, id: String) {
     tokio::time::sleep(g.cfg.ready_timeout).await;
-    if f.pool().started.get(&id).is_some_and(|&(_, c)| !c) {
+    if f.pool().started.get(&id).is_some_and(|(_, c)| !c) {
         warn!(function = %f.name, instance = %id, "instance never connected back; killing it");
-        let mut c = g.nodes[node].client.clone();
+        let mut c = node.client.clone();
         let _ = c
             .kill_instance(pb::KillInstanceRequest { instance_id: id })
             .await;
@@ -714,7 +896,7 @@ async fn hello(g: &Gateway, s: TcpStream) -> Result<(), String> {
             match p.started.get_mut(&id) {
                 Some((n, c @ false)) => {
                     *c = true;
-                    Some(Ok(*n))
+                    Some(Ok(n.clone()))
                 }
                 Some((_, true)) => Some(Err(format!("instance {id:?} said hello twice"))),
                 None => None,
@@ -768,4 +950,69 @@ pub(crate) async fn reaper(g: Arc<Gateway>) {
             }
         }
     }
+}
+
+/// Wake `f`'s spawner: nodes came or went, waiting invocations may be
+/// placed now.
+pub(crate) fn wake(f: &Function) {
+    f.wake.notify_one();
+}
+
+/// `n` is no longer placeable: retire its idle instances (busy ones are
+/// retired after their invocation), place waiting invocations elsewhere,
+/// and make the seeds it holds again on another node.
+pub(crate) fn node_drained(g: &Arc<Gateway>, n: &Arc<Node>) {
+    for f in g.function_list() {
+        let idle: Vec<Instance> = {
+            let mut p = f.pool();
+            let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut p.idle)
+                .into_iter()
+                .partition(|i| Arc::ptr_eq(&i.node, n));
+            p.idle = keep;
+            gone
+        };
+        if !idle.is_empty() {
+            info!(function = %f.name, node = %n.spec.addr, instances = idle.len(), "retiring the idle instances of a draining node");
+        }
+        tokio::spawn(async move {
+            for i in idle {
+                retire(i).await;
+            }
+        });
+        if Arc::ptr_eq(&f.seed().1, n) {
+            tokio::spawn(remake_seed(g.clone(), f.clone()));
+        }
+        f.wake.notify_one();
+    }
+}
+
+/// Make `f`'s seed again on a placeable node, its node being drained; the
+/// children running keep paging from their node caches (forkd drains
+/// other nodes' seeds into them), new ones start from the new seed.
+async fn remake_seed(g: Arc<Gateway>, f: Arc<Function>) {
+    if f.remaking.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let old = f.seed();
+    let mut wait = Duration::from_millis(200);
+    loop {
+        if !g.function_list().iter().any(|x| Arc::ptr_eq(x, &f)) || old.1.placeable() {
+            break;
+        }
+        match super::register::make_seed(&g, &f.spec, f.tenant.as_deref()).await {
+            Ok((seed, node)) => {
+                info!(function = %f.name, old = %old.0.id, new = %seed.id, node = %node.spec.addr,
+                      "the seed's node is draining: made the seed again on another node");
+                *f.seed.lock().unwrap_or_else(|e| e.into_inner()) = (seed, node);
+                f.wake.notify_one();
+                break;
+            }
+            Err(e) => {
+                warn!(function = %f.name, "making the seed again: {e}; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    f.remaking.store(false, Ordering::SeqCst);
 }

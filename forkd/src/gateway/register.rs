@@ -11,12 +11,13 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tracing::info;
 
+use super::nodes::Node;
 use super::pool::{Function, Mode};
 use super::Gateway;
 use crate::pb;
 
 /// What `POST /functions` takes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionSpec {
     /// The function's name (letters, digits, `-`, `_`, `.`).
@@ -56,11 +57,11 @@ pub struct FunctionSpec {
     pub drop_fds: bool,
 }
 
-/// Make the function's seed on the first node.
+/// Make the function's seed on a node that can.
 pub(crate) async fn register(
     g: &Arc<Gateway>,
     spec: FunctionSpec,
-    tenant: Option<&crate::daemon::auth::Tenant>,
+    tenant: Option<Arc<crate::daemon::auth::Tenant>>,
 ) -> Result<Arc<Function>, String> {
     if spec.command.is_empty() && spec.oci_bundle.is_none() {
         return Err("the function has no command (or oci_bundle)".into());
@@ -72,19 +73,17 @@ pub(crate) async fn register(
         );
     }
     let t = Instant::now();
-    let origin = 0;
-    let (mode, seed) = match &spec.ready_line {
-        Some(line) => (
-            Mode::OneShot,
-            ready_line_seed(g, &spec, line, tenant).await?,
-        ),
-        None => (Mode::Checkpoint, checkpoint_seed(g, &spec, tenant).await?),
+    let mode = match &spec.ready_line {
+        Some(_) => Mode::OneShot,
+        None => Mode::Checkpoint,
     };
+    let seed = make_seed(g, &spec, tenant.as_deref()).await?;
     let f = Function::new(
         spec.name.clone(),
         mode,
         seed,
-        origin,
+        spec.clone(),
+        tenant,
         spec.keep_alive_ms
             .map(Duration::from_millis)
             .unwrap_or(g.cfg.keep_alive),
@@ -93,17 +92,67 @@ pub(crate) async fn register(
             .unwrap_or(g.cfg.invoke_timeout),
         t.elapsed().as_secs_f64() * 1e3,
     );
-    info!(function = %f.name, seed = %f.seed.id, ms = f.register_ms, "function registered");
+    info!(function = %f.name, seed = %f.seed().0.id, node = %f.seed().1.spec.addr, ms = f.register_ms, "function registered");
     Ok(Arc::new(f))
+}
+
+/// The node to make a seed on: a placeable one that can (a checkpointing
+/// command needs the node's cooperative socket, so a node given with one);
+/// the first given node if it can, else the least loaded.
+fn seed_node(g: &Gateway, checkpoint: bool) -> Result<Arc<Node>, String> {
+    let nodes = g.node_list();
+    if nodes.is_empty() {
+        return Err("no forkd node is known (none given, none discovered yet)".into());
+    }
+    let ok: Vec<Arc<Node>> = nodes
+        .iter()
+        .filter(|n| n.placeable())
+        .filter(|n| !checkpoint || n.spec.coop_socket().is_some())
+        .cloned()
+        .collect();
+    if let Some(first) = ok.iter().find(|n| !n.discovered) {
+        return Ok(first.clone());
+    }
+    ok.into_iter()
+        .min_by_key(|n| n.live.load(std::sync::atomic::Ordering::Relaxed))
+        .ok_or_else(|| {
+            if checkpoint {
+                "no serving node has a cooperative socket this gateway can reach (a function that calls checkpoint() runs beside a node given with --node unix:PATH or coop=PATH; discovered nodes take functions with a ready_line)".to_string()
+            } else {
+                format!(
+                    "no node is serving ({})",
+                    nodes
+                        .iter()
+                        .map(|n| format!("{}: {}", n.spec.addr, n.why()))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            }
+        })
+}
+
+/// Make the seed of `spec` on a node that can; the seed and its node.
+pub(crate) async fn make_seed(
+    g: &Gateway,
+    spec: &FunctionSpec,
+    tenant: Option<&crate::daemon::auth::Tenant>,
+) -> Result<(pb::SeedRef, Arc<Node>), String> {
+    let node = seed_node(g, spec.ready_line.is_none())?;
+    let seed = match &spec.ready_line {
+        Some(line) => ready_line_seed(g, &node, spec, line, tenant).await?,
+        None => checkpoint_seed(g, &node, spec, tenant).await?,
+    };
+    Ok((seed, node))
 }
 
 async fn ready_line_seed(
     g: &Gateway,
+    node: &Node,
     spec: &FunctionSpec,
     line: &str,
     tenant: Option<&crate::daemon::auth::Tenant>,
 ) -> Result<pb::SeedRef, String> {
-    let mut c = g.nodes[0].client.clone();
+    let mut c = node.client.clone();
     let s = c
         .create_seed(pb::CreateSeedRequest {
             source: Some(match &spec.oci_bundle {
@@ -129,13 +178,7 @@ async fn ready_line_seed(
             drop_unsupported_fds: spec.drop_fds,
         })
         .await
-        .map_err(|e| {
-            format!(
-                "{} could not make a seed: {}",
-                g.nodes[0].spec.addr,
-                e.message()
-            )
-        })?
+        .map_err(|e| format!("{} could not make a seed: {}", node.spec.addr, e.message()))?
         .into_inner();
     Ok(pb::SeedRef {
         id: s.id,
@@ -145,13 +188,14 @@ async fn ready_line_seed(
 
 async fn checkpoint_seed(
     g: &Gateway,
+    node: &Node,
     spec: &FunctionSpec,
     tenant: Option<&crate::daemon::auth::Tenant>,
 ) -> Result<pb::SeedRef, String> {
-    let coop = g.nodes[0].spec.coop_socket().ok_or_else(|| {
+    let coop = node.spec.coop_socket().ok_or_else(|| {
         format!(
             "node {} has no known cooperative socket: give it coop=PATH",
-            g.nodes[0].spec.addr
+            node.spec.addr
         )
     })?;
     let mut cmd = tokio::process::Command::new(&spec.command[0]);

@@ -605,6 +605,11 @@ impl Nodes {
 
     /// `n` nodes, or None (after printing SKIPPED) when `ip` is missing.
     pub fn up_n(name: &str, n: u32) -> Option<Nodes> {
+        Nodes::up_with(name, n, &[])
+    }
+
+    /// `n` nodes whose forkd get `forkd_args` too.
+    pub fn up_with(name: &str, n: u32, forkd_args: &[&str]) -> Option<Nodes> {
         if Command::new("ip").arg("-V").output().is_err() {
             println!("SKIPPED: {name}: iproute2 (ip) is not installed");
             return None;
@@ -618,6 +623,7 @@ impl Nodes {
             .arg(n.to_string())
             .arg(env!("CARGO_BIN_EXE_forkd"))
             .env("PAGE_DEADLINE_MS", "3000")
+            .env("FORKD_ARGS", forkd_args.join(" "))
             .status()
             .unwrap();
         assert!(st.success(), "nodes.sh up failed");

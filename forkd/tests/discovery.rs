@@ -1,0 +1,478 @@
+//! Nodes found the way a cluster publishes them, without a cluster: a real
+//! DNS server (Debian's dnsmasq) publishes one name for namespaced forkd
+//! nodes, the way a headless Service does (A records, and SRV), and the
+//! gateway (`--discover`) serves bursts of invocations while nodes join
+//! and leave that name, and while one is evicted (SIGTERM). Run as root.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// The name the nodes are published under, and its SRV name.
+const NAME: &str = "forkd.remotefork.svc.test";
+const SRV: &str = "_grpc._tcp.forkd.remotefork.svc.test";
+const DNS_PORT: u16 = 5353;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A dnsmasq answering for NAME from a hosts file it reads again on SIGHUP,
+/// on the nodes' bridge address: what a cluster's DNS does for a headless
+/// Service.
+struct Dns {
+    child: Child,
+    hosts: PathBuf,
+    addr: String,
+}
+
+impl Dns {
+    /// None (after printing SKIPPED) without dnsmasq.
+    fn start(n: &Nodes, test: &str, srv: &[(&str, u16)]) -> Option<Dns> {
+        let Some(bin) = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+        else {
+            println!("SKIPPED: {test}: dnsmasq is not installed (apt-get install dnsmasq-base)");
+            return None;
+        };
+        let ip1 = n.get("NODE1_IP");
+        let host_ip = format!("{}.254", ip1.rsplit_once('.').unwrap().0);
+        let dir = n.dir.join("dns");
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts = dir.join("forkd.hosts");
+        std::fs::write(&hosts, "").unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-negcache",
+            "--bind-interfaces",
+            "--user=root",
+            "--pid-file",
+            "--log-facility=-",
+        ])
+        .arg(format!("--listen-address={host_ip}"))
+        .arg(format!("--port={DNS_PORT}"))
+        .arg(format!("--addn-hosts={}", hosts.display()));
+        for (target, port) in srv {
+            cmd.arg(format!("--srv-host={SRV},{target},{port}"));
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let dns = Dns {
+            child,
+            hosts,
+            addr: format!("{host_ip}:{DNS_PORT}"),
+        };
+        // Up when it answers on its port.
+        let t = Instant::now();
+        while std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| {
+                s.connect(&dns.addr)?;
+                s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                // A query for NAME, type A.
+                let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+                for l in NAME.split('.') {
+                    q.push(l.len() as u8);
+                    q.extend_from_slice(l.as_bytes());
+                }
+                q.extend_from_slice(&[0, 0, 1, 0, 1]);
+                s.send(&q)?;
+                s.recv(&mut [0u8; 512])
+            })
+            .is_err()
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "dnsmasq does not answer on {}",
+                dns.addr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(dns)
+    }
+
+    /// Publish exactly these addresses under NAME (and `nI.NAME` for
+    /// each, as a headless Service names its pods).
+    fn publish(&self, ips: &[String]) {
+        let mut s = String::new();
+        for ip in ips {
+            s.push_str(&format!("{ip} {NAME}\n"));
+        }
+        self.write(&s);
+    }
+
+    /// Replace the hosts file and have dnsmasq read it again.
+    fn write(&self, hosts: &str) {
+        let tmp = self.hosts.with_extension("tmp");
+        std::fs::write(&tmp, hosts).unwrap();
+        std::fs::rename(&tmp, &self.hosts).unwrap();
+        // SAFETY: kill(2) of our dnsmasq: SIGHUP rereads --addn-hosts.
+        let r = unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        assert_eq!(r, 0);
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn gateway(n: &Nodes, discover: &str, dns: &Dns) -> Gateway {
+    Gateway::start(&[
+        "--discover".into(),
+        discover.into(),
+        "--dns-server".into(),
+        dns.addr.clone(),
+        "--discover-interval-ms".into(),
+        "250".into(),
+        "--node-poll-ms".into(),
+        "500".into(),
+        "--token-file".into(),
+        n.get("TOKEN_FILE"),
+        "--timeout-ms".into(),
+        "120000".into(),
+        "--queue-timeout-ms".into(),
+        "120000".into(),
+    ])
+}
+
+/// The gateway's nodes, by address: (state, spawned).
+async fn gw_nodes(a: &str) -> HashMap<String, (String, u64)> {
+    let (st, v) = http(a, "GET", "/functions", "").await;
+    assert_eq!(st, 200, "{v}");
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["addr"].as_str().unwrap().to_string(),
+                (
+                    x["state"].as_str().unwrap().to_string(),
+                    x["spawned"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Wait (bounded generously: a loaded machine is slow, never wrong) until
+/// the gateway's nodes satisfy `ok`.
+async fn wait_nodes(a: &str, what: &str, ok: impl Fn(&HashMap<String, (String, u64)>) -> bool) {
+    let t = Instant::now();
+    loop {
+        let ns = gw_nodes(a).await;
+        if ok(&ns) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "gateway nodes never became {what}: {ns:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn serving(ns: &HashMap<String, (String, u64)>) -> Vec<String> {
+    let mut v: Vec<String> = ns
+        .iter()
+        .filter(|(_, (s, _))| s == "serving")
+        .map(|(a, _)| a.clone())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Register the one-shot boto3 function (captured at its ready line by the
+/// node's `CreateSeed`); its seed's node.
+async fn register(a: &str) -> String {
+    let handler = repo().join("python/examples/s3_handler.py");
+    let f = json!({"name": "s3", "ready_line": "READY",
+        "command": [python(), "-m", "remotefork.runtime", handler, "--ready-line", "READY"],
+        "env": {"PYTHONPATH": repo().join("python")}});
+    let (st, v) = http(a, "POST", "/functions", &f.to_string()).await;
+    assert_eq!(st, 201, "{v}");
+    v["seed_node"].as_str().unwrap().to_string()
+}
+
+/// `total` invocations, `concurrency` at a time; `at(done)` runs as they
+/// complete (between invocations, from the driving task). Every answer is
+/// checked: 200, the square of its input, from the warm boto3 client.
+async fn burst(a: &str, total: u64, concurrency: u64, mut at: impl FnMut(u64)) -> f64 {
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let t = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (a, next, done, errors) =
+                (a.to_string(), next.clone(), done.clone(), errors.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= total {
+                        return;
+                    }
+                    let (st, v) = http(&a, "POST", "/invoke/s3", &format!("{{\"n\": {i}}}")).await;
+                    if st != 200
+                        || v["square"].as_u64() != Some(i * i)
+                        || v["region"] != "us-east-1"
+                    {
+                        errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("invocation {i}: {st} {v}"));
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    let mut seen = 0;
+    while seen < total {
+        let d = done.load(Ordering::SeqCst);
+        if d != seen {
+            seen = d;
+            at(seen);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} of {total} invocations failed; first: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    secs
+}
+
+fn spawns(n: &Nodes, i: u32) -> u64 {
+    forkd::client::scrape_metric(&n.get(&format!("NODE{i}_METRICS")), "forkd_spawns_total")
+}
+
+fn addr_of(n: &Nodes, i: u32) -> String {
+    n.get(&format!("NODE{i}_ADDR"))
+}
+
+fn ip_of(n: &Nodes, i: u32) -> String {
+    n.get(&format!("NODE{i}_IP"))
+}
+
+fn node_index(n: &Nodes, addr: &str) -> u32 {
+    (1..=4)
+        .find(|&i| n.env.get(&format!("NODE{i}_ADDR")).map(String::as_str) == Some(addr))
+        .unwrap_or_else(|| panic!("{addr} is no node"))
+}
+
+fn invocations() -> u64 {
+    std::env::var("RF_GATEWAY_BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+#[test]
+fn nodes_joining_and_leaving_the_dns_name_mid_burst() {
+    let test = "nodes_joining_and_leaving_the_dns_name_mid_burst";
+    if !require_root(test) {
+        return;
+    }
+    let Some(n) = Nodes::up_with("disc-join", 4, &["--remote-commands"]) else {
+        return;
+    };
+    let Some(dns) = Dns::start(&n, test, &[]) else {
+        return;
+    };
+    dns.publish(&[ip_of(&n, 1), ip_of(&n, 2), ip_of(&n, 3)]);
+    let gw = gateway(&n, &format!("dns:{NAME}:7070"), &dns);
+    let a = gw.addr.clone();
+    let total = invocations();
+    rt().block_on(async {
+        wait_nodes(&a, "nodes 1-3 serving", |ns| serving(ns).len() == 3).await;
+        let seed_node = register(&a).await;
+        let seed_i = node_index(&n, &seed_node);
+        // The node to take out of the name: not the seed's (its leaving is
+        // the eviction test's).
+        let leaving = (1..=3).find(|&i| i != seed_i).unwrap();
+        let joined_at = total * 3 / 10;
+        let left_at = total * 6 / 10;
+        let (mut joined, mut left) = (false, false);
+        let secs = burst(&a, total, 32, |done| {
+            if done >= joined_at && !joined {
+                joined = true;
+                let ips: Vec<String> = (1..=4).map(|i| ip_of(&n, i)).collect();
+                dns.publish(&ips);
+            }
+            if done >= left_at && !left {
+                left = true;
+                let ips: Vec<String> = (1..=4)
+                    .filter(|&i| i != leaving)
+                    .map(|i| ip_of(&n, i))
+                    .collect();
+                dns.publish(&ips);
+            }
+        })
+        .await;
+        println!("discovery burst: {total} invocations in {secs:.2} s; node {leaving} left the name, node 4 joined");
+        // The leaving node is drained and then forgotten; its forkd runs on.
+        let leaving_addr = addr_of(&n, leaving);
+        wait_nodes(&a, "the left node forgotten", |ns| {
+            !ns.contains_key(&leaving_addr)
+        })
+        .await;
+        let frozen = spawns(&n, leaving);
+        let ns = gw_nodes(&a).await;
+        assert_eq!(
+            serving(&ns),
+            {
+                let mut v: Vec<String> = (1..=4)
+                    .filter(|&i| i != leaving)
+                    .map(|i| addr_of(&n, i))
+                    .collect();
+                v.sort();
+                v
+            },
+            "{ns:?}"
+        );
+        assert!(
+            ns[&addr_of(&n, 4)].1 > 0,
+            "the joined node 4 took instances: {ns:?}"
+        );
+        // Another round: nothing goes to the node that left.
+        let more = total / 5;
+        burst(&a, more, 16, |_| {}).await;
+        assert_eq!(
+            spawns(&n, leaving),
+            frozen,
+            "node {leaving} left the name and still got children"
+        );
+        assert!(state(n.forkd_pid(leaving)).is_some(), "node {leaving}'s forkd runs on");
+        let placed: u64 = gw_nodes(&a).await.values().map(|x| x.1).sum();
+        println!("after the node left: {more} more invocations, none on node {leaving} ({frozen} children there in all); {placed} on the others");
+        let (_, v) = http(&a, "GET", "/functions", "").await;
+        assert_eq!(
+            v["functions"][0]["ok"].as_u64(),
+            Some(total + more),
+            "{v}"
+        );
+    });
+}
+
+#[test]
+fn an_evicted_node_mid_burst_loses_no_invocation() {
+    let test = "an_evicted_node_mid_burst_loses_no_invocation";
+    if !require_root(test) {
+        return;
+    }
+    let Some(n) = Nodes::up_with("disc-evict", 3, &["--remote-commands"]) else {
+        return;
+    };
+    let srv: Vec<(String, u16)> = (1..=3).map(|i| (format!("n{i}.{NAME}"), 7070)).collect();
+    let srv: Vec<(&str, u16)> = srv.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+    let Some(dns) = Dns::start(&n, test, &srv) else {
+        return;
+    };
+    // The SRV targets' A records, and the name's.
+    let mut hosts = String::new();
+    for i in 1..=3 {
+        hosts.push_str(&format!("{} {NAME} n{i}.{NAME}\n", ip_of(&n, i)));
+    }
+    dns.write(&hosts);
+    // Found by SRV this time: target and port from the records.
+    let gw = gateway(&n, &format!("srv:{SRV}"), &dns);
+    let a = gw.addr.clone();
+    let total = invocations();
+    rt().block_on(async {
+        wait_nodes(&a, "3 nodes serving (from SRV)", |ns| serving(ns).len() == 3).await;
+        let seed_i = node_index(&n, &register(&a).await);
+        let evicted = (1..=3).find(|&i| i != seed_i).unwrap();
+        let pid = n.forkd_pid(evicted);
+        let evict_at = total * 4 / 10;
+        let mut t_evict = None;
+        let secs = burst(&a, total, 32, |done| {
+            if done >= evict_at && t_evict.is_none() {
+                // SAFETY: kill(2) of the node's forkd, as an eviction does.
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+                t_evict = Some(Instant::now());
+            }
+        })
+        .await;
+        // The evicted forkd drained and stopped (it is still published:
+        // the gateway saw it stop serving, not leave the name).
+        let t = Instant::now();
+        while state(pid).is_some_and(|s| s != 'Z') {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the evicted forkd did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stopped = t_evict.unwrap().elapsed();
+        let evicted_addr = addr_of(&n, evicted);
+        wait_nodes(&a, "the evicted node forgotten", |ns| {
+            !ns.contains_key(&evicted_addr) && serving(ns).len() == 2
+        })
+        .await;
+        let (_, v) = http(&a, "GET", "/functions", "").await;
+        let f = &v["functions"][0];
+        assert_eq!(f["ok"].as_u64(), Some(total), "{v}");
+        println!(
+            "eviction: {total} invocations in {secs:.2} s, none failed; node {evicted} (SIGTERM at {evict_at}) stopped {:.2} s after; {} invocations retried elsewhere",
+            stopped.as_secs_f64(),
+            f["retried"]
+        );
+        // Now the seed's node is evicted mid-burst: its seed is made again
+        // on the node left, and no invocation fails.
+        let seed_pid = n.forkd_pid(seed_i);
+        let more = total / 2;
+        let mut sent = false;
+        let secs = burst(&a, more, 16, |done| {
+            if done >= more * 3 / 10 && !sent {
+                sent = true;
+                // SAFETY: kill(2) of the seed node's forkd.
+                assert_eq!(unsafe { libc::kill(seed_pid, libc::SIGTERM) }, 0);
+            }
+        })
+        .await;
+        let left = (1..=3).find(|&i| i != seed_i && i != evicted).unwrap();
+        let t = Instant::now();
+        let seed_node = loop {
+            let (_, v) = http(&a, "GET", "/functions", "").await;
+            let s = v["functions"][0]["seed_node"].as_str().unwrap().to_string();
+            if s == addr_of(&n, left) {
+                break s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "the seed was not made again on node {left}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        burst(&a, total / 10, 8, |_| {}).await;
+        println!(
+            "seed node {seed_i} evicted: {more} invocations in {secs:.2} s, none failed; the seed is now on {seed_node}"
+        );
+    });
+}
