@@ -13,9 +13,12 @@ need_apt=()
 # and clients/java) and the JRE run the runtimes tests' JVM
 # (forkd/tests/runtimes.rs). runc runs the container tests' OCI bundle,
 # whose rootfs is built from Debian's python3 (forkd/scripts/oci-bundle.sh).
+# dnsmasq-base (the binary, no system service) publishes the nodes of the
+# discovery tests under one DNS name (forkd/tests/discovery.rs).
 DEB_PKGS=(build-essential iproute2 procps cmake libclang-dev clang pkg-config
           libibverbs1 ibverbs-providers golang-go ruby
-          openjdk-17-jre-headless openjdk-17-jdk-headless runc python3)
+          openjdk-17-jre-headless openjdk-17-jdk-headless runc python3
+          dnsmasq-base)
 for pkg in "${DEB_PKGS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
@@ -24,6 +27,15 @@ if [ "${#need_apt[@]}" -gt 0 ] || [ "${FORCE_APT:-0}" = 1 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q "${DEB_PKGS[@]}"
+fi
+
+# kubectl renders the Kubernetes manifests (kubectl kustomize); a machine
+# without one gets Debian's (kubernetes-client).
+if ! command -v kubectl >/dev/null 2>&1; then
+    echo "deps: installing kubernetes-client (kubectl)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q kubernetes-client
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -48,9 +60,12 @@ fi
 # Stock gRPC clients for the conformance tests and the Python client
 # (remotefork.client): grpcio and its tools, health and reflection clients;
 # openapi-spec-validator checks the gateway's /openapi.json, jsonschema the
-# CLIs' --json output against docs/cli-schema.json.
-PY_PKGS=(grpcio grpcio-tools grpcio-health-checking grpcio-reflection openapi-spec-validator jsonschema)
-if ! "$PYTHON" -c 'import grpc, grpc_tools, grpc_health.v1, grpc_reflection, openapi_spec_validator, jsonschema' >/dev/null 2>&1; then
+# CLIs' --json output against docs/cli-schema.json; kubernetes-validate (and
+# PyYAML) the rendered Kubernetes manifests, offline, against the schemas it
+# ships.
+PY_PKGS=(grpcio grpcio-tools grpcio-health-checking grpcio-reflection openapi-spec-validator jsonschema
+         kubernetes-validate pyyaml)
+if ! "$PYTHON" -c 'import grpc, grpc_tools, grpc_health.v1, grpc_reflection, openapi_spec_validator, jsonschema, kubernetes_validate, yaml' >/dev/null 2>&1; then
     echo "deps: installing ${PY_PKGS[*]} for $PYTHON" >&2
     "$PYTHON" -m pip install -q "${PY_PKGS[@]}"
 fi

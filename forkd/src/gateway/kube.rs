@@ -77,7 +77,8 @@ pub enum KubeError {
 pub struct KubeApi {
     host: String,
     port: u16,
-    token: String,
+    /// Read at every request: the kubelet rotates a pod's token file.
+    token_file: std::path::PathBuf,
     tls: tokio_rustls::TlsConnector,
 }
 
@@ -122,15 +123,14 @@ impl KubeApi {
         if host.is_empty() || host.contains('/') {
             return Err(KubeError::BadUrl(url.into()));
         }
-        let token = String::from_utf8_lossy(&read(token_file)?)
-            .trim()
-            .to_string();
+        // Readable now (an error at start, not at the first round).
+        read(token_file)?;
         let cfg = remotefork::transport::tcp::tls_client_config(&read(ca_file)?)
             .map_err(|e| KubeError::Ca(e.to_string()))?;
         Ok(KubeApi {
             host,
             port,
-            token,
+            token_file: token_file.to_path_buf(),
             tls: tokio_rustls::TlsConnector::from(cfg),
         })
     }
@@ -145,6 +145,11 @@ impl KubeApi {
             addr: self.addr(),
             error,
         };
+        let token = std::fs::read_to_string(&self.token_file).map_err(|error| KubeError::Read {
+            path: self.token_file.display().to_string(),
+            error,
+        })?;
+        let token = token.trim();
         let run = async {
             let bare = self.host.trim_start_matches('[').trim_end_matches(']');
             let tcp = tokio::net::TcpStream::connect((bare, self.port))
@@ -166,10 +171,7 @@ impl KubeApi {
             tokio::spawn(conn);
             let req = hyper::Request::get(path)
                 .header(hyper::header::HOST, self.addr())
-                .header(
-                    hyper::header::AUTHORIZATION,
-                    format!("Bearer {}", self.token),
-                )
+                .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
                 .header(hyper::header::ACCEPT, "application/json")
                 .body(Empty::<hyper::body::Bytes>::new())
                 .map_err(|e| http(e.to_string()))?;
