@@ -476,3 +476,93 @@ fn an_evicted_node_mid_burst_loses_no_invocation() {
         );
     });
 }
+
+#[test]
+fn connected_instances_on_an_evicted_node_finish_and_are_retired() {
+    let test = "connected_instances_on_an_evicted_node_finish_and_are_retired";
+    if !require_root(test) {
+        return;
+    }
+    let Some(n) = Nodes::up_n("disc-ckpt", 3) else {
+        return;
+    };
+    let Some(dns) = Dns::start(&n, test, &[]) else {
+        return;
+    };
+    // Node 1 is given (the function checkpoints through its cooperative
+    // socket, next to the gateway); nodes 2 and 3 are discovered.
+    dns.publish(&[ip_of(&n, 2), ip_of(&n, 3)]);
+    let ip1 = ip_of(&n, 1);
+    let host_ip = format!("{}.254", ip1.rsplit_once('.').unwrap().0);
+    let gw = Gateway::start(&[
+        "--node".into(),
+        format!("{},peer={}", n.sock(1), addr_of(&n, 1)),
+        "--discover".into(),
+        format!("dns:{NAME}:7070"),
+        "--dns-server".into(),
+        dns.addr.clone(),
+        "--discover-interval-ms".into(),
+        "250".into(),
+        "--token-file".into(),
+        n.get("TOKEN_FILE"),
+        "--worker-listen".into(),
+        "0.0.0.0:0".into(),
+        "--worker-advertise".into(),
+        format!("{host_ip}:0"),
+        "--timeout-ms".into(),
+        "120000".into(),
+        "--ready-timeout-ms".into(),
+        "120000".into(),
+        "--queue-timeout-ms".into(),
+        "120000".into(),
+    ]);
+    let a = gw.addr.clone();
+    let total = invocations();
+    rt().block_on(async {
+        wait_nodes(&a, "3 nodes serving", |ns| serving(ns).len() == 3).await;
+        let handler = repo().join("python/examples/s3_handler.py");
+        let f = json!({"name": "s3",
+            "command": [python(), "-m", "remotefork.runtime", handler],
+            "env": {"PYTHONPATH": repo().join("python")}});
+        let (st, v) = http(&a, "POST", "/functions", &f.to_string()).await;
+        assert_eq!(st, 201, "{v}");
+        let pid = n.forkd_pid(2);
+        let mut sent = None;
+        let secs = burst(&a, total, 32, |done| {
+            if done >= total * 4 / 10 && sent.is_none() {
+                // SAFETY: kill(2) of node 2's forkd, as an eviction does.
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+                sent = Some(Instant::now());
+            }
+        })
+        .await;
+        // Its kept-alive instances were retired (idle ones at once, busy
+        // ones after their invocation), so its forkd had nothing left to
+        // wait for.
+        let t = Instant::now();
+        while state(pid).is_some_and(|s| s != 'Z') {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the evicted forkd did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stopped = sent.unwrap().elapsed();
+        let log = std::fs::read_to_string(n.dir.join("n2.log")).unwrap();
+        assert!(
+            !log.contains("grace period over"),
+            "forkd waited out its drain for instances the gateway kept: {log}"
+        );
+        let gone = addr_of(&n, 2);
+        wait_nodes(&a, "node 2 forgotten", |ns| !ns.contains_key(&gone)).await;
+        let (_, v) = http(&a, "GET", "/functions", "").await;
+        let f = &v["functions"][0];
+        assert_eq!(f["ok"].as_u64(), Some(total), "{v}");
+        println!(
+            "connected instances: {total} invocations in {secs:.2} s, none failed, {} served by kept-alive instances; node 2 evicted at 40% and stopped {:.2} s later ({} invocations retried)",
+            f["reused"],
+            stopped.as_secs_f64(),
+            f["retried"]
+        );
+    });
+}

@@ -214,25 +214,36 @@ impl Function {
     fn deliver(&self, mut inst: Instance, fresh: bool) {
         let mut fresh = fresh;
         loop {
-            let w = {
+            let tx = {
                 let mut p = self.pool();
                 if std::mem::take(&mut fresh) {
                     p.starting -= 1;
                 }
-                p.waiters.pop_front()
-            };
-            match w {
-                Some(tx) => match tx.send(Ok(inst)) {
-                    Ok(()) => return,
-                    // That invocation gave up waiting: try the next.
-                    Err(Ok(back)) => inst = back,
-                    Err(Err(_)) => return,
-                },
-                None => {
-                    inst.idle_since = Instant::now();
-                    self.pool().idle.push(inst);
-                    return;
+                match p.waiters.pop_front() {
+                    Some(tx) => tx,
+                    // Kept idle, unless its node is draining: forkd waits
+                    // for its children before it exits. Checked under the
+                    // pool's lock, which `node_drained` takes after the
+                    // node stops being placeable: an instance is either
+                    // seen there or retired here.
+                    None if inst.node.placeable() => {
+                        inst.idle_since = Instant::now();
+                        p.idle.push(inst);
+                        return;
+                    }
+                    None => {
+                        drop(p);
+                        debug!(instance = %inst.id, node = %inst.node.spec.addr, "retiring an instance of a draining node");
+                        tokio::spawn(retire(inst));
+                        return;
+                    }
                 }
+            };
+            match tx.send(Ok(inst)) {
+                Ok(()) => return,
+                // That invocation gave up waiting: try the next.
+                Err(Ok(back)) => inst = back,
+                Err(Err(_)) => return,
             }
         }
     }
