@@ -19,7 +19,7 @@ use serde_json::json;
 /// The name the nodes are published under, and its SRV name.
 const NAME: &str = "forkd.remotefork.svc.test";
 const SRV: &str = "_grpc._tcp.forkd.remotefork.svc.test";
-const DNS_PORT: u16 = 5353;
+const DNS_PORT: u16 = 15353;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
