@@ -437,7 +437,8 @@ pub(crate) async fn discover(g: Arc<Gateway>, d: Discoverer) {
                             }
                         };
                         match connect(&spec, g.cfg.token.as_deref(), true).await {
-                            // Listed still? A slow connect can outlive a round.
+                            // Delisted while connecting (a slow connect can
+                            // outlive a round): the next round drains it.
                             Ok(n) => {
                                 add(&g, n);
                             }
