@@ -43,6 +43,7 @@ pub enum Mode {
 pub(crate) struct Instance {
     id: String,
     node: Arc<Node>,
+    pages_from: Arc<Node>,
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     idle_since: Instant,
@@ -51,14 +52,24 @@ pub(crate) struct Instance {
 
 type Waiter = oneshot::Sender<Result<Instance, String>>;
 
+/// A started child, as the pool knows it.
+struct Started {
+    /// Its node.
+    node: Arc<Node>,
+    /// The node its pages come from (the seed's, when it was started).
+    pages_from: Arc<Node>,
+    /// It said hello.
+    connected: bool,
+}
+
 #[derive(Default)]
 struct Pool {
     idle: Vec<Instance>,
     waiters: VecDeque<Waiter>,
     /// Children asked for and not yet connected, failed or exited.
     starting: usize,
-    /// Started children: their node, and whether they connected yet.
-    started: HashMap<String, (Arc<Node>, bool)>,
+    /// Started children not yet ended.
+    started: HashMap<String, Started>,
     exits: HashMap<String, String>,
 }
 
@@ -397,6 +408,15 @@ async fn try_connected(g: &Arc<Gateway>, f: &Arc<Function>, event: &Value) -> Tr
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let reason = reason.unwrap_or_else(|| "its connection closed".into());
+            let from = &inst.pages_from;
+            if !from.placeable() && !Arc::ptr_eq(from, &inst.node) {
+                return Err(format!(
+                    "instance {} ended mid-invocation while the seed's node {} went away ({}): {reason}",
+                    inst.id,
+                    from.spec.addr,
+                    from.why()
+                ));
+            }
             if !inst.node.placeable() {
                 return Err(format!(
                     "instance {} on node {} ({}) ended mid-invocation: {reason}",
@@ -556,6 +576,9 @@ async fn try_one_shot(g: &Arc<Gateway>, f: &Arc<Function>, event: &Value) -> Try
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // The node its pages come from: a child killed because that node went
+    // away mid-run is tried again too.
+    let pages_from = f.seed().1;
     let mut req = spawn_request(f, &n, 1);
     req.prefetch = g.cfg.prefetch.clone();
     req.stdin = format!("{event}\n").into_bytes();
@@ -644,6 +667,16 @@ async fn try_one_shot(g: &Arc<Gateway>, f: &Arc<Function>, event: &Value) -> Try
         .find(|l| !l.trim().is_empty())
         .unwrap_or("");
     let v: Option<Value> = serde_json::from_str(last).ok();
+    let crashed =
+        !matches!(&v, Some(v) if v.get("ok").is_some() || (x.exit_code == 0 && x.signal == 0));
+    if crashed && !Arc::ptr_eq(&pages_from, &n) && !pages_from.placeable() {
+        return Err(format!(
+            "instance {id} ended with {} while the seed's node {} went away ({})",
+            describe_exit(&x),
+            pages_from.spec.addr,
+            pages_from.why()
+        ));
+    }
     Ok(match v {
         Some(v) if v.get("ok").is_some() => handler_answer(&v),
         Some(v) if x.exit_code == 0 && x.signal == 0 => Ok(v),
@@ -722,6 +755,7 @@ pub(crate) async fn spawner(g: Arc<Gateway>, f: Arc<Function>) {
 /// One `Spawn` call of `count` children on `node`, followed to its end.
 async fn spawn_batch(g: Arc<Gateway>, f: Arc<Function>, node: Arc<Node>, count: u32) {
     let n = &node;
+    let pages_from = f.seed().1;
     let mut req = spawn_request(&f, n, count);
     req.prefetch = g.cfg.prefetch.clone();
     req.stdout = pb::StdoutMode::Null as i32;
@@ -762,9 +796,14 @@ async fn spawn_batch(g: Arc<Gateway>, f: Arc<Function>, node: Arc<Node>, count: 
                         n.spawned.fetch_add(1, Ordering::Relaxed);
                         n.used(&seed_id);
                         f.stats.spawned.fetch_add(1, Ordering::Relaxed);
-                        f.pool()
-                            .started
-                            .insert(ev.instance_id.clone(), (node.clone(), false));
+                        f.pool().started.insert(
+                            ev.instance_id.clone(),
+                            Started {
+                                node: node.clone(),
+                                pages_from: pages_from.clone(),
+                                connected: false,
+                            },
+                        );
                         running.push(ev.instance_id.clone());
                         tokio::spawn(hello_deadline(
                             g.clone(),
@@ -820,7 +859,7 @@ async fn spawn_batch(g: Arc<Gateway>, f: Arc<Function>, node: Arc<Node>, count: 
 fn exited(f: &Function, n: &Node, id: &str, reason: String) {
     n.live.fetch_sub(1, Ordering::Relaxed);
     let mut p = f.pool();
-    let connected = p.started.remove(id).map(|(_, c)| c);
+    let connected = p.started.remove(id).map(|s| s.connected);
     if p.exits.len() >= EXITS_KEPT {
         p.exits.clear();
     }
@@ -846,7 +885,7 @@ fn exited(f: &Function, n: &Node, id: &str, reason: String) {
 
 async fn hello_deadline(g: Arc<Gateway>, f: Arc<Function>, node: Arc<Node>, id: String) {
     tokio::time::sleep(g.cfg.ready_timeout).await;
-    if f.pool().started.get(&id).is_some_and(|(_, c)| !c) {
+    if f.pool().started.get(&id).is_some_and(|s| !s.connected) {
         warn!(function = %f.name, instance = %id, "instance never connected back; killing it");
         let mut c = node.client.clone();
         let _ = c
@@ -905,11 +944,11 @@ async fn hello(g: &Gateway, s: TcpStream) -> Result<(), String> {
         let seen = {
             let mut p = f.pool();
             match p.started.get_mut(&id) {
-                Some((n, c @ false)) => {
-                    *c = true;
-                    Some(Ok(n.clone()))
+                Some(s) if !s.connected => {
+                    s.connected = true;
+                    Some(Ok((s.node.clone(), s.pages_from.clone())))
                 }
-                Some((_, true)) => Some(Err(format!("instance {id:?} said hello twice"))),
+                Some(_) => Some(Err(format!("instance {id:?} said hello twice"))),
                 None => None,
             }
         };
@@ -921,12 +960,14 @@ async fn hello(g: &Gateway, s: TcpStream) -> Result<(), String> {
             None => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-    let node = node.ok_or_else(|| format!("instance {id:?} is not one this gateway started"))?;
+    let (node, pages_from) =
+        node.ok_or_else(|| format!("instance {id:?} is not one this gateway started"))?;
     debug!(function = %f.name, instance = %id, "instance ready");
     f.deliver(
         Instance {
             id,
             node,
+            pages_from,
             reader,
             writer: w,
             idle_since: Instant::now(),
