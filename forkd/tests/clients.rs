@@ -103,14 +103,6 @@ fn run(mut cmd: Command) -> (i32, String, String) {
     (o.status.code().unwrap_or(-1), out, err)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A forkd with TCP (token), a page server, and commands allowed over TCP
 /// (the clients create seeds from commands with the node token).
 fn daemon(name: &str, extra: &[&str]) -> (Daemon, String) {

@@ -504,32 +504,19 @@ fn the_gateway_serves_1000_invocations_over_2_nodes_each_in_its_own_container() 
     let Some(n) = Nodes::up_n("ctr-gw", 2) else {
         return;
     };
-    let burst: u64 = std::env::var("RF_GATEWAY_BURST")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    let ip1 = n.get("NODE1_IP");
-    let host_ip = format!("{}.254", ip1.rsplit_once('.').unwrap().0);
-    let gw = Gateway::start(&[
+    let burst = burst_size();
+    let mut args = vec![
         "--node".into(),
         format!("{},peer={}", n.sock(1), n.get("NODE1_ADDR")),
         "--node".into(),
         n.sock(2),
         "--token-file".into(),
         n.get("TOKEN_FILE"),
-        "--worker-listen".into(),
-        "0.0.0.0:0".into(),
-        "--worker-advertise".into(),
-        format!("{host_ip}:0"),
         "--keep-alive-ms".into(),
         "0".into(),
-        "--timeout-ms".into(),
-        "120000".into(),
-        "--ready-timeout-ms".into(),
-        "120000".into(),
-        "--queue-timeout-ms".into(),
-        "120000".into(),
-    ]);
+    ];
+    args.extend(n.gateway_worker_args(120_000));
+    let gw = Gateway::start(&args);
     let a = gw.addr.clone();
     rt().block_on(async {
         let spec = serde_json::json!({

@@ -44,8 +44,7 @@ impl Dns {
             println!("SKIPPED: {test}: dnsmasq is not installed (apt-get install dnsmasq-base)");
             return None;
         };
-        let ip1 = n.get("NODE1_IP");
-        let host_ip = format!("{}.254", ip1.rsplit_once('.').unwrap().0);
+        let host_ip = n.host_ip();
         let dir = n.dir.join("dns");
         std::fs::create_dir_all(&dir).unwrap();
         let hosts = dir.join("forkd.hosts");
@@ -134,23 +133,26 @@ impl Drop for Dns {
     }
 }
 
-fn gateway(n: &Nodes, discover: &str, dns: &Dns) -> Gateway {
-    Gateway::start(&[
-        "--discover".into(),
-        discover.into(),
-        "--dns-server".into(),
-        dns.addr.clone(),
-        "--discover-interval-ms".into(),
-        "250".into(),
-        "--node-poll-ms".into(),
-        "500".into(),
-        "--token-file".into(),
-        n.get("TOKEN_FILE"),
-        "--timeout-ms".into(),
-        "120000".into(),
-        "--queue-timeout-ms".into(),
-        "120000".into(),
-    ])
+/// A gateway finding `n`'s nodes through `discover` on `dns`, with `more`
+/// flags.
+fn gateway(n: &Nodes, discover: &str, dns: &Dns, more: &[String]) -> Gateway {
+    let mut args: Vec<String> = [
+        "--discover",
+        discover,
+        "--dns-server",
+        &dns.addr,
+        "--discover-interval-ms",
+        "250",
+        "--node-poll-ms",
+        "500",
+        "--token-file",
+        &n.get("TOKEN_FILE"),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(n.gateway_worker_args(120_000));
+    args.extend_from_slice(more);
+    Gateway::start(&args)
 }
 
 /// The gateway's nodes, by address: (state, spawned).
@@ -203,13 +205,33 @@ fn serving(ns: &HashMap<String, (String, u64)>) -> Vec<String> {
 /// Register the one-shot boto3 function (captured at its ready line by the
 /// node's `CreateSeed`); its seed's node.
 async fn register(a: &str) -> String {
-    let handler = repo().join("python/examples/s3_handler.py");
-    let f = json!({"name": "s3", "ready_line": "READY",
-        "command": [python(), "-m", "remotefork.runtime", handler, "--ready-line", "READY"],
-        "env": {"PYTHONPATH": repo().join("python")}});
-    let (st, v) = http(a, "POST", "/functions", &f.to_string()).await;
+    let (st, v) = http(a, "POST", "/functions", &s3_one_shot("s3").to_string()).await;
     assert_eq!(st, 201, "{v}");
     v["seed_node"].as_str().unwrap().to_string()
+}
+
+/// `burst` with the forkd of `pid` sent SIGTERM (as an eviction does) once
+/// `at` invocations are done; then wait for that forkd to stop. The
+/// burst's seconds, and how long after the signal the forkd stopped.
+async fn burst_evicting(a: &str, total: u64, at: u64, pid: i32) -> (f64, Duration) {
+    let mut sent = None;
+    let secs = burst(a, total, 32, |done| {
+        if done >= at && sent.is_none() {
+            // SAFETY: kill(2) of a node's forkd.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+            sent = Some(Instant::now());
+        }
+    })
+    .await;
+    let t = Instant::now();
+    while state(pid).is_some_and(|s| s != 'Z') {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the evicted forkd did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (secs, sent.unwrap().elapsed())
 }
 
 /// `total` invocations, `concurrency` at a time; `at(done)` runs as they
@@ -286,13 +308,6 @@ fn node_index(n: &Nodes, addr: &str) -> u32 {
         .unwrap_or_else(|| panic!("{addr} is no node"))
 }
 
-fn invocations() -> u64 {
-    std::env::var("RF_GATEWAY_BURST")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000)
-}
-
 #[test]
 fn nodes_joining_and_leaving_the_dns_name_mid_burst() {
     let test = "nodes_joining_and_leaving_the_dns_name_mid_burst";
@@ -306,9 +321,9 @@ fn nodes_joining_and_leaving_the_dns_name_mid_burst() {
         return;
     };
     dns.publish(&[ip_of(&n, 1), ip_of(&n, 2), ip_of(&n, 3)]);
-    let gw = gateway(&n, &format!("dns:{NAME}:7070"), &dns);
+    let gw = gateway(&n, &format!("dns:{NAME}:7070"), &dns, &[]);
     let a = gw.addr.clone();
-    let total = invocations();
+    let total = burst_size();
     rt().block_on(async {
         wait_nodes(&a, "nodes 1-3 serving", |ns| serving(ns).len() == 3).await;
         let seed_node = register(&a).await;
@@ -401,35 +416,17 @@ fn an_evicted_node_mid_burst_loses_no_invocation() {
     }
     dns.write(&hosts);
     // Found by SRV this time: target and port from the records.
-    let gw = gateway(&n, &format!("srv:{SRV}"), &dns);
+    let gw = gateway(&n, &format!("srv:{SRV}"), &dns, &[]);
     let a = gw.addr.clone();
-    let total = invocations();
+    let total = burst_size();
     rt().block_on(async {
         wait_nodes(&a, "3 nodes serving (from SRV)", |ns| serving(ns).len() == 3).await;
         let seed_i = node_index(&n, &register(&a).await);
         let evicted = (1..=3).find(|&i| i != seed_i).unwrap();
-        let pid = n.forkd_pid(evicted);
         let evict_at = total * 4 / 10;
-        let mut t_evict = None;
-        let secs = burst(&a, total, 32, |done| {
-            if done >= evict_at && t_evict.is_none() {
-                // SAFETY: kill(2) of the node's forkd, as an eviction does.
-                assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-                t_evict = Some(Instant::now());
-            }
-        })
-        .await;
-        // The evicted forkd drained and stopped (it is still published:
-        // the gateway saw it stop serving, not leave the name).
-        let t = Instant::now();
-        while state(pid).is_some_and(|s| s != 'Z') {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "the evicted forkd did not stop"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let stopped = t_evict.unwrap().elapsed();
+        // The evicted forkd drains and stops (it is still published: the
+        // gateway sees it stop serving, not leave the name).
+        let (secs, stopped) = burst_evicting(&a, total, evict_at, n.forkd_pid(evicted)).await;
         let evicted_addr = addr_of(&n, evicted);
         wait_nodes(&a, "the evicted node forgotten", |ns| {
             !ns.contains_key(&evicted_addr) && serving(ns).len() == 2
@@ -445,17 +442,8 @@ fn an_evicted_node_mid_burst_loses_no_invocation() {
         );
         // Now the seed's node is evicted mid-burst: its seed is made again
         // on the node left, and no invocation fails.
-        let seed_pid = n.forkd_pid(seed_i);
         let more = total / 2;
-        let mut sent = false;
-        let secs = burst(&a, more, 16, |done| {
-            if done >= more * 3 / 10 && !sent {
-                sent = true;
-                // SAFETY: kill(2) of the seed node's forkd.
-                assert_eq!(unsafe { libc::kill(seed_pid, libc::SIGTERM) }, 0);
-            }
-        })
-        .await;
+        let (secs, _) = burst_evicting(&a, more, more * 3 / 10, n.forkd_pid(seed_i)).await;
         let left = (1..=3).find(|&i| i != seed_i && i != evicted).unwrap();
         let t = Instant::now();
         let seed_node = loop {
@@ -492,32 +480,17 @@ fn connected_instances_on_an_evicted_node_finish_and_are_retired() {
     // Node 1 is given (the function checkpoints through its cooperative
     // socket, next to the gateway); nodes 2 and 3 are discovered.
     dns.publish(&[ip_of(&n, 2), ip_of(&n, 3)]);
-    let ip1 = ip_of(&n, 1);
-    let host_ip = format!("{}.254", ip1.rsplit_once('.').unwrap().0);
-    let gw = Gateway::start(&[
-        "--node".into(),
-        format!("{},peer={}", n.sock(1), addr_of(&n, 1)),
-        "--discover".into(),
-        format!("dns:{NAME}:7070"),
-        "--dns-server".into(),
-        dns.addr.clone(),
-        "--discover-interval-ms".into(),
-        "250".into(),
-        "--token-file".into(),
-        n.get("TOKEN_FILE"),
-        "--worker-listen".into(),
-        "0.0.0.0:0".into(),
-        "--worker-advertise".into(),
-        format!("{host_ip}:0"),
-        "--timeout-ms".into(),
-        "120000".into(),
-        "--ready-timeout-ms".into(),
-        "120000".into(),
-        "--queue-timeout-ms".into(),
-        "120000".into(),
-    ]);
+    let gw = gateway(
+        &n,
+        &format!("dns:{NAME}:7070"),
+        &dns,
+        &[
+            "--node".into(),
+            format!("{},peer={}", n.sock(1), addr_of(&n, 1)),
+        ],
+    );
     let a = gw.addr.clone();
-    let total = invocations();
+    let total = burst_size();
     rt().block_on(async {
         wait_nodes(&a, "3 nodes serving", |ns| serving(ns).len() == 3).await;
         let handler = repo().join("python/examples/s3_handler.py");
@@ -526,28 +499,10 @@ fn connected_instances_on_an_evicted_node_finish_and_are_retired() {
             "env": {"PYTHONPATH": repo().join("python")}});
         let (st, v) = http(&a, "POST", "/functions", &f.to_string()).await;
         assert_eq!(st, 201, "{v}");
-        let pid = n.forkd_pid(2);
-        let mut sent = None;
-        let secs = burst(&a, total, 32, |done| {
-            if done >= total * 4 / 10 && sent.is_none() {
-                // SAFETY: kill(2) of node 2's forkd, as an eviction does.
-                assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-                sent = Some(Instant::now());
-            }
-        })
-        .await;
-        // Its kept-alive instances were retired (idle ones at once, busy
-        // ones after their invocation), so its forkd had nothing left to
+        // Its kept-alive instances are retired (idle ones at once, busy
+        // ones after their invocation), so its forkd has nothing left to
         // wait for.
-        let t = Instant::now();
-        while state(pid).is_some_and(|s| s != 'Z') {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "the evicted forkd did not stop"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let stopped = sent.unwrap().elapsed();
+        let (secs, stopped) = burst_evicting(&a, total, total * 4 / 10, n.forkd_pid(2)).await;
         let log = std::fs::read_to_string(n.dir.join("n2.log")).unwrap();
         assert!(
             !log.contains("grace period over"),

@@ -140,11 +140,7 @@ fn gateway_serves_a_python_function_with_keep_alive_and_clear_errors() {
         assert_eq!((st, v["square"].as_u64()), (200, Some(25)), "{v}");
 
         // A one-shot function (captured at a ready line): one child per call.
-        let handler = repo().join("python/examples/s3_handler.py");
-        let once = json!({"name": "once", "ready_line": "READY",
-            "command": [python(), "-m", "remotefork.runtime", handler, "--ready-line", "READY"],
-            "env": {"PYTHONPATH": repo().join("python")}});
-        let (st, v) = http(a, "POST", "/functions", &once.to_string()).await;
+        let (st, v) = http(a, "POST", "/functions", &s3_one_shot("once").to_string()).await;
         assert_eq!(st, 201, "{v}");
         let (st, v) = http(a, "POST", "/invoke/once", r#"{"n": 11}"#).await;
         assert_eq!((st, v["square"].as_u64()), (200, Some(121)), "{v}");
@@ -229,33 +225,20 @@ fn gateway_burst_of_1000_invocations_over_two_nodes() {
     let Some(n) = Nodes::up_n("gw-burst", 2) else {
         return;
     };
-    let burst: u64 = std::env::var("RF_GATEWAY_BURST")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    let ip1 = n.get("NODE1_IP");
-    let host_ip = format!("{}.254", ip1.rsplit_once('.').unwrap().0);
-    let gw = Gateway::start(&[
+    let burst = burst_size();
+    let mut args = vec![
         "--node".into(),
         format!("{},peer={}", n.sock(1), n.get("NODE1_ADDR")),
         "--node".into(),
         n.sock(2),
         "--token-file".into(),
         n.get("TOKEN_FILE"),
-        "--worker-listen".into(),
-        "0.0.0.0:0".into(),
-        "--worker-advertise".into(),
-        format!("{host_ip}:0"),
         // One invocation per instance: a burst of N is N children.
         "--keep-alive-ms".into(),
         "0".into(),
-        "--timeout-ms".into(),
-        "60000".into(),
-        "--ready-timeout-ms".into(),
-        "60000".into(),
-        "--queue-timeout-ms".into(),
-        "60000".into(),
-    ]);
+    ];
+    args.extend(n.gateway_worker_args(60_000));
+    let gw = Gateway::start(&args);
     let a = gw.addr.clone();
     let before: u64 = (1..=2)
         .map(|i| {

@@ -99,14 +99,6 @@ fn expand(s: &str, vars: &[(String, String)]) -> String {
     s
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn manifests_render_validate_and_agree() {
     let dir = scratch("k8s-render");
@@ -358,21 +350,6 @@ fn the_rendered_forkd_and_gateway_start_and_forkd_drains_on_sigterm() {
     );
 }
 
-/// A CA and a certificate for 127.0.0.1 it signed: (ca, cert, key) PEM.
-fn certificates() -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    (ca.pem(), cert.pem(), key.serialize_pem())
-}
-
 /// A stand-in for the Kubernetes API (a test double: no cluster runs
 /// here): HTTPS, the bearer token checked, the EndpointSlices of
 /// remotefork/forkd answered from `slices`; anything else 403/404 as the
@@ -483,7 +460,7 @@ fn gateway_discovers_forkd_from_endpointslices_and_drains_unready_ones() {
             .unwrap()
     };
     let (pa, pb) = (port(&a), port(&b));
-    let (ca, cert, key) = certificates();
+    let (ca, cert, key) = tls_pems();
     std::fs::write(dir.join("ca.pem"), &ca).unwrap();
     std::fs::write(dir.join("kube-token"), "kube-test-token\n").unwrap();
     let slices = std::sync::Arc::new(std::sync::Mutex::new(slice_list(&[(pa, true), (pb, true)])));
@@ -543,11 +520,7 @@ fn gateway_discovers_forkd_from_endpointslices_and_drains_unready_ones() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let handler = repo().join("python/examples/s3_handler.py");
-        let f = serde_json::json!({"name": "s3", "ready_line": "READY",
-            "command": [python(), "-m", "remotefork.runtime", handler, "--ready-line", "READY"],
-            "env": {"PYTHONPATH": repo().join("python")}});
-        let (st, v) = http(&g, "POST", "/functions", &f.to_string()).await;
+        let (st, v) = http(&g, "POST", "/functions", &s3_one_shot("s3").to_string()).await;
         assert_eq!(st, 201, "{v}");
         let call = |i: u64| {
             let g = g.clone();

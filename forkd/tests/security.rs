@@ -785,17 +785,7 @@ fn a_symlink_swapped_for_a_seed_file_is_refused() {
 /// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in
 /// `dir`: (ca, cert, key). A second, unrelated CA as `other-ca.pem`.
 fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
+    let (ca, cert, key) = tls_pems();
     let other_key = rcgen::KeyPair::generate().unwrap();
     let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -805,9 +795,9 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         dir.join("cert.pem"),
         dir.join("key.pem"),
     );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    std::fs::write(&paths.0, ca).unwrap();
+    std::fs::write(&paths.1, cert).unwrap();
+    std::fs::write(&paths.2, key).unwrap();
     std::fs::write(dir.join("other-ca.pem"), other.pem()).unwrap();
     paths
 }

@@ -853,3 +853,77 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+impl Nodes {
+    /// The host's address on the nodes' bridge (where they reach the host).
+    pub fn host_ip(&self) -> String {
+        let ip1 = self.get("NODE1_IP");
+        format!("{}.254", ip1.rsplit_once('.').unwrap().0)
+    }
+
+    /// Gateway flags for instances on these nodes: the worker port they
+    /// connect back to, on the bridge, and limits of `timeout_ms` for an
+    /// invocation, an instance's hello and a wait in the queue (a loaded
+    /// machine is slow, never wrong).
+    pub fn gateway_worker_args(&self, timeout_ms: u64) -> Vec<String> {
+        let t = timeout_ms.to_string();
+        [
+            "--worker-listen",
+            "0.0.0.0:0",
+            "--worker-advertise",
+            &format!("{}:0", self.host_ip()),
+            "--timeout-ms",
+            &t,
+            "--ready-timeout-ms",
+            &t,
+            "--queue-timeout-ms",
+            &t,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
+/// Invocations in a gateway burst test: `RF_GATEWAY_BURST`, default 1,000.
+pub fn burst_size() -> u64 {
+    std::env::var("RF_GATEWAY_BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+/// A free TCP port on 127.0.0.1 (bound, noted, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A CA, and a certificate for 127.0.0.1 and localhost it signed, as PEM:
+/// (ca, cert, key).
+pub fn tls_pems() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// The boto3 example function as a one-shot gateway function named
+/// `name`: captured at its ready line, one invocation per instance.
+pub fn s3_one_shot(name: &str) -> serde_json::Value {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    serde_json::json!({"name": name, "ready_line": "READY",
+        "command": [python(), "-m", "remotefork.runtime",
+                    repo.join("python/examples/s3_handler.py"), "--ready-line", "READY"],
+        "env": {"PYTHONPATH": repo.join("python")}})
+}
