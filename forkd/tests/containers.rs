@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use common::*;
-use remotefork::container::{ChildSpec, Limits, Network};
+use remotefork::container::{ChildCgroup, ChildSpec, Limits, Network};
 use remotefork::{ExitReason, Seed, SpawnOptions};
 use serde_json::Value;
 
@@ -338,6 +338,41 @@ fn a_fork_bomb_stops_at_the_pids_limit() {
     drop(a);
     for p in paths {
         assert!(!p.exists(), "{} is left", p.display());
+    }
+}
+
+#[test]
+fn cgroups_left_by_a_killed_forkd_are_swept_and_others_kept() {
+    if !require_root("cgroups_left_by_a_killed_forkd_are_swept") {
+        return;
+    }
+    if !Path::new("/sys/fs/cgroup/memory").exists()
+        && !Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+    {
+        println!("SKIPPED: cgroups_left_by_a_killed_forkd_are_swept: no memory cgroup controller");
+        return;
+    }
+    // A pid no process has any more (reaped), as a forkd killed with
+    // SIGKILL leaves: its child cgroups stay behind, empty.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let limits = Limits {
+        memory_bytes: Some(64 << 20),
+        ..Default::default()
+    };
+    let left = ChildCgroup::create(&format!("{dead}-1"), limits).unwrap();
+    let left_paths = left.paths();
+    std::mem::forget(left);
+    // One of a forkd still running (this process): kept.
+    let live = ChildCgroup::create(&format!("{}-999999", std::process::id()), limits).unwrap();
+    let removed = remotefork::container::cgroup::sweep_stale();
+    assert!(removed >= left_paths.len(), "{removed}");
+    for p in &left_paths {
+        assert!(!p.exists(), "{} was not swept", p.display());
+    }
+    for p in live.paths() {
+        assert!(p.exists(), "{} of a running forkd was swept", p.display());
     }
 }
 

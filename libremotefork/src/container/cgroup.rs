@@ -191,6 +191,10 @@ impl ChildCgroup {
 
     fn make(name: &str, limits: Limits, all: bool) -> Result<ChildCgroup, CgroupError> {
         let me = std::process::id().to_string();
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| {
+            sweep_stale();
+        });
         let mut dirs: Vec<(Hier, &'static str, PathBuf)> = Vec::new();
         let wanted: [(&'static str, bool, &'static str); 3] = [
             ("memory", limits.memory_bytes.is_some(), "a memory limit"),
@@ -426,6 +430,49 @@ fn enable_v2(root: &Path, leaf: &Path, ctrls: &[&str]) {
     for c in ctrls {
         let _ = std::fs::write(at.join("cgroup.subtree_control"), format!("+{c}"));
     }
+}
+
+/// Remove the empty child cgroups that forkds no longer running left
+/// under `remotefork/` (named `FORKDPID-CHILDPID`; a forkd killed with
+/// SIGKILL cannot remove its own). A cgroup with a process in it (a child
+/// a later forkd adopted) cannot be removed and stays; those of a forkd
+/// still running are not touched. Done once by the first child cgroup a
+/// process makes; how many were removed.
+pub fn sweep_stale() -> usize {
+    let me = std::process::id().to_string();
+    let me = me.as_str();
+    let mut removed = 0usize;
+    for c in ["memory", "pids", "cpu"] {
+        let Some((h, m)) = mount_of(c) else { continue };
+        let ours = path_of(me, &h).unwrap_or_else(|| "/".into());
+        let root = m.join(ours.trim_start_matches('/')).join("remotefork");
+        let Ok(rd) = std::fs::read_dir(&root) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(owner) = name
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(p, _)| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if owner.to_string() == me || Path::new(&format!("/proc/{owner}")).exists() {
+                continue;
+            }
+            if std::fs::remove_dir(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed empty child cgroups that stopped forkds left"
+        );
+    }
+    removed
 }
 
 impl Drop for ChildCgroup {
