@@ -465,17 +465,24 @@ async fn list(State(g): Shared, who: Caller) -> Response {
         .filter(|f| owns(&who, &f.name))
         .map(|f| f.describe())
         .collect();
+    // Which seeds a node caches names other tenants' seeds: the admin's.
+    let tenant = matches!(who.as_ref().map(|e| &e.0), Some(Principal::Tenant(_)));
     let nodes: Vec<Value> = g
         .node_list()
         .iter()
         .map(|n| {
             let r = n.reported();
+            let cached: Vec<&String> = if tenant {
+                Vec::new()
+            } else {
+                r.cached_seeds.iter().collect()
+            };
             json!({"addr": n.spec.addr, "live": n.live.load(Ordering::Relaxed),
                    "spawned": n.spawned.load(Ordering::Relaxed),
                    "state": n.state(), "why": n.why(), "discovered": n.discovered,
                    "hostname": r.hostname, "cpus": r.cpus,
                    "memory_available_bytes": r.memory_available_bytes,
-                   "cached_seeds": r.cached_seeds})
+                   "cached_seeds": cached})
         })
         .collect();
     axum::Json(json!({ "functions": fs, "nodes": nodes })).into_response()
