@@ -211,27 +211,34 @@ async fn register(a: &str) -> String {
 }
 
 /// `burst` with the forkd of `pid` sent SIGTERM (as an eviction does) once
-/// `at` invocations are done; then wait for that forkd to stop. The
-/// burst's seconds, and how long after the signal the forkd stopped.
+/// `at` invocations are done, while a watcher times how long that forkd
+/// takes to stop. The burst's seconds, and the forkd's stop after the
+/// signal.
 async fn burst_evicting(a: &str, total: u64, at: u64, pid: i32) -> (f64, Duration) {
-    let mut sent = None;
+    let (tx, rx) = tokio::sync::oneshot::channel::<Instant>();
+    let watcher = tokio::spawn(async move {
+        let sent = rx.await.unwrap();
+        while state(pid).is_some_and(|s| s != 'Z') {
+            assert!(
+                sent.elapsed() < Duration::from_secs(60),
+                "the evicted forkd did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sent.elapsed()
+    });
+    let mut tx = Some(tx);
     let secs = burst(a, total, 32, |done| {
-        if done >= at && sent.is_none() {
-            // SAFETY: kill(2) of a node's forkd.
-            assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-            sent = Some(Instant::now());
+        if done >= at {
+            if let Some(tx) = tx.take() {
+                // SAFETY: kill(2) of a node's forkd.
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+                let _ = tx.send(Instant::now());
+            }
         }
     })
     .await;
-    let t = Instant::now();
-    while state(pid).is_some_and(|s| s != 'Z') {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the evicted forkd did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (secs, sent.unwrap().elapsed())
+    (secs, watcher.await.unwrap())
 }
 
 /// `total` invocations, `concurrency` at a time; `at(done)` runs as they
