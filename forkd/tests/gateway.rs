@@ -175,10 +175,14 @@ fn gateway_answers_503_beyond_capacity_and_recovers() {
         "3".into(),
         "--max-queue".into(),
         "4".into(),
+        // An invocation waits at most queue + ready timeout (5.5 s) for an
+        // instance: less than the 8 s the first three sleep, so the rest
+        // are refused rather than served after them; and a child slowed
+        // by a loaded machine still has 5 s to connect back.
         "--queue-timeout-ms".into(),
         "500".into(),
         "--ready-timeout-ms".into(),
-        "500".into(),
+        "5000".into(),
     ]);
     let a = gw.addr.clone();
     rt().block_on(async {
@@ -188,7 +192,7 @@ fn gateway_answers_503_beyond_capacity_and_recovers() {
             .map(|_| {
                 let a = a.clone();
                 tokio::spawn(async move {
-                    http(&a, "POST", "/invoke/s3", r#"{"sleep_ms": 2500}"#).await
+                    http(&a, "POST", "/invoke/s3", r#"{"sleep_ms": 8000}"#).await
                 })
             })
             .collect();

@@ -132,6 +132,13 @@ impl Node {
             .clone()
     }
 
+    /// What placement weighs, without copying the rest: (CPUs, memory
+    /// available, memory total).
+    pub(crate) fn capacity(&self) -> (u32, u64, u64) {
+        let r = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        (r.cpus, r.memory_available_bytes, r.memory_bytes)
+    }
+
     /// The seed's pages are here: it is the seed's node, or it holds the
     /// seed in its node cache.
     pub(crate) fn holds(&self, seed_id: &str) -> bool {

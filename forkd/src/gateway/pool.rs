@@ -502,13 +502,13 @@ fn place(g: &Gateway, f: &Function) -> Option<Arc<Node>> {
     let cands: Vec<Candidate> = nodes
         .iter()
         .map(|n| {
-            let r = n.reported();
+            let (cpus, memory_available, memory_total) = n.capacity();
             Candidate {
                 live: n.live.load(Ordering::Relaxed),
                 cap,
-                cpus: r.cpus,
-                memory_available: r.memory_available_bytes,
-                memory_total: r.memory_bytes,
+                cpus,
+                memory_available,
+                memory_total,
                 local: Arc::ptr_eq(n, &origin) || n.holds(&seed.id),
             }
         })
