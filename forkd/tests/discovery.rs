@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -153,53 +152,6 @@ fn gateway(n: &Nodes, discover: &str, dns: &Dns, more: &[String]) -> Gateway {
     args.extend(n.gateway_worker_args(120_000));
     args.extend_from_slice(more);
     Gateway::start(&args)
-}
-
-/// The gateway's nodes, by address: (state, spawned).
-async fn gw_nodes(a: &str) -> HashMap<String, (String, u64)> {
-    let (st, v) = http(a, "GET", "/functions", "").await;
-    assert_eq!(st, 200, "{v}");
-    v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| {
-            (
-                x["addr"].as_str().unwrap().to_string(),
-                (
-                    x["state"].as_str().unwrap().to_string(),
-                    x["spawned"].as_u64().unwrap(),
-                ),
-            )
-        })
-        .collect()
-}
-
-/// Wait (bounded generously: a loaded machine is slow, never wrong) until
-/// the gateway's nodes satisfy `ok`.
-async fn wait_nodes(a: &str, what: &str, ok: impl Fn(&HashMap<String, (String, u64)>) -> bool) {
-    let t = Instant::now();
-    loop {
-        let ns = gw_nodes(a).await;
-        if ok(&ns) {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "gateway nodes never became {what}: {ns:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn serving(ns: &HashMap<String, (String, u64)>) -> Vec<String> {
-    let mut v: Vec<String> = ns
-        .iter()
-        .filter(|(_, (s, _))| s == "serving")
-        .map(|(a, _)| a.clone())
-        .collect();
-    v.sort();
-    v
 }
 
 /// Register the one-shot boto3 function (captured at its ready line by the

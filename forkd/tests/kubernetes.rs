@@ -496,30 +496,7 @@ fn gateway_discovers_forkd_from_endpointslices_and_drains_unready_ones() {
     let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
     let g = gw.addr.clone();
     rt.block_on(async {
-        let nodes = || async {
-            let (_, v) = http(&g, "GET", "/functions", "").await;
-            v["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|n| {
-                    (
-                        n["addr"].as_str().unwrap().to_string(),
-                        n["state"].as_str().unwrap().to_string(),
-                        n["spawned"].as_u64().unwrap(),
-                    )
-                })
-                .collect::<Vec<_>>()
-        };
-        let t = Instant::now();
-        while nodes().await.iter().filter(|n| n.1 == "serving").count() < 2 {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "nodes never discovered: {:?}",
-                nodes().await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_nodes(&g, "both nodes discovered", |ns| serving(ns).len() == 2).await;
         let (st, v) = http(&g, "POST", "/functions", &s3_one_shot("s3").to_string()).await;
         assert_eq!(st, 201, "{v}");
         let call = |i: u64| {
@@ -537,21 +514,16 @@ fn gateway_discovers_forkd_from_endpointslices_and_drains_unready_ones() {
         };
         burst(40).await;
         assert!(
-            nodes().await.iter().all(|n| n.2 > 0),
+            gw_nodes(&g).await.values().all(|n| n.1 > 0),
             "both nodes used: {:?}",
-            nodes().await
+            gw_nodes(&g).await
         );
         // B's pod turns unready (it is terminating): drained, forgotten.
         *slices.lock().unwrap() = slice_list(&[(pa, true), (pb, false)]);
-        let t = Instant::now();
-        while nodes().await.iter().any(|n| n.0 == addr_b) {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "unready node kept: {:?}",
-                nodes().await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_nodes(&g, "the unready node forgotten", |ns| {
+            !ns.contains_key(&addr_b)
+        })
+        .await;
         let b_spawns = forkd::client::scrape_metric(&b_metrics, "forkd_spawns_total");
         burst(40).await;
         assert_eq!(
@@ -562,13 +534,9 @@ fn gateway_discovers_forkd_from_endpointslices_and_drains_unready_ones() {
         *slices.lock().unwrap() = Value::Null;
         std::fs::write(dir.join("kube-token"), "revoked\n").unwrap();
         tokio::time::sleep(Duration::from_millis(600)).await;
-        let ns = nodes().await;
-        assert_eq!(
-            ns.iter()
-                .map(|n| (n.0.as_str(), n.1.as_str()))
-                .collect::<Vec<_>>(),
-            [(addr_a.as_str(), "serving")]
-        );
+        let ns = gw_nodes(&g).await;
+        assert_eq!(serving(&ns), vec![addr_a], "{ns:?}");
+        assert_eq!(ns.len(), 1, "{ns:?}");
         burst(10).await;
     });
     let seen = seen.lock().unwrap();

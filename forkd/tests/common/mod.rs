@@ -927,3 +927,54 @@ pub fn s3_one_shot(name: &str) -> serde_json::Value {
                     repo.join("python/examples/s3_handler.py"), "--ready-line", "READY"],
         "env": {"PYTHONPATH": repo.join("python")}})
 }
+
+/// The gateway's nodes, by address: (state, spawned).
+pub async fn gw_nodes(a: &str) -> std::collections::HashMap<String, (String, u64)> {
+    let (st, v) = http(a, "GET", "/functions", "").await;
+    assert_eq!(st, 200, "{v}");
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["addr"].as_str().unwrap().to_string(),
+                (
+                    x["state"].as_str().unwrap().to_string(),
+                    x["spawned"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Wait (bounded generously: a loaded machine is slow, never wrong) until
+/// the gateway's nodes satisfy `ok`.
+pub async fn wait_nodes(
+    a: &str,
+    what: &str,
+    ok: impl Fn(&std::collections::HashMap<String, (String, u64)>) -> bool,
+) {
+    let t = Instant::now();
+    loop {
+        let ns = gw_nodes(a).await;
+        if ok(&ns) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "gateway nodes never became {what}: {ns:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn serving(ns: &std::collections::HashMap<String, (String, u64)>) -> Vec<String> {
+    let mut v: Vec<String> = ns
+        .iter()
+        .filter(|(_, (s, _))| s == "serving")
+        .map(|(a, _)| a.clone())
+        .collect();
+    v.sort();
+    v
+}
