@@ -472,6 +472,11 @@ fn main() -> anyhow::Result<()> {
     // What started this run (a shell's pipe) is not the programs' to hold.
     forkd::cloexec_inherited_fds();
     let args = parse_args(Some(100))?;
+    // The library's log, when asked for (FORKD_LOG=debug shows each
+    // template child's steps).
+    if std::env::var_os("FORKD_LOG").is_some() {
+        forkd::cli::init_logging("warn", forkd::cli::LogFormat::Text);
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root (ptrace, userfaultfd)");
@@ -484,7 +489,12 @@ fn main() -> anyhow::Result<()> {
         args.iterations, args.cold, args.children
     );
     let mut out = Vec::new();
+    // RF_BENCH_ONLY=java (or node): one runtime.
+    let only = std::env::var("RF_BENCH_ONLY").ok();
     for p in programs(&scratch)? {
+        if only.as_deref().is_some_and(|o| o != p.name) {
+            continue;
+        }
         let r = bench(&p, &args, &scratch)?;
         out.push(print_report(&p, &args, &r));
     }

@@ -384,3 +384,128 @@ fn gateway_numpy_function_answers_200_concurrent_invocations() {
         );
     });
 }
+
+// ---- a multi-threaded seed's spare, dropped with its template ----
+
+/// Of our own processes, those traced by one of our threads that run the
+/// executable `program`, other than `except`.
+fn traced_by_us(program: &Path, except: &[i32]) -> Vec<i32> {
+    let ours: Vec<i32> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    children(std::process::id() as i32)
+        .into_iter()
+        .filter(|p| !except.contains(p))
+        .filter(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == program))
+        .filter(|p| {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .and_then(|t| t.trim().parse::<i32>().ok())
+                .is_some_and(|t| ours.contains(&t))
+        })
+        .collect()
+}
+
+/// How many threads `pid` has.
+fn thread_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A child of a multi-threaded seed forked from the node's template gets
+/// its threads before its spawn: the spare forked ahead holds them, made
+/// and stopped. The child answers as the program does; and dropping the
+/// seed kills and reaps the spare, every thread of it (its main thread
+/// cannot be reaped while its other, traced threads are not, which once
+/// hung the drop).
+#[test]
+fn a_multithreaded_seeds_spare_has_its_threads_and_goes_with_its_seed() {
+    if !require_root("a_multithreaded_seeds_spare_has_its_threads_and_goes_with_its_seed") {
+        return;
+    }
+    use remotefork::{Seed, SpawnOptions, Stdio};
+    use std::io::{Read, Write};
+    let name = "thread_queue_server";
+    let a = argv(name).unwrap();
+    let mut cmd = Command::new(&a[0]);
+    cmd.args(&a[1..]);
+    let (dir, _) = seed_of(cmd, "threads-spare");
+    let seed = Seed::open(&dir).unwrap();
+    let want = expected(name);
+    let program = std::fs::canonicalize(&a[0]).unwrap();
+    let mut answered = Vec::new();
+    // The first child builds the template (and the spare after it); the
+    // second is that spare.
+    for _ in 0..2 {
+        let mut child = seed
+            .spawn(
+                Stdio::Piped,
+                Stdio::Piped,
+                Stdio::Inherit,
+                &SpawnOptions::default(),
+            )
+            .unwrap();
+        let mut stdin = child.take_stdin().unwrap();
+        stdin.write_all(input(name).as_bytes()).unwrap();
+        drop(stdin);
+        let mut out = String::new();
+        child
+            .take_stdout()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(out, want, "child {}", child.pid());
+        child.wait().unwrap();
+        answered.push(child.pid());
+    }
+    // The next spare, forked once the second spawn returned.
+    let mut except = seed.template_pids();
+    except.extend(&answered);
+    let t = Instant::now();
+    let spare = loop {
+        if let Some(&p) = traced_by_us(&program, &except).first() {
+            if thread_count(p) == 2 {
+                break p;
+            }
+        }
+        assert!(
+            t.elapsed().as_secs() < 120,
+            "no spare with 2 threads appeared: {:?}; our children: {:?}",
+            traced_by_us(&program, &except),
+            children(std::process::id() as i32)
+                .into_iter()
+                .map(|p| (
+                    p,
+                    std::fs::read_to_string(format!("/proc/{p}/status"))
+                        .unwrap_or_default()
+                        .lines()
+                        .filter(|l| l.starts_with("TracerPid") || l.starts_with("State"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    String::from_utf8_lossy(
+                        &std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default()
+                    )
+                    .into_owned()
+                ))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(seed);
+        let _ = tx.send(());
+    });
+    // A hang, not a slow drop: it took forever before.
+    rx.recv_timeout(std::time::Duration::from_secs(300))
+        .expect("dropping the seed never returned");
+    assert!(
+        !Path::new(&format!("/proc/{spare}")).exists(),
+        "the spare {spare} is still there (state {:?})",
+        state(spare)
+    );
+}

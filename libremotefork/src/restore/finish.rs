@@ -47,6 +47,31 @@ pub(crate) fn finish<T: Tracer, R>(
     d: &Descriptor,
     before_start: impl FnOnce() -> Result<R, RestoreError>,
 ) -> Result<R, RestoreError> {
+    unmap_executor(&mut t, exec)?;
+    let out = before_start()?;
+    // After before_start: a lazy child's pages are served from here on,
+    // and these writes may fault.
+    let threads = threads_ahead(&mut t, exec, d)?;
+    let_run(t, threads, d)?;
+    Ok(out)
+}
+
+/// [`finish`] for a child whose threads [`threads_ahead`] recreated
+/// before (a template's spare, forked ahead of its spawn; a lazy one
+/// already served): unmap the executor, set the main thread's state, and
+/// let them all run.
+pub(crate) fn finish_with_threads<T: Tracer>(
+    mut t: T,
+    threads: Vec<T>,
+    exec: &ExecutorArea,
+    d: &Descriptor,
+) -> Result<(), RestoreError> {
+    unmap_executor(&mut t, exec)?;
+    let_run(t, threads, d)
+}
+
+/// Unmap the executor area from the child.
+fn unmap_executor<T: Tracer>(t: &mut T, exec: &ExecutorArea) -> Result<(), RestoreError> {
     let r = t.inject_syscall(
         exec.insn,
         &exec.base_regs,
@@ -59,17 +84,33 @@ pub(crate) fn finish<T: Tracer, R>(
             detail: errno_text(r.ret),
         });
     }
-    let out = before_start()?;
-    // After before_start: a lazy child's pages are served from here on,
-    // and these writes may fault.
+    Ok(())
+}
+
+/// The child's threads, before it runs: the main thread's own tid where
+/// the seed's kept its tid (glibc's thread descriptor) and in the robust
+/// futexes it held, then every other thread of the seed recreated
+/// ([`start_threads`]), each stopped. The executor may still be mapped
+/// (the threads never run on it); a lazy child must be served already.
+pub(crate) fn threads_ahead<T: Tracer>(
+    t: &mut T,
+    exec: &ExecutorArea,
+    d: &Descriptor,
+) -> Result<Vec<T>, RestoreError> {
     let main_tid = crate::procfs::own_namespace_pid(t.pid());
     if d.thread_set.main_tid_word {
         t.write_tid(d.clear_child_tid, main_tid)?;
     }
     if d.format_version >= 4 {
-        rewrite_robust_owners(&t, d.robust_list.0, d.thread_set.main_tid, main_tid)?;
+        rewrite_robust_owners(t, d.robust_list.0, d.thread_set.main_tid, main_tid)?;
     }
-    let threads = start_threads(&mut t, exec, d)?;
+    start_threads(t, exec, d)
+}
+
+/// Set the main thread's registers (an interrupted syscall set to
+/// restart), its XSAVE area and its signal mask, and detach: the other
+/// threads first.
+fn let_run<T: Tracer>(t: T, threads: Vec<T>, d: &Descriptor) -> Result<(), RestoreError> {
     t.set_regs(&d.registers.restarted_in_child().to_user_regs())?;
     t.set_xstate(&d.xstate)?;
     t.set_sigmask(d.sigmask)?;
@@ -77,7 +118,7 @@ pub(crate) fn finish<T: Tracer, R>(
         th.detach()?;
     }
     t.detach()?;
-    Ok(out)
+    Ok(())
 }
 
 /// Most robust-list entries walked, as the kernel's `ROBUST_LIST_LIMIT`.
@@ -486,6 +527,66 @@ mod tests {
                 // The other thread is let go first, then the main one.
                 Call::Detach,
                 Call::Detach,
+            ]
+        );
+    }
+
+    #[test]
+    fn threads_made_ahead_run_only_after_the_executor_is_gone_and_the_main_thread_is_set() {
+        // A spare's threads are made before its spawn (the executor still
+        // mapped); its spawn then unmaps the executor, sets the main
+        // thread, and lets the others go before it.
+        let d = two_threads();
+        let mut t = Recorder::new();
+        let threads = threads_ahead(&mut t, &EXEC, &d).unwrap();
+        assert_eq!(threads.len(), 1);
+        let log = t.log.clone();
+        let ahead = log.borrow().len();
+        {
+            let calls = log.borrow();
+            assert_eq!(calls[0], Call::Poke(d.clear_child_tid, 1234));
+            assert!(matches!(calls[1], Call::Syscall(libc::SYS_mmap, _)));
+            assert!(!calls.contains(&Call::Detach));
+            assert!(!calls.contains(&Call::Syscall(
+                libc::SYS_munmap,
+                [0x10_0000, 0x4000, 0, 0, 0, 0]
+            )));
+        }
+        finish_with_threads(t, threads, &EXEC, &d).unwrap();
+        assert_eq!(
+            log.borrow()[ahead..].to_vec(),
+            vec![
+                Call::Syscall(libc::SYS_munmap, [0x10_0000, 0x4000, 0, 0, 0, 0]),
+                Call::SetRegs {
+                    rip: 0x401000,
+                    rax: 0
+                },
+                Call::SetXstate(vec![1, 2, 3]),
+                Call::SetSigmask(1 << 9),
+                Call::Detach,
+                Call::Detach,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_spare_whose_executor_will_not_unmap_is_killed_with_its_threads() {
+        let d = two_threads();
+        let mut t = Recorder::new();
+        let threads = threads_ahead(&mut t, &EXEC, &d).unwrap();
+        let log = t.log.clone();
+        let ahead = log.borrow().len();
+        t.syscall_ret = -(libc::EINVAL as i64);
+        let e = finish_with_threads(t, threads, &EXEC, &d).unwrap_err();
+        assert!(e.to_string().contains("unmapping the executor"), "{e}");
+        // Nothing let go: the thread and the main one dropped (killed),
+        // the thread first.
+        assert_eq!(
+            log.borrow()[ahead..].to_vec(),
+            vec![
+                Call::Syscall(libc::SYS_munmap, [0x10_0000, 0x4000, 0, 0, 0, 0]),
+                Call::Dropped,
+                Call::Dropped,
             ]
         );
     }

@@ -493,6 +493,10 @@ fn build(
 
 /// A child forked from a template, stopped before it ever ran.
 pub(super) struct Forked {
+    /// Its other threads, recreated before its spawn ([`threads_ahead`]).
+    /// First: fields drop in order, and a killed child's other threads
+    /// must be reaped (by their tracer) before its main thread can be.
+    ahead: Option<Ahead>,
     tracee: Tracee,
     /// Its userfaultfd and page table (lazy), not yet served: it has not run.
     lazy: Option<LazyChild>,
@@ -501,6 +505,87 @@ pub(super) struct Forked {
         crate::container::ChildCgroup,
         crate::container::cgroup::Attaching,
     )>,
+}
+
+/// A forked child's threads recreated ahead of its spawn, and (lazy) the
+/// pager serving it since, as their setup may fault.
+struct Ahead {
+    threads: Vec<Tracee>,
+    served: Option<Served>,
+}
+
+/// A lazy child handed to the pager.
+struct Served {
+    stats: Arc<ChildStats>,
+    handover: super::Handover,
+    /// Its userfaultfd, to pass to it (its fork table installs it).
+    own_uffd: OwnedFd,
+}
+
+/// Have the pager serve the forked child `pid` from now on.
+fn serve(core: &Core, pid: i32, mut c: LazyChild) -> Result<Served, RestoreError> {
+    let own_uffd = c.uffd.try_clone().map_err(|source| RestoreError::Io {
+        what: "duplicating the child's userfaultfd".into(),
+        source,
+    })?;
+    let pidfd = uffd::pidfd_open(pid).map_err(|source| RestoreError::Io {
+        what: format!("pidfd_open({pid})"),
+        source,
+    })?;
+    let stats = Arc::new(ChildStats::default());
+    c.pid = Some(pid);
+    c.pidfd = Some(pidfd);
+    c.stats = stats.clone();
+    c.journal = super::new_journal(pid);
+    let handover = super::Handover {
+        uffd: c.uffd.dup().map_err(|source| RestoreError::Io {
+            what: "duplicating the child's userfaultfd".into(),
+            source,
+        })?,
+        regions: c.initial.to_vec(),
+        journal: c.journal.as_ref().map(|j| j.path().to_path_buf()),
+    };
+    core.pager.add(c);
+    Ok(Served {
+        stats,
+        handover,
+        own_uffd,
+    })
+}
+
+/// The executor area of `t`'s children, as the finish steps take it.
+fn exec_area(t: &Template) -> super::finish::ExecutorArea {
+    super::finish::ExecutorArea {
+        insn: t.insn,
+        base_regs: t.base_regs,
+        base: t.area.0,
+        len: t.area.1,
+    }
+}
+
+/// Recreate the seed's other threads in a child forked from a template
+/// that is not a container's (whose credentials its children already
+/// have: a container child's are set by its fork table, after which its
+/// threads must be made), so that a spare's spawn does not wait for them:
+/// one injected `clone` and a few syscalls per thread, most of a JVM
+/// child's start. A lazy child is served from here on.
+fn threads_ahead(
+    core: &Core,
+    t: &Template,
+    tracee: &mut Tracee,
+    lazy: &mut Option<LazyChild>,
+) -> Result<Option<Ahead>, RestoreError> {
+    let d = core.image.descriptor();
+    if t.container || d.thread_set.others.is_empty() {
+        return Ok(None);
+    }
+    let served = match lazy.take() {
+        Some(c) => Some(serve(core, tracee.pid(), c)?),
+        None => None,
+    };
+    let threads = super::finish::threads_ahead(tracee, &exec_area(t), d)
+        .map_err(|e| super::served_or(e, served.as_ref().map(|s| &*s.stats)))?;
+    Ok(Some(Ahead { threads, served }))
 }
 
 /// Fork a child from `t` and hold it at its first stop.
@@ -589,10 +674,22 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
                     "container child forked and prepared"
                 );
             }
+            let mut lazy = lazy;
+            let ahead = threads_ahead(core, t, &mut tracee, &mut lazy)?;
+            if let Some(a) = &ahead {
+                debug!(
+                    pid,
+                    forked_us,
+                    threads = a.threads.len(),
+                    us = t0.elapsed().as_micros() as u64,
+                    "child forked, its threads made"
+                );
+            }
             Ok(Forked {
                 tracee,
                 lazy,
                 cgroup,
+                ahead,
             })
         }
         Ok(other) => Err(RestoreError::Step {
@@ -667,6 +764,7 @@ fn finish(
         tracee: mut child,
         lazy,
         cgroup,
+        ahead,
     } = forked;
     // In its cgroup, with this spawn's limits, before it runs.
     let cgroup = match cgroup {
@@ -682,36 +780,15 @@ fn finish(
         None => None,
     };
     let pid = child.pid();
-    // A lazy child is served from now on.
-    let mut own_uffd: Option<OwnedFd> = None;
-    let mut handover = None;
-    let stats = match lazy {
-        Some(mut c) => {
-            own_uffd = Some(c.uffd.try_clone().map_err(|source| RestoreError::Io {
-                what: "duplicating the child's userfaultfd".into(),
-                source,
-            })?);
-            let pidfd = uffd::pidfd_open(pid).map_err(|source| RestoreError::Io {
-                what: format!("pidfd_open({pid})"),
-                source,
-            })?;
-            let stats = Arc::new(ChildStats::default());
-            c.pid = Some(pid);
-            c.pidfd = Some(pidfd);
-            c.stats = stats.clone();
-            c.journal = super::new_journal(pid);
-            handover = Some(super::Handover {
-                uffd: c.uffd.dup().map_err(|source| RestoreError::Io {
-                    what: "duplicating the child's userfaultfd".into(),
-                    source,
-                })?,
-                regions: c.initial.to_vec(),
-                journal: c.journal.as_ref().map(|j| j.path().to_path_buf()),
-            });
-            core.pager.add(c);
-            Some(stats)
-        }
-        None => None,
+    // A lazy child is served from now on (if its threads were not made
+    // ahead: then it is already).
+    let (served, threads) = match ahead {
+        Some(a) => (a.served, Some(a.threads)),
+        None => (lazy.map(|c| serve(core, pid, c)).transpose()?, None),
+    };
+    let (stats, handover, own_uffd) = match served {
+        Some(s) => (Some(s.stats), Some(s.handover), Some(s.own_uffd)),
+        None => (None, None, None),
     };
     let handed_us = t0.elapsed().as_micros() as u64;
 
@@ -748,14 +825,12 @@ fn finish(
         });
     }
     let table_us = t0.elapsed().as_micros() as u64;
-    let exec = super::finish::ExecutorArea {
-        insn: t.insn,
-        base_regs: t.base_regs,
-        base: t.area.0,
-        len: t.area.1,
-    };
-    super::finish::finish(child, &exec, d, || Ok(()))
-        .map_err(|e| super::served_or(e, stats.as_deref()))?;
+    let exec = exec_area(t);
+    match threads {
+        Some(threads) => super::finish::finish_with_threads(child, threads, &exec, d),
+        None => super::finish::finish(child, &exec, d, || Ok(())),
+    }
+    .map_err(|e| super::served_or(e, stats.as_deref()))?;
     let restore_ns = t0.elapsed().as_nanos() as u64;
     debug!(
         pid,
