@@ -21,6 +21,13 @@
 //! Run: `cargo run --release -p remotefork-benches --bin runtimes-bench -- [--iterations N] [--cold N] [--children N] [--json FILE]`
 //! (as root; `node`, `java` and `javac` as `forkd/scripts/deps.sh` installs
 //! them).
+//!
+//! Diagnostics, by environment: `RF_BENCH_ONLY=node|java` runs one
+//! runtime; `RF_BENCH_ALL=1` prints every child's time, not only medians;
+//! `RF_BENCH_QUIET=1` writes each child's request 100 ms after its spawn
+//! (the next spare forked by then) and times from the request, the child's
+//! answer on a quiet node; `FORKD_LOG=remotefork::restore=debug` the
+//! library's steps.
 
 mod common;
 
@@ -193,14 +200,22 @@ fn child_answer_running(
 ) -> anyhow::Result<(u64, u64, u64, Child)> {
     let (in_r, mut in_w) = std::io::pipe()?;
     let (out_r, out_w) = std::io::pipe()?;
-    writeln!(in_w, "{n}")?;
-    let t = Instant::now();
+    let quiet = std::env::var_os("RF_BENCH_QUIET").is_some();
+    if !quiet {
+        writeln!(in_w, "{n}")?;
+    }
+    let mut t = Instant::now();
     let child = seed.spawn(
         remotefork::Stdio::Fd(in_r.into()),
         remotefork::Stdio::Fd(out_w.into()),
         remotefork::Stdio::Inherit,
         opts,
     )?;
+    if quiet {
+        std::thread::sleep(Duration::from_millis(100));
+        t = Instant::now();
+        writeln!(in_w, "{n}")?;
+    }
     let mut out = Lines::new(out_r);
     let first = out.next(LIMIT);
     let first_ns = t.elapsed().as_nanos() as u64;
@@ -364,6 +379,16 @@ fn bench(p: &Program, args: &Args, scratch: &Path) -> anyhow::Result<Report> {
         let err = go().err().map(|e| format!("{e:#}"));
         if let Some(e) = &err {
             eprintln!("{}: {name}: FAILED: {e}", p.name);
+        }
+        if std::env::var_os("RF_BENCH_ALL").is_some() {
+            let ms = |v: &[u64]| {
+                v.iter()
+                    .map(|n| format!("{:.2}", *n as f64 / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            eprintln!("{}: {name}: first answers (ms): {}", p.name, ms(&first));
+            eprintln!("{}: {name}: running at (ms): {}", p.name, ms(&running));
         }
         r.rows.push((name, first, second, running, err));
     }

@@ -973,6 +973,7 @@ fn service<F: FaultFd>(
                     st.journal(b'M', from, to, len);
                 }
                 Msg::Fork { ufd } => {
+                    let tf = Instant::now();
                     st.c.stats.events.fetch_add(1, Ordering::Relaxed);
                     // SAFETY: the kernel installed `ufd` in our fd table for us.
                     let fd = unsafe { OwnedFd::from_raw_fd(ufd as RawFd) };
@@ -1002,6 +1003,10 @@ fn service<F: FaultFd>(
                         fork_id: st.c.on_fork.is_none().then_some(fork_id),
                         initial: st.c.initial.clone(),
                     };
+                    debug!(
+                        us = tf.elapsed().as_micros() as u64,
+                        "fork event: the table copied"
+                    );
                     if st.c.on_fork.is_none() {
                         tell_forked(&child);
                     }
