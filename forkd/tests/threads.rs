@@ -387,6 +387,16 @@ fn gateway_numpy_function_answers_200_concurrent_invocations() {
 
 // ---- a multi-threaded seed's spare, dropped with its template ----
 
+/// The thread tracing `pid` (`TracerPid`), if any.
+fn tracer_of(pid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|&t| t != 0)
+}
+
 /// Of our own processes, those traced by one of our threads that run the
 /// executable `program`, other than `except`.
 fn traced_by_us(program: &Path, except: &[i32]) -> Vec<i32> {
@@ -398,22 +408,8 @@ fn traced_by_us(program: &Path, except: &[i32]) -> Vec<i32> {
         .into_iter()
         .filter(|p| !except.contains(p))
         .filter(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == program))
-        .filter(|p| {
-            let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("TracerPid:"))
-                .and_then(|t| t.trim().parse::<i32>().ok())
-                .is_some_and(|t| ours.contains(&t))
-        })
+        .filter(|&p| tracer_of(p).is_some_and(|t| ours.contains(&t)))
         .collect()
-}
-
-/// How many threads `pid` has.
-fn thread_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 /// A child of a multi-threaded seed forked from the node's template gets
@@ -468,29 +464,17 @@ fn a_multithreaded_seeds_spare_has_its_threads_and_goes_with_its_seed() {
     let t = Instant::now();
     let spare = loop {
         if let Some(&p) = traced_by_us(&program, &except).first() {
-            if thread_count(p) == 2 {
+            if remotefork::procfs::status(p).is_ok_and(|st| st.threads == 2) {
                 break p;
             }
         }
         assert!(
             t.elapsed().as_secs() < 120,
-            "no spare with 2 threads appeared: {:?}; our children: {:?}",
+            "no spare with 2 threads appeared: {:?}; our children (pid, tracer): {:?}",
             traced_by_us(&program, &except),
             children(std::process::id() as i32)
                 .into_iter()
-                .map(|p| (
-                    p,
-                    std::fs::read_to_string(format!("/proc/{p}/status"))
-                        .unwrap_or_default()
-                        .lines()
-                        .filter(|l| l.starts_with("TracerPid") || l.starts_with("State"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    String::from_utf8_lossy(
-                        &std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default()
-                    )
-                    .into_owned()
-                ))
+                .map(|p| (p, tracer_of(p)))
                 .collect::<Vec<_>>()
         );
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -531,17 +531,24 @@ mod tests {
         );
     }
 
+    /// A two-thread child whose other thread was made ahead: (its
+    /// descriptor, the main thread, the others, how many calls that took).
+    fn made_ahead() -> (Descriptor, Recorder, Vec<Recorder>, usize) {
+        let d = two_threads();
+        let mut t = Recorder::new();
+        let threads = threads_ahead(&mut t, &EXEC, &d).unwrap();
+        let ahead = t.log.borrow().len();
+        (d, t, threads, ahead)
+    }
+
     #[test]
     fn threads_made_ahead_run_only_after_the_executor_is_gone_and_the_main_thread_is_set() {
         // A spare's threads are made before its spawn (the executor still
         // mapped); its spawn then unmaps the executor, sets the main
         // thread, and lets the others go before it.
-        let d = two_threads();
-        let mut t = Recorder::new();
-        let threads = threads_ahead(&mut t, &EXEC, &d).unwrap();
+        let (d, t, threads, ahead) = made_ahead();
         assert_eq!(threads.len(), 1);
         let log = t.log.clone();
-        let ahead = log.borrow().len();
         {
             let calls = log.borrow();
             assert_eq!(calls[0], Call::Poke(d.clear_child_tid, 1234));
@@ -571,11 +578,8 @@ mod tests {
 
     #[test]
     fn a_spare_whose_executor_will_not_unmap_is_killed_with_its_threads() {
-        let d = two_threads();
-        let mut t = Recorder::new();
-        let threads = threads_ahead(&mut t, &EXEC, &d).unwrap();
+        let (d, mut t, threads, ahead) = made_ahead();
         let log = t.log.clone();
-        let ahead = log.borrow().len();
         t.syscall_ret = -(libc::EINVAL as i64);
         let e = finish_with_threads(t, threads, &EXEC, &d).unwrap_err();
         assert!(e.to_string().contains("unmapping the executor"), "{e}");
