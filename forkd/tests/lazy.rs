@@ -109,6 +109,16 @@ fn a_mapping_grown_in_place_reads_zeros_past_its_old_end() {
 }
 
 #[test]
+fn a_mapping_cut_by_mprotect_is_served_run_by_run_never_left_waiting() {
+    // A run of pages filled at once must lie in one mapping: cut by
+    // mprotect (which sends the pager no event), a run crossing a cut was
+    // refused with ENOENT, and the faulting thread waited forever.
+    if require_root("a_mapping_cut_by_mprotect_is_served_run_by_run_never_left_waiting") {
+        check("mprotect", 0);
+    }
+}
+
+#[test]
 fn a_forked_grandchild_sees_the_parents_memory() {
     if require_root("a_forked_grandchild_sees_the_parents_memory") {
         check("fork", 1);

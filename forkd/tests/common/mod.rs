@@ -346,7 +346,34 @@ pub fn restore_and_talk(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let child = first_child(p.id() as i32);
+    // A child that never finishes (a fault nobody answers) fails the test
+    // instead of hanging it: after runner::LIMIT, forkd and its children
+    // are killed, and the caller sees their unfinished output.
+    let pid = p.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = {
+        let done = done.clone();
+        let dir = dir.to_path_buf();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                if t.elapsed() > runner::LIMIT {
+                    eprintln!(
+                        "forkd restore {} still running after {:?}: killed",
+                        dir.display(),
+                        runner::LIMIT
+                    );
+                    runner::kill_descendants(pid);
+                    // SAFETY: plain kill(2) of forkd, not yet reaped (done
+                    // is set only after its wait).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let child = first_child(pid);
     if child != 0 && blocked_in_read(child) {
         before_input(child);
     }
@@ -366,6 +393,8 @@ pub fn restore_and_talk(
         .read_to_string(&mut stderr)
         .unwrap();
     let code = p.wait().unwrap().code();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let _ = watch.join();
     Restored {
         stdout,
         stderr,

@@ -8,6 +8,8 @@
  *   fork      a grandchild sees the parent's memory (not zero fill)
  *   threads   two threads faulting the same pages see the same data
  *   grow      a mapping grown in place with mremap reads zeros past its old end
+ *   mprotect  the buffer cut into many mappings by mprotect (no event tells
+ *             the pager) still reads as the parent's, page runs and all
  *   slow      touch 4000 pages slowly, then print the checksum */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -119,6 +121,14 @@ int main(int argc, char **argv) {
         for (size_t i = 0; ok && i < MB; i += 512) ok = g[i] == 0x5a;
         ok = ok && all_zero(g + MB, MB);
         printf("grow %s\n", ok ? "ok" : "WRONG");
+    } else if (!strcmp(mode, "mprotect")) {
+        /* Every 7th page read-only: each is a mapping of its own, and a run
+         * of pages the pager fills at once crosses their edges. */
+        int ok = 1;
+        for (size_t i = 3; i < touched; i += 7)
+            if (mprotect(buf + i * PAGE, PAGE, PROT_READ)) ok = 0;
+        ok = ok && checksum(buf, BIG) == before && has_pattern(buf, 0, touched);
+        printf("mprotect %s\n", ok ? "ok" : "WRONG");
     } else if (!strcmp(mode, "slow")) {
         uint64_t h = 0;
         for (size_t i = 0; i < 4000; i++) {

@@ -75,14 +75,19 @@ pub(crate) mod recorder {
     }
 
     /// A [`FaultFd`] that hands out scripted batches of events, one batch
-    /// per read (then nothing), logs every operation, and answers `EEXIST`
-    /// to a fill starting at an address in `present` (else success).
+    /// per read (then nothing), logs every operation, and answers `ENOENT`
+    /// to a fill across `cut` or starting in `gone`, `EEXIST` to one
+    /// starting at an address in `present`, else success.
     #[derive(Default)]
     pub(crate) struct Recorder {
         pub events: RefCell<VecDeque<Vec<Msg>>>,
         pub ops: RefCell<Vec<Op>>,
         /// Pages already in the child, as far as fills are concerned.
         pub present: RefCell<HashSet<u64>>,
+        /// An edge between two of the child's mappings (a fill must lie in one).
+        pub cut: std::cell::Cell<Option<u64>>,
+        /// Pages in no mapping of the child.
+        pub gone: RefCell<HashSet<u64>>,
     }
 
     impl Recorder {
@@ -98,8 +103,11 @@ pub(crate) mod recorder {
             r
         }
 
-        fn answer(&self, dst: u64) -> Result<(), FillError> {
-            if self.present.borrow().contains(&dst) {
+        fn answer(&self, dst: u64, len: u64) -> Result<(), FillError> {
+            let across = self.cut.get().is_some_and(|c| dst < c && dst + len > c);
+            if across || self.gone.borrow().contains(&dst) {
+                Err(FillError::Gone)
+            } else if self.present.borrow().contains(&dst) {
                 Err(FillError::Exists)
             } else {
                 Ok(())
@@ -124,15 +132,15 @@ pub(crate) mod recorder {
                 bytes: src.to_vec(),
                 wake,
             });
-            self.answer(dst)
+            self.answer(dst, src.len() as u64)
         }
         fn zero(&self, dst: u64, len: u64, wake: bool) -> Result<(), FillError> {
             self.log(Op::Zero { dst, len, wake });
-            self.answer(dst)
+            self.answer(dst, len)
         }
         fn continue_range(&self, dst: u64, len: u64, wake: bool) -> Result<(), FillError> {
             self.log(Op::Continue { dst, len, wake });
-            self.answer(dst)
+            self.answer(dst, len)
         }
         fn wake(&self, start: u64, len: u64) -> Result<(), UffdError> {
             self.log(Op::Wake { start, len });

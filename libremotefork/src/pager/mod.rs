@@ -1125,42 +1125,60 @@ fn install<F: FaultFd>(
             }
         }
     };
-    match whole {
-        Ok(()) => {}
-        Err(FillError::Exists) => {
-            // Some page is already there (or the run is not contiguous in
-            // the cache): page by page, then wake the first.
-            for (addr, r) in run {
-                let one = match fill {
-                    Fill::Continue => st.c.uffd.continue_range(*addr, PAGE_SIZE, wake),
-                    Fill::Copy => st.c.uffd.copy(*addr, st.c.seed.cache.page(r.cache), wake),
-                };
-                match one {
-                    Ok(()) | Err(FillError::Exists) | Err(FillError::Gone) => {}
-                    Err(FillError::Again { .. }) => return Ok(Served::Again),
-                    Err(FillError::Other(error)) => {
-                        return Err(PagerError::Fill { addr: *addr, error })
-                    }
+    // Page by page, then wake the first, when some page is already there,
+    // or the run is not contiguous in the cache, or it is not all in one
+    // mapping of the child now (a fill must be: the child may have cut the
+    // mapping since with an mprotect, which sends no event). A fault is
+    // always answered with a wake: its thread faults again if it still
+    // can, and never waits on a fault nobody answers.
+    let by_page = match &whole {
+        Err(FillError::Exists) => true,
+        Err(FillError::Gone) => run.len() > 1 || wake,
+        _ => false,
+    };
+    if by_page {
+        if matches!(whole, Err(FillError::Gone)) {
+            debug!(
+                addr = run[0].0,
+                pages = run.len(),
+                "a run is not in one mapping of the child; page by page"
+            );
+        }
+        for (addr, r) in run {
+            let one = match fill {
+                Fill::Continue => st.c.uffd.continue_range(*addr, PAGE_SIZE, wake),
+                Fill::Copy => st.c.uffd.copy(*addr, st.c.seed.cache.page(r.cache), wake),
+            };
+            match one {
+                Ok(()) | Err(FillError::Exists) | Err(FillError::Gone) => {}
+                Err(FillError::Again { .. }) => return Ok(Served::Again),
+                Err(FillError::Other(error)) => {
+                    return Err(PagerError::Fill { addr: *addr, error })
                 }
             }
-            if wake {
-                let _ = st.c.uffd.wake(run[0].0, PAGE_SIZE);
-            }
         }
-        Err(FillError::Again { done }) => {
-            // Part went in: mark those, retry the rest after the events.
-            let n = (done / PAGE_SIZE) as usize;
-            for (addr, r) in &run[..n.min(run.len())] {
-                st.c.table.set(*addr, Slot::Done(Origin::Stored(*r)));
-            }
-            return Ok(Served::Again);
+        if wake {
+            let _ = st.c.uffd.wake(run[0].0, PAGE_SIZE);
         }
-        Err(FillError::Gone) => return Ok(Served::Done),
-        Err(FillError::Other(error)) => {
-            return Err(PagerError::Fill {
-                addr: run[0].0,
-                error,
-            })
+    } else {
+        match whole {
+            Ok(()) | Err(FillError::Exists) => {}
+            Err(FillError::Again { done }) => {
+                // Part went in: mark those, retry the rest after the events.
+                let n = (done / PAGE_SIZE) as usize;
+                for (addr, r) in &run[..n.min(run.len())] {
+                    st.c.table.set(*addr, Slot::Done(Origin::Stored(*r)));
+                }
+                return Ok(Served::Again);
+            }
+            // One page, not for a fault: its mapping is gone.
+            Err(FillError::Gone) => return Ok(Served::Done),
+            Err(FillError::Other(error)) => {
+                return Err(PagerError::Fill {
+                    addr: run[0].0,
+                    error,
+                })
+            }
         }
     }
     for (addr, r) in run {
@@ -1253,7 +1271,14 @@ fn zero_page<F: FaultFd>(
     tracked: bool,
 ) -> Result<Served, PagerError> {
     match st.c.uffd.zero(page, PAGE_SIZE, true) {
-        Ok(()) | Err(FillError::Gone) => {
+        // Its mapping went after the fault (an unmap whose event is still
+        // to be read): wake the thread, which faults again if it still
+        // can, and never waits on a fault nobody answers.
+        Err(FillError::Gone) => {
+            let _ = st.c.uffd.wake(page, PAGE_SIZE);
+            Ok(Served::Done)
+        }
+        Ok(()) => {
             if tracked {
                 st.c.table.set(page, Slot::Done(Origin::Zero));
                 // Part of the working set too: a template maps it as the
@@ -1532,6 +1557,74 @@ mod pager_tests {
         );
         assert!(matches!(st.c.table.get(page(5)), Some(Slot::Done(_))));
         assert_eq!(st.c.stats.faults.load(Ordering::Relaxed), 1);
+        assert!(st.c.stats.killed_reason().is_none());
+    }
+
+    #[test]
+    fn a_run_across_two_mappings_goes_in_page_by_page_and_wakes_the_fault() {
+        // The child cut the region (an mprotect: no event) at page 5; the
+        // window run 2..18 crosses the cut, so the whole-run fill is
+        // refused with ENOENT.
+        let uffd = Recorder::faulting(&[page(2)]);
+        uffd.cut.set(Some(page(5)));
+        let mut st = child(uffd, Prefetch::Window, false);
+        service(&mut st, &mut Vec::new()).unwrap();
+        let end = 2 + WINDOW_PAGES as u64;
+        let mut want = vec![Op::Copy {
+            dst: page(2),
+            bytes: bytes(2, end),
+            wake: true,
+        }];
+        want.extend((2..end).map(|i| Op::Copy {
+            dst: page(i),
+            bytes: bytes(i, i + 1),
+            wake: true,
+        }));
+        want.push(Op::Wake {
+            start: page(2),
+            len: PAGE_SIZE,
+        });
+        assert_eq!(ops(&st), want);
+        for i in 2..end {
+            assert!(
+                matches!(st.c.table.get(page(i)), Some(Slot::Done(_))),
+                "page {i}"
+            );
+        }
+        assert!(st.c.stats.killed_reason().is_none());
+    }
+
+    #[test]
+    fn a_fault_whose_mapping_went_is_still_woken() {
+        // A stored page and a zero page, unmapped after their faults (the
+        // unmap's event not yet read): nothing goes in, both threads wake.
+        let uffd = Recorder::faulting(&[page(3), page(STORED + 1)]);
+        uffd.gone.borrow_mut().extend([page(3), page(STORED + 1)]);
+        let mut st = child(uffd, Prefetch::Off, false);
+        service(&mut st, &mut Vec::new()).unwrap();
+        let copy = Op::Copy {
+            dst: page(3),
+            bytes: bytes(3, 4),
+            wake: true,
+        };
+        let wake = |p| Op::Wake {
+            start: p,
+            len: PAGE_SIZE,
+        };
+        assert_eq!(
+            ops(&st),
+            vec![
+                copy.clone(),
+                copy,
+                wake(page(3)),
+                Op::Zero {
+                    dst: page(STORED + 1),
+                    len: PAGE_SIZE,
+                    wake: true
+                },
+                wake(page(STORED + 1)),
+            ]
+        );
         assert!(st.c.stats.killed_reason().is_none());
     }
 
