@@ -144,6 +144,12 @@ pub struct SeedPages {
     /// Pages of the cache-mapped memory the first child wrote (copied on
     /// write) while it ran, sampled: what every child will write too.
     written_set: Mutex<Option<Arc<Vec<u64>>>>,
+    /// A child is recording the sets. One at a time: sampling a child's
+    /// written pages reads its whole page map every 100 ms, and with every
+    /// child of a seed recording (a gateway's long-lived instances, none
+    /// ending to give the seed its sets) the pager threads did little else
+    /// while faults waited.
+    recording: AtomicBool,
     /// Metrics.
     pub metrics: SeedMetrics,
 }
@@ -198,8 +204,22 @@ impl SeedPages {
             working_set: Mutex::new(ws),
             working_set_file,
             written_set: Mutex::new(written),
+            recording: AtomicBool::new(false),
             metrics: SeedMetrics::default(),
         }
+    }
+
+    /// May a new child record the sets? Yes if they are not recorded yet
+    /// and no other child is recording them; it then is, until
+    /// [`SeedPages::recorded`].
+    fn claim_recording(&self) -> bool {
+        self.working_set().is_none() && !self.recording.swap(true, Ordering::AcqRel)
+    }
+
+    /// The recording child is done (it ended, whether or not its sets
+    /// were kept): another may record.
+    fn recorded(&self) {
+        self.recording.store(false, Ordering::Release);
     }
 
     /// The pages the first child wrote, if recorded (sorted addresses).
@@ -858,8 +878,8 @@ impl<F: FaultFd> ChildState<F> {
     }
 
     fn new(c: LazyChild<F>) -> ChildState<F> {
-        // A template never runs: its children record.
-        let record = c.seed.working_set().is_none() && c.pid.is_some() && c.on_fork.is_none();
+        // A template never runs: its children record, one at a time.
+        let record = c.pid.is_some() && c.on_fork.is_none() && c.seed.claim_recording();
         ChildState {
             c,
             first_fault_done: false,
@@ -904,12 +924,22 @@ fn finish(epoll: &Epoll, st: ChildState) {
     if let Some(p) = &st.c.pidfd {
         epoll.remove(p.as_raw_fd());
     }
-    if st.record && st.c.stats.killed_reason().is_none() {
-        st.c.seed
-            .record_written_set(st.written.into_iter().collect());
-        st.c.seed.record_working_set(st.touched);
+    let stats = st.c.stats.clone();
+    keep_sets(st);
+    stats.finished.store(true, Ordering::Release);
+}
+
+/// A child let go of: if it recorded the seed's sets, keep them (unless it
+/// was killed) and let another child record.
+fn keep_sets<F>(st: ChildState<F>) {
+    if st.record {
+        if st.c.stats.killed_reason().is_none() {
+            st.c.seed
+                .record_written_set(st.written.into_iter().collect());
+            st.c.seed.record_working_set(st.touched);
+        }
+        st.c.seed.recorded();
     }
-    st.c.stats.finished.store(true, Ordering::Release);
 }
 
 /// Kill a child whose memory cannot be served, and say why.
@@ -1394,6 +1424,15 @@ mod pager_tests {
     /// `STORED` stored pages then `ZERO` zero pages, served over `uffd`.
     fn child(uffd: Recorder, prefetch: Prefetch, broken: bool) -> ChildState<Recorder> {
         let cache = SeedCache::new(Box::new(Store { broken }), STORED * PAGE_SIZE, 0).unwrap();
+        ChildState::new(lazy_child(
+            uffd,
+            prefetch,
+            Arc::new(SeedPages::new(cache, None)),
+        ))
+    }
+
+    /// [`child`]'s, of `seed`.
+    fn lazy_child(uffd: Recorder, prefetch: Prefetch, seed: Arc<SeedPages>) -> LazyChild<Recorder> {
         let mut slots: Vec<Slot> = (0..STORED)
             .map(|i| {
                 Slot::Stored(PageRef {
@@ -1405,20 +1444,20 @@ mod pager_tests {
         slots.extend((0..ZERO).map(|_| Slot::Zero));
         let mut table = PageTable::default();
         table.insert(BASE, slots, Fill::Copy);
-        ChildState::new(LazyChild {
+        LazyChild {
             pid: None,
             parent_pid: None,
             uffd,
             pidfd: None,
             table,
-            seed: Arc::new(SeedPages::new(cache, None)),
+            seed,
             prefetch,
             stats: Arc::default(),
             on_fork: None,
             journal: None,
             fork_id: None,
             initial: Arc::default(),
-        })
+        }
     }
 
     /// The bytes of stored pages `from..to`.
@@ -1626,6 +1665,32 @@ mod pager_tests {
             ]
         );
         assert!(st.c.stats.killed_reason().is_none());
+    }
+
+    #[test]
+    fn one_child_of_a_seed_records_its_sets_at_a_time() {
+        let cache =
+            SeedCache::new(Box::new(Store { broken: false }), STORED * PAGE_SIZE, 0).unwrap();
+        let seed = Arc::new(SeedPages::new(cache, None));
+        // Children with pids (so they run: a template's have one too).
+        let started = |pid| {
+            let mut c = lazy_child(Recorder::default(), Prefetch::Off, seed.clone());
+            c.pid = Some(pid);
+            ChildState::new(c)
+        };
+        let first = started(1);
+        let second = started(2);
+        assert!(first.record);
+        assert!(!second.record, "a second child recorded beside the first");
+        // The recorder ends without its sets kept (it touched nothing):
+        // the next child records.
+        keep_sets(first);
+        assert!(started(3).record);
+        // Once the seed has its sets, nobody records.
+        keep_sets(second);
+        seed.recorded();
+        seed.record_working_set(vec![page(1)]);
+        assert!(!started(4).record);
     }
 
     #[test]
