@@ -29,7 +29,10 @@
 //! before its first fork, so every child starts with it present.
 //!
 //! One child per template is forked ahead, after a spawn has returned, and
-//! held at its first stop: the next spawn then only finishes it.
+//! held at its first stop: the next spawn then only finishes it. After a
+//! spawn in a burst it is forked at once; after one that came alone, 10 ms
+//! later (or at the next spawn), so the new child has the CPUs for its
+//! start. A multi-threaded seed's spare has its threads made too.
 //!
 //! Templates are traced (hence forked) by one thread, the template service,
 //! which lives as long as the process: a child's parent-death signal fires
@@ -58,6 +61,66 @@ use crate::pager::{ChildStats, LazyChild, Prefetch};
 /// (its stdio, registers), and the fork for the next happens after the
 /// caller has its child.
 const SPARES: usize = 1;
+
+/// A spawn that comes this long after the one before it comes alone: its
+/// child gets the CPUs for its start, and the next spare is forked
+/// [`REFILL_AFTER`] later (unless another spawn comes first). Spawns closer
+/// together are a burst, whose next spare is forked at once, beside the
+/// child: that fork then overlaps the child's run instead of delaying the
+/// next spawn.
+const ALONE_GAP: Duration = Duration::from_millis(20);
+
+/// How long a lone spawn's child has the CPUs before the next spare is
+/// forked (a Python child's heap walk took 3.5 ms with it, 4.9-5.5 ms
+/// with the spare's fork beside it; docs/DECISIONS.md).
+const REFILL_AFTER: Duration = Duration::from_millis(10);
+
+std::thread_local! {
+    /// Templates whose spares wait for [`REFILL_AFTER`] without a spawn
+    /// (only the service thread has any).
+    static PENDING: std::cell::RefCell<Vec<(Weak<Core>, Key)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+    /// When the service thread's last spawn ended.
+    static LAST_SPAWN: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// After a spawn from the template for `key` that began at `began`: its
+/// next spare, forked now if this spawn was part of a burst, else once
+/// the child had the CPUs for its start. On the service thread.
+fn refill_after_spawn(core: &Arc<Core>, key: Key, began: Instant) {
+    let alone = LAST_SPAWN
+        .get()
+        .is_none_or(|last| began.saturating_duration_since(last) >= ALONE_GAP);
+    LAST_SPAWN.set(Some(Instant::now()));
+    if !alone {
+        refill(core, key);
+        return;
+    }
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        if !p
+            .iter()
+            .any(|(w, k)| *k == key && std::ptr::eq(w.as_ptr(), Arc::as_ptr(core)))
+        {
+            p.push((Arc::downgrade(core), key));
+        }
+    });
+}
+
+/// Fork the spares put off by [`refill_after_spawn`]. On the service
+/// thread.
+fn refill_pending() {
+    let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    for (w, key) in pending {
+        if let Some(core) = w.upgrade() {
+            refill(&core, key);
+        }
+    }
+}
+
+fn refill_is_pending() -> bool {
+    PENDING.with(|p| !p.borrow().is_empty())
+}
 
 /// A template unused this long is dropped (its memory freed), in ms.
 static IDLE_MS: AtomicU64 = AtomicU64::new(600_000);
@@ -185,13 +248,26 @@ fn submit(job: Job) -> Result<(), RestoreError> {
                         (idle_timeout() / 2)
                             .clamp(Duration::from_millis(100), Duration::from_secs(30))
                     };
-                    match jrx.recv_timeout(period) {
+                    // A lone spawn's spare: once REFILL_AFTER passed
+                    // without another job, or right after the next one.
+                    let wait = if refill_is_pending() {
+                        REFILL_AFTER
+                    } else {
+                        period
+                    };
+                    match jrx.recv_timeout(wait) {
                         Ok(job) => {
+                            let was_pending = refill_is_pending();
                             // A panicking job must not take the service (and
                             // every template's children's parent) with it.
                             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            if was_pending {
+                                let _ = std::panic::catch_unwind(refill_pending);
+                            }
                         }
-                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Timeout) => {
+                            let _ = std::panic::catch_unwind(refill_pending);
+                        }
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
                     if swept.elapsed() >= period {
@@ -265,10 +341,11 @@ pub(super) fn spawn(
     }
     let (tx, rx) = sync_channel(1);
     submit(Box::new(move || {
+        let began = Instant::now();
         let key = key_of(&opts);
         let _ = tx.send(fork_one(&core, [stdin, stdout, stderr], &opts));
         // Once the caller has its child: the next child's fork, ahead.
-        refill(&core, key);
+        refill_after_spawn(&core, key, began);
     }))?;
     rx.recv().map_err(|_| RestoreError::Step {
         what: "forking from the template".into(),
