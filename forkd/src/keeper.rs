@@ -335,7 +335,8 @@ pub fn run(dir: &Path, grace: Duration) -> Result<(), KeeperError> {
     info!(dir = %dir.display(), grace_s = grace.as_secs(), "keeper up");
 
     let mut entries: HashMap<String, Entry> = HashMap::new();
-    let mut conns: Vec<OwnedFd> = Vec::new();
+    // Each forkd's connection, with its pid.
+    let mut conns: Vec<(OwnedFd, Option<i32>)> = Vec::new();
     let mut alone_since: Option<Instant> = Some(Instant::now());
     // Until the forkd that started it connects, it is not done.
     let up = Instant::now();
@@ -365,7 +366,7 @@ pub fn run(dir: &Path, grace: Duration) -> Result<(), KeeperError> {
             revents: 0,
         };
         pfds.push(pfd(listener.as_raw_fd()));
-        pfds.extend(conns.iter().map(|c| pfd(c.as_raw_fd())));
+        pfds.extend(conns.iter().map(|(c, _)| pfd(c.as_raw_fd())));
         let watched: Vec<String> = entries
             .iter()
             .filter(|(_, e)| e.ended.is_none() && e.pidfd.is_some())
@@ -402,8 +403,21 @@ pub fn run(dir: &Path, grace: Duration) -> Result<(), KeeperError> {
         // Messages from forkd (read before the listener: a new forkd's
         // connection is added at the end, after these indexes).
         let mut closed = Vec::new();
-        for (i, c) in conns.iter().enumerate() {
+        for (i, (c, pid)) in conns.iter().enumerate() {
             if pfds[1 + i].revents == 0 {
+                // A forkd whose main thread has exited is going, even if
+                // its connection stays open: a thread of it stuck in the
+                // kernel (closing a pipe whose lock a child holds while it
+                // waits on a fault nobody serves now) keeps its
+                // descriptors. Counting it gone starts the grace, whose
+                // end kills the children, which lets that thread go too.
+                if pid.is_some_and(exiting) {
+                    warn!(
+                        pid,
+                        "forkd's main thread has exited but its connection is still open: counted as gone"
+                    );
+                    closed.push(i);
+                }
                 continue;
             }
             match recv(c.as_raw_fd()) {
@@ -426,7 +440,9 @@ pub fn run(dir: &Path, grace: Duration) -> Result<(), KeeperError> {
             };
             if c >= 0 {
                 // SAFETY: accept4 returned a new descriptor owned by nobody else.
-                conns.push(unsafe { OwnedFd::from_raw_fd(c) });
+                let c = unsafe { OwnedFd::from_raw_fd(c) };
+                let pid = peer_pid(&c);
+                conns.push((c, pid));
                 greeted = true;
             }
         }
@@ -445,6 +461,34 @@ pub fn run(dir: &Path, grace: Duration) -> Result<(), KeeperError> {
             reap_clones(&mut entries);
         }
     }
+}
+
+/// The pid of the process at the other end of `c`, if the kernel says.
+fn peer_pid(c: &OwnedFd) -> Option<i32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of `len` bytes, which `cred` is.
+    let r = unsafe {
+        libc::getsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
+/// Has the thread-group leader `pid` exited (a zombie, dead)? Only a
+/// state read says so: a process gone for good closes its connection, and
+/// a wrong "gone" would kill a live forkd's children at the grace's end.
+fn exiting(pid: i32) -> bool {
+    matches!(remotefork::procfs::stat(pid), Ok((state, _)) if state == 'Z' || state == 'X')
 }
 
 /// A forkd that died mid-capture left its clone (`z/` entries) to die

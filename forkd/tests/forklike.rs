@@ -1229,3 +1229,75 @@ fn a_forkd_killed_mid_capture_leaves_no_zombie() {
     let _ = target.kill();
     let _ = target.wait();
 }
+
+#[test]
+fn a_forkd_whose_exit_is_held_up_still_lets_its_keeper_give_up() {
+    // A forkd's exit can be held up by one of its threads stuck in the
+    // kernel (closing a child's pipe whose lock the child holds while it
+    // waits on a fault no pager serves now): its main thread is gone, its
+    // descriptors are not, so its keeper's connection stays open. The
+    // keeper must count it gone, or the children it holds are neither
+    // served nor killed, ever. A stand-in forkd puts one process in the
+    // keeper's hands, then its main thread exits while another lives on.
+    if !require_root("a_forkd_whose_exit_is_held_up_still_lets_its_keeper_give_up") {
+        return;
+    }
+    let dir = scratch("keeper-held-up");
+    let mut keeper = forkd()
+        .args(["keeper", "--dir"])
+        .arg(&dir)
+        .args(["--grace-s", "1"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = dir.join("keeper.sock");
+    wait_for("the keeper's socket", || sock.exists());
+    let mut client = std::process::Command::new(c_program("keeper_client"))
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        std::io::BufReader::new(client.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+    }
+    let sleeper: i32 = line
+        .trim()
+        .strip_prefix("sleeper ")
+        .unwrap_or_else(|| panic!("keeper_client said {line:?}"))
+        .parse()
+        .unwrap();
+    let client_pid = client.id() as i32;
+    // Whatever happens below, none of them outlives the test.
+    struct KillOnDrop(Vec<i32>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            for &p in &self.0 {
+                // SAFETY: plain kill(2) of a process this test started.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+        }
+    }
+    let _cleanup = KillOnDrop(vec![sleeper, client_pid, keeper.id() as i32]);
+    wait_for("the stand-in forkd's main thread to exit", || {
+        state(client_pid) == Some('Z')
+    });
+    // Its connection is still open: only the keeper's look at its state
+    // starts the grace, whose end kills the held process.
+    wait_for("the keeper to kill the held process", || {
+        matches!(state(sleeper), None | Some('Z'))
+    });
+    let orphans = std::fs::read_to_string(dir.join("orphans.jsonl")).unwrap();
+    assert!(
+        orphans.contains("p/sleeper") && orphans.contains("killed by its keeper"),
+        "{orphans}"
+    );
+    wait_for("the keeper to exit", || {
+        keeper.try_wait().unwrap().is_some()
+    });
+    let _ = client.kill();
+    let _ = client.wait();
+}
