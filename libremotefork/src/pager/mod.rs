@@ -1471,18 +1471,28 @@ mod pager_tests {
         st.c.uffd.ops.borrow().clone()
     }
 
+    /// The waking copy of stored pages `from..to` to where they belong.
+    fn copied(from: u64, to: u64) -> Op {
+        Op::Copy {
+            dst: page(from),
+            bytes: bytes(from, to),
+            wake: true,
+        }
+    }
+
+    /// The wake of the page at `addr`.
+    fn woken(addr: u64) -> Op {
+        Op::Wake {
+            start: addr,
+            len: PAGE_SIZE,
+        }
+    }
+
     #[test]
     fn a_fault_on_a_stored_page_copies_that_page_from_the_cache() {
         let mut st = child(Recorder::faulting(&[page(3) + 17]), Prefetch::Off, false);
         service(&mut st, &mut Vec::new()).unwrap();
-        assert_eq!(
-            ops(&st),
-            vec![Op::Copy {
-                dst: page(3),
-                bytes: bytes(3, 4),
-                wake: true
-            }]
-        );
+        assert_eq!(ops(&st), vec![copied(3, 4)]);
         assert_eq!(
             st.c.table.get(page(3)),
             Some(Slot::Done(Origin::Stored(PageRef {
@@ -1534,14 +1544,7 @@ mod pager_tests {
         let mut st = child(Recorder::faulting(&[page(2)]), Prefetch::Window, false);
         service(&mut st, &mut Vec::new()).unwrap();
         let end = 2 + WINDOW_PAGES as u64;
-        assert_eq!(
-            ops(&st),
-            vec![Op::Copy {
-                dst: page(2),
-                bytes: bytes(2, end),
-                wake: true
-            }]
-        );
+        assert_eq!(ops(&st), vec![copied(2, end)]);
         for i in 2..end {
             assert!(
                 matches!(st.c.table.get(page(i)), Some(Slot::Done(_))),
@@ -1560,14 +1563,7 @@ mod pager_tests {
                 flags: 0,
             }]);
         service(&mut st, &mut Vec::new()).unwrap();
-        assert_eq!(
-            ops(&st)[1],
-            Op::Copy {
-                dst: page(end),
-                bytes: bytes(end, STORED),
-                wake: true
-            }
-        );
+        assert_eq!(ops(&st)[1], copied(end, STORED));
         assert_eq!(st.c.table.get(page(STORED)), Some(Slot::Zero));
     }
 
@@ -1577,23 +1573,8 @@ mod pager_tests {
         uffd.present.borrow_mut().insert(page(5));
         let mut st = child(uffd, Prefetch::Off, false);
         service(&mut st, &mut Vec::new()).unwrap();
-        let copy = Op::Copy {
-            dst: page(5),
-            bytes: bytes(5, 6),
-            wake: true,
-        };
         // The run, then page by page, then the faulting thread is woken.
-        assert_eq!(
-            ops(&st),
-            vec![
-                copy.clone(),
-                copy,
-                Op::Wake {
-                    start: page(5),
-                    len: PAGE_SIZE
-                }
-            ]
-        );
+        assert_eq!(ops(&st), vec![copied(5, 6), copied(5, 6), woken(page(5))]);
         assert!(matches!(st.c.table.get(page(5)), Some(Slot::Done(_))));
         assert_eq!(st.c.stats.faults.load(Ordering::Relaxed), 1);
         assert!(st.c.stats.killed_reason().is_none());
@@ -1609,20 +1590,9 @@ mod pager_tests {
         let mut st = child(uffd, Prefetch::Window, false);
         service(&mut st, &mut Vec::new()).unwrap();
         let end = 2 + WINDOW_PAGES as u64;
-        let mut want = vec![Op::Copy {
-            dst: page(2),
-            bytes: bytes(2, end),
-            wake: true,
-        }];
-        want.extend((2..end).map(|i| Op::Copy {
-            dst: page(i),
-            bytes: bytes(i, i + 1),
-            wake: true,
-        }));
-        want.push(Op::Wake {
-            start: page(2),
-            len: PAGE_SIZE,
-        });
+        let mut want = vec![copied(2, end)];
+        want.extend((2..end).map(|i| copied(i, i + 1)));
+        want.push(woken(page(2)));
         assert_eq!(ops(&st), want);
         for i in 2..end {
             assert!(
@@ -1641,27 +1611,18 @@ mod pager_tests {
         uffd.gone.borrow_mut().extend([page(3), page(STORED + 1)]);
         let mut st = child(uffd, Prefetch::Off, false);
         service(&mut st, &mut Vec::new()).unwrap();
-        let copy = Op::Copy {
-            dst: page(3),
-            bytes: bytes(3, 4),
-            wake: true,
-        };
-        let wake = |p| Op::Wake {
-            start: p,
-            len: PAGE_SIZE,
-        };
         assert_eq!(
             ops(&st),
             vec![
-                copy.clone(),
-                copy,
-                wake(page(3)),
+                copied(3, 4),
+                copied(3, 4),
+                woken(page(3)),
                 Op::Zero {
                     dst: page(STORED + 1),
                     len: PAGE_SIZE,
                     wake: true
                 },
-                wake(page(STORED + 1)),
+                woken(page(STORED + 1)),
             ]
         );
         assert!(st.c.stats.killed_reason().is_none());
