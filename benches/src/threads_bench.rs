@@ -9,7 +9,9 @@
 //!   measured in a *fork twin* of the program (the same program, warmed the
 //!   same way, which forks itself on request and reports how long the
 //!   `fork()` took in the parent; its own capture pause is measured too, so
-//!   the two are of the same process). The numpy twin imports
+//!   the two are of the same process), and each capture's pause again with
+//!   the freeze not kept on one CPU (`CaptureOptions::freeze_unpinned`,
+//!   the baseline of that change). The numpy twin imports
 //!   `numpy_server.py` and times `os.fork()` (at-fork handlers included)
 //!   and the bare fork syscall; Go has no `fork()`, so the Go twin is
 //!   `goserver.go` built with one more file that, on `SIGUSR1`, times the
@@ -315,6 +317,10 @@ struct Report {
     reap: Vec<u64>,
     total: Vec<u64>,
     twin_pause: Vec<u64>,
+    /// The same captures, the freeze not kept on one CPU (the baseline of
+    /// that change).
+    pause_unpinned: Vec<u64>,
+    twin_pause_unpinned: Vec<u64>,
     /// `os.fork()` in the twin (numpy only), and the bare fork syscall:
     /// the parent's side, and until the child was reaped.
     fork: Vec<u64>,
@@ -504,8 +510,15 @@ fn bench(p: &Program, args: &Args, scratch: &Path) -> anyhow::Result<Report> {
     let ppid = parent.id() as i32;
     r.rss_kb = rss_kb(parent.id());
     r.first_capture_ns = capture_idle(ppid, &dir, &opts)?.stats.capture_ns;
+    let unpinned = CaptureOptions {
+        file_store: Some(scratch.join("files")),
+        freeze_unpinned: true,
+        ..Default::default()
+    };
     let mut desc = None;
     for _ in 0..n_iter {
+        r.pause_unpinned
+            .push(capture_idle(ppid, &dir, &unpinned)?.stats.pause_ns);
         let d = capture_idle(ppid, &dir, &opts)?;
         r.pause.push(d.stats.pause_ns);
         r.reap.push(d.stats.reap_pause_ns);
@@ -563,6 +576,9 @@ fn bench(p: &Program, args: &Args, scratch: &Path) -> anyhow::Result<Report> {
         twin_answers(&mut tin, &mut tout)?;
         let d = capture_idle(tpid, &twin_dir, &opts)?;
         r.twin_pause.push(d.stats.pause_ns);
+        twin_answers(&mut tin, &mut tout)?;
+        r.twin_pause_unpinned
+            .push(capture_idle(tpid, &twin_dir, &unpinned)?.stats.pause_ns);
         r.twin_threads.push(d.threads);
         match (p.kind, terr.as_mut()) {
             (Kind::Numpy, _) => {
@@ -738,6 +754,10 @@ fn print_report(p: &Program, args: &Args, r: &Report) {
             &r.pause,
         ),
         (
+            format!("  the same, freeze not kept on one CPU, n={n}"),
+            &r.pause_unpinned,
+        ),
+        (
             format!("capture: pause (reap clone), the program, n={n}"),
             &r.reap,
         ),
@@ -748,6 +768,10 @@ fn print_report(p: &Program, args: &Args, r: &Report) {
         (
             format!("capture: pause (clone), its fork twin, n={n}"),
             &r.twin_pause,
+        ),
+        (
+            format!("  the same, freeze not kept on one CPU, n={n}"),
+            &r.twin_pause_unpinned,
         ),
     ];
     if p.kind == Kind::Numpy {
@@ -827,20 +851,24 @@ fn print_report(p: &Program, args: &Args, r: &Report) {
     let pm = median_ms(&r.pause);
     let tm = median_ms(&r.twin_pause);
     let raw = median_ms(&r.raw_fork);
+    let tu = median_ms(&r.twin_pause_unpinned);
     let fork_vs = if p.kind == Kind::Numpy {
         let f = median_ms(&r.fork);
         format!(
-            "twin pause / local os.fork() = {:.2} (goal <= 1), / bare fork syscall = {:.2}, \
-             / os.fork()+exit+wait = {:.2}",
+            "twin pause / local os.fork() = {:.2} (goal <= 1; not kept on one CPU {:.2}), \
+             / bare fork syscall = {:.2}, / os.fork()+exit+wait = {:.2}",
             tm / f,
+            tu / f,
             tm / raw,
             tm / median_ms(&r.fork_wait)
         )
     } else {
         format!(
             "twin pause / bare fork syscall = {:.2} (goal <= 1; Go has no fork(): the bare syscall, \
-             child exiting at once, is its fork baseline), / bare fork+exit+wait = {:.2}",
+             child exiting at once, is its fork baseline; not kept on one CPU {:.2}), \
+             / bare fork+exit+wait = {:.2}",
             tm / raw,
+            tu / raw,
             tm / median_ms(&r.raw_fork_wait)
         )
     };

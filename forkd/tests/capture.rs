@@ -317,7 +317,8 @@ print(json.dumps({'got': line.strip(), 'sum': sum(state['squares']), 'region': s
 
 /// A two-thread process: both threads are recorded, the second one with
 /// its own state (its name, its syscall, glibc's tid word), and the
-/// process runs on as if nothing happened.
+/// process runs on as if nothing happened, each thread with its own CPU
+/// affinity back.
 #[test]
 fn a_threaded_process_is_captured_with_each_threads_own_state() {
     if !require_root("a_threaded_process_is_captured_with_each_threads_own_state") {
@@ -331,9 +332,28 @@ fn a_threaded_process_is_captured_with_each_threads_own_state() {
         .filter_map(|e| e.unwrap().file_name().to_str()?.parse::<i32>().ok())
         .find(|&t| t != pid)
         .expect("a second thread");
+    // The freeze runs each thread on one CPU; each has its own set back.
+    let affinity = |tid: i32| {
+        // SAFETY: all zeroes is the empty cpu_set_t.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the kernel writes at most the set's size to it.
+        let r = unsafe {
+            libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `c` is below CPU_SETSIZE.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect::<Vec<_>>()
+    };
+    let before = (affinity(pid), affinity(sleeper));
     let out = scratch("threaded").join("seed");
     let (code, _, stderr) = snapshot(pid, &out);
     assert_eq!(code, 0, "{stderr}");
+    assert_eq!((affinity(pid), affinity(sleeper)), before);
+    if before.0.len() < 2 {
+        println!("one CPU: a pinned set could not differ from its own");
+    }
     let j = inspect_json(&out);
     assert_eq!(j["threads"], 2, "{j}");
     assert_eq!(j["main_tid_word"], true, "{j}");

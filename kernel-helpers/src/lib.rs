@@ -12,6 +12,7 @@ pub mod mem;
 pub mod pagemap;
 pub mod proc;
 pub mod ptrace;
+pub mod sched;
 pub mod uffd;
 
 /// The page size of x86_64 Linux, which is all this project targets.

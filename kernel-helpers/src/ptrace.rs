@@ -553,7 +553,7 @@ impl Tracee {
     /// `syscall_insn` is the address of a `syscall` instruction (`0f 05`)
     /// mapped executable in the tracee; `base` are the registers to start from
     /// (normally the tracee's own). The tracee's registers are left as the
-    /// syscall-exit stop has them: the caller restores what it needs.
+    /// stop after the syscall has them: the caller restores what it needs.
     /// `orig_rax` is set to -1 before the first resume so the kernel does not
     /// apply syscall-restart logic to our modified registers.
     pub fn inject_syscall(
@@ -576,12 +576,24 @@ impl Tracee {
         self.set_regs(&regs)?;
 
         let mut new_child = None;
-        let mut entered = false;
+        // One stop, not two: single-stepping the `syscall` instruction
+        // stops with SIGTRAP once it has returned (a syscall-exit stop of
+        // PTRACE_SYSCALL would cost a syscall-entry stop first). A SIGTRAP
+        // that was already pending stops it before the instruction ran: it
+        // is held like any other signal, and the step goes on.
         loop {
-            self.resume(libc::PTRACE_SYSCALL, "SYSCALL")?;
+            self.resume(libc::PTRACE_SINGLESTEP, "SINGLESTEP")?;
             match self.wait_alive()? {
-                Stop::Syscall if !entered => entered = true,
-                Stop::Syscall => break,
+                Stop::Signal(libc::SIGTRAP) => {
+                    let after = self.regs()?;
+                    if after.rip == syscall_insn + 2 {
+                        return Ok(SyscallResult {
+                            ret: after.rax as i64,
+                            new_child,
+                        });
+                    }
+                    self.stashed_signals.push(libc::SIGTRAP);
+                }
                 Stop::Event { event, .. }
                     if event == libc::PTRACE_EVENT_CLONE
                         || event == libc::PTRACE_EVENT_FORK
@@ -590,7 +602,7 @@ impl Tracee {
                     let child = self.event_msg()?;
                     new_child = pid_t::try_from(child).ok();
                 }
-                Stop::Event { .. } => {}
+                Stop::Event { .. } | Stop::Syscall => {}
                 Stop::Signal(sig) => {
                     // A signal arrived for the target; hold it until detach
                     // and resume without delivering it now.
@@ -605,11 +617,6 @@ impl Tracee {
                 }
             }
         }
-        let after = self.regs()?;
-        Ok(SyscallResult {
-            ret: after.rax as i64,
-            new_child,
-        })
     }
 
     /// Set `regs`, continue, and wait until the tracee stops with `SIGTRAP`

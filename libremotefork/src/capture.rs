@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::onecpu::OneCpu;
 use kernel_helpers::mapping::Mapping;
 use kernel_helpers::mem::{self, MemError, ProcMem, RemoteRange};
 use kernel_helpers::pagemap::{Pagemap, PagemapError};
@@ -220,6 +221,10 @@ pub struct CaptureOptions {
     /// content digest (a daemon's state directory has one). Without it,
     /// the seed keeps its own under `rootfs/`.
     pub rootfs_store: Option<std::path::PathBuf>,
+    /// Freeze without keeping the process and the tracing thread on one
+    /// CPU (slower: every stop and injected syscall is a cross-CPU wake;
+    /// for comparing the two).
+    pub freeze_unpinned: bool,
 }
 
 impl std::fmt::Debug for CaptureOptions {
@@ -232,6 +237,7 @@ impl std::fmt::Debug for CaptureOptions {
             .field("coop_reply_fd", &self.coop_reply_fd)
             .field("drop_unsupported_fds", &self.drop_unsupported_fds)
             .field("rootfs_store", &self.rootfs_store)
+            .field("freeze_unpinned", &self.freeze_unpinned)
             .finish()
     }
 }
@@ -387,19 +393,40 @@ fn freeze(
     let pt = |e| CaptureError::from_ptrace(pid, e);
     // Read before the pause (smaps walks the page tables).
     let dontfork = procfs::dontfork_ranges(pid);
+    // Every stop and injected syscall below is a round trip between this
+    // thread and the process's: on one CPU, not across two.
+    let mut one = if opts.freeze_unpinned {
+        None
+    } else {
+        OneCpu::for_process(pid)
+    };
     let t = Instant::now();
     let mut parent = Tracee::seize(pid).map_err(pt)?;
     parent.interrupt().map_err(pt)?;
+    // Pinned now if it was running (not before: see OneCpu).
+    if let Some(o) = one.as_mut() {
+        o.pin(pid);
+    }
     if let Some(h) = &opts.hook {
         h(CapturePoint::ParentStopped);
     }
     let regs = parent.regs().map_err(pt)?;
     let mut others = Vec::new();
-    let stopped = stop_other_threads(pid, &mut others);
-    let frozen = while_stopped(parent, &mut others, pid, &regs, |p, others| {
-        stopped?;
-        freeze_stopped(p, others, pid, insn, &regs, (pmaps, &dontfork), opts)
+    let stopped = stop_other_threads(pid, &mut others, &mut |tid| {
+        if let Some(o) = one.as_mut() {
+            o.pin(tid)
+        }
     });
+    let frozen = while_stopped(parent, &mut others, pid, &regs, |p, others| {
+        let r = stopped
+            .and_then(|()| freeze_stopped(p, others, pid, insn, &regs, (pmaps, &dontfork), opts));
+        // Each thread's own affinity is back before it runs again.
+        if let Some(o) = one.as_mut() {
+            o.release_threads();
+        }
+        r
+    });
+    drop(one);
     let pause_ns = t.elapsed().as_nanos() as u64;
     let mut frozen = frozen?;
     frozen.pause_ns = pause_ns;
@@ -456,6 +483,7 @@ fn thread_gone(tid: pid_t) -> bool {
 fn stop_other_threads(
     pid: pid_t,
     out: &mut Vec<(Tracee, libc::user_regs_struct)>,
+    pin: &mut dyn FnMut(pid_t),
 ) -> Result<(), CaptureError> {
     // TracerPid names the tracing thread: this one.
     // SAFETY: gettid has no preconditions.
@@ -525,6 +553,7 @@ fn stop_other_threads(
             let stopped = t.wait_event_stop("stopping a thread");
             match stopped {
                 Ok(()) => {
+                    pin(tid);
                     let regs = t.regs().map_err(|e| CaptureError::from_ptrace(tid, e))?;
                     out.push((t, regs));
                 }
@@ -932,8 +961,12 @@ fn reap_clone(pid: pid_t, clone_pid: pid_t, insn: u64) -> u64 {
     let t = Instant::now();
     let clone_pid = procfs::own_namespace_pid(clone_pid);
     let run = || -> Result<(), PtraceError> {
+        let mut one = OneCpu::for_process(pid);
         let mut p = Tracee::seize(pid)?;
         p.interrupt()?;
+        if let Some(o) = one.as_mut() {
+            o.pin(pid);
+        }
         let regs = p.regs()?;
         let r = p.inject_syscall(
             insn,
@@ -948,6 +981,9 @@ fn reap_clone(pid: pid_t, clone_pid: pid_t, insn: u64) -> u64 {
                 0,
             ],
         );
+        if let Some(o) = one.as_mut() {
+            o.release_threads();
+        }
         p.set_regs(&resume_regs(&regs))?;
         p.detach()?;
         match r?.result() {

@@ -86,6 +86,7 @@ pub(crate) mod fileid;
 pub mod image;
 pub mod kobj;
 pub mod node;
+mod onecpu;
 pub mod pager;
 pub mod private_fs;
 pub mod procfs;
