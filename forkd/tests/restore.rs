@@ -509,7 +509,29 @@ fn a_hundred_restorers_with_children_leave_no_thread_and_no_cpu_behind() {
     }
     use remotefork::{ExitReason, Seed, SpawnOptions, Stdio};
     let (dir, _) = seed_of(Command::new(c_program("confined")), "hundred-restorers");
-    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    // The library's threads in this process: named pager-N or rf-..., or
+    // unnamed and started from this test's thread (they have its name).
+    // Not the other tests' threads, which come and go meanwhile.
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::gettid() };
+    let comm = |tid: &str| {
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let mine = comm(&me.to_string());
+    let threads = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|tid| *tid != me.to_string())
+            .filter(|tid| {
+                let c = comm(tid);
+                c.starts_with("pager-") || c.starts_with("rf-") || c == mine
+            })
+            .count()
+    };
     let cpu_ticks = || -> u64 {
         let s = std::fs::read_to_string("/proc/self/stat").unwrap();
         let after = &s[s.rfind(')').unwrap() + 2..];

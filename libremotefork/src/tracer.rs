@@ -136,6 +136,8 @@ pub(crate) mod recorder {
         Dropped,
         /// The caller's hook between steps.
         Hook,
+        /// The caller's hook just before the child runs.
+        BeforeRun,
     }
 
     /// A [`Tracer`] that logs each call to a shared log and can be told to

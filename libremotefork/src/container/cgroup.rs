@@ -321,7 +321,11 @@ impl ChildCgroup {
             .iter()
             .map(|(_, _, d)| {
                 let p = d.join("cgroup.procs");
-                std::thread::spawn(move || std::fs::write(&p, pid.to_string()).map_err(io(&p)))
+                std::thread::spawn(move || {
+                    // Spawned while a template's child is made on one CPU.
+                    crate::onecpu::unpin_this_thread();
+                    std::fs::write(&p, pid.to_string()).map_err(io(&p))
+                })
             })
             .collect();
         Attaching { threads }

@@ -39,35 +39,38 @@ pub(crate) struct ExecutorArea {
 /// the seed's kept its tid (glibc's thread descriptor), recreate every
 /// other thread of the seed ([`start_threads`]), then set the main
 /// thread's registers (an interrupted syscall set to restart), its XSAVE
-/// area and its signal mask, and detach: the other threads first. On an
-/// error the tracers are dropped without detaching, which kills the child.
+/// area and its signal mask, run `before_run` and detach: the other
+/// threads first. On an error the tracers are dropped without detaching,
+/// which kills the child.
 pub(crate) fn finish<T: Tracer, R>(
     mut t: T,
     exec: &ExecutorArea,
     d: &Descriptor,
     before_start: impl FnOnce() -> Result<R, RestoreError>,
+    before_run: impl FnOnce(),
 ) -> Result<R, RestoreError> {
     unmap_executor(&mut t, exec)?;
     let out = before_start()?;
     // After before_start: a lazy child's pages are served from here on,
     // and these writes may fault.
     let threads = threads_ahead(&mut t, exec, d)?;
-    let_run(t, threads, d)?;
+    let_run(t, threads, d, before_run)?;
     Ok(out)
 }
 
 /// [`finish`] for a child whose threads [`threads_ahead`] recreated
 /// before (a template's spare, forked ahead of its spawn; a lazy one
-/// already served): unmap the executor, set the main thread's state, and
-/// let them all run.
+/// already served): unmap the executor, set the main thread's state, run
+/// `before_run` and let them all run.
 pub(crate) fn finish_with_threads<T: Tracer>(
     mut t: T,
     threads: Vec<T>,
     exec: &ExecutorArea,
     d: &Descriptor,
+    before_run: impl FnOnce(),
 ) -> Result<(), RestoreError> {
     unmap_executor(&mut t, exec)?;
-    let_run(t, threads, d)
+    let_run(t, threads, d, before_run)
 }
 
 /// Unmap the executor area from the child.
@@ -108,12 +111,19 @@ pub(crate) fn threads_ahead<T: Tracer>(
 }
 
 /// Set the main thread's registers (an interrupted syscall set to
-/// restart), its XSAVE area and its signal mask, and detach: the other
+/// restart), its XSAVE area and its signal mask, run `before_run` (the
+/// child's CPU affinity put back: see `onecpu`), and detach: the other
 /// threads first.
-fn let_run<T: Tracer>(t: T, threads: Vec<T>, d: &Descriptor) -> Result<(), RestoreError> {
+fn let_run<T: Tracer>(
+    t: T,
+    threads: Vec<T>,
+    d: &Descriptor,
+    before_run: impl FnOnce(),
+) -> Result<(), RestoreError> {
     t.set_regs(&d.registers.restarted_in_child().to_user_regs())?;
     t.set_xstate(&d.xstate)?;
     t.set_sigmask(d.sigmask)?;
+    before_run();
     for th in threads {
         th.detach()?;
     }
@@ -354,10 +364,17 @@ mod tests {
     fn run(t: Recorder, d: &Descriptor) -> (Result<(), RestoreError>, Vec<Call>) {
         let log = t.log.clone();
         let hook_log = log.clone();
-        let r = finish(t, &EXEC, d, || {
-            hook_log.borrow_mut().push(Call::Hook);
-            Ok(())
-        });
+        let run_log = log.clone();
+        let r = finish(
+            t,
+            &EXEC,
+            d,
+            || {
+                hook_log.borrow_mut().push(Call::Hook);
+                Ok(())
+            },
+            || run_log.borrow_mut().push(Call::BeforeRun),
+        );
         let calls = log.borrow().clone();
         (r, calls)
     }
@@ -380,6 +397,7 @@ mod tests {
                 },
                 Call::SetXstate(vec![1, 2, 3]),
                 Call::SetSigmask(1 << 9),
+                Call::BeforeRun,
                 Call::Detach,
             ]
         );
@@ -431,12 +449,18 @@ mod tests {
     fn finish_kills_the_child_when_the_hook_fails_and_sets_nothing() {
         let t = Recorder::new();
         let log = t.log.clone();
-        let r: Result<(), _> = finish(t, &EXEC, &interrupted(), || {
-            Err(RestoreError::Step {
-                what: "starting the pager".into(),
-                detail: "no".into(),
-            })
-        });
+        let r: Result<(), _> = finish(
+            t,
+            &EXEC,
+            &interrupted(),
+            || {
+                Err(RestoreError::Step {
+                    what: "starting the pager".into(),
+                    detail: "no".into(),
+                })
+            },
+            || panic!("never runs"),
+        );
         assert!(r.is_err());
         assert_eq!(
             *log.borrow(),
@@ -461,8 +485,11 @@ mod tests {
             let (r, calls) = run(t, &interrupted());
             let e = r.unwrap_err();
             assert!(e.to_string().contains(request), "{fail_at}: {e}");
-            // The unmap, the hook, the calls before the failing one, the kill.
-            assert_eq!(calls.len(), fail_at + 2, "{calls:?}");
+            // The unmap, the hook, the calls before the failing one (with
+            // the hook before the child runs, if that was the detach), the
+            // kill.
+            let before_run = usize::from(request == "DETACH");
+            assert_eq!(calls.len(), fail_at + 2 + before_run, "{calls:?}");
             assert!(!calls.contains(&Call::Detach));
             assert_eq!(calls.last(), Some(&Call::Dropped));
         }
@@ -536,6 +563,7 @@ mod tests {
             },
             Call::SetXstate(vec![1, 2, 3]),
             Call::SetSigmask(1 << 9),
+            Call::BeforeRun,
             Call::Detach,
             Call::Detach,
         ]
@@ -569,7 +597,11 @@ mod tests {
                 [0x10_0000, 0x4000, 0, 0, 0, 0]
             )));
         }
-        finish_with_threads(t, threads, &EXEC, &d).unwrap();
+        let run_log = log.clone();
+        finish_with_threads(t, threads, &EXEC, &d, || {
+            run_log.borrow_mut().push(Call::BeforeRun)
+        })
+        .unwrap();
         assert_eq!(
             log.borrow()[ahead..].to_vec(),
             [Call::Syscall(
@@ -587,7 +619,7 @@ mod tests {
         let (d, mut t, threads, ahead) = made_ahead();
         let log = t.log.clone();
         t.syscall_ret = -(libc::EINVAL as i64);
-        let e = finish_with_threads(t, threads, &EXEC, &d).unwrap_err();
+        let e = finish_with_threads(t, threads, &EXEC, &d, || ()).unwrap_err();
         assert!(e.to_string().contains("unmapping the executor"), "{e}");
         // Nothing let go: the thread and the main one dropped (killed),
         // the thread first.
@@ -608,7 +640,10 @@ mod tests {
         // detaches begin, nothing is let go.
         let d = two_threads();
         let (_, all) = run(Recorder::new(), &d);
-        let total = all.iter().filter(|c| !matches!(c, Call::Hook)).count();
+        let total = all
+            .iter()
+            .filter(|c| !matches!(c, Call::Hook | Call::BeforeRun))
+            .count();
         for fail_at in 2..total {
             let mut t = Recorder::new();
             t.fail_at = Some(fail_at);

@@ -843,14 +843,31 @@ impl Core {
             len: plan.area_len(),
         };
         let mut paging: Option<Arc<ChildStats>> = None;
-        let (stats, handover) = finish::finish(husk, &exec, d, || match uffd_fd {
-            Some(fd) => {
-                let (s, h) = self.start_paging(pid, &plan, fd, opts, None)?;
-                paging = Some(s.clone());
-                Ok((Some(s), h))
-            }
-            None => Ok((None, None)),
-        })
+        // A seed with threads: this thread and the child (with the threads
+        // made in it, a few stops each) on one CPU until just before it
+        // runs (see `onecpu`).
+        let mut one = if d.thread_set.others.is_empty() {
+            None
+        } else {
+            crate::onecpu::OneCpu::here(pid)
+        };
+        if let Some(o) = one.as_mut() {
+            o.whole_process(pid, pid);
+        }
+        let (stats, handover) = finish::finish(
+            husk,
+            &exec,
+            d,
+            || match uffd_fd {
+                Some(fd) => {
+                    let (s, h) = self.start_paging(pid, &plan, fd, opts, None)?;
+                    paging = Some(s.clone());
+                    Ok((Some(s), h))
+                }
+                None => Ok((None, None)),
+            },
+            move || drop(one),
+        )
         .map_err(|e| served_or(e, paging.as_deref()))?;
         let restore_ns = t0.elapsed().as_nanos() as u64;
         debug!(pid, us = restore_ns / 1000, "child running");

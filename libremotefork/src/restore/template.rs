@@ -49,6 +49,8 @@ use kernel_helpers::husk::Io;
 use kernel_helpers::mem::{self, RemoteRange};
 use kernel_helpers::proc;
 use kernel_helpers::ptrace::{self, Stop, Tracee};
+
+use crate::onecpu::OneCpu;
 use kernel_helpers::{executor, uffd};
 use tracing::{debug, info};
 
@@ -677,6 +679,10 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
     if t.container {
         flags |= crate::container::FORK_NAMESPACES as u64;
     }
+    // The template, this thread and the child (with the threads made in
+    // it) on one CPU while the child is made; each has its own affinity
+    // back (the child the template's) when this returns.
+    let mut one = OneCpu::here(t.tracee.pid());
     let r = t.tracee.inject_syscall(
         t.insn,
         &t.base_regs,
@@ -693,6 +699,9 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
         what: "forking the template".into(),
         detail: "no fork event for the new child".into(),
     })?;
+    if let Some(o) = one.as_mut() {
+        o.whole_process(pid, t.tracee.pid());
+    }
     let mut tracee = Tracee::adopt(pid);
     tracee.kill_on_drop();
     // A lazy child: its userfaultfd, from the fork event.
@@ -904,8 +913,10 @@ fn finish(
     let table_us = t0.elapsed().as_micros() as u64;
     let exec = exec_area(t);
     match threads {
-        Some(threads) => super::finish::finish_with_threads(child, threads, &exec, d),
-        None => super::finish::finish(child, &exec, d, || Ok(())),
+        // Not on one CPU: a few stops only, and the CPU this thread would
+        // be pinned to may be busy right then (it was slower, measured).
+        Some(threads) => super::finish::finish_with_threads(child, threads, &exec, d, || ()),
+        None => super::finish::finish(child, &exec, d, || Ok(()), || ()),
     }
     .map_err(|e| super::served_or(e, stats.as_deref()))?;
     let restore_ns = t0.elapsed().as_nanos() as u64;
