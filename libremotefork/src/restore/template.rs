@@ -915,7 +915,7 @@ fn finish(
     match threads {
         // Not on one CPU: a few stops only, and the CPU this thread would
         // be pinned to may be busy right then (it was slower, measured).
-        Some(threads) => super::finish::finish_with_threads(child, threads, &exec, d, || ()),
+        Some(threads) => super::finish::finish_with_threads(child, threads, &exec, d),
         None => super::finish::finish(child, &exec, d, || Ok(()), || ()),
     }
     .map_err(|e| super::served_or(e, stats.as_deref()))?;
