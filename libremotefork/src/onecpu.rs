@@ -9,9 +9,9 @@
 //! tracing thread and every thread of the process are pinned to one CPU
 //! both may run on (a sleeping thread just before it is stopped, a running
 //! one just after), and each thread's own affinity is put back before it
-//! runs again. The same goes for a child being built, forked from its
-//! template or restored in a husk: it, its template and the threads made
-//! in it are pinned until just before it runs.
+//! runs again. The same goes for a multi-threaded child being built: a
+//! template's spare (with the template) until its threads are made, and
+//! a child restored from scratch until just before it runs.
 
 use kernel_helpers::sched::{self, CpuSet};
 use libc::pid_t;
@@ -134,10 +134,7 @@ impl OneCpu {
             }
         }
         for (pid, set) in self.whole.drain(..) {
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-                continue;
-            };
-            for tid in tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<pid_t>().ok()) {
+            for tid in tids(pid).unwrap_or_default() {
                 if let Err(e) = sched::set_affinity(tid, &set) {
                     debug!(pid, tid, error = %e, "affinity not put back");
                 }
@@ -146,12 +143,21 @@ impl OneCpu {
     }
 }
 
-/// The threads of process `pid`: (tid, state, the CPU it last ran on).
-fn threads_of(pid: pid_t) -> Option<Vec<(pid_t, char, usize)>> {
+/// The thread ids of process `pid` (`None` if it is gone).
+fn tids(pid: pid_t) -> Option<Vec<pid_t>> {
     Some(
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .ok()?
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+    )
+}
+
+/// The threads of process `pid`: (tid, state, the CPU it last ran on).
+fn threads_of(pid: pid_t) -> Option<Vec<(pid_t, char, usize)>> {
+    Some(
+        tids(pid)?
+            .into_iter()
             .filter_map(|tid| {
                 let (state, cpu) = sched::state_and_cpu(tid).ok()?;
                 Some((tid, state, cpu))
