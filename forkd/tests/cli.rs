@@ -92,6 +92,7 @@ fn the_json_of_forkd_and_forkctl_is_one_documented_vocabulary() {
     let id = python_seed(|a| d.ctl(a), SERVER);
     docs.push(("seed", json_out(d.ctl(&["--json", "seed", "get", &id]))));
     docs.push(("seed_list", json_out(d.ctl(&["--json", "seed", "ls"]))));
+    docs.push(("prepare", json_out(d.ctl(&["--json", "prepare", &id]))));
     let inp = input(&dir, "in", "x\n");
     let lazy = json_out(d.ctl(&["--json", "spawn", &id, "--count", "2", "--stdin", &inp]));
     let eager = json_out(d.ctl(&[

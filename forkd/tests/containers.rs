@@ -561,6 +561,20 @@ fn the_gateway_serves_1000_invocations_over_2_nodes_each_in_its_own_container() 
         });
         let (st, v) = http(&a, "POST", "/functions", &spec.to_string()).await;
         assert_eq!(st, 201, "{v}");
+        // Registered means ready on both nodes: the other node has the
+        // rootfs and each its template, before the first invocation.
+        let prepared = v["prepared"].as_array().expect("prepared per node");
+        assert_eq!(prepared.len(), 2, "{v}");
+        assert!(
+            prepared
+                .iter()
+                .all(|p| p["ms"].as_f64().is_some() && p["error"].is_null()),
+            "{v}"
+        );
+        println!(
+            "registered: seed made in {:.0} ms; prepared on the nodes: {prepared:?}",
+            v["register_ms"].as_f64().unwrap_or(0.0)
+        );
         let t = std::time::Instant::now();
         let calls: Vec<_> = (0..burst)
             .map(|i| {

@@ -565,6 +565,69 @@ fn idle_templates_are_dropped_and_rebuilt_at_the_next_spawn() {
     assert!(!stopped_children(forkd_pid).is_empty());
 }
 
+#[test]
+fn a_prepared_seed_has_its_template_before_the_first_spawn() {
+    if !require_root("a_prepared_seed_has_its_template_before_the_first_spawn") {
+        return;
+    }
+    let dir = scratch("daemon-prepare");
+    let d = Daemon::start(&dir, false);
+    let forkd_pid = d.child.id() as i32;
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        python(),
+        "-c",
+        SERVER,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seed: Value = serde_json::from_str(&out).unwrap();
+    let id = seed["id"].as_str().unwrap().to_string();
+    assert!(
+        stopped_children(forkd_pid).is_empty(),
+        "a template before any use"
+    );
+    // Prepared: the template (and its spare) are there, no child is.
+    let (code, out, err) = d.ctl(&["--json", "prepare", &id]);
+    assert_eq!(code, 0, "{err}");
+    let p: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(p["seed"], id.as_str(), "{p}");
+    assert_eq!(p["template_built"], true, "{p}");
+    let held = stopped_children(forkd_pid);
+    assert!(held.len() >= 2, "template and spare: {held:?}");
+    let (code, out, _) = d.ctl(&["--json", "ps"]);
+    assert_eq!(code, 0);
+    let ps: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ps.as_array().map_or(0, |a| a.len()), 0, "no instance: {ps}");
+    // Again: nothing to build.
+    let (code, out, err) = d.ctl(&["--json", "prepare", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["template_built"],
+        false
+    );
+    // The children come from that template, and are right.
+    check_children(&spawn_json(&d, &id, 3, "a\nb\n"), 3, 2);
+    assert!(
+        held.iter().any(|p| stopped_children(forkd_pid).contains(p)),
+        "the template was kept"
+    );
+    // Without templates, nothing is built; an unknown seed is named.
+    let (code, out, err) = d.ctl(&["--json", "prepare", &id, "--no-template"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["template_built"],
+        false
+    );
+    let (code, _, err) = d.ctl(&["prepare", "0123456789abcdef"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("0123456789abcdef"), "{err}");
+}
+
 /// forkd's end of each established TCP connection to `port`: its socket
 /// descriptors, found through /proc/net/tcp inodes.
 fn established_fds(forkd_pid: i32, port: u16) -> Vec<i32> {

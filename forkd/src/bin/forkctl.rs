@@ -91,6 +91,26 @@ enum Cmd {
         #[arg(long, default_value = "loopback")]
         net: String,
     },
+    /// Make the node ready to start children of a seed at once, without
+    /// starting one: another node's seed (a reference) and its container
+    /// rootfs fetched, the node's template for this mode built and its
+    /// spare forked.
+    Prepare {
+        /// Seed id or reference (`ADDR/ID#KEY`).
+        seed: String,
+        /// off, window or recorded: the mode of the children to come.
+        #[arg(long, default_value = "window")]
+        prefetch: String,
+        /// For children that will have all memory written before they run.
+        #[arg(long)]
+        eager: bool,
+        /// For children restored from scratch (no template is built).
+        #[arg(long)]
+        no_template: bool,
+        /// A container seed's children: "loopback" or "none".
+        #[arg(long, default_value = "loopback")]
+        net: String,
+    },
     /// List instances.
     Ps {
         /// Only this seed's.
@@ -716,6 +736,47 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if report.failed > 0 {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Prepare {
+            seed,
+            prefetch,
+            eager,
+            no_template,
+            net,
+        } => {
+            let (origin, r) = parse_ref(&seed);
+            let req = pb::SpawnRequest {
+                seed: Some(r),
+                prefetch,
+                eager,
+                origin: origin.unwrap_or_default(),
+                no_template,
+                container: Some(pb::ContainerLimits {
+                    network: net,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let p = c.prepare_seed(req).await.map_err(status_err)?.into_inner();
+            if cli.json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({ "seed": p.seed_id, "template_built": p.template_built, "ms": p.ms })
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "seed {} ready here in {:.1} ms{}",
+                    p.seed_id,
+                    p.ms,
+                    if p.template_built {
+                        " (template built)"
+                    } else {
+                        ""
+                    }
+                )?;
             }
         }
         Cmd::Ps { seed } => {

@@ -162,6 +162,19 @@ impl Forkd for Service {
         )))
     }
 
+    async fn prepare_seed(
+        &self,
+        req: Request<pb::SpawnRequest>,
+    ) -> Result<Response<pb::PrepareSeedResponse>, Status> {
+        let _work = self.state.life.admit("prepares")?;
+        let remote = req.extensions().get::<Remote>().is_some();
+        let who = auth::principal(&req);
+        let r = self
+            .prepare_children(req.into_inner(), remote, &who)
+            .await?;
+        Ok(Response::new(r))
+    }
+
     async fn list_instances(
         &self,
         req: Request<pb::ListInstancesRequest>,

@@ -135,19 +135,8 @@ impl Service {
             state: self.state.clone(),
             left: count as u64,
         };
-        let prefetch = match r.prefetch.as_str() {
-            "" => Prefetch::Window,
-            p => p
-                .parse::<Prefetch>()
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
-        };
-        let opts = SpawnOptions::default()
-            .lazy(!r.eager)
-            .prefetch(prefetch)
-            .share(true)
-            .template(!r.no_template)
-            .run_as(run_as)
-            .container(container_spec(r.container.as_ref())?);
+        // (An error drops `unqueue`, which takes the count back.)
+        let (opts, prefetch) = spawn_options(&r, run_as)?;
         let (tx, rx) = mpsc::channel::<Result<pb::InstanceEvent, Status>>(1024);
         let stdin = match (r.stdin_ref.as_str(), r.stdin.is_empty()) {
             ("", _) => Arc::new(r.stdin),
@@ -177,6 +166,62 @@ impl Service {
             batch.run(unqueue).await;
         });
         Ok(ReceiverStream::new(rx))
+    }
+}
+
+/// The options children of `r` are started with, and its prefetch mode.
+fn spawn_options(
+    r: &pb::SpawnRequest,
+    run_as: Option<remotefork::RunAs>,
+) -> Result<(SpawnOptions, Prefetch), Status> {
+    let prefetch = match r.prefetch.as_str() {
+        "" => Prefetch::Window,
+        p => p
+            .parse::<Prefetch>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?,
+    };
+    let opts = SpawnOptions::default()
+        .lazy(!r.eager)
+        .prefetch(prefetch)
+        .share(true)
+        .template(!r.no_template)
+        .run_as(run_as)
+        .container(container_spec(r.container.as_ref())?);
+    Ok((opts, prefetch))
+}
+
+impl Service {
+    /// Make this node ready for children of `r` without starting one (see
+    /// the PrepareSeed RPC).
+    pub(super) async fn prepare_children(
+        &self,
+        r: pb::SpawnRequest,
+        remote: bool,
+        who: &auth::Principal,
+    ) -> Result<pb::PrepareSeedResponse, Status> {
+        let t = Instant::now();
+        let target = self
+            .target_for(r.seed.as_ref(), &r.origin, remote, who)
+            .await?;
+        let run_as = self.run_as(&target, who)?;
+        let (opts, _) = spawn_options(&r, run_as)?;
+        let restorer = target.restorer.clone();
+        let template_built = tokio::task::spawn_blocking(move || restorer.prepare(&opts))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "seed {} cannot be prepared here: {e}",
+                    target.id
+                ))
+            })?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        info!(target: LOG, seed = %target.id, origin = %r.origin, template_built, ms, "seed prepared");
+        Ok(pb::PrepareSeedResponse {
+            seed_id: target.id,
+            template_built,
+            ms,
+        })
     }
 }
 

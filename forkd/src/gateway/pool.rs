@@ -112,6 +112,9 @@ pub struct Function {
     pool: Mutex<Pool>,
     wake: Notify,
     stats: Stats,
+    /// What preparing its seed on each node gave (see
+    /// [`prepare_everywhere`]), as JSON for `GET /functions`.
+    prepared: Mutex<Vec<Value>>,
     next_call: AtomicU64,
 }
 
@@ -140,6 +143,7 @@ impl Function {
             pool: Mutex::new(Pool::default()),
             wake: Notify::new(),
             stats: Stats::default(),
+            prepared: Mutex::new(Vec::new()),
             next_call: AtomicU64::new(1),
         }
     }
@@ -174,6 +178,7 @@ impl Function {
             "spawned": s.spawned.load(Ordering::Relaxed),
             "reused": s.reused.load(Ordering::Relaxed),
             "retried": s.retried.load(Ordering::Relaxed),
+            "prepared": *self.prepared.lock().unwrap_or_else(|e| e.into_inner()),
         })
     }
 
@@ -533,6 +538,63 @@ fn spawn_request(f: &Function, node: &Node, count: u32) -> pb::SpawnRequest {
         labels: [("gateway-function".to_string(), f.name.clone())].into(),
         ..Default::default()
     }
+}
+
+/// How long preparing a seed on one node may take (a container seed's
+/// rootfs may have to come over first).
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Make every placeable node ready to start `f`'s instances at once
+/// (forkd's `PrepareSeed`: another node's seed descriptor and container
+/// rootfs fetched, the node's template built and its spare forked), all
+/// nodes together, so that the first invocations after a registration do
+/// not wait for that, nor compete with it for the CPUs. A node that cannot
+/// is logged and noted in the function's `prepared` list; its first spawn
+/// does the work instead, as before.
+pub(crate) async fn prepare_everywhere(g: &Gateway, f: &Function) {
+    let t = Instant::now();
+    let calls: Vec<_> = g
+        .node_list()
+        .into_iter()
+        .filter(|n| n.placeable())
+        .map(|n| {
+            let mut req = spawn_request(f, &n, 0);
+            req.prefetch = g.cfg.prefetch.clone();
+            req.labels.clear();
+            let mut c = n.client.clone();
+            let name = f.name.clone();
+            tokio::spawn(async move {
+                let r = tokio::time::timeout(PREPARE_TIMEOUT, c.prepare_seed(req)).await;
+                let addr = n.spec.addr.clone();
+                match r {
+                    Ok(Ok(r)) => {
+                        let r = r.into_inner();
+                        json!({ "node": addr, "ms": r.ms, "template_built": r.template_built })
+                    }
+                    Ok(Err(e)) if e.code() == tonic::Code::Unimplemented => {
+                        json!({ "node": addr, "error": "this forkd cannot prepare seeds (an older version); its first spawn fetches what it needs" })
+                    }
+                    Ok(Err(e)) => {
+                        warn!(function = %name, node = %addr, error = %e.message(), "could not prepare the seed on a node; its first spawn will");
+                        json!({ "node": addr, "error": e.message() })
+                    }
+                    Err(_) => {
+                        warn!(function = %name, node = %addr, "preparing the seed on a node took over {PREPARE_TIMEOUT:?}; its first spawn will go on with it");
+                        json!({ "node": addr, "error": format!("no answer in {PREPARE_TIMEOUT:?}") })
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut done = Vec::with_capacity(calls.len());
+    for c in calls {
+        done.push(
+            c.await
+                .unwrap_or_else(|e| json!({ "error": e.to_string() })),
+        );
+    }
+    info!(function = %f.name, nodes = done.len(), ms = t.elapsed().as_millis() as u64, "seed prepared on the nodes");
+    *f.prepared.lock().unwrap_or_else(|e| e.into_inner()) = done;
 }
 
 /// Whether a refused or broken `Spawn` on `n` says the node is going away
@@ -1056,6 +1118,7 @@ async fn remake_seed(g: Arc<Gateway>, f: Arc<Function>) {
                 info!(function = %f.name, old = %old.0.id, new = %seed.id, node = %node.spec.addr,
                       "the seed's node is draining: made the seed again on another node");
                 *f.seed.lock().unwrap_or_else(|e| e.into_inner()) = (seed, node);
+                prepare_everywhere(&g, &f).await;
                 f.wake.notify_one();
                 break;
             }

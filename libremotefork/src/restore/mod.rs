@@ -747,6 +747,24 @@ impl Seed {
         })
     }
 
+    /// Make this node ready to start children of `opts` at once, without
+    /// starting one: for a seed of another node, fetch what its children
+    /// need first; with `opts.template`, build this node's template for
+    /// `opts` and fork its spare (see the module doc). The first spawn
+    /// after it then pays for neither. Whether a template was built now
+    /// (false: it was there already, or `opts.template` is off).
+    pub fn prepare(&self, opts: &SpawnOptions) -> Result<bool, RestoreError> {
+        if let Some(why) = self.core.seed.cache.damaged() {
+            return Err(RestoreError::Damaged(why));
+        }
+        if opts.template {
+            template::prepare(&self.core, opts)
+        } else {
+            self.core.prewarm(opts.lazy, false)?;
+            Ok(false)
+        }
+    }
+
     fn spawn_io(
         &self,
         stdin: husk::Io,

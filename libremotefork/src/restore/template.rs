@@ -309,6 +309,54 @@ fn submit(job: Job) -> Result<(), RestoreError> {
     }
 }
 
+/// Before a job for `opts` goes to the service thread: what a template
+/// still to build needs from a remote seed is fetched here, not on the
+/// service thread every seed's spawns share; and the service knows `core`.
+fn before_submit(core: &Arc<Core>, opts: &SpawnOptions) -> Result<(), RestoreError> {
+    let want_ws = wants_working_set(core, opts);
+    let ready = core
+        .templates
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key_of(opts))
+        .is_some_and(|t| t.with_ws || !want_ws);
+    if !ready {
+        core.prewarm(opts.lazy, want_ws)?;
+    }
+    let mut cores = CORES.lock().unwrap_or_else(|e| e.into_inner());
+    if !cores
+        .iter()
+        .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(core)))
+    {
+        cores.push(Arc::downgrade(core));
+    }
+    Ok(())
+}
+
+/// Make this node ready for children of `opts` without starting one: the
+/// template for `opts` built (if there is none, or it lacks a working set
+/// recorded since) and its spare forked. Whether a template was built.
+pub(super) fn prepare(core: &Arc<Core>, opts: &SpawnOptions) -> Result<bool, RestoreError> {
+    before_submit(core, opts)?;
+    let core = core.clone();
+    let opts = *opts;
+    let (tx, rx) = sync_channel(1);
+    submit(Box::new(move || {
+        let built = {
+            let mut g = core.templates.lock().unwrap_or_else(|e| e.into_inner());
+            template_for(&core, &mut g, &opts).map(|(_, built)| built)
+        };
+        if built.is_ok() {
+            refill(&core, key_of(&opts));
+        }
+        let _ = tx.send(built);
+    }))?;
+    rx.recv().map_err(|_| RestoreError::Step {
+        what: "preparing the template".into(),
+        detail: "the template service failed (a panic; see the log)".into(),
+    })?
+}
+
 /// Start one child forked from the seed's template for `opts` (built first
 /// if there is none, or if it lacks a working set recorded since).
 pub(super) fn spawn(
@@ -318,29 +366,9 @@ pub(super) fn spawn(
     stderr: Io,
     opts: &SpawnOptions,
 ) -> Result<Started, RestoreError> {
+    before_submit(core, opts)?;
     let core = core.clone();
     let opts = *opts;
-    // A template still to build: what it needs from a remote seed is
-    // fetched here, not on the service thread every seed's spawns share.
-    let want_ws = wants_working_set(&core, &opts);
-    let ready = core
-        .templates
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key_of(&opts))
-        .is_some_and(|t| t.with_ws || !want_ws);
-    if !ready {
-        core.prewarm(opts.lazy, want_ws)?;
-    }
-    {
-        let mut cores = CORES.lock().unwrap_or_else(|e| e.into_inner());
-        if !cores
-            .iter()
-            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&core)))
-        {
-            cores.push(Arc::downgrade(&core));
-        }
-    }
     let (tx, rx) = sync_channel(1);
     submit(Box::new(move || {
         let began = Instant::now();
@@ -410,12 +438,16 @@ pub(super) fn pids(core: &Core) -> Vec<i32> {
     g.values().map(|t| t.tracee.pid()).collect()
 }
 
-fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Started, RestoreError> {
-    let t0 = Instant::now();
+/// The live template for `opts` in `g`, built now if there is none (or it
+/// lacks a working set recorded since, or died); and whether it was built.
+fn template_for<'a>(
+    core: &Core,
+    g: &'a mut Templates,
+    opts: &SpawnOptions,
+) -> Result<(&'a mut Template, bool), RestoreError> {
     let key = key_of(opts);
     let prefetch = key.1;
     let want_ws = wants_working_set(core, opts);
-    let mut g = core.templates.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(t) = g.get(&key) {
         if (want_ws && !t.with_ws) || !alive(t.tracee.pid()) {
             // Dropping it kills it; its children live on.
@@ -423,9 +455,8 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Started,
             g.remove(&key);
         }
     }
-    // The first child's time (from t0) includes building the template.
-    let t = match g.entry(key) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+    let (t, built) = match g.entry(key) {
+        std::collections::hash_map::Entry::Occupied(e) => (e.into_mut(), false),
         std::collections::hash_map::Entry::Vacant(e) => {
             let tb = Instant::now();
             let t = build(core, opts, prefetch, want_ws)?;
@@ -437,10 +468,18 @@ fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Started,
                 us = tb.elapsed().as_micros() as u64,
                 "template built"
             );
-            e.insert(t)
+            (e.insert(t), true)
         }
     };
     t.last_used = Instant::now();
+    Ok((t, built))
+}
+
+fn fork_one(core: &Core, stdio: [Io; 3], opts: &SpawnOptions) -> Result<Started, RestoreError> {
+    let t0 = Instant::now();
+    let mut g = core.templates.lock().unwrap_or_else(|e| e.into_inner());
+    // The first child's time (from t0) includes building the template.
+    let (t, _) = template_for(core, &mut g, opts)?;
     // A spare forked ahead, if it is still there; else fork now.
     let forked = loop {
         match t.spares.pop() {
