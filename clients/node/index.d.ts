@@ -74,6 +74,7 @@ export declare class ForkdClient {
   listSeeds(): Promise<Seed[]>;
   dropSeed(id: string, key?: string): Promise<void>;
   spawn(seed: string, opts?: SpawnOptions): AsyncGenerator<InstanceEvent>;
+  prepare(seed: string, opts?: { prefetch?: string; eager?: boolean; origin?: string; noTemplate?: boolean }): Promise<{ seed: string; templateBuilt: boolean; ms: number }>;
   run(seed: string, opts?: SpawnOptions): Promise<Child[]>;
   listInstances(seedId?: string): Promise<Instance[]>;
   kill(instanceId: string): Promise<void>;

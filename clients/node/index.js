@@ -185,6 +185,17 @@ class ForkdClient {
     return this._stream('Spawn', req, count);
   }
 
+  /**
+   * Make the node ready to start children of `seed` in this mode without
+   * starting one (another node's seed and container rootfs fetched, the
+   * node's template built and its spare forked): `{ seed, templateBuilt, ms }`.
+   */
+  async prepare(seed, { prefetch = '', eager = false, origin = '', noTemplate = false } = {}) {
+    const r = parseRef(seed);
+    const p = await this._unary('PrepareSeed', { seed: { id: r.id, key: r.key }, prefetch, eager, origin: origin || r.origin, noTemplate });
+    return { seed: p.seedId, templateBuilt: p.templateBuilt, ms: p.ms };
+  }
+
   /** spawn() and wait for every child: one result per child, by index. */
   async run(seed, opts = {}) {
     const count = opts.count || 1;

@@ -35,6 +35,11 @@ def main(addr=None):
                                  name="example", env={"EXAMPLE": "1"})
         print(f"seed {seed.id}: {seed.image_bytes / 2**20:.1f} MiB, parent paused {seed.pause_us} us")
 
+        # Ready before the first child: the node's template is built now.
+        ready = forkd.prepare(seed.ref)
+        assert ready["seed"] == seed.id and ready["template_built"], ready
+        print(f"prepared in {ready['ms']:.1f} ms")
+
         # Three children, one request each (the seed's key comes along in
         # seed.ref: over TCP, spawning needs it); every one answers from the warm table.
         for child in forkd.run(seed.ref, count=3, stdin=b'{"n": 12}\n'):

@@ -317,6 +317,19 @@ class Client:
                 if ended == count:
                     return
 
+    def prepare(self, seed: str, *, prefetch: str = "", eager: bool = False, origin: str = "",
+                no_template: bool = False) -> Dict[str, object]:
+        """Make the node ready to start children of ``seed`` (an id or a
+        reference) in this mode without starting one: another node's seed
+        and container rootfs fetched, the node's template built and its
+        spare forked. Returns ``{"seed", "template_built", "ms"}``."""
+        ref_origin, seed_id, key = parse_ref(seed)
+        req = pb.SpawnRequest(
+            seed=pb.SeedRef(id=seed_id, key=key), prefetch=prefetch, eager=eager,
+            origin=origin or ref_origin, no_template=no_template)
+        r = self._call("PrepareSeed", req)
+        return {"seed": r.seed_id, "template_built": r.template_built, "ms": r.ms}
+
     def run(self, seed: str, count: int = 1, stdin: bytes = b"", **kw) -> List[Child]:
         """:meth:`spawn` and wait for every child: one :class:`Child` each, by index."""
         children = {i: Child(index=i) for i in range(count)}

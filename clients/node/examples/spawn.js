@@ -39,6 +39,10 @@ async function main() {
     // Three children, one request each; every one answers from the warm
     // table. ID#KEY: over TCP, spawning needs the seed's key.
     const ref = `${seed.id}#${seed.key}`;
+    // Ready before the first child: the node's template is built now.
+    const ready = await forkd.prepare(ref);
+    check(ready.seed === seed.id && ready.templateBuilt, JSON.stringify(ready));
+    console.log(`prepared in ${ready.ms.toFixed(1)} ms`);
     for (const child of await forkd.run(ref, { count: 3, stdin: '{"n": 12}\n' })) {
       const answer = JSON.parse(child.stdout.toString());
       check(child.exitCode === 0 && answer.pid === child.pid && answer.square === 144, JSON.stringify(child));
