@@ -128,6 +128,12 @@ fn multi_hop_a_child_on_b_becomes_a_seed_spawned_on_c() {
     assert_eq!(seen, vec![0, 1, 2]);
 }
 
+/// Nodes that do not drain other nodes' seeds into their caches: their
+/// children depend on the seed's node for every page they have not
+/// faulted in (a drained seed's children rightly outlive that node, and
+/// the drain of this small seed takes tens of ms in a release build).
+const UNDRAINED: &[&str] = &["--no-drain"];
+
 /// Seed the slow program (4000 pages touched over ~4 s) on node 1 and
 /// start two children on node 2; `fault` runs 300 ms in. Returns the spawn's
 /// report, which must show every child killed with a reason.
@@ -192,7 +198,7 @@ fn the_seed_node_dying_mid_paging_kills_children_with_a_reason() {
     if !require_root("the_seed_node_dying_mid_paging_kills_children_with_a_reason") {
         return;
     }
-    let Some(n) = Nodes::up("nodes-kill") else {
+    let Some(n) = Nodes::up_with("nodes-kill", 3, UNDRAINED) else {
         return;
     };
     let pid = n.forkd_pid(1);
@@ -214,7 +220,7 @@ fn a_link_going_down_mid_paging_kills_children_with_a_reason() {
     if !require_root("a_link_going_down_mid_paging_kills_children_with_a_reason") {
         return;
     }
-    let Some(n) = Nodes::up("nodes-link") else {
+    let Some(n) = Nodes::up_with("nodes-link", 3, UNDRAINED) else {
         return;
     };
     let veth = n.get("NODE1_VETH");
@@ -239,7 +245,7 @@ fn a_seed_dropped_mid_paging_serves_nothing_more() {
     if !require_root("a_seed_dropped_mid_paging_serves_nothing_more") {
         return;
     }
-    let Some(n) = Nodes::up("nodes-drop") else {
+    let Some(n) = Nodes::up_with("nodes-drop", 3, UNDRAINED) else {
         return;
     };
     let sock1 = n.sock(1);
