@@ -250,6 +250,14 @@ impl SeedCache {
         self.present()[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
     }
 
+    /// Are all of `pages` in the cache already (installing them fetches
+    /// nothing)?
+    pub fn all_present(&self, pages: &[crate::pager::table::PageRef]) -> bool {
+        pages
+            .iter()
+            .all(|p| p.cache + PAGE_SIZE <= self.size() && self.is_present(p.cache / PAGE_SIZE))
+    }
+
     /// Copies of the cache's memfds, to hand to a later forkd.
     pub fn fds(&self) -> io::Result<CacheFds> {
         Ok(CacheFds {

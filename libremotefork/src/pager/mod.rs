@@ -41,8 +41,14 @@ use table::{Fill, Origin, PageTable, Slot};
 /// Pages copied per fault in window mode (the fault plus the next ones).
 pub const WINDOW_PAGES: usize = 16;
 
-/// Largest window a sequential reader's faults grow to (2 MiB).
-pub const MAX_WINDOW_PAGES: usize = 512;
+/// Largest window a sequential reader's faults grow to (32 MiB): beyond
+/// [`MAX_FETCH_PAGES`], only pages already in the node cache (mapping them
+/// is cheap; a fault each is not).
+pub const MAX_WINDOW_PAGES: usize = 8192;
+
+/// The most pages one fault fetches from the page source (2 MiB), and the
+/// most its thread waits for.
+pub const MAX_FETCH_PAGES: usize = 512;
 
 /// How faults pull in more than the faulting page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -510,7 +516,9 @@ struct ChildState<F = Uffd> {
     /// Pages of cache-mapped memory it has written (a recording child's).
     written: HashSet<u64>,
     sampled_at_free: bool,
-    /// Where a sequential reader's next fault would be, and its window.
+    /// Where a sequential reader's next fault would be (its last window
+    /// was `[seq_from, seq_next)`), and its window.
+    seq_from: u64,
     seq_next: u64,
     window: usize,
 }
@@ -889,6 +897,7 @@ impl<F: FaultFd> ChildState<F> {
             record,
             written: HashSet::new(),
             sampled_at_free: false,
+            seq_from: 0,
             seq_next: 0,
             window: WINDOW_PAGES,
         }
@@ -1300,7 +1309,18 @@ fn zero_page<F: FaultFd>(
     page: u64,
     tracked: bool,
 ) -> Result<Served, PagerError> {
-    match st.c.uffd.zero(page, PAGE_SIZE, true) {
+    zero_page_waking(st, page, tracked, true)
+}
+
+/// [`zero_page`], waking the threads waiting on it only if `wake` (a page
+/// installed ahead of a sequential reader has none).
+fn zero_page_waking<F: FaultFd>(
+    st: &mut ChildState<F>,
+    page: u64,
+    tracked: bool,
+    wake: bool,
+) -> Result<Served, PagerError> {
+    match st.c.uffd.zero(page, PAGE_SIZE, wake) {
         // Its mapping went after the fault (an unmap whose event is still
         // to be read): wake the thread, which faults again if it still
         // can, and never waits on a fault nobody answers.
@@ -1335,12 +1355,14 @@ fn serve<F: FaultFd>(st: &mut ChildState<F>, addr: u64) -> Served {
         st.first_fault_done = true;
         queue_working_set(st);
     }
-    // A fault right where the last window ended is a sequential reader:
-    // its window doubles (up to MAX_WINDOW_PAGES); any other fault starts
-    // again at WINDOW_PAGES.
+    // A fault right where the last window ended (or inside it: the reader
+    // caught up with the pages installed ahead of it) is a sequential
+    // reader's: its window doubles (up to MAX_WINDOW_PAGES); any other
+    // fault starts again at WINDOW_PAGES.
+    let in_window = (st.seq_from..=st.seq_next).contains(&page) && st.seq_next != 0;
     let window = if st.c.prefetch == Prefetch::Off {
         1
-    } else if page == st.seq_next {
+    } else if in_window {
         match st.c.table.get(page) {
             Some(Slot::Stored(_)) => (st.window * 2).clamp(WINDOW_PAGES, MAX_WINDOW_PAGES),
             _ => st.window,
@@ -1352,6 +1374,8 @@ fn serve<F: FaultFd>(st: &mut ChildState<F>, addr: u64) -> Served {
         st.window = window;
     }
     // A zero page keeps a sequential reader's window.
+    let prev_next = st.seq_next;
+    st.seq_from = page;
     st.seq_next = page + PAGE_SIZE;
     let r = match st.c.table.get(page) {
         // A page the parent never had in a registered range: the range grew
@@ -1359,11 +1383,23 @@ fn serve<F: FaultFd>(st: &mut ChildState<F>, addr: u64) -> Served {
         // sends no event). New anonymous memory reads as zeros.
         None => zero_page(st, page, false),
         Some(Slot::Stored(_)) => {
-            let run = st.c.table.stored_run(page, window);
+            let run = st.c.table.stored_run(page, window.min(MAX_FETCH_PAGES));
             st.seq_next = page + run.len() as u64 * PAGE_SIZE;
-            install(st, &run, true)
+            let r = install(st, &run, true);
+            // The window goes on past the zero pages that cut the run (a
+            // heap has them here and there) and past what a fault waits
+            // for, while the woken thread reads.
+            if matches!(r, Ok(Served::Done)) && run.len() < window {
+                fill_ahead(st, window - run.len(), MAX_FETCH_PAGES - run.len());
+            }
+            r
         }
         Some(Slot::Done(Origin::Stored(off))) => {
+            // A reader that caught up with pages installed ahead of it (its
+            // fault came before they went in): its window stays as it was.
+            if in_window && page < prev_next {
+                st.seq_next = prev_next;
+            }
             // Installed before but missing again without a remove event:
             // put the same page back rather than let the thread spin.
             install(st, &[(page, off)], true)
@@ -1373,6 +1409,42 @@ fn serve<F: FaultFd>(st: &mut ChildState<F>, addr: u64) -> Served {
     match r {
         Ok(s) => s,
         Err(reason) => Served::Failed(reason),
+    }
+}
+
+/// Install up to `budget` more pages of a sequential reader's window from
+/// `st.seq_next` on, stored runs and zero pages alike, without waking
+/// anyone (the faulting thread was woken with the first run), fetching at
+/// most `fetch` pages that are not in the node cache yet; stops at a page
+/// installed already, at the end of the region, or at any error (a fault
+/// for a page left out brings it). Moves `st.seq_next` past them.
+fn fill_ahead<F: FaultFd>(st: &mut ChildState<F>, mut budget: usize, mut fetch: usize) {
+    while budget > 0 {
+        let at = st.seq_next;
+        let n = match st.c.table.get(at) {
+            Some(Slot::Stored(_)) => {
+                let mut run = st.c.table.stored_run(at, budget);
+                let refs: Vec<PageRef> = run.iter().map(|r| r.1).collect();
+                if !st.c.seed.cache.all_present(&refs) {
+                    if fetch == 0 {
+                        return;
+                    }
+                    run.truncate(fetch);
+                    fetch -= run.len();
+                }
+                match install(st, &run, false) {
+                    Ok(Served::Done) => run.len(),
+                    _ => return,
+                }
+            }
+            Some(Slot::Zero) => match zero_page_waking(st, at, true, false) {
+                Ok(Served::Done) => 1,
+                _ => return,
+            },
+            _ => return,
+        };
+        st.seq_next = at + n as u64 * PAGE_SIZE;
+        budget = budget.saturating_sub(n);
     }
 }
 
@@ -1554,7 +1626,9 @@ mod pager_tests {
         assert!(matches!(st.c.table.get(page(end)), Some(Slot::Stored(_))));
 
         // The next fault, where the window ended, is a sequential reader's:
-        // the window stops at the last stored page, before the zero pages.
+        // its window doubles, so after the last stored pages (the woken
+        // run) it goes on over the zero pages, waking no one, up to the
+        // region's end.
         st.c.uffd
             .events
             .borrow_mut()
@@ -1563,8 +1637,56 @@ mod pager_tests {
                 flags: 0,
             }]);
         service(&mut st, &mut Vec::new()).unwrap();
-        assert_eq!(ops(&st)[1], copied(end, STORED));
-        assert_eq!(st.c.table.get(page(STORED)), Some(Slot::Zero));
+        let zero = |i| Op::Zero {
+            dst: page(i),
+            len: PAGE_SIZE,
+            wake: false,
+        };
+        let want: Vec<Op> = std::iter::once(copied(end, STORED))
+            .chain((STORED..STORED + ZERO).map(zero))
+            .collect();
+        assert_eq!(ops(&st)[1..], want[..]);
+        assert_eq!(st.c.table.get(page(STORED)), Some(Slot::Done(Origin::Zero)));
+        assert_eq!(st.c.stats.faults.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_window_goes_on_past_a_zero_page_without_waking() {
+        // Stored pages 0..8, a zero page at 8, stored pages 9..20.
+        let mut st = child(Recorder::faulting(&[page(0)]), Prefetch::Window, false);
+        st.c.table.set(page(8), Slot::Zero);
+        service(&mut st, &mut Vec::new()).unwrap();
+        // The faulting thread's run is copied and woken; the rest of its
+        // window (16 pages) goes in after it, unwoken.
+        let want = vec![
+            copied(0, 8),
+            Op::Zero {
+                dst: page(8),
+                len: PAGE_SIZE,
+                wake: false,
+            },
+            Op::Copy {
+                dst: page(9),
+                bytes: bytes(9, 16),
+                wake: false,
+            },
+        ];
+        assert_eq!(ops(&st), want);
+        assert!(matches!(st.c.table.get(page(15)), Some(Slot::Done(_))));
+        assert!(matches!(st.c.table.get(page(16)), Some(Slot::Stored(_))));
+        // A fault inside that window (the reader caught up) or at its end
+        // is a sequential reader's: the window doubles to 32 pages, up to
+        // the zero pages past the stored ones.
+        st.c.uffd
+            .events
+            .borrow_mut()
+            .push_back(vec![Msg::PageFault {
+                address: page(16),
+                flags: 0,
+            }]);
+        service(&mut st, &mut Vec::new()).unwrap();
+        assert_eq!(ops(&st)[3], copied(16, STORED));
+        assert_eq!(st.window, 2 * WINDOW_PAGES);
     }
 
     #[test]
