@@ -566,9 +566,9 @@ fn the_gateway_serves_1000_invocations_over_2_nodes_each_in_its_own_container() 
         let prepared = v["prepared"].as_array().expect("prepared per node");
         assert_eq!(prepared.len(), 2, "{v}");
         assert!(
-            prepared
-                .iter()
-                .all(|p| p["ms"].as_f64().is_some() && p["error"].is_null()),
+            prepared.iter().all(|p| p["state"] == "ready"
+                && p["ms"].as_f64().is_some()
+                && p["error"].is_null()),
             "{v}"
         );
         println!(

@@ -369,3 +369,89 @@ fn gateway_errors_are_json_and_its_openapi_description_validates() {
         assert!(o.status.success() && out.contains(": OK"), "{out}{}", String::from_utf8_lossy(&o.stderr));
     });
 }
+
+#[test]
+fn a_node_slow_to_prepare_the_seed_does_not_hold_up_the_registration() {
+    if !require_root("a_node_slow_to_prepare_the_seed_does_not_hold_up_the_registration") {
+        return;
+    }
+    let Some(n) = Nodes::up_n("gw-prep", 2) else {
+        return;
+    };
+    let mut args = vec![
+        "--node".into(),
+        format!("{},peer={}", n.sock(1), n.get("NODE1_ADDR")),
+        "--node".into(),
+        n.sock(2),
+        "--token-file".into(),
+        n.get("TOKEN_FILE"),
+        "--prepare-wait-ms".into(),
+        "1500".into(),
+    ];
+    args.extend(n.gateway_worker_args(60_000));
+    let gw = Gateway::start(&args);
+    let a = gw.addr.as_str();
+    let p2: i32 = std::fs::read_to_string(n.dir.join("n2.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (addr1, addr2) = (n.sock(1), n.sock(2));
+    rt().block_on(async {
+        // Node 2 cannot answer while the function is registered.
+        // SAFETY: kill sends a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(p2, libc::SIGSTOP) }, 0);
+        let (st, v) = http(
+            a,
+            "POST",
+            "/functions",
+            &register_body("slowprep", json!({})),
+        )
+        .await;
+        // SAFETY: as above.
+        let cont = || assert_eq!(unsafe { libc::kill(p2, libc::SIGCONT) }, 0);
+        if st != 201 {
+            cont();
+        }
+        assert_eq!(st, 201, "{v}");
+        let prepared = v["prepared"].as_array().expect("prepared").clone();
+        cont();
+        let state_of = |p: &[Value], addr: &str| {
+            p.iter()
+                .find(|x| x["node"] == addr)
+                .map(|x| x["state"].as_str().unwrap_or("").to_string())
+        };
+        // Answered while node 2 was still preparing; node 1 is ready.
+        assert_eq!(state_of(&prepared, &addr1).as_deref(), Some("ready"), "{v}");
+        assert_eq!(
+            state_of(&prepared, &addr2).as_deref(),
+            Some("preparing"),
+            "{v}"
+        );
+        // Node 2 finishes in the background once it runs again.
+        let t = Instant::now();
+        loop {
+            let (_, l) = http(a, "GET", "/functions", "").await;
+            let p = l["functions"][0]["prepared"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            match state_of(&p, &addr2).as_deref() {
+                Some("preparing") => {}
+                Some(s) => {
+                    assert_eq!(s, "ready", "{l}");
+                    break;
+                }
+                None => panic!("node 2 left the list: {l}"),
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "node 2 still preparing 120 s after it was let run: {l}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The function answers.
+        let (st, v) = http(a, "POST", "/invoke/slowprep", r#"{"n": 5}"#).await;
+        assert_eq!((st, v["square"].as_u64()), (200, Some(25)), "{v}");
+    });
+}

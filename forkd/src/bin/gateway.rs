@@ -98,6 +98,11 @@ struct Cli {
     /// Children per Spawn call.
     #[arg(long, default_value_t = 16)]
     spawn_batch: u32,
+    /// How long a registration waits for every node to prepare the new
+    /// seed (fetch it and its rootfs, build its template); nodes still
+    /// preparing then go on in the background.
+    #[arg(long, default_value_t = 30_000)]
+    prepare_wait_ms: u64,
     /// off, window or recorded.
     #[arg(long, default_value = "recorded")]
     prefetch: String,
@@ -204,6 +209,7 @@ fn main() -> ExitCode {
         max_instances_per_node: cli.max_instances_per_node,
         max_queue: cli.max_queue,
         spawn_batch: cli.spawn_batch,
+        prepare_wait: Duration::from_millis(cli.prepare_wait_ms),
         prefetch: cli.prefetch,
         max_body_bytes: cli.max_body_bytes,
         ..Config::default()

@@ -174,6 +174,9 @@ pub struct Config {
     pub prefetch: String,
     /// How long a function's command may take to warm up.
     pub register_timeout: Duration,
+    /// How long a registration waits for the nodes to prepare the new
+    /// seed; the rest go on in the background.
+    pub prepare_wait: Duration,
     /// A request body larger than this is refused (413).
     pub max_body_bytes: usize,
     /// Who may call the API: the admin token (all functions) and tenants
@@ -222,6 +225,7 @@ impl Default for Config {
             spawn_batch: 16,
             prefetch: "recorded".into(),
             register_timeout: Duration::from_secs(120),
+            prepare_wait: Duration::from_secs(30),
             max_body_bytes: 2 << 20,
             auth: None,
             tls: None,

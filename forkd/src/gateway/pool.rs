@@ -548,53 +548,74 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
 /// (forkd's `PrepareSeed`: another node's seed descriptor and container
 /// rootfs fetched, the node's template built and its spare forked), all
 /// nodes together, so that the first invocations after a registration do
-/// not wait for that, nor compete with it for the CPUs. A node that cannot
-/// is logged and noted in the function's `prepared` list; its first spawn
-/// does the work instead, as before.
-pub(crate) async fn prepare_everywhere(g: &Gateway, f: &Function) {
+/// not wait for that, nor compete with it for the CPUs. Waits for them up
+/// to `--prepare-wait-ms`; those still preparing then go on in the
+/// background (`"state": "preparing"` in the function's `prepared` until
+/// they are done). A node that cannot is logged and noted there; its first
+/// spawn does the work instead, as before.
+pub(crate) async fn prepare_everywhere(g: &Gateway, f: &Arc<Function>) {
     let t = Instant::now();
-    let calls: Vec<_> = g
+    let nodes: Vec<Arc<Node>> = g
         .node_list()
         .into_iter()
         .filter(|n| n.placeable())
-        .map(|n| {
+        .collect();
+    *f.prepared.lock().unwrap_or_else(|e| e.into_inner()) = nodes
+        .iter()
+        .map(|n| json!({ "node": n.spec.addr, "state": "preparing" }))
+        .collect();
+    let calls: Vec<_> = nodes
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| {
             let mut req = spawn_request(f, &n, 0);
             req.prefetch = g.cfg.prefetch.clone();
             req.labels.clear();
             let mut c = n.client.clone();
-            let name = f.name.clone();
+            let f = f.clone();
             tokio::spawn(async move {
                 let r = tokio::time::timeout(PREPARE_TIMEOUT, c.prepare_seed(req)).await;
                 let addr = n.spec.addr.clone();
-                match r {
+                let name = &f.name;
+                let v = match r {
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
-                        json!({ "node": addr, "ms": r.ms, "template_built": r.template_built })
+                        json!({ "node": addr, "state": "ready", "ms": r.ms, "template_built": r.template_built })
                     }
                     Ok(Err(e)) if e.code() == tonic::Code::Unimplemented => {
-                        json!({ "node": addr, "error": "this forkd cannot prepare seeds (an older version); its first spawn fetches what it needs" })
+                        json!({ "node": addr, "state": "failed", "error": "this forkd cannot prepare seeds (an older version); its first spawn fetches what it needs" })
                     }
                     Ok(Err(e)) => {
                         warn!(function = %name, node = %addr, error = %e.message(), "could not prepare the seed on a node; its first spawn will");
-                        json!({ "node": addr, "error": e.message() })
+                        json!({ "node": addr, "state": "failed", "error": e.message() })
                     }
                     Err(_) => {
                         warn!(function = %name, node = %addr, "preparing the seed on a node took over {PREPARE_TIMEOUT:?}; its first spawn will go on with it");
-                        json!({ "node": addr, "error": format!("no answer in {PREPARE_TIMEOUT:?}") })
+                        json!({ "node": addr, "state": "failed", "error": format!("no answer in {PREPARE_TIMEOUT:?}") })
                     }
+                };
+                if let Some(slot) = f
+                    .prepared
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(i)
+                {
+                    *slot = v;
                 }
             })
         })
         .collect();
-    let mut done = Vec::with_capacity(calls.len());
-    for c in calls {
-        done.push(
-            c.await
-                .unwrap_or_else(|e| json!({ "error": e.to_string() })),
-        );
+    let n = calls.len();
+    let all = async {
+        for c in calls {
+            let _ = c.await;
+        }
+    };
+    let wait = g.cfg.prepare_wait;
+    if tokio::time::timeout(wait, all).await.is_err() {
+        warn!(function = %f.name, "some nodes are still preparing the seed after {wait:?}; the function is served meanwhile");
     }
-    info!(function = %f.name, nodes = done.len(), ms = t.elapsed().as_millis() as u64, "seed prepared on the nodes");
-    *f.prepared.lock().unwrap_or_else(|e| e.into_inner()) = done;
+    info!(function = %f.name, nodes = n, ms = t.elapsed().as_millis() as u64, "seed prepared on the nodes");
 }
 
 /// Whether a refused or broken `Spawn` on `n` says the node is going away

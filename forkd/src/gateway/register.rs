@@ -92,11 +92,12 @@ pub(crate) async fn register(
             .unwrap_or(g.cfg.invoke_timeout),
         t.elapsed().as_secs_f64() * 1e3,
     );
+    info!(function = %f.name, seed = %f.seed().0.id, node = %f.seed().1.spec.addr, ms = f.register_ms, "function registered");
+    let f = Arc::new(f);
     // Every node ready before the first invocation (register_ms is the
     // seed's making alone; each node's preparing is in `prepared`).
     super::pool::prepare_everywhere(g, &f).await;
-    info!(function = %f.name, seed = %f.seed().0.id, node = %f.seed().1.spec.addr, ms = f.register_ms, "function registered");
-    Ok(Arc::new(f))
+    Ok(f)
 }
 
 /// The node to make a seed on: a placeable one that can (a checkpointing
