@@ -540,16 +540,8 @@ fn the_gateway_serves_1000_invocations_over_2_nodes_each_in_its_own_container() 
         return;
     };
     let burst = burst_size();
-    let mut args = vec![
-        "--node".into(),
-        format!("{},peer={}", n.sock(1), n.get("NODE1_ADDR")),
-        "--node".into(),
-        n.sock(2),
-        "--token-file".into(),
-        n.get("TOKEN_FILE"),
-        "--keep-alive-ms".into(),
-        "0".into(),
-    ];
+    let mut args = n.gateway_node_args(2);
+    args.extend(["--keep-alive-ms".into(), "0".into()]);
     args.extend(n.gateway_worker_args(120_000));
     let gw = Gateway::start(&args);
     let a = gw.addr.clone();

@@ -573,20 +573,7 @@ fn a_prepared_seed_has_its_template_before_the_first_spawn() {
     let dir = scratch("daemon-prepare");
     let d = Daemon::start(&dir, false);
     let forkd_pid = d.child.id() as i32;
-    let (code, out, err) = d.ctl(&[
-        "--json",
-        "seed",
-        "create",
-        "--ready-line",
-        "ready",
-        "--",
-        python(),
-        "-c",
-        SERVER,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let seed: Value = serde_json::from_str(&out).unwrap();
-    let id = seed["id"].as_str().unwrap().to_string();
+    let id = python_seed(|a| d.ctl(a), SERVER);
     assert!(
         stopped_children(forkd_pid).is_empty(),
         "a template before any use"

@@ -230,17 +230,9 @@ fn gateway_burst_of_1000_invocations_over_two_nodes() {
         return;
     };
     let burst = burst_size();
-    let mut args = vec![
-        "--node".into(),
-        format!("{},peer={}", n.sock(1), n.get("NODE1_ADDR")),
-        "--node".into(),
-        n.sock(2),
-        "--token-file".into(),
-        n.get("TOKEN_FILE"),
-        // One invocation per instance: a burst of N is N children.
-        "--keep-alive-ms".into(),
-        "0".into(),
-    ];
+    let mut args = n.gateway_node_args(2);
+    // One invocation per instance: a burst of N is N children.
+    args.extend(["--keep-alive-ms".into(), "0".into()]);
     args.extend(n.gateway_worker_args(60_000));
     let gw = Gateway::start(&args);
     let a = gw.addr.clone();
@@ -378,16 +370,8 @@ fn a_node_slow_to_prepare_the_seed_does_not_hold_up_the_registration() {
     let Some(n) = Nodes::up_n("gw-prep", 2) else {
         return;
     };
-    let mut args = vec![
-        "--node".into(),
-        format!("{},peer={}", n.sock(1), n.get("NODE1_ADDR")),
-        "--node".into(),
-        n.sock(2),
-        "--token-file".into(),
-        n.get("TOKEN_FILE"),
-        "--prepare-wait-ms".into(),
-        "1500".into(),
-    ];
+    let mut args = n.gateway_node_args(2);
+    args.extend(["--prepare-wait-ms".into(), "1500".into()]);
     args.extend(n.gateway_worker_args(60_000));
     let gw = Gateway::start(&args);
     let a = gw.addr.as_str();

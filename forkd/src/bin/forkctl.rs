@@ -58,16 +58,8 @@ enum Cmd {
         /// File given whole to every child as stdin.
         #[arg(long)]
         stdin: Option<String>,
-        /// off, window or recorded.
-        #[arg(long, default_value = "window")]
-        prefetch: String,
-        /// Write all memory before the children run.
-        #[arg(long)]
-        eager: bool,
-        /// Restore every child from scratch instead of forking it from the
-        /// node's template of the seed.
-        #[arg(long)]
-        no_template: bool,
+        #[command(flatten)]
+        mode: ChildMode,
         /// Labels, KEY=VALUE.
         #[arg(long = "label")]
         labels: Vec<String>,
@@ -86,10 +78,6 @@ enum Cmd {
         /// [default: the parent container's].
         #[arg(long, value_parser = remotefork::container::parse_cpus)]
         cpu_limit: Option<u64>,
-        /// A container seed's children: "loopback" (their own network
-        /// namespace, lo up) or "none".
-        #[arg(long, default_value = "loopback")]
-        net: String,
     },
     /// Make the node ready to start children of a seed at once, without
     /// starting one: another node's seed (a reference) and its container
@@ -98,18 +86,9 @@ enum Cmd {
     Prepare {
         /// Seed id or reference (`ADDR/ID#KEY`).
         seed: String,
-        /// off, window or recorded: the mode of the children to come.
-        #[arg(long, default_value = "window")]
-        prefetch: String,
-        /// For children that will have all memory written before they run.
-        #[arg(long)]
-        eager: bool,
-        /// For children restored from scratch (no template is built).
-        #[arg(long)]
-        no_template: bool,
-        /// A container seed's children: "loopback" or "none".
-        #[arg(long, default_value = "loopback")]
-        net: String,
+        /// The mode of the children to come.
+        #[command(flatten)]
+        mode: ChildMode,
     },
     /// List instances.
     Ps {
@@ -130,6 +109,25 @@ enum Cmd {
     },
     /// Show this node.
     Node,
+}
+
+/// How children are started (which of the node's templates serves them).
+#[derive(clap::Args)]
+struct ChildMode {
+    /// off, window or recorded.
+    #[arg(long, default_value = "window")]
+    prefetch: String,
+    /// Write all memory before the children run.
+    #[arg(long)]
+    eager: bool,
+    /// Restore every child from scratch instead of forking it from the
+    /// node's template of the seed.
+    #[arg(long)]
+    no_template: bool,
+    /// A container seed's children: "loopback" (their own network
+    /// namespace, lo up) or "none".
+    #[arg(long, default_value = "loopback")]
+    net: String,
 }
 
 #[derive(Subcommand)]
@@ -566,15 +564,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             count,
             output_dir,
             stdin,
-            prefetch,
-            eager,
-            no_template,
+            mode:
+                ChildMode {
+                    prefetch,
+                    eager,
+                    no_template,
+                    net,
+                },
             labels,
             args,
             memory_limit,
             pids_limit,
             cpu_limit,
-            net,
         } => {
             let t0 = std::time::Instant::now();
             let (origin, r) = parse_ref(&seed);
@@ -740,10 +741,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Prepare {
             seed,
-            prefetch,
-            eager,
-            no_template,
-            net,
+            mode:
+                ChildMode {
+                    prefetch,
+                    eager,
+                    no_template,
+                    net,
+                },
         } => {
             let (origin, r) = parse_ref(&seed);
             let req = pb::SpawnRequest {

@@ -894,6 +894,22 @@ impl Nodes {
     /// connect back to, on the bridge, and limits of `timeout_ms` for an
     /// invocation, an instance's hello and a wait in the queue (a loaded
     /// machine is slow, never wrong).
+    /// A gateway's `--node` arguments for the first `count` nodes (node 1,
+    /// which makes the seeds, with its peer address) and the nodes' token.
+    pub fn gateway_node_args(&self, count: u32) -> Vec<String> {
+        let mut a = Vec::new();
+        for i in 1..=count {
+            a.push("--node".to_string());
+            a.push(if i == 1 {
+                format!("{},peer={}", self.sock(1), self.get("NODE1_ADDR"))
+            } else {
+                self.sock(i)
+            });
+        }
+        a.extend(["--token-file".to_string(), self.get("TOKEN_FILE")]);
+        a
+    }
+
     pub fn gateway_worker_args(&self, timeout_ms: u64) -> Vec<String> {
         let t = timeout_ms.to_string();
         [

@@ -252,9 +252,12 @@ impl SeedCache {
 
     /// Are all of `pages` in the cache already (installing them fetches
     /// nothing)?
-    pub fn all_present(&self, pages: &[crate::pager::table::PageRef]) -> bool {
+    pub fn all_present<'a>(
+        &self,
+        pages: impl IntoIterator<Item = &'a crate::pager::table::PageRef>,
+    ) -> bool {
         pages
-            .iter()
+            .into_iter()
             .all(|p| p.cache + PAGE_SIZE <= self.size() && self.is_present(p.cache / PAGE_SIZE))
     }
 

@@ -1424,8 +1424,7 @@ fn fill_ahead<F: FaultFd>(st: &mut ChildState<F>, mut budget: usize, mut fetch: 
         let n = match st.c.table.get(at) {
             Some(Slot::Stored(_)) => {
                 let mut run = st.c.table.stored_run(at, budget);
-                let refs: Vec<PageRef> = run.iter().map(|r| r.1).collect();
-                if !st.c.seed.cache.all_present(&refs) {
+                if !st.c.seed.cache.all_present(run.iter().map(|r| &r.1)) {
                     if fetch == 0 {
                         return;
                     }
