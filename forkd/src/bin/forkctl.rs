@@ -130,6 +130,26 @@ struct ChildMode {
     net: String,
 }
 
+impl ChildMode {
+    /// A request for children of `seed` (an id or a reference) in this
+    /// mode; the caller adds the rest.
+    fn request(self, seed: &str) -> pb::SpawnRequest {
+        let (origin, r) = parse_ref(seed);
+        pb::SpawnRequest {
+            seed: Some(r),
+            prefetch: self.prefetch,
+            eager: self.eager,
+            origin: origin.unwrap_or_default(),
+            no_template: self.no_template,
+            container: Some(pb::ContainerLimits {
+                network: self.net,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum SeedCmd {
     /// Capture a running process (--pid), a running container
@@ -564,13 +584,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             count,
             output_dir,
             stdin,
-            mode:
-                ChildMode {
-                    prefetch,
-                    eager,
-                    no_template,
-                    net,
-                },
+            mode,
             labels,
             args,
             memory_limit,
@@ -578,7 +592,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cpu_limit,
         } => {
             let t0 = std::time::Instant::now();
-            let (origin, r) = parse_ref(&seed);
             let input = match stdin {
                 Some(p) => std::fs::read(&p).with_context(|| format!("reading {p}"))?,
                 None => Vec::new(),
@@ -598,25 +611,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 (input, String::new())
             };
-            let req = pb::SpawnRequest {
-                seed: Some(r),
-                count,
-                stdin: input,
-                stdin_ref,
-                stdout: pb::StdoutMode::Capture as i32,
-                labels: pairs("label", &labels)?,
-                prefetch,
-                eager,
-                args,
-                origin: origin.unwrap_or_default(),
-                no_template,
-                container: Some(pb::ContainerLimits {
-                    memory_bytes: memory_limit.unwrap_or(0),
-                    pids: pids_limit.unwrap_or(0),
-                    cpus: cpu_limit.map_or(0.0, |c| c as f64 / 1e6),
-                    network: net,
-                }),
-            };
+            let mut req = mode.request(&seed);
+            req.count = count;
+            req.stdin = input;
+            req.stdin_ref = stdin_ref;
+            req.stdout = pb::StdoutMode::Capture as i32;
+            req.labels = pairs("label", &labels)?;
+            req.args = args;
+            if let Some(l) = req.container.as_mut() {
+                l.memory_bytes = memory_limit.unwrap_or(0);
+                l.pids = pids_limit.unwrap_or(0);
+                l.cpus = cpu_limit.map_or(0.0, |c| c as f64 / 1e6);
+            }
             let mut stream = c.spawn(req).await.map_err(status_err)?.into_inner();
             let mut children: Vec<ChildReport> = (0..count)
                 .map(|index| ChildReport {
@@ -739,30 +745,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Cmd::Prepare {
-            seed,
-            mode:
-                ChildMode {
-                    prefetch,
-                    eager,
-                    no_template,
-                    net,
-                },
-        } => {
-            let (origin, r) = parse_ref(&seed);
-            let req = pb::SpawnRequest {
-                seed: Some(r),
-                prefetch,
-                eager,
-                origin: origin.unwrap_or_default(),
-                no_template,
-                container: Some(pb::ContainerLimits {
-                    network: net,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            let p = c.prepare_seed(req).await.map_err(status_err)?.into_inner();
+        Cmd::Prepare { seed, mode } => {
+            let p = c
+                .prepare_seed(mode.request(&seed))
+                .await
+                .map_err(status_err)?
+                .into_inner();
             if cli.json {
                 writeln!(
                     out,
