@@ -624,6 +624,88 @@ fn one_child(d: &Daemon, seed: &str, input: &str, extra: &[&str]) -> Value {
     v["children"][0].clone()
 }
 
+/// A warm Python whose every request sums a 200,000-entry dict (writing
+/// the reference count of every value it reads), as the heap-walk
+/// benchmark's; it also prints the page faults the sum took.
+const DICT_WALK: &str = r#"
+import sys, os, resource
+d = {i: i * 7 for i in range(200000)}
+print('ready', flush=True)
+for line in sys.stdin:
+    f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    s = sum(d.values())
+    f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+    print('sum', s, 'faults', f, flush=True)
+"#;
+
+#[test]
+fn template_children_get_the_first_childs_writes_and_reads_ahead() {
+    if !require_root("template_children_get_the_first_childs_writes_and_reads_ahead") {
+        return;
+    }
+    let dir = scratch("ahead");
+    let metrics = free_addr();
+    let d = Daemon::start_with(&dir, false, &["--metrics", &metrics]);
+    let seed = python_seed(|a| d.ctl(a), DICT_WALK);
+    let want = format!("sum {} ", (0..200_000u64).map(|i| i * 7).sum::<u64>());
+    let recorded = ["--prefetch", "recorded"];
+    // Each child's answer is checked; the faults its sum took returned.
+    let answers = |kid: &Value| -> u64 {
+        assert_eq!(kid["exit_code"], 0, "{kid}");
+        let out = kid["stdout"].as_str().unwrap_or("");
+        assert!(out.starts_with(&want), "a wrong sum: {kid}");
+        out.split_whitespace()
+            .nth(3)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("no fault count: {kid}"))
+    };
+    let metric = |name: &str| forkd::client::scrape_metric(&metrics, name);
+    // The first child records what it touched and wrote; it walks its
+    // whole dict, writing (copying on write) thousands of pages.
+    let first = answers(&one_child(&d, &seed, "go\n", &recorded));
+    assert!(first >= 1_000, "the first child's sum wrote {first} pages");
+    // The next children come from a template with that working set. Each
+    // spare is forked after a spawn that came alone, gets the written
+    // pages copied in, and reads the working set before the next spawn
+    // takes it (stopped where it got to if that spawn came first: on a
+    // slow machine, wait longer before the next one).
+    let mut pause = Duration::from_millis(200);
+    let mut touched = 0;
+    for _ in 0..8 {
+        let later = answers(&one_child(&d, &seed, "go\n", &recorded));
+        // Its sum wrote the pages the first one's did, copied ahead: a few
+        // faults are left (pages outside the node cache's mappings).
+        assert!(
+            later < 200,
+            "a later child's sum copied on write {later} pages (the first's: {first})"
+        );
+        std::thread::sleep(pause);
+        let before = metric("forkd_seed_pages_touched_ahead_total");
+        answers(&one_child(&d, &seed, "go\n", &recorded));
+        touched = metric("forkd_seed_pages_touched_ahead_total") - before;
+        // The dict's values alone are 6 MB, its table 6 MB more.
+        if touched >= 2_000 {
+            break;
+        }
+        pause *= 2;
+    }
+    assert!(
+        touched >= 2_000,
+        "no spare read its working set ahead: {touched} pages"
+    );
+    let copied = metric("forkd_seed_pages_copied_ahead_total");
+    assert!(
+        copied >= 1_000,
+        "the values the first child wrote were not copied ahead: {copied} pages"
+    );
+    // A burst: spares forked at once, not reading ahead; every answer right.
+    let kids = spawn_children(&d, &seed, 4, "go\n");
+    assert_eq!(kids.len(), 4);
+    for k in &kids {
+        answers(k);
+    }
+}
+
 #[test]
 fn children_of_a_template_share_the_parents_shared_memory() {
     if !require_root("children_of_a_template_share_the_parents_shared_memory") {

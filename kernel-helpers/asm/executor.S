@@ -7,6 +7,10 @@
  * r13 != 0: r15 is the failing entry's index and rax its result.
  * With LOAD_ARG0 (flag bit 12) the first argument is the address of a
  * 32-bit int (an fd pipe2() or socketpair() wrote) and that int is passed.
+ * Entry number -2 is not a syscall but a touch: a0 is a list of a1 runs
+ * (16 bytes each: first page's address, page count), a2 the address of a
+ * word that stops it when nonzero (checked before each page). One byte of
+ * each page is read, in order; the result is the count of pages read.
  * Registers used: r14 = previous result, rbp = saved result, rbx = flags. */
     .text
     .globl rf_executor
@@ -61,7 +65,10 @@ rf_executor:
     jnc 1f
     movslq (%rdi), %rdi
 1:  mov 0(%r12), %rax
+    cmp $-2, %rax
+    je .Ltouch
     syscall
+.Lresult:
     mov %rax, %r14
     bt $9, %rbx
     jnc 1f
@@ -90,5 +97,26 @@ rf_executor:
 .Ldone:
     int3
     jmp .Ldone
+.Ltouch:
+    xor %eax, %eax
+.Ltrun:
+    test %rsi, %rsi
+    jz .Lresult
+    mov 0(%rdi), %rcx
+    mov 8(%rdi), %r8
+.Ltpage:
+    test %r8, %r8
+    jz .Ltnext
+    cmpq $0, (%rdx)
+    jne .Lresult
+    movb (%rcx), %r9b
+    add $4096, %rcx
+    dec %r8
+    inc %rax
+    jmp .Ltpage
+.Ltnext:
+    add $16, %rdi
+    dec %rsi
+    jmp .Ltrun
 
     .section .note.GNU-stack,"",@progbits

@@ -30,6 +30,18 @@ pub const EXPECT: u64 = 1 << 11;
 /// sign-extended, instead.
 pub const LOAD_ARG0: u64 = 1 << 12;
 
+/// An entry with this number is not a syscall but a touch: it reads one
+/// byte of each page of `args[1]` runs listed at `args[0]` (16 bytes each:
+/// the first page's address and the page count, little-endian), in order,
+/// stopping early once the 8-byte word at `args[2]` is nonzero. Its result
+/// is the count of pages read. A page read this way has its page-table
+/// entry marked accessed, which a `fork()` child's entries are not: the
+/// first access to each then costs the child nothing extra.
+pub const TOUCH: u64 = -2i64 as u64;
+
+/// Bytes per run of a [`TOUCH`] list.
+pub const RUN_SIZE: usize = 16;
+
 /// One table entry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Entry {

@@ -626,11 +626,32 @@ impl Tracee {
         &mut self,
         regs: &user_regs_struct,
     ) -> Result<user_regs_struct, PtraceError> {
+        self.start_until_trap(regs)?;
+        self.wait_trap()
+    }
+
+    /// Start what [`Tracee::run_until_trap`] runs and return at once: the
+    /// tracee runs on its own until [`Tracee::wait_trap`] collects its stop.
+    pub fn start_until_trap(&mut self, regs: &user_regs_struct) -> Result<(), PtraceError> {
         self.set_regs(regs)?;
+        self.resume(libc::PTRACE_CONT, "CONT")
+    }
+
+    /// Wait for the `int3` of code started with
+    /// [`Tracee::start_until_trap`]; its registers then. Signals that
+    /// arrive first are stashed, as in [`Tracee::run_until_trap`].
+    pub fn wait_trap(&mut self) -> Result<user_regs_struct, PtraceError> {
         loop {
-            self.resume(libc::PTRACE_CONT, "CONT")?;
             match self.wait_alive()? {
                 Stop::Signal(libc::SIGTRAP) => return self.regs(),
+                // The injected code faulted: resumed, it would fault again.
+                s @ Stop::Signal(libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE) => {
+                    return Err(PtraceError::UnexpectedStop {
+                        pid: self.pid,
+                        during: "running injected code (it faulted)",
+                        status: s.raw(),
+                    })
+                }
                 Stop::Signal(sig) => self.stashed_signals.push(sig),
                 Stop::Syscall | Stop::Event { .. } => {}
                 s => {
@@ -641,6 +662,7 @@ impl Tracee {
                     })
                 }
             }
+            self.resume(libc::PTRACE_CONT, "CONT")?;
         }
     }
 

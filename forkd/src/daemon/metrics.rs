@@ -63,7 +63,7 @@ impl State {
                 }),
         );
         type Get = fn(&remotefork::pager::SeedPages) -> u64;
-        let per_seed: [(&str, &str, Get); 5] = [
+        let per_seed: [(&str, &str, Get); 7] = [
             (
                 "forkd_seed_faults_total",
                 "Page faults served, per seed.",
@@ -73,6 +73,16 @@ impl State {
                 "forkd_seed_pages_installed_total",
                 "Pages put into children, per seed.",
                 |p| p.metrics.pages_installed.load(Ordering::Relaxed),
+            ),
+            (
+                "forkd_seed_pages_copied_ahead_total",
+                "Pages the seed's first child wrote, copied into later children before they ran.",
+                |p| p.metrics.pages_copied_ahead.load(Ordering::Relaxed),
+            ),
+            (
+                "forkd_seed_pages_touched_ahead_total",
+                "Pages of the seed's working set that spare children read before their spawn.",
+                |p| p.metrics.pages_touched_ahead.load(Ordering::Relaxed),
             ),
             (
                 "forkd_seed_bytes_fetched_total",

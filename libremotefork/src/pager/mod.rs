@@ -135,6 +135,11 @@ pub struct SeedMetrics {
     pub faults: AtomicU64,
     /// Pages installed into children.
     pub pages_installed: AtomicU64,
+    /// Pages of the written set copied into children before they ran.
+    pub pages_copied_ahead: AtomicU64,
+    /// Pages of the working set spares read before their spawn (their
+    /// page-table entries marked accessed).
+    pub pages_touched_ahead: AtomicU64,
     /// Fault service time histogram: bucket `i` counts faults of < 2^i µs.
     pub fault_latency_us_log2: [AtomicU64; 24],
 }
