@@ -326,6 +326,7 @@ impl SeedCache {
             .iter()
             .map(|&(i, j)| {
                 let len = (j - i) * PAGE_SIZE as usize;
+                let _ = self.mem.populate_write(pages[i].cache as usize, len);
                 // SAFETY: [cache, cache+len) lies inside the cache mapping
                 // (checked above), runs do not overlap, this thread holds
                 // the unverified-fetch lock (the only writer of pages not
@@ -429,6 +430,9 @@ impl SeedCache {
             let len = (b - a) as usize;
             if d {
                 let first = self.chunk_pages(v, c).next().map(|(_, s)| s).unwrap_or(0);
+                // Its pages allocated in one call, not a fault each (if that
+                // fails, the read below faults them in as before).
+                let _ = self.mem.populate_write(first as usize, len);
                 // SAFETY: the chunk's pages are consecutive cache pages inside
                 // the mapping (checked by ensure's range checks and `direct`),
                 // none is present (so no child maps them), and this batch
