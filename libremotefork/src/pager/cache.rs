@@ -19,6 +19,20 @@ pub enum CacheError {
     HandedOverTooSmall,
 }
 
+/// Most bytes a pager thread fetches through its buffer at a time
+/// ([`SeedCache::fetch_buffered`]): one fault's most
+/// ([`crate::pager::MAX_FETCH_PAGES`], 2 MiB), so a fault's fetch is still
+/// one request to a remote source, and the buffer stays small (one per
+/// pager thread, kept). Bigger fetches (a recorded working set) go in
+/// pieces of this size.
+const BUFFERED_BYTES: u64 = crate::pager::MAX_FETCH_PAGES as u64 * PAGE_SIZE;
+
+std::thread_local! {
+    /// A pager thread's fetch buffer (at most [`BUFFERED_BYTES`]), kept so
+    /// that its pages are not faulted in again for each fetch.
+    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The node-local seed cache: pages fetched once from the source stay here
 /// and serve every later child's faults without another fetch.
 ///
@@ -322,21 +336,29 @@ impl SeedCache {
                     .any(|p| !self.is_present(p.cache / PAGE_SIZE))
             })
             .collect();
-        let mut reqs: Vec<(u64, &mut [u8])> = runs
-            .iter()
-            .map(|&(i, j)| {
-                let len = (j - i) * PAGE_SIZE as usize;
-                let _ = self.mem.populate_write(pages[i].cache as usize, len);
-                // SAFETY: [cache, cache+len) lies inside the cache mapping
-                // (checked above), runs do not overlap, this thread holds
-                // the unverified-fetch lock (the only writer of pages not
-                // yet present), and no child maps a page, nor does the
-                // pager read it, before its present bit is set below.
-                let dst = unsafe { self.mem.slice_mut(pages[i].cache as usize, len) };
-                (pages[i].image, dst)
-            })
-            .collect();
-        self.source.read_many(&mut reqs)?;
+        if self.source.reads_in_place() {
+            let mut reqs: Vec<(u64, &mut [u8])> = runs
+                .iter()
+                .map(|&(i, j)| {
+                    let len = (j - i) * PAGE_SIZE as usize;
+                    let _ = self.mem.populate_write(pages[i].cache as usize, len);
+                    // SAFETY: [cache, cache+len) lies inside the cache mapping
+                    // (checked above), runs do not overlap, this thread holds
+                    // the unverified-fetch lock (the only writer of pages not
+                    // yet present), and no child maps a page, nor does the
+                    // pager read it, before its present bit is set below.
+                    let dst = unsafe { self.mem.slice_mut(pages[i].cache as usize, len) };
+                    (pages[i].image, dst)
+                })
+                .collect();
+            self.source.read_many(&mut reqs)?;
+        } else {
+            let spans: Vec<(u64, u64, u64)> = runs
+                .iter()
+                .map(|&(i, j)| (pages[i].image, pages[i].cache, (j - i) as u64 * PAGE_SIZE))
+                .collect();
+            self.fetch_spans_buffered(&spans)?;
+        }
         let mut fetched = 0;
         for &(i, j) in &runs {
             for p in &pages[i..j] {
@@ -400,6 +422,20 @@ impl SeedCache {
         if chunks.is_empty() {
             return Ok(misses);
         }
+        let fetched = if self.source.reads_in_place() {
+            self.fetch_in_place(v, &chunks)?
+        } else {
+            self.fetch_buffered(v, &chunks)?
+        };
+        self.fetched.fetch_add(fetched, Ordering::Relaxed);
+        Ok(misses)
+    }
+
+    /// Fetch `chunks` (missing, under their fetch locks) for a source that
+    /// reads in place ([`PageSource::reads_in_place`]): a chunk whose pages
+    /// are consecutive in the cache and all missing is read straight into
+    /// it, others through a buffer. The pages put in the cache.
+    fn fetch_in_place(&self, v: &Verify, chunks: &[usize]) -> Result<u64, SourceError> {
         let direct: Vec<bool> = chunks
             .iter()
             .map(|&c| {
@@ -465,8 +501,179 @@ impl SeedCache {
                 fetched += 1;
             }
         }
-        self.fetched.fetch_add(fetched, Ordering::Relaxed);
-        Ok(misses)
+        Ok(fetched)
+    }
+
+    /// Fetch `chunks` (missing, under their fetch locks) through this
+    /// thread's buffer, [`BUFFERED_BYTES`] at a time: each chunk is read,
+    /// checked while its bytes are fresh in the CPU cache, and written into
+    /// the cache memfd with `pwrite`, a run of consecutive cache pages a
+    /// call. The kernel allocates each page for the write and copies into
+    /// it; no page is zero-filled first or mapped in this process, as a
+    /// read into the mapping needs (docs/DECISIONS.md, "A cold fetch writes
+    /// the cache's memfd"). The pages put in the cache.
+    fn fetch_buffered(&self, v: &Verify, chunks: &[usize]) -> Result<u64, SourceError> {
+        let mut fetched = 0;
+        let mut i = 0;
+        while i < chunks.len() {
+            // As many chunks as fit the buffer (at least one).
+            let mut j = i;
+            let mut need = 0u64;
+            while j < chunks.len() {
+                let (a, b) = v.digests.chunk_range(chunks[j], v.image_bytes);
+                if j > i && need + (b - a) > BUFFERED_BYTES {
+                    break;
+                }
+                need += b - a;
+                j += 1;
+            }
+            fetched += BUFFER.with(|buf| -> Result<u64, SourceError> {
+                let mut buf = buf.borrow_mut();
+                if buf.len() < need as usize {
+                    buf.resize(need as usize, 0);
+                }
+                let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(j - i);
+                let mut rest: &mut [u8] = &mut buf[..need as usize];
+                for &c in &chunks[i..j] {
+                    let (a, b) = v.digests.chunk_range(c, v.image_bytes);
+                    let (mine, tail) = std::mem::take(&mut rest).split_at_mut((b - a) as usize);
+                    reqs.push((a, mine));
+                    rest = tail;
+                }
+                self.source.read_many(&mut reqs)?;
+                let mut fetched = 0;
+                for (&c, (_, bytes)) in chunks[i..j].iter().zip(reqs.iter()) {
+                    self.check_chunk(v, c, bytes)?;
+                    fetched += self.install_chunk(v, c, bytes)?;
+                }
+                Ok(fetched)
+            })?;
+            i = j;
+        }
+        Ok(fetched)
+    }
+
+    /// Write chunk `c`'s checked `bytes` into the cache memfd where its
+    /// pages are missing (a `pwrite` a run of consecutive cache pages) and
+    /// mark them present. The caller holds the chunk's fetch lock.
+    fn install_chunk(&self, v: &Verify, c: usize, bytes: &[u8]) -> Result<u64, SourceError> {
+        let page = PAGE_SIZE as usize;
+        let mut run: Option<(usize, u64, usize)> = None; // (first k, first slot, pages)
+        let mut fetched = 0;
+        let flush = |run: &mut Option<(usize, u64, usize)>| -> Result<(), SourceError> {
+            if let Some((k, slot, n)) = run.take() {
+                self.write_memfd(slot, &bytes[k * page..(k + n) * page])?;
+                for p in 0..n as u64 {
+                    self.set_present(slot / PAGE_SIZE + p);
+                }
+            }
+            Ok(())
+        };
+        for (k, (_, slot)) in self.chunk_pages(v, c).enumerate() {
+            if slot == NO_SLOT || self.is_present(slot / PAGE_SIZE) {
+                flush(&mut run)?;
+                continue;
+            }
+            fetched += 1;
+            match &mut run {
+                Some((k0, s0, n)) if *s0 + (*n as u64) * PAGE_SIZE == slot && *k0 + *n == k => {
+                    *n += 1
+                }
+                _ => {
+                    flush(&mut run)?;
+                    run = Some((k, slot, 1));
+                }
+            }
+        }
+        flush(&mut run)?;
+        Ok(fetched)
+    }
+
+    /// Fetch `spans` (store offset, cache offset, length; the caller holds
+    /// the unverified-fetch lock) through this thread's buffer, as
+    /// [`Self::fetch_buffered`] does for checked chunks: read a buffer's
+    /// worth in one batch, then `pwrite` each piece into the cache memfd.
+    fn fetch_spans_buffered(&self, spans: &[(u64, u64, u64)]) -> Result<(), SourceError> {
+        // Cut into pieces of at most BUFFERED_BYTES.
+        let mut pieces: Vec<(u64, u64, u64)> = Vec::new();
+        for &(image, cache, len) in spans {
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(BUFFERED_BYTES);
+                pieces.push((image + done, cache + done, n));
+                done += n;
+            }
+        }
+        let mut i = 0;
+        while i < pieces.len() {
+            let mut j = i;
+            let mut need = 0;
+            while j < pieces.len() && (j == i || need + pieces[j].2 <= BUFFERED_BYTES) {
+                need += pieces[j].2;
+                j += 1;
+            }
+            BUFFER.with(|buf| -> Result<(), SourceError> {
+                let mut buf = buf.borrow_mut();
+                if buf.len() < need as usize {
+                    buf.resize(need as usize, 0);
+                }
+                let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(j - i);
+                let mut rest: &mut [u8] = &mut buf[..need as usize];
+                for &(image, _, len) in &pieces[i..j] {
+                    let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len as usize);
+                    reqs.push((image, mine));
+                    rest = tail;
+                }
+                self.source.read_many(&mut reqs)?;
+                for (&(_, cache, _), (_, bytes)) in pieces[i..j].iter().zip(reqs.iter()) {
+                    self.write_memfd(cache, bytes)?;
+                }
+                Ok(())
+            })?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// `pwrite` all of `bytes` into the cache memfd at `offset`.
+    fn write_memfd(&self, offset: u64, mut bytes: &[u8]) -> Result<(), SourceError> {
+        use std::os::fd::AsRawFd;
+        let mut at = offset;
+        while !bytes.is_empty() {
+            // SAFETY: a write of `bytes` (a live slice, its length) into
+            // the cache memfd this cache owns; the kernel reads only them.
+            let n = unsafe {
+                libc::pwrite(
+                    self.memfd.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    at as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(SourceError::Read {
+                    source_name: format!("the node cache (writing {:#x})", at),
+                    offset: at,
+                    len: bytes.len(),
+                    error,
+                });
+            }
+            if n == 0 {
+                return Err(SourceError::Read {
+                    source_name: format!("the node cache (writing {:#x})", at),
+                    offset: at,
+                    len: bytes.len(),
+                    error: io::Error::from(io::ErrorKind::WriteZero),
+                });
+            }
+            bytes = &bytes[n as usize..];
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// The pages of chunk `c`: (store offset, cache slot).
@@ -624,5 +831,97 @@ mod tests {
         assert!(cache.ensure(&[r(0, 16)]).is_err(), "outside the cache");
         assert!(cache.ensure(&[r(8, 0)]).is_err(), "outside the store");
         assert!(cache.memfd_path().starts_with("/proc/"));
+    }
+
+    /// The reads a test source was asked for: (offset, length).
+    type ReadLog = std::sync::Arc<std::sync::Mutex<Vec<(u64, usize)>>>;
+
+    /// A cache checking a store of 48 pages in 3 digest chunks of 16 pages
+    /// (page `i` filled with `i`) read from a source that serves byte
+    /// `flip` flipped, and logs each read.
+    fn verified(flip: Option<usize>, slots: Vec<u64>) -> (SeedCache, ReadLog) {
+        let pages = 48u64;
+        let data: Vec<u8> = (0..pages * 4096).map(|i| (i / 4096) as u8).collect();
+        let digests = crate::image::PageDigests {
+            chunk_bytes: 16 * 4096,
+            xxh3: data
+                .chunks(16 * 4096)
+                .map(crate::image::PageDigests::digest)
+                .collect(),
+        };
+        let mut served = data;
+        if let Some(b) = flip {
+            served[b] ^= 0x40;
+        }
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct Logged(Vec<u8>, ReadLog);
+        impl PageSource for Logged {
+            fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), SourceError> {
+                self.1.lock().unwrap().push((offset, dst.len()));
+                dst.copy_from_slice(&self.0[offset as usize..offset as usize + dst.len()]);
+                Ok(())
+            }
+            fn size(&self) -> u64 {
+                self.0.len() as u64
+            }
+            fn name(&self) -> String {
+                "logged".into()
+            }
+        }
+        let verify = Verify {
+            digests,
+            image_bytes: pages * 4096,
+            slots,
+        };
+        let cache = SeedCache::with_verify(
+            Box::new(Logged(served, log.clone())),
+            64 * 4096,
+            0,
+            Some(verify),
+        )
+        .unwrap();
+        (cache, log)
+    }
+
+    #[test]
+    fn a_checked_fetch_writes_whole_chunks_through_the_buffer_where_their_pages_go() {
+        // Store pages 0..48 at cache pages 63-i (reversed: no two neighbours
+        // consecutive), but store page 20 has no slot (a file page).
+        let slots: Vec<u64> = (0..48u64)
+            .map(|i| if i == 20 { NO_SLOT } else { (63 - i) * 4096 })
+            .collect();
+        let (cache, log) = verified(None, slots);
+        // Pages 3 and 18 (chunks 0 and 1): both whole chunks come, in one
+        // batch, and every slotted page of them is in place.
+        assert_eq!(cache.ensure(&[r(3, 60), r(18, 45)]).unwrap(), 2);
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![(0, 16 * 4096), (16 * 4096, 16 * 4096)]
+        );
+        for i in (0..32u64).filter(|&i| i != 20) {
+            let p = cache.page((63 - i) * 4096);
+            assert!(p.iter().all(|&b| b == i as u8), "store page {i}");
+        }
+        assert_eq!(cache.fetched.load(Ordering::Relaxed), 31);
+        // Chunk 1 again: all present, nothing read.
+        assert_eq!(cache.ensure(&[r(17, 46)]).unwrap(), 0);
+        assert_eq!(log.lock().unwrap().len(), 2);
+        assert!(cache.damaged().is_none());
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_checked_fetch_puts_nothing_in_the_cache_and_damages_it() {
+        let slots: Vec<u64> = (0..48u64).map(|i| i * 4096).collect();
+        // A byte of store page 37 (chunk 2) flipped by the source.
+        let (cache, _) = verified(Some(37 * 4096 + 5), slots);
+        assert_eq!(cache.ensure(&[r(1, 1)]).unwrap(), 1);
+        let e = cache.ensure(&[r(36, 36)]).unwrap_err();
+        assert!(cache.damaged().is_some(), "{e}");
+        // Chunk 2 is not present: nothing of it reached a child.
+        assert!(!cache.is_present(36));
+        assert!(!cache.is_present(37));
+        assert!(cache.is_present(1));
+        // And every later fetch is refused.
+        assert!(cache.ensure(&[r(20, 20)]).is_err());
     }
 }

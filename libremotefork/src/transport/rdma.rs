@@ -1489,6 +1489,10 @@ mod imp {
             self.requests.load(Ordering::Relaxed)
         }
 
+        fn reads_in_place(&self) -> bool {
+            true
+        }
+
         fn size(&self) -> u64 {
             self.region().size
         }
