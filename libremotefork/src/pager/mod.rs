@@ -1428,21 +1428,32 @@ fn serve<F: FaultFd>(st: &mut ChildState<F>, addr: u64) -> Served {
             let r = install(st, &run, true);
             // The window goes on past the zero pages that cut the run (a
             // heap has them here and there) and past what a fault waits
-            // for, while the woken thread reads.
+            // for, while the woken thread reads: up to one more fault's
+            // fetch ahead of it (its next fault finds those pages mapped,
+            // or waits only for the rest of that fetch).
             if matches!(r, Ok(Served::Done)) && run.len() < window {
-                fill_ahead(st, window - run.len(), MAX_FETCH_PAGES - run.len());
+                fill_ahead(st, window - run.len(), MAX_FETCH_PAGES);
             }
             r
         }
         Some(Slot::Done(Origin::Stored(off))) => {
             // A reader that caught up with pages installed ahead of it (its
-            // fault came before they went in): its window stays as it was.
-            if in_window && page < prev_next {
+            // fault came before they went in): its window stays as it was,
+            // and goes on ahead of it once it is woken.
+            let caught_up = in_window && page < prev_next;
+            if caught_up {
                 st.seq_next = prev_next;
             }
             // Installed before but missing again without a remove event:
             // put the same page back rather than let the thread spin.
-            install(st, &[(page, off)], true)
+            let r = install(st, &[(page, off)], true);
+            if caught_up && matches!(r, Ok(Served::Done)) {
+                let ahead = ((st.seq_next - page) / PAGE_SIZE) as usize;
+                if ahead < window {
+                    fill_ahead(st, window - ahead, MAX_FETCH_PAGES);
+                }
+            }
+            r
         }
         Some(Slot::Zero) | Some(Slot::Done(Origin::Zero)) => zero_page(st, page, true),
     };
@@ -1591,6 +1602,15 @@ mod pager_tests {
         }
     }
 
+    /// The copy of stored pages `from..to`, waking no one (ahead of a reader).
+    fn copied_unwoken(from: u64, to: u64) -> Op {
+        Op::Copy {
+            dst: page(from),
+            bytes: bytes(from, to),
+            wake: false,
+        }
+    }
+
     /// The wake of the page at `addr`.
     fn woken(addr: u64) -> Op {
         Op::Wake {
@@ -1726,6 +1746,36 @@ mod pager_tests {
         service(&mut st, &mut Vec::new()).unwrap();
         assert_eq!(ops(&st)[3], copied(16, STORED));
         assert_eq!(st.window, 2 * WINDOW_PAGES);
+    }
+
+    #[test]
+    fn a_reader_that_caught_up_with_its_window_gets_more_ahead_once_woken() {
+        // Stored pages 0..20: a fault at 0 puts 0..16 in (its window).
+        let mut st = child(Recorder::faulting(&[page(0)]), Prefetch::Window, false);
+        service(&mut st, &mut Vec::new()).unwrap();
+        assert_eq!(ops(&st), vec![copied(0, 16)]);
+        // The reader faults inside that window before those pages were in
+        // (its fault was queued meanwhile): it is woken, and the pager
+        // goes on ahead of it, unwoken, to the end of its window (page 3
+        // plus 16): pages 16..19.
+        st.c.uffd
+            .events
+            .borrow_mut()
+            .push_back(vec![Msg::PageFault {
+                address: page(3),
+                flags: 0,
+            }]);
+        service(&mut st, &mut Vec::new()).unwrap();
+        let after: Vec<Op> = ops(&st)[1..].to_vec();
+        assert_eq!(after.last(), Some(&copied_unwoken(16, 19)), "{after:?}");
+        assert!(
+            after
+                .iter()
+                .any(|o| *o == woken(page(3)) || *o == copied(3, 4)),
+            "the faulting thread is woken first: {after:?}"
+        );
+        assert!(matches!(st.c.table.get(page(18)), Some(Slot::Done(_))));
+        assert!(matches!(st.c.table.get(page(19)), Some(Slot::Stored(_))));
     }
 
     #[test]
