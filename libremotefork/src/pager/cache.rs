@@ -513,44 +513,61 @@ impl SeedCache {
     /// read into the mapping needs (docs/DECISIONS.md, "A cold fetch writes
     /// the cache's memfd"). The pages put in the cache.
     fn fetch_buffered(&self, v: &Verify, chunks: &[usize]) -> Result<u64, SourceError> {
+        let pieces: Vec<(u64, u64)> = chunks
+            .iter()
+            .map(|&c| {
+                let (a, b) = v.digests.chunk_range(c, v.image_bytes);
+                (a, b - a)
+            })
+            .collect();
         let mut fetched = 0;
+        self.read_buffered(&pieces, |i, bytes| {
+            self.check_chunk(v, chunks[i], bytes)?;
+            fetched += self.install_chunk(v, chunks[i], bytes)?;
+            Ok(())
+        })?;
+        Ok(fetched)
+    }
+
+    /// Read `pieces` (store offset, length; each at most
+    /// [`BUFFERED_BYTES`]) through this thread's buffer, as many as fit in
+    /// one batch from the source, and hand each piece's bytes to `each`
+    /// with its index.
+    fn read_buffered(
+        &self,
+        pieces: &[(u64, u64)],
+        mut each: impl FnMut(usize, &[u8]) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
         let mut i = 0;
-        while i < chunks.len() {
-            // As many chunks as fit the buffer (at least one).
+        while i < pieces.len() {
+            // As many pieces as fit the buffer (at least one).
             let mut j = i;
             let mut need = 0u64;
-            while j < chunks.len() {
-                let (a, b) = v.digests.chunk_range(chunks[j], v.image_bytes);
-                if j > i && need + (b - a) > BUFFERED_BYTES {
-                    break;
-                }
-                need += b - a;
+            while j < pieces.len() && (j == i || need + pieces[j].1 <= BUFFERED_BYTES) {
+                need += pieces[j].1;
                 j += 1;
             }
-            fetched += BUFFER.with(|buf| -> Result<u64, SourceError> {
+            BUFFER.with(|buf| -> Result<(), SourceError> {
                 let mut buf = buf.borrow_mut();
                 if buf.len() < need as usize {
                     buf.resize(need as usize, 0);
                 }
                 let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(j - i);
                 let mut rest: &mut [u8] = &mut buf[..need as usize];
-                for &c in &chunks[i..j] {
-                    let (a, b) = v.digests.chunk_range(c, v.image_bytes);
-                    let (mine, tail) = std::mem::take(&mut rest).split_at_mut((b - a) as usize);
-                    reqs.push((a, mine));
+                for &(offset, len) in &pieces[i..j] {
+                    let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len as usize);
+                    reqs.push((offset, mine));
                     rest = tail;
                 }
                 self.source.read_many(&mut reqs)?;
-                let mut fetched = 0;
-                for (&c, (_, bytes)) in chunks[i..j].iter().zip(reqs.iter()) {
-                    self.check_chunk(v, c, bytes)?;
-                    fetched += self.install_chunk(v, c, bytes)?;
+                for (k, (_, bytes)) in reqs.iter().enumerate() {
+                    each(i + k, bytes)?;
                 }
-                Ok(fetched)
+                Ok(())
             })?;
             i = j;
         }
-        Ok(fetched)
+        Ok(())
     }
 
     /// Write chunk `c`'s checked `bytes` into the cache memfd where its
@@ -594,45 +611,20 @@ impl SeedCache {
     /// [`Self::fetch_buffered`] does for checked chunks: read a buffer's
     /// worth in one batch, then `pwrite` each piece into the cache memfd.
     fn fetch_spans_buffered(&self, spans: &[(u64, u64, u64)]) -> Result<(), SourceError> {
-        // Cut into pieces of at most BUFFERED_BYTES.
-        let mut pieces: Vec<(u64, u64, u64)> = Vec::new();
+        // Cut into pieces of at most BUFFERED_BYTES: (store, length), and
+        // where each goes in the cache.
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
+        let mut to: Vec<u64> = Vec::new();
         for &(image, cache, len) in spans {
             let mut done = 0;
             while done < len {
                 let n = (len - done).min(BUFFERED_BYTES);
-                pieces.push((image + done, cache + done, n));
+                pieces.push((image + done, n));
+                to.push(cache + done);
                 done += n;
             }
         }
-        let mut i = 0;
-        while i < pieces.len() {
-            let mut j = i;
-            let mut need = 0;
-            while j < pieces.len() && (j == i || need + pieces[j].2 <= BUFFERED_BYTES) {
-                need += pieces[j].2;
-                j += 1;
-            }
-            BUFFER.with(|buf| -> Result<(), SourceError> {
-                let mut buf = buf.borrow_mut();
-                if buf.len() < need as usize {
-                    buf.resize(need as usize, 0);
-                }
-                let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(j - i);
-                let mut rest: &mut [u8] = &mut buf[..need as usize];
-                for &(image, _, len) in &pieces[i..j] {
-                    let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len as usize);
-                    reqs.push((image, mine));
-                    rest = tail;
-                }
-                self.source.read_many(&mut reqs)?;
-                for (&(_, cache, _), (_, bytes)) in pieces[i..j].iter().zip(reqs.iter()) {
-                    self.write_memfd(cache, bytes)?;
-                }
-                Ok(())
-            })?;
-            i = j;
-        }
-        Ok(())
+        self.read_buffered(&pieces, |i, bytes| self.write_memfd(to[i], bytes))
     }
 
     /// `pwrite` all of `bytes` into the cache memfd at `offset`.
@@ -781,7 +773,11 @@ impl SeedCache {
 mod tests {
     use super::*;
 
-    struct Counting(Vec<u8>, std::sync::Mutex<Vec<(u64, usize)>>);
+    /// The reads a test source was asked for: (offset, length).
+    type ReadLog = std::sync::Arc<std::sync::Mutex<Vec<(u64, usize)>>>;
+
+    /// A page store in memory that logs each read.
+    struct Counting(Vec<u8>, ReadLog);
     impl PageSource for Counting {
         fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), SourceError> {
             if offset as usize + dst.len() > self.0.len() {
@@ -833,9 +829,6 @@ mod tests {
         assert!(cache.memfd_path().starts_with("/proc/"));
     }
 
-    /// The reads a test source was asked for: (offset, length).
-    type ReadLog = std::sync::Arc<std::sync::Mutex<Vec<(u64, usize)>>>;
-
     /// A cache checking a store of 48 pages in 3 digest chunks of 16 pages
     /// (page `i` filled with `i`) read from a source that serves byte
     /// `flip` flipped, and logs each read.
@@ -853,28 +846,14 @@ mod tests {
         if let Some(b) = flip {
             served[b] ^= 0x40;
         }
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        struct Logged(Vec<u8>, ReadLog);
-        impl PageSource for Logged {
-            fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), SourceError> {
-                self.1.lock().unwrap().push((offset, dst.len()));
-                dst.copy_from_slice(&self.0[offset as usize..offset as usize + dst.len()]);
-                Ok(())
-            }
-            fn size(&self) -> u64 {
-                self.0.len() as u64
-            }
-            fn name(&self) -> String {
-                "logged".into()
-            }
-        }
+        let log = ReadLog::default();
         let verify = Verify {
             digests,
             image_bytes: pages * 4096,
             slots,
         };
         let cache = SeedCache::with_verify(
-            Box::new(Logged(served, log.clone())),
+            Box::new(Counting(served, log.clone())),
             64 * 4096,
             0,
             Some(verify),
