@@ -1602,6 +1602,17 @@ mod pager_tests {
         }
     }
 
+    /// A read fault at `addr` for the child's next service round.
+    fn queue_fault(st: &ChildState<Recorder>, addr: u64) {
+        st.c.uffd
+            .events
+            .borrow_mut()
+            .push_back(vec![Msg::PageFault {
+                address: addr,
+                flags: 0,
+            }]);
+    }
+
     /// The copy of stored pages `from..to`, waking no one (ahead of a reader).
     fn copied_unwoken(from: u64, to: u64) -> Op {
         Op::Copy {
@@ -1688,13 +1699,7 @@ mod pager_tests {
         // its window doubles, so after the last stored pages (the woken
         // run) it goes on over the zero pages, waking no one, up to the
         // region's end.
-        st.c.uffd
-            .events
-            .borrow_mut()
-            .push_back(vec![Msg::PageFault {
-                address: page(end),
-                flags: 0,
-            }]);
+        queue_fault(&st, page(end));
         service(&mut st, &mut Vec::new()).unwrap();
         let zero = |i| Op::Zero {
             dst: page(i),
@@ -1736,13 +1741,7 @@ mod pager_tests {
         // A fault inside that window (the reader caught up) or at its end
         // is a sequential reader's: the window doubles to 32 pages, up to
         // the zero pages past the stored ones.
-        st.c.uffd
-            .events
-            .borrow_mut()
-            .push_back(vec![Msg::PageFault {
-                address: page(16),
-                flags: 0,
-            }]);
+        queue_fault(&st, page(16));
         service(&mut st, &mut Vec::new()).unwrap();
         assert_eq!(ops(&st)[3], copied(16, STORED));
         assert_eq!(st.window, 2 * WINDOW_PAGES);
@@ -1758,13 +1757,7 @@ mod pager_tests {
         // (its fault was queued meanwhile): it is woken, and the pager
         // goes on ahead of it, unwoken, to the end of its window (page 3
         // plus 16): pages 16..19.
-        st.c.uffd
-            .events
-            .borrow_mut()
-            .push_back(vec![Msg::PageFault {
-                address: page(3),
-                flags: 0,
-            }]);
+        queue_fault(&st, page(3));
         service(&mut st, &mut Vec::new()).unwrap();
         let after: Vec<Op> = ops(&st)[1..].to_vec();
         assert_eq!(after.last(), Some(&copied_unwoken(16, 19)), "{after:?}");
