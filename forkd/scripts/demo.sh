@@ -4,6 +4,12 @@
 # children from it, paging A's memory over the TCP page server; each child
 # answers a request with the parent's imported modules and state.
 set -euo pipefail
+# Root is needed (ptrace, userfaultfd, namespaces): as another user, run
+# again under sudo; as root (sudo or not) go on.
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "$0: must run as root (and sudo is not installed)" >&2; exit 1; }
+    exec sudo -E bash "$0" "$@"
+fi
 cd "$(dirname "$0")/../.."
 . forkd/scripts/deps.sh
 cargo build --release -q -p forkd

@@ -2,6 +2,12 @@
 # The project's test command: formatting, lints, then every test (unit and
 # integration, as root on real processes). Installs what it needs first.
 set -euo pipefail
+# Root is needed (ptrace, userfaultfd, namespaces): as another user, run
+# again under sudo; as root (sudo or not) go on.
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "$0: must run as root (and sudo is not installed)" >&2; exit 1; }
+    exec sudo -E bash "$0" "$@"
+fi
 cd "$(dirname "$0")/../.."
 . forkd/scripts/deps.sh
 
