@@ -821,8 +821,21 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
     };
     match ptrace::wait(pid) {
         Ok(Stop::Signal(libc::SIGSTOP)) => {
-            if let Some(c) = &lazy {
-                precopy_written(core, t, c, pid);
+            let mut lazy = lazy;
+            let mut served = None;
+            let written = lazy
+                .as_ref()
+                .map(|c| written_pages_present(core, t, c))
+                .unwrap_or_default();
+            if let Some(c) = lazy.take_if(|_| !written.is_empty()) {
+                // Served first: a page the template has may be missing
+                // from the child's page table all the same (reclaim
+                // unmaps a file page from every process mapping it; this
+                // VM's DAMON pages cold memory out), and the copy then
+                // faults on the child's userfaultfd, which nobody else
+                // reads (forkd's thread blocked there for good).
+                served = Some(serve(core, pid, c)?);
+                precopy_written(core, pid, &written);
             }
             let forked_us = t0.elapsed().as_micros() as u64;
             if let Some(((at, n), what)) = &t.fork.prepare {
@@ -846,7 +859,6 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
                     "container child forked and prepared"
                 );
             }
-            let mut lazy = lazy;
             let ahead = threads_ahead(core, t, &mut tracee, &mut lazy)?;
             if let Some(a) = &ahead {
                 debug!(
@@ -860,7 +872,7 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
             Ok(Forked {
                 tracee,
                 lazy,
-                served: None,
+                served,
                 touching: false,
                 cgroup,
                 ahead,
@@ -1045,11 +1057,7 @@ fn end_touch(core: &Core, t: &Template, f: &mut Forked) -> bool {
 /// child writes (the seed's written set, where the template has them): its
 /// first request then takes no copy-on-write faults for them, as a warm
 /// process would not. For a spare, this happens ahead of its request.
-fn precopy_written(core: &Core, t: &Template, c: &LazyChild, pid: i32) {
-    let pages = written_pages_present(core, t, c);
-    if pages.is_empty() {
-        return;
-    }
+fn precopy_written(core: &Core, pid: i32, pages: &[(u64, u64)]) {
     let locals: Vec<&[u8]> = pages
         .iter()
         .map(|&(_, cache)| core.seed.cache.page(cache))
@@ -1129,7 +1137,7 @@ fn finish(
     // A lazy child is served from now on (if its threads were not made
     // ahead: then it is already).
     let (served, threads) = match (ahead, served) {
-        (Some(a), _) => (a.served, Some(a.threads)),
+        (Some(a), s) => (a.served.or(s), Some(a.threads)),
         (None, Some(s)) => (Some(s), None),
         (None, None) => (lazy.map(|c| serve(core, pid, c)).transpose()?, None),
     };
