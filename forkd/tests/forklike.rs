@@ -706,6 +706,100 @@ fn template_children_get_the_first_childs_writes_and_reads_ahead() {
     }
 }
 
+/// A warm Python with 300,000 objects whose request is light: it answers,
+/// and, asked to, waits for a file before it ends (its interpreter's
+/// teardown then writes every object).
+const LIGHT_REQUEST: &str = r#"
+import sys, os, time
+d = {i: str(i) for i in range(300000)}
+print('ready', flush=True)
+for line in sys.stdin:
+    if line.startswith('await '):
+        p = line.split()[1]
+        open(p + '.' + str(os.getpid()), 'w').close()
+        while not os.path.exists(p):
+            time.sleep(0.01)
+    else:
+        print('ok', len(d), flush=True)
+"#;
+
+/// A process's private dirty memory, bytes.
+fn private_dirty(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Private_Dirty:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+#[test]
+fn live_template_children_share_what_only_their_exit_writes() {
+    if !require_root("live_template_children_share_what_only_their_exit_writes") {
+        return;
+    }
+    let dir = scratch("exit-writes");
+    let d = Daemon::start(&dir, false);
+    let seed = python_seed(|a| d.ctl(a), LIGHT_REQUEST);
+    let recorded = ["--prefetch", "recorded"];
+    // The first child records: it answers, then its teardown writes the
+    // whole heap.
+    let first = one_child(&d, &seed, "go\n", &recorded);
+    assert_eq!(first["exit_code"], 0, "{first}");
+    assert_eq!(first["stdout"], "ok 300000\n", "{first}");
+    // Three later children answer and stay: what they hold of their own
+    // is what their requests wrote, not the heap their exit will write.
+    let release = dir.join("release");
+    let input = dir.join("input-hold");
+    std::fs::write(&input, format!("go\nawait {}\n", release.display())).unwrap();
+    let held = forkctl()
+        .arg("--addr")
+        .arg(d.addr())
+        .args(["--json", "spawn", &seed, "--count", "3", "--stdin"])
+        .arg(&input)
+        .args(recorded)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("three children waiting", || marks(&release) >= 3);
+    let pids: Vec<i32> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix("release.")?.parse().ok()
+        })
+        .collect();
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    let own: Vec<u64> = pids.iter().map(|&p| private_dirty(p)).collect();
+    std::fs::write(&release, "").unwrap();
+    let out = held.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in v["children"].as_array().unwrap() {
+        assert_eq!(k["exit_code"], 0, "{k}");
+        assert_eq!(k["stdout"], "ok 300000\n", "{k}");
+    }
+    // The dict's objects alone are over 30 MB.
+    println!(
+        "live children hold privately: {:?} KiB",
+        own.iter().map(|b| b >> 10).collect::<Vec<_>>()
+    );
+    for b in &own {
+        assert!(
+            *b < 8 << 20,
+            "a live child holds {} MiB privately: what its exit writes was copied in ahead",
+            b >> 20
+        );
+    }
+}
+
 #[test]
 fn children_of_a_template_share_the_parents_shared_memory() {
     if !require_root("children_of_a_template_share_the_parents_shared_memory") {

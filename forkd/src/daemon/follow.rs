@@ -84,6 +84,7 @@ impl State {
         // an Output event, in order; the first is the time to first answer.
         let reader = out.map(|fd| {
             let (st, tx, base) = (self.clone(), tx.clone(), base.clone());
+            let pager = stats.clone();
             tokio::spawn(async move {
                 use tokio::io::AsyncReadExt;
                 let mut file = handover::OutputFile::open(&out_path);
@@ -100,6 +101,10 @@ impl State {
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
+                    if let Some(p) = &pager {
+                        // A recording child's written set ends at its answer.
+                        p.note_output();
+                    }
                     let data = &buf[..n];
                     file.write(data);
                     let room = OUTPUT_KEPT.saturating_sub(kept.len());
