@@ -13,6 +13,9 @@ use tracing::info;
 use super::{auth, handover, State, LOG, OUTPUT_KEPT};
 use crate::pb;
 
+/// How long a child's exit report waits for its pager's final figures.
+const PAGER_FINISH_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Largest output carried whole in the `Exited` event.
 const EXITED_STDOUT_MAX: usize = 1 << 20;
 
@@ -149,12 +152,16 @@ impl State {
             Err(e) => ex.reason = format!("lost track of the child: {e}"),
         }
         if let Some(s) = &stats {
-            for _ in 0..200 {
-                if s.finished.load(Ordering::Acquire) {
-                    break;
+            // The pager notices the exit too, at the same moment: its
+            // figures are final once it lets go (woken then, not polled).
+            let finished = std::future::poll_fn(|cx| {
+                if s.on_finished(cx.waker()) {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
+            });
+            let _ = tokio::time::timeout(PAGER_FINISH_WAIT, finished).await;
             ex.faults = s.faults.load(Ordering::Relaxed);
             ex.pages_installed = s.pages_installed.load(Ordering::Relaxed);
             if let Some(r) = s.killed_reason() {

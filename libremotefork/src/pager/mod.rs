@@ -305,6 +305,8 @@ pub struct ChildStats {
     pub finished: AtomicBool,
     /// Output relayed from it so far ([`ChildStats::note_output`]).
     pub outputs: AtomicU64,
+    /// Woken once the pager lets go of the child ([`ChildStats::on_finished`]).
+    finish_waker: Mutex<Option<std::task::Waker>>,
     /// Set by the pager for a recording child: written to at each output,
     /// so the pager samples what it wrote before its answer at once.
     output_waker: std::sync::OnceLock<Arc<OwnedFd>>,
@@ -322,6 +324,29 @@ impl ChildStats {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         true
+    }
+
+    /// Has the pager let go of the child? If not, `waker` is woken when it
+    /// does: an async caller waits for the final figures without polling.
+    pub fn on_finished(&self, waker: &std::task::Waker) -> bool {
+        let mut w = self.finish_waker.lock().unwrap_or_else(|e| e.into_inner());
+        if self.finished.load(Ordering::Acquire) {
+            return true;
+        }
+        *w = Some(waker.clone());
+        false
+    }
+
+    /// The pager let go of the child: its figures are final.
+    fn set_finished(&self) {
+        let w = {
+            let mut w = self.finish_waker.lock().unwrap_or_else(|e| e.into_inner());
+            self.finished.store(true, Ordering::Release);
+            w.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
     }
 
     /// The reason the child was killed, if it was.
@@ -1084,7 +1109,7 @@ fn finish(epoll: &Epoll, st: ChildState) {
     }
     let stats = st.c.stats.clone();
     keep_sets(st);
-    stats.finished.store(true, Ordering::Release);
+    stats.set_finished();
 }
 
 /// A child let go of: if it recorded the seed's sets, keep them (unless it
@@ -2065,6 +2090,24 @@ mod pager_tests {
         st.pending.extend([page(5), page(6)]);
         keep_sets(st);
         assert_eq!(seed.written_set().as_deref().cloned(), pages(&[5, 6]));
+    }
+
+    #[test]
+    fn a_wait_for_the_pagers_figures_is_woken_when_it_lets_go() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = std::task::Waker::from(flag.clone());
+        let stats = ChildStats::default();
+        assert!(!stats.on_finished(&waker));
+        assert!(!flag.0.load(Ordering::SeqCst));
+        stats.set_finished();
+        assert!(flag.0.load(Ordering::SeqCst), "the waiter was not woken");
+        assert!(stats.on_finished(&waker));
     }
 
     #[test]
