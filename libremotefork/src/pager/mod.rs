@@ -168,6 +168,8 @@ pub struct SeedPages {
 /// The shortest and longest period of a recording child's written-page
 /// samples (the period is ten times a sample's cost, within these).
 const SAMPLE_MIN: Duration = Duration::from_millis(10);
+/// The least time between samples of a recording child that has answered.
+const SAMPLE_ENDING: Duration = Duration::from_millis(1);
 const SAMPLE_MAX: Duration = Duration::from_millis(250);
 /// What a recording child writes after its last output (its exit) joins
 /// the seed's written set only if it is at most this fraction of what it
@@ -725,6 +727,9 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
                 for st in children.values_mut().filter(|st| st.record) {
                     st.sample_at_output();
                 }
+                // Then often, while it may be ending (below).
+                sample_every = SAMPLE_ENDING;
+                sampled = Instant::now();
                 continue;
             }
             let id = token >> 1;
@@ -795,11 +800,21 @@ fn worker(epoll: Epoll, rx: Receiver<LazyChild>, mut wake: std::io::PipeReader) 
         if recording && sampled.elapsed() >= sample_every {
             let t = Instant::now();
             recording = false;
+            let mut ending = false;
             for st in children.values_mut().filter(|st| st.record) {
                 st.sample_written();
                 recording = true;
+                ending |= st.outputs_seen > 0;
             }
-            sample_every = (t.elapsed() * 10).clamp(SAMPLE_MIN, SAMPLE_MAX);
+            // Once it has answered, it may be ending: what an exit writes
+            // in its last milliseconds is never sampled (a dead process's
+            // page map cannot be read), so sample it as often as it costs
+            // a third of this thread's time, for this one child a seed.
+            sample_every = if ending {
+                (t.elapsed() * 3).clamp(SAMPLE_ENDING, SAMPLE_MAX)
+            } else {
+                (t.elapsed() * 10).clamp(SAMPLE_MIN, SAMPLE_MAX)
+            };
             sampled = Instant::now();
         }
         // A forked grandchild's userfaultfd outlives its address space (an
