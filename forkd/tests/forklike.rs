@@ -91,17 +91,18 @@ fn marks(release: &Path) -> usize {
         .count()
 }
 
-/// Spawn `count` children of `seed` that sum their heap and then wait for
-/// `release` to exist; returns the running forkctl.
+/// Spawn `count` children of `seed` that answer `request` (a line) and
+/// then wait for `release` to exist; returns the running forkctl.
 fn spawn_and_hold(
     d: &Daemon,
     seed: &str,
     count: u32,
+    request: &str,
     extra: &[&str],
     release: &Path,
 ) -> std::process::Child {
     let input = d.dir.join(format!("input-{count}-{}", extra.join("_")));
-    std::fs::write(&input, format!("sum\nawait {}\n", release.display())).unwrap();
+    std::fs::write(&input, format!("{request}\nawait {}\n", release.display())).unwrap();
     let mut cmd = forkctl();
     cmd.arg("--addr")
         .arg(d.addr())
@@ -137,7 +138,7 @@ fn template_children_share_the_pages_they_only_read() {
         ("no-template", vec!["--no-template"]),
     ] {
         let release = dir.join(format!("release-{mode}"));
-        let p = spawn_and_hold(&d, &seed, 3, &extra, &release);
+        let p = spawn_and_hold(&d, &seed, 3, "sum", &extra, &release);
         // The three children have read their whole heap once they wait.
         wait_for("three children waiting", || marks(&release) >= 3);
         let all: u64 = children(forkd_pid)
@@ -751,18 +752,7 @@ fn live_template_children_share_what_only_their_exit_writes() {
     // Three later children answer and stay: what they hold of their own
     // is what their requests wrote, not the heap their exit will write.
     let release = dir.join("release");
-    let input = dir.join("input-hold");
-    std::fs::write(&input, format!("go\nawait {}\n", release.display())).unwrap();
-    let held = forkctl()
-        .arg("--addr")
-        .arg(d.addr())
-        .args(["--json", "spawn", &seed, "--count", "3", "--stdin"])
-        .arg(&input)
-        .args(recorded)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let held = spawn_and_hold(&d, &seed, 3, "go", &recorded, &release);
     wait_for("three children waiting", || marks(&release) >= 3);
     let pids: Vec<i32> = std::fs::read_dir(&dir)
         .unwrap()
