@@ -724,17 +724,6 @@ for line in sys.stdin:
         print('ok', len(d), flush=True)
 "#;
 
-/// A process's private dirty memory, bytes.
-fn private_dirty(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Private_Dirty:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
 #[test]
 fn live_template_children_share_what_only_their_exit_writes() {
     if !require_root("live_template_children_share_what_only_their_exit_writes") {
@@ -763,7 +752,10 @@ fn live_template_children_share_what_only_their_exit_writes() {
         })
         .collect();
     assert_eq!(pids.len(), 3, "{pids:?}");
-    let own: Vec<u64> = pids.iter().map(|&p| private_dirty(p)).collect();
+    let own: Vec<u64> = pids
+        .iter()
+        .map(|&p| remotefork::procfs::private_dirty(p))
+        .collect();
     std::fs::write(&release, "").unwrap();
     let out = held.wait_with_output().unwrap();
     assert!(

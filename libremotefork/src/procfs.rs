@@ -187,11 +187,22 @@ pub fn parse_uffd_missing(smaps: &str) -> Vec<u64> {
 
 /// Proportional set size of `pid` in bytes (`smaps_rollup`); 0 if it is gone.
 pub fn pss(pid: pid_t) -> u64 {
+    rollup(pid, "Pss:")
+}
+
+/// Private dirty memory of `pid` in bytes (`smaps_rollup`): what it wrote
+/// and holds alone; 0 if it is gone.
+pub fn private_dirty(pid: pid_t) -> u64 {
+    rollup(pid, "Private_Dirty:")
+}
+
+/// One `smaps_rollup` field of `pid` (`field` with its colon), in bytes.
+fn rollup(pid: pid_t, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         })
         .unwrap_or(0)
