@@ -206,6 +206,10 @@ enum Command {
         /// RESOURCE_EXHAUSTED) [default: 200000].
         #[arg(long)]
         max_queued: Option<u64>,
+        /// For tests: wait this long between letting a child run and
+        /// recording it (a forkd stopped in between must not lose it).
+        #[arg(long, hide = true)]
+        test_hold_before_record_ms: Option<u64>,
     },
     /// Print the SHA-256 of a token (read from stdin) as the tenants file
     /// wants it.
@@ -274,7 +278,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls_key,
             tls_ca,
             max_queued,
+            test_hold_before_record_ms,
         } => {
+            if let Some(ms) = test_hold_before_record_ms {
+                forkd::daemon::handover::hold_before_record(std::time::Duration::from_millis(ms));
+            }
             let mut cfg: forkd::daemon::Config = match &config {
                 Some(p) => toml::from_str(
                     &std::fs::read_to_string(p)

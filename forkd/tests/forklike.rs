@@ -1128,6 +1128,106 @@ fn lazy_children_outlive_a_forkd_killed_with_sigkill() {
 }
 
 #[test]
+fn a_child_let_run_as_forkd_is_killed_is_killed_by_the_next_forkd_with_a_reason() {
+    // forkd lets a lazy child run, then records it (and hands it to its
+    // keeper). Killed in between, it left a child nobody held: waiting for
+    // good at its next fault. The child is now in the keeper's hands from
+    // before it runs; the next forkd, finding its start never reported,
+    // kills it and says why. The window is held open (a hidden test flag).
+    if !require_root("a_child_let_run_as_forkd_is_killed_is_killed_by_the_next_forkd_with_a_reason")
+    {
+        return;
+    }
+    let dir = scratch("starting-handover");
+    let grace = ["--handover-grace-s", "120", "--drain-s", "0"];
+    let held: Vec<&str> = grace
+        .iter()
+        .copied()
+        .chain(["--test-hold-before-record-ms", "600000"])
+        .collect();
+    // The seed and its template, without the hold (the spawn that builds
+    // the template records its child as usual).
+    let d = Daemon::start_with(&dir, false, &grace);
+    let seed = heap_seed(&d, 32);
+    let input = dir.join("in");
+    std::fs::write(&input, "exit\n").unwrap();
+    let (code, _, err) = d.ctl(&[
+        "spawn",
+        &seed,
+        "--prefetch",
+        "off",
+        "--stdin",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    d.stop();
+
+    let d = Daemon::start_with(&dir, false, &held);
+    let release = dir.join("release");
+    std::fs::write(&input, format!("await {}\nsum\n", release.display())).unwrap();
+    let mut spawn = forkctl();
+    spawn
+        .arg("--addr")
+        .arg(d.addr())
+        .args(["spawn", &seed, "--prefetch", "off", "--stdin"])
+        .arg(&input)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut spawn = spawn.spawn().unwrap();
+    wait_for("the child to run", || marks(&release) == 1);
+    let name = release.file_name().unwrap().to_string_lossy().into_owned() + ".";
+    let pid: i32 = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.ok()?.file_name().to_string_lossy().into_owned();
+            n.strip_prefix(&name)?.parse().ok()
+        })
+        .next()
+        .unwrap();
+    // Whatever happens below, it does not outlive the test.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: plain kill(2) of a process this test started.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _cleanup = KillOnDrop(pid);
+    assert!(
+        instances(&d).is_empty(),
+        "the child is not recorded yet: {:?}",
+        instances(&d)
+    );
+    drop(d);
+    let _ = spawn.wait();
+    // Let it go on: it reads its heap, which only a pager can give it.
+    std::fs::write(&release, "").unwrap();
+
+    let log = dir.join("next.log");
+    let mut next = forkd();
+    next.arg("serve")
+        .arg("--socket")
+        .arg(dir.join("sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(grace)
+        .env("FORKD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut next = next.spawn().unwrap();
+    wait_for("the child to be killed", || {
+        matches!(state(pid), None | Some('Z'))
+    });
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains(&format!("pid={pid}")) && said.contains("before its start was reported"),
+        "the next forkd says why it killed {pid}: {said}"
+    );
+    let _ = next.kill();
+    let _ = next.wait();
+}
+
+#[test]
 fn a_daemonised_grandchild_is_handed_over_or_killed_with_a_reason() {
     if !require_root("a_daemonised_grandchild_is_handed_over_or_killed_with_a_reason") {
         return;

@@ -82,8 +82,36 @@ impl Service {
                 st.handover.release(&h.key);
             }
         }
+        // Children recorded as instances (a child told as starting may be
+        // both, if forkd went between recording it and letting go of it).
+        let recorded: std::collections::HashSet<u64> = handed
+            .iter()
+            .filter(|h| h.key.starts_with("i/"))
+            .filter_map(|h| h.meta["pid"].as_u64())
+            .collect();
         for h in handed {
             if h.key.starts_with("s/") {
+                continue;
+            }
+            if h.key.starts_with(handover::STARTING) {
+                st.handover.release(&h.key);
+                let pid = h.meta["pid"].as_u64().unwrap_or(0);
+                if h.ended.is_none() && !recorded.contains(&pid) {
+                    // Its start was never reported, so nobody waits for it:
+                    // it would wait for good at its next fault.
+                    if let Some(p) = h.fds.first() {
+                        let _ = kernel_helpers::proc::pidfd_signal(
+                            std::os::fd::AsRawFd::as_raw_fd(p),
+                            libc::SIGKILL,
+                        );
+                    }
+                    warn!(
+                        target: LOG,
+                        pid,
+                        seed = %h.meta["seed"].as_str().unwrap_or_default(),
+                        "a child was starting as the last forkd stopped, before its start was reported to anyone; killed (nobody serves its memory or reads its output)"
+                    );
+                }
                 continue;
             }
             if let Some(iid) = h.meta["iid"].as_str().filter(|i| cut.contains(*i)) {

@@ -174,6 +174,22 @@ impl Handover {
                     keeper.del(&key);
                 }
             }
+            // A child about to run, not yet recorded (`child_started`): a
+            // forkd gone in between must not leave it waiting on a fault
+            // nobody serves. The next forkd kills it with a reason
+            // (`STARTING` entries); a keeper that gives up kills it too.
+            ForkEvent::Starting { pid, pidfd, uffd } => {
+                let mut m = place.json();
+                m["pid"] = json!(pid);
+                m["fds"] = json!(["pidfd", "uffd"]);
+                keeper.put(
+                    &starting_key(&tag, pid),
+                    &m,
+                    &[pidfd.as_raw_fd(), uffd.as_raw_fd()],
+                    Some(0),
+                );
+            }
+            ForkEvent::NotStarted { pid } => keeper.del(&starting_key(&tag, pid)),
         }));
     }
 
@@ -216,6 +232,8 @@ impl Handover {
         }
         m["fds"] = json!(names);
         self.keeper.put(&format!("i/{iid}"), &m, &fds, Some(0));
+        // Held under its instance now (the keeper takes requests in order).
+        self.keeper.del(&starting_key(&self.tag, child.pid()));
     }
 
     /// A child ended and its end was reported: let go of it.
@@ -249,6 +267,27 @@ impl Handover {
     pub fn release(&self, key: &str) {
         self.keeper.del(key);
     }
+}
+
+static HOLD_BEFORE_RECORD: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// For tests: wait `d` between letting each child run and recording it
+/// (the window a forkd can stop in with a child told only as starting).
+pub fn hold_before_record(d: Duration) {
+    let _ = HOLD_BEFORE_RECORD.set(d);
+}
+
+/// See [`hold_before_record`].
+pub fn held_before_record() -> Option<Duration> {
+    HOLD_BEFORE_RECORD.get().copied()
+}
+
+/// Keys of children told as starting and not yet recorded as instances:
+/// `STARTING` + forkd's tag + `/` + pid.
+pub const STARTING: &str = "p/";
+
+fn starting_key(tag: &str, pid: i32) -> String {
+    format!("{STARTING}{tag}/{pid}")
 }
 
 /// The name a prefetch mode has in the API.

@@ -356,6 +356,9 @@ impl Batch {
                 }
             }
         }
+        if let Some(d) = super::handover::held_before_record() {
+            tokio::time::sleep(d).await;
+        }
         st.handover.child_started(
             &iid,
             base.index,

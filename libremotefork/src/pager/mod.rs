@@ -148,7 +148,8 @@ pub struct SeedMetrics {
 pub struct SeedPages {
     /// The node-local cache in front of the seed's page source.
     pub cache: SeedCache,
-    /// Told about every grandchild forked in a child of this seed.
+    /// Told about every grandchild forked in a child of this seed, and
+    /// every spawned lazy child as it starts.
     pub fork_sink: Mutex<Option<ForkSink>>,
     working_set: Mutex<Option<Arc<Vec<u64>>>>,
     working_set_file: Option<PathBuf>,
@@ -214,6 +215,31 @@ impl std::fmt::Debug for SeedPages {
 }
 
 impl SeedPages {
+    /// Tell the fork sink, if there is one, that the spawned lazy child
+    /// `pid`, served over `uffd`, is about to run. Whether it was told.
+    pub(crate) fn announce_starting(&self, pid: i32, uffd: &OwnedFd) -> bool {
+        let Some(sink) = self.fork_sink.lock().ok().and_then(|s| s.clone()) else {
+            return false;
+        };
+        match (kernel_helpers::uffd::pidfd_open(pid), uffd.try_clone()) {
+            (Ok(pidfd), Ok(uffd)) => {
+                sink(ForkEvent::Starting { pid, pidfd, uffd });
+                true
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(pid, error = %e, "cannot tell the fork sink a child is starting");
+                false
+            }
+        }
+    }
+
+    /// Tell the fork sink that `pid`, told as starting, did not start.
+    pub(crate) fn announce_not_started(&self, pid: i32) {
+        if let Some(sink) = self.fork_sink.lock().ok().and_then(|s| s.clone()) {
+            sink(ForkEvent::NotStarted { pid });
+        }
+    }
+
     /// A seed served from `cache`, its working set kept in `working_set_file`.
     pub fn new(cache: SeedCache, working_set_file: Option<PathBuf>) -> SeedPages {
         let ws = working_set_file.as_deref().and_then(read_addrs);
@@ -514,6 +540,24 @@ pub enum ForkEvent {
     Ended {
         /// The grandchild's number.
         id: u64,
+    },
+    /// A spawned lazy child is about to run (told before it does). Until
+    /// its spawner holds the child as its own, this is what the child
+    /// depends on: a spawner that can go away in between hands these on
+    /// (forkd puts them in its keeper's hands).
+    Starting {
+        /// Its pid.
+        pid: i32,
+        /// Its pidfd.
+        pidfd: OwnedFd,
+        /// A copy of its userfaultfd.
+        uffd: OwnedFd,
+    },
+    /// A child told as [`ForkEvent::Starting`] did not start after all
+    /// (its last step failed, and it was killed).
+    NotStarted {
+        /// Its pid.
+        pid: i32,
     },
 }
 

@@ -60,16 +60,17 @@ pub(crate) fn finish<T: Tracer, R>(
 
 /// [`finish`] for a child whose threads [`threads_ahead`] recreated
 /// before (a template's spare, forked ahead of its spawn; a lazy one
-/// already served): unmap the executor, set the main thread's state, and
-/// let them all run.
+/// already served): unmap the executor, set the main thread's state, run
+/// `before_run`, and let them all run.
 pub(crate) fn finish_with_threads<T: Tracer>(
     mut t: T,
     threads: Vec<T>,
     exec: &ExecutorArea,
     d: &Descriptor,
+    before_run: impl FnOnce(),
 ) -> Result<(), RestoreError> {
     unmap_executor(&mut t, exec)?;
-    let_run(t, threads, d, || ())
+    let_run(t, threads, d, before_run)
 }
 
 /// Unmap the executor area from the child.
@@ -596,7 +597,7 @@ mod tests {
                 [0x10_0000, 0x4000, 0, 0, 0, 0]
             )));
         }
-        finish_with_threads(t, threads, &EXEC, &d).unwrap();
+        finish_with_threads(t, threads, &EXEC, &d, || ()).unwrap();
         assert_eq!(
             log.borrow()[ahead..].to_vec(),
             [Call::Syscall(
@@ -615,7 +616,7 @@ mod tests {
         let (d, mut t, threads, ahead) = made_ahead();
         let log = t.log.clone();
         t.syscall_ret = -(libc::EINVAL as i64);
-        let e = finish_with_threads(t, threads, &EXEC, &d).unwrap_err();
+        let e = finish_with_threads(t, threads, &EXEC, &d, || ()).unwrap_err();
         assert!(e.to_string().contains("unmapping the executor"), "{e}");
         // Nothing let go: the thread and the main one dropped (killed),
         // the thread first.

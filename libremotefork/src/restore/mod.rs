@@ -484,7 +484,8 @@ impl Seed {
     }
 
     /// Tell `sink` about every grandchild forked inside this seed's lazily
-    /// served children (to hand their userfaultfds over too).
+    /// served children (to hand their userfaultfds over too), and about
+    /// each lazily served child just before it first runs.
     pub fn set_fork_sink(&self, sink: crate::pager::ForkSink) {
         *self
             .core
@@ -737,9 +738,13 @@ impl Seed {
         let stderr = stderr.into_io(false, &mut pipes.stderr)?;
         let started = self.spawn_io(stdin, stdout, stderr, opts)?;
         let pid = started.pid;
+        let lazy = started.handover.is_some();
         Child::new(started, pipes).map_err(|e| {
             // Without its pidfd it cannot be handed out safely.
             kernel_helpers::proc::kill_and_reap(pid);
+            if lazy {
+                self.core.seed.announce_not_started(pid);
+            }
             RestoreError::Io {
                 what: format!("taking child {pid}'s pidfd"),
                 source: std::io::Error::other(e.to_string()),
@@ -861,6 +866,9 @@ impl Core {
             len: plan.area_len(),
         };
         let mut paging: Option<Arc<ChildStats>> = None;
+        // A lazy child's userfaultfd, for the fork sink just before it runs.
+        let starting: std::cell::Cell<Option<std::os::fd::OwnedFd>> = Default::default();
+        let announced = std::cell::Cell::new(false);
         // A seed with threads: this thread and the child (with the threads
         // made in it, a few stops each) on one CPU until just before it
         // runs (see `onecpu`).
@@ -880,13 +888,24 @@ impl Core {
                 Some(fd) => {
                     let (s, h) = self.start_paging(pid, &plan, fd, opts, None)?;
                     paging = Some(s.clone());
+                    starting.set(h.as_ref().and_then(|h| h.uffd.try_clone().ok()));
                     Ok((Some(s), h))
                 }
                 None => Ok((None, None)),
             },
-            move || drop(one),
+            || {
+                drop(one);
+                if let Some(u) = starting.take() {
+                    announced.set(self.seed.announce_starting(pid, &u));
+                }
+            },
         )
-        .map_err(|e| served_or(e, paging.as_deref()))?;
+        .map_err(|e| {
+            if announced.get() {
+                self.seed.announce_not_started(pid);
+            }
+            served_or(e, paging.as_deref())
+        })?;
         let restore_ns = t0.elapsed().as_nanos() as u64;
         debug!(pid, us = restore_ns / 1000, "child running");
         Ok(Started {

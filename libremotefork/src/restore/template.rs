@@ -1181,13 +1181,25 @@ fn finish(
     }
     let table_us = t0.elapsed().as_micros() as u64;
     let exec = exec_area(t);
+    // A lazy child is told to the fork sink just before it runs.
+    let announced = std::cell::Cell::new(false);
+    let announce = || {
+        if let Some(h) = &handover {
+            announced.set(core.seed.announce_starting(pid, &h.uffd));
+        }
+    };
     match threads {
         // Not on one CPU: a few stops only, and the CPU this thread would
         // be pinned to may be busy right then (it was slower, measured).
-        Some(threads) => super::finish::finish_with_threads(child, threads, &exec, d),
-        None => super::finish::finish(child, &exec, d, || Ok(()), || ()),
+        Some(threads) => super::finish::finish_with_threads(child, threads, &exec, d, announce),
+        None => super::finish::finish(child, &exec, d, || Ok(()), announce),
     }
-    .map_err(|e| super::served_or(e, stats.as_deref()))?;
+    .map_err(|e| {
+        if announced.get() {
+            core.seed.announce_not_started(pid);
+        }
+        super::served_or(e, stats.as_deref())
+    })?;
     let restore_ns = t0.elapsed().as_nanos() as u64;
     debug!(
         pid,
