@@ -55,7 +55,10 @@ impl Forkd {
             .arg(dir.join("state"))
             .args(["--handover-grace-s", "5"])
             .args(extra)
-            .env("FORKD_LOG", "warn")
+            .env(
+                "FORKD_LOG",
+                std::env::var("FORKD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()?;
         let f = Forkd {

@@ -707,6 +707,65 @@ fn template_children_get_the_first_childs_writes_and_reads_ahead() {
     }
 }
 
+#[test]
+fn template_children_own_the_library_data_pages_the_first_child_wrote() {
+    // A request that writes a program's own data (its executable's
+    // private file mapping, restored before the child runs, not served
+    // lazily): a child forked from the template shares those pages with
+    // it, as a fork child shares them with its parent, and would copy
+    // each on its first write. The first child's writes there are in the
+    // seed's written set, so later children get them as their own before
+    // they run: their writes take no faults, and read the seed's content.
+    if !require_root("template_children_own_the_library_data_pages_the_first_child_wrote") {
+        return;
+    }
+    let dir = scratch("own-data");
+    let d = Daemon::start(&dir, false);
+    let prog = c_program("datapages");
+    let (code, out, err) = d.ctl(&[
+        "--json",
+        "seed",
+        "create",
+        "--ready-line",
+        "ready",
+        "--",
+        prog.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "seed create failed: {err}");
+    let seed = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Each page's byte was i * 7 + 3 in the parent; the write adds 1.
+    let want: u64 = (0..64u64).map(|i| (i * 7 + 3 + 1) & 0xff).sum();
+    let wrote = |kid: &Value| -> u64 {
+        assert_eq!(kid["exit_code"], 0, "{kid}");
+        let out = kid["stdout"].as_str().unwrap_or("");
+        let w: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(w.first(), Some(&"wrote"), "{kid}");
+        assert_eq!(w[1], want.to_string(), "a wrong sum of the data: {kid}");
+        w[3].parse()
+            .unwrap_or_else(|_| panic!("no fault count: {kid}"))
+    };
+    let recorded = ["--prefetch", "recorded"];
+    // The first child lives on a little after its answer, as a server
+    // would: what it wrote is sampled then (a process gone at once leaves
+    // no page map to read).
+    let first = wrote(&one_child(&d, &seed, "write\npause 300\n", &recorded));
+    // (A page the array shares with data written before may be its own.)
+    assert!(
+        first >= 60,
+        "the first child copies the 64 pages on write: {first} faults"
+    );
+    for _ in 0..3 {
+        let later = wrote(&one_child(&d, &seed, "write\n", &recorded));
+        assert!(
+            later < 8,
+            "a later child's writes to its data took {later} faults (the first's: {first})"
+        );
+    }
+}
+
 /// A warm Python with 300,000 objects whose request is light: it answers,
 /// and, asked to, waits for a file before it ends (its interpreter's
 /// teardown then writes every object).

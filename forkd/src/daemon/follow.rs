@@ -131,10 +131,12 @@ impl State {
             Some(e) => Ok(e),
             None => wait_pidfd(pidfd).await,
         };
+        let t_end = Instant::now();
         let (stdout, stdout_bytes) = match reader {
             Some(h) => h.await.unwrap_or_default(),
             None => (Vec::new(), 0),
         };
+        let output_us = t_end.elapsed().as_micros() as u64;
         let mut ex = pb::Exited {
             // Whole in the event only when small: larger output came in
             // Output events (gRPC messages are at most 4 MiB).
@@ -162,6 +164,7 @@ impl State {
                 }
             });
             let _ = tokio::time::timeout(PAGER_FINISH_WAIT, finished).await;
+            tracing::debug!(target: LOG, instance = %iid, output_us, pager_us = t_end.elapsed().as_micros() as u64, "after the child's end: its output read, the pager's figures in");
             ex.faults = s.faults.load(Ordering::Relaxed);
             ex.pages_installed = s.pages_installed.load(Ordering::Relaxed);
             if let Some(r) = s.killed_reason() {

@@ -162,6 +162,11 @@ pub struct SeedPages {
     /// ending to give the seed its sets) the pager threads did little else
     /// while faults waited.
     recording: AtomicBool,
+    /// The seed's private writable mappings that are not served lazily
+    /// (a library's data, memory restored before the child runs): a
+    /// template's children share their pages with it until they write
+    /// them, so a recording template child's written set covers them too.
+    private_regions: std::sync::OnceLock<Vec<(u64, u64)>>,
     /// Metrics.
     pub metrics: SeedMetrics,
 }
@@ -253,8 +258,20 @@ impl SeedPages {
             working_set_file,
             written_set: Mutex::new(written),
             recording: AtomicBool::new(false),
+            private_regions: Default::default(),
             metrics: SeedMetrics::default(),
         }
+    }
+
+    /// Set the seed's private writable mappings that are not served
+    /// lazily, as (start, length) (see `private_regions`); once.
+    pub(crate) fn set_private_regions(&self, regions: Vec<(u64, u64)>) {
+        let _ = self.private_regions.set(regions);
+    }
+
+    /// See [`SeedPages::set_private_regions`].
+    pub(crate) fn private_regions(&self) -> &[(u64, u64)] {
+        self.private_regions.get().map_or(&[], |v| v.as_slice())
     }
 
     /// May a new child record the sets? Yes if they are not recorded yet
@@ -1003,15 +1020,20 @@ fn forked_from(parent: i32, g: i32) -> bool {
 
 impl<F: FaultFd> ChildState<F> {
     /// Add the cache-mapped pages it has copied on write by now (present,
-    /// and no longer the cache's page) to its written set.
+    /// and no longer the cache's page) to its written set; for a child
+    /// forked from a template, also the pages of the seed's other private
+    /// writable mappings that are its own by now (no longer the
+    /// template's).
     fn sample_written(&mut self) {
+        use kernel_helpers::pagemap::{PM_EXCLUSIVE, PM_FILE_OR_SHARED, PM_PRESENT};
         let Some(pid) = self.c.pid else {
             return;
         };
         let Ok(pm) = kernel_helpers::pagemap::Pagemap::open(pid) else {
             return;
         };
-        for (start, len, from_cache) in self.c.table.regions() {
+        let regions = self.c.table.regions();
+        for &(start, len, from_cache) in &regions {
             if !from_cache {
                 continue;
             }
@@ -1019,9 +1041,29 @@ impl<F: FaultFd> ChildState<F> {
                 continue;
             };
             for (i, e) in entries.iter().enumerate() {
-                use kernel_helpers::pagemap::{PM_FILE_OR_SHARED, PM_PRESENT};
                 let a = start + i as u64 * PAGE_SIZE;
                 if e & PM_PRESENT != 0 && e & PM_FILE_OR_SHARED == 0 && !self.written.contains(&a) {
+                    self.pending.insert(a);
+                }
+            }
+        }
+        // A child restored from scratch has every page of these from its
+        // restore: only a template's children tell written from not.
+        let forked_from_template = self.c.parent_pid.is_some() && self.c.fork_id.is_none();
+        if !forked_from_template {
+            return;
+        }
+        for &(start, len) in self.c.seed.private_regions() {
+            let Ok(entries) = pm.entries(start, start + len) else {
+                continue;
+            };
+            for (i, e) in entries.iter().enumerate() {
+                let a = start + i as u64 * PAGE_SIZE;
+                let own = PM_PRESENT | PM_EXCLUSIVE;
+                if e & (own | PM_FILE_OR_SHARED) == own
+                    && !self.written.contains(&a)
+                    && !in_regions(&regions, a)
+                {
                     self.pending.insert(a);
                 }
             }
@@ -1152,6 +1194,11 @@ fn tell_forked(c: &LazyChild) {
         journal: c.journal.as_ref().map(|j| j.path.clone()),
         regions: c.initial.to_vec(),
     });
+}
+
+/// Is `a` in one of `regions` (start, length, ...)?
+fn in_regions(regions: &[(u64, u64, bool)], a: u64) -> bool {
+    regions.iter().any(|&(s, l, _)| (s..s + l).contains(&a))
 }
 
 fn sink_of<F>(c: &LazyChild<F>) -> Option<ForkSink> {

@@ -650,6 +650,22 @@ impl Seed {
             cache,
             Some(image.dir().join(WORKING_SET_FILE)),
         ));
+        seed.set_private_regions(
+            d.vmas
+                .iter()
+                .zip(&cache_base)
+                .filter(|(v, base)| {
+                    base.is_none()
+                        && !v.shared
+                        && v.prot & libc::PROT_WRITE as u32 != 0
+                        && matches!(
+                            v.kind,
+                            VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::FilePrivate
+                        )
+                })
+                .map(|(v, _)| (v.start, v.end - v.start))
+                .collect(),
+        );
         let pager = Pager::new(2).map_err(|source| RestoreError::Io {
             what: "starting the pager".into(),
             source,

@@ -827,6 +827,12 @@ fn fork_raw(core: &Core, t: &mut Template) -> Result<Forked, RestoreError> {
                 .as_ref()
                 .map(|c| written_pages_present(core, t, c))
                 .unwrap_or_default();
+            let private = lazy
+                .as_ref()
+                .map(|c| written_private_pages(core, t, c))
+                .unwrap_or_default();
+            // Not lazily served: no fault here waits on a pager.
+            make_own(core, pid, &private);
             if let Some(c) = lazy.take_if(|_| !written.is_empty()) {
                 // Served first: a page the template has may be missing
                 // from the child's page table all the same (reclaim
@@ -1081,6 +1087,67 @@ fn precopy_written(core: &Core, pid: i32, pages: &[(u64, u64)]) {
             debug!(error = %e, "could not copy the written set ahead; the child copies on write")
         }
     }
+}
+
+/// Give the child `pid`, forked and not yet run, its own copy of each of
+/// `pages` (of the seed's private mappings that are not lazily served,
+/// shared with the template since the fork): each is read from the child
+/// and written back, which copies it as the child's own write would
+/// have. Its first request and its exit then take no copy-on-write
+/// faults for them (a Python heap walk's exit: 257 in the interpreter's
+/// own data). The content is the child's own, unchanged.
+fn make_own(core: &Core, pid: i32, pages: &[u64]) {
+    if pages.is_empty() {
+        return;
+    }
+    let ranges: Vec<RemoteRange> = pages
+        .iter()
+        .map(|&addr| RemoteRange {
+            addr,
+            len: crate::PAGE_SIZE as usize,
+        })
+        .collect();
+    let mut buf = vec![0u8; pages.len() * crate::PAGE_SIZE as usize];
+    let r = mem::read_ranges(pid, &ranges, &mut buf).and_then(|()| {
+        let locals: Vec<&[u8]> = buf.chunks(crate::PAGE_SIZE as usize).collect();
+        mem::write_ranges(pid, &locals, &ranges)
+    });
+    match r {
+        Ok(()) => {
+            debug!(
+                pages = pages.len(),
+                "private written pages made the child's own ahead"
+            );
+            core.seed
+                .metrics
+                .pages_copied_ahead
+                .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        }
+        Err(e) => {
+            debug!(error = %e, "could not copy private written pages ahead; the child copies on write")
+        }
+    }
+}
+
+/// Of the seed's written set, the pages outside the child's lazily served
+/// regions that are in the seed's other private writable mappings (see
+/// [`make_own`]). Only for templates with the recorded working set.
+fn written_private_pages(core: &Core, t: &Template, c: &LazyChild) -> Vec<u64> {
+    if !t.with_ws {
+        return Vec::new();
+    }
+    let Some(ws) = core.seed.written_set() else {
+        return Vec::new();
+    };
+    let private = core.seed.private_regions();
+    let lazy = c.table.regions();
+    ws.iter()
+        .copied()
+        .filter(|&a| {
+            private.iter().any(|&(s, l)| (s..s + l).contains(&a))
+                && !lazy.iter().any(|&(s, l, _)| (s..s + l).contains(&a))
+        })
+        .collect()
 }
 
 /// Of the seed's written set (the pages its first child wrote), those the
