@@ -476,6 +476,30 @@ fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
         v[v.len() / 2]
     };
     let first_lazy = first_lazy.context("no cold run")?;
+    // The same, with this thread, its pager threads and its children on one
+    // CPU: on this VM, a lazy child and its pager on two vCPUs at once have
+    // runs where the pager's copying takes 2-4x the CPU time, which never
+    // happened in 28 runs on one vCPU (docs/DECISIONS.md).
+    let one_cpu = on_one_cpu(|| -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+        let (mut e, mut l) = (Vec::new(), Vec::new());
+        for _ in 0..COLD_RUNS {
+            e.push(
+                tsum_wall(
+                    &remotefork::Seed::new(SeedImage::open(&dir)?)?,
+                    &scratch_opts(false, Prefetch::Off, false),
+                )?
+                .2,
+            );
+            l.push(
+                tsum_wall(
+                    &remotefork::Seed::new(SeedImage::open(&dir)?)?,
+                    &scratch_opts(true, Prefetch::Window, false),
+                )?
+                .2,
+            );
+        }
+        Ok((e, l))
+    })?;
     let warm = tsum(&r, &scratch_opts(true, Prefetch::Window, false))?;
     // The first child recorded the working set: a template gets it.
     let _ = tsum(&r, &scratch_opts(true, Prefetch::Recorded, true))?;
@@ -513,6 +537,22 @@ fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
         later.len(),
         cold_wall / eager_wall
     );
+    let (one_eager, one_lazy) = match &one_cpu {
+        Some((e, l)) => {
+            let (me, ml) = (median(e.clone()), median(l.clone()));
+            println!(
+                "   the same, all on one CPU: eager {me:.0} ms ({}), lazy {ml:.0} ms ({}): {:.2}x (goal <= 1.5x)",
+                range(e),
+                range(l),
+                ml / me
+            );
+            (Some(me), Some(ml))
+        }
+        None => {
+            println!("   the same, all on one CPU: SKIPPED: the CPU affinity could not be set");
+            (None, None)
+        }
+    };
     println!(
         "   the first lazy child (it also records the seed's working set, once per seed): reads 1 GiB in {:.0} ms, {:.0} ms from the spawn ({:.2}x the eager median)",
         first_lazy.0 / 1e3,
@@ -525,13 +565,51 @@ fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
         "first_lazy_cold_ms": first_lazy.0 / 1e3, "first_lazy_cold_spawn_to_answer_ms": first_lazy.2,
         "eager_ms": eager, "eager_template_ms": eager_tpl, "lazy_cold_ms": cold.0 / 1e3,
         "lazy_warm_ms": warm.0 / 1e3, "lazy_template_ms": tpl.0 / 1e3,
+        "one_cpu_eager_cold_spawn_to_answer_ms": one_eager,
+        "one_cpu_lazy_cold_spawn_to_answer_ms": one_lazy,
     }))
+}
+
+/// Run `f` with this thread (and the threads and processes it starts) on
+/// the CPU it is on now, then put its affinity back. `None` if the
+/// affinity cannot be set.
+fn on_one_cpu<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<Option<T>> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `old` is a cpu_set_t of `size` bytes, written by the call.
+    if unsafe { libc::sched_getaffinity(0, size, &mut old) } != 0 {
+        return Ok(None);
+    }
+    // SAFETY: sched_getcpu takes no arguments.
+    let cpu = unsafe { libc::sched_getcpu() };
+    if cpu < 0 {
+        return Ok(None);
+    }
+    // SAFETY: as above.
+    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes bit `cpu` (a CPU number the kernel gave, below
+    // CPU_SETSIZE) of a valid set.
+    unsafe { libc::CPU_SET(cpu as usize, &mut one) };
+    // SAFETY: `one` is a valid cpu_set_t of `size` bytes.
+    if unsafe { libc::sched_setaffinity(0, size, &one) } != 0 {
+        return Ok(None);
+    }
+    let r = f();
+    // SAFETY: `old` is the set read above.
+    unsafe { libc::sched_setaffinity(0, size, &old) };
+    r.map(Some)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // What started this run (a shell's pipe) is not the programs' to hold.
     forkd::cloexec_inherited_fds();
+    // The library's own logs (parts 3 and 4 restore in this process), if
+    // asked for.
+    if std::env::var_os("FORKD_LOG").is_some() {
+        forkd::cli::init_logging("warn", forkd::cli::LogFormat::Text);
+    }
     let json_out = std::env::args()
         .skip_while(|a| a != "--json")
         .nth(1)
