@@ -65,31 +65,66 @@ use crate::pager::{ChildStats, LazyChild, Prefetch};
 const SPARES: usize = 1;
 
 /// A spawn that comes this long after the one before it comes alone: its
-/// child gets the CPUs for its start, and the next spare is forked
-/// [`REFILL_AFTER`] later (unless another spawn comes first). Spawns closer
-/// together are a burst, whose next spare is forked at once, beside the
-/// child: that fork then overlaps the child's run instead of delaying the
-/// next spawn.
+/// child gets the CPUs for its run, and the next spare is forked once that
+/// child has ended or [`REFILL_AFTER`] later (or right after another
+/// spawn, if one comes first). Spawns closer together are a burst, whose
+/// next spare is forked at once, beside the child: that fork then
+/// overlaps the child's run instead of delaying the next spawn.
 const ALONE_GAP: Duration = Duration::from_millis(20);
 
-/// How long a lone spawn's child has the CPUs before the next spare is
-/// forked (a Python child's heap walk took 3.5 ms with it, 4.9-5.5 ms
-/// with the spare's fork beside it; docs/DECISIONS.md).
-const REFILL_AFTER: Duration = Duration::from_millis(10);
+/// The longest a lone spawn's child has the CPUs before the next spare is
+/// forked, if it has not ended by then. A spare's fork beside a child
+/// slows it: a Python heap walk's answer took 3.5 ms alone, 4.9-5.5 ms
+/// beside one; its exit 1.02-1.21x the warm parent's alone, 1.15-1.65x
+/// with the spare forked 10 ms after the spawn (docs/DECISIONS.md).
+const REFILL_AFTER: Duration = Duration::from_millis(50);
+
+/// How often the service thread looks whether a lone spawn's child has
+/// ended, while a spare waits for it.
+const REFILL_POLL: Duration = Duration::from_millis(2);
+
+/// A template whose next spare waits for a lone spawn's child.
+struct Pending {
+    core: Weak<Core>,
+    key: Key,
+    /// That child's pidfd (readable once it has ended), if it could be had.
+    child: Option<OwnedFd>,
+    since: Instant,
+}
+
+impl Pending {
+    /// Its child has ended, or it has waited long enough.
+    fn due(&self) -> bool {
+        self.since.elapsed() >= REFILL_AFTER || self.child.as_ref().is_none_or(ended)
+    }
+}
+
+/// Has the process of `pidfd` ended (its pidfd readable)?
+fn ended(pidfd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n != 0
+}
 
 std::thread_local! {
-    /// Templates whose spares wait for [`REFILL_AFTER`] without a spawn
-    /// (only the service thread has any).
-    static PENDING: std::cell::RefCell<Vec<(Weak<Core>, Key)>> =
+    /// Templates whose spares wait for a lone spawn's child (only the
+    /// service thread has any).
+    static PENDING: std::cell::RefCell<Vec<Pending>> =
         const { std::cell::RefCell::new(Vec::new()) };
     /// When the service thread's last spawn ended.
     static LAST_SPAWN: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
-/// After a spawn from the template for `key` that began at `began`: its
-/// next spare, forked now if this spawn was part of a burst, else once
-/// the child had the CPUs for its start. On the service thread.
-fn refill_after_spawn(core: &Arc<Core>, key: Key, began: Instant) {
+/// After a spawn from the template for `key` that began at `began` and
+/// started the child of `child` (its pidfd): its next spare, forked now
+/// if this spawn was part of a burst, else once the child has ended or
+/// had the CPUs for [`REFILL_AFTER`]. On the service thread.
+fn refill_after_spawn(core: &Arc<Core>, key: Key, began: Instant, child: Option<OwnedFd>) {
     let alone = LAST_SPAWN
         .get()
         .is_none_or(|last| began.saturating_duration_since(last) >= ALONE_GAP);
@@ -100,22 +135,36 @@ fn refill_after_spawn(core: &Arc<Core>, key: Key, began: Instant) {
     }
     PENDING.with(|p| {
         let mut p = p.borrow_mut();
-        if !p
-            .iter()
-            .any(|(w, k)| *k == key && std::ptr::eq(w.as_ptr(), Arc::as_ptr(core)))
+        match p
+            .iter_mut()
+            .find(|w| w.key == key && std::ptr::eq(w.core.as_ptr(), Arc::as_ptr(core)))
         {
-            p.push((Arc::downgrade(core), key));
+            // Waits for the latest child now.
+            Some(w) => w.child = child,
+            None => p.push(Pending {
+                core: Arc::downgrade(core),
+                key,
+                child,
+                since: Instant::now(),
+            }),
         }
     });
 }
 
-/// Fork the spares put off by [`refill_after_spawn`]. On the service
-/// thread.
-fn refill_pending() {
-    let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
-    for (w, key) in pending {
-        if let Some(core) = w.upgrade() {
-            refill(&core, key, true);
+/// Fork the spares put off by [`refill_after_spawn`]: all of them
+/// (`all`), or those that are due. On the service thread.
+fn refill_pending(all: bool) {
+    let due: Vec<Pending> = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let (due, wait) = std::mem::take(&mut *p)
+            .into_iter()
+            .partition(|w| all || w.due());
+        *p = wait;
+        due
+    });
+    for w in due {
+        if let Some(core) = w.core.upgrade() {
+            refill(&core, w.key, true);
         }
     }
 }
@@ -253,10 +302,11 @@ fn submit(job: Job) -> Result<(), RestoreError> {
                         (idle_timeout() / 2)
                             .clamp(Duration::from_millis(100), Duration::from_secs(30))
                     };
-                    // A lone spawn's spare: once REFILL_AFTER passed
-                    // without another job, or right after the next one.
+                    // A lone spawn's spare: once its child has ended or
+                    // REFILL_AFTER passed without another job, or right
+                    // after the next one.
                     let wait = if refill_is_pending() {
-                        REFILL_AFTER
+                        REFILL_POLL
                     } else {
                         period
                     };
@@ -267,11 +317,11 @@ fn submit(job: Job) -> Result<(), RestoreError> {
                             // every template's children's parent) with it.
                             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                             if was_pending {
-                                let _ = std::panic::catch_unwind(refill_pending);
+                                let _ = std::panic::catch_unwind(|| refill_pending(true));
                             }
                         }
                         Err(RecvTimeoutError::Timeout) => {
-                            let _ = std::panic::catch_unwind(refill_pending);
+                            let _ = std::panic::catch_unwind(|| refill_pending(false));
                         }
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
@@ -376,9 +426,15 @@ pub(super) fn spawn(
     submit(Box::new(move || {
         let began = Instant::now();
         let key = key_of(&opts);
-        let _ = tx.send(fork_one(&core, [stdin, stdout, stderr], &opts));
+        let started = fork_one(&core, [stdin, stdout, stderr], &opts);
+        // Taken before the caller has it (and may reap it).
+        let child = started
+            .as_ref()
+            .ok()
+            .and_then(|s| uffd::pidfd_open(s.pid).ok());
+        let _ = tx.send(started);
         // Once the caller has its child: the next child's fork, ahead.
-        refill_after_spawn(&core, key, began);
+        refill_after_spawn(&core, key, began, child);
     }))?;
     rx.recv().map_err(|_| RestoreError::Step {
         what: "forking from the template".into(),
