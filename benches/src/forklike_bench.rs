@@ -449,15 +449,8 @@ fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
     let mut first_lazy = None;
     let mut r = None;
     for _ in 0..COLD_RUNS {
-        eager_walls.push(
-            tsum_wall(
-                &remotefork::Seed::new(SeedImage::open(&dir)?)?,
-                &scratch_opts(false, Prefetch::Off, false),
-            )?
-            .2,
-        );
-        let fresh = remotefork::Seed::new(SeedImage::open(&dir)?)?;
-        let c = tsum_wall(&fresh, &scratch_opts(true, Prefetch::Window, false))?;
+        let (e, fresh, c) = cold_pair(&dir)?;
+        eager_walls.push(e);
         if first_lazy.is_none() {
             first_lazy = Some(c);
         }
@@ -483,20 +476,9 @@ fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
     let one_cpu = on_one_cpu(|| -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
         let (mut e, mut l) = (Vec::new(), Vec::new());
         for _ in 0..COLD_RUNS {
-            e.push(
-                tsum_wall(
-                    &remotefork::Seed::new(SeedImage::open(&dir)?)?,
-                    &scratch_opts(false, Prefetch::Off, false),
-                )?
-                .2,
-            );
-            l.push(
-                tsum_wall(
-                    &remotefork::Seed::new(SeedImage::open(&dir)?)?,
-                    &scratch_opts(true, Prefetch::Window, false),
-                )?
-                .2,
-            );
+            let (eager, _, lazy) = cold_pair(&dir)?;
+            e.push(eager);
+            l.push(lazy.2);
         }
         Ok((e, l))
     })?;
@@ -568,6 +550,20 @@ fn lazy_vs_eager(prog: &Path, work: &Path) -> anyhow::Result<Value> {
         "one_cpu_eager_cold_spawn_to_answer_ms": one_eager,
         "one_cpu_lazy_cold_spawn_to_answer_ms": one_lazy,
     }))
+}
+
+/// One cold-cache pair, each on a new node cache: an eager child's time
+/// from the spawn to the answer, then a lazy child's restorer and
+/// [`tsum_wall`] figures.
+fn cold_pair(dir: &Path) -> anyhow::Result<(f64, remotefork::Seed, (f64, u64, f64))> {
+    let eager = tsum_wall(
+        &remotefork::Seed::new(SeedImage::open(dir)?)?,
+        &scratch_opts(false, Prefetch::Off, false),
+    )?
+    .2;
+    let fresh = remotefork::Seed::new(SeedImage::open(dir)?)?;
+    let lazy = tsum_wall(&fresh, &scratch_opts(true, Prefetch::Window, false))?;
+    Ok((eager, fresh, lazy))
 }
 
 /// Run `f` with this thread (and the threads and processes it starts) on

@@ -15,8 +15,14 @@ use serde_json::Value;
 
 /// A seed of `tests/programs/heap.c` with a `mb` MiB heap, through `d`.
 fn heap_seed(d: &Daemon, mb: u32) -> String {
-    let prog = c_program("heap");
-    let (code, out, err) = d.ctl(&[
+    c_seed(d, "heap", &[&mb.to_string()])
+}
+
+/// A seed of `tests/programs/NAME.c` run with `args` (it prints "ready"),
+/// through `d`: its id.
+fn c_seed(d: &Daemon, name: &str, args: &[&str]) -> String {
+    let prog = c_program(name);
+    let mut a = vec![
         "--json",
         "seed",
         "create",
@@ -24,8 +30,9 @@ fn heap_seed(d: &Daemon, mb: u32) -> String {
         "ready",
         "--",
         prog.to_str().unwrap(),
-        &mb.to_string(),
-    ]);
+    ];
+    a.extend_from_slice(args);
+    let (code, out, err) = d.ctl(&a);
     assert_eq!(code, 0, "seed create failed: {err}");
     serde_json::from_str::<Value>(&out).unwrap()["id"]
         .as_str()
@@ -721,21 +728,7 @@ fn template_children_own_the_library_data_pages_the_first_child_wrote() {
     }
     let dir = scratch("own-data");
     let d = Daemon::start(&dir, false);
-    let prog = c_program("datapages");
-    let (code, out, err) = d.ctl(&[
-        "--json",
-        "seed",
-        "create",
-        "--ready-line",
-        "ready",
-        "--",
-        prog.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "seed create failed: {err}");
-    let seed = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let seed = c_seed(&d, "datapages", &[]);
     // Each page's byte was i * 7 + 3 in the parent; the write adds 1.
     let want: u64 = (0..64u64).map(|i| (i * 7 + 3 + 1) & 0xff).sum();
     let wrote = |kid: &Value| -> u64 {

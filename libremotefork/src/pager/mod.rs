@@ -1197,7 +1197,7 @@ fn tell_forked(c: &LazyChild) {
 }
 
 /// Is `a` in one of `regions` (start, length, ...)?
-fn in_regions(regions: &[(u64, u64, bool)], a: u64) -> bool {
+pub(crate) fn in_regions(regions: &[(u64, u64, bool)], a: u64) -> bool {
     regions.iter().any(|&(s, l, _)| (s..s + l).contains(&a))
 }
 

@@ -1201,7 +1201,7 @@ fn written_private_pages(core: &Core, t: &Template, c: &LazyChild) -> Vec<u64> {
         .copied()
         .filter(|&a| {
             private.iter().any(|&(s, l)| (s..s + l).contains(&a))
-                && !lazy.iter().any(|&(s, l, _)| (s..s + l).contains(&a))
+                && !crate::pager::in_regions(&lazy, a)
         })
         .collect()
 }
